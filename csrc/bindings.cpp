@@ -1,0 +1,192 @@
+// pybind11 glue only: argument conversion, GIL release, error translation.
+// The logic lives in core/ (plain C++) and cuda/ (CUDA runtime).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "core/strided_copy.h"
+#include "core/thread_pool.h"
+#ifdef TB_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Releasing and retaking the GIL costs about as much as copying a few KiB, so small
+// copies keep it; anything that takes longer than a few microseconds lets other
+// Python threads (data-loader workers) run.
+constexpr size_t kReleaseGilBytes = 64 * 1024;
+bool worth_releasing_gil(size_t nbytes) { return nbytes >= kReleaseGilBytes; }
+
+template <class F>
+auto release_gil_and(F&& f) {
+  py::gil_scoped_release release;
+  return f();
+}
+
+std::vector<int64_t> shape_of(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+std::vector<int64_t> strides_of(const py::array& a) {
+  return std::vector<int64_t>(a.strides(), a.strides() + a.ndim());
+}
+
+// Copies src into dst (same shape, same itemsize), byte-swapping when asked.
+// The Python layer validates dtypes, writability and overlap first.
+void copy(py::array dst, py::array src, int swap_unit, int64_t min_parallel_bytes) {
+  if (dst.ndim() != src.ndim() || shape_of(dst) != shape_of(src))
+    throw py::value_error("copy: dst and src must have the same shape");
+  if (dst.itemsize() != src.itemsize())
+    throw py::value_error("copy: dst and src must have the same itemsize");
+  if (!dst.writeable()) throw py::value_error("copy: dst is read-only");
+  const auto shape = shape_of(dst);
+  const auto ds = strides_of(dst), ss = strides_of(src);
+  tb::CopyOptions opt;
+  opt.swap_unit = swap_unit;
+  if (min_parallel_bytes > 0) opt.min_parallel_bytes = min_parallel_bytes;
+  void* d = dst.mutable_data();
+  const void* s = src.data();
+  const auto run = [&] {
+    return tb::strided_copy({d, ds.data()}, {const_cast<void*>(s), ss.data()}, shape.data(),
+                            static_cast<int>(shape.size()), dst.itemsize(), opt);
+  };
+  if (!(worth_releasing_gil(static_cast<size_t>(dst.nbytes())) ? release_gil_and(run) : run())) throw py::value_error("copy: unsupported itemsize, swap unit or shape");
+}
+
+// Reads a tuple of Python ints (torch.Size and x.stride() are tuples) into `dst`.
+bool read_int_tuple(py::handle obj, std::vector<int64_t>& dst) {
+  if (!PyTuple_Check(obj.ptr())) return false;
+  const Py_ssize_t n = PyTuple_GET_SIZE(obj.ptr());
+  dst.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(obj.ptr(), i));
+    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    dst[static_cast<size_t>(i)] = v;
+  }
+  return true;
+}
+
+// Byte range [lo, hi) touched by a strided view (empty views touch nothing).
+std::pair<uintptr_t, uintptr_t> span(uintptr_t base, const int64_t* shape,
+                                     const int64_t* byte_strides, size_t ndim, int64_t itemsize) {
+  intptr_t lo = 0, hi = 0;
+  for (size_t i = 0; i < ndim; ++i) {
+    if (shape[i] == 0) return {base, base};
+    const intptr_t step = static_cast<intptr_t>((shape[i] - 1) * byte_strides[i]);
+    (step < 0 ? lo : hi) += step;
+  }
+  return {base + lo, base + hi + itemsize};
+}
+
+// The hot path of to_numpy(x, out=...): copies a host tensor given as (address, shape,
+// element strides) into `out`. Checks first and writes nothing unless all pass:
+// returns 0 when copied, 1 when `out` is not a writeable ndarray of `dtype` and `shape`
+// (the Python layer then raises the right error), 2 when the byte ranges of `out` and
+// the source intersect (the Python layer decides exactly).
+int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handle shape,
+                      py::handle strides, int swap_unit) {
+  if (!py::isinstance<py::array>(out)) return 1;
+  auto dst = py::reinterpret_borrow<py::array>(out);
+  if (!dst.dtype().equal(py::reinterpret_borrow<py::dtype>(dtype)) || !dst.writeable()) return 1;
+  std::vector<int64_t> shp, ss;
+  if (!read_int_tuple(shape, shp) || !read_int_tuple(strides, ss)) return 1;
+  const size_t nd = shp.size();
+  if (static_cast<size_t>(dst.ndim()) != nd || ss.size() != nd) return 1;
+  for (size_t i = 0; i < nd; ++i)
+    if (dst.shape(static_cast<py::ssize_t>(i)) != shp[i]) return 1;
+  const int64_t itemsize = dst.itemsize();
+  for (auto& s : ss) s *= itemsize;
+  const auto ds = strides_of(dst);
+  const auto d = span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(), nd, itemsize);
+  const auto r = span(src, shp.data(), ss.data(), nd, itemsize);
+  if (d.first < r.second && r.first < d.second) return 2;
+  for (size_t i = 0; i < nd; ++i)
+    if (ds[i] == 0 && shp[i] > 1) return 1;  // several elements in one slot
+  tb::CopyOptions opt;
+  opt.swap_unit = swap_unit;
+  void* dp = dst.mutable_data();
+  const auto run = [&] {
+    return tb::strided_copy({dp, ds.data()}, {reinterpret_cast<void*>(src), ss.data()},
+                            shp.data(), static_cast<int>(nd), itemsize, opt);
+  };
+  return (worth_releasing_gil(r.second - r.first) ? release_gil_and(run) : run()) ? 0 : 1;
+}
+
+py::dict cuda_probe() {
+  py::dict d;
+#ifdef TB_WITH_CUDA
+  tb::cuda::RuntimeInfo info;
+  {
+    py::gil_scoped_release release;
+    info = tb::cuda::probe();
+  }
+  d["compiled"] = true;
+  d["device_count"] = info.device_count;
+  d["runtime_version"] = info.runtime_version;
+  d["driver_version"] = info.driver_version;
+  d["error"] = info.error.empty() ? py::object(py::none()) : py::object(py::str(info.error));
+  d["device_names"] = info.device_names;
+#else
+  d["compiled"] = false;
+  d["device_count"] = 0;
+  d["runtime_version"] = 0;
+  d["driver_version"] = 0;
+  d["error"] = py::str("tensorbridge._C was built without the CUDA toolkit");
+  d["device_names"] = py::list();
+#endif
+  return d;
+}
+
+#ifdef TB_WITH_CUDA
+// A 1-D uint8 array over freshly page-locked memory; freed when the array's base dies.
+py::array empty_pinned_bytes(size_t nbytes) {
+  void* ptr;
+  {
+    py::gil_scoped_release release;
+    ptr = tb::cuda::host_alloc(nbytes);  // a CudaError becomes RuntimeError
+  }
+  py::capsule owner(ptr, [](void* p) { tb::cuda::host_free(p); });
+  return py::array(py::dtype("uint8"), {static_cast<py::ssize_t>(nbytes)}, {1}, ptr, owner);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tensorbridge's compiled core (private: use the tensorbridge package)";
+#ifdef TB_VERSION
+  m.attr("__version__") = TB_VERSION;
+#endif
+  m.attr("cuda_compiled") =
+#ifdef TB_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+  m.def("copy", &copy, py::arg("dst").noconvert(), py::arg("src").noconvert(),
+        py::arg("swap_unit") = 0, py::arg("min_parallel_bytes") = 0,
+        "Strided copy of src into dst (same shape and itemsize), GIL released.");
+  m.def("copy_from_address", &copy_from_address, py::arg("out"), py::arg("dtype"),
+        py::arg("src"), py::arg("shape"), py::arg("strides"), py::arg("swap_unit") = 0,
+        "Copy a host tensor (address, shape, element strides) into out; 0 = copied, "
+        "1 = out does not match, 2 = the memory may overlap (nothing written unless 0).");
+  m.def("get_num_threads", &tb::get_num_threads, "Threads used for large host copies.");
+  m.def("set_num_threads", &tb::set_num_threads, py::arg("n"),
+        "Set the threads used for large host copies.");
+  m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
+#ifdef TB_WITH_CUDA
+  m.def("empty_pinned_bytes", &empty_pinned_bytes, py::arg("nbytes"),
+        "A uint8 array of nbytes in page-locked memory.");
+  m.def("is_host_pinned", [](py::array a) {
+    const void* p = a.data();
+    py::gil_scoped_release release;
+    return tb::cuda::is_host_pinned(p);
+  }, py::arg("array"));
+#endif
+}

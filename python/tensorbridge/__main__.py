@@ -1,0 +1,40 @@
+"""Command line: ``python -m tensorbridge info`` and ``python -m tensorbridge bench``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: python -m tensorbridge {info,bench} [options]\n"
+             "  info    which path is live (extension or fallback) and why, CUDA, versions\n"
+             "  bench   the CPU benchmark against the idioms it replaces (--help for options)")
+    if not args or args[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if args else 2
+    cmd, rest = args[0], args[1:]
+    if cmd == "info":
+        from . import info
+
+        as_json = "--json" in rest
+        data = info()
+        if as_json:
+            print(json.dumps(data, indent=2))
+        else:
+            width = max(len(k) for k in data)
+            for k, v in data.items():
+                print(f"{k:<{width}}  {v}")
+        return 0
+    if cmd == "bench":
+        from .benchmark import main as bench_main
+
+        return bench_main(rest)
+    print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

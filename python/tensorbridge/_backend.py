@@ -1,0 +1,145 @@
+"""Loads the compiled core once, decides when to fall back, and reports it in info().
+
+One switch: ``TENSORBRIDGE_DISABLE_EXTENSION=1`` forces the pure-Python path. Without
+it the extension is used when it imports; otherwise tensorbridge falls back quietly
+and ``info()["fallback_reason"]`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+from types import ModuleType
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ._version import __version__
+
+DISABLE_ENV = "TENSORBRIDGE_DISABLE_EXTENSION"
+
+
+def _load() -> tuple[Optional[ModuleType], Optional[str]]:
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return None, f"{DISABLE_ENV}=1 is set, so the pure-Python path is used."
+    try:
+        from . import _C as mod
+    except ImportError as exc:
+        if "No module named" in str(exc):
+            return None, (
+                "the compiled module tensorbridge._C is not installed (the build found no "
+                "C++ compiler or CMake, or failed); reinstall with a compiler and CMake "
+                "available to get the fast path."
+            )
+        return None, f"the compiled module tensorbridge._C failed to load: {exc}"
+    return mod, None
+
+
+#: The compiled module, or None on the fallback path. Read it as ``_backend.C``.
+C, FALLBACK_REASON = _load()
+_LOADED = C
+
+
+@contextlib.contextmanager
+def forced_fallback() -> Iterator[None]:
+    """Use the pure-Python path inside the block (for tests and benchmarks)."""
+    global C, FALLBACK_REASON
+    saved = C, FALLBACK_REASON
+    C, FALLBACK_REASON = None, "the fallback path was forced by tensorbridge._backend.forced_fallback()."
+    try:
+        yield
+    finally:
+        C, FALLBACK_REASON = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_probe() -> dict[str, Any]:
+    # Asked once and only when needed: initializing the driver in a process that later
+    # forks would leave the children unable to use CUDA.
+    if _LOADED is None:
+        return {"compiled": False, "device_count": 0, "runtime_version": 0,
+                "driver_version": 0, "error": None, "device_names": []}
+    return dict(_LOADED.cuda_probe())
+
+
+def _version_str(v: int) -> Optional[str]:
+    return f"{v // 1000}.{(v % 1000) // 10}" if v else None
+
+
+def cuda_status() -> tuple[bool, int, Optional[str]]:
+    """(usable, device count, reason when not usable) for the live path."""
+    torch_ok = torch.cuda.is_available()
+    if C is None:
+        if torch_ok:
+            return True, torch.cuda.device_count(), None
+        return False, 0, "torch reports no usable CUDA device (torch.cuda.is_available() is False)."
+    probe = _cuda_probe()
+    if not probe["compiled"]:
+        return False, 0, "tensorbridge._C was built without the CUDA toolkit (nvcc not found)."
+    if probe["error"] is not None:
+        why = probe["error"]
+        if probe["driver_version"] == 0:
+            return False, 0, f"no NVIDIA driver was found ({why})."
+        return False, 0, f"the CUDA runtime reports {why}."
+    if probe["device_count"] == 0:
+        return False, 0, "the CUDA runtime found no device."
+    if not torch_ok:
+        return False, probe["device_count"], (
+            f"torch {torch.__version__} cannot use CUDA (a CPU build?), so GPU tensors "
+            "cannot exist; install a CUDA build of torch.")
+    return True, probe["device_count"], None
+
+
+def get_num_threads() -> int:
+    """Threads the compiled core uses for large host copies (1 on the fallback path)."""
+    return C.get_num_threads() if C is not None else 1
+
+
+def set_num_threads(n: int) -> None:
+    """Set the threads the compiled core uses for large host copies (n >= 1)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads expects n >= 1, got {n}")
+    if C is not None:
+        C.set_num_threads(n)
+
+
+def info() -> dict[str, Any]:
+    """Which path is live and why, the CUDA runtime's view, and versions.
+
+    Example:
+        >>> import tensorbridge
+        >>> tensorbridge.info()["extension"]  # doctest: +SKIP
+        True
+    """
+    cuda, devices, cuda_reason = cuda_status()
+    probe = _cuda_probe()
+    try:
+        import ml_dtypes
+
+        ml_version: Optional[str] = ml_dtypes.__version__
+    except ImportError:
+        ml_version = None
+    return {
+        "version": __version__,
+        "extension": C is not None,
+        "extension_path": getattr(C, "__file__", None),
+        "fallback_reason": FALLBACK_REASON,
+        "cuda": cuda,
+        "devices": devices,
+        "cuda_reason": cuda_reason,
+        "cuda_compiled": bool(probe["compiled"]),
+        "cuda_runtime": _version_str(probe["runtime_version"]),
+        "cuda_driver": _version_str(probe["driver_version"]),
+        "device_names": list(probe["device_names"]),
+        "threads": get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "numpy": np.__version__,
+        "ml_dtypes": ml_version,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,377 @@
+"""to_numpy, from_numpy and to_tensor: validation and dispatch.
+
+Every check runs before anything is written. The common cases take the shortest
+path torch offers (``x.numpy()``, ``torch.from_numpy(a)``); the rest are rewritten
+into cases the core can copy: bfloat16/float8 reinterpret their storage as
+ml_dtypes, negative strides and foreign byte orders are copied once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union, overload
+
+import numpy as np
+import torch
+
+from . import _backend, _dtypes
+from ._copy import check_no_overlap, copy_into
+from ._dtypes import DTypeLike
+from ._transfer import Transfer
+
+Device = Union[str, int, torch.device]
+
+# torch dtype -> (NumPy dtype, same-size torch dtype to view ml_dtypes storage through)
+_FAST_GET = _dtypes.FAST_PATH.get
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_tensor(x: Any, fn: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        kind = type(x).__name__
+        if isinstance(x, (list, tuple, dict)):
+            hint = f"convert each item with {fn}() (or build one array with numpy.stack)"
+        else:
+            hint = "wrap it first with torch.as_tensor(x) or numpy.asarray(x)"
+        raise TypeError(f"{fn} expects a torch.Tensor or numpy.ndarray, got {kind}: {hint}.")
+    if x.layout != torch.strided:
+        if x.is_nested:
+            hint = "x.unbind() to convert its components one by one"
+        else:
+            hint = "x.to_dense()"
+        raise TypeError(f"{fn} needs a dense (strided) tensor, got layout {x.layout}: use {hint}.")
+    if x.is_quantized:
+        raise TypeError(f"{fn} cannot convert a quantized tensor ({x.dtype}): use x.dequantize() "
+                        "or x.int_repr().")
+    if x.is_meta:
+        raise TypeError(f"{fn} cannot convert a meta tensor: it has no data. Materialize it "
+                        "first, e.g. torch.empty_like(x, device='cpu').")
+    return x
+
+
+def _check_out_array(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}: allocate one "
+                        f"with numpy.empty({shape}, dtype={dtype}).")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape} but the result has shape {shape}: "
+                         f"allocate numpy.empty({shape}, dtype={dtype}).")
+    if out.dtype != dtype and out.dtype.newbyteorder("=") != dtype.newbyteorder("="):
+        # (a byte order other than the result's is fine: the copy swaps)
+        raise TypeError(f"out has dtype {out.dtype} but the result has dtype {dtype}: pass "
+                        f"dtype={out.dtype} to convert, or an out of dtype {dtype}.")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only: pass a writeable array (out.flags.writeable).")
+    for n, s in zip(out.shape, out.strides):
+        if s == 0 and n > 1:
+            raise ValueError("out has a zero stride, so several elements share memory: pass an "
+                             "array that owns one slot per element, e.g. numpy.empty_like(out).")
+    return out
+
+
+def _cpu_view(x: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor with no conj/neg bit; ml_dtypes for bf16/float8."""
+    np_dtype = _dtypes.numpy_dtype(x.dtype)
+    if _dtypes.is_ml_dtype(np_dtype):
+        storage_t, _ = _dtypes.storage_dtypes(np_dtype.itemsize)
+        return x.view(storage_t).numpy().view(np_dtype)
+    return x.numpy()
+
+
+# --------------------------------------------------------------------------- to_numpy
+
+
+@overload
+def to_numpy(x: Any, *, out: Optional[np.ndarray] = ..., dtype: Optional[DTypeLike] = ...,
+             copy: bool = ..., non_blocking: bool = False) -> np.ndarray: ...
+@overload
+def to_numpy(x: Any, *, out: Optional[np.ndarray] = ..., dtype: Optional[DTypeLike] = ...,
+             copy: bool = ..., non_blocking: bool) -> Union[np.ndarray, Transfer[np.ndarray]]: ...
+
+
+def to_numpy(
+    x: Any,
+    *,
+    out: Optional[np.ndarray] = None,
+    dtype: Optional[DTypeLike] = None,
+    copy: bool = False,
+    non_blocking: bool = False,
+) -> Union[np.ndarray, Transfer[np.ndarray]]:
+    """Converts a tensor to a NumPy array: a drop-in for ``x.detach().cpu().numpy()``.
+
+    Same shape, dtype mapping and bits as the idiom. A CPU tensor converted without
+    ``out`` or ``copy`` shares memory exactly where ``x.numpy()`` would. Unlike the
+    idiom it also accepts tensors that require grad, conjugate and negative views
+    (resolved), and bfloat16/float8 (as ml_dtypes arrays, bit-exact, zero-copy on the
+    CPU). A NumPy array passes through unchanged.
+
+    Args:
+        x: a dense torch.Tensor (any device, dtype and strides) or a numpy.ndarray.
+        out: a writeable array of the result's shape and dtype, any strides; the values
+            land there and ``out`` is returned.
+        dtype: convert to this NumPy (or torch) dtype, e.g. ``numpy.float32`` for bf16.
+        copy: never share memory with ``x``.
+        non_blocking: return a :class:`Transfer`; ``wait()`` gives the array.
+
+    Raises:
+        TypeError: ``x`` is not a dense tensor or array, its dtype has no NumPy
+            equivalent, or ``out`` has the wrong type or dtype.
+        ValueError: ``out`` has the wrong shape, is read-only or overlaps ``x``.
+
+    Example:
+        >>> import torch, tensorbridge as tb
+        >>> tb.to_numpy(torch.ones(2, requires_grad=True))
+        array([1., 1.], dtype=float32)
+    """
+    if type(x) is torch.Tensor and dtype is None and not copy and not non_blocking:
+        # The common cases, in as few Python-level steps as possible. Anything unusual
+        # (or wrong) falls through to the full path, which also explains refusals.
+        entry = _FAST_GET(x.dtype)
+        if entry is not None and x.is_cpu:
+            np_dtype, storage = entry
+            if out is None:
+                if storage is None:
+                    try:
+                        # On the CPU, force=True is detach() + resolve_conj() + resolve_neg()
+                        # done in C++: it shares memory unless a conj/neg bit must be resolved.
+                        return x.numpy(force=True)
+                    except (RuntimeError, TypeError):
+                        pass  # e.g. a sparse layout: the full path explains the refusal
+                elif not x.is_neg() and x.layout is torch.strided:
+                    return x.detach().view(storage).numpy().view(np_dtype)
+            else:
+                C = _backend.C
+                if (C is not None and x.layout is torch.strided and not x.is_neg()
+                        and (np_dtype.kind != "c" or not x.is_conj())
+                        and C.copy_from_address(out, np_dtype, x.data_ptr(), x.shape,
+                                                x.stride()) == 0):
+                    return out
+    if not non_blocking:
+        return _to_numpy(x, out, dtype, copy)
+    try:
+        return Transfer.completed(_to_numpy(x, out, dtype, copy))
+    except (TypeError, ValueError):
+        raise  # bad arguments are refused at the call, before anything is written
+    except Exception as exc:  # noqa: BLE001 - a failed transfer surfaces from wait()
+        return Transfer.failed(exc)
+
+
+def _to_numpy(x: Any, out: Optional[np.ndarray], dtype: Optional[DTypeLike],
+              copy: bool) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return _numpy_to_numpy(x, out, dtype, copy)
+    x = _check_tensor(x, "to_numpy")
+    own = _dtypes.numpy_dtype_or_none(x.dtype)
+    if dtype is not None:
+        target = _dtypes.as_numpy_dtype(dtype)
+    else:
+        target = own if own is not None else _dtypes.numpy_dtype(x.dtype)  # raises
+    if out is not None:
+        _check_out_array(out, tuple(x.shape), target)
+
+    if x.requires_grad:
+        x = x.detach()
+    fresh = False  # True once x no longer shares memory with the caller's tensor
+    if target != own:
+        cast_to = _dtypes.maybe_torch_dtype(target)
+        if cast_to is None:  # e.g. longdouble: NumPy converts it
+            arr = _to_numpy(x, None, None, False).astype(target)
+            if out is not None:
+                copy_into(out, arr)
+                return out
+            return arr
+        x = x.to(cast_to)
+        fresh = True
+    if not x.is_cpu:
+        x = x.cpu()  # the device path: the CUDA engine takes this over where it is available
+        fresh = True
+    if x.is_conj():
+        x = x.resolve_conj()
+        fresh = True
+    if x.is_neg():
+        x = x.resolve_neg()
+        fresh = True
+
+    view = _cpu_view(x)
+    if out is not None:
+        if not fresh:
+            check_no_overlap(out, view)
+        copy_into(out, view)
+        return out
+    if copy and not fresh:
+        result = np.empty(view.shape, view.dtype)
+        copy_into(result, view)
+        return result
+    return view
+
+
+def _numpy_to_numpy(a: np.ndarray, out: Optional[np.ndarray], dtype: Optional[DTypeLike],
+                    copy: bool) -> np.ndarray:
+    target = _dtypes.as_numpy_dtype(dtype) if dtype is not None else a.dtype
+    if out is not None:
+        _check_out_array(out, a.shape, target)
+    src = a
+    if target != a.dtype:
+        src = a.astype(target)
+    elif copy and out is None:
+        src = np.empty(a.shape, a.dtype)
+        copy_into(src, a)
+    if out is not None:
+        if src is a:
+            check_no_overlap(out, a)
+        copy_into(out, src)
+        return out
+    return src
+
+
+# --------------------------------------------------------------------------- from_numpy
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """Converts a NumPy array to a CPU tensor: a drop-in for ``torch.from_numpy``.
+
+    Shares memory wherever torch does. It also converts what torch refuses but can
+    represent: negative strides and non-native byte order (copied once: the only
+    copies it makes) and ml_dtypes bfloat16/float8 arrays (zero-copy).
+
+    Raises:
+        TypeError: not an ndarray, or a dtype torch has no equivalent for (str, bytes,
+            object, datetime, longdouble, structured).
+        ValueError: strides that are not a multiple of the itemsize.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> tb.from_numpy(np.arange(4)[::-1])
+        tensor([3, 2, 1, 0])
+    """
+    if type(a) is np.ndarray:
+        try:  # the common case: exactly torch.from_numpy
+            return torch.from_numpy(a)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    elif not isinstance(a, np.ndarray):
+        raise TypeError(f"from_numpy expects a numpy.ndarray, got {type(a).__name__}: use "
+                        "numpy.asarray(a) first (or to_tensor for tensors).")
+    return _from_numpy(a)
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    t_dtype = _dtypes.torch_dtype(a.dtype)  # TypeError for unsupported dtypes
+    itemsize = a.dtype.itemsize
+    for n, s in zip(a.shape, a.strides):
+        if n > 1 and s % itemsize:
+            raise ValueError(
+                f"array strides {a.strides} are not a multiple of the itemsize {itemsize} "
+                "(a field of a structured array?): make a compact copy with "
+                "numpy.ascontiguousarray(a) first.")
+    negative = any(s < 0 and n > 1 for n, s in zip(a.shape, a.strides))
+    if negative or not a.dtype.isnative:
+        native = a.dtype.newbyteorder("=")
+        compact = np.empty(a.shape, native)
+        copy_into(compact, a)
+        a = compact
+    if _dtypes.is_ml_dtype(a.dtype):
+        _, storage_np = _dtypes.storage_dtypes(itemsize)
+        return torch.from_numpy(a.view(storage_np)).view(t_dtype)
+    return torch.from_numpy(a)
+
+
+# --------------------------------------------------------------------------- to_tensor
+
+
+def to_tensor(
+    a: Any,
+    device: Optional[Device] = None,
+    *,
+    dtype: Optional[DTypeLike] = None,
+    non_blocking: bool = False,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Converts a NumPy array to a tensor on ``device`` (default: the CPU).
+
+    On the CPU without a dtype change the tensor shares memory like
+    ``torch.as_tensor(a)`` (and converts what torch refuses, see :func:`from_numpy`).
+    ``dtype=`` casts; on a GPU the cast runs there, after the transfer, so the narrow
+    type crosses the link.
+
+    Args:
+        a: a numpy.ndarray (a torch.Tensor is accepted and moved/cast).
+        device: target device, e.g. ``"cuda"``; default ``out``'s device or the CPU.
+        dtype: the result's dtype (torch or NumPy dtype).
+        non_blocking: order the copy on the current stream without waiting for it,
+            like ``Tensor.to(non_blocking=True)``.
+        out: a preallocated tensor of the result's shape, dtype and device.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> tb.to_tensor(np.arange(3, dtype=np.uint8), dtype="float32")
+        tensor([0., 1., 2.])
+    """
+    if isinstance(a, np.ndarray):
+        src = from_numpy(a)
+    elif isinstance(a, torch.Tensor):
+        src = _check_tensor(a, "to_tensor")
+    else:
+        raise TypeError(f"to_tensor expects a numpy.ndarray, got {type(a).__name__}: use "
+                        "numpy.asarray(a) first.")
+    target = _dtypes.as_torch_dtype(dtype) if dtype is not None else None
+    dev = torch.device(device) if device is not None else None
+
+    if out is not None:
+        _check_out_tensor(out, src, target, dev)
+        if out.device.type == "cpu" and src.device.type == "cpu" and _tensors_overlap(out, src):
+            raise ValueError("out shares memory with the source: pass a separate tensor.")
+        out.copy_(src, non_blocking=non_blocking)
+        return out
+
+    if dev is None or dev.type == "cpu":
+        src = src.to(device="cpu") if src.device.type != "cpu" else src
+        return src if target is None or target == src.dtype else src.to(target)
+    # Another device: move the narrow type, then cast there.
+    moved = src.to(dev, non_blocking=non_blocking)
+    return moved if target is None or target == moved.dtype else moved.to(target)
+
+
+def _check_out_tensor(out: Any, src: torch.Tensor, target: Optional[torch.dtype],
+                      dev: Optional[torch.device]) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}: allocate one "
+                        f"with torch.empty({tuple(src.shape)}).")
+    if out.layout != torch.strided:
+        raise TypeError("out must be a dense (strided) tensor.")
+    if out.shape != src.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)} but the source has shape "
+                         f"{tuple(src.shape)}: allocate torch.empty({tuple(src.shape)}).")
+    want = target if target is not None else src.dtype
+    if out.dtype != want:
+        raise TypeError(f"out has dtype {out.dtype} but the result has dtype {want}: pass "
+                        f"dtype={out.dtype} to cast, or an out of dtype {want}.")
+    if dev is not None and (dev.type != out.device.type
+                            or dev.index not in (None, out.device.index)):
+        raise ValueError(f"out is on {out.device} but device={dev} was asked: drop device= "
+                         "or pass an out on that device.")
+    if out.requires_grad:
+        raise ValueError("out requires grad, so it cannot be written in place: pass "
+                         "out.detach() or a tensor without requires_grad.")
+    if out.device.type == "meta":
+        raise TypeError("out is a meta tensor: it has no data to write.")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    lo = hi = t.data_ptr()
+    for n, s in zip(t.shape, t.stride()):
+        if n == 0:
+            return lo, lo
+        step = (n - 1) * s * t.element_size()
+        if step < 0:
+            lo += step
+        else:
+            hi += step
+    return lo, hi + t.element_size()
+
+
+def _tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, a1 = _byte_span(a)
+    b0, b1 = _byte_span(b)
+    return a0 < b1 and b0 < a1 and a0 != a1 and b0 != b1

@@ -1,0 +1,162 @@
+"""The dtype tables: torch <-> NumPy, including ml_dtypes for bfloat16 and float8.
+
+bfloat16 and the float8 formats have no NumPy builtin; ml_dtypes provides them with
+the same bit layout as torch, so a tensor's storage can be reinterpreted as an
+ml_dtypes array (and back) without a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+DTypeLike = Union[np.dtype, type, str, torch.dtype]
+
+NATIVE: dict[torch.dtype, np.dtype] = {
+    torch.bool: np.dtype(np.bool_),
+    torch.uint8: np.dtype(np.uint8),
+    torch.int8: np.dtype(np.int8),
+    torch.int16: np.dtype(np.int16),
+    torch.int32: np.dtype(np.int32),
+    torch.int64: np.dtype(np.int64),
+    torch.float16: np.dtype(np.float16),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.complex64: np.dtype(np.complex64),
+    torch.complex128: np.dtype(np.complex128),
+}
+for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3
+    if hasattr(torch, _name):
+        NATIVE[getattr(torch, _name)] = np.dtype(_name)
+
+# torch dtype -> ml_dtypes name; present only where this torch has the dtype.
+_ML_NAMES: dict[torch.dtype, str] = {
+    getattr(torch, n): n
+    for n in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+              "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, n)
+}
+
+# Same-size integer dtypes used to reinterpret ml_dtypes storage.
+_STORAGE: dict[int, tuple[torch.dtype, np.dtype]] = {
+    1: (torch.uint8, np.dtype(np.uint8)),
+    2: (torch.int16, np.dtype(np.int16)),
+}
+
+_NP_TO_TORCH: dict[np.dtype, torch.dtype] = {v: k for k, v in NATIVE.items()}
+
+try:
+    import ml_dtypes as _ml
+except ImportError:  # optional: bfloat16/float8 then need dtype=
+    _ml = None
+
+_ML: dict[torch.dtype, np.dtype] = {}
+if _ml is not None:
+    for _t, _n in _ML_NAMES.items():
+        if hasattr(_ml, _n):
+            _ML[_t] = np.dtype(getattr(_ml, _n))
+            _NP_TO_TORCH[_ML[_t]] = _t
+
+
+#: torch dtype -> (NumPy dtype, None for dtypes .numpy() knows, else the same-size
+#: integer torch dtype through which the storage is viewed as an ml_dtypes array).
+FAST_PATH: dict[torch.dtype, tuple[np.dtype, Optional[torch.dtype]]] = {
+    **{t: (n, None) for t, n in NATIVE.items()},
+    **{t: (n, _STORAGE[n.itemsize][0]) for t, n in _ML.items()},
+}
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype that holds ``dtype`` bit for bit, or a TypeError that names the fix."""
+    np_dtype = NATIVE.get(dtype)
+    if np_dtype is not None:
+        return np_dtype
+    np_dtype = _ML.get(dtype)
+    if np_dtype is not None:
+        return np_dtype
+    if dtype in _ML_NAMES:
+        raise TypeError(
+            f"{dtype} has no NumPy dtype without ml_dtypes: install it "
+            f"(pip install ml_dtypes) to get {_ML_NAMES[dtype]} arrays, or pass "
+            "dtype=numpy.float32 to convert.")
+    if dtype == torch.complex32:
+        raise TypeError(f"{dtype} has no NumPy dtype: pass dtype=numpy.complex64 to convert.")
+    if dtype.is_floating_point:
+        raise TypeError(f"{dtype} has no NumPy dtype: pass dtype=numpy.float32 to convert.")
+    raise TypeError(f"{dtype} has no NumPy dtype: convert it first, e.g. x.to(torch.int32).")
+
+
+def is_ml_dtype(np_dtype: np.dtype) -> bool:
+    """True for the ml_dtypes types (bfloat16, float8...) that torch stores natively."""
+    return np_dtype in _NP_TO_TORCH and np_dtype.kind == "V"
+
+
+def storage_dtypes(itemsize: int) -> tuple[torch.dtype, np.dtype]:
+    """Same-size integer dtypes through which ml_dtypes storage is reinterpreted."""
+    return _STORAGE[itemsize]
+
+
+def _unsupported_numpy(np_dtype: np.dtype) -> TypeError:
+    kind = np_dtype.kind
+    if kind in "US":
+        fix = "encode or tokenize the strings into an integer array first"
+    elif kind == "O":
+        fix = "convert it to a numeric array first, e.g. numpy.asarray(a, dtype=numpy.float32)"
+    elif kind in "Mm":
+        fix = "convert it with a.astype('int64') (or a.view('int64')) first"
+    elif kind in "fc" and np_dtype.itemsize > 8 + 8 * (kind == "c"):
+        fix = "convert it with a.astype(numpy.float64) (or numpy.complex128) first"
+    elif kind == "V" and np_dtype.names:
+        fix = "pass one field at a time, e.g. a['x']"
+    elif kind == "V" and _ml is None:
+        fix = "install ml_dtypes (pip install ml_dtypes) for bfloat16/float8 arrays"
+    else:
+        fix = "convert it to a supported numeric dtype first"
+    return TypeError(f"numpy dtype {np_dtype} has no torch equivalent: {fix}.")
+
+
+def torch_dtype(np_dtype: np.dtype) -> torch.dtype:
+    """The torch dtype for a NumPy dtype of either byte order, or a TypeError naming the fix."""
+    t = _NP_TO_TORCH.get(np_dtype)
+    if t is None and np_dtype.byteorder not in "=|":
+        t = _NP_TO_TORCH.get(np_dtype.newbyteorder("="))
+    if t is None:
+        raise _unsupported_numpy(np_dtype)
+    return t
+
+
+def as_numpy_dtype(dtype: Any) -> np.dtype:
+    """Accepts a NumPy dtype-like or a torch.dtype (for ``dtype=`` arguments)."""
+    if isinstance(dtype, torch.dtype):
+        return numpy_dtype(dtype)
+    try:
+        return np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(
+            f"dtype={dtype!r} is not a NumPy or torch dtype; pass e.g. numpy.float32") from exc
+
+
+def as_torch_dtype(dtype: Any) -> torch.dtype:
+    """Accepts a torch.dtype or a NumPy dtype-like (for ``dtype=`` arguments)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch_dtype(as_numpy_dtype(dtype))
+
+
+def swap_unit(np_dtype: np.dtype) -> int:
+    """Bytes per byte-swapped unit: complex numbers swap their two halves separately."""
+    if np_dtype.itemsize == 1:
+        return 0
+    return np_dtype.itemsize // 2 if np_dtype.kind == "c" else np_dtype.itemsize
+
+
+def maybe_torch_dtype(np_dtype: np.dtype) -> Optional[torch.dtype]:
+    """The torch dtype for np_dtype, or None when torch has none."""
+    return _NP_TO_TORCH.get(np_dtype)
+
+
+def numpy_dtype_or_none(dtype: torch.dtype) -> Optional[np.dtype]:
+    """The NumPy dtype for a torch dtype, or None when there is none (or no ml_dtypes)."""
+    return NATIVE.get(dtype) or _ML.get(dtype)

@@ -1,0 +1,77 @@
+"""The handle returned by non-blocking conversions."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Generic, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+class Transfer(Generic[T]):
+    """A conversion that may still be in flight.
+
+    ``wait()`` returns the result once it is complete (and raises the transfer's error,
+    if any); ``done()`` polls without blocking. Waiting twice returns the same result.
+    Until the transfer completes the handle keeps its source and destination alive.
+
+    Example:
+        >>> import torch, tensorbridge as tb
+        >>> t = tb.to_numpy(torch.arange(3), non_blocking=True)
+        >>> t.wait()
+        array([0, 1, 2])
+    """
+
+    __slots__ = ("_block", "_error", "_keepalive", "_lock", "_poll", "_result")
+
+    def __init__(
+        self,
+        result: Optional[T] = None,
+        *,
+        error: Optional[BaseException] = None,
+        poll: Optional[Callable[[], bool]] = None,
+        block: Optional[Callable[[], None]] = None,
+        keepalive: Any = None,
+    ) -> None:
+        self._result = result
+        self._error = error
+        self._poll = poll  # None: complete
+        self._block = block
+        self._keepalive = keepalive
+        self._lock = threading.Lock()
+
+    @classmethod
+    def completed(cls, result: T) -> Transfer[T]:
+        """A handle for work that already finished."""
+        return cls(result)
+
+    @classmethod
+    def failed(cls, error: BaseException) -> Transfer[Any]:
+        """A handle whose wait() raises ``error``."""
+        return cls(None, error=error)
+
+    def done(self) -> bool:
+        """True once the result is ready (or the transfer failed); never blocks."""
+        poll = self._poll
+        return poll is None or poll()
+
+    def wait(self) -> T:
+        """Blocks until the transfer is complete and returns its result."""
+        with self._lock:
+            if self._poll is not None:
+                try:
+                    if self._block is not None:
+                        self._block()
+                except BaseException as exc:  # noqa: BLE001 - surfaced to the caller below
+                    self._error = exc
+                self._poll = self._block = None
+                self._keepalive = None
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        state = "done" if self._poll is None else "pending"
+        if self._error is not None:
+            state = f"failed: {self._error!r}"
+        return f"<tensorbridge.Transfer {state}>"

@@ -1,0 +1,337 @@
+"""CPU benchmark: tensorbridge beside the idioms it replaces, measured in the same run.
+
+Run it with ``python -m tensorbridge bench`` (or ``benchmarks/bench_cpu.py``). It prints
+the machine, shows progress, then one table per section: the median (with p10-p90)
+of each method, and the speed relative to the best baseline of its row group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import _backend
+from ._convert import from_numpy, to_numpy
+
+KiB, MiB = 1 << 10, 1 << 20
+DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    size: int  # bytes moved per call (0 for per-call overhead rows)
+    method: str
+    baseline: bool
+    median_s: float
+    p10_s: float
+    p90_s: float
+    samples: int
+
+    def value(self) -> float:
+        """GB/s for copies, microseconds per call for overhead rows."""
+        return self.size / self.median_s / 1e9 if self.size else self.median_s * 1e6
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The machine and software versions a result was measured on."""
+    info = _backend.info()
+    return {
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "tensorbridge": info["version"],
+        "path": "extension" if info["extension"] else "fallback",
+        "fallback_reason": info["fallback_reason"],
+        "threads": info["threads"],
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def measure(fn: Callable[[int], object], repeats: int, min_sample_s: float = 2e-3,
+            warmup: int = 3) -> tuple[float, float, float, int]:
+    """(median, p10, p90) seconds per call of fn(i) over `repeats` samples.
+
+    Each sample runs fn enough times to last about min_sample_s, so per-call times of
+    a few hundred nanoseconds are resolved; fn gets the call index to rotate buffers.
+    """
+    for i in range(warmup):
+        fn(i)
+    number, elapsed = 1, 0.0
+    while True:  # calibrate the calls per sample
+        t0 = time.perf_counter()
+        for i in range(number):
+            fn(i)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_sample_s or number >= 1 << 20:
+            break
+        number *= 2 if elapsed == 0 else max(2, min(10, int(min_sample_s / elapsed) + 1))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(number):
+            fn(i)
+        samples.append((time.perf_counter() - t0) / number)
+    samples.sort()
+    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
+    return statistics.median(samples), q[0], q[-1], number
+
+
+class _Runner:
+    def __init__(self, repeats: int, progress: bool) -> None:
+        self.repeats = repeats
+        self.progress = progress
+        self.rows: list[Row] = []
+
+    def group(self, section: str, case: str, size: int,
+              methods: Sequence[tuple[str, bool, Callable[[int], object]]]) -> None:
+        if self.progress:
+            label = f"{section}: {case}" + (f" {_fmt_size(size)}" if size else "")
+            print(f"  measuring {label} ...", file=sys.stderr, flush=True)
+        for name, baseline, fn in methods:
+            med, p10, p90, _ = measure(fn, self.repeats)
+            self.rows.append(Row(section, case, size, name, baseline, med, p10, p90,
+                                 self.repeats))
+
+
+def _fmt_size(n: int) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
+        if n >= div:
+            return f"{n / div:g} {unit}"
+    return f"{n} B"
+
+
+def _buffers(nbytes: int, count_hint: int = 64 * MiB) -> int:
+    """How many source buffers to rotate among so small sizes do not stay in cache."""
+    return max(1, min(16, count_hint // max(nbytes, 1)))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def bench_overhead(r: _Runner) -> None:
+    """Per-call cost of converting tiny tensors and arrays (zero-copy paths)."""
+    sec = "per-call overhead, tiny (16 x float32)"
+    xs = [torch.randn(16) for _ in range(8)]
+    r.group(sec, "tensor -> ndarray", 0, [
+        ("tb.to_numpy(x)", False, lambda i: to_numpy(xs[i & 7])),
+        ("x.detach().cpu().numpy()", True, lambda i: xs[i & 7].detach().cpu().numpy()),
+        ("x.numpy()", True, lambda i: xs[i & 7].numpy()),
+    ])
+    gs = [torch.randn(16, requires_grad=True) for _ in range(8)]
+    r.group(sec, "requires_grad tensor -> ndarray", 0, [
+        ("tb.to_numpy(x)", False, lambda i: to_numpy(gs[i & 7])),
+        ("x.detach().cpu().numpy()", True, lambda i: gs[i & 7].detach().cpu().numpy()),
+    ])
+    bs = [torch.randn(16).bfloat16() for _ in range(8)]
+    r.group(sec, "bfloat16 tensor -> ndarray", 0, [
+        ("tb.to_numpy(x)  [ml_dtypes, zero-copy]", False, lambda i: to_numpy(bs[i & 7])),
+        ("x.float().numpy()", True, lambda i: bs[i & 7].float().numpy()),
+    ])
+    arrs = [np.random.rand(16).astype(np.float32) for _ in range(8)]
+    r.group(sec, "ndarray -> tensor", 0, [
+        ("tb.from_numpy(a)", False, lambda i: from_numpy(arrs[i & 7])),
+        ("torch.from_numpy(a)", True, lambda i: torch.from_numpy(arrs[i & 7])),
+    ])
+
+
+def bench_out(r: _Runner, sizes: Sequence[int]) -> None:
+    """to_numpy(x, out=...) into a preallocated array, contiguous and transposed."""
+    sec = "to_numpy(x, out=...) float32, GB/s"
+    for nbytes in sizes:
+        n = max(nbytes // 4, 1)
+        side = int(np.sqrt(n))
+        for layout in ("contiguous", "transposed"):
+            k = _buffers(nbytes)
+            if layout == "contiguous":
+                xs = [torch.rand(n) for _ in range(k)]
+            else:
+                xs = [torch.rand(side, n // side).t() for _ in range(k)]
+            moved = xs[0].numel() * 4
+            out = np.empty(tuple(xs[0].shape), np.float32)
+            out.fill(0)  # touch the pages before timing
+            r.group(sec, layout, moved, [
+                ("tb.to_numpy(x, out=out)", False, lambda i: to_numpy(xs[i % k], out=out)),
+                ("np.copyto(out, x.numpy())", True, lambda i: np.copyto(out, xs[i % k].numpy())),
+                ("torch.from_numpy(out).copy_(x)", True,
+                 lambda i: torch.from_numpy(out).copy_(xs[i % k])),
+            ])
+            del xs, out
+
+
+def bench_refused(r: _Runner, nbytes: int) -> None:
+    """Cases torch refuses, beside the workarounds users write today."""
+    sec = f"cases torch refuses, {_fmt_size(nbytes)}, GB/s"
+    n = nbytes // 4
+    a = np.random.rand(n).astype(np.float32)
+    rev = a[::-1]
+    r.group(sec, "negative strides: ndarray -> tensor", nbytes, [
+        ("tb.from_numpy(a[::-1])", False, lambda i: from_numpy(rev)),
+        ("torch.from_numpy(a[::-1].copy())", True, lambda i: torch.from_numpy(rev.copy())),
+    ])
+    be = a.astype(">f4")
+    r.group(sec, "big-endian float32: ndarray -> tensor", nbytes, [
+        ("tb.from_numpy(a)", False, lambda i: from_numpy(be)),
+        ("torch.from_numpy(a.astype('<f4'))", True, lambda i: torch.from_numpy(be.astype("<f4"))),
+    ])
+    bf = torch.rand(nbytes // 2).bfloat16()
+    try:
+        import ml_dtypes  # noqa: F401
+
+        r.group(sec, "bfloat16: tensor -> ndarray", nbytes, [
+            ("tb.to_numpy(x)  [ml_dtypes view]", False, lambda i: to_numpy(bf)),
+            ("x.float().numpy()", True, lambda i: bf.float().numpy()),
+        ])
+    except ImportError:
+        pass
+    r.group(sec, "bfloat16 -> float32 ndarray", nbytes, [
+        ("tb.to_numpy(x, dtype=np.float32)", False, lambda i: to_numpy(bf, dtype=np.float32)),
+        ("x.float().numpy()", True, lambda i: bf.float().numpy()),
+    ])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_report(report: Report) -> str:
+    m = report.machine
+    lines = [
+        "tensorbridge CPU benchmark",
+        f"  date      {m['date']}",
+        f"  machine   {m['cpu']}, {m['cores']} cores, {m['platform']}",
+        f"  software  python {m['python']}, numpy {m['numpy']}, torch {m['torch']}, "
+        f"tensorbridge {m['tensorbridge']}",
+        f"  path      {m['path']} (threads: {m['threads']})"
+        + (f": {m['fallback_reason']}" if m["fallback_reason"] else ""),
+        "  method    median of N samples; p10-p90 in brackets; 'vs best' = median against the",
+        "            fastest baseline of the same row group (>1 is faster than it).",
+    ]
+    sections: dict[str, list[Row]] = {}
+    for row in report.rows:
+        sections.setdefault(row.section, []).append(row)
+    for sec, rows in sections.items():
+        lines += ["", f"## {sec}", ""]
+        unit = "us/call" if rows[0].size == 0 else "GB/s"
+        header = f"{'case':<38} {'size':>9}  {'method':<42} {unit:>9} {'p10-p90':>17} {'vs best':>8}"
+        lines += [header, "-" * len(header)]
+        groups: dict[tuple[str, int], list[Row]] = {}
+        for row in rows:
+            groups.setdefault((row.case, row.size), []).append(row)
+        for (case, size), grp in groups.items():
+            best = min((g.median_s for g in grp if g.baseline), default=None)
+            for j, g in enumerate(grp):
+                if size:
+                    lo, hi = size / g.p90_s / 1e9, size / g.p10_s / 1e9
+                    val = f"{g.value():9.2f}"
+                    spread = f"[{lo:7.2f}-{hi:7.2f}]"
+                else:
+                    val = f"{g.value():9.3f}"
+                    spread = f"[{g.p10_s * 1e6:7.3f}-{g.p90_s * 1e6:7.3f}]"
+                ratio = "" if g.baseline or best is None else f"{best / g.median_s:7.2f}x"
+                c = case if j == 0 else ""
+                s = (_fmt_size(size) if size else "") if j == 0 else ""
+                lines.append(f"{c:<38} {s:>9}  {g.method:<42} {val} {spread:>17} {ratio:>8}")
+    return "\n".join(lines)
+
+
+def run(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 15,
+        sections: Sequence[str] = ("overhead", "out", "refused"),
+        refused_size: int = 16 * MiB, progress: bool = True) -> Report:
+    """Runs the chosen sections and returns the rows and the machine description."""
+    report = Report(machine())
+    r = _Runner(repeats, progress)
+    if "overhead" in sections:
+        bench_overhead(r)
+    if "out" in sections:
+        bench_out(r, sizes)
+    if "refused" in sections:
+        bench_refused(r, refused_size)
+    report.rows = r.rows
+    return report
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4K, 64M, 1G)")
+    mult = {"": 1, "K": KiB, "M": MiB, "G": 1 << 30}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def result_basename(report: Report) -> str:
+    m = report.machine
+    cpu = re.sub(r"[^A-Za-z0-9]+", "-", m["cpu"]).strip("-").lower()
+    return f"{m['date'][:10]}-cpu-{cpu}-{m['cores']}c-{m['path']}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tensorbridge bench", description=__doc__)
+    p.add_argument("--sizes", type=_parse_size, nargs="+", default=DEFAULT_SIZES,
+                   help="copy sizes for the out= section (default: 4K 64K 1M 4M 16M 64M 256M)")
+    p.add_argument("--repeats", type=int, default=15, help="samples per method (default 15)")
+    p.add_argument("--sections", nargs="+", default=["overhead", "out", "refused"],
+                   choices=["overhead", "out", "refused"])
+    p.add_argument("--refused-size", type=_parse_size, default=16 * MiB,
+                   help="array size for the 'cases torch refuses' section (default 16M)")
+    p.add_argument("--fallback", action="store_true",
+                   help="measure the pure-Python fallback path instead of the extension")
+    p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-<machine>.txt and .json")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    if args.repeats < 2:
+        p.error("--repeats must be at least 2")
+
+    def go() -> Report:
+        return run(args.sizes, args.repeats, args.sections, args.refused_size, not args.quiet)
+
+    if args.fallback:
+        with _backend.forced_fallback():
+            report = go()
+    else:
+        report = go()
+    text = format_report(report)
+    print(text)
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        base = os.path.join(args.save, result_basename(report))
+        with open(base + ".txt", "w") as f:
+            f.write(text + "\n")
+        with open(base + ".json", "w") as f:
+            json.dump({"machine": report.machine, "rows": [asdict(x) for x in report.rows]},
+                      f, indent=1)
+        print(f"\nsaved {base}.txt and {base}.json", file=sys.stderr)
+    return 0
