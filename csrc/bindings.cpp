@@ -106,8 +106,9 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
   const auto d = span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(), nd, itemsize);
   const auto r = span(src, shp.data(), ss.data(), nd, itemsize);
   if (d.first < r.second && r.first < d.second) return 2;
-  for (size_t i = 0; i < nd; ++i)
-    if (ds[i] == 0 && shp[i] > 1) return 1;  // several elements in one slot
+  if (d.first != d.second)  // not empty
+    for (size_t i = 0; i < nd; ++i)
+      if (ds[i] == 0 && shp[i] > 1) return 1;  // several elements in one slot
   tb::CopyOptions opt;
   opt.swap_unit = swap_unit;
   void* dp = dst.mutable_data();

@@ -64,7 +64,7 @@ def _check_out_array(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.nd
     if not out.flags.writeable:
         raise ValueError("out is read-only: pass a writeable array (out.flags.writeable).")
     for n, s in zip(out.shape, out.strides):
-        if s == 0 and n > 1:
+        if s == 0 and n > 1 and out.size:
             raise ValueError("out has a zero stride, so several elements share memory: pass an "
                              "array that owns one slot per element, e.g. numpy.empty_like(out).")
     return out
@@ -265,8 +265,10 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
                 f"array strides {a.strides} are not a multiple of the itemsize {itemsize} "
                 "(a field of a structured array?): make a compact copy with "
                 "numpy.ascontiguousarray(a) first.")
-    negative = any(s < 0 and n > 1 for n, s in zip(a.shape, a.strides))
-    if negative or not a.dtype.isnative:
+    # torch refuses any negative or odd stride, even on dimensions of size 0 or 1
+    # where the stride means nothing: a compact copy covers those too.
+    odd = any(s < 0 or s % itemsize for s in a.strides)
+    if odd or not a.dtype.isnative:
         native = a.dtype.newbyteorder("=")
         compact = np.empty(a.shape, native)
         copy_into(compact, a)

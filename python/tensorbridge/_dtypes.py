@@ -68,6 +68,9 @@ FAST_PATH: dict[torch.dtype, tuple[np.dtype, Optional[torch.dtype]]] = {
 }
 
 
+_ML_NUMPY = frozenset(_ML.values())
+
+
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The NumPy dtype that holds ``dtype`` bit for bit, or a TypeError that names the fix."""
     np_dtype = NATIVE.get(dtype)
@@ -90,7 +93,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 def is_ml_dtype(np_dtype: np.dtype) -> bool:
     """True for the ml_dtypes types (bfloat16, float8...) that torch stores natively."""
-    return np_dtype in _NP_TO_TORCH and np_dtype.kind == "V"
+    return np_dtype in _ML_NUMPY
 
 
 def storage_dtypes(itemsize: int) -> tuple[torch.dtype, np.dtype]:

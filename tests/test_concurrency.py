@@ -1,0 +1,46 @@
+"""Many threads converting at once (more than cores), each into its own outputs."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from conftest import assert_same, poisoned, random_tensor, reference_numpy
+
+import tensorbridge as tb
+
+
+def test_many_threads_convert_concurrently(backend):
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(16)
+
+    def work(i: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(i)
+            barrier.wait()
+            for j in range(25):
+                # sizes on both sides of the parallel threshold, several layouts
+                shape = (64 + i, 33) if j % 3 else (512, 260 + i)
+                x = random_tensor(shape, torch.float32 if i % 2 else torch.bfloat16, g)
+                x = x.t() if j % 2 else x[1:, ::2]
+                expected = reference_numpy(x)
+                out = poisoned(tuple(x.shape), expected.dtype, "F" if j % 4 == 1 else "C")
+                if j % 3 == 0:
+                    assert tb.to_numpy(x, out=out, non_blocking=True).wait() is out
+                else:
+                    assert tb.to_numpy(x, out=out) is out
+                assert_same(out, expected)
+                assert_same(tb.to_numpy(x, copy=True), expected)
+                a = np.ascontiguousarray(expected)[::-1]
+                if a.dtype.kind != "V":
+                    np.testing.assert_array_equal(tb.from_numpy(a).numpy(), a)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, repr(errors[0])

@@ -1,0 +1,149 @@
+"""from_numpy and to_tensor against torch.from_numpy / torch.as_tensor, both backends."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import ML_DTYPES, NATIVE_DTYPES, dtype_param, random_tensor, reference_numpy
+
+import tensorbridge as tb
+
+NP_DTYPES = [np.dtype(torch.empty(0, dtype=d).numpy().dtype) for d in NATIVE_DTYPES]
+
+# name -> view of a fresh array `a` (at least 3-d, shape (6, 8, 10))
+VIEWS = {
+    "contiguous": lambda a: a,
+    "fortran": lambda a: np.asfortranarray(a),
+    "transposed": lambda a: a.transpose(2, 0, 1),
+    "offset-holes": lambda a: a[1:, ::3, 2::2],
+    "reversed": lambda a: a[::-1],
+    "reversed-inner": lambda a: a[:, :, ::-1],
+    "reversed-all-holes": lambda a: a[::-2, ::-1, ::-3],
+    "broadcast": lambda a: np.broadcast_to(a[:1], a.shape),
+    "scalar-0d": lambda a: a[0, 0, 0, ...],
+    "empty": lambda a: a[:0],
+    "empty-reversed": lambda a: a[:0:-1][:0],
+}
+
+
+def fresh(np_dtype: np.dtype, gen: torch.Generator) -> np.ndarray:
+    t_dtype = next(d for d in NATIVE_DTYPES if torch.empty(0, dtype=d).numpy().dtype == np_dtype)
+    return random_tensor((6, 8, 10), t_dtype, gen).numpy()
+
+
+def expected_tensor(a: np.ndarray) -> torch.Tensor:
+    """What a user writes today: make a native, positively strided copy, then from_numpy."""
+    return torch.from_numpy(np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True))
+
+
+def assert_tensor_same(t: torch.Tensor, expected: torch.Tensor) -> None:
+    assert isinstance(t, torch.Tensor)
+    assert t.dtype == expected.dtype and t.shape == expected.shape and t.device.type == "cpu"
+    assert reference_numpy(t).tobytes() == reference_numpy(expected.contiguous()).tobytes()
+
+
+BYTE_ORDERS = [pytest.param(d, "native", id=f"{d}-native") for d in NP_DTYPES] + [
+    pytest.param(d, "swapped", id=f"{d}-swapped") for d in NP_DTYPES if d.itemsize > 1]
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+@pytest.mark.parametrize("view", list(VIEWS))
+@pytest.mark.parametrize(("np_dtype", "order"), BYTE_ORDERS)
+def test_matches_torch_and_shares_where_torch_does(backend, gen, np_dtype, view, order):
+    base = fresh(np_dtype, gen)
+    if order == "swapped":
+        base = base.astype(np_dtype.newbyteorder("S"))
+    a = VIEWS[view](base)
+    t = tb.from_numpy(a)
+    assert_tensor_same(t, expected_tensor(a))
+    try:
+        shared = torch.from_numpy(a)
+    except (ValueError, TypeError):
+        shared = None  # torch refuses: tensorbridge copies, once
+    if shared is not None and a.size:
+        assert t.data_ptr() == shared.data_ptr() and t.stride() == shared.stride()
+    elif a.size:
+        assert not np.shares_memory(t.numpy(), a)
+        assert t.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in ML_DTYPES])
+def test_ml_dtypes_arrays_are_zero_copy(backend, gen, dtype):
+    x = random_tensor((5, 7), dtype, gen)
+    a = reference_numpy(x)[:, ::2]  # an ml_dtypes array with holes
+    t = tb.from_numpy(a)
+    assert t.dtype == dtype
+    assert t.data_ptr() == a.ctypes.data
+    assert reference_numpy(t).tobytes() == np.ascontiguousarray(a).tobytes()
+    rev = tb.from_numpy(a[::-1])  # negative strides: one copy
+    assert reference_numpy(rev).tobytes() == np.ascontiguousarray(a[::-1]).tobytes()
+
+
+def test_readonly_array_is_shared_like_torch(backend, gen):
+    a = fresh(np.dtype(np.float32), gen)
+    a.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns once per process
+        t = tb.from_numpy(a)
+    assert t.data_ptr() == a.ctypes.data
+
+
+def test_subclass_is_accepted(backend):
+    m = np.ma.masked_array(np.arange(6.0), mask=[0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(tb.from_numpy(m).numpy(), m.data)
+
+
+# ------------------------------------------------------------------------- to_tensor
+
+
+@pytest.mark.parametrize("np_dtype", NP_DTYPES, ids=str)
+def test_to_tensor_cpu_shares_like_as_tensor(backend, gen, np_dtype):
+    a = fresh(np_dtype, gen)[:, 1::2]
+    t = tb.to_tensor(a)
+    ref = torch.as_tensor(a)
+    assert t.data_ptr() == ref.data_ptr() and t.stride() == ref.stride()
+    assert torch.equal(t, ref)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"),
+    [(torch.float32, torch.float32), (np.float64, torch.float64), ("float16", torch.float16),
+     (torch.bfloat16, torch.bfloat16), (np.int32, torch.int32)],
+    ids=["torch.float32", "np.float64", "str-float16", "bfloat16", "np.int32"],
+)
+def test_to_tensor_dtype_casts(backend, gen, dtype, torch_dtype):
+    a = fresh(np.dtype(np.uint8), gen)[::-1, :, ::2]
+    t = tb.to_tensor(a, dtype=dtype)
+    expected = torch.from_numpy(a.copy()).to(torch_dtype)
+    assert t.dtype == torch_dtype
+    assert torch.equal(t, expected)
+
+
+@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=str)
+def test_to_tensor_out(backend, gen, device):
+    a = fresh(np.dtype(np.float32), gen)
+    out = torch.full(a.shape, float("nan"))
+    r = tb.to_tensor(a, device, out=out)
+    assert r is out
+    assert torch.equal(out, torch.from_numpy(a))
+    out64 = torch.full(a.shape, float("nan"), dtype=torch.float64).transpose(0, 2)
+    with pytest.raises(ValueError, match="shape"):
+        tb.to_tensor(a, out=out64)
+    out64 = torch.full(a.shape, float("nan"), dtype=torch.float64)
+    tb.to_tensor(a, out=out64, dtype=torch.float64)
+    assert torch.equal(out64, torch.from_numpy(a).double())
+
+
+def test_to_tensor_accepts_tensors(backend, gen):
+    x = random_tensor((3, 4), torch.float32, gen)
+    assert tb.to_tensor(x) is x
+    assert torch.equal(tb.to_tensor(x, dtype=torch.float64), x.double())
+
+
+def test_to_tensor_non_native_and_negative(backend, gen):
+    a = fresh(np.dtype(np.int32), gen).astype(">i4")[::-1, ::2]
+    t = tb.to_tensor(a, "cpu", non_blocking=True)
+    assert torch.equal(t, torch.from_numpy(a.astype("<i4").copy()))

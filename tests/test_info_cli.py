@@ -1,0 +1,143 @@
+"""info(), the fallback switch, the command line, and the benchmark smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import tensorbridge as tb
+from tensorbridge import _backend, benchmark
+
+ENV = {k: v for k, v in os.environ.items() if k != _backend.DISABLE_ENV}
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**ENV, **env}, timeout=120, check=False)
+
+
+def test_info_reports_the_live_path():
+    info = tb.info()
+    for key in ("version", "extension", "cuda", "devices", "fallback_reason", "threads"):
+        assert key in info
+    assert info["version"] == tb.__version__
+    assert info["extension"] == (_backend.C is not None)
+    assert (info["fallback_reason"] is None) == info["extension"]
+    assert info["cuda"] == HAS_CUDA or not info["extension"]
+    if not info["cuda"]:
+        assert isinstance(info["cuda_reason"], str) and info["cuda_reason"].endswith(".")
+        assert info["devices"] == 0 or not HAS_CUDA
+    assert info["threads"] >= 1
+
+
+def test_info_under_forced_fallback():
+    with _backend.forced_fallback():
+        info = tb.info()
+    assert info["extension"] is False
+    assert "forced" in info["fallback_reason"]
+    assert info["threads"] == 1
+
+
+def test_environment_variable_forces_the_fallback():
+    proc = run_python("import json, tensorbridge as tb; print(json.dumps(tb.info()))",
+                      TENSORBRIDGE_DISABLE_EXTENSION="1")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["extension"] is False
+    assert "TENSORBRIDGE_DISABLE_EXTENSION=1" in info["fallback_reason"]
+    proc = run_python("import torch, numpy as np, tensorbridge as tb;"
+                      "o = np.empty((3, 2), np.float32);"
+                      "tb.to_numpy(torch.arange(6.).reshape(2, 3).t(), out=o); print(o.sum())",
+                      TENSORBRIDGE_DISABLE_EXTENSION="1")
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == 15.0
+
+
+@pytest.mark.skipif(os.environ.get(_backend.DISABLE_ENV) == "1",
+                    reason="the extension is disabled on purpose")
+@pytest.mark.skipif(not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))),
+                    reason="no C++ compiler or CMake: the pure-Python install is expected")
+def test_extension_is_built_and_used_where_a_compiler_exists():
+    assert _backend._LOADED is not None, _backend.FALLBACK_REASON
+    assert tb.info()["extension"] is True
+    assert tb.info()["extension_path"].endswith((".so", ".pyd"))
+    # and the CUDA translation unit is compiled wherever nvcc is
+    if shutil.which("nvcc"):
+        assert tb.info()["cuda_compiled"] is True
+
+
+def test_cli_info():
+    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "info", "--json"],
+                          capture_output=True, text=True, env=ENV, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["version"] == tb.__version__
+    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "info"],
+                          capture_output=True, text=True, env=ENV, timeout=120, check=False)
+    assert "fallback_reason" in proc.stdout
+
+
+def test_cli_rejects_unknown_command():
+    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "frobnicate"],
+                          capture_output=True, text=True, env=ENV, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert "usage" in proc.stderr
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["extension", "fallback"])
+def test_benchmark_smoke(tmp_path, capsys, fallback):
+    """A tiny run of the whole benchmark, so it never rots."""
+    args = ["--sizes", "4K", "64K", "--repeats", "2", "--refused-size", "64K", "--quiet",
+            "--save", str(tmp_path)]
+    assert benchmark.main(args + (["--fallback"] if fallback else [])) == 0
+    text = capsys.readouterr().out
+    for needle in ("tensorbridge CPU benchmark", "tb.to_numpy(x, out=out)",
+                   "np.copyto(out, x.numpy())", "torch.from_numpy(out).copy_(x)",
+                   "x.detach().cpu().numpy()", "tb.from_numpy(a[::-1])", "vs best"):
+        assert needle in text
+    saved = list(tmp_path.glob("*.json"))
+    assert len(saved) == 1
+    data = json.loads(saved[0].read_text())
+    assert data["machine"]["path"] == ("fallback" if fallback else
+                                       ("extension" if _backend.C is not None else "fallback"))
+    assert all(row["median_s"] > 0 for row in data["rows"])
+
+
+def test_measure_reports_spread():
+    med, p10, p90, number = benchmark.measure(lambda i: None, repeats=5, min_sample_s=1e-4)
+    assert 0 <= p10 <= med <= p90
+    assert number >= 1
+
+
+# ------------------------------------------------------------------------- pinned memory
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, "float16", torch.float64])
+@pytest.mark.parametrize("shape", [(3, 4), 7, (), (0, 5)])
+def test_empty_pinned(backend, shape, dtype):
+    a = tb.empty_pinned(shape, dtype)
+    expected_shape = (shape,) if isinstance(shape, int) else shape
+    assert a.shape == expected_shape
+    assert a.flags.c_contiguous and a.flags.writeable
+    a[...] = 1
+    assert tb.is_pinned(a) == (tb.info()["cuda"] and a.size > 0)
+
+
+def test_empty_pinned_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="negative"):
+        tb.empty_pinned((2, -1))
+    with pytest.raises(TypeError, match="ints"):
+        tb.empty_pinned((2.5,))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        tb.is_pinned([1, 2])
+
+
+def test_plain_arrays_are_not_pinned():
+    assert tb.is_pinned(np.zeros(10)) is False

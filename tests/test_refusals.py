@@ -1,0 +1,189 @@
+"""Every refusal: the right exception type, a message that names the fix, nothing written.
+
+This table is also the reference for the README's list of refusals.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import is_poisoned, poisoned
+
+import tensorbridge as tb
+
+F32 = np.float32
+
+# (id, call, exception, message pattern)
+TO_NUMPY_INPUTS = [
+    ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list.*convert each item"),
+    ("dict", lambda: tb.to_numpy({"a": torch.ones(1)}), TypeError, r"got dict"),
+    ("scalar", lambda: tb.to_numpy(3.0), TypeError, r"got float.*torch.as_tensor"),
+    ("string", lambda: tb.to_numpy("abc"), TypeError, r"got str"),
+    ("sparse", lambda: tb.to_numpy(torch.eye(3).to_sparse()), TypeError, r"to_dense\(\)"),
+    ("sparse-csr", lambda: tb.to_numpy(torch.eye(3).to_sparse_csr()), TypeError, r"to_dense"),
+    ("meta", lambda: tb.to_numpy(torch.empty(3, device="meta")), TypeError, r"meta tensor"),
+    ("quantized", lambda: tb.to_numpy(torch.quantize_per_tensor(torch.ones(3), 0.1, 0,
+                                                                 torch.qint8)),
+     TypeError, r"dequantize\(\)"),
+    ("complex32", lambda: tb.to_numpy(torch.zeros(2, dtype=torch.complex32)), TypeError,
+     r"dtype=numpy.complex64"),
+    ("bad-dtype-arg", lambda: tb.to_numpy(torch.zeros(2), dtype="notadtype"), TypeError,
+     r"not a NumPy or torch dtype"),
+]
+
+OUT_CASES = [
+    ("out-list", lambda out: [0.0] * 4, TypeError, r"out must be a numpy.ndarray.*numpy.empty"),
+    ("out-tensor", lambda out: torch.zeros(4), TypeError, r"out must be a numpy.ndarray"),
+    ("out-shape", lambda out: out[:3], ValueError, r"shape \(3,\).*\(4,\)"),
+    ("out-dtype", lambda out: out.view(np.int32), TypeError, r"dtype int32.*dtype=int32"),
+    ("out-readonly", lambda out: _readonly(out), ValueError, r"read-only"),
+    ("out-zero-stride", lambda out: np.lib.stride_tricks.as_strided(out, (4,), (0,)),
+     ValueError, r"zero stride"),
+]
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize(("case", "call", "exc", "pattern"), TO_NUMPY_INPUTS,
+                         ids=[c[0] for c in TO_NUMPY_INPUTS])
+def test_to_numpy_refuses_input(backend, case, call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize(("case", "make_out", "exc", "pattern"), OUT_CASES,
+                         ids=[c[0] for c in OUT_CASES])
+@pytest.mark.parametrize("source", ["contiguous", "strided", "bf16-as-f32", "grad"])
+def test_to_numpy_refuses_out_before_writing(backend, case, make_out, exc, pattern, source):
+    base = poisoned((4,), F32)
+    out = make_out(base)
+    x = {"contiguous": torch.arange(4.0), "strided": torch.arange(8.0)[::2],
+         "bf16-as-f32": torch.arange(4.0).bfloat16(),
+         "grad": torch.arange(4.0, requires_grad=True)}[source]
+    kwargs = {"dtype": np.float32} if source == "bf16-as-f32" else {}
+    with pytest.raises(exc, match=pattern):
+        tb.to_numpy(x, out=out, **kwargs)
+    assert is_poisoned(base)
+
+
+@pytest.mark.parametrize("how", ["same-view", "overlapping", "numpy-self"])
+def test_to_numpy_refuses_out_overlapping_source(backend, how):
+    x = torch.arange(10.0)
+    if how == "same-view":
+        src, out = x, x.numpy()
+    elif how == "overlapping":
+        src, out = x[:8], x.numpy()[2:]
+    else:
+        src = x.numpy()
+        out = src[::-1]
+    before = x.clone()
+    with pytest.raises(ValueError, match="shares memory"):
+        tb.to_numpy(src, out=out)
+    assert torch.equal(x, before)
+
+
+def test_interleaved_out_that_does_not_overlap_is_fine(backend):
+    x = torch.arange(10.0)
+    tb.to_numpy(x[::2].clone(), out=x.numpy()[1::2])  # separate memory
+    src = torch.arange(10.0)
+    tb.to_numpy(src[::2], out=src.numpy()[1::2])  # same buffer, disjoint elements
+    np.testing.assert_array_equal(src.numpy()[1::2], src.numpy()[::2])
+
+
+FROM_NUMPY_INPUTS = [
+    ("list", [1, 2], TypeError, r"expects a numpy.ndarray.*numpy.asarray"),
+    ("tensor", torch.ones(2), TypeError, r"got Tensor"),
+    ("str", np.array(["a", "b"]), TypeError, r"<U1.*encode or tokenize"),
+    ("bytes", np.array([b"a"]), TypeError, r"S1.*encode or tokenize"),
+    ("object", np.array([1, None], dtype=object), TypeError, r"object.*numeric array"),
+    ("datetime", np.array(["2024-01-01"], dtype="datetime64[D]"), TypeError, r"astype\('int64'\)"),
+    ("timedelta", np.array([1], dtype="timedelta64[s]"), TypeError, r"astype\('int64'\)"),
+    ("structured", np.zeros(2, dtype=[("a", "f4"), ("b", "i4")]), TypeError, r"one field"),
+    ("void", np.zeros(2, dtype="V3"), TypeError, r"no torch equivalent"),
+    ("bad-strides",
+     np.zeros(4, dtype=[("a", "u1"), ("b", "f4")])["b"], ValueError, r"ascontiguousarray"),
+]
+if np.dtype(np.longdouble).itemsize > 8:
+    FROM_NUMPY_INPUTS.append(("longdouble", np.zeros(2, dtype=np.longdouble), TypeError,
+                              r"astype\(numpy.float64\)"))
+    FROM_NUMPY_INPUTS.append(("clongdouble", np.zeros(2, dtype=np.clongdouble), TypeError,
+                              r"complex128"))
+
+
+@pytest.mark.parametrize(("fn", "case", "value", "exc", "pattern"), [
+    pytest.param(fn, *c, id=f"{fn}-{c[0]}") for fn in ("from_numpy", "to_tensor")
+    for c in FROM_NUMPY_INPUTS if not (fn == "to_tensor" and c[0] == "tensor")])
+def test_from_numpy_refuses(backend, fn, case, value, exc, pattern):
+    call = getattr(tb, fn)
+    pattern = pattern if fn == "from_numpy" or case != "list" else r"to_tensor expects"
+    refs = sys.getrefcount(value)
+    for _ in range(3):
+        with pytest.raises(exc, match=pattern):
+            call(value)
+    assert sys.getrefcount(value) == refs  # nothing holds on to the input after a refusal
+
+
+TO_TENSOR_OUT = [
+    ("not-tensor", lambda: np.zeros(4, F32), TypeError, r"out must be a torch.Tensor"),
+    ("shape", lambda: torch.zeros(5), ValueError, r"shape \(5,\)"),
+    ("dtype", lambda: torch.zeros(4, dtype=torch.float64), TypeError, r"dtype=torch.float64"),
+    ("requires-grad", lambda: torch.zeros(4, requires_grad=True), ValueError, r"detach"),
+    ("sparse", lambda: torch.zeros(4).to_sparse(), TypeError, r"dense"),
+    ("device", lambda: torch.zeros(4, device="meta"), ValueError, r"out is on meta"),
+]
+
+
+@pytest.mark.parametrize(("case", "make_out", "exc", "pattern"), TO_TENSOR_OUT,
+                         ids=[c[0] for c in TO_TENSOR_OUT])
+def test_to_tensor_refuses_out(backend, case, make_out, exc, pattern):
+    out = make_out()
+    snapshot = out.clone() if isinstance(out, torch.Tensor) and out.layout == torch.strided \
+        and not out.is_meta else None
+    with pytest.raises(exc, match=pattern):
+        tb.to_tensor(np.arange(4, dtype=F32), "cpu", out=out)
+    if snapshot is not None:
+        assert torch.equal(out.detach(), snapshot)
+
+
+@pytest.mark.parametrize("how", ["same", "partial"])
+def test_to_tensor_refuses_overlapping_out(backend, how):
+    buf = np.arange(12, dtype=F32)
+    a = buf[:8]
+    out = torch.from_numpy(buf[:8] if how == "same" else buf[4:])
+    with pytest.raises(ValueError, match="shares memory"):
+        tb.to_tensor(a, out=out)
+    np.testing.assert_array_equal(buf, np.arange(12, dtype=F32))
+
+
+def test_to_tensor_refuses_non_arrays(backend):
+    with pytest.raises(TypeError, match=r"to_tensor expects a numpy.ndarray, got list"):
+        tb.to_tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="not a NumPy or torch dtype"):
+        tb.to_tensor(np.zeros(2), dtype=object())
+
+
+def test_refusals_do_not_leak_references(backend):
+    x = torch.ones(4)
+    out = np.zeros(3, F32)
+    refs = sys.getrefcount(x), sys.getrefcount(out)
+    for _ in range(5):
+        with pytest.raises(ValueError):
+            tb.to_numpy(x, out=out)
+    assert (sys.getrefcount(x), sys.getrefcount(out)) == refs
+
+
+def test_messages_name_the_fix():
+    """Each refusal message says what to do, not only what was wrong."""
+    fixes = re.compile(r"use |pass |convert|install|allocate|encode|make |wrap |drop |"
+                       r"materialize|numpy\.|x\.|a\.", re.IGNORECASE)
+    for _case, call, exc, _ in TO_NUMPY_INPUTS:
+        with pytest.raises(exc) as info:
+            call()
+        assert fixes.search(str(info.value)), str(info.value)

@@ -1,0 +1,229 @@
+"""to_numpy against x.detach().cpu().numpy(), on every dtype and layout, both backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    ALL_DTYPES,
+    LAYOUTS,
+    ML_DTYPES,
+    NATIVE_DTYPES,
+    POISON,
+    assert_holes_poisoned,
+    assert_same,
+    dtype_param,
+    layout_params,
+    needs_ml,
+    poisoned,
+    random_tensor,
+    reference_numpy,
+    strided_out,
+)
+
+import tensorbridge as tb
+
+DTYPES = [dtype_param(d) for d in ALL_DTYPES]
+
+
+@pytest.mark.parametrize("layout", layout_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_idiom_and_shares_like_numpy(backend, gen, dtype, layout):
+    x = LAYOUTS[layout](dtype, gen)
+    result = tb.to_numpy(x)
+    expected = reference_numpy(x)
+    assert_same(result, expected)
+    # Shares memory exactly where .numpy() would: same address and strides.
+    if dtype in NATIVE_DTYPES:
+        view = x.numpy()
+    else:
+        view = x.view(torch.int16 if x.element_size() == 2 else torch.uint8).numpy()
+    assert result.strides == view.strides
+    if x.numel():
+        assert result.ctypes.data == view.ctypes.data == x.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_writes_go_through(backend, gen, dtype):
+    x = random_tensor((4, 6), dtype, gen)[1:, ::2]
+    result = tb.to_numpy(x)
+    result[...] = result[::-1, ::-1]  # write through the view
+    expected = reference_numpy(x)
+    assert_same(result, expected)
+
+
+@pytest.mark.parametrize("layout", layout_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_any_layout(backend, gen, dtype, layout):
+    x = LAYOUTS[layout](dtype, gen)
+    expected = reference_numpy(x)
+    for order in ("C", "F"):
+        out = poisoned(tuple(x.shape), expected.dtype, order)
+        assert tb.to_numpy(x, out=out) is out
+        assert_same(out, expected)
+    view, big = strided_out(tuple(x.shape), expected.dtype)
+    assert tb.to_numpy(x, out=view) is view
+    assert_same(view, expected)
+    assert_holes_poisoned(view, big)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "holes", "expanded", "scalar-0d"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_true_never_shares(backend, gen, dtype, layout):
+    x = LAYOUTS[layout](dtype, gen)
+    result = tb.to_numpy(x, copy=True)
+    assert_same(result, reference_numpy(x))
+    assert not np.shares_memory(result, reference_numpy(x))
+    assert result.flags.writeable
+
+
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in (torch.float32, torch.bfloat16)])
+def test_requires_grad_is_detached(backend, gen, dtype):
+    x = random_tensor((4, 6), dtype, gen).requires_grad_(True)
+    y = x * 2  # a non-leaf with a graph
+    assert_same(tb.to_numpy(y), reference_numpy(y))
+    out = poisoned((4, 6), reference_numpy(x).dtype)
+    tb.to_numpy(y, out=out)
+    assert_same(out, reference_numpy(y))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("with_out", [False, True], ids=["new", "out"])
+def test_conjugate_view_is_resolved(backend, gen, dtype, with_out):
+    x = random_tensor((5, 3), dtype, gen).conj()
+    assert x.is_conj()
+    with pytest.raises(RuntimeError):
+        x.numpy()  # the idiom refuses
+    expected = x.resolve_conj().numpy()
+    if with_out:
+        out = poisoned((5, 3), expected.dtype)
+        tb.to_numpy(x, out=out)
+        result = out
+    else:
+        result = tb.to_numpy(x)
+    assert_same(result, expected)
+
+
+@pytest.mark.parametrize("with_out", [False, True], ids=["new", "out"])
+def test_negative_view_is_resolved(backend, gen, with_out):
+    x = random_tensor((6,), torch.complex64, gen).conj().imag
+    assert x.is_neg()
+    expected = x.resolve_neg().numpy()
+    if with_out:
+        out = poisoned((6,), np.float32)
+        tb.to_numpy(x, out=out)
+        result = out
+    else:
+        result = tb.to_numpy(x)
+    assert_same(result, expected)
+
+
+@needs_ml
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in ML_DTYPES])
+def test_ml_dtypes_are_zero_copy_views(backend, gen, dtype):
+    import ml_dtypes
+
+    x = random_tensor((8, 3), dtype, gen)
+    result = tb.to_numpy(x)
+    assert result.dtype == np.dtype(getattr(ml_dtypes, str(dtype).replace("torch.", "")))
+    assert result.ctypes.data == x.data_ptr()
+    if dtype == torch.bfloat16:  # values, not only bits: same as torch's float32 upcast
+        np.testing.assert_array_equal(result.astype(np.float32), x.float().numpy())
+
+
+@pytest.mark.parametrize(
+    ("src", "target", "idiom"),
+    [
+        (torch.bfloat16, np.float32, lambda x: x.float().numpy()),
+        (torch.float32, np.float16, lambda x: x.half().numpy()),
+        (torch.int32, np.float64, lambda x: x.double().numpy()),
+        (torch.float64, torch.float32, lambda x: x.float().numpy()),
+        (torch.uint8, np.int64, lambda x: x.long().numpy()),
+    ],
+    ids=["bf16->f32", "f32->f16", "i32->f64", "f64->torch.f32", "u8->i64"],
+)
+def test_dtype_converts(backend, gen, src, target, idiom):
+    x = random_tensor((7, 5), src, gen).t()
+    expected = idiom(x)
+    assert_same(tb.to_numpy(x, dtype=target), expected)
+    out = poisoned((5, 7), expected.dtype)
+    tb.to_numpy(x, dtype=target, out=out)
+    assert_same(out, expected)
+
+
+def test_dtype_without_torch_equivalent_uses_numpy(backend, gen):
+    x = random_tensor((3, 4), torch.float64, gen)
+    result = tb.to_numpy(x, dtype=np.longdouble)
+    assert result.dtype == np.longdouble
+    np.testing.assert_array_equal(result, x.numpy().astype(np.longdouble))
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_out_with_other_byte_order_is_swapped(backend, gen, order):
+    x = random_tensor((6, 5), torch.float32, gen).t()
+    out = poisoned((5, 6), np.dtype(f"{order}f4"))
+    tb.to_numpy(x, out=out)
+    np.testing.assert_array_equal(out, x.numpy())
+
+
+def test_numpy_input_passes_through(backend, gen):
+    a = random_tensor((4, 5), torch.float32, gen).numpy()
+    assert tb.to_numpy(a) is a
+    c = tb.to_numpy(a, copy=True)
+    assert_same(c, a)
+    assert not np.shares_memory(c, a)
+    out = poisoned((4, 5), np.float32)
+    assert tb.to_numpy(a, out=out) is out
+    assert_same(out, a)
+    assert_same(tb.to_numpy(a, dtype=np.float64), a.astype(np.float64))
+
+
+@pytest.mark.parametrize("with_out", [False, True], ids=["new", "out"])
+def test_non_blocking_returns_a_transfer(backend, gen, with_out):
+    x = random_tensor((16, 9), torch.float32, gen).t()
+    out = poisoned((9, 16), np.float32) if with_out else None
+    handle = tb.to_numpy(x, out=out, non_blocking=True)
+    assert isinstance(handle, tb.Transfer)
+    assert handle.done()
+    result = handle.wait()
+    assert_same(result, x.numpy())
+    assert handle.wait() is result  # waiting twice is fine
+    if with_out:
+        assert result is out
+    assert "done" in repr(handle)
+
+
+def test_non_blocking_refuses_bad_arguments_at_the_call(backend):
+    out = poisoned((3,), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        tb.to_numpy(torch.zeros(4), out=out, non_blocking=True)
+    assert (out.view(np.uint8) == POISON).all()
+
+
+def test_transfer_failed_raises_from_wait():
+    handle = tb.Transfer.failed(RuntimeError("cudaErrorLaunchFailure: boom"))
+    assert handle.done()
+    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
+        handle.wait()
+    with pytest.raises(RuntimeError):
+        handle.wait()
+    assert "failed" in repr(handle)
+
+
+def test_transfer_pending_blocks_then_completes():
+    state = {"done": False}
+
+    def block():
+        state["done"] = True
+
+    handle = tb.Transfer(np.arange(3), poll=lambda: state["done"], block=block)
+    assert not handle.done()
+    assert "pending" in repr(handle)
+    np.testing.assert_array_equal(handle.wait(), np.arange(3))
+    assert handle.done()
+
+
+def test_parameter_subclass_converts(backend, gen):
+    p = torch.nn.Parameter(random_tensor((3, 3), torch.float32, gen))
+    assert_same(tb.to_numpy(p), p.detach().numpy())
