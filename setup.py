@@ -20,7 +20,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-VERSION = (ROOT / "python" / "tensorbridge" / "_version.py").read_text().split("\"")[1]
+VERSION = (ROOT / "python" / "tensorbridge" / "_version.py").read_text().split('"')[1]
 
 
 class CMakeExtension(Extension):
@@ -31,16 +31,20 @@ class CMakeExtension(Extension):
 
 def _warn(message: str) -> None:
     bar = "=" * 78
-    print(f"\n{bar}\nWARNING (tensorbridge): {message}\n"
-          "tensorbridge is installed as pure Python and will use its fallback path.\n"
-          f"{bar}\n", file=sys.stderr, flush=True)
+    print(
+        f"\n{bar}\nWARNING (tensorbridge): {message}\n"
+        "tensorbridge is installed as pure Python and will use its fallback path.\n"
+        f"{bar}\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class CMakeBuild(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any build failure means: install pure Python
+        except Exception as exc:
             if os.environ.get("TENSORBRIDGE_REQUIRE_EXTENSION") == "1":
                 raise
             _warn(f"the compiled extension could not be built ({exc}).")

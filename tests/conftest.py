@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -46,13 +46,33 @@ def backend(request):
 # ------------------------------------------------------------------------- dtypes
 
 NATIVE_DTYPES = [
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint16, torch.uint32, torch.uint64,
-    torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
 ]
-ML_DTYPES = [d for d in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-                         torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
-                         getattr(torch, "float8_e8m0fnu", None)) if d is not None]
+ML_DTYPES = [
+    d
+    for d in (
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.float8_e4m3fnuz,
+        torch.float8_e5m2fnuz,
+        getattr(torch, "float8_e8m0fnu", None),
+    )
+    if d is not None
+]
 ALL_DTYPES = NATIVE_DTYPES + ML_DTYPES
 
 needs_ml = pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed")

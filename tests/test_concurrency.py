@@ -6,9 +6,10 @@ import threading
 
 import numpy as np
 import torch
-from conftest import assert_same, poisoned, random_tensor, reference_numpy
 
 import tensorbridge as tb
+
+from conftest import assert_same, poisoned, random_tensor, reference_numpy
 
 
 def test_many_threads_convert_concurrently(backend):
@@ -35,7 +36,7 @@ def test_many_threads_convert_concurrently(backend):
                 a = np.ascontiguousarray(expected)[::-1]
                 if a.dtype.kind != "V":
                     np.testing.assert_array_equal(tb.from_numpy(a).numpy(), a)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]

@@ -7,9 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import ML_DTYPES, NATIVE_DTYPES, dtype_param, random_tensor, reference_numpy
 
 import tensorbridge as tb
+
+from conftest import ML_DTYPES, NATIVE_DTYPES, dtype_param, random_tensor, reference_numpy
 
 NP_DTYPES = [np.dtype(torch.empty(0, dtype=d).numpy().dtype) for d in NATIVE_DTYPES]
 
@@ -46,7 +47,8 @@ def assert_tensor_same(t: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 BYTE_ORDERS = [pytest.param(d, "native", id=f"{d}-native") for d in NP_DTYPES] + [
-    pytest.param(d, "swapped", id=f"{d}-swapped") for d in NP_DTYPES if d.itemsize > 1]
+    pytest.param(d, "swapped", id=f"{d}-swapped") for d in NP_DTYPES if d.itemsize > 1
+]
 
 
 @pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
@@ -110,8 +112,13 @@ def test_to_tensor_cpu_shares_like_as_tensor(backend, gen, np_dtype):
 
 @pytest.mark.parametrize(
     ("dtype", "torch_dtype"),
-    [(torch.float32, torch.float32), (np.float64, torch.float64), ("float16", torch.float16),
-     (torch.bfloat16, torch.bfloat16), (np.int32, torch.int32)],
+    [
+        (torch.float32, torch.float32),
+        (np.float64, torch.float64),
+        ("float16", torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (np.int32, torch.int32),
+    ],
     ids=["torch.float32", "np.float64", "str-float16", "bfloat16", "np.int32"],
 )
 def test_to_tensor_dtype_casts(backend, gen, dtype, torch_dtype):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same, poisoned, random_tensor, reference_numpy
 
 import tensorbridge as tb
+
+from conftest import assert_same, poisoned, random_tensor, reference_numpy
 
 pytestmark = pytest.mark.gpu
 

@@ -11,17 +11,24 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_CUDA
 
 import tensorbridge as tb
 from tensorbridge import _backend, benchmark
+
+from conftest import HAS_CUDA
 
 ENV = {k: v for k, v in os.environ.items() if k != _backend.DISABLE_ENV}
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**ENV, **env}, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**ENV, **env},
+        timeout=120,
+        check=False,
+    )
 
 
 def test_info_reports_the_live_path():
@@ -47,24 +54,31 @@ def test_info_under_forced_fallback():
 
 
 def test_environment_variable_forces_the_fallback():
-    proc = run_python("import json, tensorbridge as tb; print(json.dumps(tb.info()))",
-                      TENSORBRIDGE_DISABLE_EXTENSION="1")
+    proc = run_python(
+        "import json, tensorbridge as tb; print(json.dumps(tb.info()))",
+        TENSORBRIDGE_DISABLE_EXTENSION="1",
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["extension"] is False
     assert "TENSORBRIDGE_DISABLE_EXTENSION=1" in info["fallback_reason"]
-    proc = run_python("import torch, numpy as np, tensorbridge as tb;"
-                      "o = np.empty((3, 2), np.float32);"
-                      "tb.to_numpy(torch.arange(6.).reshape(2, 3).t(), out=o); print(o.sum())",
-                      TENSORBRIDGE_DISABLE_EXTENSION="1")
+    proc = run_python(
+        "import torch, numpy as np, tensorbridge as tb;"
+        "o = np.empty((3, 2), np.float32);"
+        "tb.to_numpy(torch.arange(6.).reshape(2, 3).t(), out=o); print(o.sum())",
+        TENSORBRIDGE_DISABLE_EXTENSION="1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout) == 15.0
 
 
-@pytest.mark.skipif(os.environ.get(_backend.DISABLE_ENV) == "1",
-                    reason="the extension is disabled on purpose")
-@pytest.mark.skipif(not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))),
-                    reason="no C++ compiler or CMake: the pure-Python install is expected")
+@pytest.mark.skipif(
+    os.environ.get(_backend.DISABLE_ENV) == "1", reason="the extension is disabled on purpose"
+)
+@pytest.mark.skipif(
+    not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))),
+    reason="no C++ compiler or CMake: the pure-Python install is expected",
+)
 def test_extension_is_built_and_used_where_a_compiler_exists():
     assert _backend._LOADED is not None, _backend.FALLBACK_REASON
     assert tb.info()["extension"] is True
@@ -75,18 +89,36 @@ def test_extension_is_built_and_used_where_a_compiler_exists():
 
 
 def test_cli_info():
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "info", "--json"],
-                          capture_output=True, text=True, env=ENV, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", "info", "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == tb.__version__
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "info"],
-                          capture_output=True, text=True, env=ENV, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", "info"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=False,
+    )
     assert "fallback_reason" in proc.stdout
 
 
 def test_cli_rejects_unknown_command():
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "frobnicate"],
-                          capture_output=True, text=True, env=ENV, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", "frobnicate"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "usage" in proc.stderr
 
@@ -94,19 +126,36 @@ def test_cli_rejects_unknown_command():
 @pytest.mark.parametrize("fallback", [False, True], ids=["extension", "fallback"])
 def test_benchmark_smoke(tmp_path, capsys, fallback):
     """A tiny run of the whole benchmark, so it never rots."""
-    args = ["--sizes", "4K", "64K", "--repeats", "2", "--refused-size", "64K", "--quiet",
-            "--save", str(tmp_path)]
+    args = [
+        "--sizes",
+        "4K",
+        "64K",
+        "--repeats",
+        "2",
+        "--refused-size",
+        "64K",
+        "--quiet",
+        "--save",
+        str(tmp_path),
+    ]
     assert benchmark.main(args + (["--fallback"] if fallback else [])) == 0
     text = capsys.readouterr().out
-    for needle in ("tensorbridge CPU benchmark", "tb.to_numpy(x, out=out)",
-                   "np.copyto(out, x.numpy())", "torch.from_numpy(out).copy_(x)",
-                   "x.detach().cpu().numpy()", "tb.from_numpy(a[::-1])", "vs best"):
+    for needle in (
+        "tensorbridge CPU benchmark",
+        "tb.to_numpy(x, out=out)",
+        "np.copyto(out, x.numpy())",
+        "torch.from_numpy(out).copy_(x)",
+        "x.detach().cpu().numpy()",
+        "tb.from_numpy(a[::-1])",
+        "vs best",
+    ):
         assert needle in text
     saved = list(tmp_path.glob("*.json"))
     assert len(saved) == 1
     data = json.loads(saved[0].read_text())
-    assert data["machine"]["path"] == ("fallback" if fallback else
-                                       ("extension" if _backend.C is not None else "fallback"))
+    assert data["machine"]["path"] == (
+        "fallback" if fallback else ("extension" if _backend.C is not None else "fallback")
+    )
     assert all(row["median_s"] > 0 for row in data["rows"])
 
 
@@ -135,9 +184,24 @@ def test_empty_pinned_refuses_bad_shapes():
         tb.empty_pinned((2, -1))
     with pytest.raises(TypeError, match="ints"):
         tb.empty_pinned((2.5,))
-    with pytest.raises(TypeError, match="numpy.ndarray"):
+    with pytest.raises(TypeError, match=r"numpy\.ndarray"):
         tb.is_pinned([1, 2])
 
 
 def test_plain_arrays_are_not_pinned():
     assert tb.is_pinned(np.zeros(10)) is False
+
+
+def test_missing_extension_falls_back_with_a_reason():
+    code = (
+        "import sys, json; sys.modules['tensorbridge._C'] = None\n"
+        "import torch, numpy as np, tensorbridge as tb\n"
+        "o = np.empty(4, np.float32); tb.to_numpy(torch.arange(4.0), out=o)\n"
+        "print(json.dumps([tb.info()['extension'], tb.info()['fallback_reason'], o.tolist()]))"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    extension, reason, values = json.loads(proc.stdout)
+    assert extension is False
+    assert "not installed" in reason and "compiler" in reason
+    assert values == [0.0, 1.0, 2.0, 3.0]

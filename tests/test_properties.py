@@ -5,17 +5,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same, poisoned, random_tensor, reference_numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorbridge as tb
 from tensorbridge import _backend
 
-DTYPES = [torch.uint8, torch.int16, torch.int32, torch.float32, torch.float64,
-          torch.complex64, torch.complex128, torch.bool, torch.bfloat16]
-SETTINGS = settings(max_examples=80, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+from conftest import assert_same, poisoned, random_tensor, reference_numpy
+
+DTYPES = [
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.bool,
+    torch.bfloat16,
+]
+SETTINGS = settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @st.composite
@@ -26,7 +37,7 @@ def tensors(draw):
     shape = tuple(draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim)))
     strides = tuple(draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim)))
     offset = draw(st.integers(0, 17))
-    span = offset + sum((n - 1) * s for n, s in zip(shape, strides) if n) + 1
+    span = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=False) if n) + 1
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     base = random_tensor((span,), dtype, g)
     x = base.as_strided(shape, strides, offset)
@@ -63,8 +74,10 @@ def arrays(draw):
     a = base.view(dtype).reshape(shape)
     if dtype.kind == "b":
         a = (base[: a.size] & 1).astype(bool).reshape(shape)
-    slices = tuple(slice(draw(st.integers(0, n - 1)), None, draw(st.sampled_from([1, 2, -1, -3])))
-                   for n in shape)
+    slices = tuple(
+        slice(draw(st.integers(0, n - 1)), None, draw(st.sampled_from([1, 2, -1, -3])))
+        for n in shape
+    )
     return a[(*slices, Ellipsis)].transpose(draw(st.permutations(range(ndim))))
 
 

@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import is_poisoned, poisoned
 
 import tensorbridge as tb
+
+from conftest import is_poisoned, poisoned
 
 F32 = np.float32
 
@@ -26,13 +27,24 @@ TO_NUMPY_INPUTS = [
     ("sparse", lambda: tb.to_numpy(torch.eye(3).to_sparse()), TypeError, r"to_dense\(\)"),
     ("sparse-csr", lambda: tb.to_numpy(torch.eye(3).to_sparse_csr()), TypeError, r"to_dense"),
     ("meta", lambda: tb.to_numpy(torch.empty(3, device="meta")), TypeError, r"meta tensor"),
-    ("quantized", lambda: tb.to_numpy(torch.quantize_per_tensor(torch.ones(3), 0.1, 0,
-                                                                 torch.qint8)),
-     TypeError, r"dequantize\(\)"),
-    ("complex32", lambda: tb.to_numpy(torch.zeros(2, dtype=torch.complex32)), TypeError,
-     r"dtype=numpy.complex64"),
-    ("bad-dtype-arg", lambda: tb.to_numpy(torch.zeros(2), dtype="notadtype"), TypeError,
-     r"not a NumPy or torch dtype"),
+    (
+        "quantized",
+        lambda: tb.to_numpy(torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)),
+        TypeError,
+        r"dequantize\(\)",
+    ),
+    (
+        "complex32",
+        lambda: tb.to_numpy(torch.zeros(2, dtype=torch.complex32)),
+        TypeError,
+        r"dtype=numpy.complex64",
+    ),
+    (
+        "bad-dtype-arg",
+        lambda: tb.to_numpy(torch.zeros(2), dtype="notadtype"),
+        TypeError,
+        r"not a NumPy or torch dtype",
+    ),
 ]
 
 OUT_CASES = [
@@ -41,8 +53,12 @@ OUT_CASES = [
     ("out-shape", lambda out: out[:3], ValueError, r"shape \(3,\).*\(4,\)"),
     ("out-dtype", lambda out: out.view(np.int32), TypeError, r"dtype int32.*dtype=int32"),
     ("out-readonly", lambda out: _readonly(out), ValueError, r"read-only"),
-    ("out-zero-stride", lambda out: np.lib.stride_tricks.as_strided(out, (4,), (0,)),
-     ValueError, r"zero stride"),
+    (
+        "out-zero-stride",
+        lambda out: np.lib.stride_tricks.as_strided(out, (4,), (0,)),
+        ValueError,
+        r"zero stride",
+    ),
 ]
 
 
@@ -51,22 +67,27 @@ def _readonly(a):
     return a
 
 
-@pytest.mark.parametrize(("case", "call", "exc", "pattern"), TO_NUMPY_INPUTS,
-                         ids=[c[0] for c in TO_NUMPY_INPUTS])
+@pytest.mark.parametrize(
+    ("case", "call", "exc", "pattern"), TO_NUMPY_INPUTS, ids=[c[0] for c in TO_NUMPY_INPUTS]
+)
 def test_to_numpy_refuses_input(backend, case, call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
 
 
-@pytest.mark.parametrize(("case", "make_out", "exc", "pattern"), OUT_CASES,
-                         ids=[c[0] for c in OUT_CASES])
+@pytest.mark.parametrize(
+    ("case", "make_out", "exc", "pattern"), OUT_CASES, ids=[c[0] for c in OUT_CASES]
+)
 @pytest.mark.parametrize("source", ["contiguous", "strided", "bf16-as-f32", "grad"])
 def test_to_numpy_refuses_out_before_writing(backend, case, make_out, exc, pattern, source):
     base = poisoned((4,), F32)
     out = make_out(base)
-    x = {"contiguous": torch.arange(4.0), "strided": torch.arange(8.0)[::2],
-         "bf16-as-f32": torch.arange(4.0).bfloat16(),
-         "grad": torch.arange(4.0, requires_grad=True)}[source]
+    x = {
+        "contiguous": torch.arange(4.0),
+        "strided": torch.arange(8.0)[::2],
+        "bf16-as-f32": torch.arange(4.0).bfloat16(),
+        "grad": torch.arange(4.0, requires_grad=True),
+    }[source]
     kwargs = {"dtype": np.float32} if source == "bf16-as-f32" else {}
     with pytest.raises(exc, match=pattern):
         tb.to_numpy(x, out=out, **kwargs)
@@ -107,19 +128,31 @@ FROM_NUMPY_INPUTS = [
     ("timedelta", np.array([1], dtype="timedelta64[s]"), TypeError, r"astype\('int64'\)"),
     ("structured", np.zeros(2, dtype=[("a", "f4"), ("b", "i4")]), TypeError, r"one field"),
     ("void", np.zeros(2, dtype="V3"), TypeError, r"no torch equivalent"),
-    ("bad-strides",
-     np.zeros(4, dtype=[("a", "u1"), ("b", "f4")])["b"], ValueError, r"ascontiguousarray"),
+    (
+        "bad-strides",
+        np.zeros(4, dtype=[("a", "u1"), ("b", "f4")])["b"],
+        ValueError,
+        r"ascontiguousarray",
+    ),
 ]
 if np.dtype(np.longdouble).itemsize > 8:
-    FROM_NUMPY_INPUTS.append(("longdouble", np.zeros(2, dtype=np.longdouble), TypeError,
-                              r"astype\(numpy.float64\)"))
-    FROM_NUMPY_INPUTS.append(("clongdouble", np.zeros(2, dtype=np.clongdouble), TypeError,
-                              r"complex128"))
+    FROM_NUMPY_INPUTS.append(
+        ("longdouble", np.zeros(2, dtype=np.longdouble), TypeError, r"astype\(numpy.float64\)")
+    )
+    FROM_NUMPY_INPUTS.append(
+        ("clongdouble", np.zeros(2, dtype=np.clongdouble), TypeError, r"complex128")
+    )
 
 
-@pytest.mark.parametrize(("fn", "case", "value", "exc", "pattern"), [
-    pytest.param(fn, *c, id=f"{fn}-{c[0]}") for fn in ("from_numpy", "to_tensor")
-    for c in FROM_NUMPY_INPUTS if not (fn == "to_tensor" and c[0] == "tensor")])
+@pytest.mark.parametrize(
+    ("fn", "case", "value", "exc", "pattern"),
+    [
+        pytest.param(fn, *c, id=f"{fn}-{c[0]}")
+        for fn in ("from_numpy", "to_tensor")
+        for c in FROM_NUMPY_INPUTS
+        if not (fn == "to_tensor" and c[0] == "tensor")
+    ],
+)
 def test_from_numpy_refuses(backend, fn, case, value, exc, pattern):
     call = getattr(tb, fn)
     pattern = pattern if fn == "from_numpy" or case != "list" else r"to_tensor expects"
@@ -140,12 +173,16 @@ TO_TENSOR_OUT = [
 ]
 
 
-@pytest.mark.parametrize(("case", "make_out", "exc", "pattern"), TO_TENSOR_OUT,
-                         ids=[c[0] for c in TO_TENSOR_OUT])
+@pytest.mark.parametrize(
+    ("case", "make_out", "exc", "pattern"), TO_TENSOR_OUT, ids=[c[0] for c in TO_TENSOR_OUT]
+)
 def test_to_tensor_refuses_out(backend, case, make_out, exc, pattern):
     out = make_out()
-    snapshot = out.clone() if isinstance(out, torch.Tensor) and out.layout == torch.strided \
-        and not out.is_meta else None
+    snapshot = (
+        out.clone()
+        if isinstance(out, torch.Tensor) and out.layout == torch.strided and not out.is_meta
+        else None
+    )
     with pytest.raises(exc, match=pattern):
         tb.to_tensor(np.arange(4, dtype=F32), "cpu", out=out)
     if snapshot is not None:
@@ -181,8 +218,11 @@ def test_refusals_do_not_leak_references(backend):
 
 def test_messages_name_the_fix():
     """Each refusal message says what to do, not only what was wrong."""
-    fixes = re.compile(r"use |pass |convert|install|allocate|encode|make |wrap |drop |"
-                       r"materialize|numpy\.|x\.|a\.", re.IGNORECASE)
+    fixes = re.compile(
+        r"use |pass |convert|install|allocate|encode|make |wrap |drop |"
+        r"materialize|numpy\.|x\.|a\.",
+        re.IGNORECASE,
+    )
     for _case, call, exc, _ in TO_NUMPY_INPUTS:
         with pytest.raises(exc) as info:
             call()

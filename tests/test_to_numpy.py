@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+import tensorbridge as tb
+
 from conftest import (
     ALL_DTYPES,
     LAYOUTS,
@@ -21,8 +24,6 @@ from conftest import (
     reference_numpy,
     strided_out,
 )
-
-import tensorbridge as tb
 
 DTYPES = [dtype_param(d) for d in ALL_DTYPES]
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m tensorbridge {info,bench} [options]\n"
-             "  info    which path is live (extension or fallback) and why, CUDA, versions\n"
-             "  bench   the CPU benchmark against the idioms it replaces (--help for options)")
+    usage = (
+        "usage: python -m tensorbridge {info,bench} [options]\n"
+        "  info    which path is live (extension or fallback) and why, CUDA, versions\n"
+        "  bench   the CPU benchmark against the idioms it replaces (--help for options)"
+    )
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         return 0 if args else 2

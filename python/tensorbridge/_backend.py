@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import platform
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,18 +24,20 @@ from ._version import __version__
 DISABLE_ENV = "TENSORBRIDGE_DISABLE_EXTENSION"
 
 
-def _load() -> tuple[Optional[ModuleType], Optional[str]]:
+def _load() -> tuple[ModuleType | None, str | None]:
     if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         return None, f"{DISABLE_ENV}=1 is set, so the pure-Python path is used."
     try:
-        from . import _C as mod
-    except ImportError as exc:
-        if "No module named" in str(exc):
-            return None, (
-                "the compiled module tensorbridge._C is not installed (the build found no "
-                "C++ compiler or CMake, or failed); reinstall with a compiler and CMake "
-                "available to get the fast path."
-            )
+        mod = importlib.import_module(f"{__package__}._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}._C":
+            return None, f"the compiled module tensorbridge._C failed to load: {exc}"
+        return None, (
+            "the compiled module tensorbridge._C is not installed (the build found no "
+            "C++ compiler or CMake, or failed); reinstall with a compiler and CMake "
+            "available to get the fast path."
+        )
+    except ImportError as exc:  # e.g. built for another Python, or a missing shared library
         return None, f"the compiled module tensorbridge._C failed to load: {exc}"
     return mod, None
 
@@ -48,28 +52,35 @@ def forced_fallback() -> Iterator[None]:
     """Use the pure-Python path inside the block (for tests and benchmarks)."""
     global C, FALLBACK_REASON
     saved = C, FALLBACK_REASON
-    C, FALLBACK_REASON = None, "the fallback path was forced by tensorbridge._backend.forced_fallback()."
+    C = None
+    FALLBACK_REASON = "the fallback path was forced by tensorbridge._backend.forced_fallback()."
     try:
         yield
     finally:
         C, FALLBACK_REASON = saved
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_probe() -> dict[str, Any]:
     # Asked once and only when needed: initializing the driver in a process that later
     # forks would leave the children unable to use CUDA.
     if _LOADED is None:
-        return {"compiled": False, "device_count": 0, "runtime_version": 0,
-                "driver_version": 0, "error": None, "device_names": []}
+        return {
+            "compiled": False,
+            "device_count": 0,
+            "runtime_version": 0,
+            "driver_version": 0,
+            "error": None,
+            "device_names": [],
+        }
     return dict(_LOADED.cuda_probe())
 
 
-def _version_str(v: int) -> Optional[str]:
+def _version_str(v: int) -> str | None:
     return f"{v // 1000}.{(v % 1000) // 10}" if v else None
 
 
-def cuda_status() -> tuple[bool, int, Optional[str]]:
+def cuda_status() -> tuple[bool, int, str | None]:
     """(usable, device count, reason when not usable) for the live path."""
     torch_ok = torch.cuda.is_available()
     if C is None:
@@ -87,9 +98,14 @@ def cuda_status() -> tuple[bool, int, Optional[str]]:
     if probe["device_count"] == 0:
         return False, 0, "the CUDA runtime found no device."
     if not torch_ok:
-        return False, probe["device_count"], (
-            f"torch {torch.__version__} cannot use CUDA (a CPU build?), so GPU tensors "
-            "cannot exist; install a CUDA build of torch.")
+        return (
+            False,
+            probe["device_count"],
+            (
+                f"torch {torch.__version__} cannot use CUDA (a CPU build?), so GPU tensors "
+                "cannot exist; install a CUDA build of torch."
+            ),
+        )
     return True, probe["device_count"], None
 
 
@@ -121,7 +137,7 @@ def info() -> dict[str, Any]:
     try:
         import ml_dtypes
 
-        ml_version: Optional[str] = ml_dtypes.__version__
+        ml_version: str | None = ml_dtypes.__version__
     except ImportError:
         ml_version = None
     return {

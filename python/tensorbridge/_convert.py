@@ -8,7 +8,7 @@ ml_dtypes, negative strides and foreign byte orders are copied once.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union, overload
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from ._copy import check_no_overlap, copy_into
 from ._dtypes import DTypeLike
 from ._transfer import Transfer
 
-Device = Union[str, int, torch.device]
+Device = str | int | torch.device
 
 # torch dtype -> (NumPy dtype, same-size torch dtype to view ml_dtypes storage through)
 _FAST_GET = _dtypes.FAST_PATH.get
@@ -42,31 +42,43 @@ def _check_tensor(x: Any, fn: str) -> torch.Tensor:
             hint = "x.to_dense()"
         raise TypeError(f"{fn} needs a dense (strided) tensor, got layout {x.layout}: use {hint}.")
     if x.is_quantized:
-        raise TypeError(f"{fn} cannot convert a quantized tensor ({x.dtype}): use x.dequantize() "
-                        "or x.int_repr().")
+        raise TypeError(
+            f"{fn} cannot convert a quantized tensor ({x.dtype}): use x.dequantize() "
+            "or x.int_repr()."
+        )
     if x.is_meta:
-        raise TypeError(f"{fn} cannot convert a meta tensor: it has no data. Materialize it "
-                        "first, e.g. torch.empty_like(x, device='cpu').")
+        raise TypeError(
+            f"{fn} cannot convert a meta tensor: it has no data. Materialize it "
+            "first, e.g. torch.empty_like(x, device='cpu')."
+        )
     return x
 
 
 def _check_out_array(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}: allocate one "
-                        f"with numpy.empty({shape}, dtype={dtype}).")
+        raise TypeError(
+            f"out must be a numpy.ndarray, got {type(out).__name__}: allocate one "
+            f"with numpy.empty({shape}, dtype={dtype})."
+        )
     if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape} but the result has shape {shape}: "
-                         f"allocate numpy.empty({shape}, dtype={dtype}).")
+        raise ValueError(
+            f"out has shape {out.shape} but the result has shape {shape}: "
+            f"allocate numpy.empty({shape}, dtype={dtype})."
+        )
     if out.dtype != dtype and out.dtype.newbyteorder("=") != dtype.newbyteorder("="):
         # (a byte order other than the result's is fine: the copy swaps)
-        raise TypeError(f"out has dtype {out.dtype} but the result has dtype {dtype}: pass "
-                        f"dtype={out.dtype} to convert, or an out of dtype {dtype}.")
+        raise TypeError(
+            f"out has dtype {out.dtype} but the result has dtype {dtype}: pass "
+            f"dtype={out.dtype} to convert, or an out of dtype {dtype}."
+        )
     if not out.flags.writeable:
         raise ValueError("out is read-only: pass a writeable array (out.flags.writeable).")
-    for n, s in zip(out.shape, out.strides):
+    for n, s in zip(out.shape, out.strides, strict=False):
         if s == 0 and n > 1 and out.size:
-            raise ValueError("out has a zero stride, so several elements share memory: pass an "
-                             "array that owns one slot per element, e.g. numpy.empty_like(out).")
+            raise ValueError(
+                "out has a zero stride, so several elements share memory: pass an "
+                "array that owns one slot per element, e.g. numpy.empty_like(out)."
+            )
     return out
 
 
@@ -83,21 +95,33 @@ def _cpu_view(x: torch.Tensor) -> np.ndarray:
 
 
 @overload
-def to_numpy(x: Any, *, out: Optional[np.ndarray] = ..., dtype: Optional[DTypeLike] = ...,
-             copy: bool = ..., non_blocking: bool = False) -> np.ndarray: ...
+def to_numpy(
+    x: Any,
+    *,
+    out: np.ndarray | None = ...,
+    dtype: DTypeLike | None = ...,
+    copy: bool = ...,
+    non_blocking: bool = False,
+) -> np.ndarray: ...
 @overload
-def to_numpy(x: Any, *, out: Optional[np.ndarray] = ..., dtype: Optional[DTypeLike] = ...,
-             copy: bool = ..., non_blocking: bool) -> Union[np.ndarray, Transfer[np.ndarray]]: ...
+def to_numpy(
+    x: Any,
+    *,
+    out: np.ndarray | None = ...,
+    dtype: DTypeLike | None = ...,
+    copy: bool = ...,
+    non_blocking: bool,
+) -> np.ndarray | Transfer[np.ndarray]: ...
 
 
 def to_numpy(
     x: Any,
     *,
-    out: Optional[np.ndarray] = None,
-    dtype: Optional[DTypeLike] = None,
+    out: np.ndarray | None = None,
+    dtype: DTypeLike | None = None,
     copy: bool = False,
     non_blocking: bool = False,
-) -> Union[np.ndarray, Transfer[np.ndarray]]:
+) -> np.ndarray | Transfer[np.ndarray]:
     """Converts a tensor to a NumPy array: a drop-in for ``x.detach().cpu().numpy()``.
 
     Same shape, dtype mapping and bits as the idiom. A CPU tensor converted without
@@ -142,10 +166,13 @@ def to_numpy(
                     return x.detach().view(storage).numpy().view(np_dtype)
             else:
                 C = _backend.C
-                if (C is not None and x.layout is torch.strided and not x.is_neg()
-                        and (np_dtype.kind != "c" or not x.is_conj())
-                        and C.copy_from_address(out, np_dtype, x.data_ptr(), x.shape,
-                                                x.stride()) == 0):
+                if (
+                    C is not None
+                    and x.layout is torch.strided
+                    and not x.is_neg()
+                    and (np_dtype.kind != "c" or not x.is_conj())
+                    and C.copy_from_address(out, np_dtype, x.data_ptr(), x.shape, x.stride()) == 0
+                ):
                     return out
     if not non_blocking:
         return _to_numpy(x, out, dtype, copy)
@@ -153,12 +180,11 @@ def to_numpy(
         return Transfer.completed(_to_numpy(x, out, dtype, copy))
     except (TypeError, ValueError):
         raise  # bad arguments are refused at the call, before anything is written
-    except Exception as exc:  # noqa: BLE001 - a failed transfer surfaces from wait()
+    except Exception as exc:
         return Transfer.failed(exc)
 
 
-def _to_numpy(x: Any, out: Optional[np.ndarray], dtype: Optional[DTypeLike],
-              copy: bool) -> np.ndarray:
+def _to_numpy(x: Any, out: np.ndarray | None, dtype: DTypeLike | None, copy: bool) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return _numpy_to_numpy(x, out, dtype, copy)
     x = _check_tensor(x, "to_numpy")
@@ -206,8 +232,9 @@ def _to_numpy(x: Any, out: Optional[np.ndarray], dtype: Optional[DTypeLike],
     return view
 
 
-def _numpy_to_numpy(a: np.ndarray, out: Optional[np.ndarray], dtype: Optional[DTypeLike],
-                    copy: bool) -> np.ndarray:
+def _numpy_to_numpy(
+    a: np.ndarray, out: np.ndarray | None, dtype: DTypeLike | None, copy: bool
+) -> np.ndarray:
     target = _dtypes.as_numpy_dtype(dtype) if dtype is not None else a.dtype
     if out is not None:
         _check_out_array(out, a.shape, target)
@@ -251,20 +278,23 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             pass
     elif not isinstance(a, np.ndarray):
-        raise TypeError(f"from_numpy expects a numpy.ndarray, got {type(a).__name__}: use "
-                        "numpy.asarray(a) first (or to_tensor for tensors).")
+        raise TypeError(
+            f"from_numpy expects a numpy.ndarray, got {type(a).__name__}: use "
+            "numpy.asarray(a) first (or to_tensor for tensors)."
+        )
     return _from_numpy(a)
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
     t_dtype = _dtypes.torch_dtype(a.dtype)  # TypeError for unsupported dtypes
     itemsize = a.dtype.itemsize
-    for n, s in zip(a.shape, a.strides):
+    for n, s in zip(a.shape, a.strides, strict=False):
         if n > 1 and s % itemsize:
             raise ValueError(
                 f"array strides {a.strides} are not a multiple of the itemsize {itemsize} "
                 "(a field of a structured array?): make a compact copy with "
-                "numpy.ascontiguousarray(a) first.")
+                "numpy.ascontiguousarray(a) first."
+            )
     # torch refuses any negative or odd stride, even on dimensions of size 0 or 1
     # where the stride means nothing: a compact copy covers those too.
     odd = any(s < 0 or s % itemsize for s in a.strides)
@@ -284,11 +314,11 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
 
 def to_tensor(
     a: Any,
-    device: Optional[Device] = None,
+    device: Device | None = None,
     *,
-    dtype: Optional[DTypeLike] = None,
+    dtype: DTypeLike | None = None,
     non_blocking: bool = False,
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Converts a NumPy array to a tensor on ``device`` (default: the CPU).
 
@@ -315,8 +345,10 @@ def to_tensor(
     elif isinstance(a, torch.Tensor):
         src = _check_tensor(a, "to_tensor")
     else:
-        raise TypeError(f"to_tensor expects a numpy.ndarray, got {type(a).__name__}: use "
-                        "numpy.asarray(a) first.")
+        raise TypeError(
+            f"to_tensor expects a numpy.ndarray, got {type(a).__name__}: use "
+            "numpy.asarray(a) first."
+        )
     target = _dtypes.as_torch_dtype(dtype) if dtype is not None else None
     dev = torch.device(device) if device is not None else None
 
@@ -335,34 +367,46 @@ def to_tensor(
     return moved if target is None or target == moved.dtype else moved.to(target)
 
 
-def _check_out_tensor(out: Any, src: torch.Tensor, target: Optional[torch.dtype],
-                      dev: Optional[torch.device]) -> None:
+def _check_out_tensor(
+    out: Any, src: torch.Tensor, target: torch.dtype | None, dev: torch.device | None
+) -> None:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}: allocate one "
-                        f"with torch.empty({tuple(src.shape)}).")
+        raise TypeError(
+            f"out must be a torch.Tensor, got {type(out).__name__}: allocate one "
+            f"with torch.empty({tuple(src.shape)})."
+        )
     if out.layout != torch.strided:
         raise TypeError("out must be a dense (strided) tensor.")
     if out.shape != src.shape:
-        raise ValueError(f"out has shape {tuple(out.shape)} but the source has shape "
-                         f"{tuple(src.shape)}: allocate torch.empty({tuple(src.shape)}).")
+        raise ValueError(
+            f"out has shape {tuple(out.shape)} but the source has shape "
+            f"{tuple(src.shape)}: allocate torch.empty({tuple(src.shape)})."
+        )
     want = target if target is not None else src.dtype
     if out.dtype != want:
-        raise TypeError(f"out has dtype {out.dtype} but the result has dtype {want}: pass "
-                        f"dtype={out.dtype} to cast, or an out of dtype {want}.")
-    if dev is not None and (dev.type != out.device.type
-                            or dev.index not in (None, out.device.index)):
-        raise ValueError(f"out is on {out.device} but device={dev} was asked: drop device= "
-                         "or pass an out on that device.")
+        raise TypeError(
+            f"out has dtype {out.dtype} but the result has dtype {want}: pass "
+            f"dtype={out.dtype} to cast, or an out of dtype {want}."
+        )
+    if dev is not None and (
+        dev.type != out.device.type or dev.index not in (None, out.device.index)
+    ):
+        raise ValueError(
+            f"out is on {out.device} but device={dev} was asked: drop device= "
+            "or pass an out on that device."
+        )
     if out.requires_grad:
-        raise ValueError("out requires grad, so it cannot be written in place: pass "
-                         "out.detach() or a tensor without requires_grad.")
+        raise ValueError(
+            "out requires grad, so it cannot be written in place: pass "
+            "out.detach() or a tensor without requires_grad."
+        )
     if out.device.type == "meta":
         raise TypeError("out is a meta tensor: it has no data to write.")
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     lo = hi = t.data_ptr()
-    for n, s in zip(t.shape, t.stride()):
+    for n, s in zip(t.shape, t.stride(), strict=False):
         if n == 0:
             return lo, lo
         step = (n - 1) * s * t.element_size()

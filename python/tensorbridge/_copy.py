@@ -35,4 +35,5 @@ def check_no_overlap(dst: np.ndarray, src: np.ndarray, what: str = "out") -> Non
     if overlap:
         raise ValueError(
             f"{what} shares memory with the source; pass a separate array (or drop "
-            f"{what}= to get a view).")
+            f"{what}= to get a view)."
+        )

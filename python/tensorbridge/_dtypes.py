@@ -7,12 +7,12 @@ ml_dtypes array (and back) without a copy.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-DTypeLike = Union[np.dtype, type, str, torch.dtype]
+DTypeLike = np.dtype | type | str | torch.dtype
 
 NATIVE: dict[torch.dtype, np.dtype] = {
     torch.bool: np.dtype(np.bool_),
@@ -34,8 +34,14 @@ for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3
 # torch dtype -> ml_dtypes name; present only where this torch has the dtype.
 _ML_NAMES: dict[torch.dtype, str] = {
     getattr(torch, n): n
-    for n in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-              "float8_e5m2fnuz", "float8_e8m0fnu")
+    for n in (
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    )
     if hasattr(torch, n)
 }
 
@@ -62,7 +68,7 @@ if _ml is not None:
 
 #: torch dtype -> (NumPy dtype, None for dtypes .numpy() knows, else the same-size
 #: integer torch dtype through which the storage is viewed as an ml_dtypes array).
-FAST_PATH: dict[torch.dtype, tuple[np.dtype, Optional[torch.dtype]]] = {
+FAST_PATH: dict[torch.dtype, tuple[np.dtype, torch.dtype | None]] = {
     **{t: (n, None) for t, n in NATIVE.items()},
     **{t: (n, _STORAGE[n.itemsize][0]) for t, n in _ML.items()},
 }
@@ -83,7 +89,8 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
         raise TypeError(
             f"{dtype} has no NumPy dtype without ml_dtypes: install it "
             f"(pip install ml_dtypes) to get {_ML_NAMES[dtype]} arrays, or pass "
-            "dtype=numpy.float32 to convert.")
+            "dtype=numpy.float32 to convert."
+        )
     if dtype == torch.complex32:
         raise TypeError(f"{dtype} has no NumPy dtype: pass dtype=numpy.complex64 to convert.")
     if dtype.is_floating_point:
@@ -138,7 +145,8 @@ def as_numpy_dtype(dtype: Any) -> np.dtype:
         return np.dtype(dtype)
     except TypeError as exc:
         raise TypeError(
-            f"dtype={dtype!r} is not a NumPy or torch dtype; pass e.g. numpy.float32") from exc
+            f"dtype={dtype!r} is not a NumPy or torch dtype; pass e.g. numpy.float32"
+        ) from exc
 
 
 def as_torch_dtype(dtype: Any) -> torch.dtype:
@@ -155,11 +163,11 @@ def swap_unit(np_dtype: np.dtype) -> int:
     return np_dtype.itemsize // 2 if np_dtype.kind == "c" else np_dtype.itemsize
 
 
-def maybe_torch_dtype(np_dtype: np.dtype) -> Optional[torch.dtype]:
+def maybe_torch_dtype(np_dtype: np.dtype) -> torch.dtype | None:
     """The torch dtype for np_dtype, or None when torch has none."""
     return _NP_TO_TORCH.get(np_dtype)
 
 
-def numpy_dtype_or_none(dtype: torch.dtype) -> Optional[np.dtype]:
+def numpy_dtype_or_none(dtype: torch.dtype) -> np.dtype | None:
     """The NumPy dtype for a torch dtype, or None when there is none (or no ml_dtypes)."""
     return NATIVE.get(dtype) or _ML.get(dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import Union
 
 import numpy as np
 import torch
@@ -12,7 +11,7 @@ import torch
 from . import _backend
 from ._dtypes import DTypeLike, as_numpy_dtype
 
-ShapeLike = Union[int, tuple[int, ...], list[int]]
+ShapeLike = int | tuple[int, ...] | list[int]
 
 
 def _normalize_shape(shape: ShapeLike) -> tuple[int, ...]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Generic, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -26,11 +27,11 @@ class Transfer(Generic[T]):
 
     def __init__(
         self,
-        result: Optional[T] = None,
+        result: T | None = None,
         *,
-        error: Optional[BaseException] = None,
-        poll: Optional[Callable[[], bool]] = None,
-        block: Optional[Callable[[], None]] = None,
+        error: BaseException | None = None,
+        poll: Callable[[], bool] | None = None,
+        block: Callable[[], None] | None = None,
         keepalive: Any = None,
     ) -> None:
         self._result = result
@@ -62,7 +63,7 @@ class Transfer(Generic[T]):
                 try:
                     if self._block is not None:
                         self._block()
-                except BaseException as exc:  # noqa: BLE001 - surfaced to the caller below
+                except BaseException as exc:
                     self._error = exc
                 self._poll = self._block = None
                 self._keepalive = None

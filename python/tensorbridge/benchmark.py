@@ -16,8 +16,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,8 +83,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def measure(fn: Callable[[int], object], repeats: int, min_sample_s: float = 2e-3,
-            warmup: int = 3) -> tuple[float, float, float, int]:
+def measure(
+    fn: Callable[[int], object], repeats: int, min_sample_s: float = 2e-3, warmup: int = 3
+) -> tuple[float, float, float, int]:
     """(median, p10, p90) seconds per call of fn(i) over `repeats` samples.
 
     Each sample runs fn enough times to last about min_sample_s, so per-call times of
@@ -117,15 +119,19 @@ class _Runner:
         self.progress = progress
         self.rows: list[Row] = []
 
-    def group(self, section: str, case: str, size: int,
-              methods: Sequence[tuple[str, bool, Callable[[int], object]]]) -> None:
+    def group(
+        self,
+        section: str,
+        case: str,
+        size: int,
+        methods: Sequence[tuple[str, bool, Callable[[int], object]]],
+    ) -> None:
         if self.progress:
             label = f"{section}: {case}" + (f" {_fmt_size(size)}" if size else "")
             print(f"  measuring {label} ...", file=sys.stderr, flush=True)
         for name, baseline, fn in methods:
             med, p10, p90, _ = measure(fn, self.repeats)
-            self.rows.append(Row(section, case, size, name, baseline, med, p10, p90,
-                                 self.repeats))
+            self.rows.append(Row(section, case, size, name, baseline, med, p10, p90, self.repeats))
 
 
 def _fmt_size(n: int) -> str:
@@ -147,26 +153,55 @@ def bench_overhead(r: _Runner) -> None:
     """Per-call cost of converting tiny tensors and arrays (zero-copy paths)."""
     sec = "per-call overhead, tiny (16 x float32)"
     xs = [torch.randn(16) for _ in range(8)]
-    r.group(sec, "tensor -> ndarray", 0, [
-        ("tb.to_numpy(x)", False, lambda i: to_numpy(xs[i & 7])),
-        ("x.detach().cpu().numpy()", True, lambda i: xs[i & 7].detach().cpu().numpy()),
-        ("x.numpy()", True, lambda i: xs[i & 7].numpy()),
-    ])
+    r.group(
+        sec,
+        "tensor -> ndarray",
+        0,
+        [
+            ("tb.to_numpy(x)", False, lambda i: to_numpy(xs[i & 7])),
+            ("x.detach().cpu().numpy()", True, lambda i: xs[i & 7].detach().cpu().numpy()),
+            ("x.numpy()", True, lambda i: xs[i & 7].numpy()),
+        ],
+    )
     gs = [torch.randn(16, requires_grad=True) for _ in range(8)]
-    r.group(sec, "requires_grad tensor -> ndarray", 0, [
-        ("tb.to_numpy(x)", False, lambda i: to_numpy(gs[i & 7])),
-        ("x.detach().cpu().numpy()", True, lambda i: gs[i & 7].detach().cpu().numpy()),
-    ])
+    r.group(
+        sec,
+        "requires_grad tensor -> ndarray",
+        0,
+        [
+            ("tb.to_numpy(x)", False, lambda i: to_numpy(gs[i & 7])),
+            ("x.detach().cpu().numpy()", True, lambda i: gs[i & 7].detach().cpu().numpy()),
+        ],
+    )
     bs = [torch.randn(16).bfloat16() for _ in range(8)]
-    r.group(sec, "bfloat16 tensor -> ndarray", 0, [
-        ("tb.to_numpy(x)  [ml_dtypes, zero-copy]", False, lambda i: to_numpy(bs[i & 7])),
-        ("x.float().numpy()", True, lambda i: bs[i & 7].float().numpy()),
-    ])
+    r.group(
+        sec,
+        "bfloat16 tensor -> ndarray",
+        0,
+        [
+            ("tb.to_numpy(x)  [ml_dtypes, zero-copy]", False, lambda i: to_numpy(bs[i & 7])),
+            ("x.float().numpy()", True, lambda i: bs[i & 7].float().numpy()),
+        ],
+    )
     arrs = [np.random.rand(16).astype(np.float32) for _ in range(8)]
-    r.group(sec, "ndarray -> tensor", 0, [
-        ("tb.from_numpy(a)", False, lambda i: from_numpy(arrs[i & 7])),
-        ("torch.from_numpy(a)", True, lambda i: torch.from_numpy(arrs[i & 7])),
-    ])
+    r.group(
+        sec,
+        "ndarray -> tensor",
+        0,
+        [
+            ("tb.from_numpy(a)", False, lambda i: from_numpy(arrs[i & 7])),
+            ("torch.from_numpy(a)", True, lambda i: torch.from_numpy(arrs[i & 7])),
+        ],
+    )
+
+
+def _out_methods(xs: list[torch.Tensor], out: np.ndarray):
+    k = len(xs)
+    return [
+        ("tb.to_numpy(x, out=out)", False, lambda i: to_numpy(xs[i % k], out=out)),
+        ("np.copyto(out, x.numpy())", True, lambda i: np.copyto(out, xs[i % k].numpy())),
+        ("torch.from_numpy(out).copy_(x)", True, lambda i: torch.from_numpy(out).copy_(xs[i % k])),
+    ]
 
 
 def bench_out(r: _Runner, sizes: Sequence[int]) -> None:
@@ -181,16 +216,9 @@ def bench_out(r: _Runner, sizes: Sequence[int]) -> None:
                 xs = [torch.rand(n) for _ in range(k)]
             else:
                 xs = [torch.rand(side, n // side).t() for _ in range(k)]
-            moved = xs[0].numel() * 4
             out = np.empty(tuple(xs[0].shape), np.float32)
             out.fill(0)  # touch the pages before timing
-            r.group(sec, layout, moved, [
-                ("tb.to_numpy(x, out=out)", False, lambda i: to_numpy(xs[i % k], out=out)),
-                ("np.copyto(out, x.numpy())", True, lambda i: np.copyto(out, xs[i % k].numpy())),
-                ("torch.from_numpy(out).copy_(x)", True,
-                 lambda i: torch.from_numpy(out).copy_(xs[i % k])),
-            ])
-            del xs, out
+            r.group(sec, layout, xs[0].numel() * 4, _out_methods(xs, out))
 
 
 def bench_refused(r: _Runner, nbytes: int) -> None:
@@ -199,29 +227,53 @@ def bench_refused(r: _Runner, nbytes: int) -> None:
     n = nbytes // 4
     a = np.random.rand(n).astype(np.float32)
     rev = a[::-1]
-    r.group(sec, "negative strides: ndarray -> tensor", nbytes, [
-        ("tb.from_numpy(a[::-1])", False, lambda i: from_numpy(rev)),
-        ("torch.from_numpy(a[::-1].copy())", True, lambda i: torch.from_numpy(rev.copy())),
-    ])
+    r.group(
+        sec,
+        "negative strides: ndarray -> tensor",
+        nbytes,
+        [
+            ("tb.from_numpy(a[::-1])", False, lambda i: from_numpy(rev)),
+            ("torch.from_numpy(a[::-1].copy())", True, lambda i: torch.from_numpy(rev.copy())),
+        ],
+    )
     be = a.astype(">f4")
-    r.group(sec, "big-endian float32: ndarray -> tensor", nbytes, [
-        ("tb.from_numpy(a)", False, lambda i: from_numpy(be)),
-        ("torch.from_numpy(a.astype('<f4'))", True, lambda i: torch.from_numpy(be.astype("<f4"))),
-    ])
+    r.group(
+        sec,
+        "big-endian float32: ndarray -> tensor",
+        nbytes,
+        [
+            ("tb.from_numpy(a)", False, lambda i: from_numpy(be)),
+            (
+                "torch.from_numpy(a.astype('<f4'))",
+                True,
+                lambda i: torch.from_numpy(be.astype("<f4")),
+            ),
+        ],
+    )
     bf = torch.rand(nbytes // 2).bfloat16()
     try:
         import ml_dtypes  # noqa: F401
 
-        r.group(sec, "bfloat16: tensor -> ndarray", nbytes, [
-            ("tb.to_numpy(x)  [ml_dtypes view]", False, lambda i: to_numpy(bf)),
-            ("x.float().numpy()", True, lambda i: bf.float().numpy()),
-        ])
+        r.group(
+            sec,
+            "bfloat16: tensor -> ndarray",
+            nbytes,
+            [
+                ("tb.to_numpy(x)  [ml_dtypes view]", False, lambda i: to_numpy(bf)),
+                ("x.float().numpy()", True, lambda i: bf.float().numpy()),
+            ],
+        )
     except ImportError:
         pass
-    r.group(sec, "bfloat16 -> float32 ndarray", nbytes, [
-        ("tb.to_numpy(x, dtype=np.float32)", False, lambda i: to_numpy(bf, dtype=np.float32)),
-        ("x.float().numpy()", True, lambda i: bf.float().numpy()),
-    ])
+    r.group(
+        sec,
+        "bfloat16 -> float32 ndarray",
+        nbytes,
+        [
+            ("tb.to_numpy(x, dtype=np.float32)", False, lambda i: to_numpy(bf, dtype=np.float32)),
+            ("x.float().numpy()", True, lambda i: bf.float().numpy()),
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -246,7 +298,9 @@ def format_report(report: Report) -> str:
     for sec, rows in sections.items():
         lines += ["", f"## {sec}", ""]
         unit = "us/call" if rows[0].size == 0 else "GB/s"
-        header = f"{'case':<38} {'size':>9}  {'method':<42} {unit:>9} {'p10-p90':>17} {'vs best':>8}"
+        header = (
+            f"{'case':<38} {'size':>9}  {'method':<42} {unit:>9} {'p10-p90':>17} {'vs best':>8}"
+        )
         lines += [header, "-" * len(header)]
         groups: dict[tuple[str, int], list[Row]] = {}
         for row in rows:
@@ -268,9 +322,13 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def run(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 15,
-        sections: Sequence[str] = ("overhead", "out", "refused"),
-        refused_size: int = 16 * MiB, progress: bool = True) -> Report:
+def run(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    repeats: int = 15,
+    sections: Sequence[str] = ("overhead", "out", "refused"),
+    refused_size: int = 16 * MiB,
+    progress: bool = True,
+) -> Report:
     """Runs the chosen sections and returns the rows and the machine description."""
     report = Report(machine())
     r = _Runner(repeats, progress)
@@ -298,17 +356,33 @@ def result_basename(report: Report) -> str:
     return f"{m['date'][:10]}-cpu-{cpu}-{m['cores']}c-{m['path']}"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tensorbridge bench", description=__doc__)
-    p.add_argument("--sizes", type=_parse_size, nargs="+", default=DEFAULT_SIZES,
-                   help="copy sizes for the out= section (default: 4K 64K 1M 4M 16M 64M 256M)")
+    p.add_argument(
+        "--sizes",
+        type=_parse_size,
+        nargs="+",
+        default=DEFAULT_SIZES,
+        help="copy sizes for the out= section (default: 4K 64K 1M 4M 16M 64M 256M)",
+    )
     p.add_argument("--repeats", type=int, default=15, help="samples per method (default 15)")
-    p.add_argument("--sections", nargs="+", default=["overhead", "out", "refused"],
-                   choices=["overhead", "out", "refused"])
-    p.add_argument("--refused-size", type=_parse_size, default=16 * MiB,
-                   help="array size for the 'cases torch refuses' section (default 16M)")
-    p.add_argument("--fallback", action="store_true",
-                   help="measure the pure-Python fallback path instead of the extension")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=["overhead", "out", "refused"],
+        choices=["overhead", "out", "refused"],
+    )
+    p.add_argument(
+        "--refused-size",
+        type=_parse_size,
+        default=16 * MiB,
+        help="array size for the 'cases torch refuses' section (default 16M)",
+    )
+    p.add_argument(
+        "--fallback",
+        action="store_true",
+        help="measure the pure-Python fallback path instead of the extension",
+    )
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-<machine>.txt and .json")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
@@ -331,7 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(base + ".txt", "w") as f:
             f.write(text + "\n")
         with open(base + ".json", "w") as f:
-            json.dump({"machine": report.machine, "rows": [asdict(x) for x in report.rows]},
-                      f, indent=1)
+            json.dump(
+                {"machine": report.machine, "rows": [asdict(x) for x in report.rows]}, f, indent=1
+            )
         print(f"\nsaved {base}.txt and {base}.json", file=sys.stderr)
     return 0
