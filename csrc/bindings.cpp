@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -59,24 +60,25 @@ void copy(py::array dst, py::array src, int swap_unit, int64_t min_parallel_byte
   if (!(worth_releasing_gil(static_cast<size_t>(dst.nbytes())) ? release_gil_and(run) : run())) throw py::value_error("copy: unsupported itemsize, swap unit or shape");
 }
 
-// Reads a tuple of Python ints (torch.Size and x.stride() are tuples) into `dst`.
-bool read_int_tuple(py::handle obj, std::vector<int64_t>& dst) {
-  if (!PyTuple_Check(obj.ptr())) return false;
+// Reads a tuple of Python ints (torch.Size and x.stride() are tuples) into `dst`;
+// returns the count, or -1 when obj is not a tuple of at most kMaxDims ints.
+int read_int_tuple(py::handle obj, int64_t* dst) {
+  if (!PyTuple_Check(obj.ptr())) return -1;
   const Py_ssize_t n = PyTuple_GET_SIZE(obj.ptr());
-  dst.resize(static_cast<size_t>(n));
+  if (n > tb::kMaxDims) return -1;
   for (Py_ssize_t i = 0; i < n; ++i) {
     const long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(obj.ptr(), i));
     if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-    dst[static_cast<size_t>(i)] = v;
+    dst[i] = v;
   }
-  return true;
+  return static_cast<int>(n);
 }
 
 // Byte range [lo, hi) touched by a strided view (empty views touch nothing).
 std::pair<uintptr_t, uintptr_t> span(uintptr_t base, const int64_t* shape,
-                                     const int64_t* byte_strides, size_t ndim, int64_t itemsize) {
+                                     const int64_t* byte_strides, int ndim, int64_t itemsize) {
   intptr_t lo = 0, hi = 0;
-  for (size_t i = 0; i < ndim; ++i) {
+  for (int i = 0; i < ndim; ++i) {
     if (shape[i] == 0) return {base, base};
     const intptr_t step = static_cast<intptr_t>((shape[i] - 1) * byte_strides[i]);
     (step < 0 ? lo : hi) += step;
@@ -94,27 +96,28 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
   if (!py::isinstance<py::array>(out)) return 1;
   auto dst = py::reinterpret_borrow<py::array>(out);
   if (!dst.dtype().equal(py::reinterpret_borrow<py::dtype>(dtype)) || !dst.writeable()) return 1;
-  std::vector<int64_t> shp, ss;
-  if (!read_int_tuple(shape, shp) || !read_int_tuple(strides, ss)) return 1;
-  const size_t nd = shp.size();
-  if (static_cast<size_t>(dst.ndim()) != nd || ss.size() != nd) return 1;
-  for (size_t i = 0; i < nd; ++i)
-    if (dst.shape(static_cast<py::ssize_t>(i)) != shp[i]) return 1;
+  // Fixed arrays on the stack: this runs once per small conversion, so no heap traffic.
+  std::array<int64_t, tb::kMaxDims> shp, ss, ds;
+  const int nd = read_int_tuple(shape, shp.data());
+  if (nd < 0 || read_int_tuple(strides, ss.data()) != nd || dst.ndim() != nd) return 1;
   const int64_t itemsize = dst.itemsize();
-  for (auto& s : ss) s *= itemsize;
-  const auto ds = strides_of(dst);
+  for (int i = 0; i < nd; ++i) {
+    if (dst.shape(i) != shp[i]) return 1;
+    ss[i] *= itemsize;
+    ds[i] = dst.strides(i);
+  }
   const auto d = span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(), nd, itemsize);
   const auto r = span(src, shp.data(), ss.data(), nd, itemsize);
   if (d.first < r.second && r.first < d.second) return 2;
   if (d.first != d.second)  // not empty
-    for (size_t i = 0; i < nd; ++i)
+    for (int i = 0; i < nd; ++i)
       if (ds[i] == 0 && shp[i] > 1) return 1;  // several elements in one slot
   tb::CopyOptions opt;
   opt.swap_unit = swap_unit;
   void* dp = dst.mutable_data();
   const auto run = [&] {
     return tb::strided_copy({dp, ds.data()}, {reinterpret_cast<void*>(src), ss.data()},
-                            shp.data(), static_cast<int>(nd), itemsize, opt);
+                            shp.data(), nd, itemsize, opt);
   };
   return (worth_releasing_gil(r.second - r.first) ? release_gil_and(run) : run()) ? 0 : 1;
 }

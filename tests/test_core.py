@@ -59,7 +59,7 @@ def test_copy_matches_numpy(src, dst_perm, dst_reverse, dtype, seed):
     assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(a).tobytes()
     mask = np.ones(big.shape, bool)
     mask[holes] = False
-    assert np.array_equal(big[mask], before[mask])  # nothing written outside out
+    assert big[mask].tobytes() == before[mask].tobytes()  # nothing written outside out
 
 
 @pytest.mark.parametrize("dtype", ["<u2", "<i4", "<f8", "<c8", "<c16"])

@@ -166,14 +166,17 @@ def to_numpy(
                     return x.detach().view(storage).numpy().view(np_dtype)
             else:
                 C = _backend.C
-                if (
-                    C is not None
-                    and x.layout is torch.strided
-                    and not x.is_neg()
-                    and (np_dtype.kind != "c" or not x.is_conj())
-                    and C.copy_from_address(out, np_dtype, x.data_ptr(), x.shape, x.stride()) == 0
-                ):
+                if storage is None and _torch_copy_if_better(x, out, np_dtype):
                     return out
+                if C is not None and not x.is_neg() and (np_dtype.kind != "c" or not x.is_conj()):
+                    try:  # (a sparse tensor has no strides: the full path refuses it)
+                        if (
+                            C.copy_from_address(out, np_dtype, x.data_ptr(), x.shape, x.stride())
+                            == 0
+                        ):
+                            return out
+                    except RuntimeError:
+                        pass
     if not non_blocking:
         return _to_numpy(x, out, dtype, copy)
     try:
@@ -182,6 +185,36 @@ def to_numpy(
         raise  # bad arguments are refused at the call, before anything is written
     except Exception as exc:
         return Transfer.failed(exc)
+
+
+# Contiguous-to-contiguous copies of at least this size run on torch's intra-op pool.
+_TORCH_COPY_BYTES = 1 << 20
+
+
+def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
+    """Large contiguous-to-contiguous copies: let torch's copy_ do them.
+
+    A plain memcpy is the one layout where the core has no edge, and torch's intra-op
+    threads are the same ones the caller's own tensor ops use: copying on them avoids
+    oversubscribing the cores (with two thread pools, one pool's idle-spinning threads
+    delay the other's). Returns False, having written nothing, when it does not apply.
+    """
+    if not (
+        type(out) is np.ndarray
+        and out.dtype == np_dtype
+        and out.flags.c_contiguous
+        and out.flags.writeable
+        and out.nbytes >= _TORCH_COPY_BYTES
+        and out.shape == x.shape
+        and x.is_contiguous()
+    ):
+        return False
+    lo, hi = out.ctypes.data, out.ctypes.data + out.nbytes
+    src = x.data_ptr()
+    if lo < src + out.nbytes and src < hi:
+        return False  # overlapping: the full path refuses it with a clear message
+    torch.from_numpy(out).copy_(x)  # resolves conj/neg bits itself
+    return True
 
 
 def _to_numpy(x: Any, out: np.ndarray | None, dtype: DTypeLike | None, copy: bool) -> np.ndarray:

@@ -83,34 +83,60 @@ def machine() -> dict[str, Any]:
     }
 
 
-def measure(
-    fn: Callable[[int], object], repeats: int, min_sample_s: float = 2e-3, warmup: int = 3
-) -> tuple[float, float, float, int]:
-    """(median, p10, p90) seconds per call of fn(i) over `repeats` samples.
-
-    Each sample runs fn enough times to last about min_sample_s, so per-call times of
-    a few hundred nanoseconds are resolved; fn gets the call index to rotate buffers.
-    """
+def _calibrate(fn: Callable[[int], object], min_sample_s: float, warmup: int) -> int:
+    """Calls per sample so that one sample lasts about min_sample_s (after a warm-up)."""
     for i in range(warmup):
         fn(i)
-    number, elapsed = 1, 0.0
-    while True:  # calibrate the calls per sample
+    number = 1
+    while True:
         t0 = time.perf_counter()
         for i in range(number):
             fn(i)
         elapsed = time.perf_counter() - t0
         if elapsed >= min_sample_s or number >= 1 << 20:
-            break
+            return number
         number *= 2 if elapsed == 0 else max(2, min(10, int(min_sample_s / elapsed) + 1))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(number):
-            fn(i)
-        samples.append((time.perf_counter() - t0) / number)
-    samples.sort()
+
+
+def _sample(fn: Callable[[int], object], number: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(number):
+        fn(i)
+    return (time.perf_counter() - t0) / number
+
+
+def _summary(samples: list[float]) -> tuple[float, float, float]:
+    samples = sorted(samples)
     q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
-    return statistics.median(samples), q[0], q[-1], number
+    return statistics.median(samples), q[0], q[-1]
+
+
+def measure_group(
+    fns: Sequence[Callable[[int], object]],
+    repeats: int,
+    min_sample_s: float = 2e-3,
+    warmup: int = 3,
+) -> list[tuple[float, float, float, int]]:
+    """(median, p10, p90, calls per sample) seconds per call for each fn(i).
+
+    Samples are taken round-robin (a sample of each method, then the next round), so a
+    machine that speeds up or slows down during the run affects every method alike.
+    Each sample runs fn enough times to last about min_sample_s, so per-call times of a
+    few hundred nanoseconds are resolved; fn gets the call index to rotate buffers.
+    """
+    numbers = [_calibrate(fn, min_sample_s, warmup) for fn in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            samples[k].append(_sample(fn, numbers[k]))
+    return [(*_summary(s), n) for s, n in zip(samples, numbers, strict=True)]
+
+
+def measure(
+    fn: Callable[[int], object], repeats: int, min_sample_s: float = 2e-3, warmup: int = 3
+) -> tuple[float, float, float, int]:
+    """(median, p10, p90, calls per sample) seconds per call of fn(i)."""
+    return measure_group([fn], repeats, min_sample_s, warmup)[0]
 
 
 class _Runner:
@@ -129,8 +155,8 @@ class _Runner:
         if self.progress:
             label = f"{section}: {case}" + (f" {_fmt_size(size)}" if size else "")
             print(f"  measuring {label} ...", file=sys.stderr, flush=True)
-        for name, baseline, fn in methods:
-            med, p10, p90, _ = measure(fn, self.repeats)
+        results = measure_group([fn for _, _, fn in methods], self.repeats)
+        for (name, baseline, _), (med, p10, p90, _) in zip(methods, results, strict=True):
             self.rows.append(Row(section, case, size, name, baseline, med, p10, p90, self.repeats))
 
 
@@ -289,8 +315,9 @@ def format_report(report: Report) -> str:
         f"tensorbridge {m['tensorbridge']}",
         f"  path      {m['path']} (threads: {m['threads']})"
         + (f": {m['fallback_reason']}" if m["fallback_reason"] else ""),
-        "  method    median of N samples; p10-p90 in brackets; 'vs best' = median against the",
-        "            fastest baseline of the same row group (>1 is faster than it).",
+        "  method    median of N samples, taken round-robin across the methods of a row;",
+        "            p10-p90 in brackets; 'vs best' = median against the fastest baseline",
+        "            of the same row group (>1 is faster than it).",
     ]
     sections: dict[str, list[Row]] = {}
     for row in report.rows:
@@ -383,11 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="measure the pure-Python fallback path instead of the extension",
     )
+    p.add_argument(
+        "--threads", type=int, help="threads for the compiled core's large copies (default: as set)"
+    )
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-<machine>.txt and .json")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.repeats < 2:
         p.error("--repeats must be at least 2")
+
+    if args.threads is not None:
+        _backend.set_num_threads(args.threads)
 
     def go() -> Report:
         return run(args.sizes, args.repeats, args.sections, args.refused_size, not args.quiet)
