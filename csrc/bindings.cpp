@@ -9,9 +9,13 @@
 #include <utility>
 #include <vector>
 
+#include "core/host_engine.h"
+#include "core/pinned_pool.h"
+#include "core/pipeline.h"
 #include "core/strided_copy.h"
 #include "core/thread_pool.h"
 #ifdef TB_WITH_CUDA
+#include "cuda/cuda_engine.h"
 #include "cuda/runtime.h"
 #endif
 
@@ -122,6 +126,106 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
   return (worth_releasing_gil(r.second - r.first) ? release_gil_and(run) : run()) ? 0 : 1;
 }
 
+// ---------------------------------------------------------------- transfers
+
+tb::HostView host_view(const py::array& a, bool writeable) {
+  if (writeable && !a.writeable()) throw py::value_error("transfer: the host array is read-only");
+  tb::HostView v;
+  v.data = static_cast<char*>(const_cast<void*>(a.data()));
+  v.shape = shape_of(a);
+  v.strides = strides_of(a);
+  v.itemsize = a.itemsize();
+  return v;
+}
+
+tb::PipelineOptions pipeline_options(size_t chunk_bytes, int buffers, int swap_unit) {
+  tb::PipelineOptions o;
+  if (chunk_bytes) o.chunk_bytes = chunk_bytes;
+  if (buffers) o.buffers = buffers;
+  o.swap_unit = swap_unit;
+  return o;
+}
+
+py::dict report_dict(const tb::PipelineReport& r) {
+  py::dict d;
+  d["chunks"] = r.chunks;
+  d["staged"] = r.staged;
+  return d;
+}
+
+py::dict stats_dict(const tb::PoolStats& s) {
+  py::dict d;
+  d["bytes_held"] = s.bytes_held;
+  d["bytes_in_use"] = s.bytes_in_use;
+  d["budget"] = s.budget;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["waits"] = s.waits;
+  d["fallbacks"] = s.fallbacks;
+  d["pin_failures"] = s.pin_failures;
+  d["frees"] = s.frees;
+  return d;
+}
+
+// The pipeline and pool on the host-only engine: what the CPU test suite drives.
+// "Device memory" is a dense uint8 array.
+class HostTransferTester {
+ public:
+  HostTransferTester(int delay_us, int64_t fail_pinning_after, size_t budget)
+      : engine_(delay_us, fail_pinning_after), pool_(engine_, budget) {}
+  ~HostTransferTester() {
+    engine_.drain();
+    pool_.release_all();
+  }
+  py::dict to_host(py::array device, py::array dst, size_t chunk, int buffers, int swap) {
+    const auto view = host_view(dst, true);
+    check_device(device, view);
+    const void* src = device.data();
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_to_host(engine_, pool_, 0, src, view, pipeline_options(chunk, buffers, swap));
+    }
+    return report_dict(r);
+  }
+  py::dict to_device(py::array src, py::array device, size_t chunk, int buffers, int swap) {
+    const auto view = host_view(src, false);
+    check_device(device, view);
+    void* dst = device.mutable_data();
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_to_device(engine_, pool_, 0, view, dst, pipeline_options(chunk, buffers, swap));
+    }
+    return report_dict(r);
+  }
+  void drain() {
+    py::gil_scoped_release release;
+    engine_.drain();
+  }
+  py::dict stats() { return stats_dict(pool_.stats()); }
+  void set_budget(size_t b) { pool_.set_budget(b); }
+  void trim() { pool_.trim(); }
+  int64_t live_pinned() const { return engine_.live_pinned(); }
+  int64_t pinned_allocations() const { return engine_.pinned_allocations(); }
+
+ private:
+  static void check_device(const py::array& device, const tb::HostView& v) {
+    int64_t n = v.itemsize;
+    for (int64_t d : v.shape) n *= d;
+    if (device.nbytes() < n) throw py::value_error("transfer: the device buffer is too small");
+  }
+  tb::HostEngine engine_;
+  tb::PinnedPool pool_;
+};
+
+py::list plan_chunks(std::vector<int64_t> shape, int64_t itemsize, size_t chunk_bytes) {
+  py::list out;
+  for (const auto& c : tb::plan_chunks(shape, itemsize, chunk_bytes))
+    out.append(py::make_tuple(c.offset, c.bytes, c.depth, c.prefix, c.begin, c.end));
+  return out;
+}
+
 py::dict cuda_probe() {
   py::dict d;
 #ifdef TB_WITH_CUDA
@@ -148,6 +252,42 @@ py::dict cuda_probe() {
 }
 
 #ifdef TB_WITH_CUDA
+py::dict cuda_copy_to_host(int device, uintptr_t stream, uintptr_t src, py::array dst,
+                           size_t chunk, int buffers, int swap) {
+  const auto view = host_view(dst, true);
+  tb::PipelineReport r;
+  {
+    py::gil_scoped_release release;
+    r = tb::cuda::copy_to_host(device, stream, reinterpret_cast<const void*>(src), view,
+                               pipeline_options(chunk, buffers, swap));
+  }
+  return report_dict(r);
+}
+
+py::dict cuda_copy_to_device(int device, uintptr_t stream, py::array src, uintptr_t dst,
+                             size_t chunk, int buffers, int swap) {
+  const auto view = host_view(src, false);
+  tb::PipelineReport r;
+  {
+    py::gil_scoped_release release;
+    r = tb::cuda::copy_to_device(device, stream, view, reinterpret_cast<void*>(dst),
+                                 pipeline_options(chunk, buffers, swap));
+  }
+  return report_dict(r);
+}
+
+// The byte range an array's elements span (arrays with negative strides included).
+std::pair<char*, size_t> byte_span(const py::array& a) {
+  intptr_t lo = 0, hi = 0;
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (a.shape(i) == 0) return {static_cast<char*>(const_cast<void*>(a.data())), 0};
+    const intptr_t step = (a.shape(i) - 1) * a.strides(i);
+    (step < 0 ? lo : hi) += step;
+  }
+  char* base = static_cast<char*>(const_cast<void*>(a.data())) + lo;
+  return {base, static_cast<size_t>(hi - lo + a.itemsize())};
+}
+
 // A 1-D uint8 array over freshly page-locked memory; freed when the array's base dies.
 py::array empty_pinned_bytes(size_t nbytes) {
   void* ptr;
@@ -163,6 +303,25 @@ py::array empty_pinned_bytes(size_t nbytes) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  py::class_<HostTransferTester>(m, "HostTransferTester",
+                                 "The transfer pipeline and pinned pool on a host-only engine "
+                                 "(copies run on a worker thread), for tests without a GPU.")
+      .def(py::init<int, int64_t, size_t>(), py::arg("delay_us") = 0,
+           py::arg("fail_pinning_after") = -1, py::arg("budget") = size_t{1} << 30)
+      .def("to_host", &HostTransferTester::to_host, py::arg("device"), py::arg("dst"),
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
+      .def("to_device", &HostTransferTester::to_device, py::arg("src"), py::arg("device"),
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
+      .def("drain", &HostTransferTester::drain)
+      .def("stats", &HostTransferTester::stats)
+      .def("set_budget", &HostTransferTester::set_budget, py::arg("bytes"))
+      .def("trim", &HostTransferTester::trim)
+      .def_property_readonly("live_pinned", &HostTransferTester::live_pinned)
+      .def_property_readonly("pinned_allocations", &HostTransferTester::pinned_allocations);
+  m.def("plan_chunks", &plan_chunks, py::arg("shape"), py::arg("itemsize"),
+        py::arg("chunk_bytes"), "The pipeline's chunks: (offset, bytes, depth, prefix, begin, end).");
+  m.def("pool_size_class", &tb::PinnedPool::size_class, py::arg("nbytes"));
+
   m.doc() = "tensorbridge's compiled core (private: use the tensorbridge package)";
 #ifdef TB_VERSION
   m.attr("__version__") = TB_VERSION;
@@ -187,6 +346,45 @@ PYBIND11_MODULE(_C, m) {
 #ifdef TB_WITH_CUDA
   m.def("empty_pinned_bytes", &empty_pinned_bytes, py::arg("nbytes"),
         "A uint8 array of nbytes in page-locked memory.");
+  m.def("cuda_copy_to_host", &cuda_copy_to_host, py::arg("device"), py::arg("stream"),
+        py::arg("src"), py::arg("dst"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
+        py::arg("swap_unit") = 0, "Dense device memory -> any host array, through the pool.");
+  m.def("cuda_copy_to_device", &cuda_copy_to_device, py::arg("device"), py::arg("stream"),
+        py::arg("src"), py::arg("dst"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
+        py::arg("swap_unit") = 0, "Any host array -> dense device memory, through the pool.");
+  m.def("cuda_copy_async", [](int device, uintptr_t stream, uintptr_t dst, uintptr_t src,
+                              size_t n, bool to_host) {
+    py::gil_scoped_release release;
+    return static_cast<uintptr_t>(tb::cuda::copy_async(device, stream, reinterpret_cast<void*>(dst),
+                                                       reinterpret_cast<const void*>(src), n, to_host));
+  }, py::arg("device"), py::arg("stream"), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
+     py::arg("to_host"), "One async copy (page-locked host memory); returns its event.");
+  m.def("cuda_event_query", [](uintptr_t e) { return tb::cuda::query_event(e); });
+  m.def("cuda_event_synchronize", [](uintptr_t e) {
+    py::gil_scoped_release release;
+    tb::cuda::synchronize_event(e);
+  });
+  m.def("cuda_event_destroy", [](uintptr_t e) { tb::cuda::destroy_event(e); });
+  m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
+  m.def("cuda_pinned_budget", &tb::cuda::pinned_budget);
+  m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
+  m.def("cuda_trim_pinned", [] {
+    py::gil_scoped_release release;
+    tb::cuda::trim_pinned();
+  });
+  m.def("cuda_host_register", [](py::array a) {
+    auto [p, n] = byte_span(a);
+    py::gil_scoped_release release;
+    return n == 0 ? false : tb::cuda::host_register(p, n);
+  }, py::arg("array"), "Page-lock the array's memory; False if it already was, elsewhere.");
+  m.def("cuda_host_unregister", [](uintptr_t ptr, size_t n) {
+    py::gil_scoped_release release;
+    return tb::cuda::host_unregister(reinterpret_cast<void*>(ptr), n);
+  }, py::arg("address"), py::arg("nbytes"));
+  m.def("array_span", [](py::array a) {
+    auto [p, n] = byte_span(a);
+    return py::make_tuple(reinterpret_cast<uintptr_t>(p), n);
+  }, py::arg("array"), "(address, nbytes) of the memory an array's elements span.");
   m.def("is_host_pinned", [](py::array a) {
     const void* p = a.data();
     py::gil_scoped_release release;

@@ -13,7 +13,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from . import _backend, _dtypes
+from . import _backend, _dtypes, _transfers
 from ._copy import check_no_overlap, copy_into
 from ._dtypes import DTypeLike
 from ._transfer import Transfer
@@ -178,9 +178,10 @@ def to_numpy(
                     except RuntimeError:
                         pass
     if not non_blocking:
-        return _to_numpy(x, out, dtype, copy)
+        return _to_numpy(x, out, dtype, copy)  # type: ignore[return-value]
     try:
-        return Transfer.completed(_to_numpy(x, out, dtype, copy))
+        result = _to_numpy(x, out, dtype, copy, non_blocking=True)
+        return result if isinstance(result, Transfer) else Transfer.completed(result)
     except (TypeError, ValueError):
         raise  # bad arguments are refused at the call, before anything is written
     except Exception as exc:
@@ -217,7 +218,9 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
     return True
 
 
-def _to_numpy(x: Any, out: np.ndarray | None, dtype: DTypeLike | None, copy: bool) -> np.ndarray:
+def _to_numpy(
+    x: Any, out: np.ndarray | None, dtype: DTypeLike | None, copy: bool, non_blocking: bool = False
+) -> np.ndarray | Transfer[np.ndarray]:
     if isinstance(x, np.ndarray):
         return _numpy_to_numpy(x, out, dtype, copy)
     x = _check_tensor(x, "to_numpy")
@@ -235,21 +238,23 @@ def _to_numpy(x: Any, out: np.ndarray | None, dtype: DTypeLike | None, copy: boo
     if target != own:
         cast_to = _dtypes.maybe_torch_dtype(target)
         if cast_to is None:  # e.g. longdouble: NumPy converts it
-            arr = _to_numpy(x, None, None, False).astype(target)
+            arr = np.asarray(_to_numpy(x, None, None, False)).astype(target)
             if out is not None:
                 copy_into(out, arr)
                 return out
             return arr
         x = x.to(cast_to)
         fresh = True
-    if not x.is_cpu:
-        x = x.cpu()  # the device path: the CUDA engine takes this over where it is available
-        fresh = True
     if x.is_conj():
-        x = x.resolve_conj()
+        x = x.resolve_conj()  # on the tensor's device
         fresh = True
     if x.is_neg():
         x = x.resolve_neg()
+        fresh = True
+    if not x.is_cpu:
+        if x.is_cuda and _transfers.engine_ready():
+            return _transfers.to_host(x, out, target, non_blocking)
+        x = x.cpu()  # torch's own path: no engine (no CUDA build, or another device type)
         fresh = True
 
     view = _cpu_view(x)
@@ -374,9 +379,10 @@ def to_tensor(
         tensor([0., 1., 2.])
     """
     if isinstance(a, np.ndarray):
-        src = from_numpy(a)
+        shape, source_dtype = a.shape, _dtypes.torch_dtype(a.dtype)  # refuses bad dtypes
     elif isinstance(a, torch.Tensor):
-        src = _check_tensor(a, "to_tensor")
+        a = _check_tensor(a, "to_tensor")
+        shape, source_dtype = tuple(a.shape), a.dtype
     else:
         raise TypeError(
             f"to_tensor expects a numpy.ndarray, got {type(a).__name__}: use "
@@ -384,9 +390,21 @@ def to_tensor(
         )
     target = _dtypes.as_torch_dtype(dtype) if dtype is not None else None
     dev = torch.device(device) if device is not None else None
-
     if out is not None:
-        _check_out_tensor(out, src, target, dev)
+        _check_out_tensor(out, shape, source_dtype, target, dev)
+        dev = out.device
+
+    if (
+        dev is not None
+        and dev.type == "cuda"
+        and isinstance(a, np.ndarray)
+        and _transfers.engine_ready()
+    ):
+        # Pinned staging, chunked and pipelined; any layout and byte order; cast on the GPU.
+        return _transfers.to_device(a, dev, target, non_blocking, out)
+
+    src = from_numpy(a) if isinstance(a, np.ndarray) else a
+    if out is not None:
         if out.device.type == "cpu" and src.device.type == "cpu" and _tensors_overlap(out, src):
             raise ValueError("out shares memory with the source: pass a separate tensor.")
         out.copy_(src, non_blocking=non_blocking)
@@ -401,21 +419,25 @@ def to_tensor(
 
 
 def _check_out_tensor(
-    out: Any, src: torch.Tensor, target: torch.dtype | None, dev: torch.device | None
+    out: Any,
+    shape: tuple[int, ...],
+    source_dtype: torch.dtype,
+    target: torch.dtype | None,
+    dev: torch.device | None,
 ) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"out must be a torch.Tensor, got {type(out).__name__}: allocate one "
-            f"with torch.empty({tuple(src.shape)})."
+            f"with torch.empty({tuple(shape)})."
         )
     if out.layout != torch.strided:
         raise TypeError("out must be a dense (strided) tensor.")
-    if out.shape != src.shape:
+    if tuple(out.shape) != tuple(shape):
         raise ValueError(
             f"out has shape {tuple(out.shape)} but the source has shape "
-            f"{tuple(src.shape)}: allocate torch.empty({tuple(src.shape)})."
+            f"{tuple(shape)}: allocate torch.empty({tuple(shape)})."
         )
-    want = target if target is not None else src.dtype
+    want = target if target is not None else source_dtype
     if out.dtype != want:
         raise TypeError(
             f"out has dtype {out.dtype} but the result has dtype {want}: pass "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -63,6 +64,9 @@ class Transfer(Generic[T]):
                 try:
                     if self._block is not None:
                         self._block()
+                    else:
+                        while not self._poll():
+                            time.sleep(50e-6)
                 except BaseException as exc:
                     self._error = exc
                 self._poll = self._block = None

@@ -1,0 +1,80 @@
+// A pool of page-locked staging blocks, reused across transfers.
+//
+// Blocks come in size classes (eight per doubling, so at most 12.5% is wasted, never
+// power-of-two rounding). A released block carries the event recorded after its last
+// asynchronous copy and is handed out again only once that event has completed. The
+// pool never holds more than its byte budget: over budget it frees idle blocks, waits
+// for a pending block of the right class, or answers nullptr so the caller takes the
+// pageable path. Thread safe.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "core/transfer_engine.h"
+
+namespace tb {
+
+struct PinnedBlock {
+  void* ptr = nullptr;
+  size_t size = 0;
+  EventHandle event = 0;
+  bool recorded = false;  // event recorded after the last use and possibly still pending
+};
+
+struct PoolStats {
+  size_t bytes_held = 0;    // pinned bytes owned by the pool
+  size_t bytes_in_use = 0;  // of which handed out right now
+  size_t budget = 0;
+  uint64_t hits = 0;        // acquire() served by a cached block
+  uint64_t misses = 0;      // acquire() that pinned a new block
+  uint64_t waits = 0;       // acquire() that waited for a pending block
+  uint64_t fallbacks = 0;   // acquire() answered nullptr (budget full or pinning failed)
+  uint64_t pin_failures = 0;
+  uint64_t frees = 0;       // blocks unpinned to make room or on trim()
+};
+
+class PinnedPool {
+ public:
+  PinnedPool(TransferEngine& engine, size_t budget_bytes);
+  ~PinnedPool();  // frees nothing: see release_all()
+  PinnedPool(const PinnedPool&) = delete;
+  PinnedPool& operator=(const PinnedPool&) = delete;
+
+  /// A block of at least nbytes, or nullptr (the caller then uses pageable memory).
+  PinnedBlock* acquire(size_t nbytes);
+  /// Returns a block; set block->recorded when an event was recorded after its last use.
+  void release(PinnedBlock* block) noexcept;
+
+  PoolStats stats();
+  size_t budget();
+  /// Changes the budget; idle blocks beyond it are freed now, busy ones when released.
+  void set_budget(size_t bytes);
+  /// Frees every idle block whose last copy has completed.
+  void trim();
+  /// Frees all idle blocks, waiting for pending ones (for tests and explicit shutdown).
+  void release_all();
+
+  static size_t size_class(size_t nbytes);
+
+ private:
+  // Frees idle, completed blocks (largest first) until `need` more bytes fit. Lock held.
+  void make_room_locked(size_t need);
+  void free_block_locked(std::multimap<size_t, PinnedBlock*>::iterator it);
+  // True when b's last copy has completed (false on an engine error). Never throws.
+  bool idle_done(PinnedBlock* b) noexcept;
+
+  TransferEngine& engine_;
+  std::mutex m_;
+  std::multimap<size_t, PinnedBlock*> idle_;  // by size class
+  size_t budget_;
+  size_t held_ = 0;    // includes bytes reserved for allocations in progress
+  size_t in_use_ = 0;
+  PoolStats counters_;
+};
+
+}  // namespace tb

@@ -1,0 +1,276 @@
+#include "core/pipeline.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+#include "core/strided_copy.h"
+
+namespace tb {
+namespace {
+
+int64_t product(const std::vector<int64_t>& v, size_t from) {
+  int64_t p = 1;
+  for (size_t i = from; i < v.size(); ++i) p *= v[i];
+  return p;
+}
+
+void plan(const std::vector<int64_t>& shape, int64_t itemsize, size_t chunk_bytes, int depth,
+          std::vector<int64_t>& prefix, size_t& offset, std::vector<Chunk>& out) {
+  const int64_t slice = product(shape, depth + 1) * itemsize;  // bytes per index of `depth`
+  const int64_t n = shape[depth];
+  if (static_cast<size_t>(slice) > chunk_bytes && depth + 1 < static_cast<int>(shape.size())) {
+    for (int64_t i = 0; i < n; ++i) {  // one index at a time, split deeper
+      prefix.push_back(i);
+      plan(shape, itemsize, chunk_bytes, depth + 1, prefix, offset, out);
+      prefix.pop_back();
+    }
+    return;
+  }
+  const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(chunk_bytes) / slice);
+  for (int64_t b = 0; b < n; b += per) {
+    Chunk c;
+    c.depth = depth;
+    c.prefix = prefix;
+    c.begin = b;
+    c.end = std::min(n, b + per);
+    c.bytes = static_cast<size_t>((c.end - c.begin) * slice);
+    c.offset = offset;
+    offset += c.bytes;
+    out.push_back(std::move(c));
+  }
+}
+
+// The host side of one chunk: the user's sub-array, and its dense twin in staging.
+struct ChunkViews {
+  std::vector<int64_t> shape, host_strides, dense_strides;
+  char* host = nullptr;
+};
+
+ChunkViews chunk_views(const HostView& v, const Chunk& c) {
+  ChunkViews cv;
+  char* p = v.data;
+  for (int d = 0; d < c.depth; ++d) p += c.prefix[d] * v.strides[d];
+  p += c.begin * v.strides[c.depth];
+  cv.host = p;
+  cv.shape.assign(v.shape.begin() + c.depth, v.shape.end());
+  cv.shape[0] = c.end - c.begin;
+  cv.host_strides.assign(v.strides.begin() + c.depth, v.strides.end());
+  cv.dense_strides.resize(cv.shape.size());
+  int64_t s = v.itemsize;
+  for (int d = static_cast<int>(cv.shape.size()) - 1; d >= 0; --d) {
+    cv.dense_strides[d] = s;
+    s *= cv.shape[d];
+  }
+  return cv;
+}
+
+void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
+               const std::vector<int64_t>& ss, const std::vector<int64_t>& shape,
+               int64_t itemsize, int swap_unit) {
+  CopyOptions opt;
+  opt.swap_unit = swap_unit;
+  if (!strided_copy({dst, ds.data()}, {const_cast<char*>(src), ss.data()}, shape.data(),
+                    static_cast<int>(shape.size()), itemsize, opt))
+    throw std::invalid_argument("transfer: unsupported itemsize or byte-swap unit");
+}
+
+// Leases staging blocks and always returns them to the pool, with the record state
+// they have: a failed transfer never leaves a block marked in use.
+class Leases {
+ public:
+  explicit Leases(PinnedPool& pool) : pool_(pool) {}
+  ~Leases() {
+    for (PinnedBlock* b : blocks_) pool_.release(b);
+  }
+  bool acquire(int count, size_t bytes) {
+    for (int i = 0; i < count; ++i) {
+      PinnedBlock* b = pool_.acquire(bytes);
+      if (b == nullptr) return false;
+      blocks_.push_back(b);
+    }
+    return true;
+  }
+  PinnedBlock* operator[](size_t i) { return blocks_[i % blocks_.size()]; }
+
+ private:
+  PinnedPool& pool_;
+  std::vector<PinnedBlock*> blocks_;
+};
+
+size_t largest_chunk(const std::vector<Chunk>& chunks) {
+  size_t m = 0;
+  for (const Chunk& c : chunks) m = std::max(m, c.bytes);
+  return m;
+}
+
+bool dense_c_order(const HostView& v) {
+  int64_t s = v.itemsize;
+  for (int d = static_cast<int>(v.shape.size()) - 1; d >= 0; --d) {
+    if (v.shape[d] != 1 && v.strides[d] != s) return false;
+    s *= v.shape[d];
+  }
+  return true;
+}
+
+// The pool had no block: let the engine stage pageable memory itself, through a
+// dense temporary when the user's array is not dense or needs a byte swap.
+struct Pageable {
+  std::unique_ptr<char, decltype(&std::free)> tmp{nullptr, &std::free};
+  char* dense = nullptr;
+  Pageable(const HostView& v, size_t total, int swap_unit) {
+    if (dense_c_order(v) && swap_unit == 0) {
+      dense = v.data;
+    } else {
+      tmp.reset(static_cast<char*>(std::malloc(std::max<size_t>(total, 1))));
+      if (!tmp) throw std::bad_alloc();
+      dense = tmp.get();
+    }
+  }
+};
+
+std::vector<int64_t> dense_strides(const HostView& v) {
+  std::vector<int64_t> s(v.shape.size());
+  int64_t acc = v.itemsize;
+  for (int d = static_cast<int>(v.shape.size()) - 1; d >= 0; --d) {
+    s[d] = acc;
+    acc *= v.shape[d];
+  }
+  return s;
+}
+
+}  // namespace
+
+std::vector<Chunk> plan_chunks(const std::vector<int64_t>& shape, int64_t itemsize,
+                               size_t chunk_bytes) {
+  std::vector<Chunk> out;
+  for (int64_t n : shape)
+    if (n == 0) return out;
+  if (shape.empty()) {  // a 0-d array: one element
+    Chunk c;
+    c.bytes = static_cast<size_t>(itemsize);
+    c.end = 1;
+    out.push_back(c);
+    return out;
+  }
+  std::vector<int64_t> prefix;
+  size_t offset = 0;
+  plan(shape, itemsize, std::max<size_t>(chunk_bytes, 1), 0, prefix, offset, out);
+  return out;
+}
+
+namespace {
+// A 0-d view as a 1-element 1-d view, so chunk_views() has a dimension to restrict.
+HostView at_least_1d(const HostView& v) {
+  if (!v.shape.empty()) return v;
+  HostView w = v;
+  w.shape = {1};
+  w.strides = {v.itemsize};
+  return w;
+}
+}  // namespace
+
+PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
+                            const void* device_src, const HostView& view,
+                            const PipelineOptions& options) {
+  const HostView dst = at_least_1d(view);
+  const auto chunks = plan_chunks(dst.shape, dst.itemsize, options.chunk_bytes);
+  PipelineReport report;
+  report.chunks = chunks.size();
+  if (chunks.empty()) return report;
+  const char* src = static_cast<const char*>(device_src);
+  const int nbuf = std::max(2, options.buffers);
+
+  Leases blocks(pool);
+  if (!blocks.acquire(std::min<int>(nbuf, static_cast<int>(chunks.size())),
+                      largest_chunk(chunks))) {
+    report.staged = false;
+    const size_t total = chunks.back().offset + chunks.back().bytes;
+    Pageable pg(dst, total, options.swap_unit);
+    EventHandle done = engine.create_event();
+    try {
+      engine.copy_to_host_async(pg.dense, src, total, stream);
+      engine.record(done, stream);
+      engine.synchronize(done);
+    } catch (...) {
+      engine.destroy_event(done);
+      throw;
+    }
+    engine.destroy_event(done);
+    if (pg.dense != dst.data)
+      host_copy(dst.data, dst.strides, pg.dense, dense_strides(dst), dst.shape, dst.itemsize,
+                options.swap_unit);
+    return report;
+  }
+
+  // Chunk i goes through block i % nbuf. Queue the DMA of chunk i, then empty chunk
+  // i-(nbuf-1) on the host while it runs; a block is refilled only after it was emptied.
+  const size_t n = chunks.size();
+  const size_t lag = static_cast<size_t>(nbuf - 1);
+  auto drain = [&](size_t j) {
+    PinnedBlock* b = blocks[j];
+    engine.synchronize(b->event);
+    const ChunkViews cv = chunk_views(dst, chunks[j]);
+    host_copy(cv.host, cv.host_strides, static_cast<const char*>(b->ptr), cv.dense_strides,
+              cv.shape, dst.itemsize, options.swap_unit);
+  };
+  for (size_t i = 0; i < n; ++i) {
+    PinnedBlock* b = blocks[i];
+    engine.copy_to_host_async(b->ptr, src + chunks[i].offset, chunks[i].bytes, stream);
+    engine.record(b->event, stream);
+    b->recorded = true;
+    if (i >= lag) drain(i - lag);
+  }
+  for (size_t j = n > lag ? n - lag : 0; j < n; ++j) drain(j);
+  return report;
+}
+
+PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
+                              const HostView& view, void* device_dst,
+                              const PipelineOptions& options) {
+  const HostView src = at_least_1d(view);
+  const auto chunks = plan_chunks(src.shape, src.itemsize, options.chunk_bytes);
+  PipelineReport report;
+  report.chunks = chunks.size();
+  if (chunks.empty()) return report;
+  char* dst = static_cast<char*>(device_dst);
+  const int nbuf = std::max(2, options.buffers);
+
+  Leases blocks(pool);
+  if (!blocks.acquire(std::min<int>(nbuf, static_cast<int>(chunks.size())),
+                      largest_chunk(chunks))) {
+    report.staged = false;
+    const size_t total = chunks.back().offset + chunks.back().bytes;
+    Pageable pg(src, total, options.swap_unit);
+    if (pg.dense != src.data)
+      host_copy(pg.dense, dense_strides(src), src.data, src.strides, src.shape, src.itemsize,
+                options.swap_unit);
+    EventHandle done = engine.create_event();
+    try {
+      engine.copy_to_device_async(dst, pg.dense, total, stream);
+      engine.record(done, stream);
+      engine.synchronize(done);  // the temporary (or the user's array) is read until here
+    } catch (...) {
+      engine.destroy_event(done);
+      throw;
+    }
+    engine.destroy_event(done);
+    return report;
+  }
+
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    PinnedBlock* b = blocks[i];
+    if (b->recorded) engine.synchronize(b->event);  // its previous DMA has read it
+    const ChunkViews cv = chunk_views(src, chunks[i]);
+    host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides, cv.shape,
+              src.itemsize, options.swap_unit);
+    engine.copy_to_device_async(dst + chunks[i].offset, b->ptr, chunks[i].bytes, stream);
+    engine.record(b->event, stream);
+    b->recorded = true;
+  }
+  return report;
+}
+
+}  // namespace tb

@@ -1,0 +1,66 @@
+// Chunked, double-buffered transfers between a strided host array and dense device
+// memory, staged through the pinned pool.
+//
+// Device to host: the DMA of chunk i into one staging block overlaps the host copy of
+// chunk i-1 out of another into the user's array (any layout, byte-swapped if asked).
+// Host to device: the host copy of chunk i into a block overlaps the DMA of chunk i-1.
+// A block is rewritten only after the event recorded after its last copy completed.
+// Chunks follow the leading dimensions, so each one is a sub-array (a range of the
+// first dimension that is split, the rest whole) and contiguous on the device side.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/pinned_pool.h"
+#include "core/transfer_engine.h"
+
+namespace tb {
+
+/// A host array: data, shape and byte strides (any layout, negative strides too).
+struct HostView {
+  char* data = nullptr;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;
+  int64_t itemsize = 1;
+};
+
+struct PipelineOptions {
+  size_t chunk_bytes = size_t{4} << 20;
+  int buffers = 2;     // staging blocks in rotation (at least 2)
+  int swap_unit = 0;   // byte-swap units while copying on the host (0: none)
+};
+
+struct PipelineReport {
+  size_t chunks = 0;
+  bool staged = true;  // false: the pool had no block, the pageable path was taken
+};
+
+/// One chunk: the sub-array with dimension `depth` restricted to [begin, end) and the
+/// dimensions before it fixed at `prefix`; `offset` and `bytes` locate it in the dense
+/// (C-order) device buffer.
+struct Chunk {
+  int depth = 0;
+  std::vector<int64_t> prefix;
+  int64_t begin = 0, end = 0;
+  size_t offset = 0, bytes = 0;
+};
+
+/// Splits a dense array of `shape` into chunks of at most chunk_bytes (at least one
+/// element each), in device order.
+std::vector<Chunk> plan_chunks(const std::vector<int64_t>& shape, int64_t itemsize,
+                               size_t chunk_bytes);
+
+/// Device (dense, C order) -> host view. Returns once every byte is in `dst`.
+PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
+                            const void* device_src, const HostView& dst,
+                            const PipelineOptions& options);
+
+/// Host view -> device (dense, C order). Returns once the last chunk is queued on
+/// `stream`: from then on `src` is no longer read (the staging blocks are the pool's).
+PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
+                              const HostView& src, void* device_dst,
+                              const PipelineOptions& options);
+
+}  // namespace tb

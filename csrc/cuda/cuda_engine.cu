@@ -1,0 +1,214 @@
+#include "cuda/cuda_engine.h"
+
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "cuda/error.h"
+
+namespace tb::cuda {
+namespace {
+
+class CudaEngine final : public TransferEngine {
+ public:
+  explicit CudaEngine(int device) : device_(device) {}
+
+  void* alloc_pinned(size_t nbytes) override {
+    void* p = nullptr;
+    TB_CUDA_CHECK(cudaHostAlloc(&p, nbytes, cudaHostAllocPortable));
+    return p;
+  }
+  void free_pinned(void* ptr) noexcept override {
+    if (cudaFreeHost(ptr) != cudaSuccess) (void)cudaGetLastError();
+  }
+  void copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) override {
+    TB_CUDA_CHECK(cudaMemcpyAsync(host, device, n, cudaMemcpyDeviceToHost, stream(s)));
+  }
+  void copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) override {
+    TB_CUDA_CHECK(cudaMemcpyAsync(device, host, n, cudaMemcpyHostToDevice, stream(s)));
+  }
+  EventHandle create_event() override {
+    TB_CUDA_CHECK(cudaSetDevice(device_));  // an event belongs to the device current now
+    cudaEvent_t e;
+    TB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    return reinterpret_cast<EventHandle>(e);
+  }
+  void destroy_event(EventHandle e) noexcept override {
+    if (cudaEventDestroy(event(e)) != cudaSuccess) (void)cudaGetLastError();
+  }
+  void record(EventHandle e, StreamHandle s) override {
+    TB_CUDA_CHECK(cudaEventRecord(event(e), stream(s)));
+  }
+  bool query(EventHandle e) override {
+    const cudaError_t err = cudaEventQuery(event(e));
+    if (err == cudaErrorNotReady) return false;
+    TB_CUDA_CHECK(err);
+    return true;
+  }
+  void synchronize(EventHandle e) override { TB_CUDA_CHECK(cudaEventSynchronize(event(e))); }
+
+  static cudaStream_t stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
+  static cudaEvent_t event(EventHandle e) { return reinterpret_cast<cudaEvent_t>(e); }
+
+ private:
+  int device_;
+};
+
+struct Device {
+  explicit Device(int d, size_t budget) : engine(d), pool(engine, budget) {}
+  CudaEngine engine;
+  PinnedPool pool;
+};
+
+std::mutex g_mutex;
+// Leaked on purpose (see the header); indexed by device.
+auto* g_devices = new std::map<int, Device*>();
+size_t g_budget = 0;  // 0: not set yet, use default_pinned_budget()
+
+Device& device(int d) {
+  TB_CUDA_CHECK(cudaSetDevice(d));  // later calls on this thread target d
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_devices->find(d);
+  if (it != g_devices->end()) return *it->second;
+  if (g_budget == 0) g_budget = default_pinned_budget();
+  Device* dev = new Device(d, g_budget);
+  g_devices->emplace(d, dev);
+  return *dev;
+}
+
+// Ranges this module registered: (address, size) -> references.
+std::mutex g_register_mutex;
+auto* g_registered = new std::map<std::pair<uintptr_t, size_t>, int>();
+
+}  // namespace
+
+size_t default_pinned_budget() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  const size_t ram = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t{8} << 30;
+  return std::clamp(ram / 8, size_t{256} << 20, size_t{8} << 30);
+}
+
+size_t pinned_budget() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_budget ? g_budget : default_pinned_budget();
+}
+
+void set_pinned_budget(size_t bytes) {
+  std::vector<Device*> devs;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    g_budget = bytes;
+    for (auto& [d, dev] : *g_devices) devs.push_back(dev);
+  }
+  for (Device* dev : devs) dev->pool.set_budget(bytes);
+}
+
+PoolStats pinned_stats() {
+  std::vector<Device*> devs;
+  PoolStats total;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (auto& [d, dev] : *g_devices) devs.push_back(dev);
+    total.budget = g_budget ? g_budget : default_pinned_budget();
+  }
+  for (Device* dev : devs) {
+    const PoolStats s = dev->pool.stats();
+    total.bytes_held += s.bytes_held;
+    total.bytes_in_use += s.bytes_in_use;
+    total.hits += s.hits;
+    total.misses += s.misses;
+    total.waits += s.waits;
+    total.fallbacks += s.fallbacks;
+    total.pin_failures += s.pin_failures;
+    total.frees += s.frees;
+  }
+  return total;
+}
+
+void trim_pinned() {
+  std::vector<Device*> devs;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (auto& [d, dev] : *g_devices) devs.push_back(dev);
+  }
+  for (Device* dev : devs) dev->pool.trim();
+}
+
+PipelineReport copy_to_host(int d, StreamHandle stream, const void* device_src,
+                            const HostView& dst, const PipelineOptions& options) {
+  Device& dev = device(d);
+  return tb::copy_to_host(dev.engine, dev.pool, stream, device_src, dst, options);
+}
+
+PipelineReport copy_to_device(int d, StreamHandle stream, const HostView& src,
+                              void* device_dst, const PipelineOptions& options) {
+  Device& dev = device(d);
+  return tb::copy_to_device(dev.engine, dev.pool, stream, src, device_dst, options);
+}
+
+EventHandle copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t n,
+                       bool to_host) {
+  Device& dev = device(d);
+  const EventHandle e = dev.engine.create_event();
+  try {
+    if (to_host) dev.engine.copy_to_host_async(dst, src, n, stream);
+    else dev.engine.copy_to_device_async(dst, src, n, stream);
+    dev.engine.record(e, stream);
+  } catch (...) {
+    dev.engine.destroy_event(e);
+    throw;
+  }
+  return e;
+}
+
+bool query_event(EventHandle e) {
+  const cudaError_t err = cudaEventQuery(reinterpret_cast<cudaEvent_t>(e));
+  if (err == cudaErrorNotReady) return false;
+  TB_CUDA_CHECK(err);
+  return true;
+}
+
+void synchronize_event(EventHandle e) {
+  TB_CUDA_CHECK(cudaEventSynchronize(reinterpret_cast<cudaEvent_t>(e)));
+}
+
+void destroy_event(EventHandle e) noexcept {
+  if (cudaEventDestroy(reinterpret_cast<cudaEvent_t>(e)) != cudaSuccess) (void)cudaGetLastError();
+}
+
+bool host_register(void* ptr, size_t nbytes) {
+  std::lock_guard<std::mutex> lock(g_register_mutex);
+  const auto key = std::make_pair(reinterpret_cast<uintptr_t>(ptr), nbytes);
+  auto it = g_registered->find(key);
+  if (it != g_registered->end()) {
+    ++it->second;
+    return true;
+  }
+  const cudaError_t err = cudaHostRegister(ptr, nbytes, cudaHostRegisterPortable);
+  if (err == cudaErrorHostMemoryAlreadyRegistered) {
+    (void)cudaGetLastError();
+    return false;  // already page-locked by someone else: nothing to do, nothing to undo
+  }
+  TB_CUDA_CHECK(err);
+  g_registered->emplace(key, 1);
+  return true;
+}
+
+bool host_unregister(void* ptr, size_t nbytes) {
+  std::lock_guard<std::mutex> lock(g_register_mutex);
+  auto it = g_registered->find(std::make_pair(reinterpret_cast<uintptr_t>(ptr), nbytes));
+  if (it == g_registered->end()) return false;
+  if (--it->second == 0) {
+    g_registered->erase(it);
+    TB_CUDA_CHECK(cudaHostUnregister(ptr));
+  }
+  return true;
+}
+
+}  // namespace tb::cuda

@@ -1,0 +1,47 @@
+// The CUDA transfer engine: the pipeline of core/ running on cudaMemcpyAsync, events
+// and page-locked staging blocks, one pool per device.
+//
+// Plain C++ interface (no CUDA headers) so the bindings compile with the host compiler.
+// Everything is created on first use and deliberately leaked at exit: no CUDA call may
+// run from a static destructor, when the driver may already be gone.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/pinned_pool.h"
+#include "core/pipeline.h"
+
+namespace tb::cuda {
+
+/// Default pinned budget per device: an eighth of physical memory, within [256 MiB, 8 GiB].
+size_t default_pinned_budget();
+size_t pinned_budget();
+void set_pinned_budget(size_t bytes);
+/// Summed over the devices used so far.
+PoolStats pinned_stats();
+/// Frees idle staging blocks whose copies have completed.
+void trim_pinned();
+
+/// Device (dense) -> host view through the device's pool; blocks until done.
+PipelineReport copy_to_host(int device, StreamHandle stream, const void* device_src,
+                            const HostView& dst, const PipelineOptions& options);
+/// Host view -> device (dense); returns once the last chunk is queued on `stream`.
+PipelineReport copy_to_device(int device, StreamHandle stream, const HostView& src,
+                              void* device_dst, const PipelineOptions& options);
+
+/// One asynchronous copy between page-locked host memory and the device; returns an
+/// event recorded after it (release it with destroy_event).
+EventHandle copy_async(int device, StreamHandle stream, void* dst, const void* src, size_t n,
+                       bool to_host);
+bool query_event(EventHandle e);
+void synchronize_event(EventHandle e);
+void destroy_event(EventHandle e) noexcept;
+
+/// Page-locks existing memory (cudaHostRegister), reference counted by address range.
+/// Returns false when the range already lies in page-locked memory it did not register.
+bool host_register(void* ptr, size_t nbytes);
+/// Drops one reference; unregisters at zero. False when the range was not registered here.
+bool host_unregister(void* ptr, size_t nbytes);
+
+}  // namespace tb::cuda

@@ -1,0 +1,308 @@
+"""GPU transfers through the compiled engine: pinned staging pool, chunked pipeline.
+
+The Python layer picks the layouts and streams; csrc/core/pipeline.cpp does the
+chunking and buffer rotation and csrc/cuda/cuda_engine.cu the CUDA calls. Used when
+the extension was built with CUDA and a GPU is usable; otherwise the callers fall back
+to torch's own path (``.cpu()`` / ``.to(device)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _backend, _dtypes
+from ._transfer import Transfer
+
+_options = {"chunk_bytes": 4 << 20, "buffers": 3}
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def engine_ready() -> bool:
+    """True when GPU transfers can use the compiled engine."""
+    C = _backend.C
+    return C is not None and C.cuda_compiled and _backend.cuda_status()[0]
+
+
+def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None) -> dict[str, int]:
+    """Sets (when given) and returns the pipeline's chunk size and staging buffer count.
+
+    Example:
+        >>> import tensorbridge as tb
+        >>> tb.transfer_options()["buffers"] >= 2
+        True
+    """
+    if chunk_bytes is not None:
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes must be an int >= 4096, got {chunk_bytes!r}")
+        _options["chunk_bytes"] = chunk_bytes
+    if buffers is not None:
+        if isinstance(buffers, bool) or not isinstance(buffers, int) or not 2 <= buffers <= 16:
+            raise ValueError(f"buffers must be an int from 2 to 16, got {buffers!r}")
+        _options["buffers"] = buffers
+    return dict(_options)
+
+
+def _background() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tensorbridge")
+        return _executor
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _dense_order(a: np.ndarray) -> tuple[int, ...] | None:
+    """A permutation p such that a.transpose(p) is C-contiguous, or None."""
+    p = tuple(sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]) if a.shape[d] > 1 else 0))
+    return p if a.transpose(p).flags.c_contiguous else None
+
+
+def _swap_unit(a: np.ndarray) -> int:
+    return 0 if a.dtype.isnative else _dtypes.swap_unit(a.dtype)
+
+
+# --------------------------------------------------------------------------- device -> host
+
+
+def to_host(
+    x: torch.Tensor, out: np.ndarray | None, np_dtype: np.dtype, non_blocking: bool
+) -> np.ndarray | Transfer[np.ndarray]:
+    """A CUDA tensor (no conj/neg bits, dtype already final) into `out` or a new array."""
+    C = _backend.C
+    if out is None:
+        out = np.empty(tuple(x.shape), np_dtype)
+    dst = out
+    src = x
+    if _dtypes.is_ml_dtype(np_dtype):  # move ml_dtypes through same-size integers
+        storage_t, storage_np = _dtypes.storage_dtypes(np_dtype.itemsize)
+        src = src.view(storage_t)
+        dst = dst.view(storage_np)
+    # Make the device side dense in the order `out` is laid out in (a permutation on the
+    # GPU is nearly free); the host side then copies whole runs.
+    order = _dense_order(dst)
+    if order is not None and order != tuple(range(dst.ndim)):
+        src = src.permute(order)
+        dst = dst.transpose(order)
+    fresh = not src.is_contiguous()
+    src = src.contiguous()
+    device = x.device
+    stream = torch.cuda.current_stream(device)
+    swap = _swap_unit(dst)
+    nbytes = dst.size * dst.itemsize
+    index = _device_index(device)
+
+    if swap == 0 and dst.flags.c_contiguous and nbytes and C.is_host_pinned(dst):
+        # Page-locked destination: one DMA, queued now on the current stream.
+        event = C.cuda_copy_async(
+            index, stream.cuda_stream, dst.ctypes.data, src.data_ptr(), nbytes, True
+        )
+        return _event_result(event, out, keepalive=(src, out), wait=not non_blocking)
+
+    def run() -> np.ndarray:
+        C.cuda_copy_to_host(
+            index,
+            stream.cuda_stream,
+            src.data_ptr(),
+            dst,
+            _options["chunk_bytes"],
+            _options["buffers"],
+            swap,
+        )
+        return out
+
+    if not non_blocking:
+        return run()
+    if not fresh:
+        # The copies are queued from another thread later on: work the caller queues on
+        # this stream meanwhile must not change what we read, so read a private copy.
+        src = src.clone()
+    # The job holds src and out (through `run`) until it has finished with them.
+    future = _background().submit(run)
+    return Transfer(out, poll=future.done, block=future.result, keepalive=(src, out))
+
+
+def _finish_event(event: int, keepalive: Any) -> None:
+    """Waits for `event`, then releases it; `keepalive` lives until the copy is done."""
+    C = _backend.C
+    try:
+        C.cuda_event_synchronize(event)
+    finally:
+        C.cuda_event_destroy(event)
+
+
+def _event_result(event: int, result: Any, keepalive: Any, wait: bool) -> Any:
+    if wait:
+        _finish_event(event, keepalive)
+        return result
+    C = _backend.C
+    t: Transfer[Any] = Transfer(result, poll=lambda: C.cuda_event_query(event))
+    # wait() runs the finalizer; a handle dropped without wait() runs it when collected,
+    # so the memory the DMA touches outlives the DMA either way.
+    finish = weakref.finalize(t, _finish_event, event, keepalive)
+    t._block = finish
+    return t
+
+
+# --------------------------------------------------------------------------- host -> device
+
+_inflight: list[tuple[int, Any]] = []  # (event, source) of direct copies from pinned memory
+_inflight_lock = threading.Lock()
+
+
+def _reap_inflight() -> None:
+    C = _backend.C
+    with _inflight_lock:
+        keep = []
+        for event, source in _inflight:
+            if C.cuda_event_query(event):
+                C.cuda_event_destroy(event)
+            else:
+                keep.append((event, source))
+        _inflight[:] = keep
+
+
+def to_device(
+    a: np.ndarray,
+    device: torch.device,
+    target: torch.dtype | None,
+    non_blocking: bool,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """A NumPy array (any layout and byte order) to a CUDA tensor; casts on the device."""
+    C = _backend.C
+    index = _device_index(device)
+    device = torch.device("cuda", index)
+    t_dtype = _dtypes.torch_dtype(a.dtype)
+    src = a
+    if _dtypes.is_ml_dtype(a.dtype):
+        _, storage_np = _dtypes.storage_dtypes(a.dtype.itemsize)
+        src = a.view(storage_np)
+    if out is not None and out.dtype == t_dtype and out.is_contiguous():
+        dst = out  # straight into the caller's tensor
+    else:
+        dst = torch.empty(a.shape, dtype=t_dtype, device=device)
+    stream = torch.cuda.current_stream(device)
+    swap = _swap_unit(src)
+    nbytes = src.size * src.itemsize
+    _reap_inflight()
+    if swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src):
+        event = C.cuda_copy_async(
+            index, stream.cuda_stream, dst.data_ptr(), src.ctypes.data, nbytes, False
+        )
+        if non_blocking:  # keep the source alive until the DMA has read it
+            with _inflight_lock:
+                _inflight.append((event, a))
+        else:
+            try:
+                C.cuda_event_synchronize(event)
+            finally:
+                C.cuda_event_destroy(event)
+    elif nbytes:
+        # Staged: returns once the last chunk is queued; `a` is not read after that.
+        C.cuda_copy_to_device(
+            index,
+            stream.cuda_stream,
+            src,
+            dst.data_ptr(),
+            _options["chunk_bytes"],
+            _options["buffers"],
+            swap,
+        )
+    if out is not None and dst is not out:
+        out.copy_(dst, non_blocking=True)  # cast (or re-layout) on the device
+        return out
+    if target is not None and target != dst.dtype:
+        return dst.to(target)
+    return dst
+
+
+# --------------------------------------------------------------------------- pinned memory
+
+
+def pin(array: np.ndarray) -> np.ndarray:
+    """Page-locks an existing array in place (``cudaHostRegister``) and returns it.
+
+    Reference counted: pinning twice needs two :func:`unpin` calls. The registration is
+    dropped automatically when the array is garbage-collected. Without a usable GPU this
+    does nothing. Prefer :func:`pinned` as a context manager.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> a = tb.pin(np.zeros(1024))
+        >>> tb.unpin(a)
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"pin expects a numpy.ndarray, got {type(array).__name__}")
+    if array.size == 0 or not engine_ready():
+        return array
+    C = _backend.C
+    if C.cuda_host_register(array):
+        address, nbytes = C.array_span(array)
+        weakref.finalize(array, C.cuda_host_unregister, address, nbytes)
+    return array
+
+
+def unpin(array: np.ndarray) -> None:
+    """Drops one :func:`pin` of ``array``; unpinning what was not pinned does nothing."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"unpin expects a numpy.ndarray, got {type(array).__name__}")
+    if array.size == 0 or not engine_ready():
+        return
+    C = _backend.C
+    address, nbytes = C.array_span(array)
+    C.cuda_host_unregister(address, nbytes)
+
+
+@contextlib.contextmanager
+def pinned(array: np.ndarray) -> Iterator[np.ndarray]:
+    """``with tb.pinned(a):`` page-locks ``a`` for the block (GPU copies then DMA it directly)."""
+    pin(array)
+    try:
+        yield array
+    finally:
+        unpin(array)
+
+
+def pinned_stats() -> dict[str, Any]:
+    """The staging pool: bytes held and in use, budget, hits, misses, waits, fallbacks.
+
+    Example:
+        >>> import tensorbridge as tb
+        >>> sorted(tb.pinned_stats())[:3]
+        ['available', 'budget', 'bytes_held']
+    """
+    C = _backend.C
+    if not engine_ready():
+        return {
+            "available": False,
+            "budget": 0,
+            "bytes_held": 0,
+            "bytes_in_use": 0,
+            "hits": 0,
+            "misses": 0,
+            "waits": 0,
+            "fallbacks": 0,
+            "pin_failures": 0,
+            "frees": 0,
+        }
+    return {"available": True, **C.cuda_pinned_stats()}
+
+
+def set_pinned_budget(nbytes: int) -> None:
+    """Caps the pinned bytes the staging pool may hold per device; frees idle blocks over it."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"the pinned budget must be an int >= 0, got {nbytes!r}")
+    if engine_ready():
+        _backend.C.cuda_set_pinned_budget(nbytes)

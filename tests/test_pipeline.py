@@ -1,0 +1,279 @@
+"""The transfer pipeline and pinned pool, driven through the host-only engine.
+
+The host engine runs each "DMA" on a worker thread, optionally after a delay, so a
+staging block rewritten before its copy finished shows up as wrong data here. These
+are the same C++ pipeline and pool the CUDA engine uses; only the copy/event calls differ.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tensorbridge import _backend
+
+from conftest import HAS_EXTENSION
+
+pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
+C = _backend._LOADED
+POISON = 0xAB
+
+
+def make_tester(**kw):
+    return C.HostTransferTester(**kw)
+
+
+def random_array(shape, dtype, rng) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    raw = rng.integers(0, 256, size=max(1, int(np.prod(shape))) * dtype.itemsize, dtype=np.uint8)
+    return raw[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def layout(a: np.ndarray, kind: str) -> np.ndarray:
+    """A poisoned array of a's shape and dtype in the given layout (a view into a buffer)."""
+    if kind == "C":
+        out = np.empty(a.shape, a.dtype)
+    elif kind == "F":
+        out = np.empty(a.shape, a.dtype, order="F")
+    elif kind == "holes":
+        big = np.empty(tuple(2 * n for n in a.shape), a.dtype)
+        big.ravel(order="K").view(np.uint8).fill(POISON)
+        return big[(*(slice(None, None, 2) for _ in a.shape), Ellipsis)]
+    elif kind == "reversed":
+        out = np.empty(a.shape, a.dtype)[(*(slice(None, None, -1) for _ in a.shape), Ellipsis)]
+    else:
+        raise ValueError(kind)
+    out.ravel(order="K").view(np.uint8).fill(POISON)
+    return out
+
+
+def dense_bytes(a: np.ndarray) -> np.ndarray:
+    return np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).copy()
+
+
+# ------------------------------------------------------------------------- chunk plan
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
+    itemsize=st.sampled_from([1, 2, 4, 8, 16]),
+    chunk=st.integers(1, 600),
+)
+def test_chunks_tile_the_buffer_in_order(shape, itemsize, chunk):
+    chunks = C.plan_chunks(shape, itemsize, chunk)
+    total = int(np.prod(shape)) * itemsize
+    assert sum(c[1] for c in chunks) == total
+    offset = 0
+    for off, nbytes, depth, prefix, begin, end in chunks:
+        assert off == offset and nbytes > 0
+        assert nbytes <= max(chunk, itemsize)
+        assert len(prefix) == depth and begin < end
+        inner = int(np.prod(shape[depth + 1 :])) * itemsize if shape else itemsize
+        assert nbytes == (end - begin) * inner
+        offset += nbytes
+
+
+def test_size_classes_are_not_powers_of_two():
+    sizes = [1, 4095, 4096, 4097, 65536, 65537, 3 << 20, (4 << 20) + 1, 100 << 20, 1 << 30]
+    for n in sizes:
+        c = C.pool_size_class(n)
+        assert c >= n and c % 4096 == 0
+        assert c - n <= max(4095, n // 8)  # at most 12.5% over (one page for small sizes)
+    assert C.pool_size_class(3 << 20) == 3 << 20
+    assert C.pool_size_class(5 << 20) == 5 << 20  # not rounded up to 8 MiB
+
+
+# ------------------------------------------------------------------------- device -> host
+
+
+SHAPES = [(), (0,), (1,), (7,), (13, 17), (5, 1, 9), (3, 4, 5, 6), (257, 129)]
+CHUNKS = [1, 64, 1000, 4096, 1 << 20]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
+def test_to_host_any_layout(shape, chunk, kind):
+    rng = np.random.default_rng(abs(hash((shape, chunk, kind))) % 2**32)
+    a = random_array(shape, "<f4", rng)
+    t = make_tester(delay_us=20)
+    out = layout(a, kind)
+    report = t.to_host(dense_bytes(a), out, chunk_bytes=chunk, buffers=2)
+    assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(a).tobytes()
+    assert report["staged"] and report["chunks"] == len(C.plan_chunks(list(shape), 4, chunk))
+    assert t.stats()["bytes_in_use"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["u1", "<u2", "<f4", "<c8", "<c16", "V3"])
+@pytest.mark.parametrize("buffers", [2, 3, 5])
+def test_to_host_dtypes_and_buffer_counts(dtype, buffers):
+    rng = np.random.default_rng(buffers)
+    a = random_array((31, 45), dtype, rng)
+    t = make_tester(delay_us=50)
+    out = layout(a, "F")
+    t.to_host(dense_bytes(a), out, chunk_bytes=777, buffers=buffers)
+    assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(a).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["<u2", "<f4", "<f8", "<c8", "<c16"])
+def test_to_host_swaps_bytes(dtype):
+    rng = np.random.default_rng(3)
+    a = random_array((19, 23), dtype, rng)
+    big = np.empty(a.shape, np.dtype(dtype).newbyteorder(">"))
+    unit = a.itemsize // 2 if a.dtype.kind == "c" else a.itemsize
+    make_tester(delay_us=10).to_host(dense_bytes(a), big, chunk_bytes=300, swap_unit=unit)
+    assert big.astype(a.dtype).tobytes() == a.tobytes()
+
+
+# ------------------------------------------------------------------------- host -> device
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
+def test_to_device_any_layout(shape, chunk, kind):
+    rng = np.random.default_rng(abs(hash((shape, chunk, kind, 1))) % 2**32)
+    a = random_array(shape, "<f8", rng)
+    src = layout(a, kind)
+    src[...] = a
+    device = np.full(max(a.nbytes, 1), POISON, np.uint8)
+    t = make_tester(delay_us=20)
+    t.to_device(src, device, chunk_bytes=chunk, buffers=2)
+    t.drain()
+    assert device[: a.nbytes].tobytes() == np.ascontiguousarray(a).tobytes()
+    assert t.stats()["bytes_in_use"] == 0
+
+
+def test_to_device_does_not_read_the_source_after_returning():
+    """The contract that lets non_blocking uploads drop the source at once."""
+    rng = np.random.default_rng(5)
+    a = random_array((64, 1000), "<f4", rng)
+    src = a.copy()
+    device = np.zeros(a.nbytes, np.uint8)
+    t = make_tester(delay_us=300)  # the "DMAs" are still queued when to_device returns
+    t.to_device(src, device, chunk_bytes=8192, buffers=3)
+    src[...] = 0  # the caller reuses its array immediately
+    t.drain()
+    assert device.tobytes() == a.tobytes()
+
+
+def test_to_device_swaps_bytes():
+    rng = np.random.default_rng(6)
+    a = random_array((40, 41), "<i4", rng)
+    src = a.astype(">i4")[::-1]
+    device = np.zeros(a.nbytes, np.uint8)
+    t = make_tester(delay_us=5)
+    t.to_device(src, device, chunk_bytes=512, swap_unit=4)
+    t.drain()
+    assert device.tobytes() == np.ascontiguousarray(a[::-1]).tobytes()
+
+
+# ------------------------------------------------------------------------- pool
+
+
+def test_blocks_are_reused_across_transfers():
+    rng = np.random.default_rng(7)
+    a = random_array((100, 100), "<f4", rng)
+    t = make_tester()
+    for _ in range(5):
+        out = layout(a, "C")
+        t.to_host(dense_bytes(a), out, chunk_bytes=4096, buffers=2)
+        assert out.tobytes() == a.tobytes()
+    s = t.stats()
+    assert s["misses"] == 2 and s["hits"] == 8
+    assert t.pinned_allocations == 2 and s["bytes_held"] == 2 * 4096 and s["bytes_in_use"] == 0
+
+
+def test_budget_too_small_takes_the_pageable_path():
+    rng = np.random.default_rng(8)
+    a = random_array((50, 70), "<f8", rng)
+    t = make_tester(budget=4096)  # room for one 4 KiB block; the pipeline wants two
+    for kind in ("C", "F"):
+        out = layout(a, kind)
+        report = t.to_host(dense_bytes(a), out, chunk_bytes=4096)
+        assert not report["staged"]
+        assert np.ascontiguousarray(out).tobytes() == a.tobytes()
+    device = np.zeros(a.nbytes, np.uint8)
+    assert not t.to_device(a.T.copy().T, device, chunk_bytes=4096)["staged"]
+    t.drain()
+    assert device.tobytes() == a.tobytes()
+    s = t.stats()
+    assert s["bytes_held"] <= s["budget"] and s["bytes_in_use"] == 0 and s["fallbacks"] >= 3
+
+
+def test_pinning_failure_takes_the_pageable_path():
+    rng = np.random.default_rng(9)
+    a = random_array((33, 33), "<f4", rng)
+    t = make_tester(fail_pinning_after=0)
+    out = layout(a, "holes")
+    assert not t.to_host(dense_bytes(a), out, chunk_bytes=1024)["staged"]
+    assert np.ascontiguousarray(out).tobytes() == a.tobytes()
+    s = t.stats()
+    assert s["pin_failures"] >= 1 and s["bytes_held"] == 0 and s["bytes_in_use"] == 0
+
+
+def test_shrinking_the_budget_frees_idle_blocks():
+    rng = np.random.default_rng(10)
+    a = random_array((64, 64), "<f4", rng)
+    t = make_tester(delay_us=10)
+    t.to_host(dense_bytes(a), layout(a, "C"), chunk_bytes=4096, buffers=4)
+    assert t.stats()["bytes_held"] == 4 * 4096
+    t.set_budget(4096)
+    assert t.stats()["bytes_held"] <= 4096
+    assert t.live_pinned <= 1
+
+
+def test_many_threads_share_one_pool_within_budget():
+    """More threads than cores and than blocks the budget allows: all correct, budget kept."""
+    t = make_tester(delay_us=30, budget=6 * 8192)
+    errors: list[BaseException] = []
+    peak = []
+
+    def work(i: int) -> None:
+        try:
+            rng = np.random.default_rng(i)
+            for j in range(6):
+                a = random_array((17 + i, 50 + j), "<f8", rng)
+                out = layout(a, "F" if (i + j) % 2 else "holes")
+                t.to_host(dense_bytes(a), out, chunk_bytes=8192, buffers=2 + j % 2)
+                assert np.ascontiguousarray(out).tobytes() == a.tobytes()
+                device = np.zeros(a.nbytes, np.uint8)
+                t.to_device(layout_copy(a), device, chunk_bytes=8192)
+                peak.append(t.stats()["bytes_held"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, repr(errors[0])
+    s = t.stats()
+    assert max(peak) <= s["budget"] and s["bytes_held"] <= s["budget"]
+    assert s["bytes_in_use"] == 0
+
+
+def layout_copy(a: np.ndarray) -> np.ndarray:
+    out = layout(a, "reversed")
+    out[...] = a
+    return out
+
+
+def test_bad_arguments_raise_before_copying():
+    t = make_tester()
+    out = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="too small"):
+        t.to_host(np.zeros(10, np.uint8), out)
+    ro = np.zeros((4, 4), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        t.to_host(np.zeros(64, np.uint8), ro)
+    with pytest.raises(ValueError, match="byte-swap"):
+        t.to_host(np.zeros(64, np.uint8), out, swap_unit=3)
+    assert t.stats()["bytes_in_use"] == 0
