@@ -174,7 +174,7 @@ class HostTransferTester {
   HostTransferTester(int delay_us, int64_t fail_pinning_after, size_t budget)
       : engine_(delay_us, fail_pinning_after), pool_(engine_, budget) {}
   ~HostTransferTester() {
-    engine_.drain();
+    engine_.drain();  // before pending_ (destroyed after this body) lets the buffers go
     pool_.release_all();
   }
   py::dict to_host(py::array device, py::array dst, size_t chunk, int buffers, int swap) {
@@ -192,6 +192,8 @@ class HostTransferTester {
     const auto view = host_view(src, false);
     check_device(device, view);
     void* dst = device.mutable_data();
+    // The queued copies write into `device` later: hold it until drain().
+    pending_.push_back(device);
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
@@ -200,8 +202,11 @@ class HostTransferTester {
     return report_dict(r);
   }
   void drain() {
-    py::gil_scoped_release release;
-    engine_.drain();
+    {
+      py::gil_scoped_release release;
+      engine_.drain();
+    }
+    pending_.clear();
   }
   py::dict stats() { return stats_dict(pool_.stats()); }
   void set_budget(size_t b) { pool_.set_budget(b); }
@@ -217,6 +222,7 @@ class HostTransferTester {
   }
   tb::HostEngine engine_;
   tb::PinnedPool pool_;
+  std::vector<py::object> pending_;  // device buffers with copies still queued
 };
 
 py::list plan_chunks(std::vector<int64_t> shape, int64_t itemsize, size_t chunk_bytes) {

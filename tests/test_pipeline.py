@@ -245,6 +245,8 @@ def test_many_threads_share_one_pool_within_budget():
                 device = np.zeros(a.nbytes, np.uint8)
                 t.to_device(layout_copy(a), device, chunk_bytes=8192)
                 peak.append(t.stats()["bytes_held"])
+                t.drain()
+                assert device.tobytes() == a.tobytes()
         except BaseException as exc:
             errors.append(exc)
 
