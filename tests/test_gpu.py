@@ -1,7 +1,12 @@
-"""GPU behaviour of the converter core (skipped without CUDA). Until the CUDA engine lands,
-device tensors go through torch's own path; these tests pin the contract it must keep."""
+"""GPU transfers (skipped without CUDA): the engine against torch's own copies.
+
+Run on a GPU machine with ``python -m pytest -m gpu`` (benchmarks/run_gpu.sh does it).
+"""
 
 from __future__ import annotations
+
+import gc
+import threading
 
 import numpy as np
 import pytest
@@ -9,34 +14,273 @@ import torch
 
 import tensorbridge as tb
 
-from conftest import assert_same, poisoned, random_tensor, reference_numpy
+from conftest import (
+    ALL_DTYPES,
+    LAYOUTS,
+    assert_holes_poisoned,
+    assert_same,
+    dtype_param,
+    layout_params,
+    poisoned,
+    random_tensor,
+    reference_numpy,
+    strided_out,
+)
 
 pytestmark = pytest.mark.gpu
+CHUNK = 4 << 20
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.complex64])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_cuda_to_numpy_matches_idiom(gen, dtype, layout):
-    x = random_tensor((257, 129), dtype, gen).cuda()
-    x = x.t() if layout == "transposed" else x
+@pytest.fixture(autouse=True)
+def _engine_options():
+    saved = tb.transfer_options()
+    yield
+    tb.transfer_options(**saved)
+
+
+def test_engine_is_live():
+    info = tb.info()
+    assert info["cuda"], info["cuda_reason"]
+    assert info["extension"] and info["cuda_compiled"]
+    assert tb.pinned_stats()["available"]
+
+
+# ------------------------------------------------------------------------- device -> host
+
+
+@pytest.mark.parametrize("layout", layout_params())
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in ALL_DTYPES])
+def test_to_numpy_every_dtype_and_layout(gen, dtype, layout):
+    x = LAYOUTS[layout](dtype, gen).cuda()
     expected = reference_numpy(x)
     assert_same(tb.to_numpy(x), expected)
-    out = poisoned(tuple(x.shape), expected.dtype)
-    assert tb.to_numpy(x, out=out, non_blocking=True).wait() is out
+    out = poisoned(tuple(x.shape), expected.dtype, "F")
+    assert tb.to_numpy(x, out=out) is out
     assert_same(out, expected)
+    view, big = strided_out(tuple(x.shape), expected.dtype)
+    tb.to_numpy(x, out=view)
+    assert_same(view, expected)
+    assert_holes_poisoned(view, big)
 
 
-def test_cuda_to_tensor_casts_on_device(gen):
-    a = random_tensor((64, 64, 3), torch.uint8, gen).numpy()
-    t = tb.to_tensor(a, "cuda", dtype=torch.float32)
-    assert t.device.type == "cuda" and t.dtype == torch.float32
-    assert torch.equal(t.cpu(), torch.from_numpy(a).float())
-    out = torch.empty(a.shape, dtype=torch.uint8, device="cuda")
+@pytest.mark.parametrize(
+    "numel", [0, 1, 7, CHUNK // 4 - 1, CHUNK // 4, CHUNK // 4 + 1, 3 * CHUNK // 4 + 5]
+)
+@pytest.mark.parametrize("kind", ["pageable", "pinned", "strided"])
+def test_to_numpy_sizes_around_chunks(gen, numel, kind):
+    x = random_tensor((numel,), torch.float32, gen).cuda()
+    expected = x.cpu().numpy()
+    if kind == "pinned":
+        out = tb.empty_pinned((numel,), np.float32)
+        out.view(np.uint8)[:] = 0xAB
+        assert numel == 0 or tb.is_pinned(out)
+    elif kind == "strided":
+        out, big = strided_out((numel,), np.float32)
+    else:
+        out = poisoned((numel,), np.float32)
+    tb.to_numpy(x, out=out)
+    assert_same(out, expected)
+    if kind == "strided":
+        assert_holes_poisoned(out, big)
+
+
+@pytest.mark.slow
+def test_one_gib_both_ways(gen):
+    n = (1 << 30) // 4
+    x = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device="cuda", generator=None)
+    out = np.empty(n, np.int32)
+    tb.to_numpy(x, out=out)
+    assert np.array_equal(out, x.cpu().numpy())
+    back = tb.to_tensor(out, "cuda")
+    assert torch.equal(back, x)
+
+
+def test_non_blocking_then_wait_keeps_source_alive(gen):
+    x = random_tensor((2048, 1024), torch.float32, gen).cuda()
+    expected = x.cpu().numpy()
+    out = poisoned(expected.shape, np.float32)
+    handle = tb.to_numpy(x, out=out, non_blocking=True)
+    del x
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert handle.wait() is out
+    assert_same(out, expected)
+    assert handle.done() and handle.wait() is out
+
+
+def test_non_blocking_into_pinned(gen):
+    x = random_tensor((4096, 257), torch.float64, gen).cuda()
+    out = tb.empty_pinned(tuple(x.shape), np.float64)
+    handle = tb.to_numpy(x, out=out, non_blocking=True)
+    assert handle.wait() is out
+    assert_same(out, x.cpu().numpy())
+
+
+def test_non_blocking_sees_only_work_queued_before_it(gen):
+    x = torch.ones(1 << 22, device="cuda")
+    torch.cuda._sleep(50_000_000)  # keep the stream busy
+    x.mul_(3)  # queued before the call: must be visible
+    handle = tb.to_numpy(x, non_blocking=True)
+    x.mul_(5)  # queued after: must not be visible
+    result = handle.wait()
+    assert (result == 3).all()
+
+
+def test_after_pending_kernels_on_a_side_stream(gen):
+    s = torch.cuda.Stream()
+    x = random_tensor((1024, 1024), torch.float32, gen).cuda()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)
+        y = x * 2 + 1
+        got = tb.to_numpy(y)  # on s, after the kernels
+        out = poisoned((1024, 1024), np.float32)
+        tb.to_numpy(y.t(), out=out)
+    torch.cuda.synchronize()
+    assert_same(got, (x * 2 + 1).cpu().numpy())
+    assert_same(out, (x * 2 + 1).t().cpu().numpy())
+
+
+def test_many_threads_at_once(gen):
+    errors: list[BaseException] = []
+    xs = [random_tensor((300 + i, 1000), torch.float32, gen).cuda() for i in range(16)]
+    expected = [x.cpu().numpy() for x in xs]
+
+    def work(i):
+        try:
+            for j in range(5):
+                out = poisoned(expected[i].shape, np.float32, "F" if j % 2 else "C")
+                tb.to_numpy(xs[i], out=out)
+                assert_same(out, expected[i])
+                back = tb.to_tensor(out, "cuda")
+                assert torch.equal(back, xs[i])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, repr(errors[0])
+    stats = tb.pinned_stats()
+    assert stats["bytes_held"] <= stats["budget"] and stats["bytes_in_use"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device(gen):
+    x = random_tensor((999, 77), torch.float32, gen).to("cuda:1")
+    assert_same(tb.to_numpy(x), x.cpu().numpy())
+    t = tb.to_tensor(x.cpu().numpy(), "cuda:1")
+    assert t.device == torch.device("cuda:1") and torch.equal(t, x)
+
+
+# ------------------------------------------------------------------------- host -> device
+
+
+@pytest.mark.parametrize(
+    "view",
+    ["contiguous", "fortran", "reversed", "holes", "big-endian", "scalar", "empty"],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.uint8, np.complex64, np.float16])
+def test_to_tensor_any_layout(view, dtype):
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((63, 129)) * 50).astype(dtype)
+    a = {
+        "contiguous": a,
+        "fortran": np.asfortranarray(a),
+        "reversed": a[::-1, ::-1],
+        "holes": a[::2, 1::3],
+        "big-endian": a.astype(np.dtype(dtype).newbyteorder(">")) if a.itemsize > 1 else a,
+        "scalar": a[3, 4, ...],
+        "empty": a[:0],
+    }[view]
+    t = tb.to_tensor(a, "cuda")
+    expected = torch.from_numpy(np.array(a, dtype=a.dtype.newbyteorder("="), order="C"))
+    assert t.device.type == "cuda" and t.dtype == expected.dtype
+    assert torch.equal(t.cpu(), expected)
+
+
+def test_to_tensor_bfloat16_and_cast_on_device(gen):
+    x = random_tensor((33, 65), torch.bfloat16, gen)
+    a = tb.to_numpy(x)
+    assert torch.equal(tb.to_tensor(a, "cuda").cpu().view(torch.int16), x.view(torch.int16))
+    img = np.random.default_rng(1).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    t = tb.to_tensor(img, "cuda", dtype=torch.float32)
+    assert t.dtype == torch.float32 and torch.equal(t.cpu(), torch.from_numpy(img).float())
+
+
+def test_to_tensor_non_blocking_source_reusable_at_once():
+    a = np.arange(1 << 22, dtype=np.float32)
+    t = tb.to_tensor(a, "cuda", non_blocking=True)
+    a[:] = -1  # the staged path no longer reads `a`
+    torch.cuda.synchronize()
+    assert torch.equal(t.cpu(), torch.arange(1 << 22, dtype=torch.float32))
+
+
+def test_to_tensor_from_pinned_non_blocking():
+    a = tb.empty_pinned((1 << 20,), np.float64)
+    a[:] = np.arange(1 << 20)
+    t = tb.to_tensor(a, "cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(t.cpu(), torch.from_numpy(a))
+
+
+def test_to_tensor_out(gen):
+    a = np.random.default_rng(2).standard_normal((100, 200)).astype(np.float32)
+    out = torch.full((100, 200), float("nan"), device="cuda")
     assert tb.to_tensor(a, out=out) is out
     assert torch.equal(out.cpu(), torch.from_numpy(a))
+    out16 = torch.zeros((100, 200), dtype=torch.float16, device="cuda")
+    tb.to_tensor(a, out=out16, dtype=torch.float16)
+    assert torch.equal(out16.cpu(), torch.from_numpy(a).half())
 
 
-def test_empty_pinned_is_pinned():
-    a = tb.empty_pinned((1024,), np.float32)
-    assert tb.is_pinned(a)
-    assert not tb.is_pinned(np.zeros(1024))
+# ------------------------------------------------------------------------- pool, pinning
+
+
+def test_pin_unpin_and_context_manager():
+    a = np.zeros((1024, 1024), np.float32)
+    assert not tb.is_pinned(a)
+    with tb.pinned(a):
+        assert tb.is_pinned(a)
+        tb.pin(a)  # twice: reference counted
+        tb.unpin(a)
+        assert tb.is_pinned(a)
+    assert not tb.is_pinned(a)
+
+
+def test_pool_reuses_blocks_and_keeps_its_budget(gen):
+    x = random_tensor((4096, 1024), torch.float32, gen).cuda()
+    out = np.empty((4096, 1024), np.float32)
+    tb.to_numpy(x, out=out)
+    before = tb.pinned_stats()
+    for _ in range(3):
+        tb.to_numpy(x, out=out)
+    after = tb.pinned_stats()
+    assert after["hits"] > before["hits"] and after["misses"] == before["misses"]
+    assert after["bytes_held"] <= after["budget"]
+
+
+def test_tiny_budget_falls_back_and_stays_correct(gen):
+    old = tb.pinned_stats()["budget"]
+    try:
+        tb.set_pinned_budget(0)
+        x = random_tensor((1000, 999), torch.float32, gen).cuda()
+        out = poisoned((1000, 999), np.float32, "F")
+        tb.to_numpy(x, out=out)
+        assert_same(out, x.cpu().numpy())
+        assert torch.equal(tb.to_tensor(out, "cuda"), x)
+        assert tb.pinned_stats()["bytes_held"] == 0
+    finally:
+        tb.set_pinned_budget(old)
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 16, 1 << 22])
+@pytest.mark.parametrize("buffers", [2, 4])
+def test_transfer_options(gen, chunk, buffers):
+    tb.transfer_options(chunk_bytes=chunk, buffers=buffers)
+    x = random_tensor((777, 333), torch.float64, gen).cuda()
+    out = poisoned((333, 777), np.float64)
+    tb.to_numpy(x.t(), out=out)
+    assert_same(out, x.t().cpu().numpy())

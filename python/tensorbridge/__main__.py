@@ -1,4 +1,4 @@
-"""Command line: ``python -m tensorbridge info`` and ``python -m tensorbridge bench``."""
+"""Command line: ``python -m tensorbridge info | bench | bench-gpu``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = (
-        "usage: python -m tensorbridge {info,bench} [options]\n"
-        "  info    which path is live (extension or fallback) and why, CUDA, versions\n"
-        "  bench   the CPU benchmark against the idioms it replaces (--help for options)"
+        "usage: python -m tensorbridge {info,bench,bench-gpu} [options]\n"
+        "  info       which path is live (extension or fallback) and why, CUDA, versions\n"
+        "  bench      the CPU benchmark against the idioms it replaces (--help for options)\n"
+        "  bench-gpu  device<->host transfers against torch's idioms (needs a GPU)"
     )
     if not args or args[0] in ("-h", "--help"):
         print(usage)
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .benchmark import main as bench_main
 
         return bench_main(rest)
+    if cmd == "bench-gpu":
+        from .benchmark_gpu import main as gpu_main
+
+        return gpu_main(rest)
     print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
     return 2
 

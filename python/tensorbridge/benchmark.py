@@ -41,6 +41,7 @@ class Row:
     p10_s: float
     p90_s: float
     samples: int
+    peak_gbs: float | None = None  # the pinned peak P this row is compared with (GPU rows)
 
     def value(self) -> float:
         """GB/s for copies, microseconds per call for overhead rows."""
@@ -151,13 +152,16 @@ class _Runner:
         case: str,
         size: int,
         methods: Sequence[tuple[str, bool, Callable[[int], object]]],
+        peak_gbs: float | None = None,
     ) -> None:
         if self.progress:
             label = f"{section}: {case}" + (f" {_fmt_size(size)}" if size else "")
             print(f"  measuring {label} ...", file=sys.stderr, flush=True)
         results = measure_group([fn for _, _, fn in methods], self.repeats)
         for (name, baseline, _), (med, p10, p90, _) in zip(methods, results, strict=True):
-            self.rows.append(Row(section, case, size, name, baseline, med, p10, p90, self.repeats))
+            self.rows.append(
+                Row(section, case, size, name, baseline, med, p10, p90, self.repeats, peak_gbs)
+            )
 
 
 def _fmt_size(n: int) -> str:
@@ -325,9 +329,12 @@ def format_report(report: Report) -> str:
     for sec, rows in sections.items():
         lines += ["", f"## {sec}", ""]
         unit = "us/call" if rows[0].size == 0 else "GB/s"
+        with_peak = any(r.peak_gbs for r in rows)
         header = (
             f"{'case':<38} {'size':>9}  {'method':<42} {unit:>9} {'p10-p90':>17} {'vs best':>8}"
+            + (f" {'of P':>6}" if with_peak else "")
         )
+
         lines += [header, "-" * len(header)]
         groups: dict[tuple[str, int], list[Row]] = {}
         for row in rows:
@@ -345,7 +352,8 @@ def format_report(report: Report) -> str:
                 ratio = "" if g.baseline or best is None else f"{best / g.median_s:7.2f}x"
                 c = case if j == 0 else ""
                 s = (_fmt_size(size) if size else "") if j == 0 else ""
-                lines.append(f"{c:<38} {s:>9}  {g.method:<42} {val} {spread:>17} {ratio:>8}")
+                peak = f" {g.value() / g.peak_gbs:6.2f}" if with_peak and g.peak_gbs else ""
+                lines.append(f"{c:<38} {s:>9}  {g.method:<42} {val} {spread:>17} {ratio:>8}{peak}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU machine's one command: build tensorbridge in place, run the GPU tests, then the
+# GPU benchmark, and write the table, its JSON, a plot and the logs to OUTDIR.
+#
+#   bash benchmarks/run_gpu.sh [OUTDIR]        # from the repository root; default OUTDIR:
+#                                              # benchmarks/results
+# Needs no network: python3 with torch (CUDA), numpy, pybind11, setuptools, CMake and
+# ninja; matplotlib for the plot, ml_dtypes for the bfloat16/float8 tests. Fits in about
+# ten minutes on one H100/H200 (the build takes one or two of them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/results}"
+py="${PYTHON:-python3}"
+mkdir -p "$out"
+stamp="$(date +%Y-%m-%d)"
+log="$out/$stamp-gpu-run.log"
+export PYTHONUNBUFFERED=1
+
+run() {
+  echo "== machine"
+  nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current,memory.total \
+    --format=csv || true
+  "$py" -c "import torch, numpy; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'numpy', numpy.__version__)"
+
+  echo "== build in place (csrc -> python/tensorbridge/_C)"
+  TENSORBRIDGE_REQUIRE_EXTENSION=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" || return 1
+  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+  "$py" -m tensorbridge info
+
+  echo "== GPU tests"
+  "$py" -m pytest -m gpu -q -p no:cacheprovider -o addopts="--strict-markers -rfE" \
+    --junitxml="$out/$stamp-gpu-tests.xml" tests/test_gpu.py
+  local tests=$?
+
+  echo "== CPU tests of the engine's scheduling (host engine) and the core"
+  "$py" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers -rfE" \
+    tests/test_pipeline.py tests/test_core.py
+  local cpu=$?
+
+  echo "== GPU benchmark"
+  "$py" -m tensorbridge bench-gpu --save "$out" --plot "$out/$stamp-gpu-bench.png"
+  local bench=$?
+
+  echo "== exit codes: gpu tests $tests, cpu tests $cpu, benchmark $bench"
+  [ "$tests" -eq 0 ] && [ "$cpu" -eq 0 ] && [ "$bench" -eq 0 ]
+}
+
+run 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+echo "logs and results in $out (run log: $log)"
+exit "$status"

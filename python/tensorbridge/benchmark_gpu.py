@@ -1,0 +1,296 @@
+"""GPU benchmark: device<->host transfers beside torch's idioms, measured in the same run.
+
+``python -m tensorbridge bench-gpu [--save DIR] [--plot FILE.png]``. Every row is a
+wall-clock time from the call to completion (synchronizing inside the timed region),
+reported in GB/s and as a fraction of P, the pinned peak measured at the start of the
+same run (torch ``copy_(non_blocking=True)`` between a pinned tensor and the device,
+256 MiB). Destination pages are touched before timing; small sizes rotate buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from . import _pinned, _transfers
+from ._convert import to_numpy, to_tensor
+from .benchmark import (
+    KiB,
+    MiB,
+    Report,
+    _buffers,
+    _parse_size,
+    _Runner,
+    format_report,
+    machine,
+    measure_group,
+)
+
+GiB = 1 << 30
+DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB]
+
+
+def gpu_machine() -> dict:
+    m = machine()
+    props = torch.cuda.get_device_properties(0)
+    m.update(
+        {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / GiB, 1),
+            "torch_cuda": torch.version.cuda,
+        }
+    )
+    query = "driver_version,pcie.link.gen.current,pcie.link.width.current"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.splitlines()[0]
+        driver, gen, width = (v.strip() for v in out.split(","))
+        m.update({"driver": driver, "pcie": f"gen {gen} x{width}"})
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        m.update({"driver": None, "pcie": None})
+    return m
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def pinned_peak(repeats: int, nbytes: int = 256 * MiB) -> tuple[float, float]:
+    """(P device->host, P host->device) in GB/s: a pinned tensor and the device, 256 MiB."""
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.fill_(1)
+    d2h, h2d = measure_group(
+        [
+            lambda i: (host.copy_(dev, non_blocking=True), _sync()),
+            lambda i: (dev.copy_(host, non_blocking=True), _sync()),
+        ],
+        repeats,
+    )
+    return nbytes / d2h[0] / 1e9, nbytes / h2d[0] / 1e9
+
+
+def _d2h_methods(
+    ts: list[torch.Tensor], out: np.ndarray, pinned_t: torch.Tensor, pinned_out: np.ndarray
+) -> list:
+    k = len(ts)
+    return [
+        ("t.cpu().numpy()", True, lambda i: ts[i % k].cpu().numpy()),
+        (
+            "np.copyto(out, t.cpu().numpy())",
+            True,
+            lambda i: np.copyto(out, ts[i % k].cpu().numpy()),
+        ),
+        ("torch.from_numpy(out).copy_(t)", True, lambda i: torch.from_numpy(out).copy_(ts[i % k])),
+        (
+            "pinned.copy_(t, non_blocking=True); sync",
+            True,
+            lambda i: (pinned_t.copy_(ts[i % k], non_blocking=True), _sync()),
+        ),
+        ("tb.to_numpy(t, out=out)  [pageable]", False, lambda i: to_numpy(ts[i % k], out=out)),
+        (
+            "tb.to_numpy(t, out=out)  [pinned out]",
+            False,
+            lambda i: to_numpy(ts[i % k], out=pinned_out),
+        ),
+    ]
+
+
+def bench_d2h(r: _Runner, sizes: Sequence[int], peak: float) -> None:
+    for nbytes in sizes:
+        n = nbytes // 4
+        ts = [torch.rand(n, device="cuda") for _ in range(_buffers(nbytes, 256 * MiB))]
+        out = np.ones(n, np.float32)  # pages touched before timing
+        pinned_out = _pinned.empty_pinned((n,), np.float32)
+        pinned_out.fill(1)
+        methods = _d2h_methods(ts, out, torch.ones(n, pin_memory=True), pinned_out)
+        r.group(
+            "device -> host, float32", "into a preallocated array", nbytes, methods, peak_gbs=peak
+        )
+
+
+def _h2d_methods(arrs: list[np.ndarray], pinned_a: np.ndarray) -> list:
+    k = len(arrs)
+    return [
+        (
+            "torch.from_numpy(a).cuda()",
+            True,
+            lambda i: (torch.from_numpy(arrs[i % k]).cuda(), _sync()),
+        ),
+        (
+            "torch.from_numpy(a).pin_memory().cuda(non_blocking=True)",
+            True,
+            lambda i: (torch.from_numpy(arrs[i % k]).pin_memory().cuda(non_blocking=True), _sync()),
+        ),
+        (
+            "tb.to_tensor(a, 'cuda')  [pageable]",
+            False,
+            lambda i: (to_tensor(arrs[i % k], "cuda"), _sync()),
+        ),
+        (
+            "tb.to_tensor(a, 'cuda')  [pinned a]",
+            False,
+            lambda i: (to_tensor(pinned_a, "cuda"), _sync()),
+        ),
+    ]
+
+
+def bench_h2d(r: _Runner, sizes: Sequence[int], peak: float) -> None:
+    for nbytes in sizes:
+        n = nbytes // 4
+        arrs = [np.random.rand(n).astype(np.float32) for _ in range(_buffers(nbytes, 256 * MiB))]
+        pinned_a = _pinned.empty_pinned((n,), np.float32)
+        pinned_a[:] = arrs[0]
+        r.group(
+            "host -> device, float32",
+            "from an array",
+            nbytes,
+            _h2d_methods(arrs, pinned_a),
+            peak_gbs=peak,
+        )
+
+
+def _both_methods(
+    t: torch.Tensor, out: np.ndarray, a: np.ndarray, pool: concurrent.futures.ThreadPoolExecutor
+) -> list:
+    def pair(down, up) -> None:
+        f1, f2 = pool.submit(down), pool.submit(up)
+        f1.result()
+        f2.result()
+        _sync()
+
+    return [
+        (
+            "torch: from_numpy(out).copy_(t) + from_numpy(a).cuda()",
+            True,
+            lambda i: pair(
+                lambda: torch.from_numpy(out).copy_(t), lambda: torch.from_numpy(a).cuda()
+            ),
+        ),
+        (
+            "tb: to_numpy(t, out=out) + to_tensor(a, 'cuda')",
+            False,
+            lambda i: pair(lambda: to_numpy(t, out=out), lambda: to_tensor(a, "cuda")),
+        ),
+    ]
+
+
+def bench_both(r: _Runner, sizes: Sequence[int], peak: float) -> None:
+    """Both directions at once, from two threads (a loader uploading while results come back)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for nbytes in [s for s in sizes if s >= 16 * MiB]:
+            n = nbytes // 4
+            methods = _both_methods(
+                torch.rand(n, device="cuda"),
+                np.ones(n, np.float32),
+                np.random.rand(n).astype(np.float32),
+                pool,
+            )
+            r.group(
+                "both directions at once, float32", "down + up", 2 * nbytes, methods, peak_gbs=peak
+            )
+
+
+def plot(report: Report, path: str) -> None:
+    """GB/s against size for every method, one panel per direction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = sorted({row.section for row in report.rows})
+    fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 4.8), squeeze=False)
+    for ax, sec in zip(axes[0], sections, strict=True):
+        rows = [row for row in report.rows if row.section == sec]
+        for method in dict.fromkeys(row.method for row in rows):
+            pts = [(row.size, row.value()) for row in rows if row.method == method]
+            style = "-" if method.startswith("tb") else "--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
+        peak = rows[0].peak_gbs
+        if peak:
+            ax.axhline(peak, color="gray", linewidth=0.8)
+            ax.text(rows[0].size, peak, f" P = {peak:.1f} GB/s", va="bottom", fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bytes per transfer")
+        ax.set_ylabel("GB/s")
+        ax.set_title(sec)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    m = report.machine
+    fig.suptitle(f"tensorbridge on {m['gpu']} ({m.get('pcie')}), {m['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tensorbridge bench-gpu", description=__doc__)
+    p.add_argument("--sizes", type=_parse_size, nargs="+", default=DEFAULT_SIZES)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument(
+        "--sections", nargs="+", default=["d2h", "h2d", "both"], choices=["d2h", "h2d", "both"]
+    )
+    p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-gpu-<name>.txt and .json")
+    p.add_argument("--plot", metavar="FILE.png", help="draw GB/s against size (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench-gpu: no CUDA device is available to torch", file=sys.stderr)
+        return 2
+    if args.repeats < 2:
+        p.error("--repeats must be at least 2")
+    report = Report(gpu_machine())
+    engine = _transfers.engine_ready()
+    report.machine["engine"] = "compiled CUDA engine" if engine else "torch fallback"
+    r = _Runner(args.repeats, not args.quiet)
+    p_d2h, p_h2d = pinned_peak(args.repeats)
+    report.machine["pinned_peak_gbs"] = {"d2h": round(p_d2h, 2), "h2d": round(p_h2d, 2)}
+    if "d2h" in args.sections:
+        bench_d2h(r, args.sizes, p_d2h)
+    if "h2d" in args.sections:
+        bench_h2d(r, args.sizes, p_h2d)
+    if "both" in args.sections:
+        bench_both(r, args.sizes, p_d2h + p_h2d)
+    report.rows = r.rows
+    m = report.machine
+    text = "\n".join(
+        [
+            format_report(report).replace(
+                "tensorbridge CPU benchmark", "tensorbridge GPU benchmark"
+            ),
+            "",
+            f"GPU {m['gpu']}, driver {m.get('driver')}, PCIe {m.get('pcie')}, torch CUDA "
+            f"{m['torch_cuda']}; transfers through the {m['engine']}.",
+            f"P (pinned peak, 256 MiB): device->host {p_d2h:.2f} GB/s, "
+            f"host->device {p_h2d:.2f} GB/s; 'of P' is each row's GB/s over P of its "
+            "direction (both: over the sum).",
+            f"pinned pool after the run: {_transfers.pinned_stats()}",
+        ]
+    )
+    print(text)
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        name = "".join(ch if ch.isalnum() else "-" for ch in m["gpu"]).strip("-").lower()
+        base = os.path.join(args.save, f"{m['date'][:10]}-gpu-{name}")
+        with open(base + ".txt", "w") as f:
+            f.write(text + "\n")
+        with open(base + ".json", "w") as f:
+            json.dump({"machine": m, "rows": [asdict(x) for x in report.rows]}, f, indent=1)
+        print(f"\nsaved {base}.txt and {base}.json", file=sys.stderr)
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
