@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 import tensorbridge as tb
@@ -45,3 +48,25 @@ def test_many_threads_convert_concurrently(backend):
     for t in threads:
         t.join()
     assert not errors, repr(errors[0])
+
+
+def _child_convert(seed: int) -> bool:
+    g = torch.Generator().manual_seed(seed)
+    x = random_tensor((700, 800), torch.float32, g).t()  # > 256 KiB: the pool splits it
+    out = poisoned(tuple(x.shape), np.float32)
+    tb.to_numpy(x, out=out)
+    a = np.ascontiguousarray(out)[::-1]
+    return bool(np.array_equal(out, x.numpy())) and bool(
+        np.array_equal(tb.from_numpy(a).numpy(), a)
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_children_convert_correctly(backend):
+    """The parent's thread pool is busy and warm when it forks: children must not hang."""
+    x = torch.rand(2048, 1024).t()
+    tb.to_numpy(x, out=np.empty(tuple(x.shape), np.float32))  # start the pool's workers
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        results = pool.map_async(_child_convert, range(6)).get(timeout=120)
+    assert results == [True] * 6

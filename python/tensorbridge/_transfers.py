@@ -9,6 +9,7 @@ to torch's own path (``.cpu()`` / ``.to(device)``).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -26,10 +27,33 @@ _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
 
+_ready: dict[int, bool] = {}  # id(extension module) -> engine usable (asked once per module)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker) never touches the parent's CUDA state."""
+    global _executor
+    _executor = None  # its threads were not copied into the child
+    if any(_ready.values()):
+        # CUDA was initialized before the fork: it cannot be used in this process, and
+        # the pool's blocks and events belong to the parent. Plain paths from here on.
+        for key in list(_ready):
+            _ready[key] = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def engine_ready() -> bool:
-    """True when GPU transfers can use the compiled engine."""
+    """True when GPU transfers can use the compiled engine (the answer is cached)."""
     C = _backend.C
-    return C is not None and C.cuda_compiled and _backend.cuda_status()[0]
+    if C is None:
+        return False
+    ready = _ready.get(id(C))
+    if ready is None:
+        ready = _ready[id(C)] = bool(C.cuda_compiled and _backend.cuda_status()[0])
+    return ready
 
 
 def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None) -> dict[str, int]:
