@@ -171,8 +171,9 @@ py::dict stats_dict(const tb::PoolStats& s) {
 // "Device memory" is a dense uint8 array.
 class HostTransferTester {
  public:
-  HostTransferTester(int delay_us, int64_t fail_pinning_after, size_t budget)
-      : engine_(delay_us, fail_pinning_after), pool_(engine_, budget) {}
+  HostTransferTester(int delay_us, int64_t fail_pinning_after, size_t budget,
+                     int64_t fail_copy_after)
+      : engine_(delay_us, fail_pinning_after, fail_copy_after), pool_(engine_, budget) {}
   ~HostTransferTester() {
     engine_.drain();  // before pending_ (destroyed after this body) lets the buffers go
     pool_.release_all();
@@ -271,13 +272,14 @@ py::dict cuda_copy_to_host(int device, uintptr_t stream, uintptr_t src, py::arra
 }
 
 py::dict cuda_copy_to_device(int device, uintptr_t stream, py::array src, uintptr_t dst,
-                             size_t chunk, int buffers, int swap) {
+                             size_t chunk, int buffers, int swap, bool wait) {
   const auto view = host_view(src, false);
+  auto options = pipeline_options(chunk, buffers, swap);
+  options.wait = wait;
   tb::PipelineReport r;
   {
     py::gil_scoped_release release;
-    r = tb::cuda::copy_to_device(device, stream, view, reinterpret_cast<void*>(dst),
-                                 pipeline_options(chunk, buffers, swap));
+    r = tb::cuda::copy_to_device(device, stream, view, reinterpret_cast<void*>(dst), options);
   }
   return report_dict(r);
 }
@@ -312,8 +314,9 @@ PYBIND11_MODULE(_C, m) {
   py::class_<HostTransferTester>(m, "HostTransferTester",
                                  "The transfer pipeline and pinned pool on a host-only engine "
                                  "(copies run on a worker thread), for tests without a GPU.")
-      .def(py::init<int, int64_t, size_t>(), py::arg("delay_us") = 0,
-           py::arg("fail_pinning_after") = -1, py::arg("budget") = size_t{1} << 30)
+      .def(py::init<int, int64_t, size_t, int64_t>(), py::arg("delay_us") = 0,
+           py::arg("fail_pinning_after") = -1, py::arg("budget") = size_t{1} << 30,
+           py::arg("fail_copy_after") = -1)
       .def("to_host", &HostTransferTester::to_host, py::arg("device"), py::arg("dst"),
            py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
       .def("to_device", &HostTransferTester::to_device, py::arg("src"), py::arg("device"),
@@ -357,7 +360,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("swap_unit") = 0, "Dense device memory -> any host array, through the pool.");
   m.def("cuda_copy_to_device", &cuda_copy_to_device, py::arg("device"), py::arg("stream"),
         py::arg("src"), py::arg("dst"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
-        py::arg("swap_unit") = 0, "Any host array -> dense device memory, through the pool.");
+        py::arg("swap_unit") = 0, py::arg("wait") = false,
+        "Any host array -> dense device memory, through the pool.");
   m.def("cuda_copy_async", [](int device, uintptr_t stream, uintptr_t dst, uintptr_t src,
                               size_t n, bool to_host) {
     py::gil_scoped_release release;
@@ -392,9 +396,9 @@ PYBIND11_MODULE(_C, m) {
     return py::make_tuple(reinterpret_cast<uintptr_t>(p), n);
   }, py::arg("array"), "(address, nbytes) of the memory an array's elements span.");
   m.def("is_host_pinned", [](py::array a) {
-    const void* p = a.data();
+    auto [p, n] = byte_span(a);
     py::gil_scoped_release release;
-    return tb::cuda::is_host_pinned(p);
-  }, py::arg("array"));
+    return tb::cuda::is_host_range_pinned(p, n);
+  }, py::arg("array"), "True when all the memory the array's elements span is page-locked.");
 #endif
 }

@@ -21,6 +21,7 @@ from conftest import (
     assert_same,
     dtype_param,
     layout_params,
+    needs_ml,
     poisoned,
     random_tensor,
     reference_numpy,
@@ -169,10 +170,12 @@ def test_many_threads_at_once(gen):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device(gen):
+    before = torch.cuda.current_device()
     x = random_tensor((999, 77), torch.float32, gen).to("cuda:1")
     assert_same(tb.to_numpy(x), x.cpu().numpy())
     t = tb.to_tensor(x.cpu().numpy(), "cuda:1")
     assert t.device == torch.device("cuda:1") and torch.equal(t, x)
+    assert torch.cuda.current_device() == before  # the engine restores the current device
 
 
 # ------------------------------------------------------------------------- host -> device
@@ -201,6 +204,7 @@ def test_to_tensor_any_layout(view, dtype):
     assert torch.equal(t.cpu(), expected)
 
 
+@needs_ml
 def test_to_tensor_bfloat16_and_cast_on_device(gen):
     x = random_tensor((33, 65), torch.bfloat16, gen)
     a = tb.to_numpy(x)
@@ -284,3 +288,39 @@ def test_transfer_options(gen, chunk, buffers):
     out = poisoned((333, 777), np.float64)
     tb.to_numpy(x.t(), out=out)
     assert_same(out, x.t().cpu().numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.int16])
+def test_to_numpy_into_big_endian_out(dtype):
+    x = torch.from_numpy((np.random.default_rng(4).standard_normal((129, 65)) * 99).astype(dtype))
+    out = np.empty((65, 129), np.dtype(dtype).newbyteorder(">"))
+    tb.to_numpy(x.cuda().t(), out=out)
+    assert np.array_equal(out, x.t().numpy())
+
+
+def test_to_numpy_into_fortran_pinned_out(gen):
+    x = random_tensor((300, 200), torch.float32, gen).cuda()
+    base = tb.empty_pinned((200, 300), np.float32)
+    out = base.T  # F-order view of pinned memory: the device side is permuted to match
+    tb.to_numpy(x, out=out)
+    assert_same(out, x.cpu().numpy())
+
+
+def test_unpin_waits_for_copies_in_flight():
+    a = np.arange(1 << 22, dtype=np.float32)
+    with tb.pinned(a):
+        torch.cuda._sleep(50_000_000)
+        t = tb.to_tensor(a, "cuda", non_blocking=True)  # direct DMA from the pinned array
+    a[:] = -1  # unpinned: the copy must have read `a` before this
+    torch.cuda.synchronize()
+    assert torch.equal(t.cpu(), torch.arange(1 << 22, dtype=torch.float32))
+
+
+def test_blocking_upload_is_complete_for_other_streams():
+    a = np.random.default_rng(5).standard_normal(1 << 22).astype(np.float32)
+    t = tb.to_tensor(a, "cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = t.sum()  # another stream, no wait_stream: the data must be there already
+    side.synchronize()
+    assert torch.allclose(got.cpu(), torch.from_numpy(a).sum(), rtol=1e-4)

@@ -279,3 +279,25 @@ def test_bad_arguments_raise_before_copying():
     with pytest.raises(ValueError, match="byte-swap"):
         t.to_host(np.zeros(64, np.uint8), out, swap_unit=3)
     assert t.stats()["bytes_in_use"] == 0
+
+
+@pytest.mark.parametrize("direction", ["to_host", "to_device"])
+@pytest.mark.parametrize("fail_at", [0, 1, 5])
+def test_failed_copy_raises_and_leaves_the_pool_usable(direction, fail_at):
+    rng = np.random.default_rng(fail_at)
+    a = random_array((40, 100), "<f8", rng)  # 32000 bytes: eight 4 KiB chunks
+    t = make_tester(delay_us=20, fail_copy_after=fail_at)
+    device = dense_bytes(a)
+    with pytest.raises(RuntimeError, match="injected copy failure"):
+        if direction == "to_host":
+            t.to_host(device, layout(a, "C"), chunk_bytes=4096, buffers=3)
+        else:
+            t.to_device(a, np.zeros(a.nbytes, np.uint8), chunk_bytes=4096, buffers=3)
+    t.drain()
+    s = t.stats()
+    assert s["bytes_in_use"] == 0  # every block went back (or was discarded)
+    # later transfers on the same pool still work and still reuse its blocks
+    out = layout(a, "F")
+    assert t.to_host(device, out, chunk_bytes=4096, buffers=3)["staged"]
+    assert np.ascontiguousarray(out).tobytes() == a.tobytes()
+    assert t.stats()["bytes_in_use"] == 0

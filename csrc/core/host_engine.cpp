@@ -7,8 +7,17 @@
 
 namespace tb {
 
-HostEngine::HostEngine(int delay_us, int64_t fail_pinning_after)
-    : delay_us_(delay_us), fail_after_(fail_pinning_after), worker_([this] { loop(); }) {}
+HostEngine::HostEngine(int delay_us, int64_t fail_pinning_after, int64_t fail_copy_after)
+    : delay_us_(delay_us),
+      fail_after_(fail_pinning_after),
+      fail_copy_after_(fail_copy_after),
+      worker_([this] { loop(); }) {}
+
+void HostEngine::maybe_fail_copy() {
+  std::lock_guard<std::mutex> lock(m_);
+  if (fail_copy_after_ >= 0 && copies_++ == fail_copy_after_)
+    throw std::runtime_error("HostEngine: injected copy failure (test setting)");
+}
 
 HostEngine::~HostEngine() {
   {
@@ -46,6 +55,7 @@ void HostEngine::enqueue(std::function<void()> task) {
 }
 
 void HostEngine::copy_to_host_async(void* host, const void* device, size_t n, StreamHandle) {
+  maybe_fail_copy();
   const int delay = delay_us_;
   enqueue([=] {
     if (delay) std::this_thread::sleep_for(std::chrono::microseconds(delay));
@@ -54,6 +64,7 @@ void HostEngine::copy_to_host_async(void* host, const void* device, size_t n, St
 }
 
 void HostEngine::copy_to_device_async(void* device, const void* host, size_t n, StreamHandle) {
+  maybe_fail_copy();
   const int delay = delay_us_;
   enqueue([=] {
     if (delay) std::this_thread::sleep_for(std::chrono::microseconds(delay));

@@ -21,7 +21,10 @@ namespace tb {
 
 class HostEngine final : public TransferEngine {
  public:
-  explicit HostEngine(int delay_us = 0, int64_t fail_pinning_after = -1);
+  /// fail_copy_after: the copy call after that many succeeded throws (-1: never), to test
+  /// that a failed transfer leaves the pool consistent.
+  explicit HostEngine(int delay_us = 0, int64_t fail_pinning_after = -1,
+                      int64_t fail_copy_after = -1);
   ~HostEngine() override;
 
   void* alloc_pinned(size_t nbytes) override;
@@ -33,6 +36,7 @@ class HostEngine final : public TransferEngine {
   void record(EventHandle e, StreamHandle s) override;
   bool query(EventHandle e) override;
   void synchronize(EventHandle e) override;
+  void synchronize_stream(StreamHandle) override { drain(); }
 
   /// Waits until everything queued so far has run.
   void drain();
@@ -44,10 +48,13 @@ class HostEngine final : public TransferEngine {
     uint64_t recorded = 0, completed = 0;
   };
   void enqueue(std::function<void()> task);
+  void maybe_fail_copy();
   void loop();
 
   const int delay_us_;
   const int64_t fail_after_;
+  const int64_t fail_copy_after_;
+  int64_t copies_ = 0;
   int64_t allocations_ = 0;
   int64_t live_ = 0;
   std::mutex m_;

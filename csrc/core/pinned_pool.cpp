@@ -75,7 +75,14 @@ PinnedBlock* PinnedPool::acquire(size_t nbytes) {
     in_use_ += cls;
     ++counters_.waits;
     lock.unlock();
-    engine_.synchronize(pending->event);
+    try {
+      engine_.synchronize(pending->event);
+    } catch (...) {
+      lock.lock();
+      in_use_ -= cls;
+      idle_.emplace(cls, pending);  // back where it was; idle_done() keeps it out of use
+      throw;
+    }
     pending->recorded = false;
     return pending;
   }
@@ -97,7 +104,24 @@ void PinnedPool::release(PinnedBlock* block) noexcept {
       return;
     }
   }
-  idle_.emplace(block->size, block);
+  try {
+    idle_.emplace(block->size, block);
+  } catch (...) {  // out of memory for the map node: give the block up (leaked, not freed)
+    held_ -= block->size;
+  }
+}
+
+void PinnedPool::discard(PinnedBlock* block) noexcept {
+  if (block == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    in_use_ -= block->size;
+    held_ -= block->size;
+    ++counters_.frees;
+  }
+  engine_.free_pinned(block->ptr);
+  engine_.destroy_event(block->event);
+  delete block;
 }
 
 void PinnedPool::free_block_locked(std::multimap<size_t, PinnedBlock*>::iterator it) {

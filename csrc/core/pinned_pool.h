@@ -49,6 +49,9 @@ class PinnedPool {
   PinnedBlock* acquire(size_t nbytes);
   /// Returns a block; set block->recorded when an event was recorded after its last use.
   void release(PinnedBlock* block) noexcept;
+  /// Takes a block out of circulation for good (its state is unknown after an engine
+  /// error): frees it and drops it from the accounting.
+  void discard(PinnedBlock* block) noexcept;
 
   PoolStats stats();
   size_t budget();

@@ -77,13 +77,26 @@ void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
     throw std::invalid_argument("transfer: unsupported itemsize or byte-swap unit");
 }
 
-// Leases staging blocks and always returns them to the pool, with the record state
-// they have: a failed transfer never leaves a block marked in use.
+// Leases staging blocks and always returns them to the pool: a failed transfer never
+// leaves a block marked in use. After an engine error, settle() decides how.
 class Leases {
  public:
   explicit Leases(PinnedPool& pool) : pool_(pool) {}
   ~Leases() {
-    for (PinnedBlock* b : blocks_) pool_.release(b);
+    for (PinnedBlock* b : blocks_) {
+      if (broken_) pool_.discard(b);
+      else pool_.release(b);
+    }
+  }
+  // An engine call threw, possibly between queuing a copy and recording its event:
+  // wait for the stream so every block is idle, or, if even that fails, discard them.
+  void settle(TransferEngine& engine, StreamHandle stream) noexcept {
+    try {
+      engine.synchronize_stream(stream);
+      for (PinnedBlock* b : blocks_) b->recorded = false;
+    } catch (...) {
+      broken_ = true;
+    }
   }
   bool acquire(int count, size_t bytes) {
     for (int i = 0; i < count; ++i) {
@@ -98,6 +111,7 @@ class Leases {
  private:
   PinnedPool& pool_;
   std::vector<PinnedBlock*> blocks_;
+  bool broken_ = false;
 };
 
 size_t largest_chunk(const std::vector<Chunk>& chunks) {
@@ -216,14 +230,19 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
     host_copy(cv.host, cv.host_strides, static_cast<const char*>(b->ptr), cv.dense_strides,
               cv.shape, dst.itemsize, options.swap_unit);
   };
-  for (size_t i = 0; i < n; ++i) {
-    PinnedBlock* b = blocks[i];
-    engine.copy_to_host_async(b->ptr, src + chunks[i].offset, chunks[i].bytes, stream);
-    engine.record(b->event, stream);
-    b->recorded = true;
-    if (i >= lag) drain(i - lag);
+  try {
+    for (size_t i = 0; i < n; ++i) {
+      PinnedBlock* b = blocks[i];
+      engine.copy_to_host_async(b->ptr, src + chunks[i].offset, chunks[i].bytes, stream);
+      b->recorded = true;  // (set before record(): a failure there is settled below)
+      engine.record(b->event, stream);
+      if (i >= lag) drain(i - lag);
+    }
+    for (size_t j = n > lag ? n - lag : 0; j < n; ++j) drain(j);
+  } catch (...) {
+    blocks.settle(engine, stream);
+    throw;
   }
-  for (size_t j = n > lag ? n - lag : 0; j < n; ++j) drain(j);
   return report;
 }
 
@@ -260,15 +279,23 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
     return report;
   }
 
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    PinnedBlock* b = blocks[i];
-    if (b->recorded) engine.synchronize(b->event);  // its previous DMA has read it
-    const ChunkViews cv = chunk_views(src, chunks[i]);
-    host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides, cv.shape,
-              src.itemsize, options.swap_unit);
-    engine.copy_to_device_async(dst + chunks[i].offset, b->ptr, chunks[i].bytes, stream);
-    engine.record(b->event, stream);
-    b->recorded = true;
+  try {
+    PinnedBlock* last = nullptr;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      PinnedBlock* b = blocks[i];
+      if (b->recorded) engine.synchronize(b->event);  // its previous DMA has read it
+      const ChunkViews cv = chunk_views(src, chunks[i]);
+      host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides,
+                cv.shape, src.itemsize, options.swap_unit);
+      engine.copy_to_device_async(dst + chunks[i].offset, b->ptr, chunks[i].bytes, stream);
+      b->recorded = true;  // (set before record(): a failure there is settled below)
+      engine.record(b->event, stream);
+      last = b;
+    }
+    if (options.wait && last != nullptr) engine.synchronize(last->event);
+  } catch (...) {
+    blocks.settle(engine, stream);
+    throw;
   }
   return report;
 }

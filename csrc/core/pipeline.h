@@ -30,6 +30,7 @@ struct PipelineOptions {
   size_t chunk_bytes = size_t{4} << 20;
   int buffers = 2;     // staging blocks in rotation (at least 2)
   int swap_unit = 0;   // byte-swap units while copying on the host (0: none)
+  bool wait = false;   // copy_to_device: return only once the data is on the device
 };
 
 struct PipelineReport {
@@ -58,7 +59,8 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
                             const PipelineOptions& options);
 
 /// Host view -> device (dense, C order). Returns once the last chunk is queued on
-/// `stream`: from then on `src` is no longer read (the staging blocks are the pool's).
+/// `stream` (or, with options.wait, once it has arrived): from then on `src` is no longer
+/// read (the staging blocks are the pool's).
 PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
                               const HostView& src, void* device_dst,
                               const PipelineOptions& options);

@@ -36,6 +36,8 @@ class TransferEngine {
   virtual bool query(EventHandle e) = 0;
   /// Blocks until query() would return true.
   virtual void synchronize(EventHandle e) = 0;
+  /// Blocks until everything queued on `s` so far has run (used on error paths).
+  virtual void synchronize_stream(StreamHandle s) = 0;
 };
 
 }  // namespace tb

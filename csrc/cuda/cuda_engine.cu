@@ -34,7 +34,7 @@ class CudaEngine final : public TransferEngine {
     TB_CUDA_CHECK(cudaMemcpyAsync(device, host, n, cudaMemcpyHostToDevice, stream(s)));
   }
   EventHandle create_event() override {
-    TB_CUDA_CHECK(cudaSetDevice(device_));  // an event belongs to the device current now
+    // An event belongs to the device current at creation: callers hold a DeviceGuard.
     cudaEvent_t e;
     TB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     return reinterpret_cast<EventHandle>(e);
@@ -52,6 +52,9 @@ class CudaEngine final : public TransferEngine {
     return true;
   }
   void synchronize(EventHandle e) override { TB_CUDA_CHECK(cudaEventSynchronize(event(e))); }
+  void synchronize_stream(StreamHandle s) override {
+    TB_CUDA_CHECK(cudaStreamSynchronize(stream(s)));
+  }
 
   static cudaStream_t stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
   static cudaEvent_t event(EventHandle e) { return reinterpret_cast<cudaEvent_t>(e); }
@@ -71,8 +74,28 @@ std::mutex g_mutex;
 auto* g_devices = new std::map<int, Device*>();
 size_t g_budget = 0;  // 0: not set yet, use default_pinned_budget()
 
+// Makes device d current for the guard's lifetime and restores the caller's device after:
+// the current device is per thread and shared with torch through the driver, so leaving
+// it changed would move the caller's later allocations to another GPU.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int d) {
+    TB_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != d) TB_CUDA_CHECK(cudaSetDevice(d));
+    else previous_ = -1;
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+// The engine and pool of device d; the caller holds a DeviceGuard for d.
 Device& device(int d) {
-  TB_CUDA_CHECK(cudaSetDevice(d));  // later calls on this thread target d
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_devices->find(d);
   if (it != g_devices->end()) return *it->second;
@@ -142,18 +165,21 @@ void trim_pinned() {
 
 PipelineReport copy_to_host(int d, StreamHandle stream, const void* device_src,
                             const HostView& dst, const PipelineOptions& options) {
+  DeviceGuard guard(d);
   Device& dev = device(d);
   return tb::copy_to_host(dev.engine, dev.pool, stream, device_src, dst, options);
 }
 
 PipelineReport copy_to_device(int d, StreamHandle stream, const HostView& src,
                               void* device_dst, const PipelineOptions& options) {
+  DeviceGuard guard(d);
   Device& dev = device(d);
   return tb::copy_to_device(dev.engine, dev.pool, stream, src, device_dst, options);
 }
 
 EventHandle copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t n,
                        bool to_host) {
+  DeviceGuard guard(d);
   Device& dev = device(d);
   const EventHandle e = dev.engine.create_event();
   try {
@@ -206,6 +232,16 @@ bool host_unregister(void* ptr, size_t nbytes) {
   if (it == g_registered->end()) return false;
   if (--it->second == 0) {
     g_registered->erase(it);
+    // A copy queued on any device may still be reading or writing this memory.
+    std::vector<int> used;
+    {
+      std::lock_guard<std::mutex> devices_lock(g_mutex);
+      for (auto& [d, dev] : *g_devices) used.push_back(d);
+    }
+    for (int d : used) {
+      DeviceGuard guard(d);
+      TB_CUDA_CHECK(cudaDeviceSynchronize());
+    }
     TB_CUDA_CHECK(cudaHostUnregister(ptr));
   }
   return true;

@@ -45,3 +45,12 @@ bool is_host_pinned(const void* ptr) noexcept {
 }
 
 }  // namespace tb::cuda
+
+namespace tb::cuda {
+
+bool is_host_range_pinned(const void* ptr, size_t n) noexcept {
+  if (n == 0) return false;
+  return is_host_pinned(ptr) && is_host_pinned(static_cast<const char*>(ptr) + n - 1);
+}
+
+}  // namespace tb::cuda

@@ -31,5 +31,8 @@ void host_free(void* ptr) noexcept;
 
 /// True when ptr lies in page-locked memory known to the CUDA driver.
 bool is_host_pinned(const void* ptr) noexcept;
+/// True when the whole byte range [ptr, ptr + n) is page-locked (its first and last byte
+/// are, in the same kind of memory).
+bool is_host_range_pinned(const void* ptr, size_t n) noexcept;
 
 }  // namespace tb::cuda

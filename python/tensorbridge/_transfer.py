@@ -24,7 +24,7 @@ class Transfer(Generic[T]):
         array([0, 1, 2])
     """
 
-    __slots__ = ("_block", "_error", "_keepalive", "_lock", "_poll", "_result")
+    __slots__ = ("__weakref__", "_block", "_error", "_keepalive", "_lock", "_poll", "_result")
 
     def __init__(
         self,
@@ -54,8 +54,14 @@ class Transfer(Generic[T]):
 
     def done(self) -> bool:
         """True once the result is ready (or the transfer failed); never blocks."""
-        poll = self._poll
-        return poll is None or poll()
+        # Under the lock, so a concurrent wait() cannot release what poll() looks at;
+        # if another thread is inside wait() right now, the answer is "not yet".
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            return self._poll is None or bool(self._poll())
+        finally:
+            self._lock.release()
 
     def wait(self) -> T:
         """Blocks until the transfer is complete and returns its result."""

@@ -105,6 +105,7 @@ def to_host(
 ) -> np.ndarray | Transfer[np.ndarray]:
     """A CUDA tensor (no conj/neg bits, dtype already final) into `out` or a new array."""
     C = _backend.C
+    _reap_inflight()
     if out is None:
         out = np.empty(tuple(x.shape), np_dtype)
     dst = out
@@ -234,7 +235,8 @@ def to_device(
             finally:
                 C.cuda_event_destroy(event)
     elif nbytes:
-        # Staged: returns once the last chunk is queued; `a` is not read after that.
+        # Staged: `a` is not read once this returns (non_blocking: the last chunk is queued;
+        # blocking: it has arrived, so other streams may use the tensor at once).
         C.cuda_copy_to_device(
             index,
             stream.cuda_stream,
@@ -243,6 +245,7 @@ def to_device(
             _options["chunk_bytes"],
             _options["buffers"],
             swap,
+            not non_blocking,
         )
     if out is not None and dst is not out:
         out.copy_(dst, non_blocking=True)  # cast (or re-layout) on the device
