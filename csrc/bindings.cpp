@@ -202,6 +202,27 @@ class HostTransferTester {
     }
     return report_dict(r);
   }
+  py::dict to_device_many(py::list srcs, std::vector<size_t> offsets, py::array device,
+                          size_t chunk, int buffers) {
+    std::vector<tb::HostView> views;
+    size_t end = 0;
+    for (size_t i = 0; i < srcs.size(); ++i) {
+      auto a = py::cast<py::array>(srcs[i]);
+      views.push_back(host_view(a, false));
+      if (i < offsets.size()) end = std::max(end, offsets[i] + static_cast<size_t>(a.nbytes()));
+    }
+    if (static_cast<size_t>(device.nbytes()) < end)
+      throw py::value_error("transfer: the device buffer is too small");
+    void* dst = device.mutable_data();
+    pending_.push_back(device);
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_many_to_device(engine_, pool_, 0, views, offsets, dst,
+                                  pipeline_options(chunk, buffers, 0));
+    }
+    return report_dict(r);
+  }
   void drain() {
     {
       py::gil_scoped_release release;
@@ -284,6 +305,22 @@ py::dict cuda_copy_to_device(int device, uintptr_t stream, py::array src, uintpt
   return report_dict(r);
 }
 
+py::dict cuda_copy_many_to_device(int device, uintptr_t stream, py::list srcs,
+                                  std::vector<size_t> offsets, uintptr_t dst, size_t chunk,
+                                  int buffers, bool wait) {
+  std::vector<tb::HostView> views;
+  for (auto item : srcs) views.push_back(host_view(py::cast<py::array>(item), false));
+  auto options = pipeline_options(chunk, buffers, 0);
+  options.wait = wait;
+  tb::PipelineReport r;
+  {
+    py::gil_scoped_release release;
+    r = tb::cuda::copy_many_to_device(device, stream, views, offsets,
+                                      reinterpret_cast<void*>(dst), options);
+  }
+  return report_dict(r);
+}
+
 // The byte range an array's elements span (arrays with negative strides included).
 std::pair<char*, size_t> byte_span(const py::array& a) {
   intptr_t lo = 0, hi = 0;
@@ -321,6 +358,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
       .def("to_device", &HostTransferTester::to_device, py::arg("src"), py::arg("device"),
            py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
+      .def("to_device_many", &HostTransferTester::to_device_many, py::arg("srcs"),
+           py::arg("offsets"), py::arg("device"), py::arg("chunk_bytes") = 0,
+           py::arg("buffers") = 0)
       .def("drain", &HostTransferTester::drain)
       .def("stats", &HostTransferTester::stats)
       .def("set_budget", &HostTransferTester::set_budget, py::arg("bytes"))
@@ -362,6 +402,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("src"), py::arg("dst"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
         py::arg("swap_unit") = 0, py::arg("wait") = false,
         "Any host array -> dense device memory, through the pool.");
+  m.def("cuda_copy_many_to_device", &cuda_copy_many_to_device, py::arg("device"),
+        py::arg("stream"), py::arg("srcs"), py::arg("offsets"), py::arg("dst"),
+        py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("wait") = false,
+        "Host arrays packed into staging blocks -> dst + offsets[i], a few copies in all.");
   m.def("cuda_copy_async", [](int device, uintptr_t stream, uintptr_t dst, uintptr_t src,
                               size_t n, bool to_host) {
     py::gil_scoped_release release;

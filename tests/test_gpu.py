@@ -324,3 +324,67 @@ def test_blocking_upload_is_complete_for_other_streams():
         got = t.sum()  # another stream, no wait_stream: the data must be there already
     side.synchronize()
     assert torch.allclose(got.cpu(), torch.from_numpy(a).sum(), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- batches
+
+
+def test_to_device_packs_a_batch_into_aligned_views():
+    rng = np.random.default_rng(6)
+    batch = {
+        "ids": rng.integers(0, 1000, (64,)).astype(np.int64),
+        "mask": rng.random((64, 9)) > 0.5,
+        "img": rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)[:, ::-1],
+        "boxes": [rng.standard_normal((5, 4)).astype(np.float32) for _ in range(20)],
+        "be": rng.standard_normal(7).astype(">f8"),
+        "name": "x",
+    }
+    moved = tb.to_device(batch, "cuda", dtype={"img": torch.float32})
+    assert moved["name"] == "x"
+    leaves = [moved["ids"], moved["mask"], moved["img"], *moved["boxes"], moved["be"]]
+    for t in leaves:
+        assert t.device.type == "cuda" and t.data_ptr() % 16 == 0
+    assert torch.equal(moved["ids"].cpu(), torch.from_numpy(batch["ids"]))
+    assert torch.equal(moved["mask"].cpu(), torch.from_numpy(batch["mask"]))
+    assert torch.equal(moved["img"].cpu(), torch.from_numpy(batch["img"].copy()).float())
+    for t, a in zip(moved["boxes"], batch["boxes"], strict=True):
+        assert torch.equal(t.cpu(), torch.from_numpy(a))
+    assert torch.equal(moved["be"].cpu(), torch.from_numpy(batch["be"].astype("<f8")))
+
+
+def test_prefetcher_sees_work_queued_before_and_overwrites_nothing_in_use():
+    batches = [{"x": np.full((1 << 20,), i, np.float32)} for i in range(6)]
+    seen = []
+    for b in tb.Prefetcher(batches, "cuda", depth=3):
+        torch.cuda._sleep(20_000_000)  # a slow "model step" on the current stream
+        seen.append(float(b["x"].mean()))  # reads after the prefetches of later batches
+    assert seen == [float(i) for i in range(6)]
+
+
+def test_to_numpy_batch_brings_gpu_tensors_back_in_one_pass(gen):
+    batch = {
+        "a": random_tensor((33, 7), torch.float32, gen).cuda(),
+        "b": [
+            random_tensor((5,), torch.bfloat16, gen).cuda(),
+            random_tensor((2, 3), torch.int64, gen).cuda().t(),
+        ],
+        "n": 1,
+    }
+    out = tb.to_numpy_batch(batch)
+    assert_same(out["a"], reference_numpy(batch["a"]))
+    assert_same(out["b"][0], reference_numpy(batch["b"][0]))
+    assert_same(out["b"][1], reference_numpy(batch["b"][1]))
+    assert out["n"] == 1
+
+
+def test_collate_pins_in_the_main_process():
+    batch = tb.collate([{"x": np.ones((3, 3), np.float32)} for _ in range(4)])
+    assert batch["x"].is_pinned()
+
+
+def test_images_to_tensor_on_the_gpu():
+    x = np.random.default_rng(7).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = tb.images_to_tensor(x, "cuda", mean=[0.5] * 3, std=[0.25] * 3)
+    ref = (torch.from_numpy(x).float() / 255 - 0.5) / 0.25
+    assert got.device.type == "cuda"
+    assert torch.allclose(got.cpu(), ref.permute(0, 3, 1, 2), atol=1e-5)

@@ -20,7 +20,7 @@ F32 = np.float32
 
 # (id, call, exception, message pattern)
 TO_NUMPY_INPUTS = [
-    ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list.*convert each item"),
+    ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list.*to_numpy_batch"),
     ("dict", lambda: tb.to_numpy({"a": torch.ones(1)}), TypeError, r"got dict"),
     ("scalar", lambda: tb.to_numpy(3.0), TypeError, r"got float.*torch.as_tensor"),
     ("string", lambda: tb.to_numpy("abc"), TypeError, r"got str"),

@@ -300,4 +300,86 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
   return report;
 }
 
+PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
+                                   const std::vector<HostView>& srcs,
+                                   const std::vector<size_t>& offsets, void* device_base,
+                                   const PipelineOptions& options) {
+  if (srcs.size() != offsets.size())
+    throw std::invalid_argument("transfer: one offset per array is needed");
+  char* base = static_cast<char*>(device_base);
+  const size_t block_bytes = std::max<size_t>(options.chunk_bytes, 4096);
+  const int nbuf = std::max(2, options.buffers);
+  PipelineReport report;
+  std::vector<size_t> sizes(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    size_t n = static_cast<size_t>(srcs[i].itemsize);
+    for (int64_t d : srcs[i].shape) n *= static_cast<size_t>(d);
+    sizes[i] = n;
+    if (i && offsets[i] < offsets[i - 1] + sizes[i - 1])
+      throw std::invalid_argument("transfer: offsets must not decrease or overlap");
+  }
+
+  Leases blocks(pool);
+  if (!blocks.acquire(nbuf, block_bytes)) {  // no staging: every array on its own
+    report.staged = false;
+    for (size_t i = 0; i < srcs.size(); ++i) {
+      if (!sizes[i]) continue;
+      PipelineReport r = copy_to_device(engine, pool, stream, srcs[i], base + offsets[i], options);
+      report.chunks += r.chunks;
+    }
+    return report;
+  }
+
+  try {
+    size_t k = 0;          // the block being filled: blocks[k]
+    size_t start = 0;      // device offset of its first byte
+    size_t fill = 0;       // bytes of it in use (from start)
+    PinnedBlock* last = nullptr;
+    auto flush = [&] {
+      if (fill == 0) return;
+      PinnedBlock* b = blocks[k];
+      engine.copy_to_device_async(base + start, b->ptr, fill, stream);
+      b->recorded = true;
+      engine.record(b->event, stream);
+      last = b;
+      ++report.chunks;
+      ++k;
+      fill = 0;
+    };
+    for (size_t i = 0; i < srcs.size(); ++i) {
+      if (sizes[i] == 0) continue;
+      if (sizes[i] > block_bytes) {  // large: its own chunked pipeline
+        flush();
+        PipelineOptions o = options;
+        o.wait = false;
+        report.chunks += copy_to_device(engine, pool, stream, srcs[i], base + offsets[i], o).chunks;
+        continue;
+      }
+      if (fill && offsets[i] + sizes[i] - start > block_bytes) flush();
+      PinnedBlock* b = blocks[k];
+      if (fill == 0) {
+        if (b->recorded) engine.synchronize(b->event);  // its previous copy has read it
+        start = offsets[i];
+      }
+      const HostView& v = srcs[i];
+      std::vector<int64_t> dense(v.shape.size());  // its strides, dense in the block
+      int64_t acc = v.itemsize;
+      for (int d = static_cast<int>(v.shape.size()) - 1; d >= 0; --d) {
+        dense[d] = acc;
+        acc *= v.shape[d];
+      }
+      host_copy(static_cast<char*>(b->ptr) + (offsets[i] - start), dense, v.data, v.strides,
+                v.shape, v.itemsize, options.swap_unit);
+      fill = offsets[i] + sizes[i] - start;
+    }
+    flush();
+    (void)last;
+    if (options.wait) engine.synchronize_stream(stream);
+  } catch (...) {
+    blocks.settle(engine, stream);
+    throw;
+  }
+  return report;
+}
+
 }  // namespace tb

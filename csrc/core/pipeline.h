@@ -65,4 +65,14 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
                               const HostView& src, void* device_dst,
                               const PipelineOptions& options);
 
+/// Many host arrays -> one device buffer: array i lands (dense, C order) at
+/// device_base + offsets[i]. Small arrays are packed into staging blocks of
+/// options.chunk_bytes, each sent in one copy (gaps between offsets go along); an array
+/// larger than a block takes copy_to_device() on its own. Offsets must not decrease.
+/// Returns once everything is queued (with options.wait: once it has arrived).
+PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
+                                   const std::vector<HostView>& srcs,
+                                   const std::vector<size_t>& offsets, void* device_base,
+                                   const PipelineOptions& options);
+
 }  // namespace tb

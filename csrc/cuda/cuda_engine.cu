@@ -177,6 +177,15 @@ PipelineReport copy_to_device(int d, StreamHandle stream, const HostView& src,
   return tb::copy_to_device(dev.engine, dev.pool, stream, src, device_dst, options);
 }
 
+PipelineReport copy_many_to_device(int d, StreamHandle stream, const std::vector<HostView>& srcs,
+                                   const std::vector<size_t>& offsets, void* device_base,
+                                   const PipelineOptions& options) {
+  DeviceGuard guard(d);
+  Device& dev = device(d);
+  return tb::copy_many_to_device(dev.engine, dev.pool, stream, srcs, offsets, device_base,
+                                 options);
+}
+
 EventHandle copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t n,
                        bool to_host) {
   DeviceGuard guard(d);

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "core/pinned_pool.h"
 #include "core/pipeline.h"
@@ -29,6 +30,12 @@ PipelineReport copy_to_host(int device, StreamHandle stream, const void* device_
 /// Host view -> device (dense); returns once the last chunk is queued on `stream`.
 PipelineReport copy_to_device(int device, StreamHandle stream, const HostView& src,
                               void* device_dst, const PipelineOptions& options);
+
+/// Many host arrays packed into staging blocks -> device_base + offsets[i] (few copies).
+PipelineReport copy_many_to_device(int device, StreamHandle stream,
+                                   const std::vector<HostView>& srcs,
+                                   const std::vector<size_t>& offsets, void* device_base,
+                                   const PipelineOptions& options);
 
 /// One asynchronous copy between page-locked host memory and the device; returns an
 /// event recorded after it (release it with destroy_event).

@@ -7,6 +7,7 @@ Example:
 """
 
 from ._backend import get_num_threads, info, set_num_threads
+from ._batch import Prefetcher, collate, images_to_tensor, to_device, to_numpy_batch
 from ._convert import from_numpy, to_numpy, to_tensor
 from ._pinned import empty_pinned, is_pinned
 from ._transfer import Transfer
@@ -14,11 +15,14 @@ from ._transfers import pin, pinned, pinned_stats, set_pinned_budget, transfer_o
 from ._version import __version__
 
 __all__ = [
+    "Prefetcher",
     "Transfer",
     "__version__",
+    "collate",
     "empty_pinned",
     "from_numpy",
     "get_num_threads",
+    "images_to_tensor",
     "info",
     "is_pinned",
     "pin",
@@ -26,7 +30,9 @@ __all__ = [
     "pinned_stats",
     "set_num_threads",
     "set_pinned_budget",
+    "to_device",
     "to_numpy",
+    "to_numpy_batch",
     "to_tensor",
     "transfer_options",
     "unpin",

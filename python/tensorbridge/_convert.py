@@ -31,7 +31,9 @@ def _check_tensor(x: Any, fn: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         kind = type(x).__name__
         if isinstance(x, (list, tuple, dict)):
-            hint = f"convert each item with {fn}() (or build one array with numpy.stack)"
+            hint = (
+                "for a batch (a list, tuple or dict of tensors) use to_numpy_batch() or to_device()"
+            )
         else:
             hint = "wrap it first with torch.as_tensor(x) or numpy.asarray(x)"
         raise TypeError(f"{fn} expects a torch.Tensor or numpy.ndarray, got {kind}: {hint}.")

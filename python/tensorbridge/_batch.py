@@ -1,0 +1,485 @@
+"""Batches for data loaders: nested structures, packed transfers, collate, a prefetcher."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _backend, _dtypes, _transfers
+from ._convert import Device, to_numpy, to_tensor
+from ._transfer import Transfer
+
+_ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
+
+DTypeSpec = Any  # a dtype, or a mapping from key name or source dtype to a dtype
+
+
+# --------------------------------------------------------------------------- structures
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def tree_map(fn: Callable[[Any, Any], Any], obj: Any, key: Any = None) -> Any:
+    """Applies fn(leaf, key) to every leaf of dicts, lists, tuples, namedtuples and
+    dataclasses (key: the nearest dict key or field name), rebuilding the same types."""
+    if isinstance(obj, Mapping):
+        items = {k: tree_map(fn, v, k) for k, v in obj.items()}
+        if isinstance(obj, collections.defaultdict):
+            out = collections.defaultdict(obj.default_factory)
+            out.update(items)
+            return out
+        try:
+            return type(obj)(items)
+        except TypeError:
+            return items
+    if _is_namedtuple(obj):
+        return type(obj)(*(tree_map(fn, v, f) for f, v in zip(obj._fields, obj, strict=True)))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_map(fn, v, key) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {
+            f.name: tree_map(fn, getattr(obj, f.name), f.name)
+            for f in dataclasses.fields(obj)
+            if f.init
+        }
+        return dataclasses.replace(obj, **changes)
+    return fn(obj, key)
+
+
+def _leaves(obj: Any) -> list[Any]:
+    found: list[Any] = []
+    tree_map(lambda leaf, key: found.append((leaf, key)), obj)
+    return found
+
+
+def _target_dtype(spec: DTypeSpec, key: Any, source: torch.dtype) -> torch.dtype | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        return _dtypes.as_torch_dtype(spec)
+    if key in spec:
+        return _dtypes.as_torch_dtype(spec[key])
+    for k, v in spec.items():
+        if not isinstance(k, str) and _dtypes.as_torch_dtype(k) == source:
+            return _dtypes.as_torch_dtype(v)
+    return None
+
+
+def _source_dtype(leaf: Any) -> torch.dtype:
+    return leaf.dtype if isinstance(leaf, torch.Tensor) else _dtypes.torch_dtype(leaf.dtype)
+
+
+# --------------------------------------------------------------------------- to_device
+
+
+def to_device(
+    batch: Any,
+    device: Device,
+    *,
+    non_blocking: bool = True,
+    dtype: DTypeSpec = None,
+) -> Any:
+    """Moves every array and tensor in a nested batch to ``device``; plain values stay.
+
+    Dicts, lists, tuples, namedtuples and dataclasses come back as the same types. On a
+    GPU with the compiled engine, all host arrays of the batch are packed into pinned
+    staging blocks and cross in a few large copies (not one per array), then become views
+    of one device buffer. ``dtype`` (a dtype, or a mapping from key name or source dtype
+    to dtype) is applied on the device, after the transfer.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> b = tb.to_device({"x": np.zeros((2, 3), np.uint8), "id": 7}, "cpu",
+        ...                  dtype={"x": "float32"})
+        >>> b["x"].dtype, b["id"]
+        (torch.float32, 7)
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    leaves = _leaves(batch)
+    moved: dict[int, torch.Tensor] = {}
+    host = [
+        (i, leaf, key)
+        for i, (leaf, key) in enumerate(leaves)
+        if isinstance(leaf, np.ndarray)
+        or (isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu")
+    ]
+    if dev.type == "cuda" and _transfers.engine_ready() and len(host) > 1:
+        moved.update(_pack_to_cuda(host, dev, non_blocking))
+    counter = iter(range(len(leaves)))
+
+    def move(leaf: Any, key: Any) -> Any:
+        i = next(counter)
+        if not isinstance(leaf, (np.ndarray, torch.Tensor)):
+            return leaf
+        target = _target_dtype(dtype, key, _source_dtype(leaf))
+        t = moved.get(i)
+        if t is None:
+            t = to_tensor(leaf, dev, non_blocking=non_blocking)
+        return t if target is None or target == t.dtype else t.to(target)
+
+    return tree_map(move, batch)
+
+
+def packed_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Offsets of arrays packed into one buffer, each aligned to 256 bytes; and the total."""
+    offsets, end = [], 0
+    for n in sizes:
+        end = -(-end // _ALIGN) * _ALIGN
+        offsets.append(end)
+        end += n
+    return offsets, end
+
+
+def _pack_to_cuda(
+    host: list[tuple[int, Any, Any]], dev: torch.device, non_blocking: bool
+) -> dict[int, torch.Tensor]:
+    """Host arrays -> views of one device buffer, sent in a few packed copies."""
+    arrays, dtypes_ = [], []
+    for _, leaf, _ in host:
+        a = to_numpy(leaf) if isinstance(leaf, torch.Tensor) else leaf
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+        t_dtype = _dtypes.torch_dtype(a.dtype)
+        if _dtypes.is_ml_dtype(a.dtype):
+            a = a.view(_dtypes.storage_dtypes(a.dtype.itemsize)[1])
+        arrays.append(a)
+        dtypes_.append(t_dtype)
+    offsets, end = packed_offsets([a.nbytes for a in arrays])
+    buffer = torch.empty(max(end, 1), dtype=torch.uint8, device=dev)
+    stream = torch.cuda.current_stream(dev)
+    opts = _transfers.transfer_options()
+    _backend.C.cuda_copy_many_to_device(
+        dev.index,
+        stream.cuda_stream,
+        arrays,
+        offsets,
+        buffer.data_ptr(),
+        opts["chunk_bytes"],
+        opts["buffers"],
+        not non_blocking,
+    )
+    out = {}
+    for (i, _, _), a, off, t_dtype in zip(host, arrays, offsets, dtypes_, strict=True):
+        view = buffer[off : off + a.nbytes].view(t_dtype)
+        out[i] = view.view(a.shape)
+    return out
+
+
+# --------------------------------------------------------------------------- to_numpy_batch
+
+
+def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -> Any:
+    """The reverse of :func:`to_device`: every tensor in a nested batch to a NumPy array.
+
+    ``out``, when given, is a structure of the same shape holding a preallocated array
+    for each tensor (or None where a new array is wanted). Plain values pass through.
+    Several GPU tensors come back in one pass (one device-side concatenation, one
+    transfer). With ``non_blocking=True`` the result is a :class:`Transfer` whose
+    ``wait()`` returns the converted batch.
+
+    Example:
+        >>> import torch, tensorbridge as tb
+        >>> tb.to_numpy_batch({"a": torch.ones(2), "n": 3})
+        {'a': array([1., 1.], dtype=float32), 'n': 3}
+    """
+    leaves = _leaves(batch)
+    outs = [leaf for leaf, _ in _leaves(out)] if out is not None else [None] * len(leaves)
+    if len(outs) != len(leaves):
+        raise ValueError(
+            f"out has {len(outs)} leaves but the batch has {len(leaves)}: pass a structure "
+            "of the same shape, with None where a new array is wanted."
+        )
+    done: dict[int, Any] = {}
+    if not non_blocking:
+        done.update(_cuda_in_one_pass(leaves, outs))
+    counter = iter(range(len(leaves)))
+
+    def convert(leaf: Any, key: Any) -> Any:
+        i = next(counter)
+        if i in done:
+            return done[i]
+        if not isinstance(leaf, (torch.Tensor, np.ndarray)):
+            return leaf
+        return to_numpy(leaf, out=outs[i], non_blocking=non_blocking)
+
+    converted = tree_map(convert, batch)
+    if not non_blocking:
+        return converted
+    handles = [leaf for leaf, _ in _leaves(converted) if isinstance(leaf, Transfer)]
+
+    def unwrap() -> Any:
+        return tree_map(lambda v, k: v.wait() if isinstance(v, Transfer) else v, converted)
+
+    if all(h.done() for h in handles):
+        return Transfer.completed(unwrap())
+    t: Transfer[Any] = Transfer(None, poll=lambda: all(h.done() for h in handles))
+    t._block = lambda: setattr(t, "_result", unwrap())
+    return t
+
+
+def _cuda_in_one_pass(leaves: list[tuple[Any, Any]], outs: list[Any]) -> dict[int, np.ndarray]:
+    """GPU tensors of one device: concatenated as bytes on the device, one transfer back."""
+    idx = [
+        i for i, (leaf, _) in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_cuda
+    ]
+    if len(idx) < 2 or len({leaves[i][0].device for i in idx}) != 1:
+        return {}
+    if not _transfers.engine_ready():
+        return {}
+    tensors = [leaves[i][0].detach().resolve_conj().resolve_neg() for i in idx]
+    np_dtypes = [_dtypes.numpy_dtype(t.dtype) for t in tensors]  # refuses what it must
+    flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+    host = to_numpy(flat)
+    result, offset = {}, 0
+    for i, t, np_dtype in zip(idx, tensors, np_dtypes, strict=True):
+        n = t.numel() * t.element_size()
+        piece = host[offset : offset + n].view(np_dtype).reshape(tuple(t.shape))
+        offset += n
+        result[i] = piece if outs[i] is None else to_numpy(piece, out=outs[i])
+    return result
+
+
+# --------------------------------------------------------------------------- collate
+
+
+def _in_worker() -> bool:
+    info = torch.utils.data.get_worker_info()
+    return info is not None
+
+
+def collate(samples: Sequence[Any]) -> Any:
+    """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that stacks straight into
+    page-locked memory: one copy per field instead of default collate's copy plus the
+    pin-memory thread's second one. Use it with ``pin_memory=False``.
+
+    In the main process with a usable GPU the stacked tensors are pinned (torch's
+    caching host allocator reuses the memory); in worker processes (CUDA must not be
+    touched in a forked child) and without a GPU they are ordinary tensors. Structures,
+    numbers and strings are collated like ``default_collate``.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> b = tb.collate([{"x": np.ones(3), "y": 1}, {"x": np.zeros(3), "y": 0}])
+        >>> b["x"].shape, b["y"]
+        (torch.Size([2, 3]), tensor([1, 0]))
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    first = samples[0]
+    if isinstance(first, (np.ndarray, torch.Tensor)):
+        return _stack(samples)
+    if isinstance(first, Mapping):
+        fields = {k: collate([sample[k] for sample in samples]) for k in first}
+        try:
+            return type(first)(fields)
+        except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
+            return fields
+    if _is_namedtuple(first):
+        return type(first)(*(collate(list(field)) for field in zip(*samples, strict=True)))
+    if isinstance(first, (list, tuple)):
+        return [collate(list(field)) for field in zip(*samples, strict=True)]
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return type(first)(
+            **{
+                f.name: collate([getattr(s, f.name) for s in samples])
+                for f in dataclasses.fields(first)
+                if f.init
+            }
+        )
+    if isinstance(first, (bool, int, float, complex, np.number, np.bool_)):
+        return torch.as_tensor(np.asarray(samples))
+    return list(samples)  # strings and anything else: as a list, like default_collate
+
+
+def _stack(samples: Sequence[Any]) -> torch.Tensor:
+    arrays = [to_numpy(s) if isinstance(s, torch.Tensor) else s for s in samples]
+    shape = (len(arrays), *arrays[0].shape)
+    dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
+    if not dtype.isnative:
+        dtype = dtype.newbyteorder("=")
+    t_dtype = _dtypes.torch_dtype(dtype)
+    pin = not _in_worker() and _transfers.engine_ready()
+    out_t = torch.empty(shape, dtype=t_dtype, pin_memory=pin)
+    out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory
+    for i, a in enumerate(arrays):
+        if a.shape != shape[1:]:
+            raise ValueError(
+                f"collate: sample {i} has shape {a.shape}, sample 0 has {shape[1:]}; samples "
+                "must have equal shapes (pad them, or write a collate_fn for ragged data)."
+            )
+        to_numpy(a, out=out[i]) if a.dtype == out.dtype else np.copyto(out[i], a)
+    return out_t
+
+
+# --------------------------------------------------------------------------- prefetcher
+
+
+class Prefetcher:
+    """Yields the batches of ``iterable`` already on ``device``, moving batch i+1 on a
+    side stream while the caller computes on batch i.
+
+    On a GPU each batch goes through :func:`to_device` on a dedicated stream; before a
+    batch is handed out the current stream waits for its copy (``wait_stream``) and its
+    tensors are marked as used there (``record_stream``), so the caching allocator never
+    reuses their memory too early. On the CPU it is a thin pass-through, so one training
+    loop runs everywhere. Errors from the underlying iterator are raised in order, when
+    the loop reaches them; breaking out of the loop early releases everything.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> batches = [{"x": np.full(2, i)} for i in range(3)]
+        >>> [b["x"].tolist() for b in tb.Prefetcher(batches, "cpu")]
+        [[0, 0], [1, 1], [2, 2]]
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable[Any],
+        device: Device,
+        *,
+        depth: int = 2,
+        dtype: DTypeSpec = None,
+        non_blocking: bool = True,
+    ) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        self.iterable = iterable
+        self.device = torch.device(device)
+        self.depth = depth
+        self.dtype = dtype
+        self.non_blocking = non_blocking
+
+    def __len__(self) -> int:
+        try:
+            return len(self.iterable)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"the wrapped {type(self.iterable).__name__} has no len(); iterate instead"
+            ) from None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.device.type != "cuda":
+            for batch in self.iterable:
+                yield to_device(
+                    batch, self.device, non_blocking=self.non_blocking, dtype=self.dtype
+                )
+            return
+        yield from self._cuda()
+
+    def _cuda(self) -> Iterator[Any]:
+        stream = torch.cuda.Stream(self.device)
+        it = iter(self.iterable)
+        queue: collections.deque[tuple[str, Any]] = collections.deque()
+        exhausted = False
+
+        def preload() -> None:
+            nonlocal exhausted
+            try:
+                batch = next(it)
+            except StopIteration:
+                exhausted = True
+                return
+            except Exception as exc:  # raised when the loop gets there, not earlier
+                queue.append(("error", exc))
+                exhausted = True
+                return
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                moved = to_device(batch, self.device, non_blocking=True, dtype=self.dtype)
+            queue.append(("batch", moved))
+
+        try:
+            while len(queue) < self.depth and not exhausted:
+                preload()
+            while queue:
+                kind, item = queue.popleft()
+                if kind == "error":
+                    raise item
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(stream)
+                for leaf, _ in _leaves(item):
+                    if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
+                        leaf.record_stream(current)
+                if not exhausted:
+                    preload()
+                yield item
+        finally:
+            queue.clear()
+            close = getattr(it, "close", None)
+            if callable(close):
+                close()
+
+
+# --------------------------------------------------------------------------- images
+
+
+def images_to_tensor(
+    images: Any,
+    device: Device | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    scale: float = 1 / 255,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+    channels_first: bool = True,
+    non_blocking: bool = False,
+) -> torch.Tensor:
+    """uint8 images (..., H, W, C) to normalized floats on ``device``: ship narrow, cast there.
+
+    The images cross the link as uint8 (a quarter of float32's bytes); on the device one
+    kernel computes ``(x * scale - mean) / std`` and writes it directly in channels-first
+    layout (..., C, H, W) when ``channels_first`` (torchvision's ``ToTensor`` + ``Normalize``).
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> x = np.full((2, 4, 4, 3), 255, np.uint8)
+        >>> tb.images_to_tensor(x, mean=[0.5] * 3, std=[0.5] * 3).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    x = (
+        images
+        if isinstance(images, torch.Tensor)
+        else to_tensor(images, device, non_blocking=non_blocking)
+    )
+    if isinstance(images, torch.Tensor) and device is not None:
+        x = x.to(device, non_blocking=non_blocking)
+    if x.ndim < 3:
+        raise ValueError(
+            f"images_to_tensor expects (..., H, W, C) images, got shape {tuple(x.shape)}"
+        )
+    if not dtype.is_floating_point:
+        raise TypeError(
+            f"images_to_tensor produces floats: pass e.g. dtype=torch.float32, not {dtype}"
+        )
+    channels = x.shape[-1]
+
+    def per_channel(value: Sequence[float] | float | None, default: float, name: str):
+        t = torch.as_tensor(default if value is None else value, dtype=torch.float64)
+        if t.ndim > 1 or (t.ndim == 1 and t.numel() not in (1, channels)):
+            raise ValueError(
+                f"{name} must be a number or {channels} numbers (one per channel), got {value!r}"
+            )
+        return t.expand(channels) if t.numel() == 1 else t
+
+    m = per_channel(mean, 0.0, "mean")
+    s = per_channel(std, 1.0, "std")
+    if (s == 0).any():
+        raise ValueError("std must not contain zeros")
+    weight = (scale / s).to(dtype=dtype, device=x.device)
+    bias = (-m / s).to(dtype=dtype, device=x.device)
+    if channels_first:
+        shape = (*x.shape[:-3], channels, *x.shape[-3:-1])
+        out = torch.empty(shape, dtype=dtype, device=x.device).movedim(-3, -1)
+    else:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    torch.addcmul(bias, x, weight, out=out)  # one kernel: cast, scale, shift, re-layout
+    return out.movedim(-1, -3) if channels_first else out
