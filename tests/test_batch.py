@@ -282,3 +282,16 @@ def test_images_to_tensor_refusals():
         tb.images_to_tensor(np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match="zeros"):
         tb.images_to_tensor(x, std=0)
+
+
+def test_example_trains_and_the_loss_falls():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_synthetic.py"
+    spec = importlib.util.spec_from_file_location("train_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    losses = module.train("cpu", steps=12, batch_size=16, workers=2, size=16, log=lambda s: None)
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns the brightest channel

@@ -51,19 +51,28 @@ def test_many_threads_convert_concurrently(backend):
 
 
 def _child_convert(seed: int) -> bool:
-    g = torch.Generator().manual_seed(seed)
-    x = random_tensor((700, 800), torch.float32, g).t()  # > 256 KiB: the pool splits it
+    # No torch compute in the child: torch's own OpenMP pool hangs in a process forked
+    # after the parent used it (DataLoader workers call torch.set_num_threads(1) for that).
+    base = np.random.default_rng(seed).random((800, 700), dtype=np.float32)
+    x = torch.from_numpy(base).t()  # > 256 KiB and transposed: the core's pool splits it
     out = poisoned(tuple(x.shape), np.float32)
     tb.to_numpy(x, out=out)
+    big = torch.from_numpy(np.ascontiguousarray(base))  # contiguous, > 1 MiB
+    out2 = poisoned(tuple(big.shape), np.float32)
+    tb.to_numpy(big, out=out2)
     a = np.ascontiguousarray(out)[::-1]
-    return bool(np.array_equal(out, x.numpy())) and bool(
-        np.array_equal(tb.from_numpy(a).numpy(), a)
+    return (
+        bool(np.array_equal(out, base.T))
+        and bool(np.array_equal(out2, base))
+        and bool(np.array_equal(tb.from_numpy(a).numpy(), a))
     )
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_forked_children_convert_correctly(backend):
-    """The parent's thread pool is busy and warm when it forks: children must not hang."""
+    """Both thread pools (the core's, torch's) are warm when the parent forks: the children's
+    conversions must neither hang nor go wrong."""
+    torch.rand(2000, 2000).sum()  # starts torch's OpenMP threads in the parent
     x = torch.rand(2048, 1024).t()
     tb.to_numpy(x, out=np.empty(tuple(x.shape), np.float32))  # start the pool's workers
     ctx = multiprocessing.get_context("fork")

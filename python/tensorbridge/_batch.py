@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes, _transfers
-from ._convert import Device, to_numpy, to_tensor
+from ._convert import Device, from_numpy, to_numpy, to_tensor
 from ._transfer import Transfer
 
 _ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
@@ -22,6 +22,11 @@ DTypeSpec = Any  # a dtype, or a mapping from key name or source dtype to a dtyp
 # --------------------------------------------------------------------------- structures
 
 
+_LEAF_TYPES = frozenset(
+    {np.ndarray, torch.Tensor, torch.nn.Parameter, int, float, str, bool, bytes, type(None)}
+)
+
+
 def _is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
@@ -29,6 +34,13 @@ def _is_namedtuple(obj: Any) -> bool:
 def tree_map(fn: Callable[[Any, Any], Any], obj: Any, key: Any = None) -> Any:
     """Applies fn(leaf, key) to every leaf of dicts, lists, tuples, namedtuples and
     dataclasses (key: the nearest dict key or field name), rebuilding the same types."""
+    cls = type(obj)
+    if cls in _LEAF_TYPES:  # the common leaves first: the checks below cost far more
+        return fn(obj, key)
+    if cls is list:
+        return [tree_map(fn, v, key) for v in obj]
+    if cls is dict:
+        return {k: tree_map(fn, v, k) for k, v in obj.items()}
     if isinstance(obj, Mapping):
         items = {k: tree_map(fn, v, k) for k, v in obj.items()}
         if isinstance(obj, collections.defaultdict):
@@ -102,6 +114,9 @@ def to_device(
         (torch.float32, 7)
     """
     dev = torch.device(device)
+    if dev.type == "cpu" and dtype is None:
+        # Nothing to pack or cast: each array becomes a tensor sharing its memory.
+        return tree_map(_to_cpu_leaf, batch)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     leaves = _leaves(batch)
@@ -137,6 +152,16 @@ def packed_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
         offsets.append(end)
         end += n
     return offsets, end
+
+
+def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
+    if type(leaf) is np.ndarray:
+        return from_numpy(leaf)
+    if isinstance(leaf, torch.Tensor):
+        return leaf if leaf.is_cpu else leaf.cpu()
+    if isinstance(leaf, np.ndarray):
+        return from_numpy(leaf)
+    return leaf
 
 
 def _pack_to_cuda(
@@ -307,16 +332,16 @@ def _stack(samples: Sequence[Any]) -> torch.Tensor:
     if not dtype.isnative:
         dtype = dtype.newbyteorder("=")
     t_dtype = _dtypes.torch_dtype(dtype)
-    pin = not _in_worker() and _transfers.engine_ready()
-    out_t = torch.empty(shape, dtype=t_dtype, pin_memory=pin)
-    out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory
     for i, a in enumerate(arrays):
         if a.shape != shape[1:]:
             raise ValueError(
                 f"collate: sample {i} has shape {a.shape}, sample 0 has {shape[1:]}; samples "
                 "must have equal shapes (pad them, or write a collate_fn for ragged data)."
             )
-        to_numpy(a, out=out[i]) if a.dtype == out.dtype else np.copyto(out[i], a)
+    pin = not _in_worker() and _transfers.engine_ready()
+    out_t = torch.empty(shape, dtype=t_dtype, pin_memory=pin)
+    out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
+    np.stack(arrays, out=out, casting="same_kind" if out.dtype.kind != "V" else "no")
     return out_t
 
 

@@ -8,6 +8,7 @@ ml_dtypes, negative strides and foreign byte orders are copied once.
 
 from __future__ import annotations
 
+import os
 from typing import Any, overload
 
 import numpy as np
@@ -192,6 +193,10 @@ def to_numpy(
 
 # Contiguous-to-contiguous copies of at least this size run on torch's intra-op pool.
 _TORCH_COPY_BYTES = 1 << 20
+# Set in forked children: the core's own thread pool is rebuilt after fork, torch's is not.
+_IN_FORKED_CHILD = [False]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _IN_FORKED_CHILD.__setitem__(0, True))
 
 
 def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
@@ -202,6 +207,8 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
     oversubscribing the cores (with two thread pools, one pool's idle-spinning threads
     delay the other's). Returns False, having written nothing, when it does not apply.
     """
+    if _IN_FORKED_CHILD[0]:
+        return False  # torch's OpenMP pool hangs in a child forked after the parent used it
     if not (
         type(out) is np.ndarray
         and out.dtype == np_dtype

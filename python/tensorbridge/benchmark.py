@@ -306,6 +306,73 @@ def bench_refused(r: _Runner, nbytes: int) -> None:
     )
 
 
+def _batch_methods(arrays: list[np.ndarray], device: str) -> list:
+    from ._batch import to_device
+
+    return [
+        (
+            "for a in batch: torch.from_numpy(a).to(dev)",
+            True,
+            lambda i: [torch.from_numpy(a).to(device, non_blocking=True) for a in arrays],
+        ),
+        ("tb.to_device(batch, dev)", False, lambda i: to_device(arrays, device)),
+    ]
+
+
+def bench_batches(r: _Runner) -> None:
+    """Data-loader costs on the host: many small arrays, collate, image normalization."""
+    from ._batch import collate, images_to_tensor
+
+    sec = "batches, host-side cost per batch"
+    for n in (10, 100, 1000):
+        arrays = [np.random.rand(1024).astype(np.float32) for _ in range(n)]  # 4 KiB each
+        r.group(sec, f"{n} arrays of 4 KiB to 'cpu'", 0, _batch_methods(arrays, "cpu"))
+    rng = np.random.default_rng(0)
+    samples = [
+        {"image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "label": i} for i in range(64)
+    ]
+    r.group(
+        sec,
+        "collate 64 x (64x64x3 uint8 + label)",
+        0,
+        [
+            (
+                "torch.utils.data.default_collate",
+                True,
+                lambda i: torch.utils.data.default_collate(samples),
+            ),
+            ("tb.collate", False, lambda i: collate(samples)),
+        ],
+    )
+    images = rng.integers(0, 256, (32, 128, 128, 3), dtype=np.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    r.group(
+        sec,
+        "normalize 32 x 128x128x3 uint8 -> NCHW",
+        0,
+        [
+            (
+                "from_numpy(x).float().div(255).sub(m).div(s).permute().contiguous()",
+                True,
+                lambda i: (
+                    torch.from_numpy(images)
+                    .float()
+                    .div(255)
+                    .sub(mean)
+                    .div(std)
+                    .permute(0, 3, 1, 2)
+                    .contiguous()
+                ),
+            ),
+            (
+                "tb.images_to_tensor(x, mean=m, std=s)",
+                False,
+                lambda i: images_to_tensor(images, mean=mean.tolist(), std=std.tolist()),
+            ),
+        ],
+    )
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -360,7 +427,7 @@ def format_report(report: Report) -> str:
 def run(
     sizes: Sequence[int] = DEFAULT_SIZES,
     repeats: int = 15,
-    sections: Sequence[str] = ("overhead", "out", "refused"),
+    sections: Sequence[str] = ("overhead", "out", "refused", "batch"),
     refused_size: int = 16 * MiB,
     progress: bool = True,
 ) -> Report:
@@ -373,6 +440,8 @@ def run(
         bench_out(r, sizes)
     if "refused" in sections:
         bench_refused(r, refused_size)
+    if "batch" in sections:
+        bench_batches(r)
     report.rows = r.rows
     return report
 
@@ -404,8 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--sections",
         nargs="+",
-        default=["overhead", "out", "refused"],
-        choices=["overhead", "out", "refused"],
+        default=["overhead", "out", "refused", "batch"],
+        choices=["overhead", "out", "refused", "batch"],
     )
     p.add_argument(
         "--refused-size",

@@ -205,6 +205,81 @@ def bench_both(r: _Runner, sizes: Sequence[int], peak: float) -> None:
             )
 
 
+def _gpu_batch_methods(arrays: list[np.ndarray]) -> list:
+    from ._batch import to_device
+
+    return [
+        (
+            "for a in batch: torch.from_numpy(a).to(dev, non_blocking=True)",
+            True,
+            lambda i: (
+                [torch.from_numpy(a).to("cuda", non_blocking=True) for a in arrays],
+                _sync(),
+            ),
+        ),
+        (
+            "per-leaf pinning: from_numpy(a).pin_memory().to(dev, non_blocking=True)",
+            True,
+            lambda i: (
+                [torch.from_numpy(a).pin_memory().to("cuda", non_blocking=True) for a in arrays],
+                _sync(),
+            ),
+        ),
+        ("tb.to_device(batch, dev)", False, lambda i: (to_device(arrays, "cuda"), _sync())),
+    ]
+
+
+def bench_batches(r: _Runner, peak: float) -> None:
+    """Many small arrays to the device, and uint8 images normalized on the device."""
+    from ._batch import images_to_tensor
+
+    for size in (4 * KiB, 64 * KiB):
+        for n in (10, 100, 1000, 10000):
+            if n * size > 1 * GiB // 2:
+                continue
+            arrays = [np.random.rand(size // 4).astype(np.float32) for _ in range(n)]
+            r.group(
+                "batches of small arrays -> device",
+                f"{n} x {size // KiB} KiB",
+                n * size,
+                _gpu_batch_methods(arrays),
+                peak_gbs=peak,
+            )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    m = torch.tensor(mean, device="cuda")
+    sd = torch.tensor(std, device="cuda")
+    r.group(
+        "uint8 images -> normalized float NCHW on the device",
+        "64 x 224x224x3",
+        images.nbytes,
+        [
+            (
+                "from_numpy(x).cuda().float().div(255).sub(m).div(s).permute().contiguous()",
+                True,
+                lambda i: (
+                    torch.from_numpy(images)
+                    .cuda()
+                    .float()
+                    .div(255)
+                    .sub(m)
+                    .div(sd)
+                    .permute(0, 3, 1, 2)
+                    .contiguous(),
+                    _sync(),
+                ),
+            ),
+            (
+                "tb.images_to_tensor(x, 'cuda', mean=m, std=s)",
+                False,
+                lambda i: (images_to_tensor(images, "cuda", mean=mean, std=std), _sync()),
+            ),
+        ],
+        peak_gbs=peak,
+    )
+
+
 def plot(report: Report, path: str) -> None:
     """GB/s against size for every method, one panel per direction."""
     import matplotlib
@@ -212,7 +287,8 @@ def plot(report: Report, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sections = sorted({row.section for row in report.rows})
+    transfer = ("device -> host", "host -> device", "both directions")
+    sections = sorted({row.section for row in report.rows if row.section.startswith(transfer)})
     fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 4.8), squeeze=False)
     for ax, sec in zip(axes[0], sections, strict=True):
         rows = [row for row in report.rows if row.section == sec]
@@ -241,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", type=_parse_size, nargs="+", default=DEFAULT_SIZES)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument(
-        "--sections", nargs="+", default=["d2h", "h2d", "both"], choices=["d2h", "h2d", "both"]
+        "--sections",
+        nargs="+",
+        default=["d2h", "h2d", "both", "batch"],
+        choices=["d2h", "h2d", "both", "batch"],
     )
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-gpu-<name>.txt and .json")
     p.add_argument("--plot", metavar="FILE.png", help="draw GB/s against size (needs matplotlib)")
@@ -264,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_h2d(r, args.sizes, p_h2d)
     if "both" in args.sections:
         bench_both(r, args.sizes, p_d2h + p_h2d)
+    if "batch" in args.sections:
+        bench_batches(r, p_h2d)
     report.rows = r.rows
     m = report.machine
     text = "\n".join(
