@@ -49,6 +49,17 @@ struct ChunkViews {
   char* host = nullptr;
 };
 
+// Byte strides of a dense C-order array of `shape`.
+std::vector<int64_t> c_strides(const std::vector<int64_t>& shape, int64_t itemsize) {
+  std::vector<int64_t> s(shape.size());
+  int64_t acc = itemsize;
+  for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
+    s[d] = acc;
+    acc *= shape[d];
+  }
+  return s;
+}
+
 ChunkViews chunk_views(const HostView& v, const Chunk& c) {
   ChunkViews cv;
   char* p = v.data;
@@ -58,12 +69,7 @@ ChunkViews chunk_views(const HostView& v, const Chunk& c) {
   cv.shape.assign(v.shape.begin() + c.depth, v.shape.end());
   cv.shape[0] = c.end - c.begin;
   cv.host_strides.assign(v.strides.begin() + c.depth, v.strides.end());
-  cv.dense_strides.resize(cv.shape.size());
-  int64_t s = v.itemsize;
-  for (int d = static_cast<int>(cv.shape.size()) - 1; d >= 0; --d) {
-    cv.dense_strides[d] = s;
-    s *= cv.shape[d];
-  }
+  cv.dense_strides = c_strides(cv.shape, v.itemsize);
   return cv;
 }
 
@@ -121,11 +127,9 @@ size_t largest_chunk(const std::vector<Chunk>& chunks) {
 }
 
 bool dense_c_order(const HostView& v) {
-  int64_t s = v.itemsize;
-  for (int d = static_cast<int>(v.shape.size()) - 1; d >= 0; --d) {
-    if (v.shape[d] != 1 && v.strides[d] != s) return false;
-    s *= v.shape[d];
-  }
+  const auto dense = c_strides(v.shape, v.itemsize);
+  for (size_t d = 0; d < dense.size(); ++d)
+    if (v.shape[d] != 1 && v.strides[d] != dense[d]) return false;
   return true;
 }
 
@@ -145,15 +149,22 @@ struct Pageable {
   }
 };
 
-std::vector<int64_t> dense_strides(const HostView& v) {
-  std::vector<int64_t> s(v.shape.size());
-  int64_t acc = v.itemsize;
-  for (int d = static_cast<int>(v.shape.size()) - 1; d >= 0; --d) {
-    s[d] = acc;
-    acc *= v.shape[d];
+// Queues one copy (by `queue`) on `stream` and waits for it: the pageable fallback.
+template <class Queue>
+void copy_and_wait(TransferEngine& engine, StreamHandle stream, Queue&& queue) {
+  EventHandle done = engine.create_event();
+  try {
+    queue();
+    engine.record(done, stream);
+    engine.synchronize(done);
+  } catch (...) {
+    engine.destroy_event(done);
+    throw;
   }
-  return s;
+  engine.destroy_event(done);
 }
+
+std::vector<int64_t> dense_strides(const HostView& v) { return c_strides(v.shape, v.itemsize); }
 
 }  // namespace
 
@@ -203,16 +214,8 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
     report.staged = false;
     const size_t total = chunks.back().offset + chunks.back().bytes;
     Pageable pg(dst, total, options.swap_unit);
-    EventHandle done = engine.create_event();
-    try {
-      engine.copy_to_host_async(pg.dense, src, total, stream);
-      engine.record(done, stream);
-      engine.synchronize(done);
-    } catch (...) {
-      engine.destroy_event(done);
-      throw;
-    }
-    engine.destroy_event(done);
+    copy_and_wait(engine, stream,
+                  [&] { engine.copy_to_host_async(pg.dense, src, total, stream); });
     if (pg.dense != dst.data)
       host_copy(dst.data, dst.strides, pg.dense, dense_strides(dst), dst.shape, dst.itemsize,
                 options.swap_unit);
@@ -266,16 +269,9 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
     if (pg.dense != src.data)
       host_copy(pg.dense, dense_strides(src), src.data, src.strides, src.shape, src.itemsize,
                 options.swap_unit);
-    EventHandle done = engine.create_event();
-    try {
-      engine.copy_to_device_async(dst, pg.dense, total, stream);
-      engine.record(done, stream);
-      engine.synchronize(done);  // the temporary (or the user's array) is read until here
-    } catch (...) {
-      engine.destroy_event(done);
-      throw;
-    }
-    engine.destroy_event(done);
+    // (the temporary, or the user's array, is read until the copy completes)
+    copy_and_wait(engine, stream,
+                  [&] { engine.copy_to_device_async(dst, pg.dense, total, stream); });
     return report;
   }
 
@@ -362,14 +358,8 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
         start = offsets[i];
       }
       const HostView& v = srcs[i];
-      std::vector<int64_t> dense(v.shape.size());  // its strides, dense in the block
-      int64_t acc = v.itemsize;
-      for (int d = static_cast<int>(v.shape.size()) - 1; d >= 0; --d) {
-        dense[d] = acc;
-        acc *= v.shape[d];
-      }
-      host_copy(static_cast<char*>(b->ptr) + (offsets[i] - start), dense, v.data, v.strides,
-                v.shape, v.itemsize, options.swap_unit);
+      host_copy(static_cast<char*>(b->ptr) + (offsets[i] - start), dense_strides(v), v.data,
+                v.strides, v.shape, v.itemsize, options.swap_unit);
       fill = offsets[i] + sizes[i] - start;
     }
     flush();
