@@ -373,6 +373,94 @@ def bench_batches(r: _Runner) -> None:
     )
 
 
+class _Images(torch.utils.data.Dataset):
+    """Synthetic uint8 HWC images with labels, as a JPEG-decoding dataset would return."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng(i)
+        return {
+            "image": rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8),
+            "label": i % 10,
+        }
+
+
+def _loader_methods(
+    device: str, images: int, batch: int, size: int, workers: int, step_s: float
+) -> list:
+    from ._batch import Prefetcher, collate, images_to_tensor
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    cuda = device.startswith("cuda")
+    data = _Images(images, size)
+
+    def model_step(x: torch.Tensor) -> None:  # a model step of fixed cost
+        if cuda:
+            torch.cuda._sleep(int(step_s * 1.4e9))
+        else:
+            time.sleep(step_s)
+
+    stock = torch.utils.data.DataLoader(
+        data, batch_size=batch, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0
+    )
+    ours = torch.utils.data.DataLoader(
+        data,
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=False,
+        persistent_workers=workers > 0,
+    )
+
+    def epoch_stock(i: int) -> None:
+        for b in stock:
+            x = b["image"].to(device, non_blocking=True)
+            b["label"].to(device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div(255).sub(m).div(s)
+            model_step(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    def epoch_ours(i: int) -> None:
+        for b in Prefetcher(ours, device):
+            model_step(images_to_tensor(b["image"], mean=mean, std=std))
+        if cuda:
+            torch.cuda.synchronize()
+
+    return [
+        ("default_collate + pin_memory + .to(dev, non_blocking=True)", True, epoch_stock),
+        ("tb.collate + tb.Prefetcher + tb.images_to_tensor", False, epoch_ours),
+    ]
+
+
+def bench_loader(
+    r: _Runner,
+    device: str = "cpu",
+    images: int = 256,
+    batch: int = 32,
+    size: int = 64,
+    workers: int = 2,
+    step_s: float = 2e-3,
+) -> None:
+    """End to end: one epoch through a DataLoader with a model step of fixed cost."""
+    steps = -(-images // batch)
+    r.group(
+        f"end to end on {device}: one epoch, {images} images of {size}x{size}x3 uint8, "
+        f"{workers} workers, {steps} model steps of {step_s * 1e3:g} ms (compute alone "
+        f"{steps * step_s * 1e3:g} ms)",
+        "epoch",
+        0,
+        _loader_methods(device, images, batch, size, workers, step_s),
+    )
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -427,7 +515,7 @@ def format_report(report: Report) -> str:
 def run(
     sizes: Sequence[int] = DEFAULT_SIZES,
     repeats: int = 15,
-    sections: Sequence[str] = ("overhead", "out", "refused", "batch"),
+    sections: Sequence[str] = ("overhead", "out", "refused", "batch", "loader"),
     refused_size: int = 16 * MiB,
     progress: bool = True,
 ) -> Report:
@@ -442,6 +530,8 @@ def run(
         bench_refused(r, refused_size)
     if "batch" in sections:
         bench_batches(r)
+    if "loader" in sections:
+        bench_loader(r)
     report.rows = r.rows
     return report
 
@@ -473,8 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--sections",
         nargs="+",
-        default=["overhead", "out", "refused", "batch"],
-        choices=["overhead", "out", "refused", "batch"],
+        default=["overhead", "out", "refused", "batch", "loader"],
+        choices=["overhead", "out", "refused", "batch", "loader"],
     )
     p.add_argument(
         "--refused-size",

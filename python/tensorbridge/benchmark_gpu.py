@@ -30,6 +30,7 @@ from .benchmark import (
     _buffers,
     _parse_size,
     _Runner,
+    bench_loader,
     format_report,
     machine,
     measure_group,
@@ -345,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_both(r, args.sizes, p_d2h + p_h2d)
     if "batch" in args.sections:
         bench_batches(r, p_h2d)
+        bench_loader(r, "cuda", images=1024, batch=64, size=128, workers=4)
     report.rows = r.rows
     m = report.machine
     text = "\n".join(
