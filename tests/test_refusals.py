@@ -227,3 +227,112 @@ def test_messages_name_the_fix():
         with pytest.raises(exc) as info:
             call()
         assert fixes.search(str(info.value)), str(info.value)
+
+
+# ------------------------------------------------------------------------- the docs' table
+
+OTHER_REFUSALS = [
+    (
+        "to_numpy_batch",
+        "out of another structure",
+        lambda: tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None}),
+    ),
+    ("collate", "ragged samples", lambda: tb.collate([np.zeros(3), np.zeros(4)])),
+    ("collate", "no samples", lambda: tb.collate([])),
+    ("Prefetcher", "depth 0", lambda: tb.Prefetcher([], "cpu", depth=0)),
+    (
+        "images_to_tensor",
+        "mean of the wrong length",
+        lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), mean=[0.5, 0.5]),
+    ),
+    (
+        "images_to_tensor",
+        "integer dtype",
+        lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), dtype=torch.int32),
+    ),
+    ("empty_pinned", "negative size", lambda: tb.empty_pinned((2, -1))),
+    ("set_num_threads", "zero threads", lambda: tb.set_num_threads(0)),
+    ("transfer_options", "chunk below 4 KiB", lambda: tb.transfer_options(chunk_bytes=100)),
+    ("set_pinned_budget", "negative budget", lambda: tb.set_pinned_budget(-1)),
+]
+
+
+def refusal_rows() -> list[tuple[str, str, str, str]]:
+    """(function, input, exception, message) for every refusal the tests check."""
+
+    def message(call):
+        try:
+            call()
+        except (TypeError, ValueError) as exc:
+            return type(exc).__name__, str(exc)
+        raise AssertionError("no refusal")
+
+    rows = [("to_numpy", case, *message(call)) for case, call, _, _ in TO_NUMPY_INPUTS]
+    for case, make_out, _, _ in OUT_CASES:
+        rows.append(
+            (
+                "to_numpy",
+                case.replace("-", " "),
+                *message(
+                    lambda m=make_out: tb.to_numpy(torch.arange(4.0), out=m(np.zeros(4, F32)))
+                ),
+            )
+        )
+    rows.append(
+        (
+            "to_numpy",
+            "out overlapping the source",
+            *message(lambda: _overlapping_out(torch.arange(4.0))),
+        )
+    )
+    rows += [
+        ("from_numpy", case, *message(lambda v=value: tb.from_numpy(v)))
+        for case, value, _, _ in FROM_NUMPY_INPUTS
+    ]
+    rows += [
+        (
+            "to_tensor",
+            f"out: {case}",
+            *message(lambda m=make_out: tb.to_tensor(np.arange(4, dtype=F32), "cpu", out=m())),
+        )
+        for case, make_out, _, _ in TO_TENSOR_OUT
+    ]
+    rows += [(fn, case, *message(call)) for fn, case, call in OTHER_REFUSALS]
+    return rows
+
+
+def _overlapping_out(x: torch.Tensor) -> None:
+    tb.to_numpy(x[:3], out=x.numpy()[1:])
+
+
+def render_refusals() -> str:
+    lines = [
+        "# Refusals",
+        "",
+        "Every input tensorbridge refuses, the exception and its message. Nothing is written",
+        "before a refusal. Generated from `tests/test_refusals.py` (run it as a script to",
+        "regenerate: `python tests/test_refusals.py`); a test fails when this file is stale.",
+        "",
+        "| function | input | exception | message |",
+        "| --- | --- | --- | --- |",
+    ]
+    for fn, case, exc, msg in refusal_rows():
+        lines.append(f"| `{fn}` | {case} | {exc} | {msg.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+DOC = __import__("pathlib").Path(__file__).resolve().parent.parent / "docs" / "refusals.md"
+
+
+@pytest.mark.skipif(
+    __import__("platform").machine() != "x86_64",
+    reason="the table is generated on x86_64 (longdouble differs elsewhere)",
+)
+def test_refusal_table_in_the_docs_is_current():
+    expected = render_refusals()
+    assert DOC.read_text() == expected, "docs/refusals.md is stale: python tests/test_refusals.py"
+
+
+if __name__ == "__main__":
+    DOC.write_text(render_refusals())
+    print(f"wrote {DOC}")
