@@ -413,6 +413,8 @@ PYBIND11_MODULE(_C, m) {
                                                        reinterpret_cast<const void*>(src), n, to_host));
   }, py::arg("device"), py::arg("stream"), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
      py::arg("to_host"), "One async copy (page-locked host memory); returns its event.");
+  m.def("cuda_inject_copy_fault", &tb::cuda::inject_copy_fault, py::arg("after"),
+        "Test-only: the copy after `after` more succeed fails with a CUDA error (-1: off).");
   m.def("cuda_event_query", [](uintptr_t e) { return tb::cuda::query_event(e); });
   m.def("cuda_event_synchronize", [](uintptr_t e) {
     py::gil_scoped_release release;

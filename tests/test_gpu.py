@@ -388,3 +388,70 @@ def test_images_to_tensor_on_the_gpu():
     ref = (torch.from_numpy(x).float() / 255 - 0.5) / 0.25
     assert got.device.type == "cuda"
     assert torch.allclose(got.cpu(), ref.permute(0, 3, 1, 2), atol=1e-5)
+
+
+# ------------------------------------------------------------------------- faults, lifetimes
+
+
+@pytest.fixture
+def fault():
+    from tensorbridge import _backend
+
+    yield _backend.C.cuda_inject_copy_fault
+    _backend.C.cuda_inject_copy_fault(-1)
+
+
+@pytest.mark.parametrize("after", [0, 1, 3])
+def test_injected_copy_fault_surfaces_and_pool_recovers(gen, fault, after):
+    x = random_tensor((2048, 1024), torch.float32, gen).cuda()  # 8 MiB: several chunks
+    out = poisoned((2048, 1024), np.float32)
+    fault(after)
+    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
+        tb.to_numpy(x, out=out)
+    fault(-1)
+    assert tb.pinned_stats()["bytes_in_use"] == 0
+    tb.to_numpy(x, out=out)  # later transfers work
+    assert_same(out, x.cpu().numpy())
+    fault(after)
+    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
+        tb.to_tensor(out, "cuda")
+    fault(-1)
+    assert torch.equal(tb.to_tensor(out, "cuda"), x)
+
+
+def test_injected_fault_surfaces_from_wait(gen, fault):
+    x = random_tensor((2048, 1024), torch.float32, gen).cuda()
+    fault(0)
+    handle = tb.to_numpy(x, out=np.empty((2048, 1024), np.float32), non_blocking=True)
+    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
+        handle.wait()
+    fault(-1)
+    assert tb.pinned_stats()["bytes_in_use"] == 0
+
+
+def test_device_out_of_memory_leaves_the_engine_working():
+    free, _ = torch.cuda.mem_get_info()
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (free + (1 << 30),), (0,))
+    with pytest.raises(torch.OutOfMemoryError):
+        tb.to_tensor(huge, "cuda")
+    a = np.arange(1 << 20, dtype=np.float32)
+    assert torch.equal(tb.to_tensor(a, "cuda").cpu(), torch.from_numpy(a))
+
+
+def test_exit_with_transfers_in_flight_is_clean():
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch, tensorbridge as tb\n"
+        "x = torch.rand(64 << 20, device='cuda')\n"
+        "handles = [tb.to_numpy(x, out=np.empty(64 << 20, np.float32), non_blocking=True)"
+        " for _ in range(3)]\n"
+        "t = tb.to_tensor(np.ones(64 << 20, np.float32), 'cuda', non_blocking=True)\n"
+        "print('exiting')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "exiting" in proc.stdout

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -14,6 +15,21 @@
 
 namespace tb::cuda {
 namespace {
+
+// Test-only fault switch: the copy call after `g_fail_copy_after` more succeed throws a
+// CudaError, so tests can check that errors surface and the pool keeps working.
+std::atomic<int64_t> g_fail_copy_after{-1};
+
+void maybe_inject_fault() {
+  int64_t n = g_fail_copy_after.load(std::memory_order_relaxed);
+  while (n >= 0) {
+    if (g_fail_copy_after.compare_exchange_weak(n, n - 1)) {
+      if (n == 0) throw CudaError(cudaErrorLaunchFailure, "injected fault (test switch)",
+                                  __FILE__, __LINE__);
+      return;
+    }
+  }
+}
 
 class CudaEngine final : public TransferEngine {
  public:
@@ -28,9 +44,11 @@ class CudaEngine final : public TransferEngine {
     if (cudaFreeHost(ptr) != cudaSuccess) (void)cudaGetLastError();
   }
   void copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) override {
+    maybe_inject_fault();
     TB_CUDA_CHECK(cudaMemcpyAsync(host, device, n, cudaMemcpyDeviceToHost, stream(s)));
   }
   void copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) override {
+    maybe_inject_fault();
     TB_CUDA_CHECK(cudaMemcpyAsync(device, host, n, cudaMemcpyHostToDevice, stream(s)));
   }
   EventHandle create_event() override {
@@ -201,6 +219,8 @@ EventHandle copy_async(int d, StreamHandle stream, void* dst, const void* src, s
   }
   return e;
 }
+
+void inject_copy_fault(int64_t after) { g_fail_copy_after.store(after); }
 
 bool query_event(EventHandle e) {
   const cudaError_t err = cudaEventQuery(reinterpret_cast<cudaEvent_t>(e));
