@@ -102,3 +102,25 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")
+@pytest.mark.parametrize("path", ["extension", "fallback"])
+@SETTINGS
+@given(a=arrays(), cast=st.sampled_from([None, torch.float64, torch.int32, np.float32]))
+def test_to_tensor_properties(path, a, cast):
+    if path == "extension" and _backend.C is None:
+        pytest.skip("extension not available")
+    ctx = _backend.forced_fallback() if path == "fallback" else _nullcontext()
+    with ctx:
+        t = tb.to_tensor(a, "cpu", dtype=cast)
+        native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
+        expected = torch.from_numpy(native)
+        if cast is not None:
+            expected = expected.to(tb._dtypes.as_torch_dtype(cast))
+        assert t.dtype == expected.dtype and t.shape == expected.shape
+        # bytes, not values: random bits make NaNs, and both sides cast with torch
+        assert reference_numpy(t).tobytes() == reference_numpy(expected).tobytes()
+        out = torch.empty(a.shape, dtype=expected.dtype)
+        assert tb.to_tensor(a, out=out, dtype=cast) is out
+        assert reference_numpy(out).tobytes() == reference_numpy(expected).tobytes()
