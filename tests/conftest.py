@@ -181,3 +181,26 @@ def assert_holes_poisoned(view: np.ndarray, big: np.ndarray) -> None:
 
 
 __all__ = ["tb"]
+
+
+def run_in_threads(work: Callable[[int], None], n: int, timeout: float = 300) -> None:
+    """Runs work(i) for i in range(n) on n threads at once; re-raises the first error and
+    fails on a thread that does not finish (a deadlock)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # reported by the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish (deadlock?)"
+    if errors:
+        raise errors[0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,7 +9,7 @@ from hypothesis import strategies as st
 
 from tensorbridge import _backend
 
-from conftest import HAS_EXTENSION
+from conftest import HAS_EXTENSION, run_in_threads
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
 
@@ -95,24 +93,15 @@ def test_many_threads_copy_at_once():
     """More Python threads than cores, each splitting its copies over the shared pool."""
     rng = np.random.default_rng(7)
     sources = [_random((257, 131 + i), "<f8", rng) for i in range(12)]
-    errors: list[BaseException] = []
 
     def work(i):
-        try:
-            src = sources[i].T if i % 2 else sources[i][::-1]
-            for _ in range(20):
-                out = np.full(src.shape, np.nan)
-                _backend.C.copy(out, src, 0, 4096)
-                np.testing.assert_array_equal(out, src)
-        except BaseException as exc:
-            errors.append(exc)
+        src = sources[i].T if i % 2 else sources[i][::-1]
+        for _ in range(20):
+            out = np.full(src.shape, np.nan)
+            _backend.C.copy(out, src, 0, 4096)
+            np.testing.assert_array_equal(out, src)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(work, len(sources))
 
 
 def test_invalid_arguments_raise():

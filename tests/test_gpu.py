@@ -6,7 +6,6 @@ Run on a GPU machine with ``python -m pytest -m gpu`` (benchmarks/run_gpu.sh doe
 from __future__ import annotations
 
 import gc
-import threading
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from conftest import (
     poisoned,
     random_tensor,
     reference_numpy,
+    run_in_threads,
     strided_out,
 )
 
@@ -143,27 +143,18 @@ def test_after_pending_kernels_on_a_side_stream(gen):
 
 
 def test_many_threads_at_once(gen):
-    errors: list[BaseException] = []
     xs = [random_tensor((300 + i, 1000), torch.float32, gen).cuda() for i in range(16)]
     expected = [x.cpu().numpy() for x in xs]
 
     def work(i):
-        try:
-            for j in range(5):
-                out = poisoned(expected[i].shape, np.float32, "F" if j % 2 else "C")
-                tb.to_numpy(xs[i], out=out)
-                assert_same(out, expected[i])
-                back = tb.to_tensor(out, "cuda")
-                assert torch.equal(back, xs[i])
-        except BaseException as exc:
-            errors.append(exc)
+        for j in range(5):
+            out = poisoned(expected[i].shape, np.float32, "F" if j % 2 else "C")
+            tb.to_numpy(xs[i], out=out)
+            assert_same(out, expected[i])
+            back = tb.to_tensor(out, "cuda")
+            assert torch.equal(back, xs[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, repr(errors[0])
+    run_in_threads(work, 16)
     stats = tb.pinned_stats()
     assert stats["bytes_held"] <= stats["budget"] and stats["bytes_in_use"] == 0
 

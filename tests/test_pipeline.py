@@ -7,8 +7,6 @@ are the same C++ pipeline and pool the CUDA engine uses; only the copy/event cal
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,7 +14,7 @@ from hypothesis import strategies as st
 
 from tensorbridge import _backend
 
-from conftest import HAS_EXTENSION
+from conftest import HAS_EXTENSION, run_in_threads
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
 C = _backend._LOADED
@@ -231,31 +229,22 @@ def test_shrinking_the_budget_frees_idle_blocks():
 def test_many_threads_share_one_pool_within_budget():
     """More threads than cores and than blocks the budget allows: all correct, budget kept."""
     t = make_tester(delay_us=30, budget=6 * 8192)
-    errors: list[BaseException] = []
     peak = []
 
     def work(i: int) -> None:
-        try:
-            rng = np.random.default_rng(i)
-            for j in range(6):
-                a = random_array((17 + i, 50 + j), "<f8", rng)
-                out = layout(a, "F" if (i + j) % 2 else "holes")
-                t.to_host(dense_bytes(a), out, chunk_bytes=8192, buffers=2 + j % 2)
-                assert np.ascontiguousarray(out).tobytes() == a.tobytes()
-                device = np.zeros(a.nbytes, np.uint8)
-                t.to_device(layout_copy(a), device, chunk_bytes=8192)
-                peak.append(t.stats()["bytes_held"])
-                t.drain()
-                assert device.tobytes() == a.tobytes()
-        except BaseException as exc:
-            errors.append(exc)
+        rng = np.random.default_rng(i)
+        for j in range(6):
+            a = random_array((17 + i, 50 + j), "<f8", rng)
+            out = layout(a, "F" if (i + j) % 2 else "holes")
+            t.to_host(dense_bytes(a), out, chunk_bytes=8192, buffers=2 + j % 2)
+            assert np.ascontiguousarray(out).tobytes() == a.tobytes()
+            device = np.zeros(a.nbytes, np.uint8)
+            t.to_device(layout_copy(a), device, chunk_bytes=8192)
+            peak.append(t.stats()["bytes_held"])
+            t.drain()
+            assert device.tobytes() == a.tobytes()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, repr(errors[0])
+    run_in_threads(work, 12)
     s = t.stats()
     assert max(peak) <= s["budget"] and s["bytes_held"] <= s["budget"]
     assert s["bytes_in_use"] == 0

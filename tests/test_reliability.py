@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 import tensorbridge as tb
 from tensorbridge import _backend
 
-from conftest import HAS_EXTENSION, assert_same, poisoned, random_tensor, reference_numpy
+from conftest import (
+    HAS_EXTENSION,
+    assert_same,
+    poisoned,
+    random_tensor,
+    reference_numpy,
+    run_in_threads,
+)
 
 
 def rss_bytes() -> int:
@@ -181,30 +188,19 @@ class _Null:
 @pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
 def test_pool_budget_holds_under_contention():
     """Twelve threads, a budget for three blocks: callers wait or go pageable, never over."""
-    import threading
-
     t = _backend._LOADED.HostTransferTester(delay_us=40, budget=3 * 16384)
-    errors, peaks = [], []
+    peaks = []
 
     def work(i):
-        try:
-            rng = np.random.default_rng(i)
-            for _ in range(5):
-                a = rng.standard_normal((40, 60 + i))
-                out = np.empty_like(a)
-                t.to_host(np.frombuffer(a.tobytes(), np.uint8).copy(), out, chunk_bytes=16384)
-                assert out.tobytes() == a.tobytes()
-                peaks.append(t.stats()["bytes_held"])
-        except BaseException as exc:
-            errors.append(exc)
+        rng = np.random.default_rng(i)
+        for _ in range(5):
+            a = rng.standard_normal((40, 60 + i))
+            out = np.empty_like(a)
+            t.to_host(np.frombuffer(a.tobytes(), np.uint8).copy(), out, chunk_bytes=16384)
+            assert out.tobytes() == a.tobytes()
+            peaks.append(t.stats()["bytes_held"])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in threads), "deadlock"
-    assert not errors, repr(errors[0])
+    run_in_threads(work, 12, timeout=120)
     assert max(peaks) <= 3 * 16384
     s = t.stats()
     assert s["bytes_in_use"] == 0 and s["bytes_held"] <= s["budget"]
