@@ -5,8 +5,8 @@
 #   bash benchmarks/run_gpu.sh [OUTDIR]        # from the repository root; default OUTDIR:
 #                                              # benchmarks/results
 # Needs no network: python3 with torch (CUDA), numpy, pybind11, setuptools, CMake and
-# ninja; matplotlib for the plot, ml_dtypes for the bfloat16/float8 tests. Fits in about
-# ten minutes on one H100/H200 (the build takes one or two of them).
+# ninja; matplotlib for the plot, ml_dtypes for the bfloat16/float8 tests. Meant to fit in
+# the GPU machine's ten-minute command limit; not yet timed there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"

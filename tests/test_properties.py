@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -52,7 +54,7 @@ def tensors(draw):
 def test_to_numpy_properties(path, x, order, copy):
     if path == "extension" and _backend.C is None:
         pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else _nullcontext()
+    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
     with ctx:
         expected = reference_numpy(x)
         assert_same(tb.to_numpy(x, copy=copy), expected)
@@ -87,21 +89,13 @@ def arrays(draw):
 def test_from_numpy_properties(path, a):
     if path == "extension" and _backend.C is None:
         pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else _nullcontext()
+    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
     with ctx:
         t = tb.from_numpy(a)
         native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
         assert t.shape == a.shape
         assert t.dtype == tb.from_numpy(native).dtype
         assert np.ascontiguousarray(t.numpy()).tobytes() == native.tobytes()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.filterwarnings("ignore:Casting complex values to real")
@@ -111,7 +105,7 @@ class _nullcontext:
 def test_to_tensor_properties(path, a, cast):
     if path == "extension" and _backend.C is None:
         pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else _nullcontext()
+    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
     with ctx:
         t = tb.to_tensor(a, "cpu", dtype=cast)
         native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)

@@ -197,22 +197,43 @@ HostView at_least_1d(const HostView& v) {
 }
 }  // namespace
 
+namespace {
+// One transfer's chunks and the staging blocks it rotates through.
+struct TransferPlan {
+  HostView view;  // at least 1-d
+  std::vector<Chunk> chunks;
+  int blocks = 0;
+  size_t block_bytes = 0;
+  size_t total = 0;
+};
+
+TransferPlan plan_transfer(const HostView& v, const PipelineOptions& options) {
+  TransferPlan p;
+  p.view = at_least_1d(v);
+  p.chunks = plan_chunks(p.view.shape, p.view.itemsize, options.chunk_bytes);
+  if (p.chunks.empty()) return p;
+  p.blocks = std::min<int>(std::max(2, options.buffers), static_cast<int>(p.chunks.size()));
+  p.block_bytes = largest_chunk(p.chunks);
+  p.total = p.chunks.back().offset + p.chunks.back().bytes;
+  return p;
+}
+}  // namespace
+
 PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
                             const void* device_src, const HostView& view,
                             const PipelineOptions& options) {
-  const HostView dst = at_least_1d(view);
-  const auto chunks = plan_chunks(dst.shape, dst.itemsize, options.chunk_bytes);
+  const TransferPlan plan = plan_transfer(view, options);
+  const HostView& dst = plan.view;
+  const auto& chunks = plan.chunks;
   PipelineReport report;
   report.chunks = chunks.size();
   if (chunks.empty()) return report;
   const char* src = static_cast<const char*>(device_src);
-  const int nbuf = std::max(2, options.buffers);
 
   Leases blocks(pool);
-  if (!blocks.acquire(std::min<int>(nbuf, static_cast<int>(chunks.size())),
-                      largest_chunk(chunks))) {
+  if (!blocks.acquire(plan.blocks, plan.block_bytes)) {
     report.staged = false;
-    const size_t total = chunks.back().offset + chunks.back().bytes;
+    const size_t total = plan.total;
     Pageable pg(dst, total, options.swap_unit);
     copy_and_wait(engine, stream,
                   [&] { engine.copy_to_host_async(pg.dense, src, total, stream); });
@@ -222,10 +243,10 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
     return report;
   }
 
-  // Chunk i goes through block i % nbuf. Queue the DMA of chunk i, then empty chunk
-  // i-(nbuf-1) on the host while it runs; a block is refilled only after it was emptied.
+  // Chunk i goes through block i % blocks. Queue the DMA of chunk i, then empty chunk
+  // i-(blocks-1) on the host while it runs; a block is refilled only after it was emptied.
   const size_t n = chunks.size();
-  const size_t lag = static_cast<size_t>(nbuf - 1);
+  const size_t lag = static_cast<size_t>(plan.blocks - 1);
   auto drain = [&](size_t j) {
     PinnedBlock* b = blocks[j];
     engine.synchronize(b->event);
@@ -252,19 +273,18 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
 PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
                               const HostView& view, void* device_dst,
                               const PipelineOptions& options) {
-  const HostView src = at_least_1d(view);
-  const auto chunks = plan_chunks(src.shape, src.itemsize, options.chunk_bytes);
+  const TransferPlan plan = plan_transfer(view, options);
+  const HostView& src = plan.view;
+  const auto& chunks = plan.chunks;
   PipelineReport report;
   report.chunks = chunks.size();
   if (chunks.empty()) return report;
   char* dst = static_cast<char*>(device_dst);
-  const int nbuf = std::max(2, options.buffers);
 
   Leases blocks(pool);
-  if (!blocks.acquire(std::min<int>(nbuf, static_cast<int>(chunks.size())),
-                      largest_chunk(chunks))) {
+  if (!blocks.acquire(plan.blocks, plan.block_bytes)) {
     report.staged = false;
-    const size_t total = chunks.back().offset + chunks.back().bytes;
+    const size_t total = plan.total;
     Pageable pg(src, total, options.swap_unit);
     if (pg.dense != src.data)
       host_copy(pg.dense, dense_strides(src), src.data, src.strides, src.shape, src.itemsize,
