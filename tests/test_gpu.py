@@ -394,8 +394,8 @@ def fault():
 
 @pytest.mark.parametrize("after", [0, 1, 3])
 def test_injected_copy_fault_surfaces_and_pool_recovers(gen, fault, after):
-    x = random_tensor((2048, 1024), torch.float32, gen).cuda()  # 8 MiB: several chunks
-    out = poisoned((2048, 1024), np.float32)
+    x = random_tensor((8192, 1024), torch.float32, gen).cuda()  # 32 MiB: eight 4 MiB chunks
+    out = poisoned((8192, 1024), np.float32)
     fault(after)
     with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
         tb.to_numpy(x, out=out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -135,23 +135,15 @@ def to_device(
         i = next(counter)
         if not isinstance(leaf, (np.ndarray, torch.Tensor)):
             return leaf
-        target = _target_dtype(dtype, key, _source_dtype(leaf))
         t = moved.get(i)
         if t is None:
             t = to_tensor(leaf, dev, non_blocking=non_blocking)
+        if dtype is None:
+            return t
+        target = _target_dtype(dtype, key, _source_dtype(leaf))
         return t if target is None or target == t.dtype else t.to(target)
 
     return tree_map(move, batch)
-
-
-def packed_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
-    """Offsets of arrays packed into one buffer, each aligned to 256 bytes; and the total."""
-    offsets, end = [], 0
-    for n in sizes:
-        end = -(-end // _ALIGN) * _ALIGN
-        offsets.append(end)
-        end += n
-    return offsets, end
 
 
 def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
@@ -164,39 +156,107 @@ def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
     return leaf
 
 
+def _pack_dtype(np_dtype: np.dtype) -> tuple[torch.dtype, np.dtype | None, bool]:
+    """(torch dtype, integer view for ml_dtypes storage or None, needs a byte swap)."""
+    info = _PACK_DTYPES.get(np_dtype)
+    if info is None:
+        native = np_dtype.newbyteorder("=") if not np_dtype.isnative else np_dtype
+        storage = (
+            _dtypes.storage_dtypes(native.itemsize)[1] if _dtypes.is_ml_dtype(native) else None
+        )
+        info = (_dtypes.torch_dtype(native), storage, native is not np_dtype)
+        _PACK_DTYPES[np_dtype] = info
+    return info
+
+
+_PACK_DTYPES: dict[np.dtype, tuple[torch.dtype, np.dtype | None, bool]] = {}
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return strides[::-1]
+
+
+class _PackPlan(NamedTuple):
+    arrays: list[np.ndarray]  # native byte order; ml_dtypes seen as same-size integers
+    offsets: list[int]  # byte offset of each array in the buffer, non-decreasing
+    nbytes: int  # buffer size, a multiple of 256
+    runs: list[tuple[torch.dtype, tuple[int, ...], int, int, list[int]]]
+    # (dtype, shape, first byte, padded bytes per array, leaf indices) per group
+
+
+def pack_plan(host: Sequence[tuple[int, Any]]) -> _PackPlan:
+    """Lays out host arrays (index, array or CPU tensor) in one buffer for a packed copy.
+
+    Arrays of one dtype and shape sit next to each other, each padded to 256 bytes, so a
+    group's views come from one ``as_strided(...).unbind(0)`` call (``packed_views``)
+    instead of a slice and two views per array: with many small arrays, per-array Python
+    work and not the copy is what a batch costs.
+    """
+    groups: dict[tuple[torch.dtype, tuple[int, ...]], list[tuple[int, np.ndarray]]] = {}
+    for i, leaf in host:
+        a = leaf if isinstance(leaf, np.ndarray) else to_numpy(leaf)
+        t_dtype, storage, swap = _pack_dtype(a.dtype)
+        if swap:
+            a = a.astype(a.dtype.newbyteorder("="))
+        if storage is not None:
+            a = a.view(storage)
+        groups.setdefault((t_dtype, a.shape), []).append((i, a))
+    arrays: list[np.ndarray] = []
+    offsets: list[int] = []
+    runs = []
+    end = 0
+    for (t_dtype, shape), members in groups.items():
+        padded = -(-members[0][1].nbytes // _ALIGN) * _ALIGN
+        runs.append((t_dtype, shape, end, padded, [i for i, _ in members]))
+        for _, a in members:
+            arrays.append(a)
+            offsets.append(end)
+            end += padded
+    return _PackPlan(arrays, offsets, max(end, _ALIGN), runs)
+
+
+def packed_views(buffer: torch.Tensor, plan: _PackPlan) -> dict[int, torch.Tensor]:
+    """The tensors of a packed buffer (uint8, ``plan.nbytes``), by leaf index."""
+    out: dict[int, torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    for t_dtype, shape, first, padded, indices in plan.runs:
+        flat = typed.get(t_dtype)
+        if flat is None:
+            flat = typed[t_dtype] = buffer.view(t_dtype)
+        item = flat.element_size()
+        views = torch.as_strided(
+            flat,
+            (len(indices), *shape),
+            (padded // item, *_contiguous_strides(shape)),
+            first // item,
+        ).unbind(0)
+        out.update(zip(indices, views, strict=True))
+    return out
+
+
 def _pack_to_cuda(
     host: list[tuple[int, Any, Any]], dev: torch.device, non_blocking: bool
 ) -> dict[int, torch.Tensor]:
     """Host arrays -> views of one device buffer, sent in a few packed copies."""
-    arrays, dtypes_ = [], []
-    for _, leaf, _ in host:
-        a = to_numpy(leaf) if isinstance(leaf, torch.Tensor) else leaf
-        if not a.dtype.isnative:
-            a = a.astype(a.dtype.newbyteorder("="))
-        t_dtype = _dtypes.torch_dtype(a.dtype)
-        if _dtypes.is_ml_dtype(a.dtype):
-            a = a.view(_dtypes.storage_dtypes(a.dtype.itemsize)[1])
-        arrays.append(a)
-        dtypes_.append(t_dtype)
-    offsets, end = packed_offsets([a.nbytes for a in arrays])
-    buffer = torch.empty(max(end, 1), dtype=torch.uint8, device=dev)
+    plan = pack_plan([(i, leaf) for i, leaf, _ in host])
+    buffer = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
     stream = torch.cuda.current_stream(dev)
     opts = _transfers.transfer_options()
     _backend.C.cuda_copy_many_to_device(
         dev.index,
         stream.cuda_stream,
-        arrays,
-        offsets,
+        plan.arrays,
+        plan.offsets,
         buffer.data_ptr(),
         opts["chunk_bytes"],
         opts["buffers"],
         not non_blocking,
     )
-    out = {}
-    for (i, _, _), a, off, t_dtype in zip(host, arrays, offsets, dtypes_, strict=True):
-        view = buffer[off : off + a.nbytes].view(t_dtype)
-        out[i] = view.view(a.shape)
-    return out
+    return packed_views(buffer, plan)
 
 
 # --------------------------------------------------------------------------- to_numpy_batch
