@@ -23,6 +23,13 @@ from . import _backend, _dtypes
 from ._transfer import Transfer
 
 _options = {"chunk_bytes": 4 << 20, "buffers": 3}
+# Blocking copies of at most this many bytes between a CUDA tensor and a plain NumPy
+# array take torch's own path (one cudaMemcpy through the driver's staging): below it the
+# pipeline's fixed costs (pool lease, events, host copies on the thread pool) outweigh
+# what it saves. From benchmarks/tune_gpu.py on an H100 (benchmarks/results/*-tune-*):
+# the engine overtook torch's copy at 1 MiB device->host and at 4 MiB host->device.
+_SMALL_D2H = 512 << 10
+_SMALL_H2D = 1 << 20
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -122,10 +129,13 @@ def to_host(
         dst = dst.transpose(order)
     fresh = not src.is_contiguous()
     src = src.contiguous()
-    device = x.device
-    stream = torch.cuda.current_stream(device)
     swap = _swap_unit(dst)
     nbytes = dst.size * dst.itemsize
+    if nbytes <= _SMALL_D2H and not non_blocking and swap == 0 and dst.flags.c_contiguous:
+        torch.from_numpy(dst).copy_(src)  # small: torch's one synchronous copy is cheaper
+        return out
+    device = x.device
+    stream = torch.cuda.current_stream(device)
     index = _device_index(device)
 
     if swap == 0 and dst.flags.c_contiguous and nbytes and C.is_host_pinned(dst):
@@ -214,13 +224,28 @@ def to_device(
     if _dtypes.is_ml_dtype(a.dtype):
         _, storage_np = _dtypes.storage_dtypes(a.dtype.itemsize)
         src = a.view(storage_np)
+    swap = _swap_unit(src)
+    nbytes = src.size * src.itemsize
+    if (
+        nbytes <= _SMALL_H2D
+        and not non_blocking
+        and swap == 0
+        and src.flags.c_contiguous
+        and src.flags.writeable  # (torch.from_numpy warns on read-only arrays)
+    ):
+        # small: torch's one synchronous copy is cheaper than staging
+        moved = torch.from_numpy(src).to(device)
+        if t_dtype != moved.dtype:
+            moved = moved.view(t_dtype)
+        if out is not None:
+            out.copy_(moved)
+            return out
+        return moved if target is None or target == t_dtype else moved.to(target)
     if out is not None and out.dtype == t_dtype and out.is_contiguous():
         dst = out  # straight into the caller's tensor
     else:
         dst = torch.empty(a.shape, dtype=t_dtype, device=device)
     stream = torch.cuda.current_stream(device)
-    swap = _swap_unit(src)
-    nbytes = src.size * src.itemsize
     _reap_inflight()
     if swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src):
         event = C.cuda_copy_async(
