@@ -30,7 +30,7 @@ run() {
 
   echo "== GPU tests"
   "$py" -m pytest -m gpu -q -p no:cacheprovider -o addopts="--strict-markers -rfE" \
-    --junitxml="$out/$stamp-gpu-tests.xml" tests/test_gpu.py
+    --junitxml="$out/$stamp-gpu-tests.xml" tests/test_gpu.py tests/test_interop.py
   local tests=$?
 
   echo "== CPU tests of the engine's scheduling (host engine) and the core"

@@ -18,12 +18,38 @@ from conftest import is_poisoned, poisoned
 
 F32 = np.float32
 
+
+class _RefusingProducer:
+    """An array of some framework whose only protocol refuses to export (as JAX does for
+    a deleted array, or NumPy < 2.1 for a read-only one)."""
+
+    def __dlpack__(self, **kwargs):
+        raise BufferError("Cannot export readonly array since signalling readonly is unsupported")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+_RefusingProducer.__module__ = "producer"  # the same name in messages run as a script or test
+
 # (id, call, exception, message pattern)
 TO_NUMPY_INPUTS = [
     ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list.*to_numpy_batch"),
     ("dict", lambda: tb.to_numpy({"a": torch.ones(1)}), TypeError, r"got dict"),
     ("scalar", lambda: tb.to_numpy(3.0), TypeError, r"got float.*torch.as_tensor"),
     ("string", lambda: tb.to_numpy("abc"), TypeError, r"got str"),
+    (
+        "no array protocol",
+        lambda: tb.to_numpy(object()),
+        TypeError,
+        r"__dlpack__, __cuda_array_interface__, __array__ or __array_interface__.*got object",
+    ),
+    (
+        "export refused",
+        lambda: tb.to_numpy(_RefusingProducer()),
+        ValueError,
+        r"refused to export.*BufferError: Cannot export readonly.*numpy.array\(x\)",
+    ),
     ("sparse", lambda: tb.to_numpy(torch.eye(3).to_sparse()), TypeError, r"to_dense\(\)"),
     ("sparse-csr", lambda: tb.to_numpy(torch.eye(3).to_sparse_csr()), TypeError, r"to_dense"),
     ("meta", lambda: tb.to_numpy(torch.empty(3, device="meta")), TypeError, r"meta tensor"),
@@ -200,8 +226,12 @@ def test_to_tensor_refuses_overlapping_out(backend, how):
 
 
 def test_to_tensor_refuses_non_arrays(backend):
-    with pytest.raises(TypeError, match=r"to_tensor expects a numpy.ndarray, got list"):
+    with pytest.raises(TypeError, match=r"to_tensor expects a torch.Tensor.*got list.*to_device"):
         tb.to_tensor([1, 2, 3])
+    with pytest.raises(TypeError, match=r"exposing __dlpack__.*got object.*numpy.asarray"):
+        tb.to_tensor(object())
+    with pytest.raises(ValueError, match=r"refused to export.*BufferError"):
+        tb.to_tensor(_RefusingProducer())
     with pytest.raises(TypeError, match="not a NumPy or torch dtype"):
         tb.to_tensor(np.zeros(2), dtype=object())
 
@@ -238,6 +268,8 @@ OTHER_REFUSALS = [
         lambda: tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None}),
     ),
     ("collate", "ragged samples", lambda: tb.collate([np.zeros(3), np.zeros(4)])),
+    ("to_tensor", "no array protocol", lambda: tb.to_tensor(object())),
+    ("to_tensor", "export refused", lambda: tb.to_tensor(_RefusingProducer())),
     ("collate", "no samples", lambda: tb.collate([])),
     ("Prefetcher", "depth 0", lambda: tb.Prefetcher([], "cpu", depth=0)),
     (

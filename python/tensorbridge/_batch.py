@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from . import _backend, _dtypes, _transfers
+from . import _backend, _dtypes, _interop, _transfers
 from ._convert import Device, from_numpy, to_numpy, to_tensor
 from ._transfer import Transfer
 
@@ -119,7 +119,10 @@ def to_device(
         return tree_map(_to_cpu_leaf, batch)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    leaves = _leaves(batch)
+    leaves = [
+        (to_tensor(leaf) if _interop.is_foreign_array(leaf) else leaf, key)
+        for leaf, key in _leaves(batch)
+    ]  # arrays of other frameworks as tensors over the same memory, where they are
     moved: dict[int, torch.Tensor] = {}
     host = [
         (i, leaf, key)
@@ -131,8 +134,9 @@ def to_device(
         moved.update(_pack_to_cuda(host, dev, non_blocking))
     counter = iter(range(len(leaves)))
 
-    def move(leaf: Any, key: Any) -> Any:
+    def move(original: Any, key: Any) -> Any:
         i = next(counter)
+        leaf = leaves[i][0]
         if not isinstance(leaf, (np.ndarray, torch.Tensor)):
             return leaf
         t = moved.get(i)
@@ -149,6 +153,8 @@ def to_device(
 def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
     if type(leaf) is np.ndarray:
         return from_numpy(leaf)
+    if _interop.is_foreign_array(leaf):
+        return to_tensor(leaf, "cpu")
     if isinstance(leaf, torch.Tensor):
         return leaf if leaf.is_cpu else leaf.cpu()
     if isinstance(leaf, np.ndarray):
@@ -292,7 +298,7 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         i = next(counter)
         if i in done:
             return done[i]
-        if not isinstance(leaf, (torch.Tensor, np.ndarray)):
+        if not isinstance(leaf, (torch.Tensor, np.ndarray)) and not _interop.is_foreign_array(leaf):
             return leaf
         return to_numpy(leaf, out=outs[i], non_blocking=non_blocking)
 

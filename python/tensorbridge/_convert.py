@@ -14,7 +14,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from . import _backend, _dtypes, _transfers
+from . import _backend, _dtypes, _interop, _transfers
 from ._copy import check_no_overlap, copy_into
 from ._dtypes import DTypeLike
 from ._transfer import Transfer
@@ -30,14 +30,7 @@ _FAST_GET = _dtypes.FAST_PATH.get
 
 def _check_tensor(x: Any, fn: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        kind = type(x).__name__
-        if isinstance(x, (list, tuple, dict)):
-            hint = (
-                "for a batch (a list, tuple or dict of tensors) use to_numpy_batch() or to_device()"
-            )
-        else:
-            hint = "wrap it first with torch.as_tensor(x) or numpy.asarray(x)"
-        raise TypeError(f"{fn} expects a torch.Tensor or numpy.ndarray, got {kind}: {hint}.")
+        raise _interop.no_protocol_error(x, fn)
     if x.layout != torch.strided:
         if x.is_nested:
             hint = "x.unbind() to convert its components one by one"
@@ -230,6 +223,10 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
 def _to_numpy(
     x: Any, out: np.ndarray | None, dtype: DTypeLike | None, copy: bool, non_blocking: bool = False
 ) -> np.ndarray | Transfer[np.ndarray]:
+    if not isinstance(x, (torch.Tensor, np.ndarray)):
+        # JAX, TensorFlow, CuPy...: host data as a NumPy view (keeping a read-only flag),
+        # device data as a CUDA tensor for the transfer engine.
+        x = _interop.import_array(x, "to_numpy", numpy_first=True)
     if isinstance(x, np.ndarray):
         return _numpy_to_numpy(x, out, dtype, copy)
     x = _check_tensor(x, "to_numpy")
@@ -367,50 +364,56 @@ def to_tensor(
     non_blocking: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Converts a NumPy array to a tensor on ``device`` (default: the CPU).
+    """Converts an array to a tensor on ``device`` (default: where the data already is).
 
-    On the CPU without a dtype change the tensor shares memory like
-    ``torch.as_tensor(a)`` (and converts what torch refuses, see :func:`from_numpy`).
-    ``dtype=`` casts; on a GPU the cast runs there, after the transfer, so the narrow
-    type crosses the link.
+    Takes a NumPy array, a tensor, or an array of another framework (JAX, TensorFlow,
+    CuPy, Numba...: anything exposing ``__dlpack__``, ``__cuda_array_interface__`` or
+    ``__array__``). Without a device change or a dtype change the tensor shares memory
+    with the source, like ``torch.as_tensor(a)`` / ``torch.from_dlpack(a)`` (and converts
+    what torch refuses, see :func:`from_numpy`); a GPU array of another framework stays
+    on its GPU, with the producer's pending work ordered before the current stream's.
+    ``dtype=`` casts; on a GPU the cast runs there, after the transfer, so the narrow type
+    crosses the link.
 
     Args:
-        a: a numpy.ndarray (a torch.Tensor is accepted and moved/cast).
-        device: target device, e.g. ``"cuda"``; default ``out``'s device or the CPU.
+        a: a numpy.ndarray, a torch.Tensor or another framework's array.
+        device: target device, e.g. ``"cuda"``; default ``out``'s device, else the
+            device the data is on (the CPU for NumPy arrays).
         dtype: the result's dtype (torch or NumPy dtype).
         non_blocking: order the copy on the current stream without waiting for it,
             like ``Tensor.to(non_blocking=True)``.
         out: a preallocated tensor of the result's shape, dtype and device.
+
+    Raises:
+        TypeError: ``a`` is not an array of any kind understood, or its dtype has no
+            torch equivalent; ``out`` has the wrong type or dtype.
+        ValueError: another framework's array whose producer refused to export it;
+            ``out`` has the wrong shape or device, or overlaps ``a``.
 
     Example:
         >>> import numpy as np, tensorbridge as tb
         >>> tb.to_tensor(np.arange(3, dtype=np.uint8), dtype="float32")
         tensor([0., 1., 2.])
     """
+    if not isinstance(a, (np.ndarray, torch.Tensor)):
+        a = _interop.import_array(a, "to_tensor", numpy_first=False)
     if isinstance(a, np.ndarray):
         shape, source_dtype = a.shape, _dtypes.torch_dtype(a.dtype)  # refuses bad dtypes
-    elif isinstance(a, torch.Tensor):
+    else:
         a = _check_tensor(a, "to_tensor")
         shape, source_dtype = tuple(a.shape), a.dtype
-    else:
-        raise TypeError(
-            f"to_tensor expects a numpy.ndarray, got {type(a).__name__}: use "
-            "numpy.asarray(a) first."
-        )
     target = _dtypes.as_torch_dtype(dtype) if dtype is not None else None
     dev = torch.device(device) if device is not None else None
     if out is not None:
         _check_out_tensor(out, shape, source_dtype, target, dev)
         dev = out.device
 
-    if (
-        dev is not None
-        and dev.type == "cuda"
-        and isinstance(a, np.ndarray)
-        and _transfers.engine_ready()
-    ):
-        # Pinned staging, chunked and pipelined; any layout and byte order; cast on the GPU.
-        return _transfers.to_device(a, dev, target, non_blocking, out)
+    if dev is not None and dev.type == "cuda" and _transfers.engine_ready():
+        host = a if isinstance(a, np.ndarray) else _host_view_for_engine(a)
+        if host is not None:
+            # Pinned staging, chunked and pipelined; any layout and byte order; cast on
+            # the GPU.
+            return _transfers.to_device(host, dev, target, non_blocking, out)
 
     src = from_numpy(a) if isinstance(a, np.ndarray) else a
     if out is not None:
@@ -419,12 +422,24 @@ def to_tensor(
         out.copy_(src, non_blocking=non_blocking)
         return out
 
-    if dev is None or dev.type == "cpu":
+    if dev is None:
+        return src if target is None or target == src.dtype else src.to(target)
+    if dev.type == "cpu":
         src = src.to(device="cpu") if src.device.type != "cpu" else src
         return src if target is None or target == src.dtype else src.to(target)
     # Another device: move the narrow type, then cast there.
     moved = src.to(dev, non_blocking=non_blocking)
     return moved if target is None or target == moved.dtype else moved.to(target)
+
+
+def _host_view_for_engine(t: torch.Tensor) -> np.ndarray | None:
+    """A NumPy view of a CPU tensor for the transfer engine, or None where torch's own
+    ``.to()`` must do it (autograd history to keep, conj/neg bits, no NumPy dtype)."""
+    if not t.is_cpu or t.requires_grad or t.is_conj() or t.is_neg():
+        return None
+    if _dtypes.numpy_dtype_or_none(t.dtype) is None:
+        return None
+    return _cpu_view(t)
 
 
 def _check_out_tensor(

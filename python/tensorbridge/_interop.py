@@ -1,0 +1,160 @@
+"""Arrays of other frameworks: DLPack, the CUDA array interface and NumPy's protocols.
+
+JAX, TensorFlow, CuPy, Numba, pandas and friends each export their memory through one
+or more of ``__dlpack__``, ``__cuda_array_interface__`` and ``__array__`` /
+``__array_interface__``. :func:`import_array` turns such an object into a torch tensor
+or a NumPy array over the same memory wherever the producer allows it, so that
+``to_numpy`` and ``to_tensor`` then treat it exactly like their native inputs:
+
+- device memory becomes a CUDA tensor through DLPack (``torch.from_dlpack`` hands the
+  consumer's current stream to the producer, which orders its pending work before it),
+  else through the CUDA array interface (whose ``stream`` the current stream waits on);
+- host memory becomes a NumPy array through ``__array__`` when a NumPy array is the goal
+  (a producer's read-only flag survives: JAX and TensorFlow buffers are immutable), else
+  a tensor through DLPack; the other protocol is the fallback when one refuses.
+
+bfloat16 and float8 arrive as torch bfloat16/float8 (DLPack) or ml_dtypes arrays (NumPy
+protocols): never upcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+PROTOCOLS = "__dlpack__, __cuda_array_interface__, __array__ or __array_interface__"
+_ATTRS = ("__dlpack__", "__cuda_array_interface__", "__array__", "__array_interface__")
+
+# DLPack device types whose memory the host can read directly.
+_HOST_DEVICES = {1, 3}  # kDLCPU, kDLCUDAHost (page-locked host memory)
+
+
+def is_foreign_array(obj: Any) -> bool:
+    """True for an array of another framework (not a tensor, ndarray or NumPy scalar)."""
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
+        return False
+    kind = type(obj)
+    return any(hasattr(kind, name) for name in _ATTRS)
+
+
+def _dlpack_device(obj: Any) -> tuple[int, int] | None:
+    try:
+        kind, index = obj.__dlpack_device__()
+        return int(kind), int(index)
+    except Exception:  # no __dlpack_device__, or one that fails: decide without it
+        return None
+
+
+def _dlpack_would_abort(obj: Any) -> bool:
+    """TensorFlow aborts the process (a failed CHECK, not an exception) when a string,
+    resource or variant tensor is exported through DLPack; those go through __array__."""
+    if not type(obj).__module__.startswith("tensorflow"):
+        return False
+    dtype = getattr(obj, "dtype", None)
+    try:
+        numeric = dtype.is_floating or dtype.is_integer or dtype.is_bool or dtype.is_complex
+        return not numeric or dtype.is_quantized
+    except AttributeError:
+        return True
+
+
+def _via_dlpack(obj: Any) -> torch.Tensor:
+    return torch.from_dlpack(obj)
+
+
+def _via_cuda_array_interface(obj: Any) -> torch.Tensor:
+    interface = obj.__cuda_array_interface__
+    t = torch.as_tensor(obj, device="cuda")  # zero-copy over the interface's pointer
+    stream = interface.get("stream")
+    if isinstance(stream, int) and stream != 0 and t.numel():
+        # Version 3: the producer's work on `stream` must come before ours.
+        current = torch.cuda.current_stream(t.device)
+        if stream != current.cuda_stream:
+            current.wait_stream(torch.cuda.ExternalStream(stream, device=t.device))
+    return t
+
+
+def _via_numpy(obj: Any) -> np.ndarray:
+    try:
+        return np.asarray(obj)
+    except ValueError:
+        # Some producers' __array__ returns a NumPy scalar for 0-d data (TensorFlow does
+        # for bfloat16 and float8), which np.asarray rejects.
+        array = getattr(obj, "__array__", None)
+        if array is None:
+            raise
+        return np.asarray(array())
+
+
+def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.ndarray:
+    """``obj``'s data as a tensor or NumPy array, sharing its memory where allowed.
+
+    Args:
+        obj: an object exposing at least one of the protocols in :data:`PROTOCOLS`.
+        fn: the public function's name, for error messages.
+        numpy_first: for host memory, try the NumPy protocols before DLPack.
+
+    Raises:
+        TypeError: ``obj`` exposes none of the protocols.
+        ValueError: every protocol it exposes refused to export its data.
+    """
+    kind = type(obj)
+    dlpack = hasattr(kind, "__dlpack__") and not _dlpack_would_abort(obj)
+    # (on the instance: JAX's class has the property, which raises for host arrays)
+    cai = hasattr(obj, "__cuda_array_interface__")
+    numpy_protocol = hasattr(kind, "__array__") or hasattr(kind, "__array_interface__")
+    if not (dlpack or cai or numpy_protocol):
+        raise no_protocol_error(obj, fn)
+
+    device = _dlpack_device(obj) if dlpack else None
+    on_device = cai or (device is not None and device[0] not in _HOST_DEVICES)
+    ways: list[tuple[str, Callable[[Any], torch.Tensor | np.ndarray]]] = []
+    if dlpack:
+        ways.append(("__dlpack__", _via_dlpack))
+    if cai:
+        ways.append(("__cuda_array_interface__", _via_cuda_array_interface))
+    if numpy_protocol:
+        # Host memory: NumPy's import keeps a producer's read-only flag. Device memory:
+        # last, since it is the producer's own copy to the host (CuPy refuses it).
+        numpy_way = ("__array__", _via_numpy)
+        if numpy_first and not on_device:
+            ways.insert(0, numpy_way)
+        else:
+            ways.append(numpy_way)
+
+    refusals = []
+    for name, way in ways:
+        try:
+            return way(obj)
+        except Exception as exc:  # the producer's refusal (its own exception types)
+            refusals.append((name, exc))
+    detail = "; ".join(f"{name}: {type(e).__name__}: {e}" for name, e in refusals)
+    raise ValueError(
+        f"{fn} could not import the {_describe(obj)}: its producer refused to export it "
+        f"({detail}). Make a copy the producer can export first, e.g. numpy.array(x) for "
+        "host data or x.copy() in its own framework (a symbolic TensorFlow tensor must be "
+        "evaluated eagerly, outside tf.function)."
+    ) from refusals[-1][1]
+
+
+def _describe(obj: Any) -> str:
+    kind = type(obj)
+    module = kind.__module__.split(".")[0]
+    return f"{module}.{kind.__name__}" if module != "builtins" else kind.__name__
+
+
+def no_protocol_error(obj: Any, fn: str) -> TypeError:
+    kind = type(obj).__name__
+    if isinstance(obj, (list, tuple, dict)):
+        hint = "for a batch (a list, tuple or dict of arrays) use to_numpy_batch() or to_device()"
+        if fn == "to_tensor":
+            hint = "for a batch (a list, tuple or dict of arrays) use to_device()"
+    else:
+        hint = "wrap it first with numpy.asarray(x) or torch.as_tensor(x)"
+    return TypeError(
+        f"{fn} expects a torch.Tensor, a numpy.ndarray or an array exposing {PROTOCOLS} "
+        f"(JAX, TensorFlow, CuPy, Numba, pandas...); got {kind}: {hint}."
+    )
