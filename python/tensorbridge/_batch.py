@@ -251,15 +251,14 @@ def _pack_to_cuda(
     plan = pack_plan([(i, leaf) for i, leaf, _ in host])
     buffer = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
     stream = torch.cuda.current_stream(dev)
-    opts = _transfers.transfer_options()
     _backend.C.cuda_copy_many_to_device(
         dev.index,
         stream.cuda_stream,
         plan.arrays,
         plan.offsets,
         buffer.data_ptr(),
-        opts["chunk_bytes"],
-        opts["buffers"],
+        _transfers._chunk_bytes(plan.nbytes),
+        _transfers.transfer_options()["buffers"],
         not non_blocking,
     )
     return packed_views(buffer, plan)

@@ -23,6 +23,10 @@ Device = str | int | torch.device
 
 # torch dtype -> (NumPy dtype, same-size torch dtype to view ml_dtypes storage through)
 _FAST_GET = _dtypes.FAST_PATH.get
+# NumPy dtypes torch.from_numpy takes as they are
+_NATIVE_NUMPY = frozenset(
+    np_dtype for np_dtype, storage in _dtypes.FAST_PATH.values() if storage is None
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -173,6 +177,27 @@ def to_numpy(
                             return out
                     except RuntimeError:
                         pass
+        elif entry is not None and entry[1] is None and x.is_cuda:
+            # Small GPU tensors: torch's own synchronous copy, with no Python steps between
+            # (the staging pipeline only pays off from about 1 MiB: _transfers._SMALL_D2H).
+            if x.numel() * x.element_size() <= _transfers._SMALL_D2H:
+                np_dtype = entry[0]
+                if out is None:
+                    return x.detach().cpu().resolve_conj().resolve_neg().numpy()
+                if (
+                    type(out) is np.ndarray
+                    and out.dtype == np_dtype
+                    and out.shape == x.shape
+                    and out.flags.c_contiguous
+                    and out.flags.writeable
+                ):
+                    try:
+                        dst = torch.from_numpy(out)
+                    except ValueError:
+                        pass  # a negative stride on a dimension of size 1: the full path
+                    else:
+                        dst.copy_(x.detach())  # resolves conj/neg bits itself
+                        return out
     if not non_blocking:
         return _to_numpy(x, out, dtype, copy)  # type: ignore[return-value]
     try:
@@ -395,6 +420,26 @@ def to_tensor(
         >>> tb.to_tensor(np.arange(3, dtype=np.uint8), dtype="float32")
         tensor([0., 1., 2.])
     """
+    if (
+        type(a) is np.ndarray
+        and device is not None
+        and dtype is None
+        and out is None
+        and not non_blocking
+        and a.nbytes <= _transfers._SMALL_H2D
+        and a.dtype.isnative
+        and a.flags.c_contiguous
+        and a.flags.writeable  # (torch.from_numpy warns on read-only arrays)
+        and a.dtype in _NATIVE_NUMPY
+    ):
+        # Small arrays: torch's own copy with no Python steps between (the staging pipeline
+        # pays off from about 1 MiB); on the CPU, a tensor sharing the array's memory.
+        try:
+            src = torch.from_numpy(a)
+        except ValueError:
+            pass  # e.g. a negative stride on a dimension of size 1: the full path copes
+        else:
+            return src.to(device)
     if not isinstance(a, (np.ndarray, torch.Tensor)):
         a = _interop.import_array(a, "to_tensor", numpy_first=False)
     if isinstance(a, np.ndarray):

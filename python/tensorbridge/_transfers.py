@@ -22,7 +22,18 @@ import torch
 from . import _backend, _dtypes
 from ._transfer import Transfer
 
-_options = {"chunk_bytes": 4 << 20, "buffers": 3}
+# Chunk size (the largest: a transfer of under 8 chunks uses smaller ones, down to
+# 4 MiB) and the number of staging buffers in flight. From benchmarks/tune_gpu.py on an
+# H100 (benchmarks/results/*-tune-*-sweep2.*): 8 MiB x 6 was best or near it from 64 MiB
+# up in both directions; at 16 MiB, 4 MiB chunks were.
+_options = {"chunk_bytes": 8 << 20, "buffers": 6}
+_MIN_AUTO_CHUNK = 4 << 20
+
+
+def _chunk_bytes(nbytes: int) -> int:
+    return min(_options["chunk_bytes"], max(_MIN_AUTO_CHUNK, nbytes // 8))
+
+
 # Blocking copies of at most this many bytes between a CUDA tensor and a plain NumPy
 # array take torch's own path (one cudaMemcpy through the driver's staging): below it the
 # pipeline's fixed costs (pool lease, events, host copies on the thread pool) outweigh
@@ -65,6 +76,10 @@ def engine_ready() -> bool:
 
 def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None) -> dict[str, int]:
     """Sets (when given) and returns the pipeline's chunk size and staging buffer count.
+
+    ``chunk_bytes`` is the largest chunk: a transfer of fewer than eight such chunks is
+    cut into smaller ones (not under 4 MiB, nor over ``chunk_bytes``), so it still overlaps
+    the host copy with the DMA.
 
     Example:
         >>> import tensorbridge as tb
@@ -151,7 +166,7 @@ def to_host(
             stream.cuda_stream,
             src.data_ptr(),
             dst,
-            _options["chunk_bytes"],
+            _chunk_bytes(nbytes),
             _options["buffers"],
             swap,
         )
@@ -267,7 +282,7 @@ def to_device(
             stream.cuda_stream,
             src,
             dst.data_ptr(),
-            _options["chunk_bytes"],
+            _chunk_bytes(nbytes),
             _options["buffers"],
             swap,
             not non_blocking,
