@@ -315,19 +315,24 @@ def _cupy_layouts(cupy, host):
         "transposed": x.T,
         "holes": x[::2, 1::3],
         "offset": x[1:, 2:],
+        "reversed": x[::-1],  # negative strides: torch has none, so one flip on the device
+        "reversed-holes": x[1::2, ::-3],
     }
 
 
 @gpu
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "holes", "offset"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "transposed", "holes", "offset", "reversed", "reversed-holes"]
+)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_cupy_to_tensor_is_zero_copy_and_to_numpy_matches_asnumpy(cupy, request, dtype, layout):
     host = _random(_rng(request), (64, 48), dtype)
     x = _cupy_layouts(cupy, host)[layout]
     t = tb.to_tensor(x)
     assert t.is_cuda and t.device.index == x.device.id
-    assert t.data_ptr() == x.data.ptr  # the same device memory
-    assert tuple(t.stride()) == tuple(s // x.itemsize for s in x.strides)
+    if not layout.startswith("reversed"):
+        assert t.data_ptr() == x.data.ptr  # the same device memory
+        assert tuple(t.stride()) == tuple(s // x.itemsize for s in x.strides)
     expected = cupy.asnumpy(x)  # the idiom
     assert np.array_equal(
         _tensor_bits(t), np.ascontiguousarray(expected).reshape(-1).view(np.uint8)

@@ -70,11 +70,56 @@ def _via_cuda_array_interface(obj: Any) -> torch.Tensor:
     t = torch.as_tensor(obj, device="cuda")  # zero-copy over the interface's pointer
     stream = interface.get("stream")
     if isinstance(stream, int) and stream != 0 and t.numel():
-        # Version 3: the producer's work on `stream` must come before ours.
-        current = torch.cuda.current_stream(t.device)
-        if stream != current.cuda_stream:
-            current.wait_stream(torch.cuda.ExternalStream(stream, device=t.device))
+        _wait_for_producer(stream, t.device)
     return t
+
+
+def _wait_for_producer(stream: int, device: torch.device) -> None:
+    """Version 3 of the interface: the producer's work on ``stream`` comes before ours."""
+    current = torch.cuda.current_stream(device)
+    if stream == 1:  # the legacy default stream: torch's default stream
+        legacy = torch.cuda.default_stream(device)
+        if current.cuda_stream != legacy.cuda_stream:
+            current.wait_stream(legacy)
+    elif stream == 2:  # a per-thread default stream torch cannot name: wait for the device
+        torch.cuda.synchronize(device)
+    elif stream != current.cuda_stream:
+        current.wait_stream(torch.cuda.ExternalStream(stream, device=device))
+
+
+def _has_negative_strides(obj: Any, interface: dict | None) -> bool:
+    strides = interface.get("strides") if interface is not None else getattr(obj, "strides", None)
+    try:
+        return strides is not None and any(int(s) < 0 for s in strides)
+    except (TypeError, ValueError):
+        return False
+
+
+class _PositiveStrides:
+    """A CUDA array interface over the same memory as ``owner``'s, every negative stride
+    made positive (counted from the lowest address); it keeps ``owner`` alive."""
+
+    def __init__(self, owner: Any, interface: dict) -> None:
+        self._owner = owner
+        self.__cuda_array_interface__ = interface
+
+
+def _via_cuda_array_interface_flipped(obj: Any, interface: dict) -> torch.Tensor:
+    """A view with negative strides (CuPy's ``x[::-1]``): torch cannot hold those, so the
+    reversed dimensions are read forwards and flipped back with one copy on the device."""
+    ptr, readonly = interface["data"]
+    shape = tuple(int(n) for n in interface["shape"])
+    strides = [int(s) for s in interface["strides"]]
+    flips = []
+    for d, n in enumerate(shape):
+        if strides[d] < 0:
+            if n > 0:
+                ptr += (n - 1) * strides[d]
+            strides[d] = -strides[d]
+            flips.append(d)
+    positive = dict(interface, data=(ptr, readonly), strides=tuple(strides))
+    t = _via_cuda_array_interface(_PositiveStrides(obj, positive))
+    return torch.flip(t, flips)
 
 
 def _via_numpy(obj: Any) -> np.ndarray:
@@ -104,17 +149,24 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
     kind = type(obj)
     dlpack = hasattr(kind, "__dlpack__") and not _dlpack_would_abort(obj)
     # (on the instance: JAX's class has the property, which raises for host arrays)
-    cai = hasattr(obj, "__cuda_array_interface__")
+    interface = getattr(obj, "__cuda_array_interface__", None)
+    cai = isinstance(interface, dict)
     numpy_protocol = hasattr(kind, "__array__") or hasattr(kind, "__array_interface__")
     if not (dlpack or cai or numpy_protocol):
         raise no_protocol_error(obj, fn)
 
     device = _dlpack_device(obj) if dlpack else None
     on_device = cai or (device is not None and device[0] not in _HOST_DEVICES)
+    reversed_dims = _has_negative_strides(obj, interface)
     ways: list[tuple[str, Callable[[Any], torch.Tensor | np.ndarray]]] = []
-    if dlpack:
+    if dlpack and not reversed_dims:
+        # (torch.from_dlpack aborts the process on negative strides: never hand it those)
         ways.append(("__dlpack__", _via_dlpack))
-    if cai:
+    if cai and reversed_dims:
+        ways.append(
+            ("__cuda_array_interface__", lambda o: _via_cuda_array_interface_flipped(o, interface))
+        )
+    elif cai:
         ways.append(("__cuda_array_interface__", _via_cuda_array_interface))
     if numpy_protocol:
         # Host memory: NumPy's import keeps a producer's read-only flag. Device memory:
@@ -124,6 +176,12 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
             ways.insert(0, numpy_way)
         else:
             ways.append(numpy_way)
+    if not ways:  # only DLPack, with negative strides
+        raise ValueError(
+            f"{fn} cannot import the {_describe(obj)}: it has negative strides, which torch "
+            "cannot take through DLPack. Pass a copy with positive strides, e.g. x.copy() in "
+            "its own framework."
+        )
 
     refusals = []
     for name, way in ways:
