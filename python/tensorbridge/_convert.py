@@ -183,7 +183,7 @@ def to_numpy(
             if x.numel() * x.element_size() <= _transfers._SMALL_D2H:
                 np_dtype = entry[0]
                 if out is None:
-                    return x.detach().cpu().resolve_conj().resolve_neg().numpy()
+                    return x.numpy(force=True)  # detach, cpu, resolve conj/neg: one C++ call
                 if (
                     type(out) is np.ndarray
                     and out.dtype == np_dtype
@@ -196,7 +196,8 @@ def to_numpy(
                     except ValueError:
                         pass  # a negative stride on a dimension of size 1: the full path
                     else:
-                        dst.copy_(x.detach())  # resolves conj/neg bits itself
+                        # copy_ resolves conj/neg bits itself
+                        dst.copy_(x.detach() if x.requires_grad else x)
                         return out
     if not non_blocking:
         return _to_numpy(x, out, dtype, copy)  # type: ignore[return-value]
