@@ -171,7 +171,7 @@ def test_deleted_jax_array_is_refused_with_a_fix(jax, backend):
     x = jax.numpy.ones(4)
     x.delete()
     for call in (tb.to_numpy, tb.to_tensor):
-        with pytest.raises(ValueError, match=r"refused to export.*deleted.*numpy.array\(x\)"):
+        with pytest.raises(ValueError, match=r"refused to export.*deleted.*x.copy\(\)"):
             call(x)
 
 
@@ -413,3 +413,61 @@ def test_numba_cuda_array_interface(request):
     out = poisoned(host.shape, host.dtype)
     assert tb.to_numpy(d2, out=out) is out
     assert_same(out, host)
+
+
+# ------------------------------------------------------------------------- edge cases (CPU)
+
+
+def test_numpy_scalars_are_refused_as_before(backend):
+    for value in (np.float64(1.5), np.str_("abc"), np.bytes_(b"ab")):
+        for call in (tb.to_numpy, tb.to_tensor):
+            with pytest.raises(TypeError, match=r"NumPy scalar.*numpy\.asarray"):
+                call(value)
+
+
+def test_array_protocol_returning_a_non_array_is_refused(backend):
+    class NotAnArray:  # numpy.asarray refuses it too
+        def __init__(self, value):
+            self.value = value
+
+        def __array__(self, dtype=None, copy=None):
+            return self.value
+
+    for value in (None, "abc", {"a": 1}, [1, 2]):
+        with pytest.raises(ValueError, match="refused to export"):
+            tb.to_numpy(NotAnArray(value))
+
+
+def test_tf_bfloat16_views_are_read_only_like_float32(tf, request, backend):
+    host = _random(_rng(request), (4, 3), np.float32)
+    for x in (tf.constant(host), tf.cast(tf.constant(host), tf.bfloat16)):
+        got = tb.to_numpy(x)
+        assert not got.flags.writeable  # TF tensors are immutable: the view is too
+        before = x.numpy().copy()
+        with pytest.raises(ValueError):
+            got[0, 0] = 1
+        assert_same(x.numpy(), before)
+
+
+def test_batch_leaves_torch_cannot_hold_pass_through(jax, tf, backend):
+    text = tf.constant([b"a", b"b"])
+    key = jax.random.key(0)
+    moved = tb.to_device({"text": text, "key": key, "x": np.ones(2)}, "cpu")
+    assert moved["text"] is text and moved["key"] is key
+    assert torch.equal(moved["x"], torch.ones(2, dtype=torch.float64))
+    cast = tb.to_device({"text": text, "x": np.ones(2)}, "cpu", dtype=torch.float32)
+    assert cast["text"] is text and cast["x"].dtype == torch.float32
+
+
+def test_to_numpy_batch_refusal_leaves_every_out_untouched(jax, backend):
+    dead = jax.numpy.ones(2)
+    dead.delete()
+    out0 = poisoned((3,), np.float32)
+    before = out0.copy()
+    with pytest.raises(ValueError, match="refused to export"):
+        tb.to_numpy_batch([jax.numpy.arange(3.0), dead], out=[out0, None])
+    assert_same(out0, before)
+    wrong = poisoned((4,), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        tb.to_numpy_batch([torch.ones(3), torch.ones(4)], out=[out0, wrong[:3]])
+    assert_same(out0, before)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes, _interop, _transfers
-from ._convert import Device, from_numpy, to_numpy, to_tensor
+from ._convert import Device, _check_out_array, from_numpy, to_numpy, to_tensor
 from ._transfer import Transfer
 
 _ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
@@ -119,10 +119,7 @@ def to_device(
         return tree_map(_to_cpu_leaf, batch)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    leaves = [
-        (to_tensor(leaf) if _interop.is_foreign_array(leaf) else leaf, key)
-        for leaf, key in _leaves(batch)
-    ]  # arrays of other frameworks as tensors over the same memory, where they are
+    leaves = [(_foreign_as_tensor(leaf), key) for leaf, key in _leaves(batch)]
     moved: dict[int, torch.Tensor] = {}
     host = [
         (i, leaf, key)
@@ -150,11 +147,23 @@ def to_device(
     return tree_map(move, batch)
 
 
+def _foreign_as_tensor(leaf: Any) -> Any:
+    """Another framework's tensor as a torch tensor over the same memory, where it is;
+    one torch cannot hold (a string tensor, a PRNG key) passes through like other values."""
+    if not _interop.is_foreign_array(leaf):
+        return leaf
+    try:
+        return to_tensor(leaf)
+    except (TypeError, ValueError):
+        return leaf
+
+
 def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
     if type(leaf) is np.ndarray:
         return from_numpy(leaf)
     if _interop.is_foreign_array(leaf):
-        return to_tensor(leaf, "cpu")
+        t = _foreign_as_tensor(leaf)
+        return t.cpu() if isinstance(t, torch.Tensor) else t
     if isinstance(leaf, torch.Tensor):
         return leaf if leaf.is_cpu else leaf.cpu()
     if isinstance(leaf, np.ndarray):
@@ -288,16 +297,34 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
             f"out has {len(outs)} leaves but the batch has {len(leaves)}: pass a structure "
             "of the same shape, with None where a new array is wanted."
         )
+    # Every leaf is imported and every `out` checked before anything is written, so a
+    # refusal leaves the caller's arrays as they were.
+    leaves = [
+        (
+            _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
+            if _interop.is_foreign_array(leaf)
+            else leaf,
+            key,
+        )
+        for leaf, key in leaves
+    ]
+    for (leaf, _), o in zip(leaves, outs, strict=True):
+        if o is not None and isinstance(leaf, (torch.Tensor, np.ndarray)):
+            np_dtype = (
+                leaf.dtype if isinstance(leaf, np.ndarray) else _dtypes.numpy_dtype(leaf.dtype)
+            )
+            _check_out_array(o, tuple(leaf.shape), np_dtype)
     done: dict[int, Any] = {}
     if not non_blocking:
         done.update(_cuda_in_one_pass(leaves, outs))
     counter = iter(range(len(leaves)))
 
-    def convert(leaf: Any, key: Any) -> Any:
+    def convert(original: Any, key: Any) -> Any:
         i = next(counter)
         if i in done:
             return done[i]
-        if not isinstance(leaf, (torch.Tensor, np.ndarray)) and not _interop.is_foreign_array(leaf):
+        leaf = leaves[i][0]
+        if not isinstance(leaf, (torch.Tensor, np.ndarray)):
             return leaf
         return to_numpy(leaf, out=outs[i], non_blocking=non_blocking)
 

@@ -130,8 +130,14 @@ def to_numpy(
     (resolved), and bfloat16/float8 (as ml_dtypes arrays, bit-exact, zero-copy on the
     CPU). A NumPy array passes through unchanged.
 
+    Arrays of other frameworks (JAX, TensorFlow, CuPy, Numba...: anything exposing
+    ``__dlpack__``, ``__cuda_array_interface__`` or ``__array__``) are accepted too: host
+    data comes back as a view where the producer allows it (read-only for immutable JAX
+    and TensorFlow arrays), device data through the same transfer engine as CUDA tensors.
+
     Args:
-        x: a dense torch.Tensor (any device, dtype and strides) or a numpy.ndarray.
+        x: a dense torch.Tensor (any device, dtype and strides), a numpy.ndarray, or
+            another framework's array.
         out: a writeable array of the result's shape and dtype, any strides; the values
             land there and ``out`` is returned.
         dtype: convert to this NumPy (or torch) dtype, e.g. ``numpy.float32`` for bf16.
@@ -139,9 +145,10 @@ def to_numpy(
         non_blocking: return a :class:`Transfer`; ``wait()`` gives the array.
 
     Raises:
-        TypeError: ``x`` is not a dense tensor or array, its dtype has no NumPy
-            equivalent, or ``out`` has the wrong type or dtype.
-        ValueError: ``out`` has the wrong shape, is read-only or overlaps ``x``.
+        TypeError: ``x`` is not a dense tensor or array of any kind understood, its
+            dtype has no NumPy equivalent, or ``out`` has the wrong type or dtype.
+        ValueError: ``out`` has the wrong shape, is read-only or overlaps ``x``; or
+            another framework's array whose producer refused to export it.
 
     Example:
         >>> import torch, tensorbridge as tb

@@ -26,18 +26,19 @@ import numpy as np
 import torch
 
 PROTOCOLS = "__dlpack__, __cuda_array_interface__, __array__ or __array_interface__"
-_ATTRS = ("__dlpack__", "__cuda_array_interface__", "__array__", "__array_interface__")
 
 # DLPack device types whose memory the host can read directly.
 _HOST_DEVICES = {1, 3}  # kDLCPU, kDLCUDAHost (page-locked host memory)
 
 
 def is_foreign_array(obj: Any) -> bool:
-    """True for an array of another framework (not a tensor, ndarray or NumPy scalar)."""
+    """True for a tensor of another framework: an object exposing DLPack or the CUDA array
+    interface that is not a torch tensor or NumPy array. (Objects with only NumPy's
+    protocols, such as PIL images or pandas frames, are not: batches leave them as they are.)
+    """
     if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
         return False
-    kind = type(obj)
-    return any(hasattr(kind, name) for name in _ATTRS)
+    return hasattr(type(obj), "__dlpack__") or hasattr(type(obj), "__cuda_array_interface__")
 
 
 def _dlpack_device(obj: Any) -> tuple[int, int] | None:
@@ -122,16 +123,30 @@ def _via_cuda_array_interface_flipped(obj: Any, interface: dict) -> torch.Tensor
     return torch.flip(t, flips)
 
 
-def _via_numpy(obj: Any) -> np.ndarray:
+def _via_numpy(obj: Any, protect: bool = True) -> np.ndarray:
     try:
-        return np.asarray(obj)
+        a = np.asarray(obj)
     except ValueError:
         # Some producers' __array__ returns a NumPy scalar for 0-d data (TensorFlow does
-        # for bfloat16 and float8), which np.asarray rejects.
+        # for bfloat16 and float8), which np.asarray rejects; anything else stays refused.
         array = getattr(obj, "__array__", None)
         if array is None:
             raise
-        return np.asarray(array())
+        value = array()
+        if not isinstance(value, (np.ndarray, np.generic)):
+            raise
+        a = np.asarray(value)
+    if protect and a.flags.writeable and not a.flags.owndata and _immutable_producer(obj):
+        # TensorFlow hands out writeable views of some immutable tensors (bfloat16,
+        # float8): writing to them would change the tensor behind TensorFlow's back.
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def _immutable_producer(obj: Any) -> bool:
+    module = type(obj).__module__
+    return module.startswith(("tensorflow", "jax")) and not hasattr(obj, "assign")
 
 
 def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.ndarray:
@@ -146,10 +161,15 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
         TypeError: ``obj`` exposes none of the protocols.
         ValueError: every protocol it exposes refused to export its data.
     """
+    if isinstance(obj, np.generic):
+        raise no_protocol_error(obj, fn)
     kind = type(obj)
     dlpack = hasattr(kind, "__dlpack__") and not _dlpack_would_abort(obj)
     # (on the instance: JAX's class has the property, which raises for host arrays)
-    interface = getattr(obj, "__cuda_array_interface__", None)
+    try:
+        interface = obj.__cuda_array_interface__
+    except Exception:  # none, or (JAX) a property that raises for host arrays
+        interface = None
     cai = isinstance(interface, dict)
     numpy_protocol = hasattr(kind, "__array__") or hasattr(kind, "__array_interface__")
     if not (dlpack or cai or numpy_protocol):
@@ -171,7 +191,8 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
     if numpy_protocol:
         # Host memory: NumPy's import keeps a producer's read-only flag. Device memory:
         # last, since it is the producer's own copy to the host (CuPy refuses it).
-        numpy_way = ("__array__", _via_numpy)
+        # (read-only views for NumPy results; torch has no read-only tensors)
+        numpy_way = ("__array__", lambda o: _via_numpy(o, protect=numpy_first))
         if numpy_first and not on_device:
             ways.insert(0, numpy_way)
         else:
@@ -190,11 +211,12 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
         except Exception as exc:  # the producer's refusal (its own exception types)
             refusals.append((name, exc))
     detail = "; ".join(f"{name}: {type(e).__name__}: {e}" for name, e in refusals)
+    fix = "Make a copy the producer can export first, e.g. x.copy() in its own framework"
+    if type(obj).__module__.startswith("tensorflow"):
+        fix += " (a symbolic TensorFlow tensor must be evaluated eagerly, outside tf.function)"
     raise ValueError(
         f"{fn} could not import the {_describe(obj)}: its producer refused to export it "
-        f"({detail}). Make a copy the producer can export first, e.g. numpy.array(x) for "
-        "host data or x.copy() in its own framework (a symbolic TensorFlow tensor must be "
-        "evaluated eagerly, outside tf.function)."
+        f"({detail}). {fix}."
     ) from refusals[-1][1]
 
 
@@ -210,6 +232,9 @@ def no_protocol_error(obj: Any, fn: str) -> TypeError:
         hint = "for a batch (a list, tuple or dict of arrays) use to_numpy_batch() or to_device()"
         if fn == "to_tensor":
             hint = "for a batch (a list, tuple or dict of arrays) use to_device()"
+    elif isinstance(obj, np.generic):
+        kind = f"the NumPy scalar {kind}"
+        hint = "wrap it first with numpy.asarray(x) (or torch.as_tensor(x))"
     else:
         hint = "wrap it first with numpy.asarray(x) or torch.as_tensor(x)"
     return TypeError(
