@@ -139,7 +139,8 @@ def test_jax_bfloat16_cast_and_transposes(jax, request, backend):
     jnp = jax.numpy
     rng = _rng(request)
     host = _random(rng, (5, 6), np.float32)
-    x = jnp.asarray(host).astype(jnp.bfloat16).T  # JAX materializes the transpose
+    cpu = jax.devices("cpu")[0]
+    x = jax.device_put(host, cpu).astype(jnp.bfloat16).T  # JAX materializes the transpose
     ref = np.asarray(x)
     got = tb.to_numpy(x, dtype=np.float32)
     assert_same(got, ref.astype(np.float32))

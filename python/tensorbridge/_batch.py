@@ -485,10 +485,14 @@ class Prefetcher:
 
     def __iter__(self) -> Iterator[Any]:
         if self.device.type != "cuda":
-            for batch in self.iterable:
-                yield to_device(
-                    batch, self.device, non_blocking=self.non_blocking, dtype=self.dtype
-                )
+            it = iter(self.iterable)
+            try:
+                for batch in it:
+                    yield to_device(
+                        batch, self.device, non_blocking=self.non_blocking, dtype=self.dtype
+                    )
+            finally:  # an early break closes the source now, not when it is collected
+                _close(it)
             return
         yield from self._cuda()
 
@@ -531,9 +535,13 @@ class Prefetcher:
                 yield item
         finally:
             queue.clear()
-            close = getattr(it, "close", None)
-            if callable(close):
-                close()
+            _close(it)
+
+
+def _close(it: Any) -> None:
+    close = getattr(it, "close", None)
+    if callable(close):
+        close()
 
 
 # --------------------------------------------------------------------------- images
