@@ -446,3 +446,14 @@ def test_exit_with_transfers_in_flight_is_clean():
     )
     assert proc.returncode == 0, proc.stderr
     assert "exiting" in proc.stdout
+
+
+def test_small_copies_with_a_negative_stride_on_a_dimension_of_size_one(gen):
+    """NumPy calls such an array contiguous, torch.from_numpy refuses it: the small-copy
+    paths must fall back rather than raise."""
+    x = random_tensor((1, 3), torch.float32, gen).cuda()
+    out = poisoned((2, 3), np.float32)[::-1][:1]
+    assert out.flags.c_contiguous and out.strides[0] < 0
+    assert tb.to_numpy(x, out=out) is out
+    assert_same(out, x.cpu().numpy())
+    assert torch.equal(tb.to_tensor(out, "cuda"), x)

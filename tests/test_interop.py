@@ -79,6 +79,10 @@ def _torch_dtype_of(np_dtype: np.dtype) -> torch.dtype:
 
 JAX_DTYPES = ["float32", "int32", "uint8", "int8", "uint16", "bool", "float16", "complex64"]
 JAX_ML_DTYPES = ["bfloat16", "float8_e4m3fn", "float8_e5m2"]
+JAX_ALL = JAX_DTYPES + [
+    pytest.param(d, marks=pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes"))
+    for d in JAX_ML_DTYPES
+]
 
 
 def _jax_array(jax, rng, shape, dtype):
@@ -87,14 +91,7 @@ def _jax_array(jax, rng, shape, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize(
-    "dtype",
-    JAX_DTYPES
-    + [
-        pytest.param(d, marks=pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes"))
-        for d in JAX_ML_DTYPES
-    ],
-)
+@pytest.mark.parametrize("dtype", JAX_ALL)
 def test_jax_to_numpy_is_the_zero_copy_view_numpy_gives(jax, request, backend, shape, dtype):
     x, host = _jax_array(jax, _rng(request), shape, dtype)
     expected = np.asarray(x)  # the idiom: a read-only view of JAX's buffer
@@ -114,14 +111,7 @@ def test_jax_to_numpy_is_the_zero_copy_view_numpy_gives(jax, request, backend, s
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize(
-    "dtype",
-    JAX_DTYPES
-    + [
-        pytest.param(d, marks=pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes"))
-        for d in JAX_ML_DTYPES
-    ],
-)
+@pytest.mark.parametrize("dtype", JAX_ALL)
 def test_jax_to_tensor_shares_memory_like_from_dlpack(jax, request, backend, shape, dtype):
     x, host = _jax_array(jax, _rng(request), shape, dtype)
     expected = torch.from_dlpack(x)  # the idiom

@@ -23,10 +23,7 @@ Device = str | int | torch.device
 
 # torch dtype -> (NumPy dtype, same-size torch dtype to view ml_dtypes storage through)
 _FAST_GET = _dtypes.FAST_PATH.get
-# NumPy dtypes torch.from_numpy takes as they are
-_NATIVE_NUMPY = frozenset(
-    np_dtype for np_dtype, storage in _dtypes.FAST_PATH.values() if storage is None
-)
+_NATIVE_NUMPY = frozenset(_dtypes.NATIVE.values())  # NumPy dtypes torch.from_numpy takes
 
 
 # --------------------------------------------------------------------------- helpers
@@ -198,11 +195,8 @@ def to_numpy(
                     and out.flags.c_contiguous
                     and out.flags.writeable
                 ):
-                    try:
-                        dst = torch.from_numpy(out)
-                    except ValueError:
-                        pass  # a negative stride on a dimension of size 1: the full path
-                    else:
+                    dst = _transfers.torch_view(out)
+                    if dst is not None:  # (else the full path copes)
                         # copy_ resolves conj/neg bits itself
                         dst.copy_(x.detach() if x.requires_grad else x)
                         return out
@@ -442,11 +436,8 @@ def to_tensor(
     ):
         # Small arrays: torch's own copy with no Python steps between (the staging pipeline
         # pays off from about 1 MiB); on the CPU, a tensor sharing the array's memory.
-        try:
-            src = torch.from_numpy(a)
-        except ValueError:
-            pass  # e.g. a negative stride on a dimension of size 1: the full path copes
-        else:
+        src = _transfers.torch_view(a)
+        if src is not None:  # (else the full path copes)
             return src.to(device)
     if not isinstance(a, (np.ndarray, torch.Tensor)):
         a = _interop.import_array(a, "to_tensor", numpy_first=False)

@@ -62,10 +62,6 @@ def _dlpack_would_abort(obj: Any) -> bool:
         return True
 
 
-def _via_dlpack(obj: Any) -> torch.Tensor:
-    return torch.from_dlpack(obj)
-
-
 def _via_cuda_array_interface(obj: Any) -> torch.Tensor:
     interface = obj.__cuda_array_interface__
     t = torch.as_tensor(obj, device="cuda")  # zero-copy over the interface's pointer
@@ -181,7 +177,7 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
     ways: list[tuple[str, Callable[[Any], torch.Tensor | np.ndarray]]] = []
     if dlpack and not reversed_dims:
         # (torch.from_dlpack aborts the process on negative strides: never hand it those)
-        ways.append(("__dlpack__", _via_dlpack))
+        ways.append(("__dlpack__", torch.from_dlpack))
     if cai and reversed_dims:
         ways.append(
             ("__cuda_array_interface__", lambda o: _via_cuda_array_interface_flipped(o, interface))

@@ -45,6 +45,15 @@ _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
 
+def torch_view(a: np.ndarray) -> torch.Tensor | None:
+    """``torch.from_numpy(a)`` for the small-copy paths, or None where torch refuses it
+    although NumPy calls ``a`` contiguous (a negative stride on a dimension of size 1)."""
+    try:
+        return torch.from_numpy(a)
+    except ValueError:
+        return None
+
+
 _ready: dict[int, bool] = {}  # id(extension module) -> engine usable (asked once per module)
 
 
@@ -147,8 +156,10 @@ def to_host(
     swap = _swap_unit(dst)
     nbytes = dst.size * dst.itemsize
     if nbytes <= _SMALL_D2H and not non_blocking and swap == 0 and dst.flags.c_contiguous:
-        torch.from_numpy(dst).copy_(src)  # small: torch's one synchronous copy is cheaper
-        return out
+        view = torch_view(dst)
+        if view is not None:
+            view.copy_(src)  # small: torch's one synchronous copy is cheaper
+            return out
     device = x.device
     stream = torch.cuda.current_stream(device)
     index = _device_index(device)
@@ -247,9 +258,10 @@ def to_device(
         and swap == 0
         and src.flags.c_contiguous
         and src.flags.writeable  # (torch.from_numpy warns on read-only arrays)
+        and (view := torch_view(src)) is not None
     ):
         # small: torch's one synchronous copy is cheaper than staging
-        moved = torch.from_numpy(src).to(device)
+        moved = view.to(device)
         if t_dtype != moved.dtype:
             moved = moved.view(t_dtype)
         if out is not None:
