@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
+#include <string>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -42,6 +44,10 @@ std::vector<int64_t> strides_of(const py::array& a) {
   return std::vector<int64_t>(a.strides(), a.strides() + a.ndim());
 }
 
+bool holds_references(const py::array& a) {
+  return a.dtype().attr("hasobject").cast<bool>();
+}
+
 // Copies src into dst (same shape, same itemsize), byte-swapping when asked.
 // The Python layer validates dtypes, writability and overlap first.
 void copy(py::array dst, py::array src, int swap_unit, int64_t min_parallel_bytes) {
@@ -50,6 +56,12 @@ void copy(py::array dst, py::array src, int swap_unit, int64_t min_parallel_byte
   if (dst.itemsize() != src.itemsize())
     throw py::value_error("copy: dst and src must have the same itemsize");
   if (!dst.writeable()) throw py::value_error("copy: dst is read-only");
+  // Raw bytes of an object (or StringDType) array are pointers: copying them without
+  // taking references would free objects still in use.
+  if (holds_references(dst) || holds_references(src))
+    throw py::type_error(
+        "copy: arrays holding Python references cannot be copied as raw bytes: use "
+        "numpy.copyto(dst, src)");
   const auto shape = shape_of(dst);
   const auto ds = strides_of(dst), ss = strides_of(src);
   tb::CopyOptions opt;
@@ -61,7 +73,10 @@ void copy(py::array dst, py::array src, int swap_unit, int64_t min_parallel_byte
     return tb::strided_copy({d, ds.data()}, {const_cast<void*>(s), ss.data()}, shape.data(),
                             static_cast<int>(shape.size()), dst.itemsize(), opt);
   };
-  if (!(worth_releasing_gil(static_cast<size_t>(dst.nbytes())) ? release_gil_and(run) : run())) throw py::value_error("copy: unsupported itemsize, swap unit or shape");
+  if (!(worth_releasing_gil(static_cast<size_t>(dst.nbytes())) ? release_gil_and(run) : run()))
+    throw py::value_error("copy: unsupported itemsize " + std::to_string(dst.itemsize()) +
+                          " or byte-swap unit " + std::to_string(swap_unit) +
+                          ": use numpy.copyto(dst, src) for this dtype");
 }
 
 // Reads a tuple of Python ints (torch.Size and x.stride() are tuples) into `dst`;
@@ -90,6 +105,24 @@ std::pair<uintptr_t, uintptr_t> span(uintptr_t base, const int64_t* shape,
   return {base + lo, base + hi + itemsize};
 }
 
+// True when no two elements of a strided view can share a byte: sorted by stride, each
+// stride steps over everything the smaller ones span. False means "maybe" (interleaved
+// layouts the quick test cannot clear, zero strides, real overlap).
+bool clearly_disjoint_elements(const int64_t* shape, const int64_t* byte_strides, int ndim,
+                               int64_t itemsize) {
+  std::array<std::pair<int64_t, int64_t>, tb::kMaxDims> dims;  // (|stride|, extent)
+  int n = 0;
+  for (int i = 0; i < ndim; ++i)
+    if (shape[i] > 1) dims[n++] = {byte_strides[i] < 0 ? -byte_strides[i] : byte_strides[i], shape[i]};
+  std::sort(dims.begin(), dims.begin() + n);
+  int64_t span = itemsize;
+  for (int i = 0; i < n; ++i) {
+    if (dims[i].first < span) return false;
+    span += dims[i].first * (dims[i].second - 1);
+  }
+  return true;
+}
+
 // The hot path of to_numpy(x, out=...): copies a host tensor given as (address, shape,
 // element strides) into `out`. Checks first and writes nothing unless all pass:
 // returns 0 when copied, 1 when `out` is not a writeable ndarray of `dtype` and `shape`
@@ -113,9 +146,8 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
   const auto d = span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(), nd, itemsize);
   const auto r = span(src, shp.data(), ss.data(), nd, itemsize);
   if (d.first < r.second && r.first < d.second) return 2;
-  if (d.first != d.second)  // not empty
-    for (int i = 0; i < nd; ++i)
-      if (ds[i] == 0 && shp[i] > 1) return 1;  // several elements in one slot
+  if (d.first != d.second && !clearly_disjoint_elements(shp.data(), ds.data(), nd, itemsize))
+    return 1;  // elements may share memory: the Python layer decides exactly
   tb::CopyOptions opt;
   opt.swap_unit = swap_unit;
   void* dp = dst.mutable_data();

@@ -364,11 +364,24 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
     };
     for (size_t i = 0; i < srcs.size(); ++i) {
       if (sizes[i] == 0) continue;
-      if (sizes[i] > block_bytes) {  // large: its own chunked pipeline
+      if (sizes[i] > block_bytes) {
+        // Large: chunked through the same blocks (never a second set of leases, which
+        // could double the pinned footprint or wait on the budget behind ourselves).
         flush();
-        PipelineOptions o = options;
-        o.wait = false;
-        report.chunks += copy_to_device(engine, pool, stream, srcs[i], base + offsets[i], o).chunks;
+        const HostView v = at_least_1d(srcs[i]);
+        for (const Chunk& c : plan_chunks(v.shape, v.itemsize, block_bytes)) {
+          PinnedBlock* b = blocks[k];
+          if (b->recorded) engine.synchronize(b->event);  // its previous copy has read it
+          const ChunkViews cv = chunk_views(v, c);
+          host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides,
+                    cv.shape, v.itemsize, options.swap_unit);
+          engine.copy_to_device_async(base + offsets[i] + c.offset, b->ptr, c.bytes, stream);
+          b->recorded = true;  // (set before record(): a failure there is settled below)
+          engine.record(b->event, stream);
+          last = b;
+          ++report.chunks;
+          ++k;
+        }
         continue;
       }
       if (fill && offsets[i] + sizes[i] - start > block_bytes) flush();

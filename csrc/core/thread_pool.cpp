@@ -7,6 +7,8 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -42,16 +44,19 @@ struct Job {
 class Pool {
  public:
   explicit Pool(int nthreads) : nthreads_(std::max(1, nthreads)) {
-    for (int i = 0; i + 1 < nthreads_; ++i) workers_.emplace_back([this] { loop(); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      stop_ = true;
+    try {
+      for (int i = 0; i + 1 < nthreads_; ++i) workers_.emplace_back([this] { loop(); });
+    } catch (const std::exception& e) {
+      // The OS refused a thread: stop the ones already started (they would otherwise
+      // wait forever for work) and report, so no caller ever waits on a half-built pool.
+      const size_t started = workers_.size();
+      stop_and_join();
+      throw std::runtime_error("could not start copy thread " + std::to_string(started + 1) +
+                               " of " + std::to_string(nthreads_ - 1) + " (" + e.what() +
+                               "): call tensorbridge.set_num_threads() with a smaller count");
     }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
   }
+  ~Pool() { stop_and_join(); }
   int size() const { return nthreads_; }
 
   void run(int64_t n, const std::function<void(int64_t)>& fn) {
@@ -90,6 +95,15 @@ class Pool {
       __builtin_ia32_pause();
 #endif
     }
+  }
+
+  void stop_and_join() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
   }
 
   void loop() {
@@ -162,10 +176,13 @@ int get_num_threads() {
 }
 
 void set_num_threads(int n) {
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("set_num_threads: n must be between 1 and " +
+                                std::to_string(kMaxThreads));
   std::shared_ptr<Pool> old;
   {
     std::lock_guard<std::mutex> lock(*g_pool_mutex);
-    g_requested = std::max(1, n);
+    g_requested = n;
     old = std::move(*g_pool);
   }
   // `old` joins its workers here, or later in whichever caller still holds it.

@@ -259,20 +259,25 @@ bool host_unregister(void* ptr, size_t nbytes) {
   std::lock_guard<std::mutex> lock(g_register_mutex);
   auto it = g_registered->find(std::make_pair(reinterpret_cast<uintptr_t>(ptr), nbytes));
   if (it == g_registered->end()) return false;
-  if (--it->second == 0) {
-    g_registered->erase(it);
-    // A copy queued on any device may still be reading or writing this memory.
-    std::vector<int> used;
-    {
-      std::lock_guard<std::mutex> devices_lock(g_mutex);
-      for (auto& [d, dev] : *g_devices) used.push_back(d);
-    }
-    for (int d : used) {
-      DeviceGuard guard(d);
-      TB_CUDA_CHECK(cudaDeviceSynchronize());
-    }
-    TB_CUDA_CHECK(cudaHostUnregister(ptr));
+  if (it->second > 1) {
+    --it->second;
+    return true;
   }
+  // The last reference. The entry goes only once the memory is really unregistered: if
+  // a call below throws, the range stays tracked (and pinned), so a later unpin retries
+  // instead of leaving memory pinned that nothing knows about.
+  // A copy queued on any device may still be reading or writing this memory.
+  std::vector<int> used;
+  {
+    std::lock_guard<std::mutex> devices_lock(g_mutex);
+    for (auto& [d, dev] : *g_devices) used.push_back(d);
+  }
+  for (int d : used) {
+    DeviceGuard guard(d);
+    TB_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  TB_CUDA_CHECK(cudaHostUnregister(ptr));
+  g_registered->erase(it);
   return true;
 }
 
