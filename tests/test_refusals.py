@@ -51,6 +51,12 @@ TO_NUMPY_INPUTS = [
         r"refused to export.*BufferError: Cannot export readonly.*x.copy\(\)",
     ),
     ("sparse", lambda: tb.to_numpy(torch.eye(3).to_sparse()), TypeError, r"to_dense\(\)"),
+    (
+        "nested",
+        lambda: tb.to_numpy(torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])),
+        TypeError,
+        r"nested tensor: use x.unbind\(\)",
+    ),
     ("sparse-csr", lambda: tb.to_numpy(torch.eye(3).to_sparse_csr()), TypeError, r"to_dense"),
     ("meta", lambda: tb.to_numpy(torch.empty(3, device="meta")), TypeError, r"meta tensor"),
     (
@@ -84,6 +90,12 @@ OUT_CASES = [
         lambda out: np.lib.stride_tricks.as_strided(out, (4,), (0,)),
         ValueError,
         r"zero stride",
+    ),
+    (
+        "out-overlapping-elements",
+        lambda out: np.lib.stride_tricks.as_strided(out, (4,), (2,)),
+        ValueError,
+        r"overlap in memory.*pass an array that owns one slot",
     ),
 ]
 
@@ -196,6 +208,7 @@ TO_TENSOR_OUT = [
     ("requires-grad", lambda: torch.zeros(4, requires_grad=True), ValueError, r"detach"),
     ("sparse", lambda: torch.zeros(4).to_sparse(), TypeError, r"dense"),
     ("device", lambda: torch.zeros(4, device="meta"), ValueError, r"out is on meta"),
+    ("expanded", lambda: torch.zeros(1).expand(4), ValueError, r"zero stride"),
 ]
 
 
@@ -284,9 +297,35 @@ OTHER_REFUSALS = [
     ),
     ("empty_pinned", "negative size", lambda: tb.empty_pinned((2, -1))),
     ("set_num_threads", "zero threads", lambda: tb.set_num_threads(0)),
+    ("set_num_threads", "100000 threads", lambda: tb.set_num_threads(100_000)),
+    (
+        "to_numpy_batch",
+        "out over its own leaf",
+        lambda: tb.to_numpy_batch([_A8], out=[_A8[::-1]]),
+    ),
+    (
+        "to_numpy_batch",
+        "out over another leaf",
+        lambda: tb.to_numpy_batch([np.zeros(8), _A8], out=[_A8, None]),
+    ),
+    (
+        "to_numpy_batch",
+        "two outs over the same memory",
+        lambda: tb.to_numpy_batch([np.zeros(4), np.zeros(4)], out=[_A8[:4], _A8[2:6]]),
+    ),
+    ("to_tensor", "unknown device", lambda: tb.to_tensor(np.zeros(2), "gpu")),
+    ("to_tensor", "device of another type", lambda: tb.to_tensor(np.zeros(2), 1.5)),
+    (
+        "images_to_tensor",
+        "integer dtype as a string",
+        lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), dtype="int32"),
+    ),
     ("transfer_options", "chunk below 4 KiB", lambda: tb.transfer_options(chunk_bytes=100)),
     ("set_pinned_budget", "negative budget", lambda: tb.set_pinned_budget(-1)),
 ]
+
+
+_A8 = np.zeros(8)
 
 
 def refusal_rows() -> list[tuple[str, str, str, str]]:

@@ -109,17 +109,89 @@ def cuda_status() -> tuple[bool, int, str | None]:
     return True, probe["device_count"], None
 
 
+_DEVICES: dict[Any, torch.device] = {}  # device argument -> checked torch.device
+
+
+def resolve_device(device: Any, fn: str) -> torch.device:
+    """``device`` as a torch.device this process can use, or a clear error naming the fix.
+
+    Asked by every entry point that takes a device, before anything is read or written,
+    so a request torch cannot serve never fails deep inside torch. Answers are cached.
+
+    Raises:
+        TypeError: ``device`` is not a str, int or torch.device.
+        ValueError: torch does not know the device, or it is a CUDA device and CUDA is
+            not usable here (the message says why, as ``info()["cuda_reason"]`` does).
+    """
+    try:
+        return _DEVICES[device]
+    except (KeyError, TypeError):  # (TypeError: unhashable)
+        pass
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(
+            f"{fn}: device must be a str, int or torch.device, got {type(device).__name__}: "
+            "pass e.g. 'cpu' or 'cuda'."
+        )
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"{fn}: device={device!r} is not a device torch knows ({exc}): pass e.g. 'cpu' "
+            "or 'cuda'."
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = cuda_status()[2] or "torch.cuda.is_available() is False."
+            raise ValueError(
+                f"{fn}: device={device!r} asks for CUDA, which is not usable here: {reason} "
+                "Pass device='cpu', or run on a machine with an NVIDIA GPU and a CUDA "
+                "build of torch."
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < count:
+            raise ValueError(
+                f"{fn}: device={device!r} does not exist: this machine has {count} CUDA "
+                f"device(s), cuda:0 to cuda:{count - 1}."
+            )
+    _DEVICES[device] = dev
+    return dev
+
+
+#: The most copy threads set_num_threads accepts, on every machine and both paths.
+MAX_THREADS = 256
+
+
+def max_threads() -> int:
+    """The most copy threads set_num_threads accepts (256)."""
+    return MAX_THREADS
+
+
 def get_num_threads() -> int:
     """Threads the compiled core uses for large host copies (1 on the fallback path)."""
     return C.get_num_threads() if C is not None else 1
 
 
 def set_num_threads(n: int) -> None:
-    """Set the threads the compiled core uses for large host copies (n >= 1)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    """Set the threads the compiled core uses for large host copies.
+
+    ``n`` must lie between 1 and 256: host copies are bound by memory bandwidth, which a
+    dozen threads saturate, and an unbounded count would start as many OS threads as
+    asked. If the OS refuses to start one, the next large copy raises RuntimeError. Both paths accept and refuse the same
+    values (the pure-Python path copies on one thread whatever is set).
+
+    Raises:
+        TypeError: ``n`` is not an int.
+        ValueError: ``n`` is out of range.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"set_num_threads expects n >= 1, got {n}")
+    n = int(n)
+    limit = max_threads()
+    if not 1 <= n <= limit:
+        raise ValueError(
+            f"set_num_threads expects 1 <= n <= {limit}, got {n}: host copies are bound by "
+            "memory bandwidth, so pass a count near the number of cores (os.cpu_count())."
+        )
     if C is not None:
         C.set_num_threads(n)
 

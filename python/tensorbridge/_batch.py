@@ -3,72 +3,23 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from . import _backend, _dtypes, _interop, _transfers
-from ._convert import Device, _check_out_array, from_numpy, to_numpy, to_tensor
+from ._convert import Device, _byte_span, _check_out_array, from_numpy, to_numpy, to_tensor
+from ._copy import shares_memory
 from ._transfer import Transfer
+from ._tree import flatten, is_namedtuple, tree_map, unflatten
 
 _ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
 
 DTypeSpec = Any  # a dtype, or a mapping from key name or source dtype to a dtype
-
-
-# --------------------------------------------------------------------------- structures
-
-
-_LEAF_TYPES = frozenset(
-    {np.ndarray, torch.Tensor, torch.nn.Parameter, int, float, str, bool, bytes, type(None)}
-)
-
-
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(obj, "_fields")
-
-
-def tree_map(fn: Callable[[Any, Any], Any], obj: Any, key: Any = None) -> Any:
-    """Applies fn(leaf, key) to every leaf of dicts, lists, tuples, namedtuples and
-    dataclasses (key: the nearest dict key or field name), rebuilding the same types."""
-    cls = type(obj)
-    if cls in _LEAF_TYPES:  # the common leaves first: the checks below cost far more
-        return fn(obj, key)
-    if cls is list:
-        return [tree_map(fn, v, key) for v in obj]
-    if cls is dict:
-        return {k: tree_map(fn, v, k) for k, v in obj.items()}
-    if isinstance(obj, Mapping):
-        items = {k: tree_map(fn, v, k) for k, v in obj.items()}
-        if isinstance(obj, collections.defaultdict):
-            out = collections.defaultdict(obj.default_factory)
-            out.update(items)
-            return out
-        try:
-            return type(obj)(items)
-        except TypeError:
-            return items
-    if _is_namedtuple(obj):
-        return type(obj)(*(tree_map(fn, v, f) for f, v in zip(obj._fields, obj, strict=True)))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(tree_map(fn, v, key) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {
-            f.name: tree_map(fn, getattr(obj, f.name), f.name)
-            for f in dataclasses.fields(obj)
-            if f.init
-        }
-        return dataclasses.replace(obj, **changes)
-    return fn(obj, key)
-
-
-def _leaves(obj: Any) -> list[Any]:
-    found: list[Any] = []
-    tree_map(lambda leaf, key: found.append((leaf, key)), obj)
-    return found
 
 
 def _target_dtype(spec: DTypeSpec, key: Any, source: torch.dtype) -> torch.dtype | None:
@@ -113,27 +64,25 @@ def to_device(
         >>> b["x"].dtype, b["id"]
         (torch.float32, 7)
     """
-    dev = torch.device(device)
+    dev = _backend.resolve_device(device, "to_device")
     if dev.type == "cpu" and dtype is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
         return tree_map(_to_cpu_leaf, batch)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    leaves = [(_foreign_as_tensor(leaf), key) for leaf, key in _leaves(batch)]
+    originals, keys, spec = flatten(batch)
+    leaves = [_foreign_as_tensor(leaf) for leaf in originals]
     moved: dict[int, torch.Tensor] = {}
     host = [
-        (i, leaf, key)
-        for i, (leaf, key) in enumerate(leaves)
+        (i, leaf, keys[i])
+        for i, leaf in enumerate(leaves)
         if isinstance(leaf, np.ndarray)
         or (isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu")
     ]
     if dev.type == "cuda" and _transfers.engine_ready() and len(host) > 1:
         moved.update(_pack_to_cuda(host, dev, non_blocking))
-    counter = iter(range(len(leaves)))
 
-    def move(original: Any, key: Any) -> Any:
-        i = next(counter)
-        leaf = leaves[i][0]
+    def move(i: int, leaf: Any) -> Any:
         if not isinstance(leaf, (np.ndarray, torch.Tensor)):
             return leaf
         t = moved.get(i)
@@ -141,10 +90,10 @@ def to_device(
             t = to_tensor(leaf, dev, non_blocking=non_blocking)
         if dtype is None:
             return t
-        target = _target_dtype(dtype, key, _source_dtype(leaf))
+        target = _target_dtype(dtype, keys[i], _source_dtype(leaf))
         return t if target is None or target == t.dtype else t.to(target)
 
-    return tree_map(move, batch)
+    return unflatten(spec, [move(i, leaf) for i, leaf in enumerate(leaves)])
 
 
 def _foreign_as_tensor(leaf: Any) -> Any:
@@ -290,51 +239,46 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         >>> tb.to_numpy_batch({"a": torch.ones(2), "n": 3})
         {'a': array([1., 1.], dtype=float32), 'n': 3}
     """
-    leaves = _leaves(batch)
-    outs = [leaf for leaf, _ in _leaves(out)] if out is not None else [None] * len(leaves)
-    if len(outs) != len(leaves):
+    originals, _, spec = flatten(batch)
+    outs = flatten(out)[0] if out is not None else [None] * len(originals)
+    if len(outs) != len(originals):
         raise ValueError(
-            f"out has {len(outs)} leaves but the batch has {len(leaves)}: pass a structure "
+            f"out has {len(outs)} leaves but the batch has {len(originals)}: pass a structure "
             "of the same shape, with None where a new array is wanted."
         )
     # Every leaf is imported and every `out` checked before anything is written, so a
     # refusal leaves the caller's arrays as they were.
     leaves = [
-        (
-            _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
-            if _interop.is_foreign_array(leaf)
-            else leaf,
-            key,
-        )
-        for leaf, key in leaves
+        _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
+        if _interop.is_foreign_array(leaf)
+        else leaf
+        for leaf in originals
     ]
-    for (leaf, _), o in zip(leaves, outs, strict=True):
+    for leaf, o in zip(leaves, outs, strict=True):
         if o is not None and isinstance(leaf, (torch.Tensor, np.ndarray)):
             np_dtype = (
                 leaf.dtype if isinstance(leaf, np.ndarray) else _dtypes.numpy_dtype(leaf.dtype)
             )
             _check_out_array(o, tuple(leaf.shape), np_dtype)
+    _check_outs_alias_nothing(leaves, outs)
     done: dict[int, Any] = {}
     if not non_blocking:
         done.update(_cuda_in_one_pass(leaves, outs))
-    counter = iter(range(len(leaves)))
 
-    def convert(original: Any, key: Any) -> Any:
-        i = next(counter)
+    def convert(i: int, leaf: Any) -> Any:
         if i in done:
             return done[i]
-        leaf = leaves[i][0]
         if not isinstance(leaf, (torch.Tensor, np.ndarray)):
             return leaf
         return to_numpy(leaf, out=outs[i], non_blocking=non_blocking)
 
-    converted = tree_map(convert, batch)
+    converted = [convert(i, leaf) for i, leaf in enumerate(leaves)]
     if not non_blocking:
-        return converted
-    handles = [leaf for leaf, _ in _leaves(converted) if isinstance(leaf, Transfer)]
+        return unflatten(spec, converted)
+    handles = [leaf for leaf in converted if isinstance(leaf, Transfer)]
 
     def unwrap() -> Any:
-        return tree_map(lambda v, k: v.wait() if isinstance(v, Transfer) else v, converted)
+        return unflatten(spec, [v.wait() if isinstance(v, Transfer) else v for v in converted])
 
     if all(h.done() for h in handles):
         return Transfer.completed(unwrap())
@@ -343,16 +287,84 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     return t
 
 
-def _cuda_in_one_pass(leaves: list[tuple[Any, Any]], outs: list[Any]) -> dict[int, np.ndarray]:
+_byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds
+
+
+def _host_span(leaf: Any) -> tuple[int, int] | None:
+    """[lo, hi) of the host memory a leaf's elements touch, or None (device data, values)."""
+    if isinstance(leaf, np.ndarray):
+        if not leaf.size:
+            return None
+        lo, hi = _byte_bounds(leaf)
+        return lo, hi
+    if isinstance(leaf, torch.Tensor) and leaf.is_cpu and leaf.layout == torch.strided:
+        if leaf.is_nested or leaf.is_quantized or not leaf.numel():
+            return None
+        return _byte_span(leaf)
+    return None
+
+
+def _host_view(leaf: Any) -> np.ndarray:
+    """A uint8 NumPy view over exactly the bytes of a host leaf (for exact overlap checks)."""
+    if isinstance(leaf, np.ndarray):
+        return leaf
+    n = leaf.element_size()
+    base = np.ctypeslib.as_array((ctypes.c_uint8 * 1).from_address(leaf.data_ptr()))
+    return np.lib.stride_tricks.as_strided(
+        base, (*leaf.shape, n), (*(s * n for s in leaf.stride()), 1)
+    )
+
+
+def _check_outs_alias_nothing(leaves: list[Any], outs: list[Any]) -> None:
+    """Every ``out`` must be separate from every host leaf and from every other ``out``:
+    otherwise writing one would change what a later conversion reads or writes. Checked
+    for the whole batch before anything is written: one sort by address, then exact
+    checks only where two byte ranges meet."""
+    spans = []  # (lo, hi, is_out, leaf index, object)
+    for i, o in enumerate(outs):
+        if o is None:
+            continue
+        span = _host_span(o)
+        if span is not None:
+            spans.append((*span, True, i, o))
+    for j, leaf in enumerate(leaves):
+        span = _host_span(leaf)
+        if span is not None:
+            spans.append((*span, False, j, leaf))
+    if not any(is_out for _, _, is_out, _, _ in spans):
+        return
+    spans.sort(key=lambda s: s[0])
+    for n, (_, hi, is_out, i, obj) in enumerate(spans):
+        for lo2, _, is_out2, j, obj2 in spans[n + 1 :]:
+            if lo2 >= hi:
+                break
+            if not (is_out or is_out2) or not shares_memory(_host_view(obj), _host_view(obj2)):
+                continue
+            if not is_out:  # name the out first
+                is_out, is_out2, i, j = is_out2, is_out, j, i
+            if is_out2:
+                problem = f"the outs of leaves {min(i, j)} and {max(i, j)} share memory"
+            elif i == j:
+                problem = f"the out of leaf {i} shares memory with that leaf"
+            else:
+                problem = (
+                    f"the out of leaf {i} shares memory with leaf {j}, which would be "
+                    "overwritten before it is read"
+                )
+            raise ValueError(
+                f"to_numpy_batch: {problem}; pass a separate array for each out (or None "
+                "where a new array is wanted). Nothing was written."
+            )
+
+
+def _cuda_in_one_pass(leaves: list[Any], outs: list[Any]) -> dict[int, np.ndarray]:
     """GPU tensors of one device: concatenated as bytes on the device, one transfer back."""
-    idx = [
-        i for i, (leaf, _) in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_cuda
-    ]
-    if len(idx) < 2 or len({leaves[i][0].device for i in idx}) != 1:
+    idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_cuda]
+    if len(idx) < 2 or len({leaves[i].device for i in idx}) != 1:
         return {}
     if not _transfers.engine_ready():
         return {}
-    tensors = [leaves[i][0].detach().resolve_conj().resolve_neg() for i in idx]
+    tensors = [leaves[i].detach().resolve_conj().resolve_neg() for i in idx]
     np_dtypes = [_dtypes.numpy_dtype(t.dtype) for t in tensors]  # refuses what it must
     flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
     host = to_numpy(flat)
@@ -400,7 +412,7 @@ def collate(samples: Sequence[Any]) -> Any:
             return type(first)(fields)
         except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
             return fields
-    if _is_namedtuple(first):
+    if is_namedtuple(first):
         return type(first)(*(collate(list(field)) for field in zip(*samples, strict=True)))
     if isinstance(first, (list, tuple)):
         return [collate(list(field)) for field in zip(*samples, strict=True)]
@@ -470,7 +482,7 @@ class Prefetcher:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
         self.iterable = iterable
-        self.device = torch.device(device)
+        self.device = _backend.resolve_device(device, "Prefetcher")
         self.depth = depth
         self.dtype = dtype
         self.non_blocking = non_blocking
@@ -527,7 +539,7 @@ class Prefetcher:
                     raise item
                 current = torch.cuda.current_stream(self.device)
                 current.wait_stream(stream)
-                for leaf, _ in _leaves(item):
+                for leaf in flatten(item)[0]:
                     if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
                         leaf.record_stream(current)
                 if not exhausted:
@@ -551,7 +563,7 @@ def images_to_tensor(
     images: Any,
     device: Device | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: _dtypes.DTypeLike = torch.float32,
     scale: float = 1 / 255,
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
@@ -570,6 +582,13 @@ def images_to_tensor(
         >>> tb.images_to_tensor(x, mean=[0.5] * 3, std=[0.5] * 3).shape
         torch.Size([2, 3, 4, 4])
     """
+    dtype = _dtypes.as_torch_dtype(dtype)  # torch, NumPy or string dtypes alike
+    if not dtype.is_floating_point:
+        raise TypeError(
+            f"images_to_tensor produces floats: pass e.g. dtype=torch.float32, not {dtype}"
+        )
+    if device is not None:
+        device = _backend.resolve_device(device, "images_to_tensor")
     x = (
         images
         if isinstance(images, torch.Tensor)
@@ -580,10 +599,6 @@ def images_to_tensor(
     if x.ndim < 3:
         raise ValueError(
             f"images_to_tensor expects (..., H, W, C) images, got shape {tuple(x.shape)}"
-        )
-    if not dtype.is_floating_point:
-        raise TypeError(
-            f"images_to_tensor produces floats: pass e.g. dtype=torch.float32, not {dtype}"
         )
     channels = x.shape[-1]
 

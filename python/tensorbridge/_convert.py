@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes, _interop, _transfers
-from ._copy import check_no_overlap, copy_into
+from ._copy import check_no_overlap, check_out_not_self_overlapping, copy_into
 from ._dtypes import DTypeLike
 from ._transfer import Transfer
 
@@ -32,12 +32,15 @@ _NATIVE_NUMPY = frozenset(_dtypes.NATIVE.values())  # NumPy dtypes torch.from_nu
 def _check_tensor(x: Any, fn: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise _interop.no_protocol_error(x, fn)
+    if x.is_nested:  # (a nested tensor may report the strided layout)
+        raise TypeError(
+            f"{fn} needs a dense tensor, got a nested tensor: use x.unbind() to convert "
+            "its components one by one."
+        )
     if x.layout != torch.strided:
-        if x.is_nested:
-            hint = "x.unbind() to convert its components one by one"
-        else:
-            hint = "x.to_dense()"
-        raise TypeError(f"{fn} needs a dense (strided) tensor, got layout {x.layout}: use {hint}.")
+        raise TypeError(
+            f"{fn} needs a dense (strided) tensor, got layout {x.layout}: use x.to_dense()."
+        )
     if x.is_quantized:
         raise TypeError(
             f"{fn} cannot convert a quantized tensor ({x.dtype}): use x.dequantize() "
@@ -70,12 +73,8 @@ def _check_out_array(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.nd
         )
     if not out.flags.writeable:
         raise ValueError("out is read-only: pass a writeable array (out.flags.writeable).")
-    for n, s in zip(out.shape, out.strides, strict=False):
-        if s == 0 and n > 1 and out.size:
-            raise ValueError(
-                "out has a zero stride, so several elements share memory: pass an "
-                "array that owns one slot per element, e.g. numpy.empty_like(out)."
-            )
+    if not (out.flags.c_contiguous or out.flags.f_contiguous):
+        check_out_not_self_overlapping(out.shape, out.strides, out.itemsize)
     return out
 
 
@@ -241,6 +240,8 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
         return False
     lo, hi = out.ctypes.data, out.ctypes.data + out.nbytes
     src = x.data_ptr()
+    if lo % out.itemsize or src % out.itemsize:
+        return False  # torch's kernels may assume aligned elements; the core does not
     if lo < src + out.nbytes and src < hi:
         return False  # overlapping: the full path refuses it with a clear message
     torch.from_numpy(out).copy_(x)  # resolves conj/neg bits itself
@@ -330,8 +331,10 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     """Converts a NumPy array to a CPU tensor: a drop-in for ``torch.from_numpy``.
 
     Shares memory wherever torch does. It also converts what torch refuses but can
-    represent: negative strides and non-native byte order (copied once: the only
-    copies it makes) and ml_dtypes bfloat16/float8 arrays (zero-copy).
+    represent: negative strides and non-native byte order (copied once) and ml_dtypes
+    bfloat16/float8 arrays (zero-copy). An array whose elements are not aligned to their
+    size (a view at an odd byte offset) is copied once too: torch would share it, but
+    its kernels may assume alignment and crash on it. Those are the only copies it makes.
 
     Raises:
         TypeError: not an ndarray, or a dtype torch has no equivalent for (str, bytes,
@@ -345,9 +348,12 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     """
     if type(a) is np.ndarray:
         try:  # the common case: exactly torch.from_numpy
-            return torch.from_numpy(a)
+            t = torch.from_numpy(a)
         except (TypeError, ValueError, RuntimeError):
             pass
+        else:
+            if not t.data_ptr() % t.element_size():
+                return t
     elif not isinstance(a, np.ndarray):
         raise TypeError(
             f"from_numpy expects a numpy.ndarray, got {type(a).__name__}: use "
@@ -367,8 +373,9 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
                 "numpy.ascontiguousarray(a) first."
             )
     # torch refuses any negative or odd stride, even on dimensions of size 0 or 1
-    # where the stride means nothing: a compact copy covers those too.
-    odd = any(s < 0 or s % itemsize for s in a.strides)
+    # where the stride means nothing: a compact copy covers those too, and misaligned
+    # elements (torch's kernels may assume alignment).
+    odd = any(s < 0 or s % itemsize for s in a.strides) or _misaligned(a)
     if odd or not a.dtype.isnative:
         native = a.dtype.newbyteorder("=")
         compact = np.empty(a.shape, native)
@@ -378,6 +385,11 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
         _, storage_np = _dtypes.storage_dtypes(itemsize)
         return torch.from_numpy(a.view(storage_np)).view(t_dtype)
     return torch.from_numpy(a)
+
+
+def _misaligned(a: np.ndarray) -> bool:
+    """True when a's elements do not start at a multiple of their size."""
+    return a.size > 0 and bool(a.__array_interface__["data"][0] % a.dtype.itemsize)
 
 
 # --------------------------------------------------------------------------- to_tensor
@@ -422,6 +434,8 @@ def to_tensor(
         >>> tb.to_tensor(np.arange(3, dtype=np.uint8), dtype="float32")
         tensor([0., 1., 2.])
     """
+    if device is not None:
+        device = _backend.resolve_device(device, "to_tensor")
     if (
         type(a) is np.ndarray
         and device is not None
@@ -447,7 +461,7 @@ def to_tensor(
         a = _check_tensor(a, "to_tensor")
         shape, source_dtype = tuple(a.shape), a.dtype
     target = _dtypes.as_torch_dtype(dtype) if dtype is not None else None
-    dev = torch.device(device) if device is not None else None
+    dev = device
     if out is not None:
         _check_out_tensor(out, shape, source_dtype, target, dev)
         dev = out.device
@@ -525,6 +539,17 @@ def _check_out_tensor(
         )
     if out.device.type == "meta":
         raise TypeError("out is a meta tensor: it has no data to write.")
+    if not out.is_contiguous():
+        size = out.element_size()
+        check_out_not_self_overlapping(
+            tuple(out.shape), tuple(s * size for s in out.stride()), size
+        )
+    if out.numel() and out.data_ptr() % out.element_size():
+        raise ValueError(
+            f"out starts at a byte offset that is not a multiple of its element size "
+            f"({out.element_size()}), which torch's kernels may not handle: pass an "
+            f"aligned tensor, e.g. torch.empty({tuple(shape)}, dtype={out.dtype})."
+        )
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:

@@ -140,6 +140,22 @@ def _via_numpy(obj: Any, protect: bool = True) -> np.ndarray:
     return a
 
 
+def _has_numpy_protocol(obj: Any) -> bool:
+    """What numpy.asarray accepts: ``__array__`` on the class, or ``__array_interface__``
+    / ``__array_struct__`` on the class or the instance (NumPy reads those as attributes)."""
+    kind = type(obj)
+    names = ("__array__", "__array_interface__", "__array_struct__")
+    if any(hasattr(kind, name) for name in names):
+        return True
+    for name in ("__array_interface__", "__array_struct__"):
+        try:
+            if name in getattr(obj, "__dict__", {}):
+                return True
+        except Exception:  # an object whose __dict__ itself refuses: no protocol
+            return False
+    return False
+
+
 def _immutable_producer(obj: Any) -> bool:
     module = type(obj).__module__
     return module.startswith(("tensorflow", "jax")) and not hasattr(obj, "assign")
@@ -167,7 +183,7 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
     except Exception:  # none, or (JAX) a property that raises for host arrays
         interface = None
     cai = isinstance(interface, dict)
-    numpy_protocol = hasattr(kind, "__array__") or hasattr(kind, "__array_interface__")
+    numpy_protocol = _has_numpy_protocol(obj)
     if not (dlpack or cai or numpy_protocol):
         raise no_protocol_error(obj, fn)
 

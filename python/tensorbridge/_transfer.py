@@ -9,6 +9,18 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+# What failed transfers held: after a failed wait the DMA may still be reading or writing
+# that memory, so it is never freed (a small leak on a rare error, never a use-after-free).
+_PARKED: list[Any] = []
+_PARKED_LOCK = threading.Lock()
+
+
+def park(keepalive: Any) -> None:
+    """Keeps ``keepalive`` alive for good: a copy that failed may still touch its memory."""
+    if keepalive is not None:
+        with _PARKED_LOCK:
+            _PARKED.append(keepalive)
+
 
 class Transfer(Generic[T]):
     """A conversion that may still be in flight.
@@ -75,6 +87,7 @@ class Transfer(Generic[T]):
                             time.sleep(50e-6)
                 except BaseException as exc:
                     self._error = exc
+                    park(self._keepalive)  # the copy may still be running: never free it
                 self._poll = self._block = None
                 self._keepalive = None
         if self._error is not None:

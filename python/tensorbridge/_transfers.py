@@ -8,6 +8,7 @@ to torch's own path (``.cpu()`` / ``.to(device)``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes
-from ._transfer import Transfer
+from ._transfer import Transfer, park
 
 # Chunk size (the largest: a transfer of under 8 chunks uses smaller ones, down to
 # 4 MiB) and the number of staging buffers in flight. From benchmarks/tune_gpu.py on an
@@ -47,11 +48,14 @@ _executor_lock = threading.Lock()
 
 def torch_view(a: np.ndarray) -> torch.Tensor | None:
     """``torch.from_numpy(a)`` for the small-copy paths, or None where torch refuses it
-    although NumPy calls ``a`` contiguous (a negative stride on a dimension of size 1)."""
+    although NumPy calls ``a`` contiguous (a negative stride on a dimension of size 1) and
+    where its elements are misaligned (torch's kernels may assume alignment): the full
+    path copies those through the core."""
     try:
-        return torch.from_numpy(a)
+        t = torch.from_numpy(a)
     except ValueError:
         return None
+    return None if t.data_ptr() % t.element_size() else t
 
 
 _ready: dict[int, bool] = {}  # id(extension module) -> engine usable (asked once per module)
@@ -61,6 +65,7 @@ def _after_fork_in_child() -> None:
     """A forked child (a DataLoader worker) never touches the parent's CUDA state."""
     global _executor
     _executor = None  # its threads were not copied into the child
+    _completions.reset_after_fork()
     if any(_ready.values()):
         # CUDA was initialized before the fork: it cannot be used in this process, and
         # the pool's blocks and events belong to the parent. Plain paths from here on.
@@ -136,7 +141,6 @@ def to_host(
 ) -> np.ndarray | Transfer[np.ndarray]:
     """A CUDA tensor (no conj/neg bits, dtype already final) into `out` or a new array."""
     C = _backend.C
-    _reap_inflight()
     if out is None:
         out = np.empty(tuple(x.shape), np_dtype)
     dst = out
@@ -195,10 +199,14 @@ def to_host(
 
 
 def _finish_event(event: int, keepalive: Any) -> None:
-    """Waits for `event`, then releases it; `keepalive` lives until the copy is done."""
+    """Waits for `event`, then releases it; `keepalive` lives until the copy is done, and
+    for good when the wait fails (the copy may still be running)."""
     C = _backend.C
     try:
         C.cuda_event_synchronize(event)
+    except BaseException:
+        park(keepalive)
+        raise
     finally:
         C.cuda_event_destroy(event)
 
@@ -218,20 +226,77 @@ def _event_result(event: int, result: Any, keepalive: Any, wait: bool) -> Any:
 
 # --------------------------------------------------------------------------- host -> device
 
-_inflight: list[tuple[int, Any]] = []  # (event, source) of direct copies from pinned memory
-_inflight_lock = threading.Lock()
+class CompletionWatcher:
+    """Waits on a daemon thread for copies queued without waiting, then releases them.
+
+    A non-blocking copy out of page-locked memory holds its event and the memory's owner
+    until the DMA has read it. Reaping them only when a later transfer comes would keep
+    both forever when none comes; this thread waits for each event in turn, destroys it
+    and drops the owner. It starts on the first copy and ends after a second idle.
+    ``wait`` and ``release`` are the engine's event calls (fakes in tests).
+    """
+
+    def __init__(self, wait: Any, release: Any, idle_s: float = 1.0) -> None:
+        self._wait = wait
+        self._release = release
+        self._idle_s = idle_s
+        self._queue: collections.deque[tuple[int, Any]] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._busy = 0  # events taken off the queue and not yet released
+
+    def add(self, event: int, keepalive: Any) -> None:
+        with self._cv:
+            self._queue.append((event, keepalive))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tensorbridge-completions", daemon=True
+                )
+                self._thread.start()
+            self._cv.notify()
+
+    def pending(self) -> int:
+        """Copies not yet seen complete (for tests and stats)."""
+        with self._cv:
+            return len(self._queue) + self._busy
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue:
+                    self._cv.wait(self._idle_s)
+                if not self._queue:
+                    self._thread = None  # a later add() starts a new one
+                    return
+                event, keepalive = self._queue.popleft()
+                self._busy += 1
+            try:
+                self._wait(event)
+            except BaseException:
+                park(keepalive)  # the copy may still be reading it
+            finally:
+                self._release(event)
+                del keepalive
+                with self._cv:
+                    self._busy -= 1
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's thread and events are not ours."""
+        self._queue = collections.deque()
+        self._cv = threading.Condition()
+        self._thread = None
+        self._busy = 0
 
 
-def _reap_inflight() -> None:
-    C = _backend.C
-    with _inflight_lock:
-        keep = []
-        for event, source in _inflight:
-            if C.cuda_event_query(event):
-                C.cuda_event_destroy(event)
-            else:
-                keep.append((event, source))
-        _inflight[:] = keep
+def _wait_event(event: int) -> None:
+    _backend.C.cuda_event_synchronize(event)
+
+
+def _destroy_event(event: int) -> None:
+    _backend.C.cuda_event_destroy(event)
+
+
+_completions = CompletionWatcher(_wait_event, _destroy_event)
 
 
 def to_device(
@@ -273,14 +338,12 @@ def to_device(
     else:
         dst = torch.empty(a.shape, dtype=t_dtype, device=device)
     stream = torch.cuda.current_stream(device)
-    _reap_inflight()
     if swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src):
         event = C.cuda_copy_async(
             index, stream.cuda_stream, dst.data_ptr(), src.ctypes.data, nbytes, False
         )
         if non_blocking:  # keep the source alive until the DMA has read it
-            with _inflight_lock:
-                _inflight.append((event, a))
+            _completions.add(event, a)
         else:
             try:
                 C.cuda_event_synchronize(event)

@@ -1,0 +1,128 @@
+"""Nested batches: flatten to leaves once, rebuild the same structure from new leaves.
+
+Containers are dicts (and other mappings), lists, tuples, namedtuples and dataclasses;
+everything else is a leaf (arrays, tensors, numbers, strings, ``torch.Size``...). A walk
+never rebuilds a container it only reads, so a container that validates its items
+(``torch.Size`` takes only ints) is rebuilt only from the leaves it is given back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+# The common leaves, checked by exact type first: the container checks cost far more.
+# torch.Size is a tuple of ints but a leaf: shape metadata travels as it is.
+_LEAF_TYPES = frozenset(
+    {
+        np.ndarray,
+        torch.Tensor,
+        torch.nn.Parameter,
+        torch.Size,
+        int,
+        float,
+        complex,
+        str,
+        bool,
+        bytes,
+        type(None),
+    }
+)
+
+# A spec node: None for a leaf, else (kind, meta, children specs).
+Spec = Any
+
+
+def is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def flatten(obj: Any) -> tuple[list[Any], list[Any], Spec]:
+    """(leaves, keys, spec): the leaves in order, each leaf's key (the nearest dict key or
+    dataclass field name, None at the top) and what :func:`unflatten` needs to rebuild."""
+    leaves: list[Any] = []
+    keys: list[Any] = []
+    spec = _flatten(obj, None, leaves, keys)
+    return leaves, keys, spec
+
+
+def _flatten(obj: Any, key: Any, leaves: list[Any], keys: list[Any]) -> Spec:
+    cls = type(obj)
+    if cls in _LEAF_TYPES:
+        leaves.append(obj)
+        keys.append(key)
+        return None
+    if cls is list:
+        return ("list", None, [_flatten(v, key, leaves, keys) for v in obj])
+    if cls is dict:
+        return ("dict", list(obj), [_flatten(v, k, leaves, keys) for k, v in obj.items()])
+    if isinstance(obj, Mapping):
+        return ("mapping", obj, [_flatten(v, k, leaves, keys) for k, v in obj.items()])
+    if is_namedtuple(obj):
+        children = [_flatten(v, f, leaves, keys) for f, v in zip(obj._fields, obj, strict=True)]
+        return ("namedtuple", cls, children)
+    if isinstance(obj, (list, tuple)):
+        return ("sequence", cls, [_flatten(v, key, leaves, keys) for v in obj])
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = [f.name for f in dataclasses.fields(obj) if f.init]
+        children = [_flatten(getattr(obj, n), n, leaves, keys) for n in names]
+        return ("dataclass", (obj, names), children)
+    leaves.append(obj)
+    keys.append(key)
+    return None
+
+
+def unflatten(spec: Spec, leaves: list[Any]) -> Any:
+    """The structure ``spec`` describes, with ``leaves`` (as many as flatten gave) in it."""
+    it = iter(leaves)
+    result = _unflatten(spec, it)
+    if next(it, _END) is not _END:
+        raise ValueError("unflatten: more leaves than the structure holds")
+    return result
+
+
+_END = object()
+
+
+def _unflatten(spec: Spec, it: Any) -> Any:
+    if spec is None:
+        try:
+            return next(it)
+        except StopIteration:
+            raise ValueError("unflatten: fewer leaves than the structure holds") from None
+    kind, meta, children = spec
+    values = [_unflatten(c, it) for c in children]
+    if kind == "list":
+        return values
+    if kind == "dict":
+        return dict(zip(meta, values, strict=True))
+    if kind == "mapping":
+        items = dict(zip(meta.keys(), values, strict=True))
+        if isinstance(meta, collections.defaultdict):
+            out = collections.defaultdict(meta.default_factory)
+            out.update(items)
+            return out
+        try:
+            return type(meta)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return items
+    if kind == "namedtuple":
+        return meta(*values)
+    if kind == "sequence":
+        try:
+            return meta(values)
+        except TypeError:  # a subclass whose constructor takes no iterable
+            return list(values) if issubclass(meta, list) else tuple(values)
+    obj, names = meta  # dataclass
+    return dataclasses.replace(obj, **dict(zip(names, values, strict=True)))
+
+
+def tree_map(fn: Callable[[Any, Any], Any], obj: Any) -> Any:
+    """Applies fn(leaf, key) to every leaf, rebuilding the same container types."""
+    leaves, keys, spec = flatten(obj)
+    return unflatten(spec, [fn(leaf, key) for leaf, key in zip(leaves, keys, strict=True)])
