@@ -10,6 +10,7 @@ data pointers.
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def tf():
 
 
 def _rng(request) -> np.random.Generator:
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**31))
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _random(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:

@@ -7,6 +7,8 @@ are the same C++ pipeline and pool the CUDA engine uses; only the copy/event cal
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -97,7 +99,7 @@ CHUNKS = [1, 64, 1000, 4096, 1 << 20]
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
 def test_to_host_any_layout(shape, chunk, kind):
-    rng = np.random.default_rng(abs(hash((shape, chunk, kind))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, chunk, kind)).encode()))
     a = random_array(shape, "<f4", rng)
     t = make_tester(delay_us=20)
     out = layout(a, kind)
@@ -135,7 +137,7 @@ def test_to_host_swaps_bytes(dtype):
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
 def test_to_device_any_layout(shape, chunk, kind):
-    rng = np.random.default_rng(abs(hash((shape, chunk, kind, 1))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, chunk, kind, 1)).encode()))
     a = random_array(shape, "<f8", rng)
     src = layout(a, kind)
     src[...] = a
