@@ -1,0 +1,580 @@
+"""Hostile input: each class of crash, hang or wrong byte found in review, on both paths.
+
+Where a defect could crash or hang the interpreter, the case runs in a subprocess with a
+timeout, so it fails one test instead of the run. Values are compared with the idiom
+(``numpy.copyto``, ``torch.from_numpy``) on fresh random data, outputs poisoned first.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import tensorbridge as tb
+from tensorbridge import _backend, _transfer, _transfers
+
+from conftest import HAS_EXTENSION, POISON, is_poisoned, poisoned
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATHS = ["extension", "fallback"]
+
+
+def run_python(code: str, path: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs code in a fresh interpreter on the given path; a crash or hang fails the test."""
+    if path == "extension" and not HAS_EXTENSION:
+        pytest.skip(f"extension not available: {_backend.FALLBACK_REASON}")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.join(ROOT, "python"), env.get("PYTHONPATH")) if p
+    )
+    env.pop("TENSORBRIDGE_DISABLE_EXTENSION", None)
+    if path == "fallback":
+        env["TENSORBRIDGE_DISABLE_EXTENSION"] = "1"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: no answer within {timeout} s")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# --------------------------------------------------------------- arrays holding references
+
+REFERENCE_CASES = {
+    "object out=": "tb.to_numpy(a, out=out)",
+    "object copy=True": "out = tb.to_numpy(a, copy=True)",
+    "object dtype=object out=": "tb.to_numpy(a, dtype=object, out=out)",
+    "object batch": "tb.to_numpy_batch({'k': a}, out={'k': out})",
+    "record with an object field": "tb.to_numpy(a, out=out)",
+    "StringDType": "tb.to_numpy(a, out=out)",
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_arrays_holding_references_survive_their_source(case, path):
+    if case == "StringDType" and not hasattr(np, "dtypes"):
+        pytest.skip("StringDType needs NumPy >= 2")
+    make = {
+        "record with an object field": """
+            dt = np.dtype([("i", "i4"), ("o", "O")])
+            a = np.array([(i, Obj(i)) for i in range(3000)], dtype=dt)
+            out = np.empty(3000, dt)
+            check = lambda: sum(r["o"].i for r in out) == sum(range(3000))
+        """,
+        "StringDType": """
+            sd = np.dtypes.StringDType()
+            a = np.array(["x" * (20 + i % 7) + str(i) for i in range(3000)], dtype=sd)
+            expected = a.tolist()
+            out = np.empty(3000, sd)
+            check = lambda: out.tolist() == expected
+        """,
+    }.get(
+        case,
+        """
+            a = np.array([Obj(i) for i in range(3000)], dtype=object)
+            out = np.empty(3000, object)
+            check = lambda: [o.i for o in out] == list(range(3000))
+        """,
+    )
+    code = "\n".join(
+        [
+            "import gc, numpy as np, tensorbridge as tb",
+            "class Obj:",
+            "    def __init__(self, i):",
+            "        self.i = i",
+            textwrap.dedent(make),
+            REFERENCE_CASES[case],
+            "del a",
+            "gc.collect()",
+            "assert check(), 'values changed'",
+            "print('ok')",
+        ]
+    )
+    assert "ok" in run_python(code, path).stdout
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled core is not built")
+def test_core_refuses_raw_copies_of_references():
+    a = np.array([object() for _ in range(4)], dtype=object)
+    with pytest.raises(TypeError, match=r"numpy\.copyto"):
+        _backend._LOADED.copy(np.empty(4, object), a, 0)
+
+
+def test_object_copies_take_references(backend):
+    items = [object() for _ in range(50)]
+    a = np.array(items, dtype=object)
+    before = sys.getrefcount(items[7])
+    out = np.empty(50, object)
+    tb.to_numpy(a, out=out)
+    after = sys.getrefcount(items[7])  # (outside the assert, which would hold one more)
+    assert after == before + 1  # out holds its own reference
+    assert all(o is i for o, i in zip(out, items, strict=True))
+
+
+# --------------------------------------------------------------- alignment
+
+
+def misaligned(n: int, dtype) -> np.ndarray:
+    """A writeable array of n elements at an odd byte address, poisoned."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + 1, np.uint8)
+    raw.fill(POISON)
+    return raw[1:].view(dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_large_copy_into_misaligned_out(path):
+    # 2.4 MiB: above the size from which torch's own copy_ is preferred.
+    code = """
+        import numpy as np, torch, tensorbridge as tb
+        n = 150_000
+        g = torch.Generator().manual_seed(5)
+        for dtype in (torch.complex128, torch.float64, torch.int32):
+            x = torch.randn(n, dtype=torch.float64, generator=g).mul(1000).to(dtype)
+            raw = np.zeros(n * x.element_size() + 1, np.uint8)
+            out = raw[1:].view(x.numpy().dtype)
+            tb.to_numpy(x, out=out)
+            assert out.tobytes() == x.numpy().tobytes(), dtype
+            # a misaligned source tensor too (torch.from_numpy shares the odd address)
+            src = torch.from_numpy(out)
+            dst = np.empty_like(out)
+            tb.to_numpy(src, out=dst)
+            assert dst.tobytes() == x.numpy().tobytes(), dtype
+        print("ok")
+    """
+    assert "ok" in run_python(code, path).stdout
+
+
+def test_misaligned_arrays_become_aligned_tensors(backend, rng):
+    for dtype in (np.complex128, np.float32, np.int64, np.dtype(">f8")):
+        a = misaligned(1000, dtype)
+        a[...] = rng.standard_normal(1000) * 100
+        t = tb.from_numpy(a)
+        assert t.data_ptr() % t.element_size() == 0
+        ref = a.astype(np.dtype(dtype).newbyteorder("="))
+        assert t.numpy().tobytes() == ref.tobytes()
+        # ops on the result are safe, and so are casts and out= through to_tensor
+        assert torch.equal(tb.to_tensor(a, dtype=torch.complex128), torch.from_numpy(ref).to(
+            torch.complex128
+        ))
+        out = torch.empty(1000, dtype=t.dtype)
+        assert torch.equal(tb.to_tensor(a, out=out), torch.from_numpy(ref))
+
+
+def test_to_tensor_refuses_a_misaligned_out_tensor(backend):
+    out = torch.from_numpy(misaligned(100, np.complex128))
+    with pytest.raises(ValueError, match="multiple of its element size"):
+        tb.to_tensor(np.ones(100, np.complex128), out=out)
+    assert is_poisoned(out.numpy())
+
+
+# --------------------------------------------------------------- thread counts
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_set_num_threads_is_bounded_on_both_paths(path):
+    code = """
+        import tensorbridge as tb
+        from tensorbridge import _backend
+        limit = _backend.max_threads()
+        for bad in (0, -1, limit + 1, 100_000):
+            try:
+                tb.set_num_threads(bad)
+            except ValueError as e:
+                assert "1 <= n <=" in str(e), e
+            else:
+                raise AssertionError(f"accepted {bad}")
+        for bad in (2.0, "4", True):
+            try:
+                tb.set_num_threads(bad)
+            except TypeError:
+                pass
+            else:
+                raise AssertionError(f"accepted {bad!r}")
+        tb.set_num_threads(limit)
+        tb.set_num_threads(1)
+        print("ok")
+    """
+    assert "ok" in run_python(code, path).stdout
+
+
+def test_a_refused_thread_start_raises_instead_of_hanging():
+    # The address-space limit makes the OS refuse thread stacks after a few threads.
+    code = """
+        import resource, numpy as np, tensorbridge as tb
+        src = np.random.default_rng(0).random((2048, 1024))
+        dst = np.empty((1024, 2048))
+        tb.to_numpy(src.T, out=dst)
+        vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+                  if l.startswith("VmSize"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (48 << 20), hard))
+        tb.set_num_threads(64)
+        try:
+            tb.to_numpy(src.T, out=dst)
+        except RuntimeError as e:
+            assert "set_num_threads" in str(e), e
+        else:
+            raise AssertionError("64 threads started under a 48 MiB address-space margin")
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        tb.set_num_threads(2)
+        dst[...] = 0
+        tb.to_numpy(src.T, out=dst)
+        assert np.array_equal(dst, src.T)
+        print("ok")
+    """
+    assert "ok" in run_python(code, "extension", timeout=60).stdout
+
+
+# --------------------------------------------------------------- byte order of non-numbers
+
+BYTE_ORDER_CASES = {
+    "unicode": (lambda r: np.array(["ab", "cd", "é€"]), "U2"),
+    "unicode-4": (lambda r: np.array(["abcd", "wxyz"]), "U4"),
+    "record": (
+        lambda r: np.array([(1, 2), (3, -4)], dtype=[("a", "<i4"), ("b", "<i4")]),
+        [("a", "i4"), ("b", "i4")],
+    ),
+    "mixed record": (
+        lambda r: np.array(
+            [(1, 2.5, 7)], dtype=[("a", "<i4"), ("b", ">f8"), ("c", "<i2")]
+        ),
+        [("a", "i4"), ("b", "f8"), ("c", "i2")],
+    ),
+    "longdouble": (lambda r: r.standard_normal(7).astype(np.longdouble), np.longdouble),
+    "clongdouble": (
+        lambda r: (r.standard_normal(7) + 1j * r.standard_normal(7)).astype(np.clongdouble),
+        np.clongdouble,
+    ),
+    "datetime": (lambda r: r.integers(0, 2**40, 9).astype("M8[ns]"), "M8[ns]"),
+    "float64": (lambda r: r.standard_normal(9), np.float64),
+    "complex64": (lambda r: (r.standard_normal(9) + 1j).astype(np.complex64), np.complex64),
+}
+
+
+@pytest.mark.parametrize("case", list(BYTE_ORDER_CASES))
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_copies_into_another_byte_order_match_numpy(backend, rng, case, order):
+    make, out_dtype = BYTE_ORDER_CASES[case]
+    a = make(rng)
+    dt = np.dtype(out_dtype).newbyteorder(order)
+    out, ref = poisoned(a.shape, dt), poisoned(a.shape, dt)
+    np.copyto(ref, a, casting="equiv")
+    assert tb.to_numpy(a, out=out) is out
+    assert out.tobytes() == ref.tobytes()
+    # and back, from a strided view
+    back, ref_back = poisoned(a.shape, a.dtype), poisoned(a.shape, a.dtype)
+    np.copyto(ref_back, ref, casting="equiv")
+    tb.to_numpy(out[::-1], out=back[::-1])
+    assert back.tobytes() == ref_back.tobytes()
+
+
+# --------------------------------------------------------------- aliasing outs
+
+
+def overlapping_view(dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """16 elements over 7 slots, and the poisoned buffer under them."""
+    base = poisoned(7, dtype)
+    view = np.lib.stride_tricks.as_strided(base, (16,), (base.itemsize // 2 or 1,))
+    if base.itemsize == 1:
+        view = np.lib.stride_tricks.as_strided(base, (4, 4), (1, 1))
+    return view, base
+
+
+OUT_ALIASES = {
+    "16 elements over 7 slots": lambda: overlapping_view(),
+    "rows over rows": lambda: (
+        np.lib.stride_tricks.as_strided(b := poisoned(20, np.float64), (4, 4), (16, 8)),
+        b,
+    ),
+}
+
+
+@pytest.mark.parametrize("alias", list(OUT_ALIASES))
+def test_self_overlapping_out_is_refused_everywhere(backend, rng, alias):
+    out, base = OUT_ALIASES[alias]()
+    a = rng.standard_normal(out.shape)
+    x = torch.from_numpy(a.copy())
+    calls = {
+        "to_numpy(array)": lambda: tb.to_numpy(a, out=out),
+        "to_numpy(tensor)": lambda: tb.to_numpy(x, out=out),
+        "to_numpy(tensor, dtype)": lambda: tb.to_numpy(x.float(), dtype=np.float64, out=out),
+        "to_numpy_batch": lambda: tb.to_numpy_batch([x, a], out=[None, out]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"overlap|share memory") as info:
+            call()
+        assert "pass" in str(info.value), name
+        assert is_poisoned(base), name
+
+
+def test_interleaved_out_that_does_not_overlap_is_accepted(backend, rng):
+    base = poisoned(8, np.uint8)
+    out = np.lib.stride_tricks.as_strided(base, (2, 3), (3, 2))  # offsets 0 2 4 3 5 7
+    a = rng.integers(0, 255, (2, 3), dtype=np.uint8)
+    tb.to_numpy(a, out=out)
+    assert np.array_equal(out, a)
+    tb.to_numpy(torch.from_numpy(a), out=out)
+    assert np.array_equal(out, a)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(1, 6).expand(4, 6),
+        lambda: torch.zeros(10).as_strided((4, 4), (2, 1)),
+    ],
+    ids=["expanded", "as_strided"],
+)
+def test_to_tensor_refuses_a_self_overlapping_out(backend, make):
+    out = make()
+    with pytest.raises(ValueError, match="pass"):
+        tb.to_tensor(np.ones(tuple(out.shape), np.float32), out=out)
+    assert not out.any()
+
+
+# --------------------------------------------------------------- batches
+
+
+def test_batch_checks_every_out_before_writing(backend, rng):
+    leaf = rng.standard_normal(6)
+    other = rng.standard_normal(6)
+    o1 = poisoned(6, np.float64)
+    with pytest.raises(ValueError, match="leaf 1 shares memory with that leaf"):
+        tb.to_numpy_batch([other, leaf], out=[o1, leaf[::-1]])
+    assert is_poisoned(o1)
+    # an out over another leaf: writing it first would change what that leaf holds
+    with pytest.raises(ValueError, match="out of leaf 0 shares memory with leaf 1"):
+        tb.to_numpy_batch([other, leaf], out=[leaf, None])
+    # two outs over the same memory
+    o2 = poisoned(12, np.float64)
+    with pytest.raises(ValueError, match="outs of leaves 0 and 1 share memory"):
+        tb.to_numpy_batch([other, leaf], out=[o2[:6], o2[5:11]])
+    assert is_poisoned(o2)
+    # a CPU tensor leaf viewed by an out
+    t = torch.from_numpy(rng.standard_normal(6))
+    with pytest.raises(ValueError, match="shares memory"):
+        tb.to_numpy_batch({"t": t, "a": other}, out={"t": None, "a": t.numpy()})
+    # separate outs are fine
+    o3, o4 = poisoned(6, np.float64), poisoned(6, np.float64)
+    tb.to_numpy_batch([other, leaf], out=[o3, o4])
+    assert np.array_equal(o3, other) and np.array_equal(o4, leaf)
+
+
+class Checked(tuple):
+    """A tuple subclass that validates its items, as torch.Size does."""
+
+    def __new__(cls, items):
+        items = tuple(items)
+        if not all(isinstance(i, (int, np.ndarray, torch.Tensor)) for i in items):
+            raise TypeError("Checked takes ints and arrays")
+        return super().__new__(cls, items)
+
+
+def test_batches_with_validating_tuples(backend, rng):
+    a = rng.standard_normal((2, 3)).astype(np.float32)
+    batch = {"shape": torch.Size([2, 3]), "x": torch.from_numpy(a), "c": Checked([1, a])}
+    back = tb.to_numpy_batch(batch)
+    assert back["shape"] == torch.Size([2, 3]) and type(back["shape"]) is torch.Size
+    assert type(back["c"]) is Checked and np.array_equal(back["c"][1], a)
+    moved = tb.to_device(batch, "cpu", dtype=torch.float64)
+    assert type(moved["shape"]) is torch.Size and moved["shape"] == torch.Size([2, 3])
+    assert moved["x"].dtype == torch.float64 and type(moved["c"]) is Checked
+    assert torch.equal(moved["c"][1], torch.from_numpy(a).double())
+
+
+# --------------------------------------------------------------- exception types
+
+
+def test_strided_nested_tensor_gets_a_type_error(backend):
+    nt = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.strided)
+    for call in (lambda: tb.to_numpy(nt), lambda: tb.to_tensor(nt, "cpu")):
+        with pytest.raises(TypeError, match=r"x\.unbind\(\)"):
+            call()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "float32", torch.float32, np.dtype("float32")])
+def test_images_to_tensor_takes_any_dtype_spelling(backend, rng, dtype):
+    x = rng.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    got = tb.images_to_tensor(x, dtype=dtype, mean=0.5, std=0.25)
+    ref = (torch.from_numpy(x).float() / 255 - 0.5) / 0.25
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref.permute(0, 3, 1, 2))
+    with pytest.raises(TypeError, match="floats"):
+        tb.images_to_tensor(x, dtype="int32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA is not usable")
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: tb.to_tensor(np.ones(3), "cuda"),
+        lambda: tb.to_tensor(np.ones(3), torch.device("cuda", 0)),
+        lambda: tb.to_tensor(np.ones(3 << 20, np.uint8), "cuda:0", dtype=torch.float32),
+        lambda: tb.to_device({"x": np.ones(3)}, "cuda"),
+        lambda: tb.images_to_tensor(np.ones((1, 2, 2, 3), np.uint8), "cuda"),
+        lambda: tb.Prefetcher([np.ones(3)], "cuda"),
+    ],
+    ids=["to_tensor", "to_tensor-device", "to_tensor-cast", "to_device", "images", "prefetcher"],
+)
+def test_cuda_without_cuda_names_the_reason_and_the_fix(backend, call):
+    with pytest.raises(ValueError, match="CUDA") as info:
+        call()
+    message = str(info.value)
+    assert tb.info()["cuda_reason"] in message
+    assert "device='cpu'" in message
+
+
+def test_unknown_devices_are_refused_clearly(backend):
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        tb.to_tensor(np.ones(3), "gpu")
+    with pytest.raises(TypeError, match="device must be"):
+        tb.to_tensor(np.ones(3), 1.5)
+
+
+class InstanceInterface:
+    """An object whose __array_interface__ is set on the instance (NumPy accepts it)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self._a = a
+        self.__array_interface__ = a.__array_interface__
+
+
+def test_instance_level_array_interface_is_accepted(backend, rng):
+    a = rng.standard_normal((3, 4))
+    obj = InstanceInterface(a)
+    assert np.array_equal(tb.to_numpy(obj), np.asarray(obj))
+    assert torch.equal(tb.to_tensor(obj), torch.from_numpy(np.asarray(obj)))
+
+
+# --------------------------------------------------------------- transfers in flight
+
+
+def test_failed_wait_keeps_what_the_copy_may_still_touch():
+    class Buffer:
+        pass
+
+    buf = Buffer()
+    ref = weakref.ref(buf)
+
+    def block() -> None:
+        raise RuntimeError("the device reported an error")
+
+    t = _transfer.Transfer(None, poll=lambda: False, block=block, keepalive=buf)
+    del buf
+    with pytest.raises(RuntimeError, match="device reported"):
+        t.wait()
+    del t
+    gc.collect()
+    assert ref() is not None, "memory a failed copy may still touch was freed"
+
+
+def test_failed_event_wait_parks_the_keepalive(monkeypatch):
+    class FakeC:
+        destroyed: list[int] = []  # noqa: RUF012
+
+        @staticmethod
+        def cuda_event_synchronize(event: int) -> None:
+            raise RuntimeError("cudaErrorLaunchFailure")
+
+        @staticmethod
+        def cuda_event_destroy(event: int) -> None:
+            FakeC.destroyed.append(event)
+
+    class Buffer:
+        pass
+
+    monkeypatch.setattr(_backend, "C", FakeC)
+    buf = Buffer()
+    ref = weakref.ref(buf)
+    with pytest.raises(RuntimeError, match="LaunchFailure"):
+        _transfers._finish_event(17, (buf,))
+    del buf
+    gc.collect()
+    assert ref() is not None and FakeC.destroyed == [17]
+
+
+def test_completion_watcher_releases_copies_nobody_waits_for():
+    done = {1: threading.Event(), 2: threading.Event(), 3: threading.Event()}
+    released: list[int] = []
+
+    def wait(event: int) -> None:
+        assert done[event].wait(10)
+        if event == 3:
+            raise RuntimeError("copy failed")
+
+    watcher = _transfers.CompletionWatcher(wait, released.append, idle_s=0.05)
+
+    class Source:
+        pass
+
+    sources = {i: Source() for i in done}
+    refs = {i: weakref.ref(s) for i, s in sources.items()}
+    for i, s in sources.items():
+        watcher.add(i, s)
+    del s
+    sources.clear()
+    assert watcher.pending() == 3
+    for e in done.values():
+        e.set()
+    for _ in range(1000):
+        if watcher.pending() == 0 and watcher._thread is None:
+            break
+        threading.Event().wait(0.01)
+    gc.collect()
+    assert released == [1, 2, 3]  # every event destroyed, in order
+    assert refs[1]() is None and refs[2]() is None  # completed: sources let go
+    assert refs[3]() is not None  # failed: kept, the copy may still read it
+    assert watcher._thread is None  # the thread ends when idle
+    watcher.add(1, None)  # and a new one starts on demand
+    for _ in range(1000):
+        if watcher.pending() == 0:
+            break
+        threading.Event().wait(0.01)
+    assert released == [1, 2, 3, 1]
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled core is not built")
+def test_a_large_array_in_a_packed_batch_uses_the_same_staging_blocks(rng):
+    C = _backend._LOADED
+    chunk, buffers = 64 << 10, 3
+    tester = C.HostTransferTester(delay_us=50)
+    arrays = [
+        rng.integers(0, 255, 1000, dtype=np.uint8),
+        rng.standard_normal((300, 700)),  # 1.6 MiB: many blocks' worth
+        rng.integers(0, 255, 3000, dtype=np.uint8),
+    ]
+    offsets, end = [], 0
+    for a in arrays:
+        offsets.append(end)
+        end += -(-a.nbytes // 256) * 256
+    device = np.full(end, POISON, np.uint8)
+    tester.to_device_many(arrays, offsets, device, chunk_bytes=chunk, buffers=buffers)
+    tester.drain()
+    for a, off in zip(arrays, offsets, strict=True):
+        assert device[off : off + a.nbytes].tobytes() == a.tobytes()
+    held = tester.stats()["bytes_held"]
+    assert held == buffers * C.pool_size_class(chunk), "a second set of blocks was leased"
+
