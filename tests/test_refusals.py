@@ -285,6 +285,8 @@ OTHER_REFUSALS = [
     ("to_tensor", "export refused", lambda: tb.to_tensor(_RefusingProducer())),
     ("collate", "no samples", lambda: tb.collate([])),
     ("Prefetcher", "depth 0", lambda: tb.Prefetcher([], "cpu", depth=0)),
+    ("Prefetcher", "depth 10**9", lambda: tb.Prefetcher([], "cpu", depth=10**9)),
+    ("empty_pinned", "object dtype", lambda: tb.empty_pinned(4, object)),
     (
         "images_to_tensor",
         "mean of the wrong length",

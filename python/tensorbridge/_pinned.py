@@ -39,6 +39,11 @@ def empty_pinned(shape: ShapeLike, dtype: DTypeLike = np.float32) -> np.ndarray:
     """
     dims = _normalize_shape(shape)
     np_dtype = as_numpy_dtype(dtype)
+    if np_dtype.hasobject:
+        raise TypeError(
+            f"empty_pinned cannot hold dtype {np_dtype}: its elements are Python references, "
+            "which the GPU cannot copy; pass a numeric dtype, e.g. numpy.float32."
+        )
     cuda, _, _ = _backend.cuda_status()
     if not cuda:
         return np.empty(dims, np_dtype)
