@@ -5,7 +5,8 @@ still installs as pure Python (tensorbridge then uses its fallback path) and a
 warning says why. Set TENSORBRIDGE_REQUIRE_EXTENSION=1 to make such a failure fatal.
 
 Pass extra CMake arguments with CMAKE_ARGS="-DTB_ENABLE_CUDA=OFF ..."; DEBUG=1
-builds with debug information; TB_SANITIZE=1 builds with ASan and UBSan.
+builds with debug information; TB_SANITIZE=1 builds with ASan and UBSan. Release builds
+pass CMAKE_ARGS="-DTB_TESTING=OFF": no tensorbridge._C_testing, no fault switch in _C.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class CMakeBuild(build_ext):
             _warn(f"the compiled extension could not be built ({exc}).")
 
     def build_extension(self, ext: CMakeExtension) -> None:
+        if ext.name == TESTING_MODULE:
+            # A by-product of the one CMake build that makes tensorbridge._C (built first).
+            if not Path(self.get_ext_fullpath(ext.name)).exists():
+                raise RuntimeError(f"the CMake build did not produce {ext.name}")
+            return
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError("CMake was not found on PATH")
@@ -87,8 +93,16 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", ".", *jobs], cwd=build_temp, check=True)
 
 
+# Development and CI builds also make the test-only module; a release build passes
+# CMAKE_ARGS="-DTB_TESTING=OFF" and ships neither it nor the engine's fault switch.
+TESTING_MODULE = "tensorbridge._C_testing"
+TESTING = "-DTB_TESTING=OFF" not in os.environ.get("CMAKE_ARGS", "").split()
+
 setup(
     version=VERSION,
-    ext_modules=[CMakeExtension("tensorbridge._C", ROOT)],
+    ext_modules=[
+        CMakeExtension("tensorbridge._C", ROOT),
+        *([CMakeExtension(TESTING_MODULE, ROOT)] if TESTING else []),
+    ],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include "core/host_engine.h"
+#include "bindings_util.h"
 #include "core/pinned_pool.h"
 #include "core/pipeline.h"
 #include "core/strided_copy.h"
@@ -22,6 +22,7 @@
 #endif
 
 namespace py = pybind11;
+using namespace tb::py_util;
 
 namespace {
 
@@ -37,12 +38,6 @@ auto release_gil_and(F&& f) {
   return f();
 }
 
-std::vector<int64_t> shape_of(const py::array& a) {
-  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
-}
-std::vector<int64_t> strides_of(const py::array& a) {
-  return std::vector<int64_t>(a.strides(), a.strides() + a.ndim());
-}
 
 bool holds_references(const py::array& a) {
   return a.dtype().attr("hasobject").cast<bool>();
@@ -160,131 +155,6 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
 
 // ---------------------------------------------------------------- transfers
 
-tb::HostView host_view(const py::array& a, bool writeable) {
-  if (writeable && !a.writeable()) throw py::value_error("transfer: the host array is read-only");
-  tb::HostView v;
-  v.data = static_cast<char*>(const_cast<void*>(a.data()));
-  v.shape = shape_of(a);
-  v.strides = strides_of(a);
-  v.itemsize = a.itemsize();
-  return v;
-}
-
-tb::PipelineOptions pipeline_options(size_t chunk_bytes, int buffers, int swap_unit) {
-  tb::PipelineOptions o;
-  if (chunk_bytes) o.chunk_bytes = chunk_bytes;
-  if (buffers) o.buffers = buffers;
-  o.swap_unit = swap_unit;
-  return o;
-}
-
-py::dict report_dict(const tb::PipelineReport& r) {
-  py::dict d;
-  d["chunks"] = r.chunks;
-  d["staged"] = r.staged;
-  return d;
-}
-
-py::dict stats_dict(const tb::PoolStats& s) {
-  py::dict d;
-  d["bytes_held"] = s.bytes_held;
-  d["bytes_in_use"] = s.bytes_in_use;
-  d["budget"] = s.budget;
-  d["hits"] = s.hits;
-  d["misses"] = s.misses;
-  d["waits"] = s.waits;
-  d["fallbacks"] = s.fallbacks;
-  d["pin_failures"] = s.pin_failures;
-  d["frees"] = s.frees;
-  return d;
-}
-
-// The pipeline and pool on the host-only engine: what the CPU test suite drives.
-// "Device memory" is a dense uint8 array.
-class HostTransferTester {
- public:
-  HostTransferTester(int delay_us, int64_t fail_pinning_after, size_t budget,
-                     int64_t fail_copy_after)
-      : engine_(delay_us, fail_pinning_after, fail_copy_after), pool_(engine_, budget) {}
-  ~HostTransferTester() {
-    engine_.drain();  // before pending_ (destroyed after this body) lets the buffers go
-    pool_.release_all();
-  }
-  py::dict to_host(py::array device, py::array dst, size_t chunk, int buffers, int swap) {
-    const auto view = host_view(dst, true);
-    check_device(device, view);
-    const void* src = device.data();
-    tb::PipelineReport r;
-    {
-      py::gil_scoped_release release;
-      r = tb::copy_to_host(engine_, pool_, 0, src, view, pipeline_options(chunk, buffers, swap));
-    }
-    return report_dict(r);
-  }
-  py::dict to_device(py::array src, py::array device, size_t chunk, int buffers, int swap) {
-    const auto view = host_view(src, false);
-    check_device(device, view);
-    void* dst = device.mutable_data();
-    // The queued copies write into `device` later: hold it until drain().
-    pending_.push_back(device);
-    tb::PipelineReport r;
-    {
-      py::gil_scoped_release release;
-      r = tb::copy_to_device(engine_, pool_, 0, view, dst, pipeline_options(chunk, buffers, swap));
-    }
-    return report_dict(r);
-  }
-  py::dict to_device_many(py::list srcs, std::vector<size_t> offsets, py::array device,
-                          size_t chunk, int buffers) {
-    std::vector<tb::HostView> views;
-    size_t end = 0;
-    for (size_t i = 0; i < srcs.size(); ++i) {
-      auto a = py::cast<py::array>(srcs[i]);
-      views.push_back(host_view(a, false));
-      if (i < offsets.size()) end = std::max(end, offsets[i] + static_cast<size_t>(a.nbytes()));
-    }
-    if (static_cast<size_t>(device.nbytes()) < end)
-      throw py::value_error("transfer: the device buffer is too small");
-    void* dst = device.mutable_data();
-    pending_.push_back(device);
-    tb::PipelineReport r;
-    {
-      py::gil_scoped_release release;
-      r = tb::copy_many_to_device(engine_, pool_, 0, views, offsets, dst,
-                                  pipeline_options(chunk, buffers, 0));
-    }
-    return report_dict(r);
-  }
-  void drain() {
-    {
-      py::gil_scoped_release release;
-      engine_.drain();
-    }
-    pending_.clear();
-  }
-  py::dict stats() { return stats_dict(pool_.stats()); }
-  void set_budget(size_t b) { pool_.set_budget(b); }
-  void trim() { pool_.trim(); }
-  int64_t live_pinned() const { return engine_.live_pinned(); }
-  int64_t pinned_allocations() const { return engine_.pinned_allocations(); }
-
- private:
-  static void check_device(const py::array& device, const tb::HostView& v) {
-    int64_t n = v.itemsize;
-    for (int64_t d : v.shape) n *= d;
-    if (device.nbytes() < n) throw py::value_error("transfer: the device buffer is too small");
-  }
-  tb::HostEngine engine_;
-  tb::PinnedPool pool_;
-  std::vector<py::object> pending_;  // device buffers with copies still queued
-};
-
-py::list plan_chunks(std::vector<int64_t> shape, int64_t itemsize, size_t chunk_bytes) {
-  py::list out;
-  for (const auto& c : tb::plan_chunks(shape, itemsize, chunk_bytes))
-    out.append(py::make_tuple(c.offset, c.bytes, c.depth, c.prefix, c.begin, c.end));
-  return out;
-}
 
 py::dict cuda_probe() {
   py::dict d;
@@ -380,29 +250,6 @@ py::array empty_pinned_bytes(size_t nbytes) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  py::class_<HostTransferTester>(m, "HostTransferTester",
-                                 "The transfer pipeline and pinned pool on a host-only engine "
-                                 "(copies run on a worker thread), for tests without a GPU.")
-      .def(py::init<int, int64_t, size_t, int64_t>(), py::arg("delay_us") = 0,
-           py::arg("fail_pinning_after") = -1, py::arg("budget") = size_t{1} << 30,
-           py::arg("fail_copy_after") = -1)
-      .def("to_host", &HostTransferTester::to_host, py::arg("device"), py::arg("dst"),
-           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
-      .def("to_device", &HostTransferTester::to_device, py::arg("src"), py::arg("device"),
-           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
-      .def("to_device_many", &HostTransferTester::to_device_many, py::arg("srcs"),
-           py::arg("offsets"), py::arg("device"), py::arg("chunk_bytes") = 0,
-           py::arg("buffers") = 0)
-      .def("drain", &HostTransferTester::drain)
-      .def("stats", &HostTransferTester::stats)
-      .def("set_budget", &HostTransferTester::set_budget, py::arg("bytes"))
-      .def("trim", &HostTransferTester::trim)
-      .def_property_readonly("live_pinned", &HostTransferTester::live_pinned)
-      .def_property_readonly("pinned_allocations", &HostTransferTester::pinned_allocations);
-  m.def("plan_chunks", &plan_chunks, py::arg("shape"), py::arg("itemsize"),
-        py::arg("chunk_bytes"), "The pipeline's chunks: (offset, bytes, depth, prefix, begin, end).");
-  m.def("pool_size_class", &tb::PinnedPool::size_class, py::arg("nbytes"));
-
   m.doc() = "tensorbridge's compiled core (private: use the tensorbridge package)";
 #ifdef TB_VERSION
   m.attr("__version__") = TB_VERSION;
@@ -424,6 +271,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &tb::set_num_threads, py::arg("n"),
         "Set the threads used for large host copies.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
+#if defined(TB_TESTING) && defined(TB_WITH_CUDA)
+  // The fault switch lives in this module's engine; tensorbridge._C_testing reaches it
+  // through this capsule (testing builds only: release builds have neither).
+  static void (*const inject_copy_fault)(int64_t) = &tb::cuda::inject_copy_fault;
+  m.attr("_testing_copy_fault") = py::capsule(reinterpret_cast<const void*>(&inject_copy_fault),
+                                              "tensorbridge._C.copy_fault");
+#endif
 #ifdef TB_WITH_CUDA
   m.def("empty_pinned_bytes", &empty_pinned_bytes, py::arg("nbytes"),
         "A uint8 array of nbytes in page-locked memory.");
@@ -445,8 +299,6 @@ PYBIND11_MODULE(_C, m) {
                                                        reinterpret_cast<const void*>(src), n, to_host));
   }, py::arg("device"), py::arg("stream"), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
      py::arg("to_host"), "One async copy (page-locked host memory); returns its event.");
-  m.def("cuda_inject_copy_fault", &tb::cuda::inject_copy_fault, py::arg("after"),
-        "Test-only: the copy after `after` more succeed fails with a CUDA error (-1: off).");
   m.def("cuda_event_query", [](uintptr_t e) { return tb::cuda::query_event(e); });
   m.def("cuda_event_synchronize", [](uintptr_t e) {
     py::gil_scoped_release release;
@@ -454,12 +306,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cuda_event_destroy", [](uintptr_t e) { tb::cuda::destroy_event(e); });
   m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
-  m.def("cuda_pinned_budget", &tb::cuda::pinned_budget);
   m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
-  m.def("cuda_trim_pinned", [] {
-    py::gil_scoped_release release;
-    tb::cuda::trim_pinned();
-  });
   m.def("cuda_host_register", [](py::array a) {
     auto [p, n] = byte_span(a);
     py::gil_scoped_release release;

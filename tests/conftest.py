@@ -18,6 +18,13 @@ except ImportError:  # the suite still runs; ml_dtypes cases are skipped
     ml_dtypes = None
 
 HAS_EXTENSION = _backend._LOADED is not None
+try:  # the test-only compiled helpers (testing builds: the default; not in release wheels)
+    from tensorbridge import _C_testing as TESTING
+except ImportError:
+    TESTING = None
+needs_testing_module = pytest.mark.skipif(
+    TESTING is None, reason="tensorbridge._C_testing is not built (a -DTB_TESTING=OFF build?)"
+)
 HAS_CUDA = torch.cuda.is_available()
 
 POISON = 0xAB  # byte written into outputs before a conversion, so unwritten bytes show

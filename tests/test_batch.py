@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _backend, _batch
+from tensorbridge import _batch
 
-from conftest import HAS_EXTENSION, assert_same, poisoned
+from conftest import TESTING, assert_same, needs_testing_module, poisoned
 
 try:
     import ml_dtypes
@@ -173,14 +173,14 @@ def test_pack_plan_is_aligned_grouped_and_ordered(rng):
     assert len(plan.runs) == len(kinds) < len(arrays) // 2
 
 
-@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
+@needs_testing_module
 @pytest.mark.parametrize("chunk", [4096, 1 << 16])
 def test_many_small_arrays_packed_in_few_copies(rng, chunk):
     """Packed the way to_device packs them on a GPU; the views equal torch.from_numpy's."""
     arrays = _mixed_host_arrays(rng)
     plan = _batch.pack_plan(list(enumerate(arrays)))
     device = np.full(plan.nbytes, 0xAB, np.uint8)
-    t = _backend._LOADED.HostTransferTester(delay_us=20)
+    t = TESTING.HostTransferTester(delay_us=20)
     report = t.to_device_many(plan.arrays, plan.offsets, device, chunk_bytes=chunk, buffers=2)
     t.drain()
     views = _batch.packed_views(torch.from_numpy(device), plan)

@@ -16,6 +16,7 @@ import tensorbridge as tb
 from conftest import (
     ALL_DTYPES,
     LAYOUTS,
+    TESTING,
     assert_holes_poisoned,
     assert_same,
     dtype_param,
@@ -386,10 +387,10 @@ def test_images_to_tensor_on_the_gpu():
 
 @pytest.fixture
 def fault():
-    from tensorbridge import _backend
-
-    yield _backend.C.cuda_inject_copy_fault
-    _backend.C.cuda_inject_copy_fault(-1)
+    if TESTING is None:
+        pytest.skip("tensorbridge._C_testing is not built (a -DTB_TESTING=OFF build?)")
+    yield TESTING.cuda_inject_copy_fault
+    TESTING.cuda_inject_copy_fault(-1)
 
 
 @pytest.mark.parametrize("after", [0, 1, 3])

@@ -23,7 +23,7 @@ import torch
 import tensorbridge as tb
 from tensorbridge import _backend, _transfer, _transfers
 
-from conftest import HAS_EXTENSION, POISON, is_poisoned, poisoned
+from conftest import HAS_EXTENSION, POISON, TESTING, is_poisoned, needs_testing_module, poisoned
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ["extension", "fallback"]
@@ -556,9 +556,9 @@ def test_completion_watcher_releases_copies_nobody_waits_for():
     assert released == [1, 2, 3, 1]
 
 
-@pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled core is not built")
+@needs_testing_module
 def test_a_large_array_in_a_packed_batch_uses_the_same_staging_blocks(rng):
-    C = _backend._LOADED
+    C = TESTING
     chunk, buffers = 64 << 10, 3
     tester = C.HostTransferTester(delay_us=50)
     arrays = [

@@ -14,12 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensorbridge import _backend
+from conftest import TESTING, needs_testing_module, run_in_threads
 
-from conftest import HAS_EXTENSION, run_in_threads
-
-pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
-C = _backend._LOADED
+pytestmark = needs_testing_module
+C = TESTING  # the host engine's testers, the chunk planner and the pool's size classes
 POISON = 0xAB
 
 

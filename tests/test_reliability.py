@@ -17,8 +17,9 @@ import tensorbridge as tb
 from tensorbridge import _backend
 
 from conftest import (
-    HAS_EXTENSION,
+    TESTING,
     assert_same,
+    needs_testing_module,
     poisoned,
     random_tensor,
     reference_numpy,
@@ -178,10 +179,10 @@ def test_batch_functions_round_trip(path, batch):
         _check_same(back, batch)
 
 
-@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
+@needs_testing_module
 def test_pool_budget_holds_under_contention():
     """Twelve threads, a budget for three blocks: callers wait or go pageable, never over."""
-    t = _backend._LOADED.HostTransferTester(delay_us=40, budget=3 * 16384)
+    t = TESTING.HostTransferTester(delay_us=40, budget=3 * 16384)
     peaks = []
 
     def work(i):

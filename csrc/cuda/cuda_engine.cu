@@ -16,8 +16,10 @@
 namespace tb::cuda {
 namespace {
 
-// Test-only fault switch: the copy call after `g_fail_copy_after` more succeed throws a
-// CudaError, so tests can check that errors surface and the pool keeps working.
+#ifdef TB_TESTING
+// Test-only fault switch (testing builds only; release builds carry no check): the copy
+// call after `g_fail_copy_after` more succeed throws a CudaError, so tests can check that
+// errors surface and the pool keeps working. Set through tensorbridge._C_testing.
 std::atomic<int64_t> g_fail_copy_after{-1};
 
 void maybe_inject_fault() {
@@ -30,6 +32,9 @@ void maybe_inject_fault() {
     }
   }
 }
+#else
+inline void maybe_inject_fault() {}
+#endif
 
 class CudaEngine final : public TransferEngine {
  public:
@@ -220,7 +225,9 @@ EventHandle copy_async(int d, StreamHandle stream, void* dst, const void* src, s
   return e;
 }
 
+#ifdef TB_TESTING
 void inject_copy_fault(int64_t after) { g_fail_copy_after.store(after); }
+#endif
 
 bool query_event(EventHandle e) {
   const cudaError_t err = cudaEventQuery(reinterpret_cast<cudaEvent_t>(e));

@@ -42,8 +42,11 @@ PipelineReport copy_many_to_device(int device, StreamHandle stream,
 EventHandle copy_async(int device, StreamHandle stream, void* dst, const void* src, size_t n,
                        bool to_host);
 bool query_event(EventHandle e);
-/// Test-only: the copy after `after` more succeed fails with a CUDA error (-1: off).
+#ifdef TB_TESTING
+/// Test-only (testing builds): the copy after `after` more succeed fails with a CUDA
+/// error (-1: off).
 void inject_copy_fault(int64_t after);
+#endif
 void synchronize_event(EventHandle e);
 void destroy_event(EventHandle e) noexcept;
 

@@ -176,8 +176,9 @@ def set_num_threads(n: int) -> None:
 
     ``n`` must lie between 1 and 256: host copies are bound by memory bandwidth, which a
     dozen threads saturate, and an unbounded count would start as many OS threads as
-    asked. If the OS refuses to start one, the next large copy raises RuntimeError. Both paths accept and refuse the same
-    values (the pure-Python path copies on one thread whatever is set).
+    asked. If the OS refuses to start one, the next large copy raises RuntimeError. Both
+    paths accept and refuse the same values (the pure-Python path copies on one thread
+    whatever is set).
 
     Raises:
         TypeError: ``n`` is not an int.

@@ -1,4 +1,4 @@
-#include "core/host_engine.h"
+#include "testing/host_engine.h"
 
 #include <chrono>
 #include <cstdlib>

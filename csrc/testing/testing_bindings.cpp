@@ -1,0 +1,155 @@
+// tensorbridge._C_testing: what the test suite drives and production never carries.
+//
+// The transfer pipeline and pinned pool on the host-only engine (copies run on a worker
+// thread, so a GPU-less machine tests the real scheduling), the chunk planner and pool
+// size classes, and the CUDA engine's fault switch (which lives in _C: reached through
+// the capsule _C exports in testing builds). Built only with -DTB_TESTING=ON.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bindings_util.h"
+#include "core/pinned_pool.h"
+#include "core/pipeline.h"
+#include "testing/host_engine.h"
+
+namespace py = pybind11;
+using namespace tb::py_util;
+
+namespace {
+
+// The pipeline and pool on the host-only engine: what the CPU test suite drives.
+// "Device memory" is a dense uint8 array.
+class HostTransferTester {
+ public:
+  HostTransferTester(int delay_us, int64_t fail_pinning_after, size_t budget,
+                     int64_t fail_copy_after)
+      : engine_(delay_us, fail_pinning_after, fail_copy_after), pool_(engine_, budget) {}
+  ~HostTransferTester() {
+    engine_.drain();  // before pending_ (destroyed after this body) lets the buffers go
+    pool_.release_all();
+  }
+  py::dict to_host(py::array device, py::array dst, size_t chunk, int buffers, int swap) {
+    const auto view = host_view(dst, true);
+    check_device(device, view);
+    const void* src = device.data();
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_to_host(engine_, pool_, 0, src, view, pipeline_options(chunk, buffers, swap));
+    }
+    return report_dict(r);
+  }
+  py::dict to_device(py::array src, py::array device, size_t chunk, int buffers, int swap) {
+    const auto view = host_view(src, false);
+    check_device(device, view);
+    void* dst = device.mutable_data();
+    // The queued copies write into `device` later: hold it until drain().
+    pending_.push_back(device);
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_to_device(engine_, pool_, 0, view, dst, pipeline_options(chunk, buffers, swap));
+    }
+    return report_dict(r);
+  }
+  py::dict to_device_many(py::list srcs, std::vector<size_t> offsets, py::array device,
+                          size_t chunk, int buffers) {
+    std::vector<tb::HostView> views;
+    size_t end = 0;
+    for (size_t i = 0; i < srcs.size(); ++i) {
+      auto a = py::cast<py::array>(srcs[i]);
+      views.push_back(host_view(a, false));
+      if (i < offsets.size()) end = std::max(end, offsets[i] + static_cast<size_t>(a.nbytes()));
+    }
+    if (static_cast<size_t>(device.nbytes()) < end)
+      throw py::value_error("transfer: the device buffer is too small");
+    void* dst = device.mutable_data();
+    pending_.push_back(device);
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_many_to_device(engine_, pool_, 0, views, offsets, dst,
+                                  pipeline_options(chunk, buffers, 0));
+    }
+    return report_dict(r);
+  }
+  void drain() {
+    {
+      py::gil_scoped_release release;
+      engine_.drain();
+    }
+    pending_.clear();
+  }
+  py::dict stats() { return stats_dict(pool_.stats()); }
+  void set_budget(size_t b) { pool_.set_budget(b); }
+  void trim() { pool_.trim(); }
+  int64_t live_pinned() const { return engine_.live_pinned(); }
+  int64_t pinned_allocations() const { return engine_.pinned_allocations(); }
+
+ private:
+  static void check_device(const py::array& device, const tb::HostView& v) {
+    int64_t n = v.itemsize;
+    for (int64_t d : v.shape) n *= d;
+    if (device.nbytes() < n) throw py::value_error("transfer: the device buffer is too small");
+  }
+  tb::HostEngine engine_;
+  tb::PinnedPool pool_;
+  std::vector<py::object> pending_;  // device buffers with copies still queued
+};
+
+py::list plan_chunks(std::vector<int64_t> shape, int64_t itemsize, size_t chunk_bytes) {
+  py::list out;
+  for (const auto& c : tb::plan_chunks(shape, itemsize, chunk_bytes))
+    out.append(py::make_tuple(c.offset, c.bytes, c.depth, c.prefix, c.begin, c.end));
+  return out;
+}
+
+// Sets the CUDA engine's copy fault switch in tensorbridge._C (-1: off).
+void cuda_inject_copy_fault(int64_t after) {
+  py::module_ C = py::module_::import("tensorbridge._C");
+  if (!py::hasattr(C, "_testing_copy_fault"))
+    throw py::value_error(
+        "tensorbridge._C has no fault switch: it was built without CUDA or with "
+        "-DTB_TESTING=OFF; rebuild with the testing option on to run this test");
+  auto capsule = C.attr("_testing_copy_fault").cast<py::capsule>();
+  if (std::string(capsule.name()) != "tensorbridge._C.copy_fault")
+    throw py::value_error("tensorbridge._C's fault switch has an unexpected name");
+  auto* fn = static_cast<void (*const*)(int64_t)>(capsule.get_pointer());
+  (*fn)(after);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_testing, m) {
+  m.doc() = "tensorbridge's test-only compiled helpers (never in release builds)";
+  py::class_<HostTransferTester>(m, "HostTransferTester",
+                                 "The transfer pipeline and pinned pool on a host-only engine "
+                                 "(copies run on a worker thread), for tests without a GPU.")
+      .def(py::init<int, int64_t, size_t, int64_t>(), py::arg("delay_us") = 0,
+           py::arg("fail_pinning_after") = -1, py::arg("budget") = size_t{1} << 30,
+           py::arg("fail_copy_after") = -1)
+      .def("to_host", &HostTransferTester::to_host, py::arg("device"), py::arg("dst"),
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
+      .def("to_device", &HostTransferTester::to_device, py::arg("src"), py::arg("device"),
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
+      .def("to_device_many", &HostTransferTester::to_device_many, py::arg("srcs"),
+           py::arg("offsets"), py::arg("device"), py::arg("chunk_bytes") = 0,
+           py::arg("buffers") = 0)
+      .def("drain", &HostTransferTester::drain)
+      .def("stats", &HostTransferTester::stats)
+      .def("set_budget", &HostTransferTester::set_budget, py::arg("bytes"))
+      .def("trim", &HostTransferTester::trim)
+      .def_property_readonly("live_pinned", &HostTransferTester::live_pinned)
+      .def_property_readonly("pinned_allocations", &HostTransferTester::pinned_allocations);
+  m.def("plan_chunks", &plan_chunks, py::arg("shape"), py::arg("itemsize"),
+        py::arg("chunk_bytes"), "The pipeline's chunks: (offset, bytes, depth, prefix, begin, end).");
+  m.def("pool_size_class", &tb::PinnedPool::size_class, py::arg("nbytes"));
+  m.def("cuda_inject_copy_fault", &cuda_inject_copy_fault, py::arg("after"),
+        "The copy after `after` more succeed fails with a CUDA error (-1: off).");
+}
