@@ -62,7 +62,7 @@ def check_no_overlap(dst: np.ndarray, src: np.ndarray, what: str = "out") -> Non
     """ValueError when dst and src share memory (a copy would read what it wrote)."""
     if shares_memory(dst, src):
         raise ValueError(
-            f"{what} shares memory with the source; pass a separate array (or drop "
+            f"{what} shares memory with the source: pass a separate array (or drop "
             f"{what}= to get a view)."
         )
 
