@@ -25,7 +25,7 @@ from tensorbridge import _backend, _transfer, _transfers
 
 from conftest import HAS_EXTENSION, POISON, TESTING, is_poisoned, needs_testing_module, poisoned
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(tb.__file__)))
 PATHS = ["extension", "fallback"]
 
 
@@ -34,15 +34,17 @@ def run_python(code: str, path: str, timeout: float = 120) -> subprocess.Complet
     if path == "extension" and not HAS_EXTENSION:
         pytest.skip(f"extension not available: {_backend.FALLBACK_REASON}")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.path.join(ROOT, "python"), env.get("PYTHONPATH")) if p
-    )
+    # the tensorbridge this process imported (installed, or the source tree with _C built)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.pop("TENSORBRIDGE_DISABLE_EXTENSION", None)
     if path == "fallback":
         env["TENSORBRIDGE_DISABLE_EXTENSION"] = "1"
+    # the child must run on the path asked for, never silently on the other one
+    live = path == "extension"
+    check = f"import tensorbridge\nassert tensorbridge.info()['extension'] is {live}\n"
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
+            [sys.executable, "-c", check + textwrap.dedent(code)],
             env=env,
             capture_output=True,
             text=True,
