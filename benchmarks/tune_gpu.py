@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sweeps the GPU engine's knobs and prints median GB/s for each setting.
 
-The defaults in python/tensorbridge/_transfers.py (chunk size, staging buffers, the size
+The defaults in python/tensorbridge/_cuda.py (chunk size, staging buffers, the size
 below which torch's own copy is used) and the copy thread count come from this sweep:
 
     PYTHONPATH=python python benchmarks/tune_gpu.py [--repeats 7] [--save DIR]
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _transfers
+from tensorbridge import _cuda
 from tensorbridge.benchmark import KiB, MiB, measure_group
 from tensorbridge.benchmark_gpu import gpu_machine
 
@@ -39,12 +39,12 @@ def _sync() -> None:
 @contextmanager
 def _engine_only():
     """Every size through the staging pipeline (no hand-off of small copies to torch)."""
-    saved = _transfers._SMALL_D2H, _transfers._SMALL_H2D
-    _transfers._SMALL_D2H = _transfers._SMALL_H2D = 0
+    saved = _cuda.ROUTING.small_d2h, _cuda.ROUTING.small_h2d
+    _cuda.ROUTING.small_d2h = _cuda.ROUTING.small_h2d = 0
     try:
         yield
     finally:
-        _transfers._SMALL_D2H, _transfers._SMALL_H2D = saved
+        _cuda.ROUTING.small_d2h, _cuda.ROUTING.small_h2d = saved
 
 
 def _small_pair(nbytes: int, repeats: int) -> tuple[list, list]:

@@ -12,9 +12,10 @@ MODULES = [
     "tensorbridge._backend",
     "tensorbridge._batch",
     "tensorbridge._convert",
+    "tensorbridge._cuda",
+    "tensorbridge._handle",
+    "tensorbridge._loader",
     "tensorbridge._pinned",
-    "tensorbridge._transfer",
-    "tensorbridge._transfers",
 ]
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _backend, _transfer, _transfers
+from tensorbridge import _backend, _cuda, _handle
 
 from conftest import HAS_EXTENSION, POISON, TESTING, is_poisoned, needs_testing_module, poisoned
 
@@ -484,7 +484,7 @@ def test_failed_wait_keeps_what_the_copy_may_still_touch():
     def block() -> None:
         raise RuntimeError("the device reported an error")
 
-    t = _transfer.Transfer(None, poll=lambda: False, block=block, keepalive=buf)
+    t = _handle.Transfer(None, poll=lambda: False, block=block, keepalive=buf)
     del buf
     with pytest.raises(RuntimeError, match="device reported"):
         t.wait()
@@ -512,7 +512,7 @@ def test_failed_event_wait_parks_the_keepalive(monkeypatch):
     buf = Buffer()
     ref = weakref.ref(buf)
     with pytest.raises(RuntimeError, match="LaunchFailure"):
-        _transfers._finish_event(17, (buf,))
+        _cuda._finish_event(17, (buf,))
     del buf
     gc.collect()
     assert ref() is not None and FakeC.destroyed == [17]
@@ -527,7 +527,7 @@ def test_completion_watcher_releases_copies_nobody_waits_for():
         if event == 3:
             raise RuntimeError("copy failed")
 
-    watcher = _transfers.CompletionWatcher(wait, released.append, idle_s=0.05)
+    watcher = _cuda.CompletionWatcher(wait, released.append, idle_s=0.05)
 
     class Source:
         pass

@@ -7,11 +7,12 @@ Example:
 """
 
 from ._backend import get_num_threads, info, set_num_threads
-from ._batch import Prefetcher, collate, images_to_tensor, to_device, to_numpy_batch
+from ._batch import to_device, to_numpy_batch
 from ._convert import from_numpy, to_numpy, to_tensor
-from ._pinned import empty_pinned, is_pinned
-from ._transfer import Transfer
-from ._transfers import pin, pinned, pinned_stats, set_pinned_budget, transfer_options, unpin
+from ._cuda import transfer_options
+from ._handle import Transfer
+from ._loader import Prefetcher, collate, images_to_tensor
+from ._pinned import empty_pinned, is_pinned, pin, pinned, pinned_stats, set_pinned_budget, unpin
 from ._version import __version__
 
 __all__ = [

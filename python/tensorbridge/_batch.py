@@ -1,21 +1,19 @@
-"""Batches for data loaders: nested structures, packed transfers, collate, a prefetcher."""
+"""Nested batches in one call: to_device (packed host->device transfers) and to_numpy_batch."""
 
 from __future__ import annotations
 
-import collections
 import ctypes
-import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from . import _backend, _dtypes, _interop, _transfers
+from . import _backend, _cuda, _dtypes, _interop
 from ._convert import Device, _byte_span, _check_out_array, from_numpy, to_numpy, to_tensor
 from ._copy import shares_memory
-from ._transfer import Transfer
-from ._tree import flatten, is_namedtuple, tree_map, unflatten
+from ._handle import Transfer
+from ._tree import flatten, tree_map, unflatten
 
 _ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
 
@@ -79,7 +77,7 @@ def to_device(
         if isinstance(leaf, np.ndarray)
         or (isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu")
     ]
-    if dev.type == "cuda" and _transfers.engine_ready() and len(host) > 1:
+    if dev.type == "cuda" and _cuda.engine_ready() and len(host) > 1:
         moved.update(_pack_to_cuda(host, dev, non_blocking))
 
     def move(i: int, leaf: Any) -> Any:
@@ -215,8 +213,8 @@ def _pack_to_cuda(
         plan.arrays,
         plan.offsets,
         buffer.data_ptr(),
-        _transfers._chunk_bytes(plan.nbytes),
-        _transfers.transfer_options()["buffers"],
+        _cuda._chunk_bytes(plan.nbytes),
+        _cuda.transfer_options()["buffers"],
         not non_blocking,
     )
     return packed_views(buffer, plan)
@@ -280,11 +278,7 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     def unwrap() -> Any:
         return unflatten(spec, [v.wait() if isinstance(v, Transfer) else v for v in converted])
 
-    if all(h.done() for h in handles):
-        return Transfer.completed(unwrap())
-    t: Transfer[Any] = Transfer(None, poll=lambda: all(h.done() for h in handles))
-    t._block = lambda: setattr(t, "_result", unwrap())
-    return t
+    return Transfer.gather(handles, unwrap)
 
 
 _byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds
@@ -362,7 +356,7 @@ def _cuda_in_one_pass(leaves: list[Any], outs: list[Any]) -> dict[int, np.ndarra
     idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_cuda]
     if len(idx) < 2 or len({leaves[i].device for i in idx}) != 1:
         return {}
-    if not _transfers.engine_ready():
+    if not _cuda.engine_ready():
         return {}
     tensors = [leaves[i].detach().resolve_conj().resolve_neg() for i in idx]
     np_dtypes = [_dtypes.numpy_dtype(t.dtype) for t in tensors]  # refuses what it must
@@ -375,256 +369,3 @@ def _cuda_in_one_pass(leaves: list[Any], outs: list[Any]) -> dict[int, np.ndarra
         offset += n
         result[i] = piece if outs[i] is None else to_numpy(piece, out=outs[i])
     return result
-
-
-# --------------------------------------------------------------------------- collate
-
-
-def _in_worker() -> bool:
-    info = torch.utils.data.get_worker_info()
-    return info is not None
-
-
-def collate(samples: Sequence[Any]) -> Any:
-    """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that stacks straight into
-    page-locked memory: one copy per field instead of default collate's copy plus the
-    pin-memory thread's second one. Use it with ``pin_memory=False``.
-
-    In the main process with a usable GPU the stacked tensors are pinned (torch's
-    caching host allocator reuses the memory); in worker processes (CUDA must not be
-    touched in a forked child) and without a GPU they are ordinary tensors. Structures,
-    numbers and strings are collated like ``default_collate``.
-
-    Example:
-        >>> import numpy as np, tensorbridge as tb
-        >>> b = tb.collate([{"x": np.ones(3), "y": 1}, {"x": np.zeros(3), "y": 0}])
-        >>> b["x"].shape, b["y"]
-        (torch.Size([2, 3]), tensor([1, 0]))
-    """
-    if not samples:
-        raise ValueError("collate needs at least one sample")
-    first = samples[0]
-    if isinstance(first, (np.ndarray, torch.Tensor)):
-        return _stack(samples)
-    if isinstance(first, Mapping):
-        fields = {k: collate([sample[k] for sample in samples]) for k in first}
-        try:
-            return type(first)(fields)
-        except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
-            return fields
-    if is_namedtuple(first):
-        return type(first)(*(collate(list(field)) for field in zip(*samples, strict=True)))
-    if isinstance(first, (list, tuple)):
-        return [collate(list(field)) for field in zip(*samples, strict=True)]
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return type(first)(
-            **{
-                f.name: collate([getattr(s, f.name) for s in samples])
-                for f in dataclasses.fields(first)
-                if f.init
-            }
-        )
-    if isinstance(first, (bool, int, float, complex, np.number, np.bool_)):
-        return torch.as_tensor(np.asarray(samples))
-    return list(samples)  # strings and anything else: as a list, like default_collate
-
-
-def _stack(samples: Sequence[Any]) -> torch.Tensor:
-    arrays = [to_numpy(s) if isinstance(s, torch.Tensor) else s for s in samples]
-    shape = (len(arrays), *arrays[0].shape)
-    dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
-    if not dtype.isnative:
-        dtype = dtype.newbyteorder("=")
-    t_dtype = _dtypes.torch_dtype(dtype)
-    for i, a in enumerate(arrays):
-        if a.shape != shape[1:]:
-            raise ValueError(
-                f"collate: sample {i} has shape {a.shape}, sample 0 has {shape[1:]}; samples "
-                "must have equal shapes (pad them, or write a collate_fn for ragged data)."
-            )
-    pin = not _in_worker() and _transfers.engine_ready()
-    out_t = torch.empty(shape, dtype=t_dtype, pin_memory=pin)
-    out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
-    np.stack(arrays, out=out, casting="same_kind" if out.dtype.kind != "V" else "no")
-    return out_t
-
-
-# --------------------------------------------------------------------------- prefetcher
-
-
-class Prefetcher:
-    """Yields the batches of ``iterable`` already on ``device``, moving batch i+1 on a
-    side stream while the caller computes on batch i.
-
-    On a GPU each batch goes through :func:`to_device` on a dedicated stream; before a
-    batch is handed out the current stream waits for its copy (``wait_stream``) and its
-    tensors are marked as used there (``record_stream``), so the caching allocator never
-    reuses their memory too early. On the CPU it is a thin pass-through, so one training
-    loop runs everywhere. Errors from the underlying iterator are raised in order, when
-    the loop reaches them; breaking out of the loop early releases everything.
-
-    Example:
-        >>> import numpy as np, tensorbridge as tb
-        >>> batches = [{"x": np.full(2, i)} for i in range(3)]
-        >>> [b["x"].tolist() for b in tb.Prefetcher(batches, "cpu")]
-        [[0, 0], [1, 1], [2, 2]]
-    """
-
-    def __init__(
-        self,
-        iterable: Iterable[Any],
-        device: Device,
-        *,
-        depth: int = 2,
-        dtype: DTypeSpec = None,
-        non_blocking: bool = True,
-    ) -> None:
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 64:
-            # (each batch in flight holds its device memory: an unbounded depth would
-            # load the whole iterable onto the device)
-            raise ValueError(
-                f"depth must be an int from 1 to 64, got {depth!r}: 2 or 3 hide the copy "
-                "time of a batch behind the compute of the one before."
-            )
-        self.iterable = iterable
-        self.device = _backend.resolve_device(device, "Prefetcher")
-        self.depth = depth
-        self.dtype = dtype
-        self.non_blocking = non_blocking
-
-    def __len__(self) -> int:
-        try:
-            return len(self.iterable)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(
-                f"the wrapped {type(self.iterable).__name__} has no len(); iterate instead"
-            ) from None
-
-    def __iter__(self) -> Iterator[Any]:
-        if self.device.type != "cuda":
-            it = iter(self.iterable)
-            try:
-                for batch in it:
-                    yield to_device(
-                        batch, self.device, non_blocking=self.non_blocking, dtype=self.dtype
-                    )
-            finally:  # an early break closes the source now, not when it is collected
-                _close(it)
-            return
-        yield from self._cuda()
-
-    def _cuda(self) -> Iterator[Any]:
-        stream = torch.cuda.Stream(self.device)
-        it = iter(self.iterable)
-        queue: collections.deque[tuple[str, Any]] = collections.deque()
-        exhausted = False
-
-        def preload() -> None:
-            nonlocal exhausted
-            try:
-                batch = next(it)
-            except StopIteration:
-                exhausted = True
-                return
-            except Exception as exc:  # raised when the loop gets there, not earlier
-                queue.append(("error", exc))
-                exhausted = True
-                return
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                moved = to_device(batch, self.device, non_blocking=True, dtype=self.dtype)
-            queue.append(("batch", moved))
-
-        try:
-            while len(queue) < self.depth and not exhausted:
-                preload()
-            while queue:
-                kind, item = queue.popleft()
-                if kind == "error":
-                    raise item
-                current = torch.cuda.current_stream(self.device)
-                current.wait_stream(stream)
-                for leaf in flatten(item)[0]:
-                    if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
-                        leaf.record_stream(current)
-                if not exhausted:
-                    preload()
-                yield item
-        finally:
-            queue.clear()
-            _close(it)
-
-
-def _close(it: Any) -> None:
-    close = getattr(it, "close", None)
-    if callable(close):
-        close()
-
-
-# --------------------------------------------------------------------------- images
-
-
-def images_to_tensor(
-    images: Any,
-    device: Device | None = None,
-    *,
-    dtype: _dtypes.DTypeLike = torch.float32,
-    scale: float = 1 / 255,
-    mean: Sequence[float] | float | None = None,
-    std: Sequence[float] | float | None = None,
-    channels_first: bool = True,
-    non_blocking: bool = False,
-) -> torch.Tensor:
-    """uint8 images (..., H, W, C) to normalized floats on ``device``: ship narrow, cast there.
-
-    The images cross the link as uint8 (a quarter of float32's bytes); on the device one
-    kernel computes ``(x * scale - mean) / std`` and writes it directly in channels-first
-    layout (..., C, H, W) when ``channels_first`` (torchvision's ``ToTensor`` + ``Normalize``).
-
-    Example:
-        >>> import numpy as np, tensorbridge as tb
-        >>> x = np.full((2, 4, 4, 3), 255, np.uint8)
-        >>> tb.images_to_tensor(x, mean=[0.5] * 3, std=[0.5] * 3).shape
-        torch.Size([2, 3, 4, 4])
-    """
-    dtype = _dtypes.as_torch_dtype(dtype)  # torch, NumPy or string dtypes alike
-    if not dtype.is_floating_point:
-        raise TypeError(
-            f"images_to_tensor produces floats: pass e.g. dtype=torch.float32, not {dtype}"
-        )
-    if device is not None:
-        device = _backend.resolve_device(device, "images_to_tensor")
-    x = (
-        images
-        if isinstance(images, torch.Tensor)
-        else to_tensor(images, device, non_blocking=non_blocking)
-    )
-    if isinstance(images, torch.Tensor) and device is not None:
-        x = x.to(device, non_blocking=non_blocking)
-    if x.ndim < 3:
-        raise ValueError(
-            f"images_to_tensor expects (..., H, W, C) images, got shape {tuple(x.shape)}"
-        )
-    channels = x.shape[-1]
-
-    def per_channel(value: Sequence[float] | float | None, default: float, name: str):
-        t = torch.as_tensor(default if value is None else value, dtype=torch.float64)
-        if t.ndim > 1 or (t.ndim == 1 and t.numel() not in (1, channels)):
-            raise ValueError(
-                f"{name} must be a number or {channels} numbers (one per channel), got {value!r}"
-            )
-        return t.expand(channels) if t.numel() == 1 else t
-
-    m = per_channel(mean, 0.0, "mean")
-    s = per_channel(std, 1.0, "std")
-    if (s == 0).any():
-        raise ValueError("std must not contain zeros")
-    weight = (scale / s).to(dtype=dtype, device=x.device)
-    bias = (-m / s).to(dtype=dtype, device=x.device)
-    if channels_first:
-        shape = (*x.shape[:-3], channels, *x.shape[-3:-1])
-        out = torch.empty(shape, dtype=dtype, device=x.device).movedim(-3, -1)
-    else:
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    torch.addcmul(bias, x, weight, out=out)  # one kernel: cast, scale, shift, re-layout
-    return out.movedim(-1, -3) if channels_first else out

@@ -14,10 +14,10 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from . import _backend, _dtypes, _interop, _transfers
+from . import _backend, _cuda, _dtypes, _interop
 from ._copy import check_no_overlap, check_out_not_self_overlapping, copy_into
 from ._dtypes import DTypeLike
-from ._transfer import Transfer
+from ._handle import Transfer
 
 Device = str | int | torch.device
 
@@ -182,8 +182,8 @@ def to_numpy(
                         pass
         elif entry is not None and entry[1] is None and x.is_cuda:
             # Small GPU tensors: torch's own synchronous copy, with no Python steps between
-            # (the staging pipeline only pays off from about 1 MiB: _transfers._SMALL_D2H).
-            if x.numel() * x.element_size() <= _transfers._SMALL_D2H:
+            # (the staging pipeline only pays off from about 1 MiB: _cuda.ROUTING).
+            if _cuda.ROUTING.torch_d2h(x.numel() * x.element_size()):
                 np_dtype = entry[0]
                 if out is None:
                     return x.numpy(force=True)  # detach, cpu, resolve conj/neg: one C++ call
@@ -194,7 +194,7 @@ def to_numpy(
                     and out.flags.c_contiguous
                     and out.flags.writeable
                 ):
-                    dst = _transfers.torch_view(out)
+                    dst = _cuda.torch_view(out)
                     if dst is not None:  # (else the full path copes)
                         # copy_ resolves conj/neg bits itself
                         dst.copy_(x.detach() if x.requires_grad else x)
@@ -210,8 +210,6 @@ def to_numpy(
         return Transfer.failed(exc)
 
 
-# Contiguous-to-contiguous copies of at least this size run on torch's intra-op pool.
-_TORCH_COPY_BYTES = 1 << 20
 # Set in forked children: the core's own thread pool is rebuilt after fork, torch's is not.
 _IN_FORKED_CHILD = [False]
 if hasattr(os, "register_at_fork"):
@@ -233,7 +231,7 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
         and out.dtype == np_dtype
         and out.flags.c_contiguous
         and out.flags.writeable
-        and out.nbytes >= _TORCH_COPY_BYTES
+        and _cuda.ROUTING.torch_host(out.nbytes)
         and out.shape == x.shape
         and x.is_contiguous()
     ):
@@ -286,8 +284,8 @@ def _to_numpy(
         x = x.resolve_neg()
         fresh = True
     if not x.is_cpu:
-        if x.is_cuda and _transfers.engine_ready():
-            return _transfers.to_host(x, out, target, non_blocking)
+        if x.is_cuda and _cuda.engine_ready():
+            return _cuda.to_host(x, out, target, non_blocking)
         x = x.cpu()  # torch's own path: no engine (no CUDA build, or another device type)
         fresh = True
 
@@ -442,7 +440,7 @@ def to_tensor(
         and dtype is None
         and out is None
         and not non_blocking
-        and a.nbytes <= _transfers._SMALL_H2D
+        and _cuda.ROUTING.torch_h2d(a.nbytes)
         and a.dtype.isnative
         and a.flags.c_contiguous
         and a.flags.writeable  # (torch.from_numpy warns on read-only arrays)
@@ -450,7 +448,7 @@ def to_tensor(
     ):
         # Small arrays: torch's own copy with no Python steps between (the staging pipeline
         # pays off from about 1 MiB); on the CPU, a tensor sharing the array's memory.
-        src = _transfers.torch_view(a)
+        src = _cuda.torch_view(a)
         if src is not None:  # (else the full path copes)
             return src.to(device)
     if not isinstance(a, (np.ndarray, torch.Tensor)):
@@ -466,12 +464,12 @@ def to_tensor(
         _check_out_tensor(out, shape, source_dtype, target, dev)
         dev = out.device
 
-    if dev is not None and dev.type == "cuda" and _transfers.engine_ready():
+    if dev is not None and dev.type == "cuda" and _cuda.engine_ready():
         host = a if isinstance(a, np.ndarray) else _host_view_for_engine(a)
         if host is not None:
             # Pinned staging, chunked and pipelined; any layout and byte order; cast on
             # the GPU.
-            return _transfers.to_device(host, dev, target, non_blocking, out)
+            return _cuda.to_device(host, dev, target, non_blocking, out)
 
     src = from_numpy(a) if isinstance(a, np.ndarray) else a
     if out is not None:

@@ -1,14 +1,23 @@
-"""Page-locked host memory: arrays the GPU can read and write by DMA directly."""
+"""Page-locked host memory: new pinned arrays, pinning existing ones, the staging pool.
+
+Arrays the GPU can read and write by DMA directly. The staging pool itself lives in the
+compiled engine (csrc/core/pinned_pool.cpp); this module sets its budget and reports it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
+import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import _backend
+from ._cuda import engine_ready
 from ._dtypes import DTypeLike, as_numpy_dtype
 
 ShapeLike = int | tuple[int, ...] | list[int]
@@ -76,3 +85,80 @@ def is_pinned(array: np.ndarray) -> bool:
         return bool(C.is_host_pinned(array))
     probe = (ctypes.c_uint8 * 1).from_address(array.ctypes.data)
     return bool(torch.frombuffer(probe, dtype=torch.uint8).is_pinned())
+
+
+def pin(array: np.ndarray) -> np.ndarray:
+    """Page-locks an existing array in place (``cudaHostRegister``) and returns it.
+
+    Reference counted: pinning twice needs two :func:`unpin` calls. The registration is
+    dropped automatically when the array is garbage-collected. Without a usable GPU this
+    does nothing. Prefer :func:`pinned` as a context manager.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> a = tb.pin(np.zeros(1024))
+        >>> tb.unpin(a)
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"pin expects a numpy.ndarray, got {type(array).__name__}")
+    if array.size == 0 or not engine_ready():
+        return array
+    C = _backend.C
+    if C.cuda_host_register(array):
+        address, nbytes = C.array_span(array)
+        weakref.finalize(array, C.cuda_host_unregister, address, nbytes)
+    return array
+
+
+def unpin(array: np.ndarray) -> None:
+    """Drops one :func:`pin` of ``array``; unpinning what was not pinned does nothing."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"unpin expects a numpy.ndarray, got {type(array).__name__}")
+    if array.size == 0 or not engine_ready():
+        return
+    C = _backend.C
+    address, nbytes = C.array_span(array)
+    C.cuda_host_unregister(address, nbytes)
+
+
+@contextlib.contextmanager
+def pinned(array: np.ndarray) -> Iterator[np.ndarray]:
+    """``with tb.pinned(a):`` page-locks ``a`` for the block (GPU copies then DMA it directly)."""
+    pin(array)
+    try:
+        yield array
+    finally:
+        unpin(array)
+
+
+def pinned_stats() -> dict[str, Any]:
+    """The staging pool: bytes held and in use, budget, hits, misses, waits, fallbacks.
+
+    Example:
+        >>> import tensorbridge as tb
+        >>> sorted(tb.pinned_stats())[:3]
+        ['available', 'budget', 'bytes_held']
+    """
+    C = _backend.C
+    if not engine_ready():
+        return {
+            "available": False,
+            "budget": 0,
+            "bytes_held": 0,
+            "bytes_in_use": 0,
+            "hits": 0,
+            "misses": 0,
+            "waits": 0,
+            "fallbacks": 0,
+            "pin_failures": 0,
+            "frees": 0,
+        }
+    return {"available": True, **C.cuda_pinned_stats()}
+
+
+def set_pinned_budget(nbytes: int) -> None:
+    """Caps the pinned bytes the staging pool may hold per device; frees idle blocks over it."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"the pinned budget must be an int >= 0, got {nbytes!r}")
+    if engine_ready():
+        _backend.C.cuda_set_pinned_budget(nbytes)

@@ -321,7 +321,7 @@ def _batch_methods(arrays: list[np.ndarray], device: str) -> list:
 
 def bench_batches(r: _Runner) -> None:
     """Data-loader costs on the host: many small arrays, collate, image normalization."""
-    from ._batch import collate, images_to_tensor
+    from ._loader import collate, images_to_tensor
 
     sec = "batches, host-side cost per batch"
     for n in (10, 100, 1000):
@@ -393,7 +393,7 @@ class _Images(torch.utils.data.Dataset):
 def _loader_methods(
     device: str, images: int, batch: int, size: int, workers: int, step_s: float
 ) -> list:
-    from ._batch import Prefetcher, collate, images_to_tensor
+    from ._loader import Prefetcher, collate, images_to_tensor
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)

@@ -21,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from . import _pinned, _transfers
+from . import _cuda, _pinned
 from ._convert import to_numpy, to_tensor
 from .benchmark import (
     KiB,
@@ -232,7 +232,7 @@ def _gpu_batch_methods(arrays: list[np.ndarray]) -> list:
 
 def bench_batches(r: _Runner, peak: float) -> None:
     """Many small arrays to the device, and uint8 images normalized on the device."""
-    from ._batch import images_to_tensor
+    from ._loader import images_to_tensor
 
     for size in (4 * KiB, 64 * KiB):
         for n in (10, 100, 1000, 10000):
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats < 2:
         p.error("--repeats must be at least 2")
     report = Report(gpu_machine())
-    engine = _transfers.engine_ready()
+    engine = _cuda.engine_ready()
     report.machine["engine"] = "compiled CUDA engine" if engine else "torch fallback"
     r = _Runner(args.repeats, not args.quiet)
     p_d2h, p_h2d = pinned_peak(args.repeats)
@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"P (pinned peak, 256 MiB): device->host {p_d2h:.2f} GB/s, "
             f"host->device {p_h2d:.2f} GB/s; 'of P' is each row's GB/s over P of its "
             "direction (both: over the sum).",
-            f"pinned pool after the run: {_transfers.pinned_stats()}",
+            f"pinned pool after the run: {_pinned.pinned_stats()}",
         ]
     )
     print(text)

@@ -1,4 +1,4 @@
-"""GPU transfers through the compiled engine: pinned staging pool, chunked pipeline.
+"""GPU transfers through the compiled engine, and the policy that routes them.
 
 The Python layer picks the layouts and streams; csrc/core/pipeline.cpp does the
 chunking and buffer rotation and csrc/cuda/cuda_engine.cu the CUDA calls. Used when
@@ -9,11 +9,10 @@ to torch's own path (``.cpu()`` / ``.to(device)``).
 from __future__ import annotations
 
 import collections
-import contextlib
+import dataclasses
 import os
 import threading
 import weakref
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes
-from ._transfer import Transfer, park
+from ._handle import Transfer, park
 
 # Chunk size (the largest: a transfer of under 8 chunks uses smaller ones, down to
 # 4 MiB) and the number of staging buffers in flight. From benchmarks/tune_gpu.py on an
@@ -35,13 +34,39 @@ def _chunk_bytes(nbytes: int) -> int:
     return min(_options["chunk_bytes"], max(_MIN_AUTO_CHUNK, nbytes // 8))
 
 
-# Blocking copies of at most this many bytes between a CUDA tensor and a plain NumPy
-# array take torch's own path (one cudaMemcpy through the driver's staging): below it the
-# pipeline's fixed costs (pool lease, events, host copies on the thread pool) outweigh
-# what it saves. From benchmarks/tune_gpu.py on an H100 (benchmarks/results/*-tune-*):
-# the engine overtook torch's copy at 1 MiB device->host and at 4 MiB host->device.
-_SMALL_D2H = 512 << 10
-_SMALL_H2D = 1 << 20
+@dataclasses.dataclass
+class Routing:
+    """The one size-routing policy: which copies take torch's own copy instead of the
+    engine. Every call site asks it; ``benchmarks/tune_gpu.py`` calibrates it.
+
+    Blocking copies of at most ``small_d2h`` / ``small_h2d`` bytes between a CUDA tensor
+    and a plain NumPy array take torch's path (one cudaMemcpy through the driver's
+    staging): below that, the pipeline's fixed costs (pool lease, events, host copies on
+    the thread pool) outweigh what it saves. From benchmarks/tune_gpu.py on an H100
+    (benchmarks/results/*-tune-*): the engine overtook torch's copy at 1 MiB device->host
+    and at 4 MiB host->device. Host-to-host copies of at least ``host_torch_bytes`` between
+    contiguous arrays run on torch's intra-op threads (the threads the caller's own tensor
+    ops use, so two pools do not fight over the cores).
+    """
+
+    small_d2h: int = 512 << 10
+    small_h2d: int = 1 << 20
+    host_torch_bytes: int = 1 << 20
+
+    def torch_d2h(self, nbytes: int) -> bool:
+        """A blocking device-to-host copy of nbytes goes through torch's own copy."""
+        return nbytes <= self.small_d2h
+
+    def torch_h2d(self, nbytes: int) -> bool:
+        """A blocking host-to-device copy of nbytes goes through torch's own copy."""
+        return nbytes <= self.small_h2d
+
+    def torch_host(self, nbytes: int) -> bool:
+        """A contiguous host-to-host copy of nbytes runs on torch's threads."""
+        return nbytes >= self.host_torch_bytes
+
+
+ROUTING = Routing()
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -159,7 +184,7 @@ def to_host(
     src = src.contiguous()
     swap = _swap_unit(dst)
     nbytes = dst.size * dst.itemsize
-    if nbytes <= _SMALL_D2H and not non_blocking and swap == 0 and dst.flags.c_contiguous:
+    if ROUTING.torch_d2h(nbytes) and not non_blocking and swap == 0 and dst.flags.c_contiguous:
         view = torch_view(dst)
         if view is not None:
             view.copy_(src)  # small: torch's one synchronous copy is cheaper
@@ -318,7 +343,7 @@ def to_device(
     swap = _swap_unit(src)
     nbytes = src.size * src.itemsize
     if (
-        nbytes <= _SMALL_H2D
+        ROUTING.torch_h2d(nbytes)
         and not non_blocking
         and swap == 0
         and src.flags.c_contiguous
@@ -368,83 +393,3 @@ def to_device(
     if target is not None and target != dst.dtype:
         return dst.to(target)
     return dst
-
-
-# --------------------------------------------------------------------------- pinned memory
-
-
-def pin(array: np.ndarray) -> np.ndarray:
-    """Page-locks an existing array in place (``cudaHostRegister``) and returns it.
-
-    Reference counted: pinning twice needs two :func:`unpin` calls. The registration is
-    dropped automatically when the array is garbage-collected. Without a usable GPU this
-    does nothing. Prefer :func:`pinned` as a context manager.
-
-    Example:
-        >>> import numpy as np, tensorbridge as tb
-        >>> a = tb.pin(np.zeros(1024))
-        >>> tb.unpin(a)
-    """
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"pin expects a numpy.ndarray, got {type(array).__name__}")
-    if array.size == 0 or not engine_ready():
-        return array
-    C = _backend.C
-    if C.cuda_host_register(array):
-        address, nbytes = C.array_span(array)
-        weakref.finalize(array, C.cuda_host_unregister, address, nbytes)
-    return array
-
-
-def unpin(array: np.ndarray) -> None:
-    """Drops one :func:`pin` of ``array``; unpinning what was not pinned does nothing."""
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"unpin expects a numpy.ndarray, got {type(array).__name__}")
-    if array.size == 0 or not engine_ready():
-        return
-    C = _backend.C
-    address, nbytes = C.array_span(array)
-    C.cuda_host_unregister(address, nbytes)
-
-
-@contextlib.contextmanager
-def pinned(array: np.ndarray) -> Iterator[np.ndarray]:
-    """``with tb.pinned(a):`` page-locks ``a`` for the block (GPU copies then DMA it directly)."""
-    pin(array)
-    try:
-        yield array
-    finally:
-        unpin(array)
-
-
-def pinned_stats() -> dict[str, Any]:
-    """The staging pool: bytes held and in use, budget, hits, misses, waits, fallbacks.
-
-    Example:
-        >>> import tensorbridge as tb
-        >>> sorted(tb.pinned_stats())[:3]
-        ['available', 'budget', 'bytes_held']
-    """
-    C = _backend.C
-    if not engine_ready():
-        return {
-            "available": False,
-            "budget": 0,
-            "bytes_held": 0,
-            "bytes_in_use": 0,
-            "hits": 0,
-            "misses": 0,
-            "waits": 0,
-            "fallbacks": 0,
-            "pin_failures": 0,
-            "frees": 0,
-        }
-    return {"available": True, **C.cuda_pinned_stats()}
-
-
-def set_pinned_budget(nbytes: int) -> None:
-    """Caps the pinned bytes the staging pool may hold per device; frees idle blocks over it."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"the pinned budget must be an int >= 0, got {nbytes!r}")
-    if engine_ready():
-        _backend.C.cuda_set_pinned_budget(nbytes)

@@ -1,10 +1,10 @@
-"""The handle returned by non-blocking conversions."""
+"""Transfer: the handle returned by non-blocking conversions, alone or combined."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -63,6 +63,23 @@ class Transfer(Generic[T]):
     def failed(cls, error: BaseException) -> Transfer[Any]:
         """A handle whose wait() raises ``error``."""
         return cls(None, error=error)
+
+    @classmethod
+    def gather(cls, handles: Sequence[Transfer[Any]], combine: Callable[[], T]) -> Transfer[T]:
+        """One handle for several: ``done()`` once every one is done; ``wait()`` returns
+        ``combine()``, which waits for each (and raises the first error it meets).
+
+        The way to build a combined handle: no other module writes a handle's fields.
+        """
+        if all(h.done() for h in handles):
+            return cls.completed(combine())
+        t: Transfer[T] = cls(None, poll=lambda: all(h.done() for h in handles))
+
+        def block() -> None:
+            t._result = combine()
+
+        t._block = block
+        return t
 
     def done(self) -> bool:
         """True once the result is ready (or the transfer failed); never blocks."""
