@@ -7,6 +7,7 @@ timeout, so it fails one test instead of the run. Values are compared with the i
 
 from __future__ import annotations
 
+import dataclasses as dataclass_module
 import gc
 import os
 import subprocess
@@ -580,3 +581,115 @@ def test_a_large_array_in_a_packed_batch_uses_the_same_staging_blocks(rng):
     held = tester.stats()["bytes_held"]
     assert held == buffers * C.pool_size_class(chunk), "a second set of blocks was leased"
 
+
+
+# --------------------------------------------------------------- found by review
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_casts_in_a_forked_child_after_the_parent_used_torch(path):
+    code = """
+        import os, signal, numpy as np, torch, tensorbridge as tb
+        a = np.random.default_rng(0).random((512, 512))
+        (torch.from_numpy(a) * 2).float().sum()  # the parent's intra-op pool is live
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)
+            t = tb.to_tensor(a, dtype=torch.float32)
+            b = tb.to_device({"x": a}, "cpu", dtype=torch.float32)
+            tb.images_to_tensor(np.zeros((4, 64, 64, 3), np.uint8))
+            ok = torch.equal(t, torch.from_numpy(a).float()) and torch.equal(b["x"], t)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, f"child status {status} (14: hung until the alarm)"
+        print("ok")
+    """
+    assert "ok" in run_python(code, path).stdout
+
+
+def test_batch_outs_are_matched_by_key_not_position(backend):
+    batch = {"a": torch.full((3,), 1.0), "b": torch.full((3,), 2.0)}
+    oa, ob = poisoned(3, np.float32), poisoned(3, np.float32)
+    got = tb.to_numpy_batch(batch, out={"b": ob, "a": oa})
+    assert (oa == 1).all() and (ob == 2).all() and got["a"] is oa and got["b"] is ob
+    ox = poisoned(3, np.float32)
+    with pytest.raises(ValueError, match="must hold the batch's keys"):
+        tb.to_numpy_batch(batch, out={"x": ox, "y": None})
+    assert is_poisoned(ox)
+
+
+def test_a_refused_leaf_stops_the_batch_before_any_out_is_written(backend):
+    o = poisoned(3, np.float32)
+    for bad in (torch.ones(3).to_sparse(), torch.empty(3, device="meta")):
+        with pytest.raises(TypeError):
+            tb.to_numpy_batch([torch.ones(3), bad], out=[o, None])
+        assert is_poisoned(o)
+
+
+@dataclass_module.dataclass
+class Sample:
+    image: np.ndarray
+    label: int = dataclass_module.field(init=False, default=-1)
+
+
+def test_dataclass_fields_set_after_init_survive(backend, rng):
+    s = Sample(rng.standard_normal(4))
+    s.label = 7
+    assert tb.to_device(s, "cpu").label == 7
+    assert tb.to_numpy_batch(s).label == 7
+    assert torch.equal(tb.collate([s, s]).label, torch.tensor([7, 7]))
+
+
+def test_broadcast_views_with_negative_strides_are_not_expanded(backend):
+    base = np.arange(4, dtype=np.float32)[::-1]
+    a = np.broadcast_to(base, (1 << 14, 1 << 12, 4))  # 1 GiB if expanded
+    t = tb.from_numpy(a)
+    assert t.shape == a.shape and t.untyped_storage().nbytes() == 16
+    assert t[123, 456].tolist() == base.tolist()
+    small = np.broadcast_to(base, (3, 2, 4))
+    assert np.array_equal(tb.from_numpy(small).numpy(), np.ascontiguousarray(small))
+
+
+def test_valid_large_outs_and_dtype_aliases_are_accepted(backend, rng):
+    x = torch.from_numpy(rng.standard_normal((1, 300_000)).astype(np.float32))
+    out = np.empty((1, 300_000), np.float32)[::-1]  # a negative stride on a size-1 dim
+    assert np.array_equal(tb.to_numpy(x, out=out), x.numpy())
+    u = torch.from_numpy(rng.integers(0, 2**62, 300_000, dtype=np.uint64))
+    out = np.empty(300_000, np.ulonglong)
+    assert np.array_equal(tb.to_numpy(u, out=out), u.numpy())
+    a = np.arange(5, dtype=np.ulonglong)[::-1]
+    assert tb.from_numpy(a).tolist() == a.tolist()
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "xla", "lazy", "hpu"])
+def test_other_accelerators_are_refused_clearly(backend, device):
+    try:
+        torch.empty(0, device=device)
+    except Exception:
+        pass
+    else:
+        pytest.skip(f"{device} is usable here")
+    with pytest.raises(ValueError, match="is not usable here"):
+        tb.to_tensor(np.zeros(3), device)
+    with pytest.raises(ValueError, match="is not usable here"):
+        tb.to_device({"x": np.zeros(3)}, device)
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "quint8", "bits8", "uint1", "int4"])
+def test_casts_to_dtypes_no_cast_can_make_are_type_errors(backend, dtype):
+    if not hasattr(torch, dtype):
+        pytest.skip(f"this torch has no {dtype}")
+    with pytest.raises(TypeError, match="cannot be the target of a cast"):
+        tb.to_tensor(np.zeros(3), dtype=getattr(torch, dtype))
+
+
+def test_cyclic_and_very_deep_batches_are_value_errors(backend):
+    cyclic: list = [np.ones(2)]
+    cyclic.append(cyclic)
+    deep: list = [np.ones(2)]
+    for _ in range(5000):
+        deep = [deep]
+    for batch in (cyclic, deep):
+        for call in (lambda b: tb.to_device(b, "cpu"), tb.to_numpy_batch):
+            with pytest.raises(ValueError, match="nested too deeply or contains itself"):
+                call(batch)

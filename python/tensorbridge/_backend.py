@@ -153,6 +153,16 @@ def resolve_device(device: Any, fn: str) -> torch.device:
                 f"{fn}: device={device!r} does not exist: this machine has {count} CUDA "
                 f"device(s), cuda:0 to cuda:{count - 1}."
             )
+    elif dev.type not in ("cpu", "meta"):
+        # Another accelerator (mps, xpu, xla...): ask torch once, and turn whatever it
+        # raises into one clear refusal instead of an error from deep inside it.
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:
+            raise ValueError(
+                f"{fn}: device={device!r} is not usable here ({type(exc).__name__}: {exc}): "
+                "pass device='cpu', or a device this torch build supports."
+            ) from None
     _DEVICES[device] = dev
     return dev
 

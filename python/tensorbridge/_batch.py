@@ -10,10 +10,18 @@ import numpy as np
 import torch
 
 from . import _backend, _cuda, _dtypes, _interop
-from ._convert import Device, _byte_span, _check_out_array, from_numpy, to_numpy, to_tensor
+from ._convert import (
+    Device,
+    _byte_span,
+    _check_out_array,
+    _check_tensor,
+    from_numpy,
+    to_numpy,
+    to_tensor,
+)
 from ._copy import shares_memory
 from ._handle import Transfer
-from ._tree import flatten, tree_map, unflatten
+from ._tree import flatten, flatten_as, tree_map, unflatten
 
 _ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
 
@@ -238,8 +246,8 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         {'a': array([1., 1.], dtype=float32), 'n': 3}
     """
     originals, _, spec = flatten(batch)
-    outs = flatten(out)[0] if out is not None else [None] * len(originals)
-    if len(outs) != len(originals):
+    outs = flatten_as(out, spec) if out is not None else [None] * len(originals)
+    if len(outs) != len(originals):  # (flatten_as matches the structure; kept as a guard)
         raise ValueError(
             f"out has {len(outs)} leaves but the batch has {len(originals)}: pass a structure "
             "of the same shape, with None where a new array is wanted."
@@ -252,6 +260,11 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         else leaf
         for leaf in originals
     ]
+    for leaf in leaves:  # every leaf refused now, before any out is written
+        if isinstance(leaf, torch.Tensor):
+            _check_tensor(leaf, "to_numpy_batch")
+            if leaf.device.type != "meta":
+                _dtypes.numpy_dtype(leaf.dtype)
     for leaf, o in zip(leaves, outs, strict=True):
         if o is not None and isinstance(leaf, (torch.Tensor, np.ndarray)):
             np_dtype = (

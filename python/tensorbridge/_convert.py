@@ -212,8 +212,18 @@ def to_numpy(
 
 # Set in forked children: the core's own thread pool is rebuilt after fork, torch's is not.
 _IN_FORKED_CHILD = [False]
+
+
+def _after_fork_in_child() -> None:
+    _IN_FORKED_CHILD[0] = True
+    # torch's OpenMP pool does not survive fork(): a child forked after the parent ran a
+    # parallel op hangs in its first one (casts in to_tensor, to_device, images_to_tensor
+    # included). One intra-op thread avoids the pool, as DataLoader's workers do.
+    torch.set_num_threads(1)
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _IN_FORKED_CHILD.__setitem__(0, True))
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
@@ -242,7 +252,11 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
         return False  # torch's kernels may assume aligned elements; the core does not
     if lo < src + out.nbytes and src < hi:
         return False  # overlapping: the full path refuses it with a clear message
-    torch.from_numpy(out).copy_(x)  # resolves conj/neg bits itself
+    try:
+        dst = torch.from_numpy(out)  # (refuses e.g. a negative stride on a size-1 dim)
+    except (TypeError, ValueError):
+        return False
+    dst.copy_(x)  # resolves conj/neg bits itself
     return True
 
 
@@ -376,9 +390,19 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
     odd = any(s < 0 or s % itemsize for s in a.strides) or _misaligned(a)
     if odd or not a.dtype.isnative:
         native = a.dtype.newbyteorder("=")
-        compact = np.empty(a.shape, native)
-        copy_into(compact, a)
+        # Broadcast dimensions (stride 0) are copied once and expanded again, so a
+        # broadcast view never becomes a copy as large as its shape.
+        broadcast = [n > 1 and s == 0 for n, s in zip(a.shape, a.strides, strict=True)]
+        core = a[(*(slice(0, 1) if b else slice(None) for b in broadcast), ...)]
+        compact = np.empty(core.shape, native)
+        copy_into(compact, core)
+        if any(broadcast):  # (as_strided keeps it writeable: no read-only warning)
+            strides = [0 if b else s for b, s in zip(broadcast, compact.strides, strict=True)]
+            compact = np.lib.stride_tricks.as_strided(compact, a.shape, strides)
         a = compact
+    canonical = _dtypes.canonical_numpy_dtype(a.dtype)
+    if canonical is not a.dtype:  # e.g. numpy.ulonglong: the same type, another name
+        a = a.view(canonical)
     if _dtypes.is_ml_dtype(a.dtype):
         _, storage_np = _dtypes.storage_dtypes(itemsize)
         return torch.from_numpy(a.view(storage_np)).view(t_dtype)

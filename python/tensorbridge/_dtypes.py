@@ -149,9 +149,22 @@ def as_numpy_dtype(dtype: Any) -> np.dtype:
         ) from exc
 
 
+_NO_CAST = "quantized, bit-packed and sub-byte dtypes"
+
+
 def as_torch_dtype(dtype: Any) -> torch.dtype:
-    """Accepts a torch.dtype or a NumPy dtype-like (for ``dtype=`` arguments)."""
+    """Accepts a torch.dtype or a NumPy dtype-like (for ``dtype=`` arguments).
+
+    Refuses (TypeError) the torch dtypes a plain cast cannot produce: quantized,
+    bit-packed and sub-byte ones (qint8, bits8, uint1, int4, float4...).
+    """
     if isinstance(dtype, torch.dtype):
+        if dtype not in NATIVE and dtype not in _ML_NAMES and dtype != torch.complex32:
+            raise TypeError(
+                f"dtype={dtype} cannot be the target of a cast ({_NO_CAST} are made by their "
+                "own functions, e.g. torch.quantize_per_tensor): pass a plain dtype such as "
+                "torch.float32."
+            )
         return dtype
     return torch_dtype(as_numpy_dtype(dtype))
 
@@ -161,6 +174,13 @@ def swap_unit(np_dtype: np.dtype) -> int:
     if np_dtype.itemsize == 1:
         return 0
     return np_dtype.itemsize // 2 if np_dtype.kind == "c" else np_dtype.itemsize
+
+
+def canonical_numpy_dtype(np_dtype: np.dtype) -> np.dtype:
+    """The dtype torch.from_numpy knows for np_dtype (numpy.ulonglong -> uint64, ...)."""
+    t = _NP_TO_TORCH.get(np_dtype)
+    native = NATIVE.get(t) if t is not None else None
+    return native if native is not None and native.num != np_dtype.num else np_dtype
 
 
 def maybe_torch_dtype(np_dtype: np.dtype) -> torch.dtype | None:

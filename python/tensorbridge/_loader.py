@@ -13,7 +13,7 @@ import torch
 from . import _backend, _cuda, _dtypes
 from ._batch import DTypeSpec, to_device
 from ._convert import Device, to_numpy, to_tensor
-from ._tree import flatten, is_namedtuple
+from ._tree import flatten, is_namedtuple, rebuild_dataclass
 
 # --------------------------------------------------------------------------- collate
 
@@ -55,12 +55,13 @@ def collate(samples: Sequence[Any]) -> Any:
     if isinstance(first, (list, tuple)):
         return [collate(list(field)) for field in zip(*samples, strict=True)]
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return type(first)(
-            **{
+        return rebuild_dataclass(
+            first,
+            {
                 f.name: collate([getattr(s, f.name) for s in samples])
                 for f in dataclasses.fields(first)
-                if f.init
-            }
+                if hasattr(first, f.name)
+            },
         )
     if isinstance(first, (bool, int, float, complex, np.number, np.bool_)):
         return torch.as_tensor(np.asarray(samples))

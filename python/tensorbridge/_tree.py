@@ -9,6 +9,7 @@ never rebuilds a container it only reads, so a container that validates its item
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,8 +48,63 @@ def flatten(obj: Any) -> tuple[list[Any], list[Any], Spec]:
     dataclass field name, None at the top) and what :func:`unflatten` needs to rebuild."""
     leaves: list[Any] = []
     keys: list[Any] = []
-    spec = _flatten(obj, None, leaves, keys)
+    try:
+        spec = _flatten(obj, None, leaves, keys)
+    except RecursionError:
+        raise ValueError(
+            "the batch is nested too deeply or contains itself (a list holding itself, say): "
+            "pass a structure of at most a few hundred levels, without cycles."
+        ) from None
     return leaves, keys, spec
+
+
+def flatten_as(obj: Any, spec: Spec, what: str = "out") -> list[Any]:
+    """The leaves of ``obj`` in the order of another structure's ``spec``: dict entries by
+    key (not by position), sequences by index, namedtuple and dataclass fields by name.
+    None where a container is expected stands for None at every leaf below it."""
+    leaves: list[Any] = []
+    _flatten_as(obj, spec, what, leaves)
+    return leaves
+
+
+def _count(spec: Spec) -> int:
+    return 1 if spec is None else sum(_count(c) for c in spec[2])
+
+
+def _flatten_as(obj: Any, spec: Spec, path: str, leaves: list[Any]) -> None:
+    if spec is None:
+        leaves.append(obj)
+        return
+    if obj is None:
+        leaves.extend([None] * _count(spec))
+        return
+    kind, meta, children = spec
+    if kind in ("dict", "mapping"):
+        keys = list(meta) if kind == "dict" else list(meta.keys())
+        if not isinstance(obj, Mapping) or set(obj) != set(keys):
+            got = sorted(map(repr, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ValueError(
+                f"{path} must hold the batch's keys {sorted(map(repr, keys))}, got {got}: "
+                "pass a structure of the same shape, with None where a new array is wanted."
+            )
+        for k, c in zip(keys, children, strict=True):
+            _flatten_as(obj[k], c, f"{path}[{k!r}]", leaves)
+        return
+    if kind == "dataclass":
+        names = meta[1]
+        for n, c in zip(names, children, strict=True):
+            if not hasattr(obj, n):
+                raise ValueError(f"{path} has no field {n!r}: pass a structure like the batch.")
+            _flatten_as(getattr(obj, n), c, f"{path}.{n}", leaves)
+        return
+    if not isinstance(obj, (list, tuple)) or len(obj) != len(children):
+        n = len(obj) if isinstance(obj, (list, tuple)) else type(obj).__name__
+        raise ValueError(
+            f"{path} must be a sequence of {len(children)} like the batch, got {n}: pass a "
+            "structure of the same shape, with None where a new array is wanted."
+        )
+    for i, (v, c) in enumerate(zip(obj, children, strict=True)):
+        _flatten_as(v, c, f"{path}[{i}]", leaves)
 
 
 def _flatten(obj: Any, key: Any, leaves: list[Any], keys: list[Any]) -> Spec:
@@ -69,7 +125,8 @@ def _flatten(obj: Any, key: Any, leaves: list[Any], keys: list[Any]) -> Spec:
     if isinstance(obj, (list, tuple)):
         return ("sequence", cls, [_flatten(v, key, leaves, keys) for v in obj])
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        names = [f.name for f in dataclasses.fields(obj) if f.init]
+        # every field, init=False ones too (set after construction, they hold data)
+        names = [f.name for f in dataclasses.fields(obj) if hasattr(obj, f.name)]
         children = [_flatten(getattr(obj, n), n, leaves, keys) for n in names]
         return ("dataclass", (obj, names), children)
     leaves.append(obj)
@@ -118,8 +175,17 @@ def _unflatten(spec: Spec, it: Any) -> Any:
             return meta(values)
         except TypeError:  # a subclass whose constructor takes no iterable
             return list(values) if issubclass(meta, list) else tuple(values)
-    obj, names = meta  # dataclass
-    return dataclasses.replace(obj, **dict(zip(names, values, strict=True)))
+    obj, names = meta  # dataclass: a shallow copy keeps what the fields do not hold
+    return rebuild_dataclass(obj, dict(zip(names, values, strict=True)))
+
+
+def rebuild_dataclass(obj: Any, fields: dict[str, Any]) -> Any:
+    """A copy of dataclass ``obj`` with ``fields`` replaced, init=False fields included
+    (``dataclasses.replace`` would reset those), frozen dataclasses too."""
+    new = copy.copy(obj)
+    for name, value in fields.items():
+        object.__setattr__(new, name, value)
+    return new
 
 
 def tree_map(fn: Callable[[Any, Any], Any], obj: Any) -> Any:
