@@ -83,6 +83,19 @@ void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
     throw std::invalid_argument("transfer: unsupported itemsize or byte-swap unit");
 }
 
+// Host to device, one chunk: waits until block b's previous DMA has read it, copies chunk
+// c of `v` into it densely, queues the DMA to `device_dst` and records b's event.
+void stage_to_device(TransferEngine& engine, PinnedBlock* b, const HostView& v, const Chunk& c,
+                     char* device_dst, StreamHandle stream, int swap_unit) {
+  if (b->recorded) engine.synchronize(b->event);
+  const ChunkViews cv = chunk_views(v, c);
+  host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides, cv.shape,
+            v.itemsize, swap_unit);
+  engine.copy_to_device_async(device_dst, b->ptr, c.bytes, stream);
+  b->recorded = true;  // (set before record(): a failure there is settled by the caller)
+  engine.record(b->event, stream);
+}
+
 // Leases staging blocks and always returns them to the pool: a failed transfer never
 // leaves a block marked in use. After an engine error, settle() decides how.
 class Leases {
@@ -298,15 +311,9 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
   try {
     PinnedBlock* last = nullptr;
     for (size_t i = 0; i < chunks.size(); ++i) {
-      PinnedBlock* b = blocks[i];
-      if (b->recorded) engine.synchronize(b->event);  // its previous DMA has read it
-      const ChunkViews cv = chunk_views(src, chunks[i]);
-      host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides,
-                cv.shape, src.itemsize, options.swap_unit);
-      engine.copy_to_device_async(dst + chunks[i].offset, b->ptr, chunks[i].bytes, stream);
-      b->recorded = true;  // (set before record(): a failure there is settled below)
-      engine.record(b->event, stream);
-      last = b;
+      last = blocks[i];
+      stage_to_device(engine, last, src, chunks[i], dst + chunks[i].offset, stream,
+                      options.swap_unit);
     }
     if (options.wait && last != nullptr) engine.synchronize(last->event);
   } catch (...) {
@@ -370,17 +377,10 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
         flush();
         const HostView v = at_least_1d(srcs[i]);
         for (const Chunk& c : plan_chunks(v.shape, v.itemsize, block_bytes)) {
-          PinnedBlock* b = blocks[k];
-          if (b->recorded) engine.synchronize(b->event);  // its previous copy has read it
-          const ChunkViews cv = chunk_views(v, c);
-          host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides,
-                    cv.shape, v.itemsize, options.swap_unit);
-          engine.copy_to_device_async(base + offsets[i] + c.offset, b->ptr, c.bytes, stream);
-          b->recorded = true;  // (set before record(): a failure there is settled below)
-          engine.record(b->event, stream);
-          last = b;
+          last = blocks[k++];
+          stage_to_device(engine, last, v, c, base + offsets[i] + c.offset, stream,
+                          options.swap_unit);
           ++report.chunks;
-          ++k;
         }
         continue;
       }

@@ -171,11 +171,6 @@ def resolve_device(device: Any, fn: str) -> torch.device:
 MAX_THREADS = 256
 
 
-def max_threads() -> int:
-    """The most copy threads set_num_threads accepts (256)."""
-    return MAX_THREADS
-
-
 def get_num_threads() -> int:
     """Threads the compiled core uses for large host copies (1 on the fallback path)."""
     return C.get_num_threads() if C is not None else 1
@@ -197,10 +192,9 @@ def set_num_threads(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
     n = int(n)
-    limit = max_threads()
-    if not 1 <= n <= limit:
+    if not 1 <= n <= MAX_THREADS:
         raise ValueError(
-            f"set_num_threads expects 1 <= n <= {limit}, got {n}: host copies are bound by "
+            f"set_num_threads expects 1 <= n <= {MAX_THREADS}, got {n}: host copies are bound by "
             "memory bandwidth, so pass a count near the number of cores (os.cpu_count())."
         )
     if C is not None:

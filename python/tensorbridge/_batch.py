@@ -247,11 +247,6 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     """
     originals, _, spec = flatten(batch)
     outs = flatten_as(out, spec) if out is not None else [None] * len(originals)
-    if len(outs) != len(originals):  # (flatten_as matches the structure; kept as a guard)
-        raise ValueError(
-            f"out has {len(outs)} leaves but the batch has {len(originals)}: pass a structure "
-            "of the same shape, with None where a new array is wanted."
-        )
     # Every leaf is imported and every `out` checked before anything is written, so a
     # refusal leaves the caller's arrays as they were.
     leaves = [
@@ -262,9 +257,7 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     ]
     for leaf in leaves:  # every leaf refused now, before any out is written
         if isinstance(leaf, torch.Tensor):
-            _check_tensor(leaf, "to_numpy_batch")
-            if leaf.device.type != "meta":
-                _dtypes.numpy_dtype(leaf.dtype)
+            _dtypes.numpy_dtype(_check_tensor(leaf, "to_numpy_batch").dtype)
     for leaf, o in zip(leaves, outs, strict=True):
         if o is not None and isinstance(leaf, (torch.Tensor, np.ndarray)):
             np_dtype = (
@@ -359,7 +352,7 @@ def _check_outs_alias_nothing(leaves: list[Any], outs: list[Any]) -> None:
                     "overwritten before it is read"
                 )
             raise ValueError(
-                f"to_numpy_batch: {problem}; pass a separate array for each out (or None "
+                f"to_numpy_batch: {problem}: pass a separate array for each out (or None "
                 "where a new array is wanted). Nothing was written."
             )
 

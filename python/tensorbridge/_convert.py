@@ -564,7 +564,10 @@ def _check_out_tensor(
     if not out.is_contiguous():
         size = out.element_size()
         check_out_not_self_overlapping(
-            tuple(out.shape), tuple(s * size for s in out.stride()), size
+            tuple(out.shape),
+            tuple(s * size for s in out.stride()),
+            size,
+            alloc=f"torch.empty({tuple(shape)}, dtype={out.dtype})",
         )
     if out.numel() and out.data_ptr() % out.element_size():
         raise ValueError(

@@ -101,18 +101,20 @@ def self_overlapping(shape: tuple[int, ...], byte_strides: tuple[int, ...], item
 
 
 def check_out_not_self_overlapping(
-    shape: tuple[int, ...], byte_strides: tuple[int, ...], itemsize: int, what: str = "out"
+    shape: tuple[int, ...],
+    byte_strides: tuple[int, ...],
+    itemsize: int,
+    alloc: str = "numpy.empty_like(out)",
 ) -> None:
-    """ValueError when several elements of ``what`` share memory (writes would be lost)."""
+    """ValueError when several elements of ``out`` share memory (writes would be lost);
+    ``alloc`` is the allocation the message suggests instead."""
     if not self_overlapping(shape, byte_strides, itemsize):
         return
     if any(s == 0 and n > 1 for n, s in zip(shape, byte_strides, strict=True)):
-        raise ValueError(
-            f"{what} has a zero stride, so several elements share memory: pass an "
-            f"array that owns one slot per element, e.g. numpy.empty_like({what})."
+        problem = "out has a zero stride, so several elements share memory"
+    else:
+        problem = (
+            f"out has strides {byte_strides} (bytes) that make its {math.prod(shape)} "
+            "elements overlap in memory, so some writes would be lost"
         )
-    raise ValueError(
-        f"{what} has strides {byte_strides} (bytes) that make its {math.prod(shape)} elements "
-        f"overlap in memory, so some writes would be lost: pass an array that owns one slot "
-        f"per element, e.g. numpy.empty({shape}, dtype=...)."
-    )
+    raise ValueError(f"{problem}: pass an array that owns one slot per element, e.g. {alloc}.")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes
+from ._copy import swap_unit
 from ._handle import Transfer, park
 
 # Chunk size (the largest: a transfer of under 8 chunks uses smaller ones, down to
@@ -155,7 +156,8 @@ def _dense_order(a: np.ndarray) -> tuple[int, ...] | None:
 
 
 def _swap_unit(a: np.ndarray) -> int:
-    return 0 if a.dtype.isnative else _dtypes.swap_unit(a.dtype)
+    """The byte-swap unit between a (a torch-mappable dtype) and the device's native order."""
+    return swap_unit(a.dtype, a.dtype.newbyteorder("=")) or 0
 
 
 # --------------------------------------------------------------------------- device -> host
@@ -250,6 +252,7 @@ def _event_result(event: int, result: Any, keepalive: Any, wait: bool) -> Any:
 
 
 # --------------------------------------------------------------------------- host -> device
+
 
 class CompletionWatcher:
     """Waits on a daemon thread for copies queued without waiting, then releases them.
@@ -370,10 +373,7 @@ def to_device(
         if non_blocking:  # keep the source alive until the DMA has read it
             _completions.add(event, a)
         else:
-            try:
-                C.cuda_event_synchronize(event)
-            finally:
-                C.cuda_event_destroy(event)
+            _finish_event(event, a)
     elif nbytes:
         # Staged: `a` is not read once this returns (non_blocking: the last chunk is queued;
         # blocking: it has arrived, so other streams may use the tensor at once).

@@ -169,13 +169,6 @@ def as_torch_dtype(dtype: Any) -> torch.dtype:
     return torch_dtype(as_numpy_dtype(dtype))
 
 
-def swap_unit(np_dtype: np.dtype) -> int:
-    """Bytes per byte-swapped unit: complex numbers swap their two halves separately."""
-    if np_dtype.itemsize == 1:
-        return 0
-    return np_dtype.itemsize // 2 if np_dtype.kind == "c" else np_dtype.itemsize
-
-
 def canonical_numpy_dtype(np_dtype: np.dtype) -> np.dtype:
     """The dtype torch.from_numpy knows for np_dtype (numpy.ulonglong -> uint64, ...)."""
     t = _NP_TO_TORCH.get(np_dtype)
