@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <string>
 #include <stdexcept>
 #include <utility>
@@ -88,18 +89,6 @@ int read_int_tuple(py::handle obj, int64_t* dst) {
   return static_cast<int>(n);
 }
 
-// Byte range [lo, hi) touched by a strided view (empty views touch nothing).
-std::pair<uintptr_t, uintptr_t> span(uintptr_t base, const int64_t* shape,
-                                     const int64_t* byte_strides, int ndim, int64_t itemsize) {
-  intptr_t lo = 0, hi = 0;
-  for (int i = 0; i < ndim; ++i) {
-    if (shape[i] == 0) return {base, base};
-    const intptr_t step = static_cast<intptr_t>((shape[i] - 1) * byte_strides[i]);
-    (step < 0 ? lo : hi) += step;
-  }
-  return {base + lo, base + hi + itemsize};
-}
-
 // True when no two elements of a strided view can share a byte: sorted by stride, each
 // stride steps over everything the smaller ones span. False means "maybe" (interleaved
 // layouts the quick test cannot clear, zero strides, real overlap).
@@ -138,10 +127,11 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
     ss[i] *= itemsize;
     ds[i] = dst.strides(i);
   }
-  const auto d = span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(), nd, itemsize);
-  const auto r = span(src, shp.data(), ss.data(), nd, itemsize);
-  if (d.first < r.second && r.first < d.second) return 2;
-  if (d.first != d.second && !clearly_disjoint_elements(shp.data(), ds.data(), nd, itemsize))
+  const auto d = tb::byte_span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(),
+                               nd, itemsize);
+  const auto r = tb::byte_span(src, shp.data(), ss.data(), nd, itemsize);
+  if (d.intersects(r)) return 2;
+  if (!d.empty() && !clearly_disjoint_elements(shp.data(), ds.data(), nd, itemsize))
     return 1;  // elements may share memory: the Python layer decides exactly
   tb::CopyOptions opt;
   opt.swap_unit = swap_unit;
@@ -150,7 +140,7 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
     return tb::strided_copy({dp, ds.data()}, {reinterpret_cast<void*>(src), ss.data()},
                             shp.data(), nd, itemsize, opt);
   };
-  return (worth_releasing_gil(r.second - r.first) ? release_gil_and(run) : run()) ? 0 : 1;
+  return (worth_releasing_gil(r.size()) ? release_gil_and(run) : run()) ? 0 : 1;
 }
 
 // ---------------------------------------------------------------- transfers
@@ -223,18 +213,6 @@ py::dict cuda_copy_many_to_device(int device, uintptr_t stream, py::list srcs,
   return report_dict(r);
 }
 
-// The byte range an array's elements span (arrays with negative strides included).
-std::pair<char*, size_t> byte_span(const py::array& a) {
-  intptr_t lo = 0, hi = 0;
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    if (a.shape(i) == 0) return {static_cast<char*>(const_cast<void*>(a.data())), 0};
-    const intptr_t step = (a.shape(i) - 1) * a.strides(i);
-    (step < 0 ? lo : hi) += step;
-  }
-  char* base = static_cast<char*>(const_cast<void*>(a.data())) + lo;
-  return {base, static_cast<size_t>(hi - lo + a.itemsize())};
-}
-
 // A 1-D uint8 array over freshly page-locked memory; freed when the array's base dies.
 py::array empty_pinned_bytes(size_t nbytes) {
   void* ptr;
@@ -271,6 +249,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &tb::set_num_threads, py::arg("n"),
         "Set the threads used for large host copies.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
+  bind_pending_copy(m);
 #if defined(TB_TESTING) && defined(TB_WITH_CUDA)
   // The fault switch lives in this module's engine; tensorbridge._C_testing reaches it
   // through this capsule (testing builds only: release builds have neither).
@@ -293,37 +272,36 @@ PYBIND11_MODULE(_C, m) {
         py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("wait") = false,
         "Host arrays packed into staging blocks -> dst + offsets[i], a few copies in all.");
   m.def("cuda_copy_async", [](int device, uintptr_t stream, uintptr_t dst, uintptr_t src,
-                              size_t n, bool to_host) {
-    py::gil_scoped_release release;
-    return static_cast<uintptr_t>(tb::cuda::copy_async(device, stream, reinterpret_cast<void*>(dst),
-                                                       reinterpret_cast<const void*>(src), n, to_host));
+                              size_t n, bool to_host, py::object keepalive) {
+    tb::Event done;
+    {
+      py::gil_scoped_release release;
+      done = tb::cuda::copy_async(device, stream, reinterpret_cast<void*>(dst),
+                                  reinterpret_cast<const void*>(src), n, to_host);
+    }
+    return std::make_unique<PendingCopy>(std::move(done), std::move(keepalive), py::none());
   }, py::arg("device"), py::arg("stream"), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
-     py::arg("to_host"), "One async copy (page-locked host memory); returns its event.");
-  m.def("cuda_event_query", [](uintptr_t e) { return tb::cuda::query_event(e); });
-  m.def("cuda_event_synchronize", [](uintptr_t e) {
-    py::gil_scoped_release release;
-    tb::cuda::synchronize_event(e);
-  });
-  m.def("cuda_event_destroy", [](uintptr_t e) { tb::cuda::destroy_event(e); });
+     py::arg("to_host"), py::arg("keepalive"),
+     "One async copy (page-locked host memory); keepalive is held until it completes.");
   m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
   m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
   m.def("cuda_host_register", [](py::array a) {
-    auto [p, n] = byte_span(a);
+    const tb::ByteSpan s = byte_span(a);
     py::gil_scoped_release release;
-    return n == 0 ? false : tb::cuda::host_register(p, n);
+    return !s.empty() && tb::cuda::host_register(reinterpret_cast<void*>(s.begin), s.size());
   }, py::arg("array"), "Page-lock the array's memory; False if it already was, elsewhere.");
   m.def("cuda_host_unregister", [](uintptr_t ptr, size_t n) {
     py::gil_scoped_release release;
     return tb::cuda::host_unregister(reinterpret_cast<void*>(ptr), n);
   }, py::arg("address"), py::arg("nbytes"));
   m.def("array_span", [](py::array a) {
-    auto [p, n] = byte_span(a);
-    return py::make_tuple(reinterpret_cast<uintptr_t>(p), n);
+    const tb::ByteSpan s = byte_span(a);
+    return py::make_tuple(s.begin, s.size());
   }, py::arg("array"), "(address, nbytes) of the memory an array's elements span.");
   m.def("is_host_pinned", [](py::array a) {
-    auto [p, n] = byte_span(a);
+    const tb::ByteSpan s = byte_span(a);
     py::gil_scoped_release release;
-    return tb::cuda::is_host_range_pinned(p, n);
+    return tb::cuda::is_host_range_pinned(reinterpret_cast<const void*>(s.begin), s.size());
   }, py::arg("array"), "True when all the memory the array's elements span is page-locked.");
 #endif
 }

@@ -5,8 +5,14 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
+#include "core/byte_span.h"
+#include "core/event.h"
 #include "core/pinned_pool.h"
 #include "core/pipeline.h"
 
@@ -19,6 +25,16 @@ inline std::vector<int64_t> shape_of(const py::array& a) {
 }
 inline std::vector<int64_t> strides_of(const py::array& a) {
   return std::vector<int64_t>(a.strides(), a.strides() + a.ndim());
+}
+
+static_assert(sizeof(py::ssize_t) == sizeof(int64_t), "shapes are read as int64_t");
+
+/// The bytes an array's elements span.
+inline ByteSpan byte_span(const py::array& a) {
+  return tb::byte_span(reinterpret_cast<uintptr_t>(a.data()),
+                       reinterpret_cast<const int64_t*>(a.shape()),
+                       reinterpret_cast<const int64_t*>(a.strides()),
+                       static_cast<int>(a.ndim()), a.itemsize());
 }
 
 inline HostView host_view(const py::array& a, bool writeable) {
@@ -58,6 +74,77 @@ inline py::dict stats_dict(const PoolStats& s) {
   d["pin_failures"] = s.pin_failures;
   d["frees"] = s.frees;
   return d;
+}
+
+/// A copy queued without waiting, as Python sees it (tensorbridge._C.PendingCopy): the
+/// event recorded after it, owned here, and the objects whose memory the copy reads or
+/// writes, held until the copy is seen complete. Dropped before that, it waits for the
+/// copy (GIL released); when a wait fails, those objects are kept alive for good, since
+/// the copy may still touch their memory.
+class PendingCopy {
+ public:
+  /// `owner` keeps the event's engine alive (None for the CUDA engines, which never die).
+  PendingCopy(Event event, py::object keepalive, py::object owner)
+      : owner_(std::move(owner)), event_(std::move(event)), keepalive_(std::move(keepalive)) {}
+  PendingCopy(const PendingCopy&) = delete;
+  PendingCopy& operator=(const PendingCopy&) = delete;
+  ~PendingCopy() {
+    try {
+      wait();
+    } catch (...) {  // (already kept alive by wait)
+    }
+  }
+
+  /// True once the copy has completed or failed; never blocks (false while another
+  /// thread waits).
+  bool done() {
+    std::unique_lock<std::mutex> lock(m_, std::try_to_lock);
+    if (!lock.owns_lock()) return false;
+    if (error_) return true;  // (failed: wait() raises)
+    if (!event_.done()) return false;
+    lock.unlock();
+    keepalive_ = py::none();
+    return true;
+  }
+
+  /// Blocks until the copy has completed; raises the engine's error if it failed.
+  void wait() {
+    std::exception_ptr error;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(m_);
+      if (!error_) {
+        try {
+          event_.wait();
+        } catch (...) {
+          error_ = std::current_exception();
+        }
+      }
+      error = error_;
+    }
+    if (error) {
+      (void)keepalive_.release();  // never freed: the copy may still touch this memory
+      std::rethrow_exception(error);
+    }
+    keepalive_ = py::none();
+  }
+
+ private:
+  py::object owner_;  // declared first, destroyed last: the event needs its engine
+  std::mutex m_;      // one thread waits at a time; done() does not block on it
+  Event event_;
+  py::object keepalive_;
+  std::exception_ptr error_;  // the failed wait's error, raised by every later wait
+};
+
+/// Registers PendingCopy in module m (tensorbridge._C; _C_testing imports it from there).
+inline void bind_pending_copy(py::module_& m) {
+  py::class_<PendingCopy>(m, "PendingCopy",
+                          "A copy queued without waiting: done() polls, wait() blocks. Holds "
+                          "the memory the copy touches until it completes.")
+      .def("done", &PendingCopy::done, "True once the copy has completed; never blocks.")
+      .def("wait", &PendingCopy::wait,
+           "Blocks until the copy has completed (GIL released); raises its error, if any.");
 }
 
 }  // namespace tb::py_util

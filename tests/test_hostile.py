@@ -494,49 +494,120 @@ def test_failed_wait_keeps_what_the_copy_may_still_touch():
     assert ref() is not None, "memory a failed copy may still touch was freed"
 
 
-def test_failed_event_wait_parks_the_keepalive(monkeypatch):
-    class FakeC:
-        destroyed: list[int] = []  # noqa: RUF012
-
-        @staticmethod
-        def cuda_event_synchronize(event: int) -> None:
-            raise RuntimeError("cudaErrorLaunchFailure")
-
-        @staticmethod
-        def cuda_event_destroy(event: int) -> None:
-            FakeC.destroyed.append(event)
-
-    class Buffer:
-        pass
-
-    monkeypatch.setattr(_backend, "C", FakeC)
-    buf = Buffer()
-    ref = weakref.ref(buf)
-    with pytest.raises(RuntimeError, match="LaunchFailure"):
-        _cuda._finish_event(17, (buf,))
-    del buf
+@needs_testing_module
+def test_pending_copy_holds_its_memory_until_the_copy_completes():
+    # The host engine runs the copy 0.2 s after it is queued: a handle dropped before
+    # that must wait for it, and only then let the arrays go.
+    tester = TESTING.HostTransferTester(delay_us=200_000)
+    device = np.random.default_rng().integers(0, 256, 1 << 16, dtype=np.uint8)
+    host = poisoned(device.shape, device.dtype)
+    refs = (weakref.ref(device), weakref.ref(host))
+    pending = tester.copy_async(device, host, to_host=True)
+    assert type(pending).__name__ == "PendingCopy" and not pending.done()
+    expected = device.copy()
+    del device
+    view = host.view()  # (a view keeps the memory, not the array object)
+    del host
     gc.collect()
-    assert ref() is not None and FakeC.destroyed == [17]
+    assert refs[0]() is not None and refs[1]() is not None, "freed under a pending copy"
+    del pending  # waits for the copy
+    np.testing.assert_array_equal(view, expected)
+    gc.collect()
+    assert refs[0]() is None, "a completed copy still holds its source"
 
 
-def test_completion_watcher_releases_copies_nobody_waits_for():
+@needs_testing_module
+def test_pending_copy_done_and_wait_release_the_memory():
+    tester = TESTING.HostTransferTester(delay_us=20_000)
+    host = np.random.default_rng().integers(0, 256, 4096, dtype=np.uint8)
+    device = poisoned(host.shape, host.dtype)
+    ref = weakref.ref(host)
+    pending = tester.copy_async(device, host, to_host=False)
+    expected = host.copy()
+    del host
+    pending.wait()
+    pending.wait()  # waiting twice is harmless
+    assert pending.done()
+    gc.collect()
+    assert ref() is None
+    np.testing.assert_array_equal(device, expected)
+
+
+@needs_testing_module
+def test_failed_wait_keeps_the_memory_for_good():
+    tester = TESTING.HostTransferTester(delay_us=50_000)
+    device = np.zeros(4096, np.uint8)
+    host = np.empty(4096, np.uint8)
+    ref = weakref.ref(host)
+    tester.fail_next_wait()
+    pending = tester.copy_async(device, host, to_host=True)
+    del host
+    with pytest.raises(RuntimeError, match="injected wait failure"):
+        pending.wait()
+    with pytest.raises(RuntimeError, match="injected wait failure"):
+        pending.wait()  # the same error again, never a success
+    assert pending.done()
+    del pending
+    gc.collect()
+    assert ref() is not None, "memory a failed copy may still touch was freed"
+
+
+@needs_testing_module
+def test_failed_wait_in_a_transfer_handle_raises_and_keeps_the_memory():
+    tester = TESTING.HostTransferTester(delay_us=50_000)
+    device = np.zeros(4096, np.uint8)
+    host = np.empty(4096, np.uint8)
+    ref = weakref.ref(host)
+    tester.fail_next_wait()
+    pending = tester.copy_async(device, host, to_host=True)
+    t = _handle.Transfer(host, poll=pending.done, block=pending.wait)
+    del host, pending
+    with pytest.raises(RuntimeError, match="injected wait failure"):
+        t.wait()
+    del t
+    gc.collect()
+    assert ref() is not None
+
+
+@needs_testing_module
+def test_copy_async_refuses_bad_arrays():
+    tester = TESTING.HostTransferTester()
+    a = np.zeros(16, np.uint8)
+    with pytest.raises(ValueError, match="same size"):
+        tester.copy_async(a, np.zeros(8, np.uint8), to_host=True)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tester.copy_async(np.zeros(32, np.uint8)[::2], a, to_host=True)
+    ro = np.zeros(16, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        tester.copy_async(a, ro, to_host=True)
+
+
+def test_completion_watcher_drops_copies_nobody_waits_for():
     done = {1: threading.Event(), 2: threading.Event(), 3: threading.Event()}
-    released: list[int] = []
-
-    def wait(event: int) -> None:
-        assert done[event].wait(10)
-        if event == 3:
-            raise RuntimeError("copy failed")
-
-    watcher = _cuda.CompletionWatcher(wait, released.append, idle_s=0.05)
+    waited: list[int] = []
 
     class Source:
         pass
 
+    class FakePending:  # the watcher's side of a PendingCopy
+        def __init__(self, i: int, source: Source) -> None:
+            self.i, self.source = i, source
+
+        def done(self) -> bool:
+            return done[self.i].is_set()
+
+        def wait(self) -> None:
+            assert done[self.i].wait(10)
+            waited.append(self.i)
+            if self.i == 3:
+                raise RuntimeError("copy failed")
+
+    watcher = _cuda.CompletionWatcher(idle_s=0.05)
     sources = {i: Source() for i in done}
     refs = {i: weakref.ref(s) for i, s in sources.items()}
     for i, s in sources.items():
-        watcher.add(i, s)
+        watcher.add(FakePending(i, s))
     del s
     sources.clear()
     assert watcher.pending() == 3
@@ -547,16 +618,16 @@ def test_completion_watcher_releases_copies_nobody_waits_for():
             break
         threading.Event().wait(0.01)
     gc.collect()
-    assert released == [1, 2, 3]  # every event destroyed, in order
-    assert refs[1]() is None and refs[2]() is None  # completed: sources let go
-    assert refs[3]() is not None  # failed: kept, the copy may still read it
+    assert waited == [1, 2, 3]  # every copy waited for, in order
+    assert all(r() is None for r in refs.values())  # and dropped (a failed one included:
+    # the real PendingCopy keeps its memory itself, see above)
     assert watcher._thread is None  # the thread ends when idle
-    watcher.add(1, None)  # and a new one starts on demand
+    watcher.add(FakePending(1, Source()))  # and a new one starts on demand
     for _ in range(1000):
         if watcher.pending() == 0:
             break
         threading.Event().wait(0.01)
-    assert released == [1, 2, 3, 1]
+    assert waited == [1, 2, 3, 1]
 
 
 @needs_testing_module

@@ -9,12 +9,6 @@ namespace tb {
 PinnedPool::PinnedPool(TransferEngine& engine, size_t budget_bytes)
     : engine_(engine), budget_(budget_bytes) {}
 
-PinnedPool::~PinnedPool() {
-  // Blocks are not freed here: the CUDA pool lives until exit, where calling into a
-  // driver that may already be shutting down is unsafe; tests call release_all().
-  for (auto& [size, block] : idle_) delete block;
-}
-
 size_t PinnedPool::size_class(size_t nbytes) {
   constexpr size_t kPage = 4096;
   if (nbytes <= 16 * kPage) return std::max<size_t>(kPage, (nbytes + kPage - 1) / kPage * kPage);
@@ -23,22 +17,19 @@ size_t PinnedPool::size_class(size_t nbytes) {
   return (nbytes + granule - 1) / granule * granule;
 }
 
-PinnedBlock* PinnedPool::acquire(size_t nbytes) {
+BlockPtr PinnedPool::acquire(size_t nbytes) {
   const size_t cls = size_class(nbytes);
   std::unique_lock<std::mutex> lock(m_);
   // 1. A cached block of this class whose last copy has completed.
-  PinnedBlock* pending = nullptr;
   auto range = idle_.equal_range(cls);
   for (auto it = range.first; it != range.second; ++it) {
-    PinnedBlock* b = it->second;
-    if (idle_done(b)) {
-      b->recorded = false;
+    if (idle_done(*it->second)) {
+      BlockPtr b = std::move(it->second);
       idle_.erase(it);
       in_use_ += cls;
       ++counters_.hits;
       return b;
     }
-    pending = b;
   }
   // 2. A new block, if the budget allows (after freeing idle blocks of other classes).
   if (held_ + cls > budget_) make_room_locked(cls);
@@ -49,10 +40,10 @@ PinnedBlock* PinnedPool::acquire(size_t nbytes) {
     auto block = std::make_unique<PinnedBlock>();
     block->size = cls;
     try {
-      block->event = engine_.create_event();
-      block->ptr = engine_.alloc_pinned(cls);
+      block->event = Event(engine_);
+      block->memory = alloc_pinned(engine_, cls);
     } catch (const std::exception&) {
-      if (block->event) engine_.destroy_event(block->event);
+      block.reset();
       lock.lock();
       held_ -= cls;
       in_use_ -= cls;
@@ -62,83 +53,66 @@ PinnedBlock* PinnedPool::acquire(size_t nbytes) {
     }
     lock.lock();
     ++counters_.misses;
-    return block.release();
+    return block;
   }
   // 3. Over budget: wait for a pending block of this class rather than over-allocate.
-  if (pending != nullptr) {
-    for (auto it = idle_.begin(); it != idle_.end(); ++it) {
-      if (it->second == pending) {
-        idle_.erase(it);
-        break;
-      }
-    }
+  // (Any block of this class still cached was pending in step 1.)
+  if (auto pending = idle_.find(cls); pending != idle_.end()) {
+    BlockPtr b = std::move(pending->second);
+    idle_.erase(pending);
     in_use_ += cls;
     ++counters_.waits;
     lock.unlock();
     try {
-      engine_.synchronize(pending->event);
+      b->event.wait();
     } catch (...) {
       lock.lock();
       in_use_ -= cls;
-      idle_.emplace(cls, pending);  // back where it was; idle_done() keeps it out of use
+      idle_.emplace(cls, std::move(b));  // back where it was; idle_done() keeps it out of use
       throw;
     }
-    pending->recorded = false;
-    return pending;
+    return b;
   }
   ++counters_.fallbacks;
   return nullptr;
 }
 
-void PinnedPool::release(PinnedBlock* block) noexcept {
-  if (block == nullptr) return;
+void PinnedPool::release(BlockPtr block) noexcept {
+  if (!block) return;
   std::lock_guard<std::mutex> lock(m_);
   in_use_ -= block->size;
-  if (held_ > budget_) {  // the budget shrank while this block was out
-    if (idle_done(block)) {
-      held_ -= block->size;
-      engine_.free_pinned(block->ptr);
-      engine_.destroy_event(block->event);
-      ++counters_.frees;
-      delete block;
-      return;
-    }
-  }
-  try {
-    idle_.emplace(block->size, block);
-  } catch (...) {  // out of memory for the map node: give the block up (leaked, not freed)
-    held_ -= block->size;
-  }
-}
-
-void PinnedPool::discard(PinnedBlock* block) noexcept {
-  if (block == nullptr) return;
-  {
-    std::lock_guard<std::mutex> lock(m_);
-    in_use_ -= block->size;
+  if (held_ > budget_ && idle_done(*block)) {  // the budget shrank while this block was out
     held_ -= block->size;
     ++counters_.frees;
+    return;  // (block frees its memory and event here)
   }
-  engine_.free_pinned(block->ptr);
-  engine_.destroy_event(block->event);
-  delete block;
+  try {
+    idle_.emplace(block->size, std::move(block));
+  } catch (...) {  // out of memory for the map node: give the block up, leaked, not freed,
+    held_ -= block->size;  // since its last copy may still be running (emplace did not
+    (void)block.release();  // take it: the node allocation failed before the move)
+  }
 }
 
-void PinnedPool::free_block_locked(std::multimap<size_t, PinnedBlock*>::iterator it) {
-  PinnedBlock* b = it->second;
-  idle_.erase(it);
-  held_ -= b->size;
-  engine_.free_pinned(b->ptr);
-  engine_.destroy_event(b->event);
+void PinnedPool::discard(BlockPtr block) noexcept {
+  if (!block) return;
+  std::lock_guard<std::mutex> lock(m_);
+  in_use_ -= block->size;
+  held_ -= block->size;
   ++counters_.frees;
-  delete b;
+}
+
+void PinnedPool::free_block_locked(std::multimap<size_t, BlockPtr>::iterator it) {
+  held_ -= it->second->size;
+  ++counters_.frees;
+  idle_.erase(it);  // frees the block's memory and event
 }
 
 void PinnedPool::make_room_locked(size_t need) {
   while (held_ + need > budget_) {
     auto victim = idle_.end();
     for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {  // largest first
-      if (idle_done(it->second)) {
+      if (idle_done(*it->second)) {
         victim = std::prev(it.base());
         break;
       }
@@ -148,10 +122,9 @@ void PinnedPool::make_room_locked(size_t need) {
   }
 }
 
-bool PinnedPool::idle_done(PinnedBlock* b) noexcept {
-  if (!b->recorded) return true;
+bool PinnedPool::idle_done(PinnedBlock& b) noexcept {
   try {
-    return engine_.query(b->event);
+    return b.event.done();
   } catch (...) {
     return false;  // an engine error: keep the block out of circulation
   }
@@ -181,16 +154,14 @@ void PinnedPool::trim() {
   std::lock_guard<std::mutex> lock(m_);
   for (auto it = idle_.begin(); it != idle_.end();) {
     auto next = std::next(it);
-    if (idle_done(it->second)) free_block_locked(it);
+    if (idle_done(*it->second)) free_block_locked(it);
     it = next;
   }
 }
 
 void PinnedPool::release_all() {
   std::lock_guard<std::mutex> lock(m_);
-  for (auto& [size, b] : idle_) {
-    if (b->recorded) engine_.synchronize(b->event);
-  }
+  for (auto& [size, b] : idle_) b->event.wait();
   while (!idle_.empty()) free_block_locked(idle_.begin());
 }
 

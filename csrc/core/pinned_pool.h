@@ -15,16 +15,20 @@
 #include <memory>
 #include <mutex>
 
+#include "core/event.h"
 #include "core/transfer_engine.h"
 
 namespace tb {
 
+/// A staging block: page-locked memory and the event recorded after its last copy.
+/// Owned through BlockPtr; destroying it frees both.
 struct PinnedBlock {
-  void* ptr = nullptr;
+  PinnedMemory memory;
   size_t size = 0;
-  EventHandle event = 0;
-  bool recorded = false;  // event recorded after the last use and possibly still pending
+  Event event;
+  char* data() const { return static_cast<char*>(memory.get()); }
 };
+using BlockPtr = std::unique_ptr<PinnedBlock>;
 
 struct PoolStats {
   size_t bytes_held = 0;    // pinned bytes owned by the pool
@@ -41,17 +45,20 @@ struct PoolStats {
 class PinnedPool {
  public:
   PinnedPool(TransferEngine& engine, size_t budget_bytes);
-  ~PinnedPool();  // frees nothing: see release_all()
+  // Frees the idle blocks without waiting for them: call release_all() first. (The CUDA
+  // pools are never destroyed: see cuda/cuda_engine.h.)
+  ~PinnedPool() = default;
   PinnedPool(const PinnedPool&) = delete;
   PinnedPool& operator=(const PinnedPool&) = delete;
 
-  /// A block of at least nbytes, or nullptr (the caller then uses pageable memory).
-  PinnedBlock* acquire(size_t nbytes);
-  /// Returns a block; set block->recorded when an event was recorded after its last use.
-  void release(PinnedBlock* block) noexcept;
+  /// A block of at least nbytes whose last copy has completed, or nullptr (the caller
+  /// then uses pageable memory).
+  BlockPtr acquire(size_t nbytes);
+  /// Returns a block; record its event after its last asynchronous copy first.
+  void release(BlockPtr block) noexcept;
   /// Takes a block out of circulation for good (its state is unknown after an engine
   /// error): frees it and drops it from the accounting.
-  void discard(PinnedBlock* block) noexcept;
+  void discard(BlockPtr block) noexcept;
 
   PoolStats stats();
   size_t budget();
@@ -67,13 +74,13 @@ class PinnedPool {
  private:
   // Frees idle, completed blocks (largest first) until `need` more bytes fit. Lock held.
   void make_room_locked(size_t need);
-  void free_block_locked(std::multimap<size_t, PinnedBlock*>::iterator it);
+  void free_block_locked(std::multimap<size_t, BlockPtr>::iterator it);
   // True when b's last copy has completed (false on an engine error). Never throws.
-  bool idle_done(PinnedBlock* b) noexcept;
+  static bool idle_done(PinnedBlock& b) noexcept;
 
   TransferEngine& engine_;
   std::mutex m_;
-  std::multimap<size_t, PinnedBlock*> idle_;  // by size class
+  std::multimap<size_t, BlockPtr> idle_;  // by size class
   size_t budget_;
   size_t held_ = 0;    // includes bytes reserved for allocations in progress
   size_t in_use_ = 0;

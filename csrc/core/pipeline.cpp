@@ -85,15 +85,14 @@ void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
 
 // Host to device, one chunk: waits until block b's previous DMA has read it, copies chunk
 // c of `v` into it densely, queues the DMA to `device_dst` and records b's event.
-void stage_to_device(TransferEngine& engine, PinnedBlock* b, const HostView& v, const Chunk& c,
+void stage_to_device(TransferEngine& engine, PinnedBlock& b, const HostView& v, const Chunk& c,
                      char* device_dst, StreamHandle stream, int swap_unit) {
-  if (b->recorded) engine.synchronize(b->event);
+  b.event.wait();
   const ChunkViews cv = chunk_views(v, c);
-  host_copy(static_cast<char*>(b->ptr), cv.dense_strides, cv.host, cv.host_strides, cv.shape,
-            v.itemsize, swap_unit);
-  engine.copy_to_device_async(device_dst, b->ptr, c.bytes, stream);
-  b->recorded = true;  // (set before record(): a failure there is settled by the caller)
-  engine.record(b->event, stream);
+  host_copy(b.data(), cv.dense_strides, cv.host, cv.host_strides, cv.shape, v.itemsize,
+            swap_unit);
+  engine.copy_to_device_async(device_dst, b.data(), c.bytes, stream);
+  b.event.record(stream);  // (a failure here is settled by the caller)
 }
 
 // Leases staging blocks and always returns them to the pool: a failed transfer never
@@ -102,9 +101,9 @@ class Leases {
  public:
   explicit Leases(PinnedPool& pool) : pool_(pool) {}
   ~Leases() {
-    for (PinnedBlock* b : blocks_) {
-      if (broken_) pool_.discard(b);
-      else pool_.release(b);
+    for (BlockPtr& b : blocks_) {
+      if (broken_) pool_.discard(std::move(b));
+      else pool_.release(std::move(b));
     }
   }
   // An engine call threw, possibly between queuing a copy and recording its event:
@@ -112,24 +111,24 @@ class Leases {
   void settle(TransferEngine& engine, StreamHandle stream) noexcept {
     try {
       engine.synchronize_stream(stream);
-      for (PinnedBlock* b : blocks_) b->recorded = false;
+      for (BlockPtr& b : blocks_) b->event.mark_done();
     } catch (...) {
       broken_ = true;
     }
   }
   bool acquire(int count, size_t bytes) {
     for (int i = 0; i < count; ++i) {
-      PinnedBlock* b = pool_.acquire(bytes);
-      if (b == nullptr) return false;
-      blocks_.push_back(b);
+      BlockPtr b = pool_.acquire(bytes);
+      if (!b) return false;
+      blocks_.push_back(std::move(b));
     }
     return true;
   }
-  PinnedBlock* operator[](size_t i) { return blocks_[i % blocks_.size()]; }
+  PinnedBlock& operator[](size_t i) { return *blocks_[i % blocks_.size()]; }
 
  private:
   PinnedPool& pool_;
-  std::vector<PinnedBlock*> blocks_;
+  std::vector<BlockPtr> blocks_;
   bool broken_ = false;
 };
 
@@ -165,16 +164,19 @@ struct Pageable {
 // Queues one copy (by `queue`) on `stream` and waits for it: the pageable fallback.
 template <class Queue>
 void copy_and_wait(TransferEngine& engine, StreamHandle stream, Queue&& queue) {
-  EventHandle done = engine.create_event();
+  Event done(engine);
   try {
     queue();
-    engine.record(done, stream);
-    engine.synchronize(done);
+    done.record(stream);
+    done.wait();
   } catch (...) {
-    engine.destroy_event(done);
+    // The copy may have been queued: let it finish before the caller frees its memory.
+    try {
+      engine.synchronize_stream(stream);
+    } catch (...) {
+    }
     throw;
   }
-  engine.destroy_event(done);
 }
 
 std::vector<int64_t> dense_strides(const HostView& v) { return c_strides(v.shape, v.itemsize); }
@@ -261,18 +263,17 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
   const size_t n = chunks.size();
   const size_t lag = static_cast<size_t>(plan.blocks - 1);
   auto drain = [&](size_t j) {
-    PinnedBlock* b = blocks[j];
-    engine.synchronize(b->event);
+    PinnedBlock& b = blocks[j];
+    b.event.wait();
     const ChunkViews cv = chunk_views(dst, chunks[j]);
-    host_copy(cv.host, cv.host_strides, static_cast<const char*>(b->ptr), cv.dense_strides,
-              cv.shape, dst.itemsize, options.swap_unit);
+    host_copy(cv.host, cv.host_strides, b.data(), cv.dense_strides, cv.shape, dst.itemsize,
+              options.swap_unit);
   };
   try {
     for (size_t i = 0; i < n; ++i) {
-      PinnedBlock* b = blocks[i];
-      engine.copy_to_host_async(b->ptr, src + chunks[i].offset, chunks[i].bytes, stream);
-      b->recorded = true;  // (set before record(): a failure there is settled below)
-      engine.record(b->event, stream);
+      PinnedBlock& b = blocks[i];
+      engine.copy_to_host_async(b.data(), src + chunks[i].offset, chunks[i].bytes, stream);
+      b.event.record(stream);  // (a failure here is settled below)
       if (i >= lag) drain(i - lag);
     }
     for (size_t j = n > lag ? n - lag : 0; j < n; ++j) drain(j);
@@ -311,11 +312,11 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
   try {
     PinnedBlock* last = nullptr;
     for (size_t i = 0; i < chunks.size(); ++i) {
-      last = blocks[i];
-      stage_to_device(engine, last, src, chunks[i], dst + chunks[i].offset, stream,
+      last = &blocks[i];
+      stage_to_device(engine, *last, src, chunks[i], dst + chunks[i].offset, stream,
                       options.swap_unit);
     }
-    if (options.wait && last != nullptr) engine.synchronize(last->event);
+    if (options.wait && last != nullptr) last->event.wait();
   } catch (...) {
     blocks.settle(engine, stream);
     throw;
@@ -357,14 +358,11 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
     size_t k = 0;          // the block being filled: blocks[k]
     size_t start = 0;      // device offset of its first byte
     size_t fill = 0;       // bytes of it in use (from start)
-    PinnedBlock* last = nullptr;
     auto flush = [&] {
       if (fill == 0) return;
-      PinnedBlock* b = blocks[k];
-      engine.copy_to_device_async(base + start, b->ptr, fill, stream);
-      b->recorded = true;
-      engine.record(b->event, stream);
-      last = b;
+      PinnedBlock& b = blocks[k];
+      engine.copy_to_device_async(base + start, b.data(), fill, stream);
+      b.event.record(stream);
       ++report.chunks;
       ++k;
       fill = 0;
@@ -377,26 +375,24 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
         flush();
         const HostView v = at_least_1d(srcs[i]);
         for (const Chunk& c : plan_chunks(v.shape, v.itemsize, block_bytes)) {
-          last = blocks[k++];
-          stage_to_device(engine, last, v, c, base + offsets[i] + c.offset, stream,
+          stage_to_device(engine, blocks[k++], v, c, base + offsets[i] + c.offset, stream,
                           options.swap_unit);
           ++report.chunks;
         }
         continue;
       }
       if (fill && offsets[i] + sizes[i] - start > block_bytes) flush();
-      PinnedBlock* b = blocks[k];
+      PinnedBlock& b = blocks[k];
       if (fill == 0) {
-        if (b->recorded) engine.synchronize(b->event);  // its previous copy has read it
+        b.event.wait();  // its previous copy has read it
         start = offsets[i];
       }
       const HostView& v = srcs[i];
-      host_copy(static_cast<char*>(b->ptr) + (offsets[i] - start), dense_strides(v), v.data,
+      host_copy(b.data() + (offsets[i] - start), dense_strides(v), v.data,
                 v.strides, v.shape, v.itemsize, options.swap_unit);
       fill = offsets[i] + sizes[i] - start;
     }
     flush();
-    (void)last;
     if (options.wait) engine.synchronize_stream(stream);
   } catch (...) {
     blocks.settle(engine, stream);

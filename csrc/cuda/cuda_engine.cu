@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cuda/error.h"
+#include "cuda/runtime.h"
 
 namespace tb::cuda {
 namespace {
@@ -40,14 +41,8 @@ class CudaEngine final : public TransferEngine {
  public:
   explicit CudaEngine(int device) : device_(device) {}
 
-  void* alloc_pinned(size_t nbytes) override {
-    void* p = nullptr;
-    TB_CUDA_CHECK(cudaHostAlloc(&p, nbytes, cudaHostAllocPortable));
-    return p;
-  }
-  void free_pinned(void* ptr) noexcept override {
-    if (cudaFreeHost(ptr) != cudaSuccess) (void)cudaGetLastError();
-  }
+  void* alloc_pinned(size_t nbytes) override { return host_alloc(nbytes); }
+  void free_pinned(void* ptr) noexcept override { host_free(ptr); }
   void copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) override {
     maybe_inject_fault();
     TB_CUDA_CHECK(cudaMemcpyAsync(host, device, n, cudaMemcpyDeviceToHost, stream(s)));
@@ -140,11 +135,6 @@ size_t default_pinned_budget() {
   return std::clamp(ram / 8, size_t{256} << 20, size_t{8} << 30);
 }
 
-size_t pinned_budget() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  return g_budget ? g_budget : default_pinned_budget();
-}
-
 void set_pinned_budget(size_t bytes) {
   std::vector<Device*> devs;
   {
@@ -177,15 +167,6 @@ PoolStats pinned_stats() {
   return total;
 }
 
-void trim_pinned() {
-  std::vector<Device*> devs;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    for (auto& [d, dev] : *g_devices) devs.push_back(dev);
-  }
-  for (Device* dev : devs) dev->pool.trim();
-}
-
 PipelineReport copy_to_host(int d, StreamHandle stream, const void* device_src,
                             const HostView& dst, const PipelineOptions& options) {
   DeviceGuard guard(d);
@@ -209,40 +190,20 @@ PipelineReport copy_many_to_device(int d, StreamHandle stream, const std::vector
                                  options);
 }
 
-EventHandle copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t n,
-                       bool to_host) {
+Event copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t n,
+                 bool to_host) {
   DeviceGuard guard(d);
   Device& dev = device(d);
-  const EventHandle e = dev.engine.create_event();
-  try {
-    if (to_host) dev.engine.copy_to_host_async(dst, src, n, stream);
-    else dev.engine.copy_to_device_async(dst, src, n, stream);
-    dev.engine.record(e, stream);
-  } catch (...) {
-    dev.engine.destroy_event(e);
-    throw;
-  }
-  return e;
+  Event done(dev.engine);
+  if (to_host) dev.engine.copy_to_host_async(dst, src, n, stream);
+  else dev.engine.copy_to_device_async(dst, src, n, stream);
+  done.record(stream);
+  return done;
 }
 
 #ifdef TB_TESTING
 void inject_copy_fault(int64_t after) { g_fail_copy_after.store(after); }
 #endif
-
-bool query_event(EventHandle e) {
-  const cudaError_t err = cudaEventQuery(reinterpret_cast<cudaEvent_t>(e));
-  if (err == cudaErrorNotReady) return false;
-  TB_CUDA_CHECK(err);
-  return true;
-}
-
-void synchronize_event(EventHandle e) {
-  TB_CUDA_CHECK(cudaEventSynchronize(reinterpret_cast<cudaEvent_t>(e)));
-}
-
-void destroy_event(EventHandle e) noexcept {
-  if (cudaEventDestroy(reinterpret_cast<cudaEvent_t>(e)) != cudaSuccess) (void)cudaGetLastError();
-}
 
 bool host_register(void* ptr, size_t nbytes) {
   std::lock_guard<std::mutex> lock(g_register_mutex);

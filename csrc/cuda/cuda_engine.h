@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/event.h"
 #include "core/pinned_pool.h"
 #include "core/pipeline.h"
 
@@ -17,12 +18,9 @@ namespace tb::cuda {
 
 /// Default pinned budget per device: an eighth of physical memory, within [256 MiB, 8 GiB].
 size_t default_pinned_budget();
-size_t pinned_budget();
 void set_pinned_budget(size_t bytes);
 /// Summed over the devices used so far.
 PoolStats pinned_stats();
-/// Frees idle staging blocks whose copies have completed.
-void trim_pinned();
 
 /// Device (dense) -> host view through the device's pool; blocks until done.
 PipelineReport copy_to_host(int device, StreamHandle stream, const void* device_src,
@@ -37,18 +35,15 @@ PipelineReport copy_many_to_device(int device, StreamHandle stream,
                                    const std::vector<size_t>& offsets, void* device_base,
                                    const PipelineOptions& options);
 
-/// One asynchronous copy between page-locked host memory and the device; returns an
-/// event recorded after it (release it with destroy_event).
-EventHandle copy_async(int device, StreamHandle stream, void* dst, const void* src, size_t n,
-                       bool to_host);
-bool query_event(EventHandle e);
+/// One asynchronous copy between page-locked host memory and the device, and the event
+/// recorded after it (owned by the caller; neither side may be touched until it is done).
+Event copy_async(int device, StreamHandle stream, void* dst, const void* src, size_t n,
+                 bool to_host);
 #ifdef TB_TESTING
 /// Test-only (testing builds): the copy after `after` more succeed fails with a CUDA
 /// error (-1: off).
 void inject_copy_fault(int64_t after);
 #endif
-void synchronize_event(EventHandle e);
-void destroy_event(EventHandle e) noexcept;
 
 /// Page-locks existing memory (cudaHostRegister), reference counted by address range.
 /// Returns false when the range already lies in page-locked memory it did not register.

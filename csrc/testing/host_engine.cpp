@@ -75,7 +75,7 @@ void HostEngine::copy_to_device_async(void* device, const void* host, size_t n, 
 EventHandle HostEngine::create_event() {
   std::lock_guard<std::mutex> lock(m_);
   const EventHandle e = next_event_++;
-  events_[e] = Event{};
+  events_[e] = EventState{};
   return e;
 }
 
@@ -107,6 +107,7 @@ bool HostEngine::query(EventHandle e) {
 }
 
 void HostEngine::synchronize(EventHandle e) {
+  if (fail_next_sync_.exchange(false)) throw std::runtime_error("HostEngine: injected wait failure");
   std::unique_lock<std::mutex> lock(m_);
   done_cv_.wait(lock, [&] {
     auto it = events_.find(e);

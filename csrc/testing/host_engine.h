@@ -7,6 +7,7 @@
 // of allocations, to exercise the pageable fallback.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -40,11 +41,13 @@ class HostEngine final : public TransferEngine {
 
   /// Waits until everything queued so far has run.
   void drain();
+  /// The next synchronize() throws instead of waiting (as a device error would).
+  void fail_next_synchronize() { fail_next_sync_ = true; }
   int64_t pinned_allocations() const { return allocations_; }
   int64_t live_pinned() const { return live_; }
 
  private:
-  struct Event {
+  struct EventState {
     uint64_t recorded = 0, completed = 0;
   };
   void enqueue(std::function<void()> task);
@@ -62,8 +65,9 @@ class HostEngine final : public TransferEngine {
   std::condition_variable done_cv_;  // an event completed, or the queue drained
   std::deque<std::function<void()>> queue_;
   bool busy_ = false;
+  std::atomic<bool> fail_next_sync_{false};
   bool stop_ = false;
-  std::unordered_map<EventHandle, Event> events_;
+  std::unordered_map<EventHandle, EventState> events_;
   EventHandle next_event_ = 1;
   std::thread worker_;
 };

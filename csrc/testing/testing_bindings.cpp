@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,25 @@ class HostTransferTester {
     }
     pending_.clear();
   }
+  // One copy queued without waiting, as the CUDA path's page-locked copies are: the
+  // handle owns the event and holds both arrays (and this tester) until it completes.
+  std::unique_ptr<PendingCopy> copy_async(py::array device, py::array host, bool to_host,
+                                          py::object self) {
+    const py::array& written = to_host ? host : device;
+    if (!(device.flags() & py::array::c_style) || !(host.flags() & py::array::c_style))
+      throw py::value_error("copy_async: both arrays must be C-contiguous");
+    if (device.nbytes() != host.nbytes())
+      throw py::value_error("copy_async: the arrays must have the same size in bytes");
+    if (!written.writeable()) throw py::value_error("copy_async: the destination is read-only");
+    const size_t n = static_cast<size_t>(host.nbytes());
+    tb::Event done(engine_);
+    if (to_host) engine_.copy_to_host_async(host.mutable_data(), device.data(), n, 0);
+    else engine_.copy_to_device_async(device.mutable_data(), host.data(), n, 0);
+    done.record(0);
+    return std::make_unique<PendingCopy>(std::move(done), py::make_tuple(device, host),
+                                         std::move(self));
+  }
+  void fail_next_wait() { engine_.fail_next_synchronize(); }
   py::dict stats() { return stats_dict(pool_.stats()); }
   void set_budget(size_t b) { pool_.set_budget(b); }
   void trim() { pool_.trim(); }
@@ -128,6 +148,8 @@ void cuda_inject_copy_fault(int64_t after) {
 
 PYBIND11_MODULE(_C_testing, m) {
   m.doc() = "tensorbridge's test-only compiled helpers (never in release builds)";
+  // PendingCopy is registered by tensorbridge._C; the copies made here return it too.
+  py::module_::import("tensorbridge._C");
   py::class_<HostTransferTester>(m, "HostTransferTester",
                                  "The transfer pipeline and pinned pool on a host-only engine "
                                  "(copies run on a worker thread), for tests without a GPU.")
@@ -141,6 +163,17 @@ PYBIND11_MODULE(_C_testing, m) {
       .def("to_device_many", &HostTransferTester::to_device_many, py::arg("srcs"),
            py::arg("offsets"), py::arg("device"), py::arg("chunk_bytes") = 0,
            py::arg("buffers") = 0)
+      .def(
+          "copy_async",
+          [](py::object self, py::array device, py::array host, bool to_host) {
+            auto& tester = self.cast<HostTransferTester&>();
+            return tester.copy_async(std::move(device), std::move(host), to_host,
+                                     std::move(self));
+          },
+          py::arg("device"), py::arg("host"), py::arg("to_host"),
+          "One copy queued without waiting; returns a tensorbridge._C.PendingCopy.")
+      .def("fail_next_wait", &HostTransferTester::fail_next_wait,
+           "The engine's next event wait fails, as a device error would.")
       .def("drain", &HostTransferTester::drain)
       .def("stats", &HostTransferTester::stats)
       .def("set_budget", &HostTransferTester::set_budget, py::arg("bytes"))

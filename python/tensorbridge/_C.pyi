@@ -1,24 +1,93 @@
-# Type stub for the private compiled module (csrc/bindings.cpp).
-from typing import Any
+# Type stub for the private compiled module (csrc/bindings.cpp). The cuda_* functions,
+# empty_pinned_bytes, is_host_pinned and array_span exist only when cuda_compiled is True.
+from typing import Any, TypedDict
 
 import numpy as np
 
 __version__: str
 cuda_compiled: bool
 
+class _Probe(TypedDict):
+    compiled: bool
+    device_count: int
+    runtime_version: int
+    driver_version: int
+    error: str | None
+    device_names: list[str]
+
+class _Report(TypedDict):
+    chunks: int
+    staged: bool
+
+class _PoolStats(TypedDict):
+    bytes_held: int
+    bytes_in_use: int
+    budget: int
+    hits: int
+    misses: int
+    waits: int
+    fallbacks: int
+    pin_failures: int
+    frees: int
+
+class PendingCopy:
+    """A copy queued without waiting; holds the memory it touches until it completes."""
+
+    def done(self) -> bool: ...
+    def wait(self) -> None: ...
+
 def copy(
     dst: np.ndarray, src: np.ndarray, swap_unit: int = 0, min_parallel_bytes: int = 0
 ) -> None: ...
-def get_num_threads() -> int: ...
-def set_num_threads(n: int) -> None: ...
-def cuda_probe() -> dict[str, Any]: ...
-def empty_pinned_bytes(nbytes: int) -> np.ndarray: ...  # only when cuda_compiled
-def is_host_pinned(array: np.ndarray) -> bool: ...  # only when cuda_compiled
 def copy_from_address(
     out: object,
-    dtype: np.dtype,
+    dtype: np.dtype[Any],
     src: int,
     shape: tuple[int, ...],
     strides: tuple[int, ...],
     swap_unit: int = 0,
 ) -> int: ...
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def cuda_probe() -> _Probe: ...
+
+# Only when cuda_compiled:
+def empty_pinned_bytes(nbytes: int) -> np.ndarray: ...
+def cuda_copy_to_host(
+    device: int,
+    stream: int,
+    src: int,
+    dst: np.ndarray,
+    chunk_bytes: int = 0,
+    buffers: int = 0,
+    swap_unit: int = 0,
+) -> _Report: ...
+def cuda_copy_to_device(
+    device: int,
+    stream: int,
+    src: np.ndarray,
+    dst: int,
+    chunk_bytes: int = 0,
+    buffers: int = 0,
+    swap_unit: int = 0,
+    wait: bool = False,
+) -> _Report: ...
+def cuda_copy_many_to_device(
+    device: int,
+    stream: int,
+    srcs: list[np.ndarray],
+    offsets: list[int],
+    dst: int,
+    chunk_bytes: int = 0,
+    buffers: int = 0,
+    wait: bool = False,
+) -> _Report: ...
+def cuda_copy_async(
+    device: int, stream: int, dst: int, src: int, nbytes: int, to_host: bool, keepalive: object
+) -> PendingCopy: ...
+def cuda_pinned_stats() -> _PoolStats: ...
+def cuda_set_pinned_budget(bytes: int) -> None: ...
+def cuda_host_register(array: np.ndarray) -> bool: ...
+def cuda_host_unregister(address: int, nbytes: int) -> bool: ...
+def array_span(array: np.ndarray) -> tuple[int, int]: ...
+def is_host_pinned(array: np.ndarray) -> bool: ...

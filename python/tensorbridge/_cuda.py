@@ -12,16 +12,15 @@ import collections
 import dataclasses
 import os
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from . import _backend, _dtypes
 from ._copy import swap_unit
-from ._handle import Transfer, park
+from ._handle import Transfer
 
 # Chunk size (the largest: a transfer of under 8 chunks uses smaller ones, down to
 # 4 MiB) and the number of staging buffers in flight. From benchmarks/tune_gpu.py on an
@@ -197,10 +196,13 @@ def to_host(
 
     if swap == 0 and dst.flags.c_contiguous and nbytes and C.is_host_pinned(dst):
         # Page-locked destination: one DMA, queued now on the current stream.
-        event = C.cuda_copy_async(
-            index, stream.cuda_stream, dst.ctypes.data, src.data_ptr(), nbytes, True
+        pending = C.cuda_copy_async(
+            index, stream.cuda_stream, dst.ctypes.data, src.data_ptr(), nbytes, True, (src, out)
         )
-        return _event_result(event, out, keepalive=(src, out), wait=not non_blocking)
+        if non_blocking:
+            return Transfer(out, poll=pending.done, block=pending.wait)
+        pending.wait()
+        return out
 
     def run() -> np.ndarray:
         C.cuda_copy_to_host(
@@ -225,57 +227,36 @@ def to_host(
     return Transfer(out, poll=future.done, block=future.result, keepalive=(src, out))
 
 
-def _finish_event(event: int, keepalive: Any) -> None:
-    """Waits for `event`, then releases it; `keepalive` lives until the copy is done, and
-    for good when the wait fails (the copy may still be running)."""
-    C = _backend.C
-    try:
-        C.cuda_event_synchronize(event)
-    except BaseException:
-        park(keepalive)
-        raise
-    finally:
-        C.cuda_event_destroy(event)
-
-
-def _event_result(event: int, result: Any, keepalive: Any, wait: bool) -> Any:
-    if wait:
-        _finish_event(event, keepalive)
-        return result
-    C = _backend.C
-    t: Transfer[Any] = Transfer(result, poll=lambda: C.cuda_event_query(event))
-    # wait() runs the finalizer; a handle dropped without wait() runs it when collected,
-    # so the memory the DMA touches outlives the DMA either way.
-    finish = weakref.finalize(t, _finish_event, event, keepalive)
-    t._block = finish
-    return t
-
-
 # --------------------------------------------------------------------------- host -> device
 
 
+class Pending(Protocol):
+    """A copy queued without waiting (``tensorbridge._C.PendingCopy``)."""
+
+    def done(self) -> bool: ...
+    def wait(self) -> None: ...
+
+
 class CompletionWatcher:
-    """Waits on a daemon thread for copies queued without waiting, then releases them.
+    """Waits on a daemon thread for copies queued without waiting, then drops them.
 
     A non-blocking copy out of page-locked memory holds its event and the memory's owner
-    until the DMA has read it. Reaping them only when a later transfer comes would keep
-    both forever when none comes; this thread waits for each event in turn, destroys it
-    and drops the owner. It starts on the first copy and ends after a second idle.
-    ``wait`` and ``release`` are the engine's event calls (fakes in tests).
+    until the DMA has read it (the PendingCopy does). Dropping it only when a later
+    transfer comes would keep both forever when none comes; this thread waits for each
+    copy in turn and drops it, which frees the event and lets the memory go (kept for good
+    when the wait failed). It starts on the first copy and ends after a second idle.
     """
 
-    def __init__(self, wait: Any, release: Any, idle_s: float = 1.0) -> None:
-        self._wait = wait
-        self._release = release
+    def __init__(self, idle_s: float = 1.0) -> None:
         self._idle_s = idle_s
-        self._queue: collections.deque[tuple[int, Any]] = collections.deque()
+        self._queue: collections.deque[Pending] = collections.deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._busy = 0  # events taken off the queue and not yet released
+        self._busy = 0  # copies taken off the queue and not yet dropped
 
-    def add(self, event: int, keepalive: Any) -> None:
+    def add(self, pending: Pending) -> None:
         with self._cv:
-            self._queue.append((event, keepalive))
+            self._queue.append(pending)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="tensorbridge-completions", daemon=True
@@ -296,35 +277,26 @@ class CompletionWatcher:
                 if not self._queue:
                     self._thread = None  # a later add() starts a new one
                     return
-                event, keepalive = self._queue.popleft()
+                pending = self._queue.popleft()
                 self._busy += 1
             try:
-                self._wait(event)
-            except BaseException:
-                park(keepalive)  # the copy may still be reading it
+                pending.wait()
+            except Exception:
+                pass  # (the copy's memory stays alive for good; nobody is left to tell)
             finally:
-                self._release(event)
-                del keepalive
+                del pending
                 with self._cv:
                     self._busy -= 1
 
     def reset_after_fork(self) -> None:
-        """In a forked child: the parent's thread and events are not ours."""
+        """In a forked child: the parent's thread and copies are not ours."""
         self._queue = collections.deque()
         self._cv = threading.Condition()
         self._thread = None
         self._busy = 0
 
 
-def _wait_event(event: int) -> None:
-    _backend.C.cuda_event_synchronize(event)
-
-
-def _destroy_event(event: int) -> None:
-    _backend.C.cuda_event_destroy(event)
-
-
-_completions = CompletionWatcher(_wait_event, _destroy_event)
+_completions = CompletionWatcher()
 
 
 def to_device(
@@ -367,13 +339,14 @@ def to_device(
         dst = torch.empty(a.shape, dtype=t_dtype, device=device)
     stream = torch.cuda.current_stream(device)
     if swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src):
-        event = C.cuda_copy_async(
-            index, stream.cuda_stream, dst.data_ptr(), src.ctypes.data, nbytes, False
+        # (the handle keeps the source alive until the DMA has read it)
+        pending = C.cuda_copy_async(
+            index, stream.cuda_stream, dst.data_ptr(), src.ctypes.data, nbytes, False, a
         )
-        if non_blocking:  # keep the source alive until the DMA has read it
-            _completions.add(event, a)
+        if non_blocking:
+            _completions.add(pending)
         else:
-            _finish_event(event, a)
+            pending.wait()
     elif nbytes:
         # Staged: `a` is not read once this returns (non_blocking: the last chunk is queued;
         # blocking: it has arrived, so other streams may use the tensor at once).
