@@ -6,7 +6,7 @@ below which torch's own copy is used) and the copy thread count come from this s
 
     PYTHONPATH=python python benchmarks/tune_gpu.py [--repeats 7] [--save DIR]
 
-Two parts, each measured round-robin within a group (see tensorbridge.benchmark):
+Two parts, each measured round-robin within a group (see tensorbridge.bench._runner):
 
 1. small copies: torch's synchronous copy against the staging pipeline, per size, both
    directions, pageable NumPy memory: where the pipeline starts to win is the threshold;
@@ -28,8 +28,9 @@ import torch
 
 import tensorbridge as tb
 from tensorbridge import _cuda
-from tensorbridge.benchmark import KiB, MiB, measure_group
-from tensorbridge.benchmark_gpu import gpu_machine
+from tensorbridge.bench import measure_group
+from tensorbridge.bench._rows import KiB, MiB
+from tensorbridge.bench.gpu import gpu_machine
 
 
 def _sync() -> None:

@@ -32,13 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{k:<{width}}  {v}")
         return 0
     if cmd == "bench":
-        from .benchmark import main as bench_main
+        from .bench import cpu
 
-        return bench_main(rest)
+        return cpu.main(rest)
     if cmd == "bench-gpu":
-        from .benchmark_gpu import main as gpu_main
+        from .bench import gpu
 
-        return gpu_main(rest)
+        return gpu.main(rest)
     print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
     return 2
 
