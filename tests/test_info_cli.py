@@ -15,7 +15,7 @@ import torch
 
 import tensorbridge as tb
 from tensorbridge import _backend
-from tensorbridge.bench import cpu, gpu, load, measure, save
+from tensorbridge.bench import cpu, gpu, load, measure, save, tune
 from tensorbridge.bench._report import format_report, machine
 from tensorbridge.bench._rows import Report, Row
 
@@ -199,11 +199,13 @@ def test_committed_results_still_load(path):
 
 
 def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
-    """bench-gpu imports everywhere and says why it cannot run."""
+    """bench-gpu and bench-tune import everywhere and say why they cannot run."""
     if HAS_CUDA:
         pytest.skip("a CUDA device is available")
     assert gpu.main(["--repeats", "3"]) == 2
     assert "bench-gpu: no CUDA device is available to torch" in capsys.readouterr().err
+    assert tune.main([]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- pinned memory

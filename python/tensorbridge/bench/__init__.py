@@ -1,6 +1,7 @@
 """tensorbridge's benchmarks: each method beside the idioms it replaces, in the same run.
 
-Command lines: ``python -m tensorbridge bench`` (``cpu``) and ``bench-gpu`` (``gpu``).
+Command lines: ``python -m tensorbridge bench`` (``cpu``), ``bench-gpu`` (``gpu``) and
+``bench-tune`` (``tune``).
 
 - ``_rows``: ``Row`` (one measured method: name, size, median, p10, p90, baseline or
   not), ``Report`` (a run's machine and rows), size formatting and parsing;
@@ -10,7 +11,8 @@ Command lines: ``python -m tensorbridge bench`` (``cpu``) and ``bench-gpu`` (``g
 - ``_results``: saving a run as .txt and .json, and loading the .json back;
 - ``cpu``: conversions on the host (per-call overhead, ``out=``, what torch refuses);
 - ``loader``: batches, collate, image normalization and a DataLoader epoch end to end;
-- ``gpu``: device<->host transfers against the pinned peak, and batches to the device.
+- ``gpu``: device<->host transfers against the pinned peak, and batches to the device;
+- ``tune``: the sweep of the GPU engine's knobs that set the defaults in ``_cuda``.
 """
 
 from ._results import load, save
