@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's one command: build tensorbridge in place, run the whole test suite (GPU
-# tests included), then the GPU benchmark, and write the table, its JSON, a plot and the
-# logs to OUTDIR.
+# tests included), then the GPU benchmark, and write the table, its JSON and a plot to
+# OUTDIR; the run log and the test report (junit XML) go to OUTDIR/logs, which
+# .gitignore keeps out of commits (the results are the .txt, .json and .png).
 #
 #   bash benchmarks/run_gpu.sh [OUTDIR]        # from the repository root; default OUTDIR:
 #                                              # benchmarks/results
@@ -14,9 +15,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
 py="${PYTHON:-python3}"
-mkdir -p "$out"
+logs="$out/logs"
+mkdir -p "$out" "$logs"
 stamp="$(date +%Y-%m-%d)"
-log="$out/$stamp-gpu-run.log"
+log="$logs/$stamp-gpu-run.log"
 export PYTHONUNBUFFERED=1
 
 run() {
@@ -33,7 +35,7 @@ run() {
 
   echo "== the whole test suite, GPU tests included"
   "$py" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers -rfE" \
-    --junitxml="$out/$stamp-gpu-tests.xml" tests
+    --junitxml="$logs/$stamp-gpu-tests.xml" tests
   local tests=$?
 
   echo "== GPU benchmark"
@@ -46,5 +48,5 @@ run() {
 
 run 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-echo "logs and results in $out (run log: $log)"
+echo "results in $out; run log and test report in $logs"
 exit "$status"

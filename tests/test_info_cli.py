@@ -7,13 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _backend, benchmark
+from tensorbridge import _backend
+from tensorbridge.bench import cpu, gpu, load, measure, save, tune
+from tensorbridge.bench._report import format_report, machine
+from tensorbridge.bench._rows import Report, Row
 
 from conftest import HAS_CUDA
 
@@ -138,7 +142,7 @@ def test_benchmark_smoke(tmp_path, capsys, fallback):
         "--save",
         str(tmp_path),
     ]
-    assert benchmark.main(args + (["--fallback"] if fallback else [])) == 0
+    assert cpu.main(args + (["--fallback"] if fallback else [])) == 0
     text = capsys.readouterr().out
     for needle in (
         "tensorbridge CPU benchmark",
@@ -160,9 +164,48 @@ def test_benchmark_smoke(tmp_path, capsys, fallback):
 
 
 def test_measure_reports_spread():
-    med, p10, p90, number = benchmark.measure(lambda i: None, repeats=5, min_sample_s=1e-4)
+    med, p10, p90, number = measure(lambda i: None, repeats=5, min_sample_s=1e-4)
     assert 0 <= p10 <= med <= p90
     assert number >= 1
+
+
+def test_benchmark_results_round_trip(tmp_path):
+    """save() then load() gives back the machine and the same rows, in order."""
+    rows = [
+        Row("overhead", "tensor -> ndarray", 0, "tb.to_numpy(x)", False, 1e-6, 9e-7, 2e-6, 5),
+        Row("overhead", "tensor -> ndarray", 0, "x.numpy()", True, 5e-7, 4e-7, 6e-7, 5),
+        Row("device -> host", "into out", 4096, "t.cpu()", True, 1e-5, 9e-6, 2e-5, 5, 54.8),
+    ]
+    report = Report(machine(), rows)
+    text = format_report(report)
+    base = save(report, text, str(tmp_path / "results"), "run")
+    assert (tmp_path / "results" / "run.txt").read_text() == text + "\n"
+    back = load(base + ".json")
+    assert back.rows == rows
+    assert back.machine == json.loads(json.dumps(report.machine))
+    assert format_report(back) == text
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*-[cg]pu-*.json")), ids=lambda p: p.name)
+def test_committed_results_still_load(path):
+    """The results under benchmarks/results load, and print as the .txt saved beside them."""
+    report = load(str(path))
+    assert report.rows and all(row.median_s > 0 for row in report.rows)
+    title = "tensorbridge GPU benchmark" if "-gpu-" in path.name else "tensorbridge CPU benchmark"
+    assert path.with_suffix(".txt").read_text().startswith(format_report(report, title))
+
+
+def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
+    """bench-gpu and bench-tune import everywhere and say why they cannot run."""
+    if HAS_CUDA:
+        pytest.skip("a CUDA device is available")
+    assert gpu.main(["--repeats", "3"]) == 2
+    assert "bench-gpu: no CUDA device is available to torch" in capsys.readouterr().err
+    assert tune.main([]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- pinned memory

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tensorbridge info | bench | bench-gpu``."""
+"""Command line: ``python -m tensorbridge info | bench | bench-gpu | bench-tune``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = (
-        "usage: python -m tensorbridge {info,bench,bench-gpu} [options]\n"
+        "usage: python -m tensorbridge {info,bench,bench-gpu,bench-tune} [options]\n"
         "  info       which path is live (extension or fallback) and why, CUDA, versions\n"
         "  bench      the CPU benchmark against the idioms it replaces (--help for options)\n"
-        "  bench-gpu  device<->host transfers against torch's idioms (needs a GPU)"
+        "  bench-gpu  device<->host transfers against torch's idioms (needs a GPU)\n"
+        "  bench-tune the sweep of the GPU engine's knobs behind its defaults (needs a GPU)"
     )
     if not args or args[0] in ("-h", "--help"):
         print(usage)
@@ -32,13 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{k:<{width}}  {v}")
         return 0
     if cmd == "bench":
-        from .benchmark import main as bench_main
+        from .bench import cpu
 
-        return bench_main(rest)
+        return cpu.main(rest)
     if cmd == "bench-gpu":
-        from .benchmark_gpu import main as gpu_main
+        from .bench import gpu
 
-        return gpu_main(rest)
+        return gpu.main(rest)
+    if cmd == "bench-tune":
+        from .bench import tune
+
+        return tune.main(rest)
     print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
     return 2
 

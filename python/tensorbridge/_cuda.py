@@ -23,7 +23,7 @@ from ._copy import swap_unit
 from ._handle import Transfer
 
 # Chunk size (the largest: a transfer of under 8 chunks uses smaller ones, down to
-# 4 MiB) and the number of staging buffers in flight. From benchmarks/tune_gpu.py on an
+# 4 MiB) and the number of staging buffers in flight. From the bench-tune sweep on an
 # H100 (benchmarks/results/*-tune-*-sweep2.*): 8 MiB x 6 was best or near it from 64 MiB
 # up in both directions; at 16 MiB, 4 MiB chunks were.
 _options = {"chunk_bytes": 8 << 20, "buffers": 6}
@@ -37,12 +37,12 @@ def _chunk_bytes(nbytes: int) -> int:
 @dataclasses.dataclass
 class Routing:
     """The one size-routing policy: which copies take torch's own copy instead of the
-    engine. Every call site asks it; ``benchmarks/tune_gpu.py`` calibrates it.
+    engine. Every call site asks it; ``python -m tensorbridge bench-tune`` calibrates it.
 
     Blocking copies of at most ``small_d2h`` / ``small_h2d`` bytes between a CUDA tensor
     and a plain NumPy array take torch's path (one cudaMemcpy through the driver's
     staging): below that, the pipeline's fixed costs (pool lease, events, host copies on
-    the thread pool) outweigh what it saves. From benchmarks/tune_gpu.py on an H100
+    the thread pool) outweigh what it saves. From the bench-tune sweep on an H100
     (benchmarks/results/*-tune-*): the engine overtook torch's copy at 1 MiB device->host
     and at 4 MiB host->device. Host-to-host copies of at least ``host_torch_bytes`` between
     contiguous arrays run on torch's intra-op threads (the threads the caller's own tensor

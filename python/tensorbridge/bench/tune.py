@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Sweeps the GPU engine's knobs and prints median GB/s for each setting.
 
 The defaults in python/tensorbridge/_cuda.py (chunk size, staging buffers, the size
 below which torch's own copy is used) and the copy thread count come from this sweep:
 
-    PYTHONPATH=python python benchmarks/tune_gpu.py [--repeats 7] [--save DIR]
+    python -m tensorbridge bench-tune [--repeats 7] [--save DIR]
 
-Two parts, each measured round-robin within a group (see tensorbridge.benchmark):
+Two parts, each measured round-robin within a group (see tensorbridge.bench._runner):
 
 1. small copies: torch's synchronous copy against the staging pipeline, per size, both
    directions, pageable NumPy memory: where the pipeline starts to win is the threshold;
@@ -17,27 +16,28 @@ Two parts, each measured round-robin within a group (see tensorbridge.benchmark)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 
-import tensorbridge as tb
-from tensorbridge import _cuda
-from tensorbridge.benchmark import KiB, MiB, measure_group
-from tensorbridge.benchmark_gpu import gpu_machine
+from .. import _backend, _cuda
+from .._convert import to_numpy, to_tensor
+from ._results import write_json
+from ._rows import KiB, MiB, slug
+from ._runner import Call, buffers_to_rotate, measure_group
+from .gpu import gpu_machine
 
-
-def _sync() -> None:
-    torch.cuda.synchronize()
+Measured = list[tuple[float, float, float, int]]
 
 
 @contextmanager
-def _engine_only():
+def _engine_only() -> Iterator[None]:
     """Every size through the staging pipeline (no hand-off of small copies to torch)."""
     saved = _cuda.ROUTING.small_d2h, _cuda.ROUTING.small_h2d
     _cuda.ROUTING.small_d2h = _cuda.ROUTING.small_h2d = 0
@@ -47,61 +47,70 @@ def _engine_only():
         _cuda.ROUTING.small_d2h, _cuda.ROUTING.small_h2d = saved
 
 
-def _small_pair(nbytes: int, repeats: int) -> tuple[list, list]:
+def _small_pair(nbytes: int, repeats: int) -> tuple[Measured, Measured]:
     """(d2h, h2d) measurements of [torch's copy, the engine] at one size."""
     n = nbytes // 4
-    k = max(1, min(16, (64 * MiB) // nbytes))
+    k = buffers_to_rotate(nbytes)
     ts = [torch.rand(n, device="cuda") for _ in range(k)]
     out = np.ones(n, np.float32)
     arrays = [np.random.rand(n).astype(np.float32) for _ in range(k)]
 
-    def engine_d2h(i):
+    def engine_d2h(i: int) -> None:
         with _engine_only():
-            tb.to_numpy(ts[i % k], out=out)
+            to_numpy(ts[i % k], out=out)
 
-    def engine_h2d(i):
+    def engine_h2d(i: int) -> None:
         with _engine_only():
-            tb.to_tensor(arrays[i % k], "cuda")
+            to_tensor(arrays[i % k], "cuda")
 
     d2h = measure_group([lambda i: torch.from_numpy(out).copy_(ts[i % k]), engine_d2h], repeats)
     h2d = measure_group([lambda i: torch.from_numpy(arrays[i % k]).cuda(), engine_h2d], repeats)
     return d2h, h2d
 
 
-def small_copies(repeats: int) -> list[dict]:
-    rows = []
+def small_copies(repeats: int) -> list[dict[str, Any]]:
+    """Part 1: torch's copy against the engine from 4 KiB to 4 MiB, both directions."""
+    rows: list[dict[str, Any]] = []
     for nbytes in [4 * KiB, 16 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, 1 * MiB, 4 * MiB]:
         d2h, h2d = _small_pair(nbytes, repeats)
         for direction, res in (("d2h", d2h), ("h2d", h2d)):
-            r = {
-                "part": "small",
-                "direction": direction,
-                "bytes": nbytes,
-                "torch_gbs": nbytes / res[0][0] / 1e9,
-                "engine_gbs": nbytes / res[1][0] / 1e9,
-            }
-            rows.append(r)
+            torch_gbs, engine_gbs = nbytes / res[0][0] / 1e9, nbytes / res[1][0] / 1e9
+            rows.append(
+                {
+                    "part": "small",
+                    "direction": direction,
+                    "bytes": nbytes,
+                    "torch_gbs": torch_gbs,
+                    "engine_gbs": engine_gbs,
+                }
+            )
             print(
-                f"small {direction} {nbytes // KiB:>6} KiB  torch {r['torch_gbs']:7.2f} GB/s"
-                f"  engine {r['engine_gbs']:7.2f} GB/s  engine/torch "
-                f"{r['engine_gbs'] / r['torch_gbs']:.2f}",
+                f"small {direction} {nbytes // KiB:>6} KiB  torch {torch_gbs:7.2f} GB/s"
+                f"  engine {engine_gbs:7.2f} GB/s  engine/torch {engine_gbs / torch_gbs:.2f}",
                 flush=True,
             )
     return rows
 
 
-def _config_call(direction: str, c: int, b: int, t, out, a):
+def _config_call(
+    direction: str, c: int, b: int, t: torch.Tensor, out: np.ndarray, a: np.ndarray
+) -> Call:
     if direction == "d2h":
-        return lambda i: (tb.transfer_options(c, b), tb.to_numpy(t, out=out))
-    return lambda i: (tb.transfer_options(c, b), tb.to_tensor(a, "cuda"))
+        return lambda i: (_cuda.transfer_options(c, b), to_numpy(t, out=out))
+    return lambda i: (_cuda.transfer_options(c, b), to_tensor(a, "cuda"))
 
 
 def pipeline(
-    repeats: int, threads: list[int], chunks: list[int], buffers: list[int], sizes: list[int]
-) -> list[dict]:
-    rows = []
+    repeats: int,
+    threads: Sequence[int],
+    chunks: Sequence[int],
+    buffers: Sequence[int],
+    sizes: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Part 2: chunk size x staging buffers x copy threads at each size, both directions."""
+    rows: list[dict[str, Any]] = []
     configs = [(c, b) for c in chunks for b in buffers]
-    saved = tb.transfer_options()
+    saved = _cuda.transfer_options()
     try:
         for nbytes in sizes:
             n = nbytes // 4
@@ -109,7 +118,7 @@ def pipeline(
             out = np.ones(n, np.float32)
             a = np.random.rand(n).astype(np.float32)
             for nthreads in threads:
-                tb.set_num_threads(nthreads)
+                _backend.set_num_threads(nthreads)
                 for direction in ("d2h", "h2d"):
                     calls = [_config_call(direction, c, b, t, out, a) for c, b in configs]
                     res = measure_group(calls, repeats)
@@ -137,26 +146,30 @@ def pipeline(
                         flush=True,
                     )
     finally:
-        tb.transfer_options(**saved)
+        _cuda.transfer_options(**saved)
     return rows
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tensorbridge bench-tune [options]``; returns the exit status."""
+    p = argparse.ArgumentParser(
+        prog="python -m tensorbridge bench-tune",
+        description="Sweeps the GPU engine's knobs and prints median GB/s for each setting.",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, nargs="+", default=None)
     p.add_argument("--chunks-mib", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--buffers", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 256])
     p.add_argument("--skip-small", action="store_true")
-    p.add_argument("--save", metavar="DIR")
-    args = p.parse_args()
-    if not (torch.cuda.is_available() and tb.info()["cuda"]):
+    p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-tune-<gpu>.json")
+    args = p.parse_args(argv)
+    if not (torch.cuda.is_available() and _backend.info()["cuda"]):
         print("needs a GPU and the compiled CUDA engine", file=sys.stderr)
         return 2
     cores = os.cpu_count() or 1
     threads = args.threads or sorted({max(1, cores // 4), max(1, cores // 2), cores})
-    saved_threads = tb.get_num_threads()
+    saved_threads = _backend.get_num_threads()
     m = gpu_machine()
     print(f"GPU {m['gpu']}, driver {m['driver']}, PCIe {m['pcie']}, {cores} cores", flush=True)
     t0 = time.time()
@@ -168,17 +181,11 @@ def main() -> int:
         args.buffers,
         [s * MiB for s in args.sizes_mib],
     )
-    tb.set_num_threads(saved_threads)
+    _backend.set_num_threads(saved_threads)
     print(f"sweep took {time.time() - t0:.0f} s")
     if args.save:
         os.makedirs(args.save, exist_ok=True)
-        name = m["gpu"].lower().replace(" ", "-")
-        path = os.path.join(args.save, f"{time.strftime('%Y-%m-%d')}-tune-{name}.json")
-        with open(path, "w") as f:
-            json.dump({"machine": m, "rows": rows}, f, indent=1)
+        path = os.path.join(args.save, f"{time.strftime('%Y-%m-%d')}-tune-{slug(m['gpu'])}.json")
+        write_json(path, m, rows)
         print(f"saved {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,36 +11,30 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
-import os
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import _cuda, _pinned
-from ._convert import to_numpy, to_tensor
-from .benchmark import (
-    KiB,
-    MiB,
-    Report,
-    _buffers,
-    _parse_size,
-    _Runner,
-    bench_loader,
-    format_report,
-    machine,
-    measure_group,
-)
+from .. import _cuda, _pinned
+from .._batch import to_device
+from .._convert import to_numpy, to_tensor
+from .._loader import images_to_tensor
+from ._report import format_report, machine
+from ._results import save
+from ._rows import GiB, KiB, MiB, Report, parse_size, slug
+from ._runner import Method, Runner, buffers_to_rotate, measure_group
+from .loader import bench_loader
 
-GiB = 1 << 30
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB]
+SECTIONS = ("d2h", "h2d", "both", "batch")
 
 
-def gpu_machine() -> dict:
+def gpu_machine() -> dict[str, Any]:
+    """machine(), plus the GPU, its memory, torch's CUDA, the driver and the PCIe link."""
     m = machine()
     props = torch.cuda.get_device_properties(0)
     m.update(
@@ -66,8 +60,13 @@ def gpu_machine() -> dict:
     return m
 
 
-def _sync() -> None:
+def synced(result: object) -> object:
+    """Waits for the device, then returns result: ``lambda i: synced(t.copy_(...))``.
+
+    The argument is evaluated first, so the call and its completion are both timed.
+    """
     torch.cuda.synchronize()
+    return result
 
 
 def pinned_peak(repeats: int, nbytes: int = 256 * MiB) -> tuple[float, float]:
@@ -77,8 +76,8 @@ def pinned_peak(repeats: int, nbytes: int = 256 * MiB) -> tuple[float, float]:
     host.fill_(1)
     d2h, h2d = measure_group(
         [
-            lambda i: (host.copy_(dev, non_blocking=True), _sync()),
-            lambda i: (dev.copy_(host, non_blocking=True), _sync()),
+            lambda i: synced(host.copy_(dev, non_blocking=True)),
+            lambda i: synced(dev.copy_(host, non_blocking=True)),
         ],
         repeats,
     )
@@ -87,7 +86,7 @@ def pinned_peak(repeats: int, nbytes: int = 256 * MiB) -> tuple[float, float]:
 
 def _d2h_methods(
     ts: list[torch.Tensor], out: np.ndarray, pinned_t: torch.Tensor, pinned_out: np.ndarray
-) -> list:
+) -> list[Method]:
     k = len(ts)
     return [
         ("t.cpu().numpy()", True, lambda i: ts[i % k].cpu().numpy()),
@@ -100,7 +99,7 @@ def _d2h_methods(
         (
             "pinned.copy_(t, non_blocking=True); sync",
             True,
-            lambda i: (pinned_t.copy_(ts[i % k], non_blocking=True), _sync()),
+            lambda i: synced(pinned_t.copy_(ts[i % k], non_blocking=True)),
         ),
         ("tb.to_numpy(t, out=out)  [pageable]", False, lambda i: to_numpy(ts[i % k], out=out)),
         (
@@ -111,10 +110,11 @@ def _d2h_methods(
     ]
 
 
-def bench_d2h(r: _Runner, sizes: Sequence[int], peak: float) -> None:
+def bench_d2h(r: Runner, sizes: Sequence[int], peak: float) -> None:
+    """Device to host into a preallocated array, pageable and pinned."""
     for nbytes in sizes:
         n = nbytes // 4
-        ts = [torch.rand(n, device="cuda") for _ in range(_buffers(nbytes, 256 * MiB))]
+        ts = [torch.rand(n, device="cuda") for _ in range(buffers_to_rotate(nbytes, 256 * MiB))]
         out = np.ones(n, np.float32)  # pages touched before timing
         pinned_out = _pinned.empty_pinned((n,), np.float32)
         pinned_out.fill(1)
@@ -124,36 +124,40 @@ def bench_d2h(r: _Runner, sizes: Sequence[int], peak: float) -> None:
         )
 
 
-def _h2d_methods(arrs: list[np.ndarray], pinned_a: np.ndarray) -> list:
+def _h2d_methods(arrs: list[np.ndarray], pinned_a: np.ndarray) -> list[Method]:
     k = len(arrs)
     return [
         (
             "torch.from_numpy(a).cuda()",
             True,
-            lambda i: (torch.from_numpy(arrs[i % k]).cuda(), _sync()),
+            lambda i: synced(torch.from_numpy(arrs[i % k]).cuda()),
         ),
         (
             "torch.from_numpy(a).pin_memory().cuda(non_blocking=True)",
             True,
-            lambda i: (torch.from_numpy(arrs[i % k]).pin_memory().cuda(non_blocking=True), _sync()),
+            lambda i: synced(torch.from_numpy(arrs[i % k]).pin_memory().cuda(non_blocking=True)),
         ),
         (
             "tb.to_tensor(a, 'cuda')  [pageable]",
             False,
-            lambda i: (to_tensor(arrs[i % k], "cuda"), _sync()),
+            lambda i: synced(to_tensor(arrs[i % k], "cuda")),
         ),
         (
             "tb.to_tensor(a, 'cuda')  [pinned a]",
             False,
-            lambda i: (to_tensor(pinned_a, "cuda"), _sync()),
+            lambda i: synced(to_tensor(pinned_a, "cuda")),
         ),
     ]
 
 
-def bench_h2d(r: _Runner, sizes: Sequence[int], peak: float) -> None:
+def bench_h2d(r: Runner, sizes: Sequence[int], peak: float) -> None:
+    """Host to device from an array, pageable and pinned."""
     for nbytes in sizes:
         n = nbytes // 4
-        arrs = [np.random.rand(n).astype(np.float32) for _ in range(_buffers(nbytes, 256 * MiB))]
+        arrs = [
+            np.random.rand(n).astype(np.float32)
+            for _ in range(buffers_to_rotate(nbytes, 256 * MiB))
+        ]
         pinned_a = _pinned.empty_pinned((n,), np.float32)
         pinned_a[:] = arrs[0]
         r.group(
@@ -167,12 +171,12 @@ def bench_h2d(r: _Runner, sizes: Sequence[int], peak: float) -> None:
 
 def _both_methods(
     t: torch.Tensor, out: np.ndarray, a: np.ndarray, pool: concurrent.futures.ThreadPoolExecutor
-) -> list:
-    def pair(down, up) -> None:
+) -> list[Method]:
+    def pair(down: Callable[[], object], up: Callable[[], object]) -> None:
         f1, f2 = pool.submit(down), pool.submit(up)
         f1.result()
         f2.result()
-        _sync()
+        torch.cuda.synchronize()
 
     return [
         (
@@ -190,7 +194,7 @@ def _both_methods(
     ]
 
 
-def bench_both(r: _Runner, sizes: Sequence[int], peak: float) -> None:
+def bench_both(r: Runner, sizes: Sequence[int], peak: float) -> None:
     """Both directions at once, from two threads (a loader uploading while results come back)."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for nbytes in [s for s in sizes if s >= 16 * MiB]:
@@ -206,34 +210,26 @@ def bench_both(r: _Runner, sizes: Sequence[int], peak: float) -> None:
             )
 
 
-def _gpu_batch_methods(arrays: list[np.ndarray]) -> list:
-    from ._batch import to_device
-
+def _gpu_batch_methods(arrays: list[np.ndarray]) -> list[Method]:
     return [
         (
             "for a in batch: torch.from_numpy(a).to(dev, non_blocking=True)",
             True,
-            lambda i: (
-                [torch.from_numpy(a).to("cuda", non_blocking=True) for a in arrays],
-                _sync(),
-            ),
+            lambda i: synced([torch.from_numpy(a).to("cuda", non_blocking=True) for a in arrays]),
         ),
         (
             "per-leaf pinning: from_numpy(a).pin_memory().to(dev, non_blocking=True)",
             True,
-            lambda i: (
-                [torch.from_numpy(a).pin_memory().to("cuda", non_blocking=True) for a in arrays],
-                _sync(),
+            lambda i: synced(
+                [torch.from_numpy(a).pin_memory().to("cuda", non_blocking=True) for a in arrays]
             ),
         ),
-        ("tb.to_device(batch, dev)", False, lambda i: (to_device(arrays, "cuda"), _sync())),
+        ("tb.to_device(batch, dev)", False, lambda i: synced(to_device(arrays, "cuda"))),
     ]
 
 
-def bench_batches(r: _Runner, peak: float) -> None:
+def bench_batches(r: Runner, peak: float) -> None:
     """Many small arrays to the device, and uint8 images normalized on the device."""
-    from ._loader import images_to_tensor
-
     for size in (4 * KiB, 64 * KiB):
         for n in (10, 100, 1000, 10000):
             if n * size > 1 * GiB // 2:
@@ -259,7 +255,7 @@ def bench_batches(r: _Runner, peak: float) -> None:
             (
                 "from_numpy(x).cuda().float().div(255).sub(m).div(s).permute().contiguous()",
                 True,
-                lambda i: (
+                lambda i: synced(
                     torch.from_numpy(images)
                     .cuda()
                     .float()
@@ -267,14 +263,13 @@ def bench_batches(r: _Runner, peak: float) -> None:
                     .sub(m)
                     .div(sd)
                     .permute(0, 3, 1, 2)
-                    .contiguous(),
-                    _sync(),
+                    .contiguous()
                 ),
             ),
             (
                 "tb.images_to_tensor(x, 'cuda', mean=m, std=s)",
                 False,
-                lambda i: (images_to_tensor(images, "cuda", mean=mean, std=std), _sync()),
+                lambda i: synced(images_to_tensor(images, "cuda", mean=mean, std=std)),
             ),
         ],
         peak_gbs=peak,
@@ -314,15 +309,11 @@ def plot(report: Report, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tensorbridge bench-gpu [options]``; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m tensorbridge bench-gpu", description=__doc__)
-    p.add_argument("--sizes", type=_parse_size, nargs="+", default=DEFAULT_SIZES)
+    p.add_argument("--sizes", type=parse_size, nargs="+", default=DEFAULT_SIZES)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument(
-        "--sections",
-        nargs="+",
-        default=["d2h", "h2d", "both", "batch"],
-        choices=["d2h", "h2d", "both", "batch"],
-    )
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-gpu-<name>.txt and .json")
     p.add_argument("--plot", metavar="FILE.png", help="draw GB/s against size (needs matplotlib)")
     p.add_argument("--quiet", action="store_true")
@@ -335,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(gpu_machine())
     engine = _cuda.engine_ready()
     report.machine["engine"] = "compiled CUDA engine" if engine else "torch fallback"
-    r = _Runner(args.repeats, not args.quiet)
+    r = Runner(args.repeats, not args.quiet)
     p_d2h, p_h2d = pinned_peak(args.repeats)
     report.machine["pinned_peak_gbs"] = {"d2h": round(p_d2h, 2), "h2d": round(p_h2d, 2)}
     if "d2h" in args.sections:
@@ -351,9 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = report.machine
     text = "\n".join(
         [
-            format_report(report).replace(
-                "tensorbridge CPU benchmark", "tensorbridge GPU benchmark"
-            ),
+            format_report(report, title="tensorbridge GPU benchmark"),
             "",
             f"GPU {m['gpu']}, driver {m.get('driver')}, PCIe {m.get('pcie')}, torch CUDA "
             f"{m['torch_cuda']}; transfers through the {m['engine']}.",
@@ -365,13 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(text)
     if args.save:
-        os.makedirs(args.save, exist_ok=True)
-        name = "".join(ch if ch.isalnum() else "-" for ch in m["gpu"]).strip("-").lower()
-        base = os.path.join(args.save, f"{m['date'][:10]}-gpu-{name}")
-        with open(base + ".txt", "w") as f:
-            f.write(text + "\n")
-        with open(base + ".json", "w") as f:
-            json.dump({"machine": m, "rows": [asdict(x) for x in report.rows]}, f, indent=1)
+        base = save(report, text, args.save, f"{m['date'][:10]}-gpu-{slug(m['gpu'])}")
         print(f"\nsaved {base}.txt and {base}.json", file=sys.stderr)
     if args.plot:
         plot(report, args.plot)

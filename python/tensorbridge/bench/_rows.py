@@ -1,0 +1,60 @@
+"""A measured row, a run's report, and the byte sizes the command lines print and take."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+@dataclass
+class Row:
+    """One method of one row group, as measured: the fields are the saved JSON's keys."""
+
+    section: str
+    case: str
+    size: int  # bytes moved per call (0 for per-call overhead rows)
+    method: str
+    baseline: bool
+    median_s: float
+    p10_s: float
+    p90_s: float
+    samples: int
+    peak_gbs: float | None = None  # the pinned peak P this row is compared with (GPU rows)
+
+    def value(self) -> float:
+        """GB/s for copies, microseconds per call for overhead rows."""
+        return self.size / self.median_s / 1e9 if self.size else self.median_s * 1e6
+
+
+@dataclass
+class Report:
+    """The machine a run was measured on, and its rows in the order they were measured."""
+
+    machine: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+
+def fmt_size(n: int) -> str:
+    """4096 -> '4 KiB', 1 << 30 -> '1 GiB'."""
+    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= div:
+            return f"{n / div:g} {unit}"
+    return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    """'4K', '64M', '1G', '1.5MiB' -> bytes (binary units); an argparse type."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4K, 64M, 1G)")
+    mult = {"": 1, "K": KiB, "M": MiB, "G": GiB}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def slug(text: str) -> str:
+    """A device name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()

@@ -1,0 +1,271 @@
+"""CPU benchmark: tensorbridge beside the idioms it replaces, measured in the same run.
+
+Run it with ``python -m tensorbridge bench``. It prints the machine, shows progress, then
+one table per section: the median (with p10-p90) of each method, and the speed relative
+to the best baseline of its row group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import IO
+
+import numpy as np
+import torch
+
+from .. import _backend
+from .._convert import from_numpy, to_numpy
+from . import loader
+from ._report import format_report, machine
+from ._results import save
+from ._rows import KiB, MiB, Report, fmt_size, parse_size, slug
+from ._runner import Method, Runner, buffers_to_rotate
+
+DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
+SECTIONS = ("overhead", "out", "refused", "batch", "loader")
+
+
+def bench_overhead(r: Runner) -> None:
+    """Per-call cost of converting tiny tensors and arrays (zero-copy paths)."""
+    sec = "per-call overhead, tiny (16 x float32)"
+    xs = [torch.randn(16) for _ in range(8)]
+    r.group(
+        sec,
+        "tensor -> ndarray",
+        0,
+        [
+            ("tb.to_numpy(x)", False, lambda i: to_numpy(xs[i & 7])),
+            ("x.detach().cpu().numpy()", True, lambda i: xs[i & 7].detach().cpu().numpy()),
+            ("x.numpy()", True, lambda i: xs[i & 7].numpy()),
+        ],
+    )
+    gs = [torch.randn(16, requires_grad=True) for _ in range(8)]
+    r.group(
+        sec,
+        "requires_grad tensor -> ndarray",
+        0,
+        [
+            ("tb.to_numpy(x)", False, lambda i: to_numpy(gs[i & 7])),
+            ("x.detach().cpu().numpy()", True, lambda i: gs[i & 7].detach().cpu().numpy()),
+        ],
+    )
+    bs = [torch.randn(16).bfloat16() for _ in range(8)]
+    r.group(
+        sec,
+        "bfloat16 tensor -> ndarray",
+        0,
+        [
+            ("tb.to_numpy(x)  [ml_dtypes, zero-copy]", False, lambda i: to_numpy(bs[i & 7])),
+            ("x.float().numpy()", True, lambda i: bs[i & 7].float().numpy()),
+        ],
+    )
+    arrs = [np.random.rand(16).astype(np.float32) for _ in range(8)]
+    r.group(
+        sec,
+        "ndarray -> tensor",
+        0,
+        [
+            ("tb.from_numpy(a)", False, lambda i: from_numpy(arrs[i & 7])),
+            ("torch.from_numpy(a)", True, lambda i: torch.from_numpy(arrs[i & 7])),
+        ],
+    )
+
+
+def _out_methods(xs: list[torch.Tensor], out: np.ndarray) -> list[Method]:
+    k = len(xs)
+    return [
+        ("tb.to_numpy(x, out=out)", False, lambda i: to_numpy(xs[i % k], out=out)),
+        ("np.copyto(out, x.numpy())", True, lambda i: np.copyto(out, xs[i % k].numpy())),
+        ("torch.from_numpy(out).copy_(x)", True, lambda i: torch.from_numpy(out).copy_(xs[i % k])),
+    ]
+
+
+def bench_out(r: Runner, sizes: Sequence[int]) -> None:
+    """to_numpy(x, out=...) into a preallocated array, contiguous and transposed."""
+    sec = "to_numpy(x, out=...) float32, GB/s"
+    for nbytes in sizes:
+        n = max(nbytes // 4, 1)
+        side = int(np.sqrt(n))
+        for layout in ("contiguous", "transposed"):
+            k = buffers_to_rotate(nbytes)
+            if layout == "contiguous":
+                xs = [torch.rand(n) for _ in range(k)]
+            else:
+                xs = [torch.rand(side, n // side).t() for _ in range(k)]
+            out = np.empty(tuple(xs[0].shape), np.float32)
+            out.fill(0)  # touch the pages before timing
+            r.group(sec, layout, xs[0].numel() * 4, _out_methods(xs, out))
+
+
+def bench_refused(r: Runner, nbytes: int) -> None:
+    """Cases torch refuses, beside the workarounds users write today."""
+    sec = f"cases torch refuses, {fmt_size(nbytes)}, GB/s"
+    n = nbytes // 4
+    a = np.random.rand(n).astype(np.float32)
+    rev = a[::-1]
+    r.group(
+        sec,
+        "negative strides: ndarray -> tensor",
+        nbytes,
+        [
+            ("tb.from_numpy(a[::-1])", False, lambda i: from_numpy(rev)),
+            ("torch.from_numpy(a[::-1].copy())", True, lambda i: torch.from_numpy(rev.copy())),
+        ],
+    )
+    be = a.astype(">f4")
+    r.group(
+        sec,
+        "big-endian float32: ndarray -> tensor",
+        nbytes,
+        [
+            ("tb.from_numpy(a)", False, lambda i: from_numpy(be)),
+            (
+                "torch.from_numpy(a.astype('<f4'))",
+                True,
+                lambda i: torch.from_numpy(be.astype("<f4")),
+            ),
+        ],
+    )
+    bf = torch.rand(nbytes // 2).bfloat16()
+    try:
+        import ml_dtypes  # noqa: F401
+
+        r.group(
+            sec,
+            "bfloat16: tensor -> ndarray",
+            nbytes,
+            [
+                ("tb.to_numpy(x)  [ml_dtypes view]", False, lambda i: to_numpy(bf)),
+                ("x.float().numpy()", True, lambda i: bf.float().numpy()),
+            ],
+        )
+    except ImportError:
+        pass
+    r.group(
+        sec,
+        "bfloat16 -> float32 ndarray",
+        nbytes,
+        [
+            ("tb.to_numpy(x, dtype=np.float32)", False, lambda i: to_numpy(bf, dtype=np.float32)),
+            ("x.float().numpy()", True, lambda i: bf.float().numpy()),
+        ],
+    )
+
+
+def run(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    repeats: int = 15,
+    sections: Sequence[str] = SECTIONS,
+    refused_size: int = 16 * MiB,
+    progress: bool = True,
+) -> Report:
+    """Runs the chosen sections and returns the rows and the machine description."""
+    report = Report(machine())
+    r = Runner(repeats, progress)
+    if "overhead" in sections:
+        bench_overhead(r)
+    if "out" in sections:
+        bench_out(r, sizes)
+    if "refused" in sections:
+        bench_refused(r, refused_size)
+    if "batch" in sections:
+        loader.bench_batches(r)
+    if "loader" in sections:
+        loader.bench_loader(r)
+    report.rows = r.rows
+    return report
+
+
+def result_basename(report: Report) -> str:
+    """<date>-cpu-<cpu model>-<cores>c-<path>, the name of a saved result."""
+    m = report.machine
+    return f"{m['date'][:10]}-cpu-{slug(m['cpu'])}-{m['cores']}c-{m['path']}"
+
+
+def _is_fallback_flag(arg: str) -> bool:
+    # "--fallback" or a prefix argparse accepts for it ("--fa", "--fallb", ...)
+    return arg.startswith("--f") and "--fallback".startswith(arg)
+
+
+def _pump(src: IO[str], dst: IO[str]) -> None:
+    for line in src:
+        dst.write(line)
+        dst.flush()
+
+
+def _rerun_on_fallback(argv: Sequence[str]) -> int:
+    """Runs this benchmark in a child process on the pure-Python path, streaming its output.
+
+    The child gets TENSORBRIDGE_DISABLE_EXTENSION=1 and the same arguments but --fallback,
+    and imports this same tensorbridge (its directory goes first on sys.path).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        f"import sys; sys.path.insert(0, {root!r}); from tensorbridge.bench.cpu import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, *(a for a in argv if not _is_fallback_flag(a))]
+    env = {**os.environ, _backend.DISABLE_ENV: "1"}
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        errors = threading.Thread(target=_pump, args=(proc.stderr, sys.stderr), daemon=True)
+        errors.start()
+        _pump(proc.stdout, sys.stdout)
+        errors.join()
+        return proc.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tensorbridge bench [options]``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m tensorbridge bench", description=__doc__)
+    p.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        default=DEFAULT_SIZES,
+        help="copy sizes for the out= section (default: 4K 64K 1M 4M 16M 64M 256M)",
+    )
+    p.add_argument("--repeats", type=int, default=15, help="samples per method (default 15)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument(
+        "--refused-size",
+        type=parse_size,
+        default=16 * MiB,
+        help="array size for the 'cases torch refuses' section (default 16M)",
+    )
+    p.add_argument(
+        "--fallback",
+        action="store_true",
+        help="measure the pure-Python fallback path instead of the extension (runs the "
+        f"benchmark again in a child process with {_backend.DISABLE_ENV}=1)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="threads for the compiled core's large copies (default: as set)"
+    )
+    p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-<machine>.txt and .json")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    if args.repeats < 2:
+        p.error("--repeats must be at least 2")
+
+    if args.fallback and _backend.C is not None:
+        return _rerun_on_fallback(argv)  # (already on the fallback path: measure it here)
+
+    if args.threads is not None:
+        _backend.set_num_threads(args.threads)
+
+    report = run(args.sizes, args.repeats, args.sections, args.refused_size, not args.quiet)
+    text = format_report(report)
+    print(text)
+    if args.save:
+        base = save(report, text, args.save, result_basename(report))
+        print(f"\nsaved {base}.txt and {base}.json", file=sys.stderr)
+    return 0
