@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -18,10 +19,8 @@ except ImportError:  # the suite still runs; ml_dtypes cases are skipped
     ml_dtypes = None
 
 HAS_EXTENSION = _backend._LOADED is not None
-try:  # the test-only compiled helpers (testing builds: the default; not in release wheels)
-    from tensorbridge import _C_testing as TESTING
-except ImportError:
-    TESTING = None
+# The test-only compiled helpers (testing builds: the default; not in release wheels).
+TESTING = _backend.Engine.host_engine()
 needs_testing_module = pytest.mark.skipif(
     TESTING is None, reason="tensorbridge._C_testing is not built (a -DTB_TESTING=OFF build?)"
 )
@@ -37,17 +36,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@contextlib.contextmanager
+def forced_fallback() -> Iterator[None]:
+    """Runs the block on the pure-Python path: swaps the one engine every call site asks."""
+    saved = _backend.ENGINE
+    _backend.ENGINE = _backend.Engine(
+        None, "the fallback path was forced by the test suite (tests/conftest.py)."
+    )
+    try:
+        yield
+    finally:
+        _backend.ENGINE = saved
+
+
 @pytest.fixture(params=["extension", "fallback"])
 def backend(request):
     """Runs a test on the compiled path and on the pure-Python fallback."""
     if request.param == "extension":
         if not HAS_EXTENSION:
-            pytest.skip(f"extension not available: {_backend.FALLBACK_REASON}")
-        if _backend.C is None:
+            pytest.skip(f"extension not available: {_backend.ENGINE.fallback_reason}")
+        if not _backend.ENGINE.extension:
             pytest.skip("TENSORBRIDGE_DISABLE_EXTENSION=1 is set")
         yield "extension"
     else:
-        with _backend.forced_fallback():
+        with forced_fallback():
             yield "fallback"
 
 

@@ -53,7 +53,7 @@ def test_copy_matches_numpy(src, dst_perm, dst_reverse, dtype, seed):
     if dst_reverse and out.ndim:
         out = out[::-1]
     before = big.copy()
-    _backend.C.copy(out, a, 0)
+    _backend.ENGINE.C.copy(out, a, 0)
     assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(a).tobytes()
     mask = np.ones(big.shape, bool)
     mask[holes] = False
@@ -68,7 +68,7 @@ def test_byte_swap_matches_numpy(dtype, layout):
     a = {"contiguous": a, "reversed": a[::-1, ::-1], "transposed": a.T}[layout]
     out = np.empty(a.shape, np.dtype(dtype))
     unit = a.dtype.itemsize // 2 if a.dtype.kind == "c" else a.dtype.itemsize
-    _backend.C.copy(out, a, unit)
+    _backend.ENGINE.C.copy(out, a, unit)
     assert out.tobytes() == a.astype(np.dtype(dtype)).tobytes()
 
 
@@ -79,11 +79,11 @@ def test_parallel_split_matches(threads, layout):
     a = _random((301, 517), "<f4", rng)
     a = {"contiguous": a, "transposed": a.T, "reversed": a[::-1], "holes": a[::2, 1::3]}[layout]
     out = np.zeros(a.shape, a.dtype)
-    old = _backend.C.get_num_threads()
+    old = _backend.ENGINE.C.get_num_threads()
     try:
         _backend.set_num_threads(threads)
         assert _backend.get_num_threads() == threads
-        _backend.C.copy(out, a, 0, 1024)  # tiny parallel threshold: always split
+        _backend.ENGINE.C.copy(out, a, 0, 1024)  # tiny parallel threshold: always split
     finally:
         _backend.set_num_threads(old)
     np.testing.assert_array_equal(out, a)
@@ -98,14 +98,14 @@ def test_many_threads_copy_at_once():
         src = sources[i].T if i % 2 else sources[i][::-1]
         for _ in range(20):
             out = np.full(src.shape, np.nan)
-            _backend.C.copy(out, src, 0, 4096)
+            _backend.ENGINE.C.copy(out, src, 0, 4096)
             np.testing.assert_array_equal(out, src)
 
     run_in_threads(work, len(sources))
 
 
 def test_invalid_arguments_raise():
-    C = _backend.C
+    C = _backend.ENGINE.C
     with pytest.raises(ValueError, match="same shape"):
         C.copy(np.zeros(3), np.zeros(4), 0)
     with pytest.raises(ValueError, match="itemsize"):

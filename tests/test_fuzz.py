@@ -34,7 +34,7 @@ from numpy.lib.stride_tricks import as_strided
 import tensorbridge as tb
 from tensorbridge import _backend
 
-from conftest import POISON, ml_dtypes
+from conftest import POISON, forced_fallback, ml_dtypes
 
 SETTINGS = settings(
     max_examples=100,
@@ -534,11 +534,11 @@ def reference_source(src: Any) -> np.ndarray:
 
 
 def paths() -> list[str]:
-    return (["extension"] if _backend.C is not None else []) + ["fallback"]
+    return (["extension"] if _backend.ENGINE.C is not None else []) + ["fallback"]
 
 
 def on_path(path: str):
-    return _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    return forced_fallback() if path == "fallback" else contextlib.nullcontext()
 
 
 def attempt(fn) -> tuple[Any, BaseException | None]:
@@ -787,6 +787,8 @@ SAFETY_CODE = textwrap.dedent(
     from tensorbridge import _backend
 
     KIND = sys.argv[1]
+    sys.path.insert(0, sys.argv[2])  # tests/, for conftest
+    from conftest import forced_fallback
 
     class Box:
         def __init__(self, v):
@@ -826,9 +828,9 @@ SAFETY_CODE = textwrap.dedent(
         yield lambda: make(n).reshape(5, -1).T
 
     for path in ("extension", "fallback"):
-        if path == "extension" and _backend.C is None:
+        if path == "extension" and _backend.ENGINE.C is None:
             continue
-        ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
+        ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
         ctx.__enter__()
         for new in layouts(40):
             src = new()
@@ -865,7 +867,7 @@ def test_reference_safety(kind):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python_dir, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
-        [sys.executable, "-c", SAFETY_CODE, kind],
+        [sys.executable, "-c", SAFETY_CODE, kind, os.path.dirname(__file__)],
         timeout=60,
         capture_output=True,
         text=True,

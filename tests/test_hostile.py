@@ -33,7 +33,7 @@ PATHS = ["extension", "fallback"]
 def run_python(code: str, path: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Runs code in a fresh interpreter on the given path; a crash or hang fails the test."""
     if path == "extension" and not HAS_EXTENSION:
-        pytest.skip(f"extension not available: {_backend.FALLBACK_REASON}")
+        pytest.skip(f"extension not available: {_backend.ENGINE.fallback_reason}")
     env = dict(os.environ)
     # the tensorbridge this process imported (installed, or the source tree with _C built)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)

@@ -19,7 +19,7 @@ from tensorbridge.bench import cpu, gpu, load, measure, save, tune
 from tensorbridge.bench._report import format_report, machine
 from tensorbridge.bench._rows import Report, Row
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, forced_fallback
 
 ENV = {k: v for k, v in os.environ.items() if k != _backend.DISABLE_ENV}
 
@@ -40,7 +40,7 @@ def test_info_reports_the_live_path():
     for key in ("version", "extension", "cuda", "devices", "fallback_reason", "threads"):
         assert key in info
     assert info["version"] == tb.__version__
-    assert info["extension"] == (_backend.C is not None)
+    assert info["extension"] == (_backend.ENGINE.C is not None)
     assert (info["fallback_reason"] is None) == info["extension"]
     assert info["cuda"] == HAS_CUDA or not info["extension"]
     if not info["cuda"]:
@@ -50,7 +50,7 @@ def test_info_reports_the_live_path():
 
 
 def test_info_under_forced_fallback():
-    with _backend.forced_fallback():
+    with forced_fallback():
         info = tb.info()
     assert info["extension"] is False
     assert "forced" in info["fallback_reason"]
@@ -84,7 +84,7 @@ def test_environment_variable_forces_the_fallback():
     reason="no C++ compiler or CMake: the pure-Python install is expected",
 )
 def test_extension_is_built_and_used_where_a_compiler_exists():
-    assert _backend._LOADED is not None, _backend.FALLBACK_REASON
+    assert _backend._LOADED is not None, _backend.ENGINE.fallback_reason
     assert tb.info()["extension"] is True
     assert tb.info()["extension_path"].endswith((".so", ".pyd"))
     # and the CUDA translation unit is compiled wherever nvcc is
@@ -158,7 +158,7 @@ def test_benchmark_smoke(tmp_path, capsys, fallback):
     assert len(saved) == 1
     data = json.loads(saved[0].read_text())
     assert data["machine"]["path"] == (
-        "fallback" if fallback else ("extension" if _backend.C is not None else "fallback")
+        "fallback" if fallback else ("extension" if _backend.ENGINE.C is not None else "fallback")
     )
     assert all(row["median_s"] > 0 for row in data["rows"])
 

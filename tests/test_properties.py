@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import tensorbridge as tb
 from tensorbridge import _backend
 
-from conftest import assert_same, poisoned, random_tensor, reference_numpy
+from conftest import assert_same, forced_fallback, poisoned, random_tensor, reference_numpy
 
 DTYPES = [
     torch.uint8,
@@ -52,9 +52,9 @@ def tensors(draw):
 @SETTINGS
 @given(x=tensors(), order=st.sampled_from(["C", "F"]), copy=st.booleans())
 def test_to_numpy_properties(path, x, order, copy):
-    if path == "extension" and _backend.C is None:
+    if path == "extension" and _backend.ENGINE.C is None:
         pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
     with ctx:
         expected = reference_numpy(x)
         assert_same(tb.to_numpy(x, copy=copy), expected)
@@ -87,9 +87,9 @@ def arrays(draw):
 @SETTINGS
 @given(a=arrays())
 def test_from_numpy_properties(path, a):
-    if path == "extension" and _backend.C is None:
+    if path == "extension" and _backend.ENGINE.C is None:
         pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
     with ctx:
         t = tb.from_numpy(a)
         native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
@@ -103,9 +103,9 @@ def test_from_numpy_properties(path, a):
 @SETTINGS
 @given(a=arrays(), cast=st.sampled_from([None, torch.float64, torch.int32, np.float32]))
 def test_to_tensor_properties(path, a, cast):
-    if path == "extension" and _backend.C is None:
+    if path == "extension" and _backend.ENGINE.C is None:
         pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
     with ctx:
         t = tb.to_tensor(a, "cpu", dtype=cast)
         native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)

@@ -19,6 +19,7 @@ from tensorbridge import _backend
 from conftest import (
     TESTING,
     assert_same,
+    forced_fallback,
     needs_testing_module,
     poisoned,
     random_tensor,
@@ -169,9 +170,9 @@ def _check_same(moved, original):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=batches)
 def test_batch_functions_round_trip(path, batch):
-    if path == "extension" and _backend.C is None:
+    if path == "extension" and _backend.ENGINE.C is None:
         pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
     with ctx:
         moved = tb.to_device(batch, "cpu")
         _check_same(moved, batch)

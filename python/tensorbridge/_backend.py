@@ -1,4 +1,8 @@
-"""Loads the compiled core once, decides when to fall back, and reports it in info().
+"""Loads the compiled core once and hands every caller one engine object.
+
+``ENGINE`` says what this process can use (the compiled core, its CUDA engine, the
+test-only host engine) and why not, and holds the compiled module whose calls perform
+the transfers. Call sites ask ``_backend.ENGINE`` at call time and never re-decide.
 
 One switch: ``TENSORBRIDGE_DISABLE_EXTENSION=1`` forces the pure-Python path. Without
 it the extension is used when it imports; otherwise tensorbridge falls back quietly
@@ -7,12 +11,10 @@ and ``info()["fallback_reason"]`` says why.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
 import platform
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -42,22 +44,97 @@ def _load() -> tuple[ModuleType | None, str | None]:
     return mod, None
 
 
-#: The compiled module, or None on the fallback path. Read it as ``_backend.C``.
-C, FALLBACK_REASON = _load()
-_LOADED = C
+_LOADED, _LOAD_FAILURE = _load()  # what loaded, whatever ENGINE is set to later
 
 
-@contextlib.contextmanager
-def forced_fallback() -> Iterator[None]:
-    """Use the pure-Python path inside the block (for tests and benchmarks)."""
-    global C, FALLBACK_REASON
-    saved = C, FALLBACK_REASON
-    C = None
-    FALLBACK_REASON = "the fallback path was forced by tensorbridge._backend.forced_fallback()."
-    try:
-        yield
-    finally:
-        C, FALLBACK_REASON = saved
+class Engine:
+    """What this process can use, decided once, and the compiled calls that use it.
+
+    ``C`` is the compiled module (``None`` on the pure-Python path); the transfer calls
+    (``C.copy``, ``C.cuda_copy_to_host``...) are made on it. ``cuda_engine`` says
+    whether GPU transfers may use the compiled CUDA engine: asked on first use (asking
+    starts the CUDA driver, which a process that later forks must not do early) and
+    False for good in a child forked after that.
+    """
+
+    def __init__(self, C: ModuleType | None, fallback_reason: str | None) -> None:
+        self.C = C
+        self.fallback_reason = fallback_reason
+        self._cuda_engine: bool | None = None
+
+    @property
+    def extension(self) -> bool:
+        """The compiled core is live."""
+        return self.C is not None
+
+    @property
+    def cuda_engine(self) -> bool:
+        """GPU transfers can use the compiled CUDA engine (the answer is cached)."""
+        if self._cuda_engine is None:
+            C = self.C
+            self._cuda_engine = bool(C is not None and C.cuda_compiled and self.cuda_status()[0])
+        return self._cuda_engine
+
+    def cuda_status(self) -> tuple[bool, int, str | None]:
+        """(usable, device count, reason when not usable) for this engine's path."""
+        torch_ok = torch.cuda.is_available()
+        if self.C is None:
+            if torch_ok:
+                return True, torch.cuda.device_count(), None
+            why = "torch reports no usable CUDA device (torch.cuda.is_available() is False)."
+            return False, 0, why
+        probe = _cuda_probe()
+        if not probe["compiled"]:
+            return False, 0, "tensorbridge._C was built without the CUDA toolkit (nvcc not found)."
+        if probe["error"] is not None:
+            why = probe["error"]
+            if probe["driver_version"] == 0:
+                return False, 0, f"no NVIDIA driver was found ({why})."
+            return False, 0, f"the CUDA runtime reports {why}."
+        if probe["device_count"] == 0:
+            return False, 0, "the CUDA runtime found no device."
+        if not torch_ok:
+            return (
+                False,
+                probe["device_count"],
+                (
+                    f"torch {torch.__version__} cannot use CUDA (a CPU build?), so GPU tensors "
+                    "cannot exist; install a CUDA build of torch."
+                ),
+            )
+        return True, probe["device_count"], None
+
+    @staticmethod
+    def host_engine() -> ModuleType | None:
+        """``tensorbridge._C_testing`` (the pipeline on a host-only engine), when built.
+
+        For tests and benchmarks only; release builds (``-DTB_TESTING=OFF``) lack it. It
+        does not depend on the path that is live: the fallback run tests it too.
+        """
+        try:
+            return importlib.import_module(f"{__package__}._C_testing")
+        except ImportError:
+            return None
+
+    def after_fork_in_child(self) -> None:
+        """A forked child (a DataLoader worker) never touches the parent's CUDA state."""
+        if self._cuda_engine:
+            # CUDA was initialized before the fork: it cannot be used in this process,
+            # and the pool's blocks and events belong to the parent.
+            self._cuda_engine = False
+
+    def __repr__(self) -> str:
+        if self.C is None:
+            return f"<tensorbridge engine: pure Python ({self.fallback_reason})>"
+        return f"<tensorbridge engine: compiled core ({self.C.__file__})>"
+
+
+#: The engine every call site asks. Read it as ``_backend.ENGINE`` at call time (tests
+#: swap it to force the pure-Python path).
+ENGINE = Engine(_LOADED, _LOAD_FAILURE)
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: ENGINE.after_fork_in_child())
 
 
 @functools.cache
@@ -82,31 +159,7 @@ def _version_str(v: int) -> str | None:
 
 def cuda_status() -> tuple[bool, int, str | None]:
     """(usable, device count, reason when not usable) for the live path."""
-    torch_ok = torch.cuda.is_available()
-    if C is None:
-        if torch_ok:
-            return True, torch.cuda.device_count(), None
-        return False, 0, "torch reports no usable CUDA device (torch.cuda.is_available() is False)."
-    probe = _cuda_probe()
-    if not probe["compiled"]:
-        return False, 0, "tensorbridge._C was built without the CUDA toolkit (nvcc not found)."
-    if probe["error"] is not None:
-        why = probe["error"]
-        if probe["driver_version"] == 0:
-            return False, 0, f"no NVIDIA driver was found ({why})."
-        return False, 0, f"the CUDA runtime reports {why}."
-    if probe["device_count"] == 0:
-        return False, 0, "the CUDA runtime found no device."
-    if not torch_ok:
-        return (
-            False,
-            probe["device_count"],
-            (
-                f"torch {torch.__version__} cannot use CUDA (a CPU build?), so GPU tensors "
-                "cannot exist; install a CUDA build of torch."
-            ),
-        )
-    return True, probe["device_count"], None
+    return ENGINE.cuda_status()
 
 
 _DEVICES: dict[Any, torch.device] = {}  # device argument -> checked torch.device
@@ -173,6 +226,7 @@ MAX_THREADS = 256
 
 def get_num_threads() -> int:
     """Threads the compiled core uses for large host copies (1 on the fallback path)."""
+    C = ENGINE.C
     return C.get_num_threads() if C is not None else 1
 
 
@@ -197,6 +251,7 @@ def set_num_threads(n: int) -> None:
             f"set_num_threads expects 1 <= n <= {MAX_THREADS}, got {n}: host copies are bound by "
             "memory bandwidth, so pass a count near the number of cores (os.cpu_count())."
         )
+    C = ENGINE.C
     if C is not None:
         C.set_num_threads(n)
 
@@ -219,9 +274,9 @@ def info() -> dict[str, Any]:
         ml_version = None
     return {
         "version": __version__,
-        "extension": C is not None,
-        "extension_path": getattr(C, "__file__", None),
-        "fallback_reason": FALLBACK_REASON,
+        "extension": ENGINE.extension,
+        "extension_path": getattr(ENGINE.C, "__file__", None),
+        "fallback_reason": ENGINE.fallback_reason,
         "cuda": cuda,
         "devices": devices,
         "cuda_reason": cuda_reason,

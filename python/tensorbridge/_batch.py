@@ -12,14 +12,13 @@ import torch
 from . import _backend, _cuda, _dtypes, _interop
 from ._convert import (
     Device,
-    _byte_span,
     _check_out_array,
     _check_tensor,
     from_numpy,
     to_numpy,
     to_tensor,
 )
-from ._copy import shares_memory
+from ._copy import byte_span, shares_memory
 from ._handle import Transfer
 from ._tree import flatten, flatten_as, tree_map, unflatten
 
@@ -85,7 +84,7 @@ def to_device(
         if isinstance(leaf, np.ndarray)
         or (isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu")
     ]
-    if dev.type == "cuda" and _cuda.engine_ready() and len(host) > 1:
+    if dev.type == "cuda" and _backend.ENGINE.cuda_engine and len(host) > 1:
         moved.update(_pack_to_cuda(host, dev, non_blocking))
 
     def move(i: int, leaf: Any) -> Any:
@@ -215,7 +214,7 @@ def _pack_to_cuda(
     plan = pack_plan([(i, leaf) for i, leaf, _ in host])
     buffer = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
     stream = torch.cuda.current_stream(dev)
-    _backend.C.cuda_copy_many_to_device(
+    _backend.ENGINE.C.cuda_copy_many_to_device(
         dev.index,
         stream.cuda_stream,
         plan.arrays,
@@ -287,20 +286,16 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     return Transfer.gather(handles, unwrap)
 
 
-_byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds
-
-
 def _host_span(leaf: Any) -> tuple[int, int] | None:
     """[lo, hi) of the host memory a leaf's elements touch, or None (device data, values)."""
     if isinstance(leaf, np.ndarray):
         if not leaf.size:
             return None
-        lo, hi = _byte_bounds(leaf)
-        return lo, hi
+        return byte_span(leaf)
     if isinstance(leaf, torch.Tensor) and leaf.is_cpu and leaf.layout == torch.strided:
         if leaf.is_nested or leaf.is_quantized or not leaf.numel():
             return None
-        return _byte_span(leaf)
+        return byte_span(leaf)
     return None
 
 
@@ -362,7 +357,7 @@ def _cuda_in_one_pass(leaves: list[Any], outs: list[Any]) -> dict[int, np.ndarra
     idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_cuda]
     if len(idx) < 2 or len({leaves[i].device for i in idx}) != 1:
         return {}
-    if not _cuda.engine_ready():
+    if not _backend.ENGINE.cuda_engine:
         return {}
     tensors = [leaves[i].detach().resolve_conj().resolve_neg() for i in idx]
     np_dtypes = [_dtypes.numpy_dtype(t.dtype) for t in tensors]  # refuses what it must

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _backend, _cuda, _dtypes, _interop
-from ._copy import check_no_overlap, check_out_not_self_overlapping, copy_into
+from ._copy import byte_span, check_no_overlap, check_out_not_self_overlapping, copy_into
 from ._dtypes import DTypeLike
 from ._handle import Transfer
 
@@ -168,7 +168,7 @@ def to_numpy(
                 elif not x.is_neg() and x.layout is torch.strided:
                     return x.detach().view(storage).numpy().view(np_dtype)
             else:
-                C = _backend.C
+                C = _backend.ENGINE.C
                 if storage is None and _torch_copy_if_better(x, out, np_dtype):
                     return out
                 if C is not None and not x.is_neg() and (np_dtype.kind != "c" or not x.is_conj()):
@@ -298,7 +298,7 @@ def _to_numpy(
         x = x.resolve_neg()
         fresh = True
     if not x.is_cpu:
-        if x.is_cuda and _cuda.engine_ready():
+        if x.is_cuda and _backend.ENGINE.cuda_engine:
             return _cuda.to_host(x, out, target, non_blocking)
         x = x.cpu()  # torch's own path: no engine (no CUDA build, or another device type)
         fresh = True
@@ -488,7 +488,7 @@ def to_tensor(
         _check_out_tensor(out, shape, source_dtype, target, dev)
         dev = out.device
 
-    if dev is not None and dev.type == "cuda" and _cuda.engine_ready():
+    if dev is not None and dev.type == "cuda" and _backend.ENGINE.cuda_engine:
         host = a if isinstance(a, np.ndarray) else _host_view_for_engine(a)
         if host is not None:
             # Pinned staging, chunked and pipelined; any layout and byte order; cast on
@@ -577,20 +577,7 @@ def _check_out_tensor(
         )
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    lo = hi = t.data_ptr()
-    for n, s in zip(t.shape, t.stride(), strict=False):
-        if n == 0:
-            return lo, lo
-        step = (n - 1) * s * t.element_size()
-        if step < 0:
-            lo += step
-        else:
-            hi += step
-    return lo, hi + t.element_size()
-
-
 def _tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a0, a1 = _byte_span(a)
-    b0, b1 = _byte_span(b)
+    a0, a1 = byte_span(a)
+    b0, b1 = byte_span(b)
     return a0 < b1 and b0 < a1 and a0 != a1 and b0 != b1

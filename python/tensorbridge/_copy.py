@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from . import _backend
 
@@ -40,12 +41,33 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     The compiled core releases the GIL, collapses contiguous dimensions, tiles
     transposes, swaps bytes in the same pass and splits large copies across threads.
     """
-    C = _backend.C
+    C = _backend.ENGINE.C
     unit = swap_unit(src.dtype, dst.dtype) if C is not None else None
     if unit is None:
         np.copyto(dst, src, casting="equiv")
     else:
         C.copy(dst, src, unit)
+
+
+def byte_span(x: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """[lo, hi) of the bytes a strided array's or tensor's elements touch (lo == hi when
+    it has none). The Python side's one span computation (the core's: byte_span.h)."""
+    if isinstance(x, np.ndarray):
+        lo = hi = x.ctypes.data
+        shape, strides, itemsize = x.shape, x.strides, x.itemsize
+    else:
+        lo = hi = x.data_ptr()
+        itemsize = x.element_size()
+        shape, strides = x.shape, tuple(s * itemsize for s in x.stride())
+    for n, step in zip(shape, strides, strict=True):
+        if n == 0:
+            return lo, lo
+        reach = (n - 1) * step
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    return lo, hi + itemsize
 
 
 def shares_memory(a: np.ndarray, b: np.ndarray) -> bool:

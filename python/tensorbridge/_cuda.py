@@ -2,8 +2,8 @@
 
 The Python layer picks the layouts and streams; csrc/core/pipeline.cpp does the
 chunking and buffer rotation and csrc/cuda/cuda_engine.cu the CUDA calls. Used when
-the extension was built with CUDA and a GPU is usable; otherwise the callers fall back
-to torch's own path (``.cpu()`` / ``.to(device)``).
+``_backend.ENGINE.cuda_engine`` says so; otherwise the callers fall back to torch's own
+path (``.cpu()`` / ``.to(device)``).
 """
 
 from __future__ import annotations
@@ -83,34 +83,15 @@ def torch_view(a: np.ndarray) -> torch.Tensor | None:
     return None if t.data_ptr() % t.element_size() else t
 
 
-_ready: dict[int, bool] = {}  # id(extension module) -> engine usable (asked once per module)
-
-
 def _after_fork_in_child() -> None:
-    """A forked child (a DataLoader worker) never touches the parent's CUDA state."""
+    """A forked child (a DataLoader worker): the parent's threads are not ours."""
     global _executor
     _executor = None  # its threads were not copied into the child
     _completions.reset_after_fork()
-    if any(_ready.values()):
-        # CUDA was initialized before the fork: it cannot be used in this process, and
-        # the pool's blocks and events belong to the parent. Plain paths from here on.
-        for key in list(_ready):
-            _ready[key] = False
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def engine_ready() -> bool:
-    """True when GPU transfers can use the compiled engine (the answer is cached)."""
-    C = _backend.C
-    if C is None:
-        return False
-    ready = _ready.get(id(C))
-    if ready is None:
-        ready = _ready[id(C)] = bool(C.cuda_compiled and _backend.cuda_status()[0])
-    return ready
 
 
 def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None) -> dict[str, int]:
@@ -166,7 +147,7 @@ def to_host(
     x: torch.Tensor, out: np.ndarray | None, np_dtype: np.dtype, non_blocking: bool
 ) -> np.ndarray | Transfer[np.ndarray]:
     """A CUDA tensor (no conj/neg bits, dtype already final) into `out` or a new array."""
-    C = _backend.C
+    C = _backend.ENGINE.C
     if out is None:
         out = np.empty(tuple(x.shape), np_dtype)
     dst = out
@@ -307,7 +288,7 @@ def to_device(
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     """A NumPy array (any layout and byte order) to a CUDA tensor; casts on the device."""
-    C = _backend.C
+    C = _backend.ENGINE.C
     index = _device_index(device)
     device = torch.device("cuda", index)
     t_dtype = _dtypes.torch_dtype(a.dtype)

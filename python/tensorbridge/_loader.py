@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _backend, _cuda, _dtypes
+from . import _backend, _dtypes
 from ._batch import DTypeSpec, to_device
 from ._convert import Device, to_numpy, to_tensor
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
@@ -81,7 +81,7 @@ def _stack(samples: Sequence[Any]) -> torch.Tensor:
                 f"collate: sample {i} has shape {a.shape}, sample 0 has {shape[1:]}; samples "
                 "must have equal shapes (pad them, or write a collate_fn for ragged data)."
             )
-    pin = not _in_worker() and _cuda.engine_ready()
+    pin = not _in_worker() and _backend.ENGINE.cuda_engine
     out_t = torch.empty(shape, dtype=t_dtype, pin_memory=pin)
     out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
     np.stack(arrays, out=out, casting="same_kind" if out.dtype.kind != "V" else "no")

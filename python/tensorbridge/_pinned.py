@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from . import _backend
-from ._cuda import engine_ready
 from ._dtypes import DTypeLike, as_numpy_dtype
 
 ShapeLike = int | tuple[int, ...] | list[int]
@@ -53,11 +52,11 @@ def empty_pinned(shape: ShapeLike, dtype: DTypeLike = np.float32) -> np.ndarray:
             f"empty_pinned cannot hold dtype {np_dtype}: its elements are Python references, "
             "which the GPU cannot copy; pass a numeric dtype, e.g. numpy.float32."
         )
-    cuda, _, _ = _backend.cuda_status()
+    cuda, _, _ = _backend.ENGINE.cuda_status()
     if not cuda:
         return np.empty(dims, np_dtype)
     nbytes = math.prod(dims) * np_dtype.itemsize
-    C = _backend.C
+    C = _backend.ENGINE.C
     if C is not None:
         raw = C.empty_pinned_bytes(nbytes)
     else:
@@ -77,10 +76,10 @@ def is_pinned(array: np.ndarray) -> bool:
         raise TypeError(f"is_pinned expects a numpy.ndarray, got {type(array).__name__}")
     if array.size == 0:
         return False
-    cuda, _, _ = _backend.cuda_status()
+    cuda, _, _ = _backend.ENGINE.cuda_status()
     if not cuda:
         return False
-    C = _backend.C
+    C = _backend.ENGINE.C
     if C is not None:
         return bool(C.is_host_pinned(array))
     probe = (ctypes.c_uint8 * 1).from_address(array.ctypes.data)
@@ -101,9 +100,9 @@ def pin(array: np.ndarray) -> np.ndarray:
     """
     if not isinstance(array, np.ndarray):
         raise TypeError(f"pin expects a numpy.ndarray, got {type(array).__name__}")
-    if array.size == 0 or not engine_ready():
+    if array.size == 0 or not _backend.ENGINE.cuda_engine:
         return array
-    C = _backend.C
+    C = _backend.ENGINE.C
     if C.cuda_host_register(array):
         address, nbytes = C.array_span(array)
         weakref.finalize(array, C.cuda_host_unregister, address, nbytes)
@@ -114,9 +113,9 @@ def unpin(array: np.ndarray) -> None:
     """Drops one :func:`pin` of ``array``; unpinning what was not pinned does nothing."""
     if not isinstance(array, np.ndarray):
         raise TypeError(f"unpin expects a numpy.ndarray, got {type(array).__name__}")
-    if array.size == 0 or not engine_ready():
+    if array.size == 0 or not _backend.ENGINE.cuda_engine:
         return
-    C = _backend.C
+    C = _backend.ENGINE.C
     address, nbytes = C.array_span(array)
     C.cuda_host_unregister(address, nbytes)
 
@@ -139,8 +138,8 @@ def pinned_stats() -> dict[str, Any]:
         >>> sorted(tb.pinned_stats())[:3]
         ['available', 'budget', 'bytes_held']
     """
-    C = _backend.C
-    if not engine_ready():
+    C = _backend.ENGINE.C
+    if not _backend.ENGINE.cuda_engine:
         return {
             "available": False,
             "budget": 0,
@@ -160,5 +159,5 @@ def set_pinned_budget(nbytes: int) -> None:
     """Caps the pinned bytes the staging pool may hold per device; frees idle blocks over it."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"the pinned budget must be an int >= 0, got {nbytes!r}")
-    if engine_ready():
-        _backend.C.cuda_set_pinned_budget(nbytes)
+    if _backend.ENGINE.cuda_engine:
+        _backend.ENGINE.C.cuda_set_pinned_budget(nbytes)

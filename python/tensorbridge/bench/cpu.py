@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats < 2:
         p.error("--repeats must be at least 2")
 
-    if args.fallback and _backend.C is not None:
+    if args.fallback and _backend.ENGINE.extension:
         return _rerun_on_fallback(argv)  # (already on the fallback path: measure it here)
 
     if args.threads is not None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _cuda, _pinned
+from .. import _backend, _pinned
 from .._batch import to_device
 from .._convert import to_numpy, to_tensor
 from .._loader import images_to_tensor
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats < 2:
         p.error("--repeats must be at least 2")
     report = Report(gpu_machine())
-    engine = _cuda.engine_ready()
+    engine = _backend.ENGINE.cuda_engine
     report.machine["engine"] = "compiled CUDA engine" if engine else "torch fallback"
     r = Runner(args.repeats, not args.quiet)
     p_d2h, p_h2d = pinned_peak(args.repeats)
