@@ -68,6 +68,13 @@ class Engine:
         return self.C is not None
 
     @property
+    def core(self) -> ModuleType:
+        """The compiled module, for call sites that already know the extension is live."""
+        if self.C is None:
+            raise RuntimeError(f"tensorbridge._C is not in use: {self.fallback_reason}")
+        return self.C
+
+    @property
     def cuda_engine(self) -> bool:
         """GPU transfers can use the compiled CUDA engine (the answer is cached)."""
         if self._cuda_engine is None:

@@ -214,7 +214,7 @@ def _pack_to_cuda(
     plan = pack_plan([(i, leaf) for i, leaf, _ in host])
     buffer = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
     stream = torch.cuda.current_stream(dev)
-    _backend.ENGINE.C.cuda_copy_many_to_device(
+    _backend.ENGINE.core.cuda_copy_many_to_device(
         dev.index,
         stream.cuda_stream,
         plan.arrays,

@@ -9,7 +9,7 @@ ml_dtypes, negative strides and foreign byte orders are copied once.
 from __future__ import annotations
 
 import os
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -97,8 +97,17 @@ def to_numpy(
     out: np.ndarray | None = ...,
     dtype: DTypeLike | None = ...,
     copy: bool = ...,
-    non_blocking: bool = False,
+    non_blocking: Literal[False] = False,
 ) -> np.ndarray: ...
+@overload
+def to_numpy(
+    x: Any,
+    *,
+    out: np.ndarray | None = ...,
+    dtype: DTypeLike | None = ...,
+    copy: bool = ...,
+    non_blocking: Literal[True],
+) -> Transfer[np.ndarray]: ...
 @overload
 def to_numpy(
     x: Any,

@@ -43,7 +43,7 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     """
     C = _backend.ENGINE.C
     unit = swap_unit(src.dtype, dst.dtype) if C is not None else None
-    if unit is None:
+    if C is None or unit is None:
         np.copyto(dst, src, casting="equiv")
     else:
         C.copy(dst, src, unit)
@@ -75,7 +75,7 @@ def shares_memory(a: np.ndarray, b: np.ndarray) -> bool:
     if not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=10_000))
+        return bool(np.shares_memory(a, b, max_work=10_000))  # type: ignore[arg-type]  # (stubs: -1/0)
     except _TooHardError:  # too costly to decide exactly: assume they do, to be safe
         return True
 

@@ -147,7 +147,7 @@ def to_host(
     x: torch.Tensor, out: np.ndarray | None, np_dtype: np.dtype, non_blocking: bool
 ) -> np.ndarray | Transfer[np.ndarray]:
     """A CUDA tensor (no conj/neg bits, dtype already final) into `out` or a new array."""
-    C = _backend.ENGINE.C
+    C = _backend.ENGINE.core
     if out is None:
         out = np.empty(tuple(x.shape), np_dtype)
     dst = out
@@ -288,7 +288,7 @@ def to_device(
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     """A NumPy array (any layout and byte order) to a CUDA tensor; casts on the device."""
-    C = _backend.ENGINE.C
+    C = _backend.ENGINE.core
     index = _device_index(device)
     device = torch.device("cuda", index)
     t_dtype = _dtypes.torch_dtype(a.dtype)

@@ -7,6 +7,7 @@ ml_dtypes array (and back) without a copy.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ _STORAGE: dict[int, tuple[torch.dtype, np.dtype]] = {
 
 _NP_TO_TORCH: dict[np.dtype, torch.dtype] = {v: k for k, v in NATIVE.items()}
 
+_ml: ModuleType | None
 try:
     import ml_dtypes as _ml
 except ImportError:  # optional: bfloat16/float8 then need dtype=

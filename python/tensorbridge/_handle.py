@@ -44,7 +44,7 @@ class Transfer(Generic[T]):
         *,
         error: BaseException | None = None,
         poll: Callable[[], bool] | None = None,
-        block: Callable[[], None] | None = None,
+        block: Callable[[], object] | None = None,
         keepalive: Any = None,
     ) -> None:
         self._result = result

@@ -54,7 +54,7 @@ def _dlpack_would_abort(obj: Any) -> bool:
     resource or variant tensor is exported through DLPack; those go through __array__."""
     if not type(obj).__module__.startswith("tensorflow"):
         return False
-    dtype = getattr(obj, "dtype", None)
+    dtype: Any = getattr(obj, "dtype", None)
     try:
         numeric = dtype.is_floating or dtype.is_integer or dtype.is_bool or dtype.is_complex
         return not numeric or dtype.is_quantized

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ def collate(samples: Sequence[Any]) -> Any:
     if isinstance(first, Mapping):
         fields = {k: collate([sample[k] for sample in samples]) for k in first}
         try:
-            return type(first)(fields)
+            return cast(Any, type(first))(fields)
         except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
             return fields
     if is_namedtuple(first):

@@ -102,7 +102,7 @@ def pin(array: np.ndarray) -> np.ndarray:
         raise TypeError(f"pin expects a numpy.ndarray, got {type(array).__name__}")
     if array.size == 0 or not _backend.ENGINE.cuda_engine:
         return array
-    C = _backend.ENGINE.C
+    C = _backend.ENGINE.core
     if C.cuda_host_register(array):
         address, nbytes = C.array_span(array)
         weakref.finalize(array, C.cuda_host_unregister, address, nbytes)
@@ -115,7 +115,7 @@ def unpin(array: np.ndarray) -> None:
         raise TypeError(f"unpin expects a numpy.ndarray, got {type(array).__name__}")
     if array.size == 0 or not _backend.ENGINE.cuda_engine:
         return
-    C = _backend.ENGINE.C
+    C = _backend.ENGINE.core
     address, nbytes = C.array_span(array)
     C.cuda_host_unregister(address, nbytes)
 
@@ -138,7 +138,6 @@ def pinned_stats() -> dict[str, Any]:
         >>> sorted(tb.pinned_stats())[:3]
         ['available', 'budget', 'bytes_held']
     """
-    C = _backend.ENGINE.C
     if not _backend.ENGINE.cuda_engine:
         return {
             "available": False,
@@ -152,7 +151,7 @@ def pinned_stats() -> dict[str, Any]:
             "pin_failures": 0,
             "frees": 0,
         }
-    return {"available": True, **C.cuda_pinned_stats()}
+    return {"available": True, **_backend.ENGINE.core.cuda_pinned_stats()}
 
 
 def set_pinned_budget(nbytes: int) -> None:
@@ -160,4 +159,4 @@ def set_pinned_budget(nbytes: int) -> None:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"the pinned budget must be an int >= 0, got {nbytes!r}")
     if _backend.ENGINE.cuda_engine:
-        _backend.ENGINE.C.cuda_set_pinned_budget(nbytes)
+        _backend.ENGINE.core.cuda_set_pinned_budget(nbytes)

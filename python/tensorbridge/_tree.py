@@ -161,7 +161,7 @@ def _unflatten(spec: Spec, it: Any) -> Any:
     if kind == "mapping":
         items = dict(zip(meta.keys(), values, strict=True))
         if isinstance(meta, collections.defaultdict):
-            out = collections.defaultdict(meta.default_factory)
+            out: collections.defaultdict[Any, Any] = collections.defaultdict(meta.default_factory)
             out.update(items)
             return out
         try:
