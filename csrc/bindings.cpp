@@ -7,8 +7,8 @@
 #include <algorithm>
 #include <array>
 #include <memory>
-#include <string>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -39,10 +39,7 @@ auto release_gil_and(F&& f) {
   return f();
 }
 
-
-bool holds_references(const py::array& a) {
-  return a.dtype().attr("hasobject").cast<bool>();
-}
+bool holds_references(const py::array& a) { return a.dtype().attr("hasobject").cast<bool>(); }
 
 // Copies src into dst (same shape, same itemsize), byte-swapping when asked.
 // The Python layer validates dtypes, writability and overlap first.
@@ -97,7 +94,8 @@ bool clearly_disjoint_elements(const int64_t* shape, const int64_t* byte_strides
   std::array<std::pair<int64_t, int64_t>, tb::kMaxDims> dims;  // (|stride|, extent)
   int n = 0;
   for (int i = 0; i < ndim; ++i)
-    if (shape[i] > 1) dims[n++] = {byte_strides[i] < 0 ? -byte_strides[i] : byte_strides[i], shape[i]};
+    if (shape[i] > 1)
+      dims[n++] = {byte_strides[i] < 0 ? -byte_strides[i] : byte_strides[i], shape[i]};
   std::sort(dims.begin(), dims.begin() + n);
   int64_t span = itemsize;
   for (int i = 0; i < n; ++i) {
@@ -127,8 +125,8 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
     ss[i] *= itemsize;
     ds[i] = dst.strides(i);
   }
-  const auto d = tb::byte_span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(),
-                               nd, itemsize);
+  const auto d =
+      tb::byte_span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(), nd, itemsize);
   const auto r = tb::byte_span(src, shp.data(), ss.data(), nd, itemsize);
   if (d.intersects(r)) return 2;
   if (!d.empty() && !clearly_disjoint_elements(shp.data(), ds.data(), nd, itemsize))
@@ -137,14 +135,13 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
   opt.swap_unit = swap_unit;
   void* dp = dst.mutable_data();
   const auto run = [&] {
-    return tb::strided_copy({dp, ds.data()}, {reinterpret_cast<void*>(src), ss.data()},
-                            shp.data(), nd, itemsize, opt);
+    return tb::strided_copy({dp, ds.data()}, {reinterpret_cast<void*>(src), ss.data()}, shp.data(),
+                            nd, itemsize, opt);
   };
   return (worth_releasing_gil(r.size()) ? release_gil_and(run) : run()) ? 0 : 1;
 }
 
 // ---------------------------------------------------------------- transfers
-
 
 py::dict cuda_probe() {
   py::dict d;
@@ -172,8 +169,8 @@ py::dict cuda_probe() {
 }
 
 #ifdef TB_WITH_CUDA
-py::dict cuda_copy_to_host(int device, uintptr_t stream, uintptr_t src, py::array dst,
-                           size_t chunk, int buffers, int swap) {
+py::dict cuda_copy_to_host(int device, uintptr_t stream, uintptr_t src, py::array dst, size_t chunk,
+                           int buffers, int swap) {
   const auto view = host_view(dst, true);
   tb::PipelineReport r;
   {
@@ -207,8 +204,8 @@ py::dict cuda_copy_many_to_device(int device, uintptr_t stream, py::list srcs,
   tb::PipelineReport r;
   {
     py::gil_scoped_release release;
-    r = tb::cuda::copy_many_to_device(device, stream, views, offsets,
-                                      reinterpret_cast<void*>(dst), options);
+    r = tb::cuda::copy_many_to_device(device, stream, views, offsets, reinterpret_cast<void*>(dst),
+                                      options);
   }
   return report_dict(r);
 }
@@ -241,8 +238,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy", &copy, py::arg("dst").noconvert(), py::arg("src").noconvert(),
         py::arg("swap_unit") = 0, py::arg("min_parallel_bytes") = 0,
         "Strided copy of src into dst (same shape and itemsize), GIL released.");
-  m.def("copy_from_address", &copy_from_address, py::arg("out"), py::arg("dtype"),
-        py::arg("src"), py::arg("shape"), py::arg("strides"), py::arg("swap_unit") = 0,
+  m.def("copy_from_address", &copy_from_address, py::arg("out"), py::arg("dtype"), py::arg("src"),
+        py::arg("shape"), py::arg("strides"), py::arg("swap_unit") = 0,
         "Copy a host tensor (address, shape, element strides) into out; 0 = copied, "
         "1 = out does not match, 2 = the memory may overlap (nothing written unless 0).");
   m.def("get_num_threads", &tb::get_num_threads, "Threads used for large host copies.");
@@ -254,8 +251,8 @@ PYBIND11_MODULE(_C, m) {
   // The fault switch lives in this module's engine; tensorbridge._C_testing reaches it
   // through this capsule (testing builds only: release builds have neither).
   static void (*const inject_copy_fault)(int64_t) = &tb::cuda::inject_copy_fault;
-  m.attr("_testing_copy_fault") = py::capsule(reinterpret_cast<const void*>(&inject_copy_fault),
-                                              "tensorbridge._C.copy_fault");
+  m.attr("_testing_copy_fault") =
+      py::capsule(reinterpret_cast<const void*>(&inject_copy_fault), "tensorbridge._C.copy_fault");
 #endif
 #ifdef TB_WITH_CUDA
   m.def("empty_pinned_bytes", &empty_pinned_bytes, py::arg("nbytes"),
@@ -267,41 +264,56 @@ PYBIND11_MODULE(_C, m) {
         py::arg("src"), py::arg("dst"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
         py::arg("swap_unit") = 0, py::arg("wait") = false,
         "Any host array -> dense device memory, through the pool.");
-  m.def("cuda_copy_many_to_device", &cuda_copy_many_to_device, py::arg("device"),
-        py::arg("stream"), py::arg("srcs"), py::arg("offsets"), py::arg("dst"),
-        py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("wait") = false,
+  m.def("cuda_copy_many_to_device", &cuda_copy_many_to_device, py::arg("device"), py::arg("stream"),
+        py::arg("srcs"), py::arg("offsets"), py::arg("dst"), py::arg("chunk_bytes") = 0,
+        py::arg("buffers") = 0, py::arg("wait") = false,
         "Host arrays packed into staging blocks -> dst + offsets[i], a few copies in all.");
-  m.def("cuda_copy_async", [](int device, uintptr_t stream, uintptr_t dst, uintptr_t src,
-                              size_t n, bool to_host, py::object keepalive) {
-    tb::Event done;
-    {
-      py::gil_scoped_release release;
-      done = tb::cuda::copy_async(device, stream, reinterpret_cast<void*>(dst),
-                                  reinterpret_cast<const void*>(src), n, to_host);
-    }
-    return std::make_unique<PendingCopy>(std::move(done), std::move(keepalive), py::none());
-  }, py::arg("device"), py::arg("stream"), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
-     py::arg("to_host"), py::arg("keepalive"),
-     "One async copy (page-locked host memory); keepalive is held until it completes.");
+  m.def(
+      "cuda_copy_async",
+      [](int device, uintptr_t stream, uintptr_t dst, uintptr_t src, size_t n, bool to_host,
+         py::object keepalive) {
+        tb::Event done;
+        {
+          py::gil_scoped_release release;
+          done = tb::cuda::copy_async(device, stream, reinterpret_cast<void*>(dst),
+                                      reinterpret_cast<const void*>(src), n, to_host);
+        }
+        return std::make_unique<PendingCopy>(std::move(done), std::move(keepalive), py::none());
+      },
+      py::arg("device"), py::arg("stream"), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
+      py::arg("to_host"), py::arg("keepalive"),
+      "One async copy (page-locked host memory); keepalive is held until it completes.");
   m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
   m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
-  m.def("cuda_host_register", [](py::array a) {
-    const tb::ByteSpan s = byte_span(a);
-    py::gil_scoped_release release;
-    return !s.empty() && tb::cuda::host_register(reinterpret_cast<void*>(s.begin), s.size());
-  }, py::arg("array"), "Page-lock the array's memory; False if it already was, elsewhere.");
-  m.def("cuda_host_unregister", [](uintptr_t ptr, size_t n) {
-    py::gil_scoped_release release;
-    return tb::cuda::host_unregister(reinterpret_cast<void*>(ptr), n);
-  }, py::arg("address"), py::arg("nbytes"));
-  m.def("array_span", [](py::array a) {
-    const tb::ByteSpan s = byte_span(a);
-    return py::make_tuple(s.begin, s.size());
-  }, py::arg("array"), "(address, nbytes) of the memory an array's elements span.");
-  m.def("is_host_pinned", [](py::array a) {
-    const tb::ByteSpan s = byte_span(a);
-    py::gil_scoped_release release;
-    return tb::cuda::is_host_range_pinned(reinterpret_cast<const void*>(s.begin), s.size());
-  }, py::arg("array"), "True when all the memory the array's elements span is page-locked.");
+  m.def(
+      "cuda_host_register",
+      [](py::array a) {
+        const tb::ByteSpan s = byte_span(a);
+        py::gil_scoped_release release;
+        return !s.empty() && tb::cuda::host_register(reinterpret_cast<void*>(s.begin), s.size());
+      },
+      py::arg("array"), "Page-lock the array's memory; False if it already was, elsewhere.");
+  m.def(
+      "cuda_host_unregister",
+      [](uintptr_t ptr, size_t n) {
+        py::gil_scoped_release release;
+        return tb::cuda::host_unregister(reinterpret_cast<void*>(ptr), n);
+      },
+      py::arg("address"), py::arg("nbytes"));
+  m.def(
+      "array_span",
+      [](py::array a) {
+        const tb::ByteSpan s = byte_span(a);
+        return py::make_tuple(s.begin, s.size());
+      },
+      py::arg("array"), "(address, nbytes) of the memory an array's elements span.");
+  m.def(
+      "is_host_pinned",
+      [](py::array a) {
+        const tb::ByteSpan s = byte_span(a);
+        py::gil_scoped_release release;
+        return tb::cuda::is_host_range_pinned(reinterpret_cast<const void*>(s.begin), s.size());
+      },
+      py::arg("array"), "True when all the memory the array's elements span is page-locked.");
 #endif
 }

@@ -31,10 +31,9 @@ static_assert(sizeof(py::ssize_t) == sizeof(int64_t), "shapes are read as int64_
 
 /// The bytes an array's elements span.
 inline ByteSpan byte_span(const py::array& a) {
-  return tb::byte_span(reinterpret_cast<uintptr_t>(a.data()),
-                       reinterpret_cast<const int64_t*>(a.shape()),
-                       reinterpret_cast<const int64_t*>(a.strides()),
-                       static_cast<int>(a.ndim()), a.itemsize());
+  return tb::byte_span(
+      reinterpret_cast<uintptr_t>(a.data()), reinterpret_cast<const int64_t*>(a.shape()),
+      reinterpret_cast<const int64_t*>(a.strides()), static_cast<int>(a.ndim()), a.itemsize());
 }
 
 inline HostView host_view(const py::array& a, bool writeable) {

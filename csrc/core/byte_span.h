@@ -11,9 +11,7 @@ struct ByteSpan {
   uintptr_t begin = 0, end = 0;
   size_t size() const noexcept { return end - begin; }
   bool empty() const noexcept { return begin == end; }
-  bool intersects(const ByteSpan& o) const noexcept {
-    return begin < o.end && o.begin < end;
-  }
+  bool intersects(const ByteSpan& o) const noexcept { return begin < o.end && o.begin < end; }
 };
 
 /// The bytes touched by the view at `base` with `shape` and byte strides (negative and

@@ -13,7 +13,7 @@ size_t PinnedPool::size_class(size_t nbytes) {
   constexpr size_t kPage = 4096;
   if (nbytes <= 16 * kPage) return std::max<size_t>(kPage, (nbytes + kPage - 1) / kPage * kPage);
   size_t top = size_t{1} << (63 - __builtin_clzll(nbytes));  // highest power of two <= n
-  const size_t granule = std::max(kPage, top / 8);             // eight classes per doubling
+  const size_t granule = std::max(kPage, top / 8);           // eight classes per doubling
   return (nbytes + granule - 1) / granule * granule;
 }
 
@@ -88,8 +88,8 @@ void PinnedPool::release(BlockPtr block) noexcept {
   }
   try {
     idle_.emplace(block->size, std::move(block));
-  } catch (...) {  // out of memory for the map node: give the block up, leaked, not freed,
-    held_ -= block->size;  // since its last copy may still be running (emplace did not
+  } catch (...) {           // out of memory for the map node: give the block up, leaked, not freed,
+    held_ -= block->size;   // since its last copy may still be running (emplace did not
     (void)block.release();  // take it: the node allocation failed before the move)
   }
 }

@@ -34,12 +34,12 @@ struct PoolStats {
   size_t bytes_held = 0;    // pinned bytes owned by the pool
   size_t bytes_in_use = 0;  // of which handed out right now
   size_t budget = 0;
-  uint64_t hits = 0;        // acquire() served by a cached block
-  uint64_t misses = 0;      // acquire() that pinned a new block
-  uint64_t waits = 0;       // acquire() that waited for a pending block
-  uint64_t fallbacks = 0;   // acquire() answered nullptr (budget full or pinning failed)
+  uint64_t hits = 0;       // acquire() served by a cached block
+  uint64_t misses = 0;     // acquire() that pinned a new block
+  uint64_t waits = 0;      // acquire() that waited for a pending block
+  uint64_t fallbacks = 0;  // acquire() answered nullptr (budget full or pinning failed)
   uint64_t pin_failures = 0;
-  uint64_t frees = 0;       // blocks unpinned to make room or on trim()
+  uint64_t frees = 0;  // blocks unpinned to make room or on trim()
 };
 
 class PinnedPool {
@@ -82,7 +82,7 @@ class PinnedPool {
   std::mutex m_;
   std::multimap<size_t, BlockPtr> idle_;  // by size class
   size_t budget_;
-  size_t held_ = 0;    // includes bytes reserved for allocations in progress
+  size_t held_ = 0;  // includes bytes reserved for allocations in progress
   size_t in_use_ = 0;
   PoolStats counters_;
 };

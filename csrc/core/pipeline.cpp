@@ -74,8 +74,8 @@ ChunkViews chunk_views(const HostView& v, const Chunk& c) {
 }
 
 void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
-               const std::vector<int64_t>& ss, const std::vector<int64_t>& shape,
-               int64_t itemsize, int swap_unit) {
+               const std::vector<int64_t>& ss, const std::vector<int64_t>& shape, int64_t itemsize,
+               int swap_unit) {
   CopyOptions opt;
   opt.swap_unit = swap_unit;
   if (!strided_copy({dst, ds.data()}, {const_cast<char*>(src), ss.data()}, shape.data(),
@@ -89,8 +89,7 @@ void stage_to_device(TransferEngine& engine, PinnedBlock& b, const HostView& v, 
                      char* device_dst, StreamHandle stream, int swap_unit) {
   b.event.wait();
   const ChunkViews cv = chunk_views(v, c);
-  host_copy(b.data(), cv.dense_strides, cv.host, cv.host_strides, cv.shape, v.itemsize,
-            swap_unit);
+  host_copy(b.data(), cv.dense_strides, cv.host, cv.host_strides, cv.shape, v.itemsize, swap_unit);
   engine.copy_to_device_async(device_dst, b.data(), c.bytes, stream);
   b.event.record(stream);  // (a failure here is settled by the caller)
 }
@@ -102,8 +101,10 @@ class Leases {
   explicit Leases(PinnedPool& pool) : pool_(pool) {}
   ~Leases() {
     for (BlockPtr& b : blocks_) {
-      if (broken_) pool_.discard(std::move(b));
-      else pool_.release(std::move(b));
+      if (broken_)
+        pool_.discard(std::move(b));
+      else
+        pool_.release(std::move(b));
     }
   }
   // An engine call threw, possibly between queuing a copy and recording its event:
@@ -250,8 +251,7 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
     report.staged = false;
     const size_t total = plan.total;
     Pageable pg(dst, total, options.swap_unit);
-    copy_and_wait(engine, stream,
-                  [&] { engine.copy_to_host_async(pg.dense, src, total, stream); });
+    copy_and_wait(engine, stream, [&] { engine.copy_to_host_async(pg.dense, src, total, stream); });
     if (pg.dense != dst.data)
       host_copy(dst.data, dst.strides, pg.dense, dense_strides(dst), dst.shape, dst.itemsize,
                 options.swap_unit);
@@ -355,9 +355,9 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
   }
 
   try {
-    size_t k = 0;          // the block being filled: blocks[k]
-    size_t start = 0;      // device offset of its first byte
-    size_t fill = 0;       // bytes of it in use (from start)
+    size_t k = 0;      // the block being filled: blocks[k]
+    size_t start = 0;  // device offset of its first byte
+    size_t fill = 0;   // bytes of it in use (from start)
     auto flush = [&] {
       if (fill == 0) return;
       PinnedBlock& b = blocks[k];
@@ -388,8 +388,8 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
         start = offsets[i];
       }
       const HostView& v = srcs[i];
-      host_copy(b.data() + (offsets[i] - start), dense_strides(v), v.data,
-                v.strides, v.shape, v.itemsize, options.swap_unit);
+      host_copy(b.data() + (offsets[i] - start), dense_strides(v), v.data, v.strides, v.shape,
+                v.itemsize, options.swap_unit);
       fill = offsets[i] + sizes[i] - start;
     }
     flush();

@@ -28,9 +28,9 @@ struct HostView {
 
 struct PipelineOptions {
   size_t chunk_bytes = size_t{4} << 20;
-  int buffers = 2;     // staging blocks in rotation (at least 2)
-  int swap_unit = 0;   // byte-swap units while copying on the host (0: none)
-  bool wait = false;   // copy_to_device: return only once the data is on the device
+  int buffers = 2;    // staging blocks in rotation (at least 2)
+  int swap_unit = 0;  // byte-swap units while copying on the host (0: none)
+  bool wait = false;  // copy_to_device: return only once the data is on the device
 };
 
 struct PipelineReport {

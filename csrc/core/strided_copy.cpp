@@ -69,8 +69,9 @@ using Kernel = decltype(Plan::kernel);
 // Large contiguous copies with ordinary (cached) vector stores. glibc's memcpy switches
 // to non-temporal stores above a size threshold, which measured about 20% slower with
 // two threads copying at once (64-256 MiB, 2-core AMD EPYC); below it memcpy is best.
-__attribute__((target_clones("avx2", "default"))) void copy_large(
-    char* __restrict d, const char* __restrict s, size_t n) {
+__attribute__((target_clones("avx2", "default"))) void copy_large(char* __restrict d,
+                                                                  const char* __restrict s,
+                                                                  size_t n) {
   size_t i = 0;
   for (; i + 128 <= n; i += 128) __builtin_memcpy(d + i, s + i, 128);
   std::memcpy(d + i, s + i, n - i);
@@ -78,19 +79,21 @@ __attribute__((target_clones("avx2", "default"))) void copy_large(
 
 constexpr size_t kLargeCopyBytes = size_t{1} << 19;
 
-void k_memcpy_rows(const Plan& p, char* d, const char* s, const int64_t* shape,
-                   const int64_t*, const int64_t*) {
+void k_memcpy_rows(const Plan& p, char* d, const char* s, const int64_t* shape, const int64_t*,
+                   const int64_t*) {
   const size_t n = static_cast<size_t>(shape[0] * p.itemsize);
-  if (n >= kLargeCopyBytes) copy_large(d, s, n);
-  else std::memcpy(d, s, n);
+  if (n >= kLargeCopyBytes)
+    copy_large(d, s, n);
+  else
+    std::memcpy(d, s, n);
 }
 
 // Contiguous byte swaps are common (big-endian files) and vectorize well with AVX2;
 // target_clones compiles both versions and picks one at load time.
-#define TB_SWAP_CONTIG(NAME, U)                                                 \
-  __attribute__((target_clones("avx2", "default"))) void NAME(                  \
-      char* __restrict d, const char* __restrict s, int64_t bytes) {            \
-    for (int64_t i = 0; i < bytes; i += U) move_elem<U, U>(d + i, s + i);       \
+#define TB_SWAP_CONTIG(NAME, U)                                           \
+  __attribute__((target_clones("avx2", "default"))) void NAME(            \
+      char* __restrict d, const char* __restrict s, int64_t bytes) {      \
+    for (int64_t i = 0; i < bytes; i += U) move_elem<U, U>(d + i, s + i); \
   }
 TB_SWAP_CONTIG(swap_contig2, 2)
 TB_SWAP_CONTIG(swap_contig4, 4)
@@ -98,10 +101,10 @@ TB_SWAP_CONTIG(swap_contig8, 8)
 #undef TB_SWAP_CONTIG
 
 // Reversal (a[::-1]) is the usual negative-stride case; it vectorizes with permutes.
-#define TB_REVERSE(NAME, N)                                                     \
-  __attribute__((target_clones("avx2", "default"))) void NAME(                  \
-      char* __restrict d, const char* __restrict s, int64_t n) {                \
-    for (int64_t i = 0; i < n; ++i) move_elem<N, 0>(d + i * N, s - i * N);      \
+#define TB_REVERSE(NAME, N)                                                \
+  __attribute__((target_clones("avx2", "default"))) void NAME(             \
+      char* __restrict d, const char* __restrict s, int64_t n) {           \
+    for (int64_t i = 0; i < n; ++i) move_elem<N, 0>(d + i * N, s - i * N); \
   }
 TB_REVERSE(reverse1, 1)
 TB_REVERSE(reverse2, 2)
@@ -131,17 +134,17 @@ void k_elem(const Plan&, char* d, const char* s, const int64_t* shape, const int
   }
 }
 
-void k_elem_generic(const Plan& p, char* d, const char* s, const int64_t* shape,
-                    const int64_t* ds, const int64_t* ss) {
+void k_elem_generic(const Plan& p, char* d, const char* s, const int64_t* shape, const int64_t* ds,
+                    const int64_t* ss) {
   const size_t n = static_cast<size_t>(p.itemsize);
   for (int64_t i = 0; i < shape[0]; ++i) std::memcpy(d + i * ds[0], s + i * ss[0], n);
 }
 
 // Two dimensions (a outer, b inner) where dst is contiguous along b and src along a.
-// Large ones are copied in T x T tiles through a small buffer: the tile's src rows are read whole into
-// the buffer, then dst rows are written whole from it, so neither side strides through
-// memory element by element. (Without the buffer, power-of-two row pitches make the
-// tile's lines collide in the same cache sets.)
+// Large ones are copied in T x T tiles through a small buffer: the tile's src rows are read whole
+// into the buffer, then dst rows are written whole from it, so neither side strides through memory
+// element by element. (Without the buffer, power-of-two row pitches make the tile's lines collide
+// in the same cache sets.)
 template <int N, int U>
 void k_tile(const Plan&, char* d, const char* s, const int64_t* shape, const int64_t* ds,
             const int64_t* ss) {
@@ -195,19 +198,32 @@ Kernel pick(bool tiled) {
 
 Kernel pick_kernel(int64_t itemsize, int swap, bool tiled) {
   switch (itemsize * 100 + swap) {
-    case 100: return pick<1, 0>(tiled);
-    case 200: return pick<2, 0>(tiled);
-    case 202: return pick<2, 2>(tiled);
-    case 400: return pick<4, 0>(tiled);
-    case 404: return pick<4, 4>(tiled);
-    case 402: return pick<4, 2>(tiled);
-    case 800: return pick<8, 0>(tiled);
-    case 808: return pick<8, 8>(tiled);
-    case 804: return pick<8, 4>(tiled);
-    case 1600: return pick<16, 0>(tiled);
-    case 1608: return pick<16, 8>(tiled);
-    case 1604: return pick<16, 4>(tiled);
-    default: return nullptr;
+    case 100:
+      return pick<1, 0>(tiled);
+    case 200:
+      return pick<2, 0>(tiled);
+    case 202:
+      return pick<2, 2>(tiled);
+    case 400:
+      return pick<4, 0>(tiled);
+    case 404:
+      return pick<4, 4>(tiled);
+    case 402:
+      return pick<4, 2>(tiled);
+    case 800:
+      return pick<8, 0>(tiled);
+    case 808:
+      return pick<8, 8>(tiled);
+    case 804:
+      return pick<8, 4>(tiled);
+    case 1600:
+      return pick<16, 0>(tiled);
+    case 1608:
+      return pick<16, 8>(tiled);
+    case 1604:
+      return pick<16, 4>(tiled);
+    default:
+      return nullptr;
   }
 }
 
@@ -246,8 +262,8 @@ void run_range(const Plan& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-bool strided_copy(StridedPtr dst, StridedPtr src, const int64_t* shape, int ndim,
-                  int64_t itemsize, const CopyOptions& options) {
+bool strided_copy(StridedPtr dst, StridedPtr src, const int64_t* shape, int ndim, int64_t itemsize,
+                  const CopyOptions& options) {
   if (ndim < 0 || ndim > kMaxDims || itemsize <= 0) return false;
   const int swap = options.swap_unit;
   if (swap != 0 && (swap != 2 && swap != 4 && swap != 8)) return false;
@@ -299,8 +315,7 @@ bool strided_copy(StridedPtr dst, StridedPtr src, const int64_t* shape, int ndim
   // Move that one next to the innermost and copy the two in tiles.
   bool tiled = false;
   const Dim& last = dims[m - 1];
-  if (m >= 2 && std::llabs(last.ds) == itemsize && std::llabs(last.ss) != itemsize &&
-      last.n >= 8) {
+  if (m >= 2 && std::llabs(last.ds) == itemsize && std::llabs(last.ss) != itemsize && last.n >= 8) {
     for (int k = m - 2; k >= 0; --k) {
       if (std::llabs(dims[k].ss) == itemsize && dims[k].n >= 8) {
         Dim t = dims[k];
@@ -349,9 +364,7 @@ bool strided_copy(StridedPtr dst, StridedPtr src, const int64_t* shape, int ndim
     return true;
   }
   const int64_t n0 = p.shape[0];
-  parallel_for(tasks, [&](int64_t t) {
-    run_range(p, n0 * t / tasks, n0 * (t + 1) / tasks);
-  });
+  parallel_for(tasks, [&](int64_t t) { run_range(p, n0 * t / tasks, n0 * (t + 1) / tasks); });
   return true;
 }
 

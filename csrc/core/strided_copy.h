@@ -33,7 +33,7 @@ struct CopyOptions {
 /// Copies `shape` elements of `itemsize` bytes from src to dst. The two regions must
 /// not overlap. Runs on the calling thread, plus the pool's threads for large copies.
 /// Returns false (and copies nothing) if the arguments are invalid.
-bool strided_copy(StridedPtr dst, StridedPtr src, const int64_t* shape, int ndim,
-                  int64_t itemsize, const CopyOptions& options = {});
+bool strided_copy(StridedPtr dst, StridedPtr src, const int64_t* shape, int ndim, int64_t itemsize,
+                  const CopyOptions& options = {});
 
 }  // namespace tb

@@ -1,5 +1,7 @@
 #include "core/thread_pool.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -11,8 +13,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <pthread.h>
 
 namespace tb {
 namespace {
@@ -130,7 +130,7 @@ class Pool {
   std::mutex m_;
   std::condition_variable cv_;
   std::atomic<int64_t> queued_{0};  // tickets in queue_, readable without the lock
-  int sleepers_ = 0;                 // workers blocked on cv_
+  int sleepers_ = 0;                // workers blocked on cv_
   bool stop_ = false;
 };
 

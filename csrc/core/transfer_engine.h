@@ -25,8 +25,7 @@ class TransferEngine {
   /// Queue a copy on `stream`; neither side may be touched until an event recorded
   /// after it has completed.
   virtual void copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) = 0;
-  virtual void copy_to_device_async(void* device, const void* host, size_t n,
-                                    StreamHandle s) = 0;
+  virtual void copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) = 0;
 
   virtual EventHandle create_event() = 0;
   virtual void destroy_event(EventHandle e) noexcept = 0;

@@ -1,5 +1,3 @@
-#include "cuda/cuda_engine.h"
-
 #include <cuda_runtime.h>
 #include <unistd.h>
 
@@ -11,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/cuda_engine.h"
 #include "cuda/error.h"
 #include "cuda/runtime.h"
 
@@ -27,8 +26,8 @@ void maybe_inject_fault() {
   int64_t n = g_fail_copy_after.load(std::memory_order_relaxed);
   while (n >= 0) {
     if (g_fail_copy_after.compare_exchange_weak(n, n - 1)) {
-      if (n == 0) throw CudaError(cudaErrorLaunchFailure, "injected fault (test switch)",
-                                  __FILE__, __LINE__);
+      if (n == 0)
+        throw CudaError(cudaErrorLaunchFailure, "injected fault (test switch)", __FILE__, __LINE__);
       return;
     }
   }
@@ -99,8 +98,10 @@ class DeviceGuard {
  public:
   explicit DeviceGuard(int d) {
     TB_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != d) TB_CUDA_CHECK(cudaSetDevice(d));
-    else previous_ = -1;
+    if (previous_ != d)
+      TB_CUDA_CHECK(cudaSetDevice(d));
+    else
+      previous_ = -1;
   }
   ~DeviceGuard() {
     if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
@@ -167,15 +168,15 @@ PoolStats pinned_stats() {
   return total;
 }
 
-PipelineReport copy_to_host(int d, StreamHandle stream, const void* device_src,
-                            const HostView& dst, const PipelineOptions& options) {
+PipelineReport copy_to_host(int d, StreamHandle stream, const void* device_src, const HostView& dst,
+                            const PipelineOptions& options) {
   DeviceGuard guard(d);
   Device& dev = device(d);
   return tb::copy_to_host(dev.engine, dev.pool, stream, device_src, dst, options);
 }
 
-PipelineReport copy_to_device(int d, StreamHandle stream, const HostView& src,
-                              void* device_dst, const PipelineOptions& options) {
+PipelineReport copy_to_device(int d, StreamHandle stream, const HostView& src, void* device_dst,
+                              const PipelineOptions& options) {
   DeviceGuard guard(d);
   Device& dev = device(d);
   return tb::copy_to_device(dev.engine, dev.pool, stream, src, device_dst, options);
@@ -186,17 +187,17 @@ PipelineReport copy_many_to_device(int d, StreamHandle stream, const std::vector
                                    const PipelineOptions& options) {
   DeviceGuard guard(d);
   Device& dev = device(d);
-  return tb::copy_many_to_device(dev.engine, dev.pool, stream, srcs, offsets, device_base,
-                                 options);
+  return tb::copy_many_to_device(dev.engine, dev.pool, stream, srcs, offsets, device_base, options);
 }
 
-Event copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t n,
-                 bool to_host) {
+Event copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t n, bool to_host) {
   DeviceGuard guard(d);
   Device& dev = device(d);
   Event done(dev.engine);
-  if (to_host) dev.engine.copy_to_host_async(dst, src, n, stream);
-  else dev.engine.copy_to_device_async(dst, src, n, stream);
+  if (to_host)
+    dev.engine.copy_to_host_async(dst, src, n, stream);
+  else
+    dev.engine.copy_to_device_async(dst, src, n, stream);
   done.record(stream);
   return done;
 }

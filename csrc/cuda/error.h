@@ -16,8 +16,8 @@ class CudaError : public std::runtime_error {
   cudaError_t code() const noexcept { return code_; }
 
   static std::string format(cudaError_t code, const char* expr, const char* file, int line) {
-    return std::string(cudaGetErrorName(code)) + ": " + cudaGetErrorString(code) + " (" +
-           expr + " at " + file + ":" + std::to_string(line) + ")";
+    return std::string(cudaGetErrorName(code)) + ": " + cudaGetErrorString(code) + " (" + expr +
+           " at " + file + ":" + std::to_string(line) + ")";
   }
 
  private:
@@ -26,11 +26,11 @@ class CudaError : public std::runtime_error {
 
 }  // namespace tb::cuda
 
-#define TB_CUDA_CHECK(expr)                                                   \
-  do {                                                                        \
-    const cudaError_t tb_err_ = (expr);                                       \
-    if (tb_err_ != cudaSuccess) {                                             \
-      (void)cudaGetLastError(); /* clear a sticky-free error state */         \
-      throw ::tb::cuda::CudaError(tb_err_, #expr, __FILE__, __LINE__);        \
-    }                                                                         \
+#define TB_CUDA_CHECK(expr)                                            \
+  do {                                                                 \
+    const cudaError_t tb_err_ = (expr);                                \
+    if (tb_err_ != cudaSuccess) {                                      \
+      (void)cudaGetLastError(); /* clear a sticky-free error state */  \
+      throw ::tb::cuda::CudaError(tb_err_, #expr, __FILE__, __LINE__); \
+    }                                                                  \
   } while (0)

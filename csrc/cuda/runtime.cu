@@ -1,8 +1,7 @@
-#include "cuda/runtime.h"
-
 #include <cuda_runtime.h>
 
 #include "cuda/error.h"
+#include "cuda/runtime.h"
 
 namespace tb::cuda {
 
@@ -19,8 +18,10 @@ RuntimeInfo probe() {
   }
   for (int d = 0; d < info.device_count; ++d) {
     cudaDeviceProp prop{};
-    if (cudaGetDeviceProperties(&prop, d) == cudaSuccess) info.device_names.emplace_back(prop.name);
-    else info.device_names.emplace_back("unknown");
+    if (cudaGetDeviceProperties(&prop, d) == cudaSuccess)
+      info.device_names.emplace_back(prop.name);
+    else
+      info.device_names.emplace_back("unknown");
   }
   return info;
 }

@@ -107,7 +107,8 @@ bool HostEngine::query(EventHandle e) {
 }
 
 void HostEngine::synchronize(EventHandle e) {
-  if (fail_next_sync_.exchange(false)) throw std::runtime_error("HostEngine: injected wait failure");
+  if (fail_next_sync_.exchange(false))
+    throw std::runtime_error("HostEngine: injected wait failure");
   std::unique_lock<std::mutex> lock(m_);
   done_cv_.wait(lock, [&] {
     auto it = events_.find(e);

@@ -99,8 +99,10 @@ class HostTransferTester {
     if (!written.writeable()) throw py::value_error("copy_async: the destination is read-only");
     const size_t n = static_cast<size_t>(host.nbytes());
     tb::Event done(engine_);
-    if (to_host) engine_.copy_to_host_async(host.mutable_data(), device.data(), n, 0);
-    else engine_.copy_to_device_async(device.mutable_data(), host.data(), n, 0);
+    if (to_host)
+      engine_.copy_to_host_async(host.mutable_data(), device.data(), n, 0);
+    else
+      engine_.copy_to_device_async(device.mutable_data(), host.data(), n, 0);
     done.record(0);
     return std::make_unique<PendingCopy>(std::move(done), py::make_tuple(device, host),
                                          std::move(self));
@@ -167,8 +169,7 @@ PYBIND11_MODULE(_C_testing, m) {
           "copy_async",
           [](py::object self, py::array device, py::array host, bool to_host) {
             auto& tester = self.cast<HostTransferTester&>();
-            return tester.copy_async(std::move(device), std::move(host), to_host,
-                                     std::move(self));
+            return tester.copy_async(std::move(device), std::move(host), to_host, std::move(self));
           },
           py::arg("device"), py::arg("host"), py::arg("to_host"),
           "One copy queued without waiting; returns a tensorbridge._C.PendingCopy.")
@@ -180,8 +181,8 @@ PYBIND11_MODULE(_C_testing, m) {
       .def("trim", &HostTransferTester::trim)
       .def_property_readonly("live_pinned", &HostTransferTester::live_pinned)
       .def_property_readonly("pinned_allocations", &HostTransferTester::pinned_allocations);
-  m.def("plan_chunks", &plan_chunks, py::arg("shape"), py::arg("itemsize"),
-        py::arg("chunk_bytes"), "The pipeline's chunks: (offset, bytes, depth, prefix, begin, end).");
+  m.def("plan_chunks", &plan_chunks, py::arg("shape"), py::arg("itemsize"), py::arg("chunk_bytes"),
+        "The pipeline's chunks: (offset, bytes, depth, prefix, begin, end).");
   m.def("pool_size_class", &tb::PinnedPool::size_class, py::arg("nbytes"));
   m.def("cuda_inject_copy_fault", &cuda_inject_copy_fault, py::arg("after"),
         "The copy after `after` more succeed fails with a CUDA error (-1: off).");
