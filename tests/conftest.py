@@ -106,6 +106,14 @@ def random_tensor(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tens
     return torch.randint(lo, hi, shape, generator=gen, dtype=torch.int64).to(dtype)
 
 
+def random_array(shape, dtype, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes viewed as any NumPy dtype (void and complex too): the core's copies move
+    bytes, so any bit pattern is a valid input."""
+    dtype = np.dtype(dtype)
+    raw = rng.integers(0, 256, size=max(1, int(np.prod(shape))) * dtype.itemsize, dtype=np.uint8)
+    return raw[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
 @pytest.fixture
 def gen(request) -> torch.Generator:
     """A generator seeded per test, so failures reproduce and data differs between tests."""

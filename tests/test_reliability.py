@@ -17,13 +17,10 @@ import tensorbridge as tb
 from tensorbridge import _backend
 
 from conftest import (
-    TESTING,
     assert_same,
-    needs_testing_module,
     poisoned,
     random_tensor,
     reference_numpy,
-    run_in_threads,
 )
 
 
@@ -177,24 +174,3 @@ def test_batch_functions_round_trip(path, batch):
         _check_same(moved, batch)
         back = tb.to_numpy_batch(moved)
         _check_same(back, batch)
-
-
-@needs_testing_module
-def test_pool_budget_holds_under_contention():
-    """Twelve threads, a budget for three blocks: callers wait or go pageable, never over."""
-    t = TESTING.HostTransferTester(delay_us=40, budget=3 * 16384)
-    peaks = []
-
-    def work(i):
-        rng = np.random.default_rng(i)
-        for _ in range(5):
-            a = rng.standard_normal((40, 60 + i))
-            out = np.empty_like(a)
-            t.to_host(np.frombuffer(a.tobytes(), np.uint8).copy(), out, chunk_bytes=16384)
-            assert out.tobytes() == a.tobytes()
-            peaks.append(t.stats()["bytes_held"])
-
-    run_in_threads(work, 12, timeout=120)
-    assert max(peaks) <= 3 * 16384
-    s = t.stats()
-    assert s["bytes_in_use"] == 0 and s["bytes_held"] <= s["budget"]
