@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import zlib
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ needs_testing_module = pytest.mark.skipif(
 HAS_CUDA = torch.cuda.is_available()
 
 POISON = 0xAB  # byte written into outputs before a conversion, so unwritten bytes show
+Pair = collections.namedtuple("Pair", "image label")  # a namedtuple leaf container in batches
 
 
 def pytest_collection_modifyitems(config, items):

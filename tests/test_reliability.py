@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import gc
 import sys
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import tensorbridge as tb
-from tensorbridge import _backend
 
 from conftest import (
     assert_same,
     poisoned,
     random_tensor,
-    reference_numpy,
 )
 
 
@@ -99,78 +93,3 @@ def test_dropping_sources_and_handles_is_safe(backend, gen):
     for _ in range(5):  # handles dropped without wait()
         tb.to_numpy(random_tensor((50, 50), torch.float64, gen), non_blocking=True)
     gc.collect()
-
-
-# ------------------------------------------------------------------------- fuzzing batches
-
-Point = collections.namedtuple("Point", "a b")
-LEAF_DTYPES = [
-    torch.float32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.float16,
-    torch.complex64,
-    torch.bfloat16,
-]
-
-
-@st.composite
-def leaves(draw):
-    kind = draw(st.sampled_from(["array", "tensor", "plain"]))
-    if kind == "plain":
-        return draw(st.one_of(st.integers(), st.text(max_size=3), st.none(), st.floats()))
-    dtype = draw(st.sampled_from(LEAF_DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    t = random_tensor(shape, dtype, g)
-    if t.ndim >= 2 and draw(st.booleans()):
-        t = t.transpose(0, 1)
-    if kind == "tensor" or dtype == torch.bfloat16:
-        return t
-    a = t.numpy()
-    return a[::-1] if a.ndim and draw(st.booleans()) else a
-
-
-batches = st.recursive(
-    leaves(),
-    lambda children: st.one_of(
-        st.lists(children, max_size=3),
-        st.tuples(children, children),
-        st.dictionaries(st.sampled_from(["x", "y", "z"]), children, max_size=3),
-        st.builds(Point, children, children),
-    ),
-    max_leaves=8,
-)
-
-
-def _check_same(moved, original):
-    if isinstance(original, dict):
-        assert moved.keys() == original.keys()
-        for k in original:
-            _check_same(moved[k], original[k])
-    elif isinstance(original, (list, tuple)):
-        assert type(moved) is type(original) and len(moved) == len(original)
-        for m, o in zip(moved, original, strict=True):
-            _check_same(m, o)
-    elif isinstance(original, (np.ndarray, torch.Tensor)):
-        expected = reference_numpy(original) if isinstance(original, torch.Tensor) else original
-        got = reference_numpy(moved) if isinstance(moved, torch.Tensor) else moved
-        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(expected).tobytes()
-        assert got.shape == expected.shape
-    else:
-        assert moved is original or (moved != moved and original != original)
-
-
-@pytest.mark.parametrize("path", ["extension", "fallback"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=batches)
-def test_batch_functions_round_trip(path, batch):
-    if path == "extension" and _backend.C is None:
-        pytest.skip("extension not available")
-    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
-    with ctx:
-        moved = tb.to_device(batch, "cpu")
-        _check_same(moved, batch)
-        back = tb.to_numpy_batch(moved)
-        _check_same(back, batch)

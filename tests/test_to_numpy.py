@@ -228,3 +228,10 @@ def test_transfer_pending_blocks_then_completes():
 def test_parameter_subclass_converts(backend, gen):
     p = torch.nn.Parameter(random_tensor((3, 3), torch.float32, gen))
     assert_same(tb.to_numpy(p), p.detach().numpy())
+
+
+def test_to_numpy_points_to_the_batch_functions(backend):
+    with pytest.raises(TypeError, match="to_numpy_batch"):
+        tb.to_numpy({"a": torch.ones(2)})
+    with pytest.raises(TypeError, match="to_numpy_batch"):
+        tb.to_numpy([torch.ones(2)])
