@@ -1,12 +1,18 @@
-"""to_numpy against x.detach().cpu().numpy(), on every dtype and layout, both backends."""
+"""to_numpy against x.detach().cpu().numpy(), on every dtype and layout, both backends;
+random as_strided views (hypothesis)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tensorbridge as tb
+from tensorbridge import _backend
 
 from conftest import (
     ALL_DTYPES,
@@ -14,6 +20,7 @@ from conftest import (
     ML_DTYPES,
     NATIVE_DTYPES,
     POISON,
+    PROPERTY_SETTINGS,
     assert_holes_poisoned,
     assert_same,
     dtype_param,
@@ -235,3 +242,50 @@ def test_to_numpy_points_to_the_batch_functions(backend):
         tb.to_numpy({"a": torch.ones(2)})
     with pytest.raises(TypeError, match="to_numpy_batch"):
         tb.to_numpy([torch.ones(2)])
+
+
+# ------------------------------------------------------------------------- random views
+
+PROPERTY_DTYPES = [
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.bool,
+    torch.bfloat16,
+]
+
+
+@st.composite
+def tensors(draw):
+    """A tensor viewed through torch.as_strided: any sizes, non-negative strides, offset."""
+    dtype = draw(st.sampled_from(PROPERTY_DTYPES))
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim)))
+    strides = tuple(draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim)))
+    offset = draw(st.integers(0, 17))
+    span = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=False) if n) + 1
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    base = random_tensor((span,), dtype, g)
+    x = base.as_strided(shape, strides, offset)
+    if draw(st.booleans()) and dtype.is_complex:
+        x = x.conj()
+    return x
+
+
+@pytest.mark.parametrize("path", ["extension", "fallback"])
+@PROPERTY_SETTINGS
+@given(x=tensors(), order=st.sampled_from(["C", "F"]), copy=st.booleans())
+def test_to_numpy_properties(path, x, order, copy):
+    if path == "extension" and _backend.C is None:
+        pytest.skip("extension not available")
+    ctx = _backend.forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    with ctx:
+        expected = reference_numpy(x)
+        assert_same(tb.to_numpy(x, copy=copy), expected)
+        out = poisoned(tuple(x.shape), expected.dtype, order)
+        tb.to_numpy(x, out=out)
+        assert_same(out, expected)
