@@ -1,4 +1,5 @@
-"""Promises about memory, references and lifetimes; fuzzing of the batch functions."""
+"""Promises about memory and references across the API: no growth over conversion loops,
+no Python reference leaked on an error path."""
 
 from __future__ import annotations
 
@@ -10,12 +11,6 @@ import pytest
 import torch
 
 import tensorbridge as tb
-
-from conftest import (
-    assert_same,
-    poisoned,
-    random_tensor,
-)
 
 
 def rss_bytes() -> int:
@@ -79,17 +74,3 @@ def test_no_reference_leaks_on_error_paths(backend, call):
             call(a, t)
     gc.collect()
     assert (sys.getrefcount(a), sys.getrefcount(t)) == before
-
-
-def test_dropping_sources_and_handles_is_safe(backend, gen):
-    x = random_tensor((300, 400), torch.float32, gen)
-    expected = x.numpy().copy()
-    out = poisoned((300, 400), np.float32)
-    handle = tb.to_numpy(x, out=out, non_blocking=True)
-    del x
-    gc.collect()
-    assert handle.wait() is out and handle.wait() is out  # waited twice: fine
-    assert_same(out, expected)
-    for _ in range(5):  # handles dropped without wait()
-        tb.to_numpy(random_tensor((50, 50), torch.float64, gen), non_blocking=True)
-    gc.collect()

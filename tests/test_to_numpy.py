@@ -209,29 +209,6 @@ def test_non_blocking_refuses_bad_arguments_at_the_call(backend):
     assert (out.view(np.uint8) == POISON).all()
 
 
-def test_transfer_failed_raises_from_wait():
-    handle = tb.Transfer.failed(RuntimeError("cudaErrorLaunchFailure: boom"))
-    assert handle.done()
-    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
-        handle.wait()
-    with pytest.raises(RuntimeError):
-        handle.wait()
-    assert "failed" in repr(handle)
-
-
-def test_transfer_pending_blocks_then_completes():
-    state = {"done": False}
-
-    def block():
-        state["done"] = True
-
-    handle = tb.Transfer(np.arange(3), poll=lambda: state["done"], block=block)
-    assert not handle.done()
-    assert "pending" in repr(handle)
-    np.testing.assert_array_equal(handle.wait(), np.arange(3))
-    assert handle.done()
-
-
 def test_parameter_subclass_converts(backend, gen):
     p = torch.nn.Parameter(random_tensor((3, 3), torch.float32, gen))
     assert_same(tb.to_numpy(p), p.detach().numpy())
