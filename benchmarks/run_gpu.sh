@@ -32,7 +32,7 @@ run() {
   "$py" -m tensorbridge info
 
   echo "== the whole test suite, GPU tests included"
-  "$py" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers -rfE" \
+  "$py" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers --strict-config -rfE" \
     --junitxml="$out/$stamp-gpu-tests.xml" tests
   local tests=$?
 

@@ -57,6 +57,7 @@ BYTE_ORDERS = [pytest.param(d, "native", id=f"{d}-native") for d in NP_DTYPES] +
 ]
 
 
+# torch warns when a read-only (broadcast) view is shared, as torch.from_numpy does here
 @pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 @pytest.mark.parametrize("view", list(VIEWS))
 @pytest.mark.parametrize(("np_dtype", "order"), BYTE_ORDERS)

@@ -79,6 +79,8 @@ def test_to_tensor_non_native_and_negative(backend, gen):
     assert torch.equal(t, torch.from_numpy(a.astype("<i4").copy()))
 
 
+# random complex views cast to a real dtype are a case here; torch warns that it drops the
+# imaginary part
 @pytest.mark.filterwarnings("ignore:Casting complex values to real")
 @pytest.mark.parametrize("path", ["extension", "fallback"])
 @PROPERTY_SETTINGS
