@@ -34,7 +34,7 @@ run() {
   "$py" -m tensorbridge info
 
   echo "== the whole test suite, GPU tests included"
-  "$py" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers -rfE" \
+  "$py" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers --strict-config -rfE" \
     --junitxml="$logs/$stamp-gpu-tests.xml" tests
   local tests=$?
 

@@ -1,7 +1,9 @@
-"""Shared fixtures: both backends, every dtype, many layouts, bit-exact comparison."""
+"""Shared fixtures and the helpers more than one test file uses: both backends, every dtype,
+many layouts, random data and views, bit-exact comparison."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import zlib
 from collections.abc import Callable, Iterator
@@ -9,6 +11,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 import tensorbridge as tb
 from tensorbridge import _backend
@@ -27,6 +31,7 @@ needs_testing_module = pytest.mark.skipif(
 HAS_CUDA = torch.cuda.is_available()
 
 POISON = 0xAB  # byte written into outputs before a conversion, so unwritten bytes show
+Pair = collections.namedtuple("Pair", "image label")  # a namedtuple leaf container in batches
 
 
 def pytest_collection_modifyitems(config, items):
@@ -94,6 +99,7 @@ ML_DTYPES = [
     if d is not None
 ]
 ALL_DTYPES = NATIVE_DTYPES + ML_DTYPES
+NP_DTYPES = [np.dtype(torch.empty(0, dtype=d).numpy().dtype) for d in NATIVE_DTYPES]
 
 needs_ml = pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed")
 
@@ -116,6 +122,20 @@ def random_tensor(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tens
     info = torch.iinfo(dtype)
     lo, hi = max(info.min, -(2**62)), min(info.max, 2**62)
     return torch.randint(lo, hi, shape, generator=gen, dtype=torch.int64).to(dtype)
+
+
+def random_array(shape, dtype, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes viewed as any NumPy dtype (void and complex too): the core's copies move
+    bytes, so any bit pattern is a valid input."""
+    dtype = np.dtype(dtype)
+    raw = rng.integers(0, 256, size=max(1, int(np.prod(shape))) * dtype.itemsize, dtype=np.uint8)
+    return raw[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def fresh(np_dtype: np.dtype, gen: torch.Generator) -> np.ndarray:
+    """A fresh random array of shape (6, 8, 10) in a native NumPy dtype."""
+    t_dtype = next(d for d in NATIVE_DTYPES if torch.empty(0, dtype=d).numpy().dtype == np_dtype)
+    return random_tensor((6, 8, 10), t_dtype, gen).numpy()
 
 
 @pytest.fixture
@@ -146,6 +166,34 @@ LAYOUTS: dict[str, Callable[[torch.dtype, torch.Generator], torch.Tensor]] = {
 
 def layout_params():
     return [pytest.param(name, id=name) for name in LAYOUTS]
+
+
+# ------------------------------------------------------------------------- property tests
+
+# shared by the property tests of to_numpy, from_numpy and to_tensor
+PROPERTY_SETTINGS = settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@st.composite
+def numpy_views(draw):
+    """Random NumPy views: steps (negative too), transposes, byte order, offsets."""
+    dtype = np.dtype(draw(st.sampled_from(["u1", "i2", "i4", "f4", "f8", "c8", "c16", "?"])))
+    if dtype.itemsize > 1 and draw(st.booleans()):
+        dtype = dtype.newbyteorder("S")
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    base = rng.integers(0, 256, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+    a = base.view(dtype).reshape(shape)
+    if dtype.kind == "b":
+        a = (base[: a.size] & 1).astype(bool).reshape(shape)
+    slices = tuple(
+        slice(draw(st.integers(0, n - 1)), None, draw(st.sampled_from([1, 2, -1, -3])))
+        for n in shape
+    )
+    return a[(*slices, Ellipsis)].transpose(draw(st.permutations(range(ndim))))
 
 
 # ------------------------------------------------------------------------- checks

@@ -1,18 +1,30 @@
-"""from_numpy and to_tensor against torch.from_numpy / torch.as_tensor, both backends."""
+"""from_numpy against torch.from_numpy, both backends: every dtype, byte order and view,
+sharing exactly where torch shares; random NumPy views (hypothesis)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
 
 import tensorbridge as tb
+from tensorbridge import _backend
 
-from conftest import ML_DTYPES, NATIVE_DTYPES, dtype_param, random_tensor, reference_numpy
-
-NP_DTYPES = [np.dtype(torch.empty(0, dtype=d).numpy().dtype) for d in NATIVE_DTYPES]
+from conftest import (
+    ML_DTYPES,
+    NP_DTYPES,
+    PROPERTY_SETTINGS,
+    dtype_param,
+    forced_fallback,
+    fresh,
+    numpy_views,
+    random_tensor,
+    reference_numpy,
+)
 
 # name -> view of a fresh array `a` (at least 3-d, shape (6, 8, 10))
 VIEWS = {
@@ -28,11 +40,6 @@ VIEWS = {
     "empty": lambda a: a[:0],
     "empty-reversed": lambda a: a[:0:-1][:0],
 }
-
-
-def fresh(np_dtype: np.dtype, gen: torch.Generator) -> np.ndarray:
-    t_dtype = next(d for d in NATIVE_DTYPES if torch.empty(0, dtype=d).numpy().dtype == np_dtype)
-    return random_tensor((6, 8, 10), t_dtype, gen).numpy()
 
 
 def expected_tensor(a: np.ndarray) -> torch.Tensor:
@@ -51,6 +58,7 @@ BYTE_ORDERS = [pytest.param(d, "native", id=f"{d}-native") for d in NP_DTYPES] +
 ]
 
 
+# torch warns when a read-only (broadcast) view is shared, as torch.from_numpy does here
 @pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 @pytest.mark.parametrize("view", list(VIEWS))
 @pytest.mark.parametrize(("np_dtype", "order"), BYTE_ORDERS)
@@ -71,9 +79,9 @@ def test_matches_torch_and_shares_where_torch_does(backend, gen, np_dtype, view,
         assert not np.shares_memory(t.numpy(), a)
         # one compact copy; broadcast dimensions stay broadcast (stride 0), never expanded
         broadcast = [n > 1 and s == 0 for n, s in zip(a.shape, a.strides, strict=True)]
-        assert [s == 0 for s, b in zip(t.stride(), broadcast, strict=True) if b] == [
-            True
-        ] * sum(broadcast)
+        assert [s == 0 for s, b in zip(t.stride(), broadcast, strict=True) if b] == [True] * sum(
+            broadcast
+        )
         assert t[(*(slice(0, 1) if b else slice(None) for b in broadcast), ...)].is_contiguous()
 
 
@@ -103,59 +111,16 @@ def test_subclass_is_accepted(backend):
     np.testing.assert_array_equal(tb.from_numpy(m).numpy(), m.data)
 
 
-# ------------------------------------------------------------------------- to_tensor
-
-
-@pytest.mark.parametrize("np_dtype", NP_DTYPES, ids=str)
-def test_to_tensor_cpu_shares_like_as_tensor(backend, gen, np_dtype):
-    a = fresh(np_dtype, gen)[:, 1::2]
-    t = tb.to_tensor(a)
-    ref = torch.as_tensor(a)
-    assert t.data_ptr() == ref.data_ptr() and t.stride() == ref.stride()
-    assert torch.equal(t, ref)
-
-
-@pytest.mark.parametrize(
-    ("dtype", "torch_dtype"),
-    [
-        (torch.float32, torch.float32),
-        (np.float64, torch.float64),
-        ("float16", torch.float16),
-        (torch.bfloat16, torch.bfloat16),
-        (np.int32, torch.int32),
-    ],
-    ids=["torch.float32", "np.float64", "str-float16", "bfloat16", "np.int32"],
-)
-def test_to_tensor_dtype_casts(backend, gen, dtype, torch_dtype):
-    a = fresh(np.dtype(np.uint8), gen)[::-1, :, ::2]
-    t = tb.to_tensor(a, dtype=dtype)
-    expected = torch.from_numpy(a.copy()).to(torch_dtype)
-    assert t.dtype == torch_dtype
-    assert torch.equal(t, expected)
-
-
-@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=str)
-def test_to_tensor_out(backend, gen, device):
-    a = fresh(np.dtype(np.float32), gen)
-    out = torch.full(a.shape, float("nan"))
-    r = tb.to_tensor(a, device, out=out)
-    assert r is out
-    assert torch.equal(out, torch.from_numpy(a))
-    out64 = torch.full(a.shape, float("nan"), dtype=torch.float64).transpose(0, 2)
-    with pytest.raises(ValueError, match="shape"):
-        tb.to_tensor(a, out=out64)
-    out64 = torch.full(a.shape, float("nan"), dtype=torch.float64)
-    tb.to_tensor(a, out=out64, dtype=torch.float64)
-    assert torch.equal(out64, torch.from_numpy(a).double())
-
-
-def test_to_tensor_accepts_tensors(backend, gen):
-    x = random_tensor((3, 4), torch.float32, gen)
-    assert tb.to_tensor(x) is x
-    assert torch.equal(tb.to_tensor(x, dtype=torch.float64), x.double())
-
-
-def test_to_tensor_non_native_and_negative(backend, gen):
-    a = fresh(np.dtype(np.int32), gen).astype(">i4")[::-1, ::2]
-    t = tb.to_tensor(a, "cpu", non_blocking=True)
-    assert torch.equal(t, torch.from_numpy(a.astype("<i4").copy()))
+@pytest.mark.parametrize("path", ["extension", "fallback"])
+@PROPERTY_SETTINGS
+@given(a=numpy_views())
+def test_from_numpy_properties(path, a):
+    if path == "extension" and _backend.ENGINE.C is None:
+        pytest.skip("extension not available")
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    with ctx:
+        t = tb.from_numpy(a)
+        native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
+        assert t.shape == a.shape
+        assert t.dtype == tb.from_numpy(native).dtype
+        assert np.ascontiguousarray(t.numpy()).tobytes() == native.tobytes()

@@ -179,9 +179,9 @@ def test_misaligned_arrays_become_aligned_tensors(backend, rng):
         ref = a.astype(np.dtype(dtype).newbyteorder("="))
         assert t.numpy().tobytes() == ref.tobytes()
         # ops on the result are safe, and so are casts and out= through to_tensor
-        assert torch.equal(tb.to_tensor(a, dtype=torch.complex128), torch.from_numpy(ref).to(
-            torch.complex128
-        ))
+        assert torch.equal(
+            tb.to_tensor(a, dtype=torch.complex128), torch.from_numpy(ref).to(torch.complex128)
+        )
         out = torch.empty(1000, dtype=t.dtype)
         assert torch.equal(tb.to_tensor(a, out=out), torch.from_numpy(ref))
 
@@ -261,9 +261,7 @@ BYTE_ORDER_CASES = {
         [("a", "i4"), ("b", "i4")],
     ),
     "mixed record": (
-        lambda r: np.array(
-            [(1, 2.5, 7)], dtype=[("a", "<i4"), ("b", ">f8"), ("c", "<i2")]
-        ),
+        lambda r: np.array([(1, 2.5, 7)], dtype=[("a", "<i4"), ("b", ">f8"), ("c", "<i2")]),
         [("a", "i4"), ("b", "f8"), ("c", "i2")],
     ),
     "longdouble": (lambda r: r.standard_normal(7).astype(np.longdouble), np.longdouble),
@@ -494,95 +492,6 @@ def test_failed_wait_keeps_what_the_copy_may_still_touch():
     assert ref() is not None, "memory a failed copy may still touch was freed"
 
 
-@needs_testing_module
-def test_pending_copy_holds_its_memory_until_the_copy_completes():
-    # The host engine runs the copy 0.2 s after it is queued: a handle dropped before
-    # that must wait for it, and only then let the arrays go.
-    tester = TESTING.HostTransferTester(delay_us=200_000)
-    device = np.random.default_rng().integers(0, 256, 1 << 16, dtype=np.uint8)
-    host = poisoned(device.shape, device.dtype)
-    refs = (weakref.ref(device), weakref.ref(host))
-    pending = tester.copy_async(device, host, to_host=True)
-    assert type(pending).__name__ == "PendingCopy" and not pending.done()
-    expected = device.copy()
-    del device
-    view = host.view()  # (a view keeps the memory, not the array object)
-    del host
-    gc.collect()
-    assert refs[0]() is not None and refs[1]() is not None, "freed under a pending copy"
-    del pending  # waits for the copy
-    np.testing.assert_array_equal(view, expected)
-    gc.collect()
-    assert refs[0]() is None, "a completed copy still holds its source"
-
-
-@needs_testing_module
-def test_pending_copy_done_and_wait_release_the_memory():
-    tester = TESTING.HostTransferTester(delay_us=20_000)
-    host = np.random.default_rng().integers(0, 256, 4096, dtype=np.uint8)
-    device = poisoned(host.shape, host.dtype)
-    ref = weakref.ref(host)
-    pending = tester.copy_async(device, host, to_host=False)
-    expected = host.copy()
-    del host
-    pending.wait()
-    pending.wait()  # waiting twice is harmless
-    assert pending.done()
-    gc.collect()
-    assert ref() is None
-    np.testing.assert_array_equal(device, expected)
-
-
-@needs_testing_module
-def test_failed_wait_keeps_the_memory_for_good():
-    tester = TESTING.HostTransferTester(delay_us=50_000)
-    device = np.zeros(4096, np.uint8)
-    host = np.empty(4096, np.uint8)
-    ref = weakref.ref(host)
-    tester.fail_next_wait()
-    pending = tester.copy_async(device, host, to_host=True)
-    del host
-    with pytest.raises(RuntimeError, match="injected wait failure"):
-        pending.wait()
-    with pytest.raises(RuntimeError, match="injected wait failure"):
-        pending.wait()  # the same error again, never a success
-    assert pending.done()
-    del pending
-    gc.collect()
-    assert ref() is not None, "memory a failed copy may still touch was freed"
-
-
-@needs_testing_module
-def test_failed_wait_in_a_transfer_handle_raises_and_keeps_the_memory():
-    tester = TESTING.HostTransferTester(delay_us=50_000)
-    device = np.zeros(4096, np.uint8)
-    host = np.empty(4096, np.uint8)
-    ref = weakref.ref(host)
-    tester.fail_next_wait()
-    pending = tester.copy_async(device, host, to_host=True)
-    t = _handle.Transfer(host, poll=pending.done, block=pending.wait)
-    del host, pending
-    with pytest.raises(RuntimeError, match="injected wait failure"):
-        t.wait()
-    del t
-    gc.collect()
-    assert ref() is not None
-
-
-@needs_testing_module
-def test_copy_async_refuses_bad_arrays():
-    tester = TESTING.HostTransferTester()
-    a = np.zeros(16, np.uint8)
-    with pytest.raises(ValueError, match="same size"):
-        tester.copy_async(a, np.zeros(8, np.uint8), to_host=True)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        tester.copy_async(np.zeros(32, np.uint8)[::2], a, to_host=True)
-    ro = np.zeros(16, np.uint8)
-    ro.flags.writeable = False
-    with pytest.raises(ValueError, match="read-only"):
-        tester.copy_async(a, ro, to_host=True)
-
-
 def test_completion_watcher_drops_copies_nobody_waits_for():
     done = {1: threading.Event(), 2: threading.Event(), 3: threading.Event()}
     waited: list[int] = []
@@ -651,7 +560,6 @@ def test_a_large_array_in_a_packed_batch_uses_the_same_staging_blocks(rng):
         assert device[off : off + a.nbytes].tobytes() == a.tobytes()
     held = tester.stats()["bytes_held"]
     assert held == buffers * C.pool_size_class(chunk), "a second set of blocks was leased"
-
 
 
 # --------------------------------------------------------------- found by review

@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 import tensorbridge as tb
 from tensorbridge import _backend
@@ -206,33 +204,6 @@ def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
     assert "bench-gpu: no CUDA device is available to torch" in capsys.readouterr().err
     assert tune.main([]) == 2
     assert "needs a GPU" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------- pinned memory
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.uint8, "float16", torch.float64])
-@pytest.mark.parametrize("shape", [(3, 4), 7, (), (0, 5)])
-def test_empty_pinned(backend, shape, dtype):
-    a = tb.empty_pinned(shape, dtype)
-    expected_shape = (shape,) if isinstance(shape, int) else shape
-    assert a.shape == expected_shape
-    assert a.flags.c_contiguous and a.flags.writeable
-    a[...] = 1
-    assert tb.is_pinned(a) == (tb.info()["cuda"] and a.size > 0)
-
-
-def test_empty_pinned_refuses_bad_shapes():
-    with pytest.raises(ValueError, match="negative"):
-        tb.empty_pinned((2, -1))
-    with pytest.raises(TypeError, match="ints"):
-        tb.empty_pinned((2.5,))
-    with pytest.raises(TypeError, match=r"numpy\.ndarray"):
-        tb.is_pinned([1, 2])
-
-
-def test_plain_arrays_are_not_pinned():
-    assert tb.is_pinned(np.zeros(10)) is False
 
 
 def test_missing_extension_falls_back_with_a_reason():

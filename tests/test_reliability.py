@@ -1,31 +1,16 @@
-"""Promises about memory, references and lifetimes; fuzzing of the batch functions."""
+"""Promises about memory and references across the API: no growth over conversion loops,
+no Python reference leaked on an error path."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import gc
 import sys
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import tensorbridge as tb
-from tensorbridge import _backend
-
-from conftest import (
-    TESTING,
-    assert_same,
-    forced_fallback,
-    needs_testing_module,
-    poisoned,
-    random_tensor,
-    reference_numpy,
-    run_in_threads,
-)
 
 
 def rss_bytes() -> int:
@@ -89,113 +74,3 @@ def test_no_reference_leaks_on_error_paths(backend, call):
             call(a, t)
     gc.collect()
     assert (sys.getrefcount(a), sys.getrefcount(t)) == before
-
-
-def test_dropping_sources_and_handles_is_safe(backend, gen):
-    x = random_tensor((300, 400), torch.float32, gen)
-    expected = x.numpy().copy()
-    out = poisoned((300, 400), np.float32)
-    handle = tb.to_numpy(x, out=out, non_blocking=True)
-    del x
-    gc.collect()
-    assert handle.wait() is out and handle.wait() is out  # waited twice: fine
-    assert_same(out, expected)
-    for _ in range(5):  # handles dropped without wait()
-        tb.to_numpy(random_tensor((50, 50), torch.float64, gen), non_blocking=True)
-    gc.collect()
-
-
-# ------------------------------------------------------------------------- fuzzing batches
-
-Point = collections.namedtuple("Point", "a b")
-LEAF_DTYPES = [
-    torch.float32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.float16,
-    torch.complex64,
-    torch.bfloat16,
-]
-
-
-@st.composite
-def leaves(draw):
-    kind = draw(st.sampled_from(["array", "tensor", "plain"]))
-    if kind == "plain":
-        return draw(st.one_of(st.integers(), st.text(max_size=3), st.none(), st.floats()))
-    dtype = draw(st.sampled_from(LEAF_DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    t = random_tensor(shape, dtype, g)
-    if t.ndim >= 2 and draw(st.booleans()):
-        t = t.transpose(0, 1)
-    if kind == "tensor" or dtype == torch.bfloat16:
-        return t
-    a = t.numpy()
-    return a[::-1] if a.ndim and draw(st.booleans()) else a
-
-
-batches = st.recursive(
-    leaves(),
-    lambda children: st.one_of(
-        st.lists(children, max_size=3),
-        st.tuples(children, children),
-        st.dictionaries(st.sampled_from(["x", "y", "z"]), children, max_size=3),
-        st.builds(Point, children, children),
-    ),
-    max_leaves=8,
-)
-
-
-def _check_same(moved, original):
-    if isinstance(original, dict):
-        assert moved.keys() == original.keys()
-        for k in original:
-            _check_same(moved[k], original[k])
-    elif isinstance(original, (list, tuple)):
-        assert type(moved) is type(original) and len(moved) == len(original)
-        for m, o in zip(moved, original, strict=True):
-            _check_same(m, o)
-    elif isinstance(original, (np.ndarray, torch.Tensor)):
-        expected = reference_numpy(original) if isinstance(original, torch.Tensor) else original
-        got = reference_numpy(moved) if isinstance(moved, torch.Tensor) else moved
-        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(expected).tobytes()
-        assert got.shape == expected.shape
-    else:
-        assert moved is original or (moved != moved and original != original)
-
-
-@pytest.mark.parametrize("path", ["extension", "fallback"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=batches)
-def test_batch_functions_round_trip(path, batch):
-    if path == "extension" and _backend.ENGINE.C is None:
-        pytest.skip("extension not available")
-    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
-    with ctx:
-        moved = tb.to_device(batch, "cpu")
-        _check_same(moved, batch)
-        back = tb.to_numpy_batch(moved)
-        _check_same(back, batch)
-
-
-@needs_testing_module
-def test_pool_budget_holds_under_contention():
-    """Twelve threads, a budget for three blocks: callers wait or go pageable, never over."""
-    t = TESTING.HostTransferTester(delay_us=40, budget=3 * 16384)
-    peaks = []
-
-    def work(i):
-        rng = np.random.default_rng(i)
-        for _ in range(5):
-            a = rng.standard_normal((40, 60 + i))
-            out = np.empty_like(a)
-            t.to_host(np.frombuffer(a.tobytes(), np.uint8).copy(), out, chunk_bytes=16384)
-            assert out.tobytes() == a.tobytes()
-            peaks.append(t.stats()["bytes_held"])
-
-    run_in_threads(work, 12, timeout=120)
-    assert max(peaks) <= 3 * 16384
-    s = t.stats()
-    assert s["bytes_in_use"] == 0 and s["bytes_held"] <= s["budget"]

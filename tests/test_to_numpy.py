@@ -1,12 +1,18 @@
-"""to_numpy against x.detach().cpu().numpy(), on every dtype and layout, both backends."""
+"""to_numpy against x.detach().cpu().numpy(), on every dtype and layout, both backends;
+random as_strided views (hypothesis)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tensorbridge as tb
+from tensorbridge import _backend
 
 from conftest import (
     ALL_DTYPES,
@@ -14,9 +20,11 @@ from conftest import (
     ML_DTYPES,
     NATIVE_DTYPES,
     POISON,
+    PROPERTY_SETTINGS,
     assert_holes_poisoned,
     assert_same,
     dtype_param,
+    forced_fallback,
     layout_params,
     needs_ml,
     poisoned,
@@ -202,29 +210,60 @@ def test_non_blocking_refuses_bad_arguments_at_the_call(backend):
     assert (out.view(np.uint8) == POISON).all()
 
 
-def test_transfer_failed_raises_from_wait():
-    handle = tb.Transfer.failed(RuntimeError("cudaErrorLaunchFailure: boom"))
-    assert handle.done()
-    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
-        handle.wait()
-    with pytest.raises(RuntimeError):
-        handle.wait()
-    assert "failed" in repr(handle)
-
-
-def test_transfer_pending_blocks_then_completes():
-    state = {"done": False}
-
-    def block():
-        state["done"] = True
-
-    handle = tb.Transfer(np.arange(3), poll=lambda: state["done"], block=block)
-    assert not handle.done()
-    assert "pending" in repr(handle)
-    np.testing.assert_array_equal(handle.wait(), np.arange(3))
-    assert handle.done()
-
-
 def test_parameter_subclass_converts(backend, gen):
     p = torch.nn.Parameter(random_tensor((3, 3), torch.float32, gen))
     assert_same(tb.to_numpy(p), p.detach().numpy())
+
+
+def test_to_numpy_points_to_the_batch_functions(backend):
+    with pytest.raises(TypeError, match="to_numpy_batch"):
+        tb.to_numpy({"a": torch.ones(2)})
+    with pytest.raises(TypeError, match="to_numpy_batch"):
+        tb.to_numpy([torch.ones(2)])
+
+
+# ------------------------------------------------------------------------- random views
+
+PROPERTY_DTYPES = [
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.bool,
+    torch.bfloat16,
+]
+
+
+@st.composite
+def tensors(draw):
+    """A tensor viewed through torch.as_strided: any sizes, non-negative strides, offset."""
+    dtype = draw(st.sampled_from(PROPERTY_DTYPES))
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim)))
+    strides = tuple(draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim)))
+    offset = draw(st.integers(0, 17))
+    span = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=False) if n) + 1
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    base = random_tensor((span,), dtype, g)
+    x = base.as_strided(shape, strides, offset)
+    if draw(st.booleans()) and dtype.is_complex:
+        x = x.conj()
+    return x
+
+
+@pytest.mark.parametrize("path", ["extension", "fallback"])
+@PROPERTY_SETTINGS
+@given(x=tensors(), order=st.sampled_from(["C", "F"]), copy=st.booleans())
+def test_to_numpy_properties(path, x, order, copy):
+    if path == "extension" and _backend.ENGINE.C is None:
+        pytest.skip("extension not available")
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    with ctx:
+        expected = reference_numpy(x)
+        assert_same(tb.to_numpy(x, copy=copy), expected)
+        out = poisoned(tuple(x.shape), expected.dtype, order)
+        tb.to_numpy(x, out=out)
+        assert_same(out, expected)

@@ -1,8 +1,12 @@
-"""The transfer pipeline and pinned pool, driven through the host-only engine.
+"""The compiled core below the public API: the strided copy, the transfer pipeline and the
+pinned pool.
 
-The host engine runs each "DMA" on a worker thread, optionally after a delay, so a
-staging block rewritten before its copy finished shows up as wrong data here. These
-are the same C++ pipeline and pool the CUDA engine uses; only the copy/event calls differ.
+The strided copy (``_C.copy``) is checked against np.copyto: random layouts, itemsizes,
+byte swaps, more threads than cores. The pipeline and pool are driven through the
+host-only engine (``_C_testing``), which runs each "DMA" on a worker thread, optionally
+after a delay, so a staging block rewritten before its copy finished shows up as wrong
+data here. These are the same C++ pipeline and pool the CUDA engine uses; only the
+copy/event calls differ.
 """
 
 from __future__ import annotations
@@ -14,21 +18,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TESTING, needs_testing_module, run_in_threads
+from tensorbridge import _backend
 
-pytestmark = needs_testing_module
+from conftest import HAS_EXTENSION, TESTING, needs_testing_module, random_array, run_in_threads
+
+needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
 C = TESTING  # the host engine's testers, the chunk planner and the pool's size classes
 POISON = 0xAB
 
 
 def make_tester(**kw):
     return C.HostTransferTester(**kw)
-
-
-def random_array(shape, dtype, rng) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    raw = rng.integers(0, 256, size=max(1, int(np.prod(shape))) * dtype.itemsize, dtype=np.uint8)
-    return raw[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def layout(a: np.ndarray, kind: str) -> np.ndarray:
@@ -53,9 +53,99 @@ def dense_bytes(a: np.ndarray) -> np.ndarray:
     return np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).copy()
 
 
+# ------------------------------------------------------------------------- strided copy
+
+ITEM_DTYPES = ["u1", "<u2", "<u4", "<u8", "<c16", "V3", "V6"]
+
+
+@st.composite
+def strided_views(draw, max_dims=4):
+    """A random view of a random array: slices with steps (negative too) and a transpose."""
+    ndim = draw(st.integers(0, max_dims))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    steps = st.sampled_from([1, 1, 2, 3, -1, -2])
+    slices = tuple(slice(draw(st.integers(0, n - 1)), None, draw(steps)) for n in shape)
+    perm = tuple(draw(st.permutations(range(ndim))))
+    return shape, slices, perm
+
+
+@needs_extension
+@settings(max_examples=200, deadline=None)
+@given(
+    src=strided_views(),
+    dst_perm=st.data(),
+    dst_reverse=st.booleans(),
+    dtype=st.sampled_from(ITEM_DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_copy_matches_numpy(src, dst_perm, dst_reverse, dtype, seed):
+    rng = np.random.default_rng(seed)
+    s_shape, s_slices, s_perm = src
+    a = random_array(s_shape, dtype, rng)[(*s_slices, Ellipsis)].transpose(s_perm)
+    # The destination: every other element of a poisoned buffer, in another axis order.
+    perm = tuple(dst_perm.draw(st.permutations(range(a.ndim))))
+    big = random_array(tuple(2 * a.shape[p] + 1 for p in perm), dtype, rng)
+    holes = (*(slice(1, 2 * a.shape[p], 2) for p in perm), Ellipsis)
+    out = big[holes].transpose(np.argsort(perm))
+    if dst_reverse and out.ndim:
+        out = out[::-1]
+    before = big.copy()
+    _backend.ENGINE.C.copy(out, a, 0)
+    assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(a).tobytes()
+    mask = np.ones(big.shape, bool)
+    mask[holes] = False
+    assert big[mask].tobytes() == before[mask].tobytes()  # nothing written outside out
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", ["<u2", "<i4", "<f8", "<c8", "<c16"])
+@pytest.mark.parametrize("layout", ["contiguous", "reversed", "transposed"])
+def test_byte_swap_matches_numpy(dtype, layout):
+    rng = np.random.default_rng(1)
+    a = random_array((37, 41), dtype, rng).astype(np.dtype(dtype).newbyteorder(">"))
+    a = {"contiguous": a, "reversed": a[::-1, ::-1], "transposed": a.T}[layout]
+    out = np.empty(a.shape, np.dtype(dtype))
+    unit = a.dtype.itemsize // 2 if a.dtype.kind == "c" else a.dtype.itemsize
+    _backend.ENGINE.C.copy(out, a, unit)
+    assert out.tobytes() == a.astype(np.dtype(dtype)).tobytes()
+
+
+@needs_extension
+def test_many_threads_copy_at_once():
+    """More Python threads than cores, each splitting its copies over the shared pool."""
+    rng = np.random.default_rng(7)
+    sources = [random_array((257, 131 + i), "<f8", rng) for i in range(12)]
+
+    def work(i):
+        src = sources[i].T if i % 2 else sources[i][::-1]
+        for _ in range(20):
+            out = np.full(src.shape, np.nan)
+            _backend.ENGINE.C.copy(out, src, 0, 4096)
+            np.testing.assert_array_equal(out, src)
+
+    run_in_threads(work, len(sources))
+
+
+@needs_extension
+def test_invalid_arguments_raise():
+    C = _backend.ENGINE.C
+    with pytest.raises(ValueError, match="same shape"):
+        C.copy(np.zeros(3), np.zeros(4), 0)
+    with pytest.raises(ValueError, match="itemsize"):
+        C.copy(np.zeros(3), np.zeros(3, np.float32), 0)
+    with pytest.raises(ValueError, match="swap unit"):
+        C.copy(np.zeros(3, "V3"), np.zeros(3, "V3"), 2)
+    ro = np.zeros(3)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        C.copy(ro, np.ones(3), 0)
+    assert (ro == 0).all()
+
+
 # ------------------------------------------------------------------------- chunk plan
 
 
+@needs_testing_module
 @settings(max_examples=200, deadline=None)
 @given(
     shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
@@ -76,6 +166,7 @@ def test_chunks_tile_the_buffer_in_order(shape, itemsize, chunk):
         offset += nbytes
 
 
+@needs_testing_module
 def test_size_classes_are_not_powers_of_two():
     sizes = [1, 4095, 4096, 4097, 65536, 65537, 3 << 20, (4 << 20) + 1, 100 << 20, 1 << 30]
     for n in sizes:
@@ -93,6 +184,7 @@ SHAPES = [(), (0,), (1,), (7,), (13, 17), (5, 1, 9), (3, 4, 5, 6), (257, 129)]
 CHUNKS = [1, 64, 1000, 4096, 1 << 20]
 
 
+@needs_testing_module
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
@@ -107,6 +199,7 @@ def test_to_host_any_layout(shape, chunk, kind):
     assert t.stats()["bytes_in_use"] == 0
 
 
+@needs_testing_module
 @pytest.mark.parametrize("dtype", ["u1", "<u2", "<f4", "<c8", "<c16", "V3"])
 @pytest.mark.parametrize("buffers", [2, 3, 5])
 def test_to_host_dtypes_and_buffer_counts(dtype, buffers):
@@ -118,6 +211,7 @@ def test_to_host_dtypes_and_buffer_counts(dtype, buffers):
     assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(a).tobytes()
 
 
+@needs_testing_module
 @pytest.mark.parametrize("dtype", ["<u2", "<f4", "<f8", "<c8", "<c16"])
 def test_to_host_swaps_bytes(dtype):
     rng = np.random.default_rng(3)
@@ -131,6 +225,7 @@ def test_to_host_swaps_bytes(dtype):
 # ------------------------------------------------------------------------- host -> device
 
 
+@needs_testing_module
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
@@ -147,6 +242,7 @@ def test_to_device_any_layout(shape, chunk, kind):
     assert t.stats()["bytes_in_use"] == 0
 
 
+@needs_testing_module
 def test_to_device_does_not_read_the_source_after_returning():
     """The contract that lets non_blocking uploads drop the source at once."""
     rng = np.random.default_rng(5)
@@ -160,6 +256,7 @@ def test_to_device_does_not_read_the_source_after_returning():
     assert device.tobytes() == a.tobytes()
 
 
+@needs_testing_module
 def test_to_device_swaps_bytes():
     rng = np.random.default_rng(6)
     a = random_array((40, 41), "<i4", rng)
@@ -174,6 +271,7 @@ def test_to_device_swaps_bytes():
 # ------------------------------------------------------------------------- pool
 
 
+@needs_testing_module
 def test_blocks_are_reused_across_transfers():
     rng = np.random.default_rng(7)
     a = random_array((100, 100), "<f4", rng)
@@ -187,6 +285,7 @@ def test_blocks_are_reused_across_transfers():
     assert t.pinned_allocations == 2 and s["bytes_held"] == 2 * 4096 and s["bytes_in_use"] == 0
 
 
+@needs_testing_module
 def test_budget_too_small_takes_the_pageable_path():
     rng = np.random.default_rng(8)
     a = random_array((50, 70), "<f8", rng)
@@ -204,6 +303,7 @@ def test_budget_too_small_takes_the_pageable_path():
     assert s["bytes_held"] <= s["budget"] and s["bytes_in_use"] == 0 and s["fallbacks"] >= 3
 
 
+@needs_testing_module
 def test_pinning_failure_takes_the_pageable_path():
     rng = np.random.default_rng(9)
     a = random_array((33, 33), "<f4", rng)
@@ -215,6 +315,7 @@ def test_pinning_failure_takes_the_pageable_path():
     assert s["pin_failures"] >= 1 and s["bytes_held"] == 0 and s["bytes_in_use"] == 0
 
 
+@needs_testing_module
 def test_shrinking_the_budget_frees_idle_blocks():
     rng = np.random.default_rng(10)
     a = random_array((64, 64), "<f4", rng)
@@ -226,6 +327,7 @@ def test_shrinking_the_budget_frees_idle_blocks():
     assert t.live_pinned <= 1
 
 
+@needs_testing_module
 def test_many_threads_share_one_pool_within_budget():
     """More threads than cores and than blocks the budget allows: all correct, budget kept."""
     t = make_tester(delay_us=30, budget=6 * 8192)
@@ -256,6 +358,28 @@ def layout_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
+@needs_testing_module
+def test_pool_budget_holds_under_contention():
+    """Twelve threads, a budget for three blocks: callers wait or go pageable, never over."""
+    t = TESTING.HostTransferTester(delay_us=40, budget=3 * 16384)
+    peaks = []
+
+    def work(i):
+        rng = np.random.default_rng(i)
+        for _ in range(5):
+            a = rng.standard_normal((40, 60 + i))
+            out = np.empty_like(a)
+            t.to_host(np.frombuffer(a.tobytes(), np.uint8).copy(), out, chunk_bytes=16384)
+            assert out.tobytes() == a.tobytes()
+            peaks.append(t.stats()["bytes_held"])
+
+    run_in_threads(work, 12, timeout=120)
+    assert max(peaks) <= 3 * 16384
+    s = t.stats()
+    assert s["bytes_in_use"] == 0 and s["bytes_held"] <= s["budget"]
+
+
+@needs_testing_module
 def test_bad_arguments_raise_before_copying():
     t = make_tester()
     out = np.zeros((4, 4), np.float32)
@@ -270,6 +394,7 @@ def test_bad_arguments_raise_before_copying():
     assert t.stats()["bytes_in_use"] == 0
 
 
+@needs_testing_module
 @pytest.mark.parametrize("direction", ["to_host", "to_device"])
 @pytest.mark.parametrize("fail_at", [0, 1, 5])
 def test_failed_copy_raises_and_leaves_the_pool_usable(direction, fail_at):

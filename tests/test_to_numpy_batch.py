@@ -1,0 +1,113 @@
+"""to_numpy_batch: outs matched to the batch, non_blocking handles, refusals; random nested
+batches through to_device and back, on both paths."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tensorbridge as tb
+from tensorbridge import _backend
+
+from conftest import assert_same, forced_fallback, poisoned, random_tensor, reference_numpy
+
+
+def test_to_numpy_batch_round_trip_into_outs(backend):
+    rng = np.random.default_rng(2)
+    batch = {"a": torch.randn(3, 4).t(), "b": [torch.arange(5), "keep"], "c": 1}
+    outs = {"a": poisoned((4, 3), np.float32, "F"), "b": [None, None], "c": None}
+    result = tb.to_numpy_batch(batch, out=outs)
+    assert result["a"] is outs["a"]
+    assert_same(result["a"], batch["a"].numpy())
+    assert_same(result["b"][0], batch["b"][0].numpy())
+    assert result["b"][1] == "keep" and result["c"] == 1
+    handle = tb.to_numpy_batch(batch, non_blocking=True)
+    assert isinstance(handle, tb.Transfer)
+    assert_same(handle.wait()["a"], batch["a"].numpy())
+    del rng
+
+
+def test_to_numpy_batch_refuses_mismatched_out(backend):
+    with pytest.raises(ValueError, match="same shape"):
+        tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None})
+
+
+# ------------------------------------------------------------------------- fuzzing batches
+
+Point = collections.namedtuple("Point", "a b")
+LEAF_DTYPES = [
+    torch.float32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.float16,
+    torch.complex64,
+    torch.bfloat16,
+]
+
+
+@st.composite
+def leaves(draw):
+    kind = draw(st.sampled_from(["array", "tensor", "plain"]))
+    if kind == "plain":
+        return draw(st.one_of(st.integers(), st.text(max_size=3), st.none(), st.floats()))
+    dtype = draw(st.sampled_from(LEAF_DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    t = random_tensor(shape, dtype, g)
+    if t.ndim >= 2 and draw(st.booleans()):
+        t = t.transpose(0, 1)
+    if kind == "tensor" or dtype == torch.bfloat16:
+        return t
+    a = t.numpy()
+    return a[::-1] if a.ndim and draw(st.booleans()) else a
+
+
+batches = st.recursive(
+    leaves(),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.tuples(children, children),
+        st.dictionaries(st.sampled_from(["x", "y", "z"]), children, max_size=3),
+        st.builds(Point, children, children),
+    ),
+    max_leaves=8,
+)
+
+
+def _check_same(moved, original):
+    if isinstance(original, dict):
+        assert moved.keys() == original.keys()
+        for k in original:
+            _check_same(moved[k], original[k])
+    elif isinstance(original, (list, tuple)):
+        assert type(moved) is type(original) and len(moved) == len(original)
+        for m, o in zip(moved, original, strict=True):
+            _check_same(m, o)
+    elif isinstance(original, (np.ndarray, torch.Tensor)):
+        expected = reference_numpy(original) if isinstance(original, torch.Tensor) else original
+        got = reference_numpy(moved) if isinstance(moved, torch.Tensor) else moved
+        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(expected).tobytes()
+        assert got.shape == expected.shape
+    else:
+        assert moved is original or (moved != moved and original != original)
+
+
+@pytest.mark.parametrize("path", ["extension", "fallback"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches)
+def test_batch_functions_round_trip(path, batch):
+    if path == "extension" and _backend.ENGINE.C is None:
+        pytest.skip("extension not available")
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    with ctx:
+        moved = tb.to_device(batch, "cpu")
+        _check_same(moved, batch)
+        back = tb.to_numpy_batch(moved)
+        _check_same(back, batch)

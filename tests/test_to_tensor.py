@@ -1,0 +1,104 @@
+"""to_tensor against torch.as_tensor, both backends: sharing, dtype casts, out=, tensors
+passed through; random NumPy views with and without a cast (hypothesis)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tensorbridge as tb
+from tensorbridge import _backend
+
+from conftest import (
+    NP_DTYPES,
+    PROPERTY_SETTINGS,
+    forced_fallback,
+    fresh,
+    numpy_views,
+    random_tensor,
+    reference_numpy,
+)
+
+
+@pytest.mark.parametrize("np_dtype", NP_DTYPES, ids=str)
+def test_to_tensor_cpu_shares_like_as_tensor(backend, gen, np_dtype):
+    a = fresh(np_dtype, gen)[:, 1::2]
+    t = tb.to_tensor(a)
+    ref = torch.as_tensor(a)
+    assert t.data_ptr() == ref.data_ptr() and t.stride() == ref.stride()
+    assert torch.equal(t, ref)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (np.float64, torch.float64),
+        ("float16", torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (np.int32, torch.int32),
+    ],
+    ids=["torch.float32", "np.float64", "str-float16", "bfloat16", "np.int32"],
+)
+def test_to_tensor_dtype_casts(backend, gen, dtype, torch_dtype):
+    a = fresh(np.dtype(np.uint8), gen)[::-1, :, ::2]
+    t = tb.to_tensor(a, dtype=dtype)
+    expected = torch.from_numpy(a.copy()).to(torch_dtype)
+    assert t.dtype == torch_dtype
+    assert torch.equal(t, expected)
+
+
+@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=str)
+def test_to_tensor_out(backend, gen, device):
+    a = fresh(np.dtype(np.float32), gen)
+    out = torch.full(a.shape, float("nan"))
+    r = tb.to_tensor(a, device, out=out)
+    assert r is out
+    assert torch.equal(out, torch.from_numpy(a))
+    out64 = torch.full(a.shape, float("nan"), dtype=torch.float64).transpose(0, 2)
+    with pytest.raises(ValueError, match="shape"):
+        tb.to_tensor(a, out=out64)
+    out64 = torch.full(a.shape, float("nan"), dtype=torch.float64)
+    tb.to_tensor(a, out=out64, dtype=torch.float64)
+    assert torch.equal(out64, torch.from_numpy(a).double())
+
+
+def test_to_tensor_accepts_tensors(backend, gen):
+    x = random_tensor((3, 4), torch.float32, gen)
+    assert tb.to_tensor(x) is x
+    assert torch.equal(tb.to_tensor(x, dtype=torch.float64), x.double())
+
+
+def test_to_tensor_non_native_and_negative(backend, gen):
+    a = fresh(np.dtype(np.int32), gen).astype(">i4")[::-1, ::2]
+    t = tb.to_tensor(a, "cpu", non_blocking=True)
+    assert torch.equal(t, torch.from_numpy(a.astype("<i4").copy()))
+
+
+# random complex views cast to a real dtype are a case here; torch warns that it drops the
+# imaginary part
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")
+@pytest.mark.parametrize("path", ["extension", "fallback"])
+@PROPERTY_SETTINGS
+@given(a=numpy_views(), cast=st.sampled_from([None, torch.float64, torch.int32, np.float32]))
+def test_to_tensor_properties(path, a, cast):
+    if path == "extension" and _backend.ENGINE.C is None:
+        pytest.skip("extension not available")
+    ctx = forced_fallback() if path == "fallback" else contextlib.nullcontext()
+    with ctx:
+        t = tb.to_tensor(a, "cpu", dtype=cast)
+        native = np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
+        expected = torch.from_numpy(native)
+        if cast is not None:
+            expected = expected.to(tb._dtypes.as_torch_dtype(cast))
+        assert t.dtype == expected.dtype and t.shape == expected.shape
+        # bytes, not values: random bits make NaNs, and both sides cast with torch
+        assert reference_numpy(t).tobytes() == reference_numpy(expected).tobytes()
+        out = torch.empty(a.shape, dtype=expected.dtype)
+        assert tb.to_tensor(a, out=out, dtype=cast) is out
+        assert reference_numpy(out).tobytes() == reference_numpy(expected).tobytes()

@@ -1,0 +1,152 @@
+"""The Transfer handle that non_blocking calls return: done(), wait() (twice too), repr,
+failures raised from wait(), and dropping the source or the handle while a copy is in flight.
+
+Below the handle, tensorbridge._C.PendingCopy (the compiled core's queued copy: its event
+and the memory it touches) is tested on the host engine: it holds that memory until the
+copy completes, waits when dropped early, and keeps the memory for good after a failed
+wait. What each non_blocking call returns is tested with the call (test_to_numpy.py,
+test_to_numpy_batch.py); GPU copies in flight are in test_gpu.py and test_hostile.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import tensorbridge as tb
+from tensorbridge import _handle
+
+from conftest import TESTING, assert_same, needs_testing_module, poisoned, random_tensor
+
+
+def test_transfer_failed_raises_from_wait():
+    handle = tb.Transfer.failed(RuntimeError("cudaErrorLaunchFailure: boom"))
+    assert handle.done()
+    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure"):
+        handle.wait()
+    with pytest.raises(RuntimeError):
+        handle.wait()
+    assert "failed" in repr(handle)
+
+
+def test_transfer_pending_blocks_then_completes():
+    state = {"done": False}
+
+    def block():
+        state["done"] = True
+
+    handle = tb.Transfer(np.arange(3), poll=lambda: state["done"], block=block)
+    assert not handle.done()
+    assert "pending" in repr(handle)
+    np.testing.assert_array_equal(handle.wait(), np.arange(3))
+    assert handle.done()
+
+
+def test_dropping_sources_and_handles_is_safe(backend, gen):
+    x = random_tensor((300, 400), torch.float32, gen)
+    expected = x.numpy().copy()
+    out = poisoned((300, 400), np.float32)
+    handle = tb.to_numpy(x, out=out, non_blocking=True)
+    del x
+    gc.collect()
+    assert handle.wait() is out and handle.wait() is out  # waited twice: fine
+    assert_same(out, expected)
+    for _ in range(5):  # handles dropped without wait()
+        tb.to_numpy(random_tensor((50, 50), torch.float64, gen), non_blocking=True)
+    gc.collect()
+
+
+# ------------------------------------------------------------------ PendingCopy
+
+
+@needs_testing_module
+def test_pending_copy_holds_its_memory_until_the_copy_completes():
+    # The host engine runs the copy 0.2 s after it is queued: a handle dropped before
+    # that must wait for it, and only then let the arrays go.
+    tester = TESTING.HostTransferTester(delay_us=200_000)
+    device = np.random.default_rng().integers(0, 256, 1 << 16, dtype=np.uint8)
+    host = poisoned(device.shape, device.dtype)
+    refs = (weakref.ref(device), weakref.ref(host))
+    pending = tester.copy_async(device, host, to_host=True)
+    assert type(pending).__name__ == "PendingCopy" and not pending.done()
+    expected = device.copy()
+    del device
+    view = host.view()  # (a view keeps the memory, not the array object)
+    del host
+    gc.collect()
+    assert refs[0]() is not None and refs[1]() is not None, "freed under a pending copy"
+    del pending  # waits for the copy
+    np.testing.assert_array_equal(view, expected)
+    gc.collect()
+    assert refs[0]() is None, "a completed copy still holds its source"
+
+
+@needs_testing_module
+def test_pending_copy_done_and_wait_release_the_memory():
+    tester = TESTING.HostTransferTester(delay_us=20_000)
+    host = np.random.default_rng().integers(0, 256, 4096, dtype=np.uint8)
+    device = poisoned(host.shape, host.dtype)
+    ref = weakref.ref(host)
+    pending = tester.copy_async(device, host, to_host=False)
+    expected = host.copy()
+    del host
+    pending.wait()
+    pending.wait()  # waiting twice is harmless
+    assert pending.done()
+    gc.collect()
+    assert ref() is None
+    np.testing.assert_array_equal(device, expected)
+
+
+@needs_testing_module
+def test_failed_wait_keeps_the_memory_for_good():
+    tester = TESTING.HostTransferTester(delay_us=50_000)
+    device = np.zeros(4096, np.uint8)
+    host = np.empty(4096, np.uint8)
+    ref = weakref.ref(host)
+    tester.fail_next_wait()
+    pending = tester.copy_async(device, host, to_host=True)
+    del host
+    with pytest.raises(RuntimeError, match="injected wait failure"):
+        pending.wait()
+    with pytest.raises(RuntimeError, match="injected wait failure"):
+        pending.wait()  # the same error again, never a success
+    assert pending.done()
+    del pending
+    gc.collect()
+    assert ref() is not None, "memory a failed copy may still touch was freed"
+
+
+@needs_testing_module
+def test_failed_wait_in_a_transfer_handle_raises_and_keeps_the_memory():
+    tester = TESTING.HostTransferTester(delay_us=50_000)
+    device = np.zeros(4096, np.uint8)
+    host = np.empty(4096, np.uint8)
+    ref = weakref.ref(host)
+    tester.fail_next_wait()
+    pending = tester.copy_async(device, host, to_host=True)
+    t = _handle.Transfer(host, poll=pending.done, block=pending.wait)
+    del host, pending
+    with pytest.raises(RuntimeError, match="injected wait failure"):
+        t.wait()
+    del t
+    gc.collect()
+    assert ref() is not None
+
+
+@needs_testing_module
+def test_copy_async_refuses_bad_arrays():
+    tester = TESTING.HostTransferTester()
+    a = np.zeros(16, np.uint8)
+    with pytest.raises(ValueError, match="same size"):
+        tester.copy_async(a, np.zeros(8, np.uint8), to_host=True)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tester.copy_async(np.zeros(32, np.uint8)[::2], a, to_host=True)
+    ro = np.zeros(16, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        tester.copy_async(a, ro, to_host=True)
