@@ -209,7 +209,7 @@ def to_numpy(
                         dst.copy_(x.detach() if x.requires_grad else x)
                         return out
     if not non_blocking:
-        return _to_numpy(x, out, dtype, copy)  # type: ignore[return-value]
+        return _to_numpy(x, out, dtype, copy)
     try:
         result = _to_numpy(x, out, dtype, copy, non_blocking=True)
         return result if isinstance(result, Transfer) else Transfer.completed(result)
@@ -402,7 +402,9 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
         # Broadcast dimensions (stride 0) are copied once and expanded again, so a
         # broadcast view never becomes a copy as large as its shape.
         broadcast = [n > 1 and s == 0 for n, s in zip(a.shape, a.strides, strict=True)]
-        core = a[(*(slice(0, 1) if b else slice(None) for b in broadcast), ...)]
+        # (the Ellipsis keeps a 0-d array an array: a[()] would be a scalar)
+        index = (*(slice(0, 1) if b else slice(None) for b in broadcast), Ellipsis)
+        core = a[index]
         compact = np.empty(core.shape, native)
         copy_into(compact, core)
         if any(broadcast):  # (as_strided keeps it writeable: no read-only warning)
