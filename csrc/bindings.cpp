@@ -212,12 +212,14 @@ py::dict cuda_copy_many_to_device(int device, uintptr_t stream, py::list srcs,
 
 // A 1-D uint8 array over freshly page-locked memory; freed when the array's base dies.
 py::array empty_pinned_bytes(size_t nbytes) {
-  void* ptr;
+  const auto free = [](void* p) { tb::cuda::host_free(p); };
+  std::unique_ptr<void, decltype(free)> memory(nullptr, free);
   {
     py::gil_scoped_release release;
-    ptr = tb::cuda::host_alloc(nbytes);  // a CudaError becomes RuntimeError
+    memory.reset(tb::cuda::host_alloc(nbytes));  // a CudaError becomes RuntimeError
   }
-  py::capsule owner(ptr, [](void* p) { tb::cuda::host_free(p); });
+  py::capsule owner(memory.get(), free);  // from here the capsule frees it
+  void* ptr = memory.release();
   return py::array(py::dtype("uint8"), {static_cast<py::ssize_t>(nbytes)}, {1}, ptr, owner);
 }
 #endif

@@ -3,11 +3,14 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -79,15 +82,20 @@ inline py::dict stats_dict(const PoolStats& s) {
 /// event recorded after it, owned here, and the objects whose memory the copy reads or
 /// writes, held until the copy is seen complete. Dropped before that, it waits for the
 /// copy (GIL released); when a wait fails, those objects are kept alive for good, since
-/// the copy may still touch their memory.
+/// the copy may still touch their memory. In a process forked after it was made, it
+/// touches nothing of the parent's: the event is abandoned and the memory kept.
 class PendingCopy {
  public:
   /// `owner` keeps the event's engine alive (None for the CUDA engines, which never die).
   PendingCopy(Event event, py::object keepalive, py::object owner)
-      : owner_(std::move(owner)), event_(std::move(event)), keepalive_(std::move(keepalive)) {}
+      : owner_(std::move(owner)),
+        event_(std::move(event)),
+        keepalive_(std::move(keepalive)),
+        pid_(getpid()) {}
   PendingCopy(const PendingCopy&) = delete;
   PendingCopy& operator=(const PendingCopy&) = delete;
   ~PendingCopy() {
+    if (forked()) return;  // (abandoned by forked())
     try {
       wait();
     } catch (...) {  // (already kept alive by wait)
@@ -97,10 +105,18 @@ class PendingCopy {
   /// True once the copy has completed or failed; never blocks (false while another
   /// thread waits).
   bool done() {
+    if (forked()) return true;  // nothing of the parent's to wait for here
     std::unique_lock<std::mutex> lock(m_, std::try_to_lock);
     if (!lock.owns_lock()) return false;
     if (error_) return true;  // (failed: wait() raises)
-    if (!event_.done()) return false;
+    try {
+      if (!event_.done()) return false;
+    } catch (...) {
+      error_ = std::current_exception();
+      lock.unlock();
+      (void)keepalive_.release();  // never freed: the copy may still touch this memory
+      return true;
+    }
     lock.unlock();
     keepalive_ = py::none();
     return true;
@@ -108,9 +124,16 @@ class PendingCopy {
 
   /// Blocks until the copy has completed; raises the engine's error if it failed.
   void wait() {
+    if (forked())
+      throw std::runtime_error(
+          "this copy was queued by the parent process before it forked; a forked child "
+          "cannot wait for it (wait in the parent, before forking)");
     std::exception_ptr error;
+    // Not py::gil_scoped_release: in a daemon thread still waiting when the interpreter
+    // exits, retaking the GIL ends the thread (pthread_exit unwinds through this frame),
+    // which the guard's noexcept destructor would turn into std::terminate.
+    PyThreadState* state = PyEval_SaveThread();
     {
-      py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(m_);
       if (!error_) {
         try {
@@ -121,6 +144,7 @@ class PendingCopy {
       }
       error = error_;
     }
+    PyEval_RestoreThread(state);
     if (error) {
       (void)keepalive_.release();  // never freed: the copy may still touch this memory
       std::rethrow_exception(error);
@@ -134,6 +158,21 @@ class PendingCopy {
   Event event_;
   py::object keepalive_;
   std::exception_ptr error_;  // the failed wait's error, raised by every later wait
+  const pid_t pid_;           // the process that queued the copy
+
+  // In a forked child: abandons the parent's event and memory on first sight (the GIL
+  // is held, so no other thread of this process races here).
+  bool forked() noexcept {
+    if (getpid() == pid_) return false;
+    if (!abandoned_) {
+      abandoned_ = true;
+      event_.abandon();
+      (void)keepalive_.release();
+      (void)owner_.release();
+    }
+    return true;
+  }
+  bool abandoned_ = false;
 };
 
 /// Registers PendingCopy in module m (tensorbridge._C; _C_testing imports it from there).

@@ -11,6 +11,9 @@ test_to_numpy_batch.py); GPU copies in flight are in test_gpu.py and test_hostil
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 import weakref
 
 import numpy as np
@@ -150,3 +153,81 @@ def test_copy_async_refuses_bad_arrays():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         tester.copy_async(a, ro, to_host=True)
+
+
+def _run_script(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@needs_testing_module
+def test_exit_while_a_daemon_thread_waits_is_clean():
+    # A daemon thread (the completion watcher, or a user's) is inside wait() with the GIL
+    # released when the interpreter finalizes: retaking the GIL ends that thread, which
+    # must not take the process down (it used to abort in a noexcept destructor).
+    proc = _run_script(
+        """
+        import threading, numpy as np, tensorbridge._C_testing as T
+        from tensorbridge import _cuda
+        t = T.HostTransferTester(delay_us=300_000)
+        d = [np.arange(1 << 16, dtype=np.uint8) for _ in range(3)]
+        h = [np.zeros(1 << 16, np.uint8) for _ in range(3)]
+        p1, p2 = t.copy_async(d[0], h[0], True), t.copy_async(d[1], h[1], True)
+        threading.Thread(target=p1.wait, daemon=True).start()
+        _cuda._completions.add(t.copy_async(d[2], h[2], True))
+        print("exiting", flush=True)
+        """
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout == "exiting\n"
+
+
+@needs_testing_module
+def test_a_forked_child_never_waits_on_the_parents_copies():
+    proc = _run_script(
+        """
+        import os, time, numpy as np, tensorbridge._C_testing as T
+        from tensorbridge import _cuda
+        t = T.HostTransferTester(delay_us=2_000_000)
+        d = np.arange(1 << 16, dtype=np.uint8); h = np.zeros_like(d)
+        _cuda._completions.add(t.copy_async(d, h, True))
+        time.sleep(0.1)
+        _cuda._completions.add(t.copy_async(d, h, True))
+        kept = t.copy_async(d, h, True)
+        pid = os.fork()
+        if pid == 0:
+            assert kept.done()  # nothing of the parent's to wait for here
+            try:
+                kept.wait()
+                os._exit(3)
+            except RuntimeError as exc:
+                os._exit(0 if "forked" in str(exc) else 4)
+        t0 = time.time()
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), time.time() - t0 < 1.5)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0", "True"]
+
+
+@needs_testing_module
+def test_dropping_a_tester_with_an_armed_wait_failure_is_safe():
+    proc = _run_script(
+        """
+        import numpy as np, tensorbridge._C_testing as T
+        t = T.HostTransferTester(delay_us=1000)
+        src = np.arange(1 << 20, dtype=np.uint8); dev = np.zeros_like(src)
+        t.to_device(src, dev, chunk_bytes=1 << 18, buffers=2)
+        t.fail_next_wait()
+        del t
+        print("survived", flush=True)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "survived\n"

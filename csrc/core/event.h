@@ -62,6 +62,13 @@ class Event {
   void mark_done() noexcept { pending_ = false; }
   /// Recorded and not yet seen complete.
   bool pending() const noexcept { return pending_; }
+  /// Forgets the event without destroying it: for a forked child, where the parent's
+  /// engine must not be called.
+  void abandon() noexcept {
+    engine_ = nullptr;
+    handle_ = 0;
+    pending_ = false;
+  }
 
  private:
   void reset() noexcept {

@@ -100,6 +100,9 @@ void PinnedPool::discard(BlockPtr block) noexcept {
   in_use_ -= block->size;
   held_ -= block->size;
   ++counters_.frees;
+  // Leaked, not freed: a copy into or out of it may still be running (a small leak on a
+  // rare error, never a use-after-free).
+  (void)block.release();
 }
 
 void PinnedPool::free_block_locked(std::multimap<size_t, BlockPtr>::iterator it) {

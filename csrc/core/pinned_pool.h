@@ -57,7 +57,7 @@ class PinnedPool {
   /// Returns a block; record its event after its last asynchronous copy first.
   void release(BlockPtr block) noexcept;
   /// Takes a block out of circulation for good (its state is unknown after an engine
-  /// error): frees it and drops it from the accounting.
+  /// error): drops it from the accounting and leaks it, since a copy may still use it.
   void discard(BlockPtr block) noexcept;
 
   PoolStats stats();

@@ -198,7 +198,14 @@ Event copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t 
     dev.engine.copy_to_host_async(dst, src, n, stream);
   else
     dev.engine.copy_to_device_async(dst, src, n, stream);
-  done.record(stream);
+  try {
+    done.record(stream);
+  } catch (...) {
+    // The copy is queued but nothing could track it: let it finish before the caller
+    // lets go of its memory.
+    dev.engine.synchronize_stream(stream);
+    throw;
+  }
   return done;
 }
 

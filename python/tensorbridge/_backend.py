@@ -61,6 +61,7 @@ class Engine:
         self.C = C
         self.fallback_reason = fallback_reason
         self._cuda_engine: bool | None = None
+        self._forked_after_cuda = False
 
     @property
     def extension(self) -> bool:
@@ -123,12 +124,19 @@ class Engine:
         except ImportError:
             return None
 
+    @property
+    def pinned_memory(self) -> bool:
+        """Page-locked memory can be had in this process (CUDA is usable and was not
+        started by a parent before it forked this process)."""
+        return not self._forked_after_cuda and self.cuda_status()[0]
+
     def after_fork_in_child(self) -> None:
         """A forked child (a DataLoader worker) never touches the parent's CUDA state."""
-        if self._cuda_engine:
+        if self._cuda_engine or torch.cuda.is_initialized():
             # CUDA was initialized before the fork: it cannot be used in this process,
             # and the pool's blocks and events belong to the parent.
             self._cuda_engine = False
+            self._forked_after_cuda = True
 
     def __repr__(self) -> str:
         if self.C is None:
@@ -183,15 +191,15 @@ def resolve_device(device: Any, fn: str) -> torch.device:
         ValueError: torch does not know the device, or it is a CUDA device and CUDA is
             not usable here (the message says why, as ``info()["cuda_reason"]`` does).
     """
-    try:
-        return _DEVICES[device]
-    except (KeyError, TypeError):  # (TypeError: unhashable)
-        pass
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
         raise TypeError(
             f"{fn}: device must be a str, int or torch.device, got {type(device).__name__}: "
             "pass e.g. 'cpu' or 'cuda'."
         )
+    try:  # (after the type check: True == 1 would find cuda:1's entry)
+        return _DEVICES[device]
+    except KeyError:
+        pass
     try:
         dev = device if isinstance(device, torch.device) else torch.device(device)
     except (RuntimeError, ValueError) as exc:

@@ -8,6 +8,7 @@ path (``.cpu()`` / ``.to(device)``).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import os
@@ -85,8 +86,9 @@ def torch_view(a: np.ndarray) -> torch.Tensor | None:
 
 def _after_fork_in_child() -> None:
     """A forked child (a DataLoader worker): the parent's threads are not ours."""
-    global _executor
+    global _executor, _executor_lock
     _executor = None  # its threads were not copied into the child
+    _executor_lock = threading.Lock()  # (another thread may have held it at the fork)
     _completions.reset_after_fork()
 
 
@@ -269,8 +271,17 @@ class CompletionWatcher:
                 with self._cv:
                     self._busy -= 1
 
+    def close(self) -> None:
+        """Waits for every queued copy and for the thread to end (at exit: a daemon thread
+        still waiting when the interpreter finalizes would be killed mid-wait)."""
+        with self._cv:
+            while self._thread is not None:
+                self._cv.notify()
+                self._cv.wait(0.05)
+
     def reset_after_fork(self) -> None:
-        """In a forked child: the parent's thread and copies are not ours."""
+        """In a forked child: the parent's thread and copies are not ours (a parent's
+        PendingCopy dropped here touches nothing of the parent's)."""
         self._queue = collections.deque()
         self._cv = threading.Condition()
         self._thread = None
@@ -278,6 +289,7 @@ class CompletionWatcher:
 
 
 _completions = CompletionWatcher()
+atexit.register(_completions.close)
 
 
 def to_device(

@@ -52,8 +52,7 @@ def empty_pinned(shape: ShapeLike, dtype: DTypeLike = np.float32) -> np.ndarray:
             f"empty_pinned cannot hold dtype {np_dtype}: its elements are Python references, "
             "which the GPU cannot copy; pass a numeric dtype, e.g. numpy.float32."
         )
-    cuda, _, _ = _backend.ENGINE.cuda_status()
-    if not cuda:
+    if not _backend.ENGINE.pinned_memory:
         return np.empty(dims, np_dtype)
     nbytes = math.prod(dims) * np_dtype.itemsize
     C = _backend.ENGINE.C
@@ -76,8 +75,7 @@ def is_pinned(array: np.ndarray) -> bool:
         raise TypeError(f"is_pinned expects a numpy.ndarray, got {type(array).__name__}")
     if array.size == 0:
         return False
-    cuda, _, _ = _backend.ENGINE.cuda_status()
-    if not cuda:
+    if not _backend.ENGINE.pinned_memory:
         return False
     C = _backend.ENGINE.C
     if C is not None:

@@ -43,7 +43,13 @@ def _sample(fn: Call, number: int) -> float:
 
 def _summary(samples: list[float]) -> tuple[float, float, float]:
     samples = sorted(samples)
-    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
+    # inclusive: p10/p90 stay within the samples (the default extrapolates past them,
+    # which gives impossible, even negative, times for a few samples)
+    q = (
+        statistics.quantiles(samples, n=10, method="inclusive")
+        if len(samples) >= 2
+        else samples * 9
+    )
     return statistics.median(samples), q[0], q[-1]
 
 
