@@ -1,8 +1,17 @@
 """Build tensorbridge: csrc/ is compiled with CMake + Ninja into tensorbridge._C.
 
-If CMake, a C++ compiler or pybind11 is missing, or the build fails, the package
-still installs as pure Python (tensorbridge then uses its fallback path) and a
-warning says why. Set TENSORBRIDGE_REQUIRE_EXTENSION=1 to make such a failure fatal.
+What happens to the compiled core follows ``TENSORBRIDGE_EXTENSION`` (as at run time):
+
+- ``auto`` (the default): if the build fails (no compiler, a compile error...), the
+  package still installs as pure Python, a warning says why, and the reason is recorded
+  in the package (``tensorbridge/_build.json``) so that ``tensorbridge.info()`` shows it.
+- ``on`` (or the older ``TENSORBRIDGE_REQUIRE_EXTENSION=1``): a failed build fails the
+  install.
+- ``off``: nothing is compiled; the package is pure Python.
+
+A build never ships a binary it did not just build: the output directory's old modules
+are removed before CMake runs, and each configuration (generator, options) builds in
+its own directory, so switching generators or options reconfigures from scratch.
 
 Pass extra CMake arguments with CMAKE_ARGS="-DTB_ENABLE_CUDA=OFF ..."; DEBUG=1
 builds with debug information; TB_SANITIZE=1 builds with ASan and UBSan. Release builds
@@ -11,6 +20,8 @@ pass CMAKE_ARGS="-DTB_TESTING=OFF": no tensorbridge._C_testing, no fault switch 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +33,19 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 VERSION = (ROOT / "python" / "tensorbridge" / "_version.py").read_text().split('"')[1]
+BUILD_RECORD = "_build.json"  # read by tensorbridge._backend
+
+
+def extension_mode() -> str:
+    """auto, on or off, from TENSORBRIDGE_EXTENSION (and the older switches)."""
+    mode = os.environ.get("TENSORBRIDGE_EXTENSION", "").strip().lower()
+    if mode in ("auto", "on", "off"):
+        return mode
+    if mode:
+        raise SystemExit(f"TENSORBRIDGE_EXTENSION={mode!r} is not understood: use auto, on or off.")
+    if os.environ.get("TENSORBRIDGE_REQUIRE_EXTENSION") == "1":
+        return "on"
+    return "auto"
 
 
 class CMakeExtension(Extension):
@@ -34,21 +58,67 @@ def _warn(message: str) -> None:
     bar = "=" * 78
     print(
         f"\n{bar}\nWARNING (tensorbridge): {message}\n"
-        "tensorbridge is installed as pure Python and will use its fallback path.\n"
-        f"{bar}\n",
+        "tensorbridge is installed as pure Python and will use its fallback path;\n"
+        "tensorbridge.info()['fallback_reason'] repeats this. Set TENSORBRIDGE_EXTENSION=on\n"
+        f"to make this a build error instead.\n{bar}\n",
         file=sys.stderr,
         flush=True,
     )
 
 
+def _summary(output: str) -> str:
+    """The compiler's or CMake's error lines (at most five), else the output's end."""
+    lines = output.strip().splitlines()
+    errors = [ln.strip() for ln in lines if "error" in ln.lower()]
+    return "\n".join(errors[:5] if errors else lines[-5:])
+
+
 class CMakeBuild(build_ext):
     def run(self) -> None:
+        mode = extension_mode()
+        self._package_dir().mkdir(parents=True, exist_ok=True)
+        self._remove_old_modules()
+        if mode == "off":
+            self._record(False, "the package was built with TENSORBRIDGE_EXTENSION=off.")
+            return
         try:
             super().run()
         except Exception as exc:
-            if os.environ.get("TENSORBRIDGE_REQUIRE_EXTENSION") == "1":
+            self._remove_old_modules()  # a half-finished build ships nothing
+            reason = f"the compiled extension failed to build: {exc}"
+            self._record(False, reason)
+            if mode == "on":
                 raise
-            _warn(f"the compiled extension could not be built ({exc}).")
+            _warn(reason)
+            return
+        self._record(True, None)
+
+    def build_extensions(self) -> None:
+        # One CMake build makes every module; setuptools' parallel mode would check the
+        # test-only module's output while that build is still running.
+        for ext in self.extensions:
+            self.build_extension(ext)
+
+    def _package_dir(self) -> Path:
+        return Path(self.get_ext_fullpath("tensorbridge._C")).parent.resolve()
+
+    def _remove_old_modules(self) -> None:
+        for old in self._package_dir().glob("_C*.so"):
+            old.unlink()
+        for old in self._package_dir().glob("_C*.pyd"):
+            old.unlink()
+
+    def _record(self, built: bool, reason: str | None) -> None:
+        """Writes what happened to the package (tensorbridge/_build.json)."""
+        record = {"version": VERSION, "built": built, "reason": reason}
+        (self._package_dir() / BUILD_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+    def get_outputs(self) -> list[str]:
+        outputs = [o for o in super().get_outputs() if Path(o).exists()]
+        record = self._package_dir() / BUILD_RECORD
+        if record.exists():
+            outputs.append(str(record))
+        return outputs
 
     def build_extension(self, ext: CMakeExtension) -> None:
         if ext.name == TESTING_MODULE:
@@ -58,13 +128,19 @@ class CMakeBuild(build_ext):
             return
         cmake = shutil.which("cmake")
         if cmake is None:
-            raise RuntimeError("CMake was not found on PATH")
+            raise RuntimeError(
+                "CMake was not found (pip installs it from the build requirements; with "
+                "--no-build-isolation, run: pip install cmake ninja pybind11)"
+            )
         try:
             import pybind11
         except ImportError as exc:
-            raise RuntimeError("pybind11 is not installed") from exc
+            raise RuntimeError(
+                "pybind11 is not installed (pip installs it from the build requirements; "
+                "with --no-build-isolation, run: pip install cmake ninja pybind11)"
+            ) from exc
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        out_dir = self._package_dir()
         build_type = "Debug" if os.environ.get("DEBUG") == "1" else "Release"
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}{os.sep}",
@@ -86,11 +162,25 @@ class CMakeBuild(build_ext):
                 pass  # CMake's default generator
         args += [a for a in os.environ.get("CMAKE_ARGS", "").split() if a]
 
-        build_temp = Path(self.build_temp) / ext.name
+        # One directory per configuration: CMake cannot switch generators (or reliably
+        # drop options) in a configured directory, and a stale cache must never decide
+        # what is built.
+        key = hashlib.sha256("\0".join([ext.sourcedir, *args]).encode()).hexdigest()[:12]
+        build_temp = Path(self.build_temp) / f"cmake-{key}"
         build_temp.mkdir(parents=True, exist_ok=True)
-        subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
         jobs = [f"-j{self.parallel}"] if self.parallel else []
-        subprocess.run([cmake, "--build", ".", *jobs], cwd=build_temp, check=True)
+        for step in ([cmake, ext.sourcedir, *args], [cmake, "--build", ".", *jobs]):
+            proc = subprocess.run(step, cwd=build_temp, capture_output=True, text=True)
+            sys.stdout.write(proc.stdout)
+            sys.stderr.write(proc.stderr)
+            if proc.returncode != 0:
+                what = "configure" if step[1] != "--build" else "build"
+                raise RuntimeError(
+                    f"CMake {what} failed (exit {proc.returncode}):\n"
+                    f"{_summary(proc.stdout + proc.stderr)}"
+                )
+        if not Path(self.get_ext_fullpath(ext.name)).exists():
+            raise RuntimeError(f"the CMake build did not produce {ext.name}")
 
 
 # Development and CI builds also make the test-only module; a release build passes

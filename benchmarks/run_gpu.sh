@@ -29,7 +29,7 @@ run() {
 'numpy', numpy.__version__)"
 
   echo "== build in place (csrc -> python/tensorbridge/_C)"
-  TENSORBRIDGE_REQUIRE_EXTENSION=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" || return 1
+  TENSORBRIDGE_EXTENSION=on "$py" setup.py -q build_ext --inplace -j "$(nproc)" || return 1
   export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
   "$py" -m tensorbridge info
 

@@ -61,7 +61,7 @@ def backend(request):
         if not HAS_EXTENSION:
             pytest.skip(f"extension not available: {_backend.ENGINE.fallback_reason}")
         if not _backend.ENGINE.extension:
-            pytest.skip("TENSORBRIDGE_DISABLE_EXTENSION=1 is set")
+            pytest.skip(f"the pure-Python path is forced: {_backend.ENGINE.fallback_reason}")
         yield "extension"
     else:
         with forced_fallback():

@@ -6,7 +6,7 @@ Example:
     array([0, 1, 2])
 """
 
-from ._backend import get_num_threads, info, set_num_threads
+from ._backend import FallbackWarning, get_num_threads, info, set_num_threads
 from ._batch import to_device, to_numpy_batch
 from ._convert import from_numpy, to_numpy, to_tensor
 from ._cuda import transfer_options
@@ -16,6 +16,7 @@ from ._pinned import empty_pinned, is_pinned, pin, pinned, pinned_stats, set_pin
 from ._version import __version__
 
 __all__ = [
+    "FallbackWarning",
     "Prefetcher",
     "Transfer",
     "__version__",

@@ -6,12 +6,17 @@ import json
 import sys
 from collections.abc import Sequence
 
+INFO_USAGE = """usage: python -m tensorbridge info [--json] [--check]
+  --json   print the report as JSON (the keys of tensorbridge.info())
+  --check  exit with status 1 when the compiled core is not in use (for CI scripts)"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = (
         "usage: python -m tensorbridge {info,bench,bench-gpu,bench-tune} [options]\n"
         "  info       which path is live (extension or fallback) and why, CUDA, versions\n"
+        "             (--json, --check: exit 1 on the fallback path)\n"
         "  bench      the CPU benchmark against the idioms it replaces (--help for options)\n"
         "  bench-gpu  device<->host transfers against torch's idioms (needs a GPU)\n"
         "  bench-tune the sweep of the GPU engine's knobs behind its defaults (needs a GPU)"
@@ -21,16 +26,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     cmd, rest = args[0], args[1:]
     if cmd == "info":
+        if "-h" in rest or "--help" in rest:
+            print(INFO_USAGE)
+            return 0
         from . import info
 
-        as_json = "--json" in rest
+        unknown = [a for a in rest if a not in ("--json", "--check")]
+        if unknown:
+            print(f"info: unknown option {unknown[0]!r}\n{INFO_USAGE}", file=sys.stderr)
+            return 2
         data = info()
-        if as_json:
+        if "--json" in rest:
             print(json.dumps(data, indent=2))
         else:
             width = max(len(k) for k in data)
             for k, v in data.items():
                 print(f"{k:<{width}}  {v}")
+        if "--check" in rest and not data["extension"]:
+            print(
+                f"info --check: the compiled core is not in use: {data['fallback_reason']}",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     if cmd == "bench":
         from .bench import cpu

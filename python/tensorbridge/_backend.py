@@ -4,17 +4,23 @@
 test-only host engine) and why not, and holds the compiled module whose calls perform
 the transfers. Call sites ask ``_backend.ENGINE`` at call time and never re-decide.
 
-One switch: ``TENSORBRIDGE_DISABLE_EXTENSION=1`` forces the pure-Python path. Without
-it the extension is used when it imports; otherwise tensorbridge falls back quietly
-and ``info()["fallback_reason"]`` says why.
+One switch, ``TENSORBRIDGE_EXTENSION``, read once at import:
+
+- ``auto`` (the default): the compiled core when it loads; otherwise the pure-Python
+  path, with one ``FallbackWarning`` per process saying why (``info()`` says it too);
+- ``on``: the compiled core or an ImportError with the build's or the loader's reason;
+- ``off``: the pure-Python path, silently. ``TENSORBRIDGE_DISABLE_EXTENSION=1`` is an
+  older spelling of ``off``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import platform
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -23,28 +29,83 @@ import torch
 
 from ._version import __version__
 
-DISABLE_ENV = "TENSORBRIDGE_DISABLE_EXTENSION"
+MODE_ENV = "TENSORBRIDGE_EXTENSION"
+DISABLE_ENV = "TENSORBRIDGE_DISABLE_EXTENSION"  # the older spelling of MODE_ENV=off
+_BUILD_RECORD = "_build.json"  # written by setup.py next to the package's modules
 
 
-def _load() -> tuple[ModuleType | None, str | None]:
+class FallbackWarning(UserWarning):
+    """tensorbridge runs on its pure-Python path although the compiled core was expected
+    (``TENSORBRIDGE_EXTENSION=auto``); set ``TENSORBRIDGE_EXTENSION=off`` to silence it."""
+
+
+def extension_mode() -> str:
+    """``auto``, ``on`` or ``off``: the ``TENSORBRIDGE_EXTENSION`` switch.
+
+    Raises:
+        ValueError: the variable holds anything else.
+    """
+    raw = os.environ.get(MODE_ENV, "").strip().lower()
+    if raw:
+        if raw not in ("auto", "on", "off"):
+            raise ValueError(
+                f"{MODE_ENV}={os.environ[MODE_ENV]!r} is not understood: set it to auto "
+                "(the default), on or off."
+            )
+        return raw
     if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return None, f"{DISABLE_ENV}=1 is set, so the pure-Python path is used."
+        return "off"
+    return "auto"
+
+
+def build_record() -> dict[str, Any] | None:
+    """What setup.py recorded about the compiled core's build, if it ran for this copy."""
+    path = os.path.join(os.path.dirname(__file__), _BUILD_RECORD)
     try:
-        mod = importlib.import_module(f"{__package__}._C")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}._C":
-            return None, f"the compiled module tensorbridge._C failed to load: {exc}"
-        return None, (
-            "the compiled module tensorbridge._C is not installed (the build found no "
-            "C++ compiler or CMake, or failed); reinstall with a compiler and CMake "
-            "available to get the fast path."
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _load_failure(exc: ImportError) -> str:
+    record = build_record()
+    if record is not None and not record.get("built", True) and record.get("reason"):
+        return f"{record['reason']} (recorded when tensorbridge {record.get('version')} was built)"
+    if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C":
+        return (
+            "the compiled module tensorbridge._C is not installed (no build ran, or it "
+            "failed); reinstall with 'pip install .' from the source tree, or "
+            "'pip install -v .' to see the build's output."
         )
-    except ImportError as exc:  # e.g. built for another Python, or a missing shared library
-        return None, f"the compiled module tensorbridge._C failed to load: {exc}"
-    return mod, None
+    return f"the compiled module tensorbridge._C failed to load: {exc}"
 
 
-_LOADED, _LOAD_FAILURE = _load()  # what loaded, whatever ENGINE is set to later
+def _load(mode: str) -> tuple[ModuleType | None, str | None]:
+    if mode == "off":
+        how = f"{MODE_ENV}=off" if os.environ.get(MODE_ENV) else f"{DISABLE_ENV}=1"
+        return None, f"{how} is set, so the pure-Python path is used."
+    try:
+        return importlib.import_module(f"{__package__}._C"), None
+    except ImportError as exc:  # not built, built for another Python, a missing library...
+        reason = _load_failure(exc)
+    if mode == "on":
+        raise ImportError(
+            f"{MODE_ENV}=on, but the compiled core cannot be used: {reason} Set "
+            f"{MODE_ENV}=auto to fall back to pure Python instead."
+        )
+    warnings.warn(
+        f"tensorbridge uses its pure-Python path: {reason} Set {MODE_ENV}=off to silence "
+        "this warning.",
+        FallbackWarning,
+        stacklevel=2,
+    )
+    return None, reason
+
+
+_MODE = extension_mode()  # read once: the switch decides at import
+_LOADED, _LOAD_FAILURE = _load(_MODE)  # what loaded, whatever ENGINE is set to later
 
 
 class Engine:
@@ -290,6 +351,7 @@ def info() -> dict[str, Any]:
     return {
         "version": __version__,
         "extension": ENGINE.extension,
+        "extension_mode": _MODE,
         "extension_path": getattr(ENGINE.C, "__file__", None),
         "fallback_reason": ENGINE.fallback_reason,
         "cuda": cuda,

@@ -201,7 +201,7 @@ def _pump(src: IO[str], dst: IO[str]) -> None:
 def _rerun_on_fallback(argv: Sequence[str]) -> int:
     """Runs this benchmark in a child process on the pure-Python path, streaming its output.
 
-    The child gets TENSORBRIDGE_DISABLE_EXTENSION=1 and the same arguments but --fallback,
+    The child gets TENSORBRIDGE_EXTENSION=off and the same arguments but --fallback,
     and imports this same tensorbridge (its directory goes first on sys.path).
     """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -210,7 +210,7 @@ def _rerun_on_fallback(argv: Sequence[str]) -> int:
         "sys.exit(main(sys.argv[1:]))"
     )
     cmd = [sys.executable, "-c", code, *(a for a in argv if not _is_fallback_flag(a))]
-    env = {**os.environ, _backend.DISABLE_ENV: "1"}
+    env = {**os.environ, _backend.MODE_ENV: "off"}
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
     ) as proc:
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fallback",
         action="store_true",
         help="measure the pure-Python fallback path instead of the extension (runs the "
-        f"benchmark again in a child process with {_backend.DISABLE_ENV}=1)",
+        f"benchmark again in a child process with {_backend.MODE_ENV}=off)",
     )
     p.add_argument(
         "--threads", type=int, help="threads for the compiled core's large copies (default: as set)"

@@ -1,0 +1,217 @@
+"""The one switch (TENSORBRIDGE_EXTENSION=auto|on|off), what a failed build leaves behind,
+and `python -m tensorbridge info --check`.
+
+Each case runs in a fresh interpreter: the switch is read once, at import. A copy of the
+package without its compiled modules stands for an install whose build failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import tensorbridge as tb
+from tensorbridge import _backend
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(tb.__file__).resolve().parent
+ENV = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in (_backend.DISABLE_ENV, _backend.MODE_ENV, "PYTHONPATH", "CMAKE_ARGS")
+}
+
+
+def run(args: list[str], path: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Runs python with `args`, importing tensorbridge from `path` (default: this one)."""
+    pythonpath = str(path if path is not None else PACKAGE.parent)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PYTHONPATH": pythonpath, **env},
+        timeout=300,
+        check=False,
+    )
+
+
+INFO = "import json, tensorbridge as tb; print(json.dumps(tb.info()))"
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Path:
+    """A copy of the package with no compiled modules and no build record."""
+    shutil.copytree(
+        PACKAGE,
+        tmp_path / "tensorbridge",
+        ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__", "_build.json"),
+    )
+    return tmp_path
+
+
+def test_off_is_the_pure_python_path_and_silent():
+    proc = run(["-W", "error", "-c", INFO], TENSORBRIDGE_EXTENSION="off")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["extension"] is False and info["extension_mode"] == "off"
+    assert "TENSORBRIDGE_EXTENSION=off" in info["fallback_reason"]
+    assert proc.stderr == ""
+
+
+def test_the_older_disable_switch_still_means_off():
+    proc = run(["-W", "error", "-c", INFO], TENSORBRIDGE_DISABLE_EXTENSION="1")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["extension"] is False and info["extension_mode"] == "off"
+    assert "TENSORBRIDGE_DISABLE_EXTENSION=1" in info["fallback_reason"]
+
+
+def test_an_unknown_switch_value_names_the_valid_ones():
+    proc = run(["-c", "import tensorbridge"], TENSORBRIDGE_EXTENSION="fast")
+    assert proc.returncode != 0
+    assert "TENSORBRIDGE_EXTENSION='fast' is not understood" in proc.stderr
+    assert "auto (the default), on or off" in proc.stderr
+
+
+def test_auto_without_the_extension_warns_once_and_says_why(bare):
+    code = (
+        "import warnings, json\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import tensorbridge as tb\n"
+        "    import tensorbridge._backend\n"
+        "print(json.dumps([str(x.category.__name__) for x in w]))\n"
+        "print(json.dumps(tb.info()))\n"
+    )
+    proc = run(["-c", code], bare)
+    assert proc.returncode == 0, proc.stderr
+    warned, info = (json.loads(line) for line in proc.stdout.splitlines())
+    assert warned == ["FallbackWarning"]
+    assert info["extension"] is False and info["extension_mode"] == "auto"
+    assert "tensorbridge._C is not installed" in info["fallback_reason"]
+    # the pure-Python path works
+    proc = run(
+        ["-W", "ignore", "-c", "import tensorbridge as tb, torch; tb.to_numpy(torch.ones(2))"], bare
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_on_without_the_extension_refuses_to_import(bare):
+    proc = run(["-c", "import tensorbridge"], bare, TENSORBRIDGE_EXTENSION="on")
+    assert proc.returncode != 0
+    assert "ImportError: TENSORBRIDGE_EXTENSION=on, but the compiled core cannot be used" in (
+        proc.stderr
+    )
+    assert "TENSORBRIDGE_EXTENSION=auto" in proc.stderr  # the way out
+
+
+def test_the_recorded_build_failure_is_the_reason_given(bare):
+    reason = (
+        "the compiled extension failed to build: CMake build failed (exit 1): x.cpp: error: boom"
+    )
+    record = {"version": tb.__version__, "built": False, "reason": reason}
+    (bare / "tensorbridge" / "_build.json").write_text(json.dumps(record))
+    proc = run(["-W", "ignore", "-c", INFO], bare)
+    assert proc.returncode == 0, proc.stderr
+    assert reason in json.loads(proc.stdout)["fallback_reason"]
+    proc = run(["-c", "import tensorbridge"], bare, TENSORBRIDGE_EXTENSION="on")
+    assert proc.returncode != 0 and "error: boom" in proc.stderr
+
+
+def test_info_check_exits_nonzero_on_the_fallback_path(bare):
+    proc = run(["-W", "ignore", "-m", "tensorbridge", "info", "--check"], bare)
+    assert proc.returncode == 1
+    assert "the compiled core is not in use" in proc.stderr
+    proc = run(["-m", "tensorbridge", "info", "--check"], TENSORBRIDGE_EXTENSION="off")
+    assert proc.returncode == 1
+    proc = run(["-m", "tensorbridge", "info", "--bogus"])
+    assert proc.returncode == 2 and "unknown option" in proc.stderr
+
+
+@pytest.mark.skipif(_backend._LOADED is None, reason="needs the compiled extension")
+def test_info_check_passes_with_the_extension_and_on_imports():
+    proc = run(["-m", "tensorbridge", "info", "--check", "--json"], TENSORBRIDGE_EXTENSION="on")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["extension"] is True
+
+
+def test_the_typed_usage_file_runs():
+    """tests/typing/usage.py (checked by mypy --strict in CI) is also correct at run time."""
+    proc = run(["-W", "error", str(ROOT / "tests" / "typing" / "usage.py")])
+    assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def _has_build_tools() -> bool:
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("cmake") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_build_tools(), reason="needs cmake and pybind11 (the dev extra)")
+def test_a_broken_build_never_ships_the_previous_binary(tmp_path):
+    """A compile error leaves no compiled module behind (a stale one from an earlier build
+    is removed), records why for info(), and fails the build with the switch on."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "csrc", src / "csrc")
+    shutil.copytree(
+        ROOT / "python",
+        src / "python",
+        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build.json"),
+    )
+    bindings = src / "csrc" / "bindings.cpp"
+    bindings.write_text("#error tensorbridge-broken-build\n" + bindings.read_text())
+    lib = tmp_path / "lib"
+    stale = lib / "tensorbridge" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an old binary")
+    build = [
+        "setup.py",
+        "build_ext",
+        f"--build-lib={lib}",
+        f"--build-temp={tmp_path / 'tmp'}",
+    ]
+    env = {"CMAKE_ARGS": "-DTB_ENABLE_CUDA=OFF -DTB_TESTING=OFF", "PYTHONPATH": ""}
+
+    proc = subprocess.run(
+        [sys.executable, *build],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env={**ENV, **env},
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # auto: installs as pure Python...
+    assert "WARNING (tensorbridge)" in proc.stderr  # ...and says so
+    assert not stale.exists(), "the previous binary survived a failed build"
+    assert not list((lib / "tensorbridge").glob("_C*"))
+    record = json.loads((lib / "tensorbridge" / "_build.json").read_text())
+    assert record["built"] is False and "tensorbridge-broken-build" in record["reason"]
+
+    proc = subprocess.run(
+        [sys.executable, *build],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env={**ENV, **env, "TENSORBRIDGE_EXTENSION": "on"},
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "tensorbridge-broken-build" in proc.stderr
