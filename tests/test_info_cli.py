@@ -182,6 +182,12 @@ def test_benchmark_results_round_trip(tmp_path):
     assert back.rows == rows
     assert back.machine == json.loads(json.dumps(report.machine))
     assert format_report(back) == text
+    # a second run of the same day never overwrites the first
+    again = save(report, "second", str(tmp_path / "results"), "run")
+    assert (
+        again.endswith("run-2") and (tmp_path / "results" / "run-2.txt").read_text() == "second\n"
+    )
+    assert (tmp_path / "results" / "run.txt").read_text() == text + "\n"
 
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"

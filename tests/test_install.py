@@ -215,3 +215,11 @@ def test_a_broken_build_never_ships_the_previous_binary(tmp_path):
     )
     assert proc.returncode != 0
     assert "tensorbridge-broken-build" in proc.stderr
+
+
+def test_version_and_info_help():
+    proc = run(["-m", "tensorbridge", "--version"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"tensorbridge {tb.__version__} (")
+    proc = run(["-m", "tensorbridge", "info", "--help"])
+    assert proc.returncode == 0 and "--check" in proc.stdout and "--json" in proc.stdout

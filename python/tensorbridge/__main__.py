@@ -14,7 +14,7 @@ INFO_USAGE = """usage: python -m tensorbridge info [--json] [--check]
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = (
-        "usage: python -m tensorbridge {info,bench,bench-gpu,bench-tune} [options]\n"
+        "usage: python -m tensorbridge [--version] {info,bench,bench-gpu,bench-tune} [options]\n"
         "  info       which path is live (extension or fallback) and why, CUDA, versions\n"
         "             (--json, --check: exit 1 on the fallback path)\n"
         "  bench      the CPU benchmark against the idioms it replaces (--help for options)\n"
@@ -24,6 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from . import __version__, info
+
+        data = info()
+        path = "compiled core" if data["extension"] else "pure-Python path"
+        print(f"tensorbridge {__version__} ({path}; torch {data['torch']})")
+        return 0
     cmd, rest = args[0], args[1:]
     if cmd == "info":
         if "-h" in rest or "--help" in rest:

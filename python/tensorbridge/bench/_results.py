@@ -23,9 +23,17 @@ def write_json(path: str, machine: Mapping[str, Any], rows: Sequence[Mapping[str
 
 
 def save(report: Report, text: str, directory: str, basename: str) -> str:
-    """Writes directory/basename.txt (text) and .json (the report); returns the path stem."""
+    """Writes directory/basename.txt (text) and .json (the report); returns the path stem.
+
+    Never overwrites an earlier run: when basename is taken (the same machine, the same
+    day), the new files get -2, -3, ... appended.
+    """
     os.makedirs(directory, exist_ok=True)
     base = os.path.join(directory, basename)
+    n = 1
+    while os.path.exists(base + ".txt") or os.path.exists(base + ".json"):
+        n += 1
+        base = os.path.join(directory, f"{basename}-{n}")
     with open(base + ".txt", "w") as f:
         f.write(text + "\n")
     write_json(base + ".json", report.machine, [dataclasses.asdict(r) for r in report.rows])
