@@ -390,7 +390,9 @@ def render_refusals() -> str:
         "| --- | --- | --- | --- |",
     ]
     for fn, case, exc, msg in refusal_rows():
-        lines.append(f"| `{fn}` | {case} | {exc} | {msg.replace('|', '/')} |")
+        # (a table cell escapes "|" as "\\|": NumPy names dtypes like |S1 and |V3)
+        cell = msg.replace("|", "\\|")
+        lines.append(f"| `{fn}` | {case} | {exc} | {cell} |")
     return "\n".join(lines) + "\n"
 
 
