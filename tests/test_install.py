@@ -56,21 +56,18 @@ def bare(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_off_is_the_pure_python_path_and_silent():
-    proc = run(["-W", "error", "-c", INFO], TENSORBRIDGE_EXTENSION="off")
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("TENSORBRIDGE_EXTENSION", "off"), ("TENSORBRIDGE_DISABLE_EXTENSION", "1")],
+    ids=["off", "the-older-disable-switch"],
+)
+def test_off_is_the_pure_python_path_and_silent(variable, value):
+    proc = run(["-W", "error", "-c", INFO], **{variable: value})
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["extension"] is False and info["extension_mode"] == "off"
-    assert "TENSORBRIDGE_EXTENSION=off" in info["fallback_reason"]
+    assert f"{variable}={value}" in info["fallback_reason"]
     assert proc.stderr == ""
-
-
-def test_the_older_disable_switch_still_means_off():
-    proc = run(["-W", "error", "-c", INFO], TENSORBRIDGE_DISABLE_EXTENSION="1")
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads(proc.stdout)
-    assert info["extension"] is False and info["extension_mode"] == "off"
-    assert "TENSORBRIDGE_DISABLE_EXTENSION=1" in info["fallback_reason"]
 
 
 def test_an_unknown_switch_value_names_the_valid_ones():

@@ -105,14 +105,18 @@ def test_pending_copy_done_and_wait_release_the_memory():
     np.testing.assert_array_equal(device, expected)
 
 
+def _failing_copy() -> tuple[object, weakref.ref[np.ndarray], np.ndarray]:
+    """A queued copy whose wait will fail (as a device error would), a weak reference to
+    the host array it writes, and that array (for the caller to drop)."""
+    tester = TESTING.HostTransferTester(delay_us=50_000)
+    host = np.empty(4096, np.uint8)
+    tester.fail_next_wait()
+    return tester.copy_async(np.zeros(4096, np.uint8), host, to_host=True), weakref.ref(host), host
+
+
 @needs_testing_module
 def test_failed_wait_keeps_the_memory_for_good():
-    tester = TESTING.HostTransferTester(delay_us=50_000)
-    device = np.zeros(4096, np.uint8)
-    host = np.empty(4096, np.uint8)
-    ref = weakref.ref(host)
-    tester.fail_next_wait()
-    pending = tester.copy_async(device, host, to_host=True)
+    pending, ref, host = _failing_copy()
     del host
     with pytest.raises(RuntimeError, match="injected wait failure"):
         pending.wait()
@@ -126,12 +130,7 @@ def test_failed_wait_keeps_the_memory_for_good():
 
 @needs_testing_module
 def test_failed_wait_in_a_transfer_handle_raises_and_keeps_the_memory():
-    tester = TESTING.HostTransferTester(delay_us=50_000)
-    device = np.zeros(4096, np.uint8)
-    host = np.empty(4096, np.uint8)
-    ref = weakref.ref(host)
-    tester.fail_next_wait()
-    pending = tester.copy_async(device, host, to_host=True)
+    pending, ref, host = _failing_copy()
     t = _handle.Transfer(host, poll=pending.done, block=pending.wait)
     del host, pending
     with pytest.raises(RuntimeError, match="injected wait failure"):
