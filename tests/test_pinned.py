@@ -37,3 +37,26 @@ def test_empty_pinned_refuses_bad_shapes():
 
 def test_plain_arrays_are_not_pinned():
     assert tb.is_pinned(np.zeros(10)) is False
+
+
+def test_integer_knobs_take_numpy_integers_and_refuse_other_types():
+    """Every integer knob is checked by one rule: Python or NumPy integers, no bools."""
+    saved = tb.transfer_options()
+    try:
+        got = tb.transfer_options(chunk_bytes=np.int64(1 << 20), buffers=np.int32(3))
+        assert got["chunk_bytes"] == 1 << 20 and got["buffers"] == 3
+        assert type(got["chunk_bytes"]) is int
+        tb.set_pinned_budget(np.int64(1 << 30))
+        assert tb.Prefetcher([], "cpu", depth=np.int8(3)).depth == 3
+        for call in (
+            lambda: tb.transfer_options(chunk_bytes=8.0e6),
+            lambda: tb.transfer_options(buffers=True),
+            lambda: tb.set_pinned_budget(1.5),
+            lambda: tb.Prefetcher([], "cpu", depth="2"),
+        ):
+            with pytest.raises(TypeError, match="must be an int"):
+                call()
+        with pytest.raises(ValueError, match="from 0 to"):
+            tb.set_pinned_budget(2**70)
+    finally:
+        tb.transfer_options(**saved)

@@ -296,6 +296,26 @@ def resolve_device(device: Any, fn: str) -> torch.device:
     return dev
 
 
+def int_arg(value: Any, what: str, lo: int, hi: int | None = None, hint: str = "") -> int:
+    """``value`` as an int in [lo, hi]: the one check of every integer knob.
+
+    Python and NumPy integers are accepted, bools are not.
+
+    Raises:
+        TypeError: ``value`` is not an integer.
+        ValueError: it is out of range (``hint`` says what to pass instead).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}: {value!r}")
+    n = int(value)
+    if n < lo or (hi is not None and n > hi):
+        bounds = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(
+            f"{what} must be an int {bounds}, got {n}" + (f": {hint}" if hint else ".")
+        )
+    return n
+
+
 #: The most copy threads set_num_threads accepts, on every machine and both paths.
 MAX_THREADS = 256
 
@@ -319,14 +339,14 @@ def set_num_threads(n: int) -> None:
         TypeError: ``n`` is not an int.
         ValueError: ``n`` is out of range.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
-    n = int(n)
-    if not 1 <= n <= MAX_THREADS:
-        raise ValueError(
-            f"set_num_threads expects 1 <= n <= {MAX_THREADS}, got {n}: host copies are bound by "
-            "memory bandwidth, so pass a count near the number of cores (os.cpu_count())."
-        )
+    n = int_arg(
+        n,
+        "set_num_threads: n",
+        1,
+        MAX_THREADS,
+        "host copies are bound by memory bandwidth, so pass a count near the number of "
+        "cores (os.cpu_count()).",
+    )
     C = ENGINE.C
     if C is not None:
         C.set_num_threads(n)

@@ -109,13 +109,9 @@ def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None)
         True
     """
     if chunk_bytes is not None:
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 4096:
-            raise ValueError(f"chunk_bytes must be an int >= 4096, got {chunk_bytes!r}")
-        _options["chunk_bytes"] = chunk_bytes
+        _options["chunk_bytes"] = _backend.int_arg(chunk_bytes, "chunk_bytes", 4096, 1 << 40)
     if buffers is not None:
-        if isinstance(buffers, bool) or not isinstance(buffers, int) or not 2 <= buffers <= 16:
-            raise ValueError(f"buffers must be an int from 2 to 16, got {buffers!r}")
-        _options["buffers"] = buffers
+        _options["buffers"] = _backend.int_arg(buffers, "buffers", 2, 16)
     return dict(_options)
 
 

@@ -118,13 +118,15 @@ class Prefetcher:
         dtype: DTypeSpec = None,
         non_blocking: bool = True,
     ) -> None:
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 64:
-            # (each batch in flight holds its device memory: an unbounded depth would
-            # load the whole iterable onto the device)
-            raise ValueError(
-                f"depth must be an int from 1 to 64, got {depth!r}: 2 or 3 hide the copy "
-                "time of a batch behind the compute of the one before."
-            )
+        # (each batch in flight holds its device memory: an unbounded depth would load the
+        # whole iterable onto the device)
+        depth = _backend.int_arg(
+            depth,
+            "Prefetcher: depth",
+            1,
+            64,
+            "2 or 3 hide the copy time of a batch behind the compute of the one before.",
+        )
         self.iterable = iterable
         self.device = _backend.resolve_device(device, "Prefetcher")
         self.depth = depth

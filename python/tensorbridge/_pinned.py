@@ -154,7 +154,6 @@ def pinned_stats() -> dict[str, Any]:
 
 def set_pinned_budget(nbytes: int) -> None:
     """Caps the pinned bytes the staging pool may hold per device; frees idle blocks over it."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"the pinned budget must be an int >= 0, got {nbytes!r}")
+    nbytes = _backend.int_arg(nbytes, "set_pinned_budget: nbytes", 0, 2**62)
     if _backend.ENGINE.cuda_engine:
         _backend.ENGINE.core.cuda_set_pinned_budget(nbytes)
