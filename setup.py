@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,13 @@ def extension_mode() -> str:
         raise SystemExit(f"TENSORBRIDGE_EXTENSION={mode!r} is not understood: use auto, on or off.")
     if os.environ.get("TENSORBRIDGE_REQUIRE_EXTENSION") == "1":
         return "on"
+    if os.environ.get("TENSORBRIDGE_DISABLE_EXTENSION", "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    ):
+        return "off"  # (the older spelling of off, as at run time)
     return "auto"
 
 
@@ -183,10 +191,18 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"the CMake build did not produce {ext.name}")
 
 
+def testing_build(cmake_args: str) -> bool:
+    """Whether CMAKE_ARGS leave TB_TESTING on (its default), read as CMake reads it: the
+    last -DTB_TESTING[:BOOL]=value wins, and OFF/0/FALSE/NO/N (any case) mean off."""
+    found = re.findall(r"-D\s*TB_TESTING(?::BOOL)?=(\S*)", cmake_args)
+    false = ("OFF", "0", "FALSE", "NO", "N", "IGNORE", "NOTFOUND", "")
+    return not found or found[-1].upper() not in false
+
+
 # Development and CI builds also make the test-only module; a release build passes
 # CMAKE_ARGS="-DTB_TESTING=OFF" and ships neither it nor the engine's fault switch.
 TESTING_MODULE = "tensorbridge._C_testing"
-TESTING = "-DTB_TESTING=OFF" not in os.environ.get("CMAKE_ARGS", "").split()
+TESTING = testing_build(os.environ.get("CMAKE_ARGS", ""))
 
 setup(
     version=VERSION,

@@ -105,7 +105,7 @@ class PendingCopy {
   /// True once the copy has completed or failed; never blocks (false while another
   /// thread waits).
   bool done() {
-    if (forked()) return true;  // nothing of the parent's to wait for here
+    if (forked()) throw_forked();  // "done" would invite reading memory never written here
     std::unique_lock<std::mutex> lock(m_, std::try_to_lock);
     if (!lock.owns_lock()) return false;
     if (error_) return true;  // (failed: wait() raises)
@@ -124,10 +124,7 @@ class PendingCopy {
 
   /// Blocks until the copy has completed; raises the engine's error if it failed.
   void wait() {
-    if (forked())
-      throw std::runtime_error(
-          "this copy was queued by the parent process before it forked; a forked child "
-          "cannot wait for it (wait in the parent, before forking)");
+    if (forked()) throw_forked();
     std::exception_ptr error;
     // Not py::gil_scoped_release: in a daemon thread still waiting when the interpreter
     // exits, retaking the GIL ends the thread (pthread_exit unwinds through this frame),
@@ -153,6 +150,12 @@ class PendingCopy {
   }
 
  private:
+  [[noreturn]] static void throw_forked() {
+    throw std::runtime_error(
+        "this copy was queued by the parent process before it forked; a forked child "
+        "cannot wait for it or see its result (wait in the parent, before forking)");
+  }
+
   py::object owner_;  // declared first, destroyed last: the event needs its engine
   std::mutex m_;      // one thread waits at a time; done() does not block on it
   Event event_;

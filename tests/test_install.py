@@ -7,8 +7,10 @@ package without its compiled modules stands for an install whose build failed.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -220,3 +222,48 @@ def test_version_and_info_help():
     assert proc.stdout.startswith(f"tensorbridge {tb.__version__} (")
     proc = run(["-m", "tensorbridge", "info", "--help"])
     assert proc.returncode == 0 and "--check" in proc.stdout and "--json" in proc.stdout
+
+
+def _setup_function(name: str):
+    """One function of setup.py, without running setup() (which importing it would)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace: dict = {"re": re}
+    exec(compile(ast.Module([node], []), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize(
+    ("cmake_args", "testing"),
+    [
+        ("", True),
+        ("-DTB_ENABLE_CUDA=OFF", True),
+        ("-DTB_TESTING=OFF", False),
+        ("-DTB_TESTING=0", False),
+        ("-D TB_TESTING=off", False),
+        ("-DTB_TESTING:BOOL=FALSE", False),
+        ("-DTB_TESTING=OFF -DTB_TESTING=ON", True),
+        ("-DTB_TESTING=ON -DTB_TESTING=no", False),
+    ],
+)
+def test_setup_reads_tb_testing_as_cmake_does(cmake_args, testing):
+    """setup.py expects the test-only module exactly when CMake builds it (a mismatch
+    used to throw away a good build as failed)."""
+    assert _setup_function("testing_build")(cmake_args) is testing
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "[" * 100_000,  # deep enough to make the JSON decoder recurse out
+        json.dumps({"version": "0.0.1", "built": False, "reason": "a failure from last month"}),
+        json.dumps({"built": "no", "reason": 3}),
+    ],
+    ids=["corrupt", "another-version", "wrong-types"],
+)
+def test_a_stale_or_corrupt_build_record_is_ignored(bare, record):
+    (bare / "tensorbridge" / "_build.json").write_text(record)
+    proc = run(["-W", "ignore", "-c", INFO], bare)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason = json.loads(proc.stdout)["fallback_reason"]
+    assert "tensorbridge._C is not installed" in reason and "last month" not in reason

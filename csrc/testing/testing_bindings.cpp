@@ -129,6 +129,17 @@ class HostTransferTester {
 };
 
 py::list plan_chunks(std::vector<int64_t> shape, int64_t itemsize, size_t chunk_bytes) {
+  // (the planner's callers check these; a test driving it directly gets an error, not a
+  // division by zero or an endless plan)
+  if (itemsize <= 0 || chunk_bytes == 0)
+    throw py::value_error("plan_chunks: itemsize and chunk_bytes must be positive");
+  int64_t total = itemsize;
+  for (int64_t n : shape) {
+    if (n < 0) throw py::value_error("plan_chunks: negative dimension");
+    if (n != 0 && total > (int64_t{1} << 48) / n)
+      throw py::value_error("plan_chunks: the array would exceed 2**48 bytes");
+    total *= n;
+  }
   py::list out;
   for (const auto& c : tb::plan_chunks(shape, itemsize, chunk_bytes))
     out.append(py::make_tuple(c.offset, c.bytes, c.depth, c.prefix, c.begin, c.end));
@@ -186,7 +197,13 @@ PYBIND11_MODULE(_C_testing, m) {
       .def_property_readonly("pinned_allocations", &HostTransferTester::pinned_allocations);
   m.def("plan_chunks", &plan_chunks, py::arg("shape"), py::arg("itemsize"), py::arg("chunk_bytes"),
         "The pipeline's chunks: (offset, bytes, depth, prefix, begin, end).");
-  m.def("pool_size_class", &tb::PinnedPool::size_class, py::arg("nbytes"));
+  m.def(
+      "pool_size_class",
+      [](size_t nbytes) {
+        if (nbytes > (size_t{1} << 48)) throw py::value_error("pool_size_class: over 2**48 bytes");
+        return tb::PinnedPool::size_class(nbytes);
+      },
+      py::arg("nbytes"));
   m.def("cuda_inject_copy_fault", &cuda_inject_copy_fault, py::arg("after"),
         "The copy after `after` more succeed fails with a CUDA error (-1: off).");
 }

@@ -64,16 +64,22 @@ def build_record() -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (a corrupt file: as if there were none)
         return None
     return record if isinstance(record, dict) else None
 
 
 def _load_failure(exc: ImportError) -> str:
-    record = build_record()
-    if record is not None and not record.get("built", True) and record.get("reason"):
-        return f"{record['reason']} (recorded when tensorbridge {record.get('version')} was built)"
-    if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C":
+    missing = isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C"
+    record = build_record() if missing else None  # (a module that fails to load says why)
+    if (
+        record is not None
+        and record.get("built") is False
+        and record.get("version") == __version__
+        and isinstance(record.get("reason"), str)
+    ):
+        return f"{record['reason']} (recorded when this copy of tensorbridge was built)"
+    if missing:
         return (
             "the compiled module tensorbridge._C is not installed (no build ran, or it "
             "failed); reinstall with 'pip install .' from the source tree, or "
@@ -84,7 +90,7 @@ def _load_failure(exc: ImportError) -> str:
 
 def _load(mode: str) -> tuple[ModuleType | None, str | None]:
     if mode == "off":
-        how = f"{MODE_ENV}=off" if os.environ.get(MODE_ENV) else f"{DISABLE_ENV}=1"
+        how = f"{MODE_ENV}=off" if os.environ.get(MODE_ENV, "").strip() else f"{DISABLE_ENV}=1"
         return None, f"{how} is set, so the pure-Python path is used."
     try:
         return importlib.import_module(f"{__package__}._C"), None
