@@ -13,8 +13,10 @@
 #include <vector>
 
 #include "bindings_util.h"
+#include "core/host_ceiling.h"
 #include "core/pinned_pool.h"
 #include "core/pipeline.h"
+#include "core/sim_link.h"
 #include "core/strided_copy.h"
 #include "core/thread_pool.h"
 #ifdef TB_WITH_CUDA
@@ -168,6 +170,85 @@ py::dict cuda_probe() {
   return d;
 }
 
+// The real pipeline and pinned pool over a simulated link (core/sim_link.h), for the
+// `bench --sections link` benchmark: how close the scheduler comes to min(link, H) on a
+// machine without a GPU. "Device memory" is a dense uint8 array; every call returns
+// once its data has arrived.
+class LinkSimulator {
+ public:
+  LinkSimulator(double bandwidth_gbs, double latency_us, size_t budget)
+      : link_(tb::LinkModel{bandwidth_gbs, latency_us}), pool_(link_, budget) {}
+  ~LinkSimulator() {
+    link_.drain();
+    pool_.release_all();
+  }
+  py::dict to_host(const py::array& device, const py::array& dst, size_t chunk, int buffers,
+                   int threads, uintptr_t stream) {
+    const auto view = host_view(dst, true);
+    check_device(device, view, false);
+    auto options = pipeline_options(chunk, buffers, 0);
+    options.threads = threads;
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_to_host(link_, pool_, stream, device.data(), view, options);
+    }
+    return report_dict(r);
+  }
+  py::dict to_device(const py::array& src, py::array device, size_t chunk, int buffers, int threads,
+                     uintptr_t stream) {
+    const auto view = host_view(src, false);
+    check_device(device, view, true);
+    auto options = pipeline_options(chunk, buffers, 0);
+    options.threads = threads;
+    options.wait = true;
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_to_device(link_, pool_, stream, view, device.mutable_data(), options);
+    }
+    return report_dict(r);
+  }
+  // One DMA between the device and page-locked memory (from empty_pinned()), waited for.
+  void copy(py::array device, py::array host, bool to_host, uintptr_t stream) {
+    if (!(device.flags() & py::array::c_style) || !(host.flags() & py::array::c_style))
+      throw py::value_error("copy: both arrays must be C-contiguous");
+    if (device.nbytes() != host.nbytes())
+      throw py::value_error("copy: the arrays must have the same size in bytes");
+    const py::array& written = to_host ? host : device;
+    if (!written.writeable()) throw py::value_error("copy: the destination is read-only");
+    const size_t n = static_cast<size_t>(host.nbytes());
+    void* h = host.mutable_data();
+    void* d = device.mutable_data();
+    py::gil_scoped_release release;
+    tb::Event done(link_);
+    if (to_host)
+      link_.copy_to_host_async(h, d, n, stream);
+    else
+      link_.copy_to_device_async(d, h, n, stream);
+    done.record(stream);
+    done.wait();
+  }
+  std::vector<double> host_ceiling(size_t nbytes, bool to_pinned, int repeats) {
+    py::gil_scoped_release release;
+    return tb::host_copy_seconds(link_, nbytes, to_pinned, repeats);
+  }
+  py::dict stats() { return stats_dict(pool_.stats()); }
+  double bandwidth_gbs() const { return link_.model().bandwidth_gbs; }
+  double latency_us() const { return link_.model().latency_us; }
+
+ private:
+  static void check_device(const py::array& device, const tb::HostView& v, bool written) {
+    int64_t n = v.itemsize;
+    for (int64_t d : v.shape) n *= d;
+    if (!(device.flags() & py::array::c_style) || device.nbytes() < n)
+      throw py::value_error("the device buffer must be C-contiguous and large enough");
+    if (written && !device.writeable()) throw py::value_error("the device buffer is read-only");
+  }
+  tb::SimulatedLink link_;
+  tb::PinnedPool pool_;
+};
+
 #ifdef TB_WITH_CUDA
 py::dict cuda_copy_to_host(int device, uintptr_t stream, uintptr_t src, py::array dst, size_t chunk,
                            int buffers, int swap) {
@@ -249,6 +330,26 @@ PYBIND11_MODULE(_C, m) {
         "Set the threads used for large host copies.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
   bind_pending_copy(m);
+  py::class_<LinkSimulator>(m, "LinkSimulator",
+                            "The transfer pipeline and a pinned pool over a simulated link "
+                            "(one copy engine per direction, per-copy latency), for benchmarks "
+                            "on machines without a GPU.")
+      .def(py::init<double, double, size_t>(), py::arg("bandwidth_gbs"),
+           py::arg("latency_us") = 0.0, py::arg("budget") = size_t{1} << 30)
+      .def("to_host", &LinkSimulator::to_host, py::arg("device"), py::arg("dst"),
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("threads") = 0,
+           py::arg("stream") = 0, "Simulated device memory -> any host array; waits.")
+      .def("to_device", &LinkSimulator::to_device, py::arg("src"), py::arg("device"),
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("threads") = 0,
+           py::arg("stream") = 0, "Any host array -> simulated device memory; waits.")
+      .def("copy", &LinkSimulator::copy, py::arg("device"), py::arg("host"), py::arg("to_host"),
+           py::arg("stream") = 0, "One DMA (the host side page-locked), waited for.")
+      .def("host_ceiling", &LinkSimulator::host_ceiling, py::arg("nbytes"), py::arg("to_pinned"),
+           py::arg("repeats") = 5,
+           "Seconds per pageable<->page-locked copy of nbytes with the thread pool (H).")
+      .def("stats", &LinkSimulator::stats)
+      .def_property_readonly("bandwidth_gbs", &LinkSimulator::bandwidth_gbs)
+      .def_property_readonly("latency_us", &LinkSimulator::latency_us);
 #if defined(TB_TESTING) && defined(TB_WITH_CUDA)
   // The fault switch lives in this module's engine; tensorbridge._C_testing reaches it
   // through this capsule (testing builds only: release builds have neither).
@@ -285,6 +386,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), py::arg("stream"), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
       py::arg("to_host"), py::arg("keepalive"),
       "One async copy (page-locked host memory); keepalive is held until it completes.");
+  m.def(
+      "cuda_host_ceiling",
+      [](int device, size_t nbytes, bool to_pinned, int repeats) {
+        py::gil_scoped_release release;
+        return tb::cuda::host_copy_seconds(device, nbytes, to_pinned, repeats);
+      },
+      py::arg("device"), py::arg("nbytes"), py::arg("to_pinned"), py::arg("repeats") = 5,
+      "Seconds per pageable<->page-locked copy of nbytes with the thread pool (H).");
   m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
   m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
   m.def(

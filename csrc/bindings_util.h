@@ -61,6 +61,7 @@ inline py::dict report_dict(const PipelineReport& r) {
   py::dict d;
   d["chunks"] = r.chunks;
   d["staged"] = r.staged;
+  d["threads"] = r.threads;
   return d;
 }
 

@@ -182,20 +182,26 @@ def test_size_classes_are_not_powers_of_two():
 
 SHAPES = [(), (0,), (1,), (7,), (13, 17), (5, 1, 9), (3, 4, 5, 6), (257, 129)]
 CHUNKS = [1, 64, 1000, 4096, 1 << 20]
+# (buffers, threads): one copy thread with two blocks; four copy threads with two blocks
+# each (more threads than this machine may have cores: they then take turns).
+WORKERS = [(2, 1), (8, 4)]
 
 
 @needs_testing_module
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
-def test_to_host_any_layout(shape, chunk, kind):
+@pytest.mark.parametrize(("buffers", "threads"), WORKERS, ids=["1-thread", "4-threads"])
+def test_to_host_any_layout(shape, chunk, kind, buffers, threads):
     rng = np.random.default_rng(zlib.crc32(repr((shape, chunk, kind)).encode()))
     a = random_array(shape, "<f4", rng)
     t = make_tester(delay_us=20)
     out = layout(a, kind)
-    report = t.to_host(dense_bytes(a), out, chunk_bytes=chunk, buffers=2)
+    report = t.to_host(dense_bytes(a), out, chunk_bytes=chunk, buffers=buffers, threads=threads)
     assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(a).tobytes()
-    assert report["staged"] and report["chunks"] == len(C.plan_chunks(list(shape), 4, chunk))
+    chunks = len(C.plan_chunks(list(shape), 4, chunk))
+    assert report["staged"] and report["chunks"] == chunks
+    assert report["threads"] == max(1, min(threads, buffers // 2, chunks))
     assert t.stats()["bytes_in_use"] == 0
 
 
@@ -229,14 +235,15 @@ def test_to_host_swaps_bytes(dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("kind", ["C", "F", "holes", "reversed"])
-def test_to_device_any_layout(shape, chunk, kind):
+@pytest.mark.parametrize(("buffers", "threads"), WORKERS, ids=["1-thread", "4-threads"])
+def test_to_device_any_layout(shape, chunk, kind, buffers, threads):
     rng = np.random.default_rng(zlib.crc32(repr((shape, chunk, kind, 1)).encode()))
     a = random_array(shape, "<f8", rng)
     src = layout(a, kind)
     src[...] = a
     device = np.full(max(a.nbytes, 1), POISON, np.uint8)
     t = make_tester(delay_us=20)
-    t.to_device(src, device, chunk_bytes=chunk, buffers=2)
+    t.to_device(src, device, chunk_bytes=chunk, buffers=buffers, threads=threads)
     t.drain()
     assert device[: a.nbytes].tobytes() == np.ascontiguousarray(a).tobytes()
     assert t.stats()["bytes_in_use"] == 0
@@ -397,16 +404,18 @@ def test_bad_arguments_raise_before_copying():
 @needs_testing_module
 @pytest.mark.parametrize("direction", ["to_host", "to_device"])
 @pytest.mark.parametrize("fail_at", [0, 1, 5])
-def test_failed_copy_raises_and_leaves_the_pool_usable(direction, fail_at):
+@pytest.mark.parametrize(("buffers", "threads"), [(3, 1), (6, 3)], ids=["1-thread", "3-threads"])
+def test_failed_copy_raises_and_leaves_the_pool_usable(direction, fail_at, buffers, threads):
     rng = np.random.default_rng(fail_at)
     a = random_array((40, 100), "<f8", rng)  # 32000 bytes: eight 4 KiB chunks
     t = make_tester(delay_us=20, fail_copy_after=fail_at)
     device = dense_bytes(a)
+    kw = {"chunk_bytes": 4096, "buffers": buffers, "threads": threads}
     with pytest.raises(RuntimeError, match="injected copy failure"):
         if direction == "to_host":
-            t.to_host(device, layout(a, "C"), chunk_bytes=4096, buffers=3)
+            t.to_host(device, layout(a, "C"), **kw)
         else:
-            t.to_device(a, np.zeros(a.nbytes, np.uint8), chunk_bytes=4096, buffers=3)
+            t.to_device(a, np.zeros(a.nbytes, np.uint8), **kw)
     t.drain()
     s = t.stats()
     assert s["bytes_in_use"] == 0  # every block went back (or was discarded)

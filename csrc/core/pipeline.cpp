@@ -1,12 +1,18 @@
 #include "core/pipeline.h"
 
 #include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 
 #include "core/strided_copy.h"
+#include "core/thread_pool.h"
 
 namespace tb {
 namespace {
@@ -73,11 +79,14 @@ ChunkViews chunk_views(const HostView& v, const Chunk& c) {
   return cv;
 }
 
+// One chunk's host copy. `parallel`: split it across the thread pool (when a single
+// copy thread runs); several copy threads each copy their own chunk on their own core.
 void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
                const std::vector<int64_t>& ss, const std::vector<int64_t>& shape, int64_t itemsize,
-               int swap_unit) {
+               int swap_unit, bool parallel = true) {
   CopyOptions opt;
   opt.swap_unit = swap_unit;
+  if (!parallel) opt.min_parallel_bytes = INT64_MAX;
   if (!strided_copy({dst, ds.data()}, {const_cast<char*>(src), ss.data()}, shape.data(),
                     static_cast<int>(shape.size()), itemsize, opt))
     throw std::invalid_argument("transfer: unsupported itemsize or byte-swap unit");
@@ -86,10 +95,11 @@ void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
 // Host to device, one chunk: waits until block b's previous DMA has read it, copies chunk
 // c of `v` into it densely, queues the DMA to `device_dst` and records b's event.
 void stage_to_device(TransferEngine& engine, PinnedBlock& b, const HostView& v, const Chunk& c,
-                     char* device_dst, StreamHandle stream, int swap_unit) {
+                     char* device_dst, StreamHandle stream, int swap_unit, bool parallel = true) {
   b.event.wait();
   const ChunkViews cv = chunk_views(v, c);
-  host_copy(b.data(), cv.dense_strides, cv.host, cv.host_strides, cv.shape, v.itemsize, swap_unit);
+  host_copy(b.data(), cv.dense_strides, cv.host, cv.host_strides, cv.shape, v.itemsize, swap_unit,
+            parallel);
   engine.copy_to_device_async(device_dst, b.data(), c.bytes, stream);
   b.event.record(stream);  // (a failure here is settled by the caller)
 }
@@ -126,6 +136,7 @@ class Leases {
     return true;
   }
   PinnedBlock& operator[](size_t i) { return *blocks_[i % blocks_.size()]; }
+  PinnedBlock& at(size_t i) { return *blocks_.at(i); }
 
  private:
   PinnedPool& pool_;
@@ -218,7 +229,6 @@ namespace {
 struct TransferPlan {
   HostView view;  // at least 1-d
   std::vector<Chunk> chunks;
-  int blocks = 0;
   size_t block_bytes = 0;
   size_t total = 0;
 };
@@ -228,11 +238,76 @@ TransferPlan plan_transfer(const HostView& v, const PipelineOptions& options) {
   p.view = at_least_1d(v);
   p.chunks = plan_chunks(p.view.shape, p.view.itemsize, options.chunk_bytes);
   if (p.chunks.empty()) return p;
-  p.blocks = std::min<int>(std::max(2, options.buffers), static_cast<int>(p.chunks.size()));
   p.block_bytes = largest_chunk(p.chunks);
   p.total = p.chunks.back().offset + p.chunks.back().bytes;
   return p;
 }
+}  // namespace
+
+namespace {
+// Which copy thread moves which chunk through which staging block. Chunk i belongs to
+// worker i % workers, as that worker's (i / workers)-th chunk; a worker cycles through
+// its own blocks, so a block is only ever waited on, filled and queued by one thread.
+class WorkerPlan {
+ public:
+  WorkerPlan(size_t chunks, int buffers, int threads) : chunks_(chunks) {
+    const size_t by_buffers = static_cast<size_t>(std::max(1, buffers / 2));
+    workers_ = std::max<size_t>(1, std::min({static_cast<size_t>(threads), by_buffers, chunks}));
+    per_worker_ = std::max<size_t>(2, static_cast<size_t>(std::max(2, buffers)) / workers_);
+    first_block_.resize(workers_ + 1, 0);
+    for (size_t w = 0; w < workers_; ++w)
+      first_block_[w + 1] = first_block_[w] + std::min(per_worker_, count(w));
+  }
+  size_t workers() const { return workers_; }
+  size_t blocks() const { return first_block_.back(); }
+  /// Chunks of worker w, and the index of its j-th one.
+  size_t count(size_t w) const { return (chunks_ - w + workers_ - 1) / workers_; }
+  size_t chunk(size_t w, size_t j) const { return w + j * workers_; }
+  /// The staging block of worker w's j-th chunk, and how many chunks ahead it comes back.
+  size_t block(size_t w, size_t j) const {
+    return first_block_[w] + j % (first_block_[w + 1] - first_block_[w]);
+  }
+  size_t cycle(size_t w) const { return first_block_[w + 1] - first_block_[w]; }
+
+ private:
+  size_t chunks_;
+  size_t workers_ = 1, per_worker_ = 2;
+  std::vector<size_t> first_block_;
+};
+
+int copy_threads(const PipelineOptions& options) {
+  return options.threads > 0 ? options.threads : get_num_threads();
+}
+
+// Runs worker(w) for every worker on the thread pool (the caller is one of them). The
+// first exception is kept and raised here once every worker has stopped; the others
+// see failed() and stop at their next chunk.
+class Workers {
+ public:
+  template <class Fn>
+  void run(size_t n, Fn&& worker) {
+    if (n == 1) {
+      worker(size_t{0});
+      return;
+    }
+    parallel_for(static_cast<int64_t>(n), [&](int64_t w) {
+      try {
+        worker(static_cast<size_t>(w));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(m_);
+        if (!error_) error_ = std::current_exception();
+        failed_.store(true, std::memory_order_relaxed);
+      }
+    });
+    if (error_) std::rethrow_exception(error_);
+  }
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
+
+ private:
+  std::mutex m_;
+  std::exception_ptr error_;
+  std::atomic<bool> failed_{false};
+};
 }  // namespace
 
 PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
@@ -246,8 +321,9 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
   if (chunks.empty()) return report;
   const char* src = static_cast<const char*>(device_src);
 
+  const WorkerPlan work(chunks.size(), options.buffers, copy_threads(options));
   Leases blocks(pool);
-  if (!blocks.acquire(plan.blocks, plan.block_bytes)) {
+  if (!blocks.acquire(static_cast<int>(work.blocks()), plan.block_bytes)) {
     report.staged = false;
     const size_t total = plan.total;
     Pageable pg(dst, total, options.swap_unit);
@@ -257,26 +333,32 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
                 options.swap_unit);
     return report;
   }
+  report.threads = work.workers();
 
-  // Chunk i goes through block i % blocks. Queue the DMA of chunk i, then empty chunk
-  // i-(blocks-1) on the host while it runs; a block is refilled only after it was emptied.
-  const size_t n = chunks.size();
-  const size_t lag = static_cast<size_t>(plan.blocks - 1);
-  auto drain = [&](size_t j) {
-    PinnedBlock& b = blocks[j];
-    b.event.wait();
-    const ChunkViews cv = chunk_views(dst, chunks[j]);
-    host_copy(cv.host, cv.host_strides, b.data(), cv.dense_strides, cv.shape, dst.itemsize,
-              options.swap_unit);
+  // Each copy thread queues the DMAs of its first chunks into its blocks, then empties
+  // each block into `dst` as soon as its DMA is done and refills it with the DMA of its
+  // next chunk: no thread waits for another's chunk.
+  const bool alone = work.workers() == 1;
+  Workers workers;
+  auto queue = [&](size_t w, size_t j) {
+    const Chunk& c = chunks[work.chunk(w, j)];
+    PinnedBlock& b = blocks.at(work.block(w, j));
+    engine.copy_to_host_async(b.data(), src + c.offset, c.bytes, stream);
+    b.event.record(stream);  // (a failure here is settled below)
   };
   try {
-    for (size_t i = 0; i < n; ++i) {
-      PinnedBlock& b = blocks[i];
-      engine.copy_to_host_async(b.data(), src + chunks[i].offset, chunks[i].bytes, stream);
-      b.event.record(stream);  // (a failure here is settled below)
-      if (i >= lag) drain(i - lag);
-    }
-    for (size_t j = n > lag ? n - lag : 0; j < n; ++j) drain(j);
+    workers.run(work.workers(), [&](size_t w) {
+      const size_t n = work.count(w), ahead = work.cycle(w);
+      for (size_t j = 0; j < ahead; ++j) queue(w, j);
+      for (size_t j = 0; j < n && !workers.failed(); ++j) {
+        PinnedBlock& b = blocks.at(work.block(w, j));
+        b.event.wait();
+        const ChunkViews cv = chunk_views(dst, chunks[work.chunk(w, j)]);
+        host_copy(cv.host, cv.host_strides, b.data(), cv.dense_strides, cv.shape, dst.itemsize,
+                  options.swap_unit, alone);
+        if (j + ahead < n) queue(w, j + ahead);
+      }
+    });
   } catch (...) {
     blocks.settle(engine, stream);
     throw;
@@ -295,8 +377,9 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
   if (chunks.empty()) return report;
   char* dst = static_cast<char*>(device_dst);
 
+  const WorkerPlan work(chunks.size(), options.buffers, copy_threads(options));
   Leases blocks(pool);
-  if (!blocks.acquire(plan.blocks, plan.block_bytes)) {
+  if (!blocks.acquire(static_cast<int>(work.blocks()), plan.block_bytes)) {
     report.staged = false;
     const size_t total = plan.total;
     Pageable pg(src, total, options.swap_unit);
@@ -308,15 +391,22 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
                   [&] { engine.copy_to_device_async(dst, pg.dense, total, stream); });
     return report;
   }
+  report.threads = work.workers();
 
+  // Each copy thread fills its blocks in turn, each as soon as the DMA that last read it
+  // is done, and queues the block's DMA itself.
+  const bool alone = work.workers() == 1;
+  Workers workers;
   try {
-    PinnedBlock* last = nullptr;
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      last = &blocks[i];
-      stage_to_device(engine, *last, src, chunks[i], dst + chunks[i].offset, stream,
-                      options.swap_unit);
-    }
-    if (options.wait && last != nullptr) last->event.wait();
+    workers.run(work.workers(), [&](size_t w) {
+      for (size_t j = 0, n = work.count(w); j < n && !workers.failed(); ++j) {
+        const Chunk& c = chunks[work.chunk(w, j)];
+        stage_to_device(engine, blocks.at(work.block(w, j)), src, c, dst + c.offset, stream,
+                        options.swap_unit, alone);
+      }
+    });
+    if (options.wait)
+      for (size_t i = 0; i < work.blocks(); ++i) blocks.at(i).event.wait();
   } catch (...) {
     blocks.settle(engine, stream);
     throw;

@@ -1,12 +1,16 @@
-// Chunked, double-buffered transfers between a strided host array and dense device
-// memory, staged through the pinned pool.
+// Chunked transfers between a strided host array and dense device memory, staged
+// through the pinned pool by several copy threads at once.
 //
-// Device to host: the DMA of chunk i into one staging block overlaps the host copy of
-// chunk i-1 out of another into the user's array (any layout, byte-swapped if asked).
-// Host to device: the host copy of chunk i into a block overlaps the DMA of chunk i-1.
-// A block is rewritten only after the event recorded after its last copy completed.
-// Chunks follow the leading dimensions, so each one is a sub-array (a range of the
-// first dimension that is split, the rest whole) and contiguous on the device side.
+// The chunks are dealt round-robin to copy threads (the caller and the thread pool's
+// workers), each with its own staging blocks (at least two). Device to host: a thread
+// queues the DMAs of its first chunks, then empties each block into the user's array
+// (any layout, byte-swapped if asked) as soon as its DMA is done and refills it with
+// the DMA of its next chunk. Host to device: a thread fills each of its blocks as soon
+// as the DMA that last read it is done, and queues the block's DMA itself. No thread
+// waits for another's chunk, so the host copies run in parallel with each other and
+// with the DMAs. A block is rewritten only after the event recorded after its last copy
+// completed. Chunks follow the leading dimensions, so each one is a sub-array (a range
+// of the first dimension that is split, the rest whole) and contiguous on the device.
 #pragma once
 
 #include <cstddef>
@@ -28,13 +32,17 @@ struct HostView {
 
 struct PipelineOptions {
   size_t chunk_bytes = size_t{4} << 20;
-  int buffers = 2;    // staging blocks in rotation (at least 2)
+  // Staging blocks in flight, at least two per copy thread: buffers / 2 bounds the
+  // number of copy threads (so does the chunk count), and each thread gets an equal share.
+  int buffers = 2;
+  int threads = 0;    // copy threads at most (0: get_num_threads())
   int swap_unit = 0;  // byte-swap units while copying on the host (0: none)
   bool wait = false;  // copy_to_device: return only once the data is on the device
 };
 
 struct PipelineReport {
   size_t chunks = 0;
+  size_t threads = 1;  // copy threads that ran
   bool staged = true;  // false: the pool had no block, the pageable path was taken
 };
 

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/host_ceiling.h"
 #include "cuda/cuda_engine.h"
 #include "cuda/error.h"
 #include "cuda/runtime.h"
@@ -207,6 +208,11 @@ Event copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t 
     throw;
   }
   return done;
+}
+
+std::vector<double> host_copy_seconds(int d, size_t nbytes, bool to_pinned, int repeats) {
+  DeviceGuard guard(d);
+  return tb::host_copy_seconds(device(d).engine, nbytes, to_pinned, repeats);
 }
 
 #ifdef TB_TESTING

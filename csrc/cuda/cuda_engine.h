@@ -39,6 +39,10 @@ PipelineReport copy_many_to_device(int device, StreamHandle stream,
 /// recorded after it (owned by the caller; neither side may be touched until it is done).
 Event copy_async(int device, StreamHandle stream, void* dst, const void* src, size_t n,
                  bool to_host);
+/// Seconds per copy between pageable memory and the device's page-locked memory with
+/// the thread pool (the host ceiling H; see core/host_ceiling.h).
+std::vector<double> host_copy_seconds(int device, size_t nbytes, bool to_pinned, int repeats);
+
 #ifdef TB_TESTING
 /// Test-only (testing builds): the copy after `after` more succeed fails with a CUDA
 /// error (-1: off).

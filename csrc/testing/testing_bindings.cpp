@@ -38,27 +38,33 @@ class HostTransferTester {
     } catch (...) {  // (an armed fail_next_wait: the pool's destructor frees the blocks,
     }  //  whose copies have all run)
   }
-  py::dict to_host(py::array device, py::array dst, size_t chunk, int buffers, int swap) {
+  py::dict to_host(py::array device, py::array dst, size_t chunk, int buffers, int swap,
+                   int threads) {
     const auto view = host_view(dst, true);
     check_device(device, view);
     const void* src = device.data();
+    auto options = pipeline_options(chunk, buffers, swap);
+    options.threads = threads;
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
-      r = tb::copy_to_host(engine_, pool_, 0, src, view, pipeline_options(chunk, buffers, swap));
+      r = tb::copy_to_host(engine_, pool_, 0, src, view, options);
     }
     return report_dict(r);
   }
-  py::dict to_device(py::array src, py::array device, size_t chunk, int buffers, int swap) {
+  py::dict to_device(py::array src, py::array device, size_t chunk, int buffers, int swap,
+                     int threads) {
     const auto view = host_view(src, false);
     check_device(device, view);
     void* dst = device.mutable_data();
     // The queued copies write into `device` later: hold it until drain().
     pending_.push_back(device);
+    auto options = pipeline_options(chunk, buffers, swap);
+    options.threads = threads;
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
-      r = tb::copy_to_device(engine_, pool_, 0, view, dst, pipeline_options(chunk, buffers, swap));
+      r = tb::copy_to_device(engine_, pool_, 0, view, dst, options);
     }
     return report_dict(r);
   }
@@ -173,9 +179,11 @@ PYBIND11_MODULE(_C_testing, m) {
            py::arg("fail_pinning_after") = -1, py::arg("budget") = size_t{1} << 30,
            py::arg("fail_copy_after") = -1)
       .def("to_host", &HostTransferTester::to_host, py::arg("device"), py::arg("dst"),
-           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0,
+           py::arg("threads") = 0)
       .def("to_device", &HostTransferTester::to_device, py::arg("src"), py::arg("device"),
-           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0)
+           py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("swap_unit") = 0,
+           py::arg("threads") = 0)
       .def("to_device_many", &HostTransferTester::to_device_many, py::arg("srcs"),
            py::arg("offsets"), py::arg("device"), py::arg("chunk_bytes") = 0,
            py::arg("buffers") = 0)

@@ -20,6 +20,7 @@ class HostTransferTester:
         chunk_bytes: int = 0,
         buffers: int = 0,
         swap_unit: int = 0,
+        threads: int = 0,
     ) -> dict[str, Any]: ...
     def to_device(
         self,
@@ -28,6 +29,7 @@ class HostTransferTester:
         chunk_bytes: int = 0,
         buffers: int = 0,
         swap_unit: int = 0,
+        threads: int = 0,
     ) -> dict[str, Any]: ...
     def to_device_many(
         self,

@@ -23,16 +23,33 @@ from . import _backend, _dtypes
 from ._copy import swap_unit
 from ._handle import Transfer
 
-# Chunk size (the largest: a transfer of under 8 chunks uses smaller ones, down to
-# 4 MiB) and the number of staging buffers in flight. From the bench-tune sweep on an
-# H100 (benchmarks/results/*-tune-*-sweep2.*): 8 MiB x 6 was best or near it from 64 MiB
-# up in both directions; at 16 MiB, 4 MiB chunks were.
-_options = {"chunk_bytes": 8 << 20, "buffers": 6}
-_MIN_AUTO_CHUNK = 4 << 20
+# The staged pipeline's knobs: the largest chunk and the staging blocks in flight (at
+# least two per copy thread, so `buffers` also bounds the copy threads). The old
+# one-thread pipeline's H100 sweep (benchmarks/results/*-tune-*-sweep2.*) found 8 MiB
+# chunks best from 64 MiB up; the copy threads need two blocks each, hence 16.
+_options = {"chunk_bytes": 8 << 20, "buffers": 16}
+_MIN_AUTO_CHUNK = 1 << 20
+_BYTES_PER_THREAD = 2 << 20
+
+
+def staging_plan(nbytes: int, threads: int | None = None) -> tuple[int, int]:
+    """(chunk_bytes, buffers) for a staged transfer of nbytes: the one place that sizes it.
+
+    As many copy threads as the transfer has 2 MiB shares for (up to the engine's threads
+    and ``buffers / 2``), each with at least two chunks so its host copy overlaps its own
+    DMAs; chunks between 1 MiB and ``chunk_bytes``. Small transfers get small chunks, so
+    the first chunk's host copy and the last one's DMA (the parts nothing overlaps) stay
+    short.
+    """
+    if threads is None:
+        threads = _backend.get_num_threads()
+    workers = max(1, min(threads, _options["buffers"] // 2, nbytes // _BYTES_PER_THREAD))
+    chunk = min(_options["chunk_bytes"], max(_MIN_AUTO_CHUNK, nbytes // (2 * workers)))
+    return chunk, _options["buffers"]
 
 
 def _chunk_bytes(nbytes: int) -> int:
-    return min(_options["chunk_bytes"], max(_MIN_AUTO_CHUNK, nbytes // 8))
+    return staging_plan(nbytes)[0]
 
 
 @dataclasses.dataclass
@@ -99,9 +116,10 @@ if hasattr(os, "register_at_fork"):
 def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None) -> dict[str, int]:
     """Sets (when given) and returns the pipeline's chunk size and staging buffer count.
 
-    ``chunk_bytes`` is the largest chunk: a transfer of fewer than eight such chunks is
-    cut into smaller ones (not under 4 MiB, nor over ``chunk_bytes``), so it still overlaps
-    the host copy with the DMA.
+    ``chunk_bytes`` is the largest chunk: smaller transfers are cut into smaller ones (not
+    under 1 MiB), two per copy thread at least, so each thread's host copies overlap its
+    DMAs. ``buffers`` is the staging blocks one transfer keeps in flight, two per copy
+    thread, so it also bounds the copy threads (``set_num_threads`` bounds them too).
 
     Example:
         >>> import tensorbridge as tb
@@ -111,7 +129,7 @@ def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None)
     if chunk_bytes is not None:
         _options["chunk_bytes"] = _backend.int_arg(chunk_bytes, "chunk_bytes", 4096, 1 << 40)
     if buffers is not None:
-        _options["buffers"] = _backend.int_arg(buffers, "buffers", 2, 16)
+        _options["buffers"] = _backend.int_arg(buffers, "buffers", 2, 64)
     return dict(_options)
 
 

@@ -1,0 +1,179 @@
+#include "core/sim_link.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+namespace tb {
+
+SimulatedLink::SimulatedLink(LinkModel model) : model_(model) {
+  if (!(model.bandwidth_gbs >= 0) || !(model.latency_us >= 0))
+    throw std::invalid_argument("simulated link: bandwidth and latency must be >= 0");
+  free_at_[0] = free_at_[1] = Clock::now();
+  engines_[0] = std::thread([this] { engine_loop(Kind::kToDevice); });
+  try {
+    engines_[1] = std::thread([this] { engine_loop(Kind::kToHost); });
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    engines_[0].join();
+    throw;
+  }
+}
+
+SimulatedLink::~SimulatedLink() {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : engines_) t.join();
+}
+
+void* SimulatedLink::alloc_pinned(size_t nbytes) {
+  void* p = std::aligned_alloc(4096, std::max<size_t>(1, (nbytes + 4095) / 4096) * 4096);
+  if (p == nullptr) throw std::runtime_error("simulated link: out of memory");
+  return p;
+}
+
+void SimulatedLink::free_pinned(void* ptr) noexcept { std::free(ptr); }
+
+void SimulatedLink::copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) {
+  enqueue(s, Op{Kind::kToHost, static_cast<char*>(host), static_cast<const char*>(device), n});
+}
+
+void SimulatedLink::copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) {
+  enqueue(s, Op{Kind::kToDevice, static_cast<char*>(device), static_cast<const char*>(host), n});
+}
+
+EventHandle SimulatedLink::create_event() {
+  std::lock_guard<std::mutex> lock(m_);
+  const EventHandle e = next_event_++;
+  events_[e] = EventState{};
+  return e;
+}
+
+void SimulatedLink::destroy_event(EventHandle e) noexcept {
+  std::lock_guard<std::mutex> lock(m_);
+  events_.erase(e);
+}
+
+void SimulatedLink::record(EventHandle e, StreamHandle s) {
+  Op op{Kind::kRecord};
+  op.event = e;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    auto it = events_.find(e);
+    if (it == events_.end()) throw std::invalid_argument("simulated link: unknown event");
+    op.generation = ++it->second.recorded;
+  }
+  enqueue(s, op);
+}
+
+bool SimulatedLink::query(EventHandle e) {
+  std::lock_guard<std::mutex> lock(m_);
+  auto it = events_.find(e);
+  if (it == events_.end()) throw std::invalid_argument("simulated link: unknown event");
+  return it->second.completed >= it->second.recorded;
+}
+
+void SimulatedLink::synchronize(EventHandle e) {
+  std::unique_lock<std::mutex> lock(m_);
+  done_cv_.wait(lock, [&] {
+    auto it = events_.find(e);
+    return it == events_.end() || it->second.completed >= it->second.recorded;
+  });
+}
+
+void SimulatedLink::synchronize_stream(StreamHandle s) {
+  std::unique_lock<std::mutex> lock(m_);
+  done_cv_.wait(lock, [&] {
+    auto it = streams_.find(s);
+    return it == streams_.end() || (it->second.ops.empty() && !it->second.running);
+  });
+}
+
+void SimulatedLink::drain() {
+  std::unique_lock<std::mutex> lock(m_);
+  done_cv_.wait(lock, [&] {
+    for (auto& [h, s] : streams_)
+      if (!s.ops.empty() || s.running) return false;
+    return true;
+  });
+}
+
+uint64_t SimulatedLink::bytes_to_device() const {
+  std::lock_guard<std::mutex> lock(m_);
+  return moved_[0];
+}
+
+uint64_t SimulatedLink::bytes_to_host() const {
+  std::lock_guard<std::mutex> lock(m_);
+  return moved_[1];
+}
+
+void SimulatedLink::enqueue(StreamHandle handle, Op op) {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    Stream& s = streams_[handle];
+    s.ops.emplace_back(op, Clock::now());
+    if (!s.running) advance_locked(s);
+  }
+  work_cv_.notify_all();
+  done_cv_.notify_all();
+}
+
+void SimulatedLink::advance_locked(Stream& s) {
+  while (!s.ops.empty() && s.ops.front().first.kind == Kind::kRecord) {
+    const Op& op = s.ops.front().first;
+    auto it = events_.find(op.event);
+    if (it != events_.end() && it->second.completed < op.generation)
+      it->second.completed = op.generation;
+    s.ops.pop_front();
+  }
+}
+
+SimulatedLink::Stream* SimulatedLink::next_for_locked(Kind kind) {
+  for (auto& [h, s] : streams_)
+    if (!s.running && !s.ops.empty() && s.ops.front().first.kind == kind) return &s;
+  return nullptr;
+}
+
+void SimulatedLink::engine_loop(Kind kind) {
+  const int dir = static_cast<int>(kind);
+  const double ns_per_byte = model_.bandwidth_gbs > 0 ? 1.0 / model_.bandwidth_gbs : 0.0;
+  for (;;) {
+    Stream* s = nullptr;
+    Op op;
+    Clock::time_point deadline;
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      work_cv_.wait(lock, [&] { return stop_ || (s = next_for_locked(kind)) != nullptr; });
+      if (s == nullptr) return;  // stop requested; whatever is queued is never run
+      s->running = true;
+      op = s->ops.front().first;
+      const auto start = std::max({s->ops.front().second, free_at_[dir], s->ready});
+      const double ns = model_.latency_us * 1e3 + static_cast<double>(op.n) * ns_per_byte;
+      deadline = start + std::chrono::nanoseconds(static_cast<int64_t>(ns));
+      free_at_[dir] = s->ready = deadline;
+    }
+    if (op.n) std::memcpy(op.dst, op.src, op.n);
+    if (deadline > Clock::now()) std::this_thread::sleep_until(deadline);
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      moved_[dir] += op.n;
+      s->ops.pop_front();
+      s->running = false;
+      advance_locked(*s);
+    }
+    work_cv_.notify_all();
+    done_cv_.notify_all();
+  }
+}
+
+}  // namespace tb
