@@ -63,6 +63,15 @@ def format_report(report: Report, title: str = "tensorbridge CPU benchmark") -> 
         "            p10-p90 in brackets; 'vs best' = median against the fastest baseline",
         "            of the same row group (>1 is faster than it).",
     ]
+    if report.limits:
+        lim = report.limits
+        lines += [
+            "  limits    measured in this run, GB/s: link (page-locked, one copy) "
+            f"P d2h {lim['P_d2h']:.2f}, h2d {lim['P_h2d']:.2f};",
+            "            host copy ceiling with the engine's threads (pageable <-> page-locked) "
+            f"H d2h {lim['H_d2h']:.2f}, h2d {lim['H_h2d']:.2f};",
+            "            'of lim' = GB/s over min(P, H) (pinned rows: over P)",
+        ]
     sections: dict[str, list[Row]] = {}
     for row in report.rows:
         sections.setdefault(row.section, []).append(row)
@@ -75,9 +84,11 @@ def format_report(report: Report, title: str = "tensorbridge CPU benchmark") -> 
 def _table(rows: list[Row]) -> list[str]:
     unit = "us/call" if rows[0].size == 0 else "GB/s"
     with_peak = any(r.peak_gbs for r in rows)
+    # (rows with a memory kind are judged against min(P, H); older ones against P alone)
+    of = "of lim" if any(r.memory for r in rows) else "of P"
     header = (
         f"{'case':<38} {'size':>9}  {'method':<42} {unit:>9} {'p10-p90':>17} {'vs best':>8}"
-        + (f" {'of P':>6}" if with_peak else "")
+        + (f" {of:>6}" if with_peak else "")
     )
     lines = [header, "-" * len(header)]
     groups: dict[tuple[str, int], list[Row]] = {}

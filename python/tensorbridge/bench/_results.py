@@ -2,7 +2,12 @@
 
 The JSON is ``{"machine": {...}, "rows": [{field: value, ...}, ...]}`` with a row's
 fields as in ``Row``; the files under benchmarks/results are in this form and ``load``
-reads them back.
+reads them back. Transfer runs add their limits at the top level (``P_d2h``, ``P_h2d``,
+``H_d2h``, ``H_h2d``, in GB/s), and their transfer rows (those with a ``direction``)
+three derived fields: ``gbs``; ``vs_best_baseline``, the fastest baseline's time over
+this row's among the rows of the same section, direction, memory and size (None for
+baselines); and ``of_limit``, ``gbs`` over the limit the row is judged against
+(``peak_gbs``: min(P, H) for pageable and simulated rows, P for pinned ones).
 """
 
 from __future__ import annotations
@@ -16,10 +21,37 @@ from typing import Any
 from ._rows import Report, Row
 
 
-def write_json(path: str, machine: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
-    """Writes ``{"machine": machine, "rows": rows}`` to path (one-space indent, as always)."""
+def write_json(
+    path: str,
+    machine: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    limits: Mapping[str, float] | None = None,
+) -> None:
+    """Writes ``{"machine": machine, **limits, "rows": rows}`` to path (one-space indent)."""
     with open(path, "w") as f:
-        json.dump({"machine": dict(machine), "rows": list(rows)}, f, indent=1)
+        json.dump({"machine": dict(machine), **(limits or {}), "rows": list(rows)}, f, indent=1)
+
+
+def row_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The rows as JSON objects, transfer rows with gbs, vs_best_baseline and of_limit."""
+
+    def key(r: Row) -> tuple[str, str | None, str | None, int]:
+        return (r.section, r.direction, r.memory, r.size)
+
+    best: dict[tuple[str, str | None, str | None, int], float] = {}
+    for r in rows:
+        if r.baseline and r.direction is not None:
+            best[key(r)] = min(best.get(key(r), r.median_s), r.median_s)
+    records = []
+    for r in rows:
+        d = dataclasses.asdict(r)
+        if r.direction is not None and r.size:
+            d["gbs"] = r.value()
+            fastest = best.get(key(r))
+            d["vs_best_baseline"] = None if r.baseline or fastest is None else fastest / r.median_s
+            d["of_limit"] = r.value() / r.peak_gbs if r.peak_gbs else None
+        records.append(d)
+    return records
 
 
 def save(report: Report, text: str, directory: str, basename: str) -> str:
@@ -36,7 +68,7 @@ def save(report: Report, text: str, directory: str, basename: str) -> str:
         base = os.path.join(directory, f"{basename}-{n}")
     with open(base + ".txt", "w") as f:
         f.write(text + "\n")
-    write_json(base + ".json", report.machine, [dataclasses.asdict(r) for r in report.rows])
+    write_json(base + ".json", report.machine, row_records(report.rows), report.limits)
     return base
 
 
@@ -48,4 +80,5 @@ def load(path: str) -> Report:
     with open(path) as f:
         data = json.load(f)
     rows = [Row(**{k: row[k] for k in _ROW_FIELDS if k in row}) for row in data["rows"]]
-    return Report(data["machine"], rows)
+    limits = {k: v for k, v in data.items() if k not in ("machine", "rows")}
+    return Report(data["machine"], rows, limits)

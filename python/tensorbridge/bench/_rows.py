@@ -23,7 +23,10 @@ class Row:
     p10_s: float
     p90_s: float
     samples: int
-    peak_gbs: float | None = None  # the pinned peak P this row is compared with (GPU rows)
+    peak_gbs: float | None = None  # the limit this row is judged against (GB/s), if any
+    direction: str | None = None  # transfer rows: "d2h", "h2d" or "both"
+    memory: str | None = None  # transfer rows: "pinned", "pageable-reused", "pageable-fresh",
+    # "simulated"
 
     def value(self) -> float:
         """GB/s for copies, microseconds per call for overhead rows."""
@@ -36,6 +39,10 @@ class Report:
 
     machine: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
+    #: The run's limits in GB/s, measured in the same run: P_d2h and P_h2d (the link's
+    #: page-locked rate each way), H_d2h and H_h2d (the host's pageable<->page-locked
+    #: copy ceiling with the engine's threads); empty for runs without transfers.
+    limits: dict[str, float] = field(default_factory=dict)
 
 
 def fmt_size(n: int) -> str:

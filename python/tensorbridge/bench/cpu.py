@@ -20,14 +20,16 @@ import torch
 
 from .. import _backend
 from .._convert import from_numpy, to_numpy
-from . import loader
+from . import link, loader
 from ._report import format_report, machine
 from ._results import save
 from ._rows import KiB, MiB, Report, fmt_size, parse_size, slug
 from ._runner import Method, Runner, buffers_to_rotate
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
-SECTIONS = ("overhead", "out", "refused", "batch", "loader")
+SECTIONS = ("overhead", "out", "refused", "batch", "loader", "link")
+#: What runs without --sections: all but the simulated link (opt in: --sections link).
+DEFAULT_SECTIONS = SECTIONS[:-1]
 
 
 def bench_overhead(r: Runner) -> None:
@@ -160,9 +162,11 @@ def bench_refused(r: Runner, nbytes: int) -> None:
 def run(
     sizes: Sequence[int] = DEFAULT_SIZES,
     repeats: int = 15,
-    sections: Sequence[str] = SECTIONS,
+    sections: Sequence[str] = DEFAULT_SECTIONS,
     refused_size: int = 16 * MiB,
     progress: bool = True,
+    link_gbs: float = link.DEFAULT_LINK_GBS,
+    link_latency_us: float = link.DEFAULT_LATENCY_US,
 ) -> Report:
     """Runs the chosen sections and returns the rows and the machine description."""
     report = Report(machine())
@@ -177,6 +181,10 @@ def run(
         loader.bench_batches(r)
     if "loader" in sections:
         loader.bench_loader(r)
+    if "link" in sections:
+        limits = link.bench_link(r, sizes, link_gbs, link_latency_us)
+        if limits:
+            report.limits = limits
     report.rows = r.rows
     return report
 
@@ -234,7 +242,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="copy sizes for the out= section (default: 4K 64K 1M 4M 16M 64M 256M)",
     )
     p.add_argument("--repeats", type=int, default=15, help="samples per method (default 15)")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(DEFAULT_SECTIONS),
+        choices=SECTIONS,
+        help="default: all but link (the pipeline over a simulated link, by --link-gbs)",
+    )
+    p.add_argument(
+        "--link-gbs",
+        type=float,
+        default=link.DEFAULT_LINK_GBS,
+        help=f"the simulated link's bandwidth each way (default {link.DEFAULT_LINK_GBS:g} GB/s)",
+    )
+    p.add_argument(
+        "--link-latency-us",
+        type=float,
+        default=link.DEFAULT_LATENCY_US,
+        help=f"the simulated link's per-copy latency (default {link.DEFAULT_LATENCY_US:g} us)",
+    )
     p.add_argument(
         "--refused-size",
         type=parse_size,
@@ -262,8 +288,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         _backend.set_num_threads(args.threads)
 
-    report = run(args.sizes, args.repeats, args.sections, args.refused_size, not args.quiet)
+    if not args.link_gbs > 0 or not args.link_latency_us >= 0:
+        p.error("--link-gbs must be positive and --link-latency-us at least 0")
+    report = run(
+        args.sizes,
+        args.repeats,
+        args.sections,
+        args.refused_size,
+        not args.quiet,
+        args.link_gbs,
+        args.link_latency_us,
+    )
     text = format_report(report)
+    line = link.summary(report)
+    if line:
+        text += "\n\n" + line
     print(text)
     if args.save:
         base = save(report, text, args.save, result_basename(report))
