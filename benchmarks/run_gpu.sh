@@ -38,9 +38,12 @@ run() {
     --junitxml="$logs/$stamp-gpu-tests.xml" tests
   local tests=$?
 
-  echo "== GPU benchmark"
+  echo "== GPU benchmark (P and H measured in the same run)"
   "$py" -m tensorbridge bench-gpu --save "$out" --plot "$out/$stamp-gpu-bench.png"
   local bench=$?
+
+  echo "== the pipeline over a simulated link on this host's cores"
+  "$py" -m tensorbridge bench --sections link --quiet --save "$out" || bench=1
 
   echo "== exit codes: tests $tests, benchmark $bench"
   [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -128,8 +128,20 @@ def test_staging_plan_gives_each_copy_thread_two_chunks(nbytes, threads):
 
 def test_row_records_derive_the_contract_fields_from_the_rows():
     def row(method, baseline, median_s, memory="pageable-fresh", direction="d2h", size=MiB):
-        return Row("s", "c", size, method, baseline, median_s, median_s, median_s, 3, 2.0,
-                   direction, memory)  # fmt: skip
+        return Row(
+            "s",
+            "c",
+            size,
+            method,
+            baseline,
+            median_s,
+            median_s,
+            median_s,
+            3,
+            2.0,
+            direction,
+            memory,
+        )
 
     rows = [
         row("torch a", True, 2e-3),
@@ -147,9 +159,21 @@ def test_row_records_derive_the_contract_fields_from_the_rows():
 
 def test_bench_link_saves_the_contract(tmp_path: Path, capsys):
     status = cpu.main(
-        ["--sections", "link", "--sizes", "1M", "16M", "--repeats", "2", "--quiet",
-         "--link-gbs", "4", "--save", str(tmp_path)]
-    )  # fmt: skip
+        [
+            "--sections",
+            "link",
+            "--sizes",
+            "1M",
+            "16M",
+            "--repeats",
+            "2",
+            "--quiet",
+            "--link-gbs",
+            "4",
+            "--save",
+            str(tmp_path),
+        ]
+    )
     assert status == 0
     text = capsys.readouterr().out
     assert "simulated link" in text and "of lim" in text and "link: the pipeline reached" in text
@@ -177,3 +201,45 @@ def test_bench_link_refuses_a_bad_link(capsys):
     with pytest.raises(SystemExit):
         cpu.main(["--sections", "link", "--link-gbs", "0"])
     assert "--link-gbs must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("memory", ["pinned", "pageable-reused", "pageable-fresh"])
+def test_gpu_rows_are_judged_against_p_or_min_p_h(memory):
+    from tensorbridge.bench.gpu import Limits
+
+    lim = Limits(P_d2h=50.0, P_h2d=40.0, H_d2h=30.0, H_h2d=60.0)
+    pinned = memory == "pinned"
+    assert lim.of("d2h", memory) == (50.0 if pinned else 30.0)
+    assert lim.of("h2d", memory) == 40.0
+    assert lim.of("both", memory) == lim.of("d2h", memory) + lim.of("h2d", memory)
+
+
+def test_gpu_plot_draws_transfer_rows_and_limits(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    from tensorbridge.bench._rows import Report
+    from tensorbridge.bench.gpu import plot
+
+    rows = [
+        Row(
+            sec,
+            "c",
+            size,
+            method,
+            method.startswith("torch"),
+            size / 10e9,
+            size / 11e9,
+            size / 9e9,
+            3,
+            10.0,
+            d,
+            "pageable-reused",
+        )
+        for sec, d in (("device -> host, float32", "d2h"), ("host -> device, float32", "h2d"))
+        for size in (MiB, 16 * MiB)
+        for method in ("torch idiom", "tb method")
+    ]
+    limits = {"P_d2h": 50.0, "P_h2d": 40.0, "H_d2h": 30.0, "H_h2d": 60.0}
+    machine = {"gpu": "a GPU", "pcie": "gen 5 x16", "cpu": "a CPU"}
+    path = tmp_path / "plot.png"
+    plot(Report(machine, rows, limits), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

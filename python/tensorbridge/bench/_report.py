@@ -70,7 +70,8 @@ def format_report(report: Report, title: str = "tensorbridge CPU benchmark") -> 
             f"P d2h {lim['P_d2h']:.2f}, h2d {lim['P_h2d']:.2f};",
             "            host copy ceiling with the engine's threads (pageable <-> page-locked) "
             f"H d2h {lim['H_d2h']:.2f}, h2d {lim['H_h2d']:.2f};",
-            "            'of lim' = GB/s over min(P, H) (pinned rows: over P)",
+            "            'of lim' = GB/s over min(P, H) (pinned rows: over P); 'vs best' compares",
+            "            rows moving the same kind of memory (pinned, pageable reused or fresh)",
         ]
     sections: dict[str, list[Row]] = {}
     for row in report.rows:
@@ -95,8 +96,13 @@ def _table(rows: list[Row]) -> list[str]:
     for row in rows:
         groups.setdefault((row.case, row.size), []).append(row)
     for (case, size), grp in groups.items():
-        best = min((g.median_s for g in grp if g.baseline), default=None)
+        # the fastest baseline moving the same kind of memory (all rows, for older results)
+        best_of = {
+            mem: min((g.median_s for g in grp if g.baseline and g.memory == mem), default=None)
+            for mem in {g.memory for g in grp}
+        }
         for j, g in enumerate(grp):
+            best = best_of[g.memory]
             if size:
                 lo, hi = size / g.p90_s / 1e9, size / g.p10_s / 1e9
                 val = f"{g.value():9.2f}"

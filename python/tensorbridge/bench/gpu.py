@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ from .._loader import images_to_tensor
 from ._report import format_report, machine
 from ._results import save
 from ._rows import GiB, KiB, MiB, Report, parse_size, slug
-from ._runner import Method, Runner, buffers_to_rotate, measure_group
+from ._runner import Call, Method, Runner, buffers_to_rotate, measure_group
 from .loader import bench_loader
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB]
@@ -84,34 +86,108 @@ def pinned_peak(repeats: int, nbytes: int = 256 * MiB) -> tuple[float, float]:
     return nbytes / d2h[0] / 1e9, nbytes / h2d[0] / 1e9
 
 
+@dataclasses.dataclass
+class Limits:
+    """The run's limits in GB/s: P (the pinned peak) and H (the host copy ceiling) each way."""
+
+    P_d2h: float
+    P_h2d: float
+    H_d2h: float
+    H_h2d: float
+
+    def of(self, direction: str, memory: str) -> float:
+        """The limit a row is judged against: P for pinned memory, min(P, H) for pageable;
+        both directions at once: the sum of the two directions' limits."""
+        if direction == "both":
+            return self.of("d2h", memory) + self.of("h2d", memory)
+        p = self.P_d2h if direction == "d2h" else self.P_h2d
+        h = self.H_d2h if direction == "d2h" else self.H_h2d
+        return p if memory == PINNED else min(p, h)
+
+
+def host_ceiling(repeats: int, nbytes: int = 256 * MiB) -> tuple[float, float]:
+    """(H device->host, H host->device) in GB/s: the copy between page-locked and pageable
+    memory that staging does on the host, 256 MiB, with the engine's threads (torch's
+    threads on the fallback path)."""
+    if _backend.ENGINE.cuda_engine:
+        C = _backend.ENGINE.core
+        index = torch.cuda.current_device()
+        d2h = statistics.median(C.cuda_host_ceiling(index, nbytes, False, repeats))
+        h2d = statistics.median(C.cuda_host_ceiling(index, nbytes, True, repeats))
+        return nbytes / d2h / 1e9, nbytes / h2d / 1e9
+    pinned = torch.ones(nbytes, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.ones(nbytes, dtype=torch.uint8)
+    d2h_s, h2d_s = measure_group(
+        [lambda i: pageable.copy_(pinned), lambda i: pinned.copy_(pageable)], repeats
+    )
+    return nbytes / d2h_s[0] / 1e9, nbytes / h2d_s[0] / 1e9
+
+
+#: Memory kinds of transfer rows: the limit a row is judged against follows from it.
+PINNED, REUSED, FRESH = "pinned", "pageable-reused", "pageable-fresh"
+#: A measured method with the memory it moves from or into.
+TransferMethod = tuple[str, bool, Call, str]
+
+
+def _group(
+    r: Runner,
+    section: str,
+    case: str,
+    nbytes: int,
+    methods: Sequence[TransferMethod],
+    direction: str,
+    limits: Limits,
+) -> None:
+    """Measures one row group and tags its rows with direction, memory and their limit."""
+    r.group(section, case, nbytes, [(name, base, fn) for name, base, fn, _ in methods])
+    for row, (_, _, _, memory) in zip(r.rows[-len(methods) :], methods, strict=True):
+        row.direction = direction
+        row.memory = memory
+        row.peak_gbs = limits.of(direction, memory)
+
+
 def _d2h_methods(
     ts: list[torch.Tensor], out: np.ndarray, pinned_t: torch.Tensor, pinned_out: np.ndarray
-) -> list[Method]:
+) -> list[TransferMethod]:
     k = len(ts)
     return [
-        ("t.cpu().numpy()", True, lambda i: ts[i % k].cpu().numpy()),
+        ("t.cpu().numpy()", True, lambda i: ts[i % k].cpu().numpy(), FRESH),
+        ("tb.to_numpy(t)", False, lambda i: to_numpy(ts[i % k]), FRESH),
         (
             "np.copyto(out, t.cpu().numpy())",
             True,
             lambda i: np.copyto(out, ts[i % k].cpu().numpy()),
+            REUSED,
         ),
-        ("torch.from_numpy(out).copy_(t)", True, lambda i: torch.from_numpy(out).copy_(ts[i % k])),
+        (
+            "torch.from_numpy(out).copy_(t)",
+            True,
+            lambda i: torch.from_numpy(out).copy_(ts[i % k]),
+            REUSED,
+        ),
+        (
+            "tb.to_numpy(t, out=out)  [pageable]",
+            False,
+            lambda i: to_numpy(ts[i % k], out=out),
+            REUSED,
+        ),
         (
             "pinned.copy_(t, non_blocking=True); sync",
             True,
             lambda i: synced(pinned_t.copy_(ts[i % k], non_blocking=True)),
+            PINNED,
         ),
-        ("tb.to_numpy(t, out=out)  [pageable]", False, lambda i: to_numpy(ts[i % k], out=out)),
         (
             "tb.to_numpy(t, out=out)  [pinned out]",
             False,
             lambda i: to_numpy(ts[i % k], out=pinned_out),
+            PINNED,
         ),
     ]
 
 
-def bench_d2h(r: Runner, sizes: Sequence[int], peak: float) -> None:
-    """Device to host into a preallocated array, pageable and pinned."""
+def bench_d2h(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
+    """Device to host: into a fresh array, a reused pageable array and a pinned one."""
     for nbytes in sizes:
         n = nbytes // 4
         ts = [torch.rand(n, device="cuda") for _ in range(buffers_to_rotate(nbytes, 256 * MiB))]
@@ -119,39 +195,47 @@ def bench_d2h(r: Runner, sizes: Sequence[int], peak: float) -> None:
         pinned_out = _pinned.empty_pinned((n,), np.float32)
         pinned_out.fill(1)
         methods = _d2h_methods(ts, out, torch.ones(n, pin_memory=True), pinned_out)
-        r.group(
-            "device -> host, float32", "into a preallocated array", nbytes, methods, peak_gbs=peak
-        )
+        _group(r, "device -> host, float32", "to an array", nbytes, methods, "d2h", limits)
 
 
-def _h2d_methods(arrs: list[np.ndarray], pinned_a: np.ndarray) -> list[Method]:
+def _h2d_methods(arrs: list[np.ndarray], pinned_a: np.ndarray) -> list[TransferMethod]:
     k = len(arrs)
     return [
         (
             "torch.from_numpy(a).cuda()",
             True,
             lambda i: synced(torch.from_numpy(arrs[i % k]).cuda()),
+            REUSED,
         ),
         (
             "torch.from_numpy(a).pin_memory().cuda(non_blocking=True)",
             True,
             lambda i: synced(torch.from_numpy(arrs[i % k]).pin_memory().cuda(non_blocking=True)),
+            REUSED,
         ),
         (
             "tb.to_tensor(a, 'cuda')  [pageable]",
             False,
             lambda i: synced(to_tensor(arrs[i % k], "cuda")),
+            REUSED,
+        ),
+        (
+            "torch.from_numpy(a).cuda(non_blocking=True)  [pinned a]",
+            True,
+            lambda i: synced(torch.from_numpy(pinned_a).cuda(non_blocking=True)),
+            PINNED,
         ),
         (
             "tb.to_tensor(a, 'cuda')  [pinned a]",
             False,
             lambda i: synced(to_tensor(pinned_a, "cuda")),
+            PINNED,
         ),
     ]
 
 
-def bench_h2d(r: Runner, sizes: Sequence[int], peak: float) -> None:
-    """Host to device from an array, pageable and pinned."""
+def bench_h2d(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
+    """Host to device from an array: pageable (the same arrays coming back) and pinned."""
     for nbytes in sizes:
         n = nbytes // 4
         arrs = [
@@ -160,18 +244,13 @@ def bench_h2d(r: Runner, sizes: Sequence[int], peak: float) -> None:
         ]
         pinned_a = _pinned.empty_pinned((n,), np.float32)
         pinned_a[:] = arrs[0]
-        r.group(
-            "host -> device, float32",
-            "from an array",
-            nbytes,
-            _h2d_methods(arrs, pinned_a),
-            peak_gbs=peak,
-        )
+        methods = _h2d_methods(arrs, pinned_a)
+        _group(r, "host -> device, float32", "from an array", nbytes, methods, "h2d", limits)
 
 
 def _both_methods(
     t: torch.Tensor, out: np.ndarray, a: np.ndarray, pool: concurrent.futures.ThreadPoolExecutor
-) -> list[Method]:
+) -> list[TransferMethod]:
     def pair(down: Callable[[], object], up: Callable[[], object]) -> None:
         f1, f2 = pool.submit(down), pool.submit(up)
         f1.result()
@@ -185,16 +264,18 @@ def _both_methods(
             lambda i: pair(
                 lambda: torch.from_numpy(out).copy_(t), lambda: torch.from_numpy(a).cuda()
             ),
+            REUSED,
         ),
         (
             "tb: to_numpy(t, out=out) + to_tensor(a, 'cuda')",
             False,
             lambda i: pair(lambda: to_numpy(t, out=out), lambda: to_tensor(a, "cuda")),
+            REUSED,
         ),
     ]
 
 
-def bench_both(r: Runner, sizes: Sequence[int], peak: float) -> None:
+def bench_both(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
     """Both directions at once, from two threads (a loader uploading while results come back)."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for nbytes in [s for s in sizes if s >= 16 * MiB]:
@@ -205,9 +286,8 @@ def bench_both(r: Runner, sizes: Sequence[int], peak: float) -> None:
                 np.random.rand(n).astype(np.float32),
                 pool,
             )
-            r.group(
-                "both directions at once, float32", "down + up", 2 * nbytes, methods, peak_gbs=peak
-            )
+            section = "both directions at once, float32"
+            _group(r, section, "down + up", 2 * nbytes, methods, "both", limits)
 
 
 def _gpu_batch_methods(arrays: list[np.ndarray]) -> list[Method]:
@@ -292,8 +372,17 @@ def plot(report: Report, path: str) -> None:
             pts = [(row.size, row.value()) for row in rows if row.method == method]
             style = "-" if method.startswith("tb") else "--"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
-        peak = rows[0].peak_gbs
-        if peak:
+        lim = report.limits
+        key = {"device -> host": "d2h", "host -> device": "h2d"}.get(sec.split(",")[0])
+        if lim and key:  # the two limits a transfer row is judged against
+            for name, value, color in (
+                ("P", lim[f"P_{key}"], "gray"),
+                ("H", lim[f"H_{key}"], "C3"),
+            ):
+                ax.axhline(value, color=color, linewidth=0.8, linestyle=":")
+                ax.text(rows[0].size, value, f" {name} = {value:.1f} GB/s", va="bottom", fontsize=8)
+        elif rows[0].peak_gbs:
+            peak = rows[0].peak_gbs
             ax.axhline(peak, color="gray", linewidth=0.8)
             ax.text(rows[0].size, peak, f" P = {peak:.1f} GB/s", va="bottom", fontsize=8)
         ax.set_xscale("log", base=2)
@@ -328,13 +417,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.machine["engine"] = "compiled CUDA engine" if engine else "torch fallback"
     r = Runner(args.repeats, not args.quiet)
     p_d2h, p_h2d = pinned_peak(args.repeats)
+    h_d2h, h_h2d = host_ceiling(args.repeats)
+    limits = Limits(p_d2h, p_h2d, h_d2h, h_h2d)
+    report.limits = dataclasses.asdict(limits)
     report.machine["pinned_peak_gbs"] = {"d2h": round(p_d2h, 2), "h2d": round(p_h2d, 2)}
     if "d2h" in args.sections:
-        bench_d2h(r, args.sizes, p_d2h)
+        bench_d2h(r, args.sizes, limits)
     if "h2d" in args.sections:
-        bench_h2d(r, args.sizes, p_h2d)
+        bench_h2d(r, args.sizes, limits)
     if "both" in args.sections:
-        bench_both(r, args.sizes, p_d2h + p_h2d)
+        bench_both(r, args.sizes, limits)
     if "batch" in args.sections:
         bench_batches(r, p_h2d)
         bench_loader(r, "cuda", images=1024, batch=64, size=128, workers=4)
@@ -346,9 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             f"GPU {m['gpu']}, driver {m.get('driver')}, PCIe {m.get('pcie')}, torch CUDA "
             f"{m['torch_cuda']}; transfers through the {m['engine']}.",
-            f"P (pinned peak, 256 MiB): device->host {p_d2h:.2f} GB/s, "
-            f"host->device {p_h2d:.2f} GB/s; 'of P' is each row's GB/s over P of its "
-            "direction (both: over the sum).",
+            f"P (pinned peak, 256 MiB): device->host {p_d2h:.2f} GB/s, host->device "
+            f"{p_h2d:.2f} GB/s; H (host copy ceiling, 256 MiB): device->host {h_d2h:.2f} GB/s, "
+            f"host->device {h_h2d:.2f} GB/s. 'of lim' is each transfer row's GB/s over P "
+            "(pinned) or min(P, H) (pageable) of its direction (both: over the sum).",
             f"pinned pool after the run: {_pinned.pinned_stats()}",
         ]
     )
