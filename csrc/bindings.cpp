@@ -218,8 +218,11 @@ class LinkSimulator {
     const py::array& written = to_host ? host : device;
     if (!written.writeable()) throw py::value_error("copy: the destination is read-only");
     const size_t n = static_cast<size_t>(host.nbytes());
-    void* h = host.mutable_data();
-    void* d = device.mutable_data();
+    // (only the destination must be writeable)
+    void* h = const_cast<void*>(host.data());
+    void* d = const_cast<void*>(device.data());
+    if (holds_references(host) || holds_references(device))
+      throw py::type_error("copy: arrays holding Python references cannot be copied as bytes");
     py::gil_scoped_release release;
     tb::Event done(link_);
     if (to_host)

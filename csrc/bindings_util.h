@@ -41,6 +41,12 @@ inline ByteSpan byte_span(const py::array& a) {
 
 inline HostView host_view(const py::array& a, bool writeable) {
   if (writeable && !a.writeable()) throw py::value_error("transfer: the host array is read-only");
+  // Raw bytes of an object array are references: moving them as bytes would free objects
+  // still in use (the Python layer refuses these first; this guards the core itself).
+  if (a.dtype().attr("hasobject").cast<bool>())
+    throw py::type_error(
+        "transfer: arrays holding Python references cannot be moved as bytes; convert them "
+        "to a numeric dtype first");
   HostView v;
   v.data = static_cast<char*>(const_cast<void*>(a.data()));
   v.shape = shape_of(a);

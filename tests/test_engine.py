@@ -11,6 +11,8 @@ copy/event calls differ.
 
 from __future__ import annotations
 
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -424,3 +426,75 @@ def test_failed_copy_raises_and_leaves_the_pool_usable(direction, fail_at, buffe
     assert t.to_host(device, out, chunk_bytes=4096, buffers=3)["staged"]
     assert np.ascontiguousarray(out).tobytes() == a.tobytes()
     assert t.stats()["bytes_in_use"] == 0
+
+
+# ------------------------------------------------------------------------- review findings
+
+
+@needs_testing_module
+def test_drain_waits_only_for_copies_queued_before_it():
+    """Another thread's later copies are not waited for (nor their buffers let go)."""
+    a1, a2 = (np.full(4096, k, np.uint8) for k in (1, 2))
+    dev1, dev2 = (np.full(4096, POISON, np.uint8) for _ in range(2))
+    t = make_tester(delay_us=300_000)  # each copy lands 0.3 s after it starts
+    t.to_device(a1, dev1, chunk_bytes=4096, buffers=2)
+    seen: dict[str, bytes] = {}
+
+    def drain() -> None:
+        t.drain()
+        seen["dev1"], seen["dev2"] = dev1.tobytes(), dev2.tobytes()
+
+    th = threading.Thread(target=drain)
+    th.start()
+    time.sleep(0.05)
+    t.to_device(a2, dev2, chunk_bytes=4096, buffers=2)  # queued while drain() waits
+    th.join()
+    assert seen["dev1"] == a1.tobytes()
+    assert seen["dev2"] == bytes([POISON]) * 4096, "drain() waited for a later copy"
+    t.drain()
+    assert dev2.tobytes() == a2.tobytes()
+
+
+@needs_testing_module
+def test_a_non_contiguous_device_buffer_is_refused():
+    t = make_tester()
+    device = np.zeros(2 * 4096, np.uint8)[::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        t.to_device(np.ones(4096, np.uint8), device)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        t.to_host(device, np.ones(4096, np.uint8))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        t.to_device_many([np.ones(16, np.uint8)], [0], device)
+
+
+@needs_testing_module
+def test_many_to_device_with_elements_larger_than_a_block():
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(0, 256, 3 * 8192, np.uint8).view("V8192") for _ in range(3)]
+    offsets = [0, 3 * 8192, 6 * 8192]
+    device = np.full(9 * 8192, POISON, np.uint8)
+    t = make_tester(delay_us=20)
+    t.to_device_many(arrays, offsets, device, chunk_bytes=4096, buffers=2)
+    t.drain()
+    assert device.tobytes() == b"".join(a.tobytes() for a in arrays)
+
+
+@needs_testing_module
+@pytest.mark.parametrize("direction", ["to_host", "to_device"])
+def test_a_budget_short_of_the_plan_shrinks_it_instead_of_going_pageable(direction):
+    rng = np.random.default_rng(12)
+    a = random_array((64, 1024), "<f4", rng)  # 256 KiB: sixteen 16 KiB chunks
+    t = make_tester(delay_us=20, budget=3 * 16384)  # three blocks, not the sixteen asked
+    kw = {"chunk_bytes": 16384, "buffers": 16, "threads": 8}
+    if direction == "to_host":
+        out = layout(a, "F")
+        report = t.to_host(dense_bytes(a), out, **kw)
+        assert np.ascontiguousarray(out).tobytes() == a.tobytes()
+    else:
+        device = np.full(a.nbytes, POISON, np.uint8)
+        report = t.to_device(a, device, **kw)
+        t.drain()
+        assert device.tobytes() == a.tobytes()
+    assert report["staged"] and report["threads"] == 1  # two or three blocks: one thread
+    s = t.stats()
+    assert s["bytes_held"] <= 3 * 16384 and s["bytes_in_use"] == 0

@@ -109,9 +109,50 @@ def test_bad_arguments_are_refused(call, match):
         call(simulator())
 
 
-def test_a_negative_bandwidth_is_refused():
-    with pytest.raises(ValueError, match=">= 0"):
-        simulator(gbs=-1.0)
+@pytest.mark.parametrize(
+    ("gbs", "latency_us", "match"),
+    [
+        (-1.0, 0.0, "bandwidth_gbs must be 0"),
+        (float("nan"), 0.0, "bandwidth_gbs must be 0"),
+        (float("inf"), 0.0, "bandwidth_gbs must be 0"),
+        (1e-12, 0.0, "bandwidth_gbs must be 0"),  # (a copy would be modeled for years)
+        (1.0, -1.0, "latency_us must be"),
+        (1.0, float("inf"), "latency_us must be"),
+        (1.0, 2e7, "latency_us must be"),
+    ],
+)
+def test_an_impossible_link_is_refused(gbs, latency_us, match):
+    with pytest.raises(ValueError, match=match):
+        simulator(gbs=gbs, latency_us=latency_us)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.to_host(np.zeros(64, np.uint8), np.empty(8, object)),
+        lambda s: s.to_device(np.array([object()] * 8), np.zeros(64, np.uint8)),
+        lambda s: s.copy(np.zeros(64, np.uint8), np.empty(8, object), True),
+    ],
+    ids=["to_host", "to_device", "copy"],
+)
+def test_arrays_of_references_are_refused_before_any_byte_moves(call):
+    with pytest.raises(TypeError, match="Python references"):
+        call(simulator())
+
+
+def test_copy_reads_a_read_only_source():
+    sim = simulator()
+    host = np.arange(64, dtype=np.uint8)
+    host.flags.writeable = False
+    device = np.zeros(64, np.uint8)
+    sim.copy(device, host, False)
+    assert device.tobytes() == host.tobytes()
+    device.flags.writeable = False
+    out = np.zeros(64, np.uint8)
+    sim.copy(device, out, True)
+    assert out.tobytes() == host.tobytes()
+    with pytest.raises(ValueError, match="read-only"):
+        sim.copy(device, out, False)  # the destination, though, must be writeable
 
 
 @pytest.mark.parametrize("nbytes", [1, 64 << 10, 1 * MiB, 4 * MiB, 16 * MiB, 1 << 30, 1 << 36])
@@ -201,6 +242,8 @@ def test_bench_link_refuses_a_bad_link(capsys):
     with pytest.raises(SystemExit):
         cpu.main(["--sections", "link", "--link-gbs", "0"])
     assert "--link-gbs must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cpu.main(["--sections", "link", "--link-latency-us", "inf"])
 
 
 @pytest.mark.parametrize("memory", ["pinned", "pageable-reused", "pageable-fresh"])

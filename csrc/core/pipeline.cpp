@@ -128,12 +128,22 @@ class Leases {
     }
   }
   bool acquire(int count, size_t bytes) {
-    for (int i = 0; i < count; ++i) {
+    return acquire_up_to(static_cast<size_t>(std::max(count, 0)), bytes) ==
+           static_cast<size_t>(std::max(count, 0));
+  }
+  // Leases up to `count` blocks (stopping at the first the pool refuses); returns how many.
+  size_t acquire_up_to(size_t count, size_t bytes) {
+    while (blocks_.size() < count) {
       BlockPtr b = pool_.acquire(bytes);
-      if (!b) return false;
+      if (!b) break;
       blocks_.push_back(std::move(b));
     }
-    return true;
+    return blocks_.size();
+  }
+  // Gives every block back now (none was used yet): for a transfer that goes pageable.
+  void release_now() noexcept {
+    for (BlockPtr& b : blocks_) pool_.release(std::move(b));
+    blocks_.clear();
   }
   PinnedBlock& operator[](size_t i) { return *blocks_[i % blocks_.size()]; }
   PinnedBlock& at(size_t i) { return *blocks_.at(i); }
@@ -259,6 +269,7 @@ class WorkerPlan {
       first_block_[w + 1] = first_block_[w] + std::min(per_worker_, count(w));
   }
   size_t workers() const { return workers_; }
+  size_t chunks() const { return chunks_; }
   size_t blocks() const { return first_block_.back(); }
   /// Chunks of worker w, and the index of its j-th one.
   size_t count(size_t w) const { return (chunks_ - w + workers_ - 1) / workers_; }
@@ -279,19 +290,36 @@ int copy_threads(const PipelineOptions& options) {
   return options.threads > 0 ? options.threads : get_num_threads();
 }
 
-// Runs worker(w) for every worker on the thread pool (the caller is one of them). The
-// first exception is kept and raised here once every worker has stopped; the others
+// Leases the plan's blocks. When the pool (its budget) has fewer, the plan shrinks to the
+// blocks it got (fewer copy threads); with fewer than it needs at the least, the blocks go
+// back at once and the caller takes the pageable path (false).
+bool lease(Leases& blocks, WorkerPlan& work, size_t block_bytes, int threads) {
+  const size_t got = blocks.acquire_up_to(work.blocks(), block_bytes);
+  if (got == work.blocks()) return true;
+  if (got >= 2) {
+    work = WorkerPlan(work.chunks(), static_cast<int>(got), threads);
+    return true;
+  }
+  blocks.release_now();
+  return false;
+}
+
+// Runs worker(w) for every worker on the thread pool (the caller is one of them), each
+// on a thread the engine has entered (the CUDA engine makes its device current there).
+// The first exception is kept and raised here once every worker has stopped; the others
 // see failed() and stop at their next chunk.
 class Workers {
  public:
+  explicit Workers(TransferEngine& engine) : engine_(engine) {}
   template <class Fn>
   void run(size_t n, Fn&& worker) {
     if (n == 1) {
-      worker(size_t{0});
+      worker(size_t{0});  // (the calling thread: the engine's caller entered it)
       return;
     }
     parallel_for(static_cast<int64_t>(n), [&](int64_t w) {
       try {
+        engine_.enter_thread();
         worker(static_cast<size_t>(w));
       } catch (...) {
         std::lock_guard<std::mutex> lock(m_);
@@ -304,6 +332,7 @@ class Workers {
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
 
  private:
+  TransferEngine& engine_;
   std::mutex m_;
   std::exception_ptr error_;
   std::atomic<bool> failed_{false};
@@ -321,9 +350,9 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
   if (chunks.empty()) return report;
   const char* src = static_cast<const char*>(device_src);
 
-  const WorkerPlan work(chunks.size(), options.buffers, copy_threads(options));
+  WorkerPlan work(chunks.size(), options.buffers, copy_threads(options));
   Leases blocks(pool);
-  if (!blocks.acquire(static_cast<int>(work.blocks()), plan.block_bytes)) {
+  if (!lease(blocks, work, plan.block_bytes, copy_threads(options))) {
     report.staged = false;
     const size_t total = plan.total;
     Pageable pg(dst, total, options.swap_unit);
@@ -339,7 +368,7 @@ PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHand
   // each block into `dst` as soon as its DMA is done and refills it with the DMA of its
   // next chunk: no thread waits for another's chunk.
   const bool alone = work.workers() == 1;
-  Workers workers;
+  Workers workers(engine);
   auto queue = [&](size_t w, size_t j) {
     const Chunk& c = chunks[work.chunk(w, j)];
     PinnedBlock& b = blocks.at(work.block(w, j));
@@ -377,9 +406,9 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
   if (chunks.empty()) return report;
   char* dst = static_cast<char*>(device_dst);
 
-  const WorkerPlan work(chunks.size(), options.buffers, copy_threads(options));
+  WorkerPlan work(chunks.size(), options.buffers, copy_threads(options));
   Leases blocks(pool);
-  if (!blocks.acquire(static_cast<int>(work.blocks()), plan.block_bytes)) {
+  if (!lease(blocks, work, plan.block_bytes, copy_threads(options))) {
     report.staged = false;
     const size_t total = plan.total;
     Pageable pg(src, total, options.swap_unit);
@@ -396,7 +425,7 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
   // Each copy thread fills its blocks in turn, each as soon as the DMA that last read it
   // is done, and queues the block's DMA itself.
   const bool alone = work.workers() == 1;
-  Workers workers;
+  Workers workers(engine);
   try {
     workers.run(work.workers(), [&](size_t w) {
       for (size_t j = 0, n = work.count(w); j < n && !workers.failed(); ++j) {
@@ -421,7 +450,10 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
   if (srcs.size() != offsets.size())
     throw std::invalid_argument("transfer: one offset per array is needed");
   char* base = static_cast<char*>(device_base);
-  const size_t block_bytes = std::max<size_t>(options.chunk_bytes, 4096);
+  // (a block holds at least one element of every array: chunks never split an element)
+  size_t block_bytes = std::max<size_t>(options.chunk_bytes, 4096);
+  for (const HostView& v : srcs)
+    block_bytes = std::max(block_bytes, static_cast<size_t>(v.itemsize));
   const int nbuf = std::max(2, options.buffers);
   PipelineReport report;
   std::vector<size_t> sizes(srcs.size());

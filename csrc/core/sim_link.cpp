@@ -1,6 +1,8 @@
 #include "core/sim_link.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -9,8 +11,13 @@
 namespace tb {
 
 SimulatedLink::SimulatedLink(LinkModel model) : model_(model) {
-  if (!(model.bandwidth_gbs >= 0) || !(model.latency_us >= 0))
-    throw std::invalid_argument("simulated link: bandwidth and latency must be >= 0");
+  const double bw = model.bandwidth_gbs, lat = model.latency_us;
+  if (!std::isfinite(bw) || !(bw == 0 || bw >= kMinLinkGBs))
+    throw std::invalid_argument(
+        "simulated link: bandwidth_gbs must be 0 (unlimited) or a finite value >= 1e-06 GB/s");
+  if (!std::isfinite(lat) || !(lat >= 0 && lat <= kMaxLatencyUs))
+    throw std::invalid_argument(
+        "simulated link: latency_us must be a finite value from 0 to 1e7 (ten seconds)");
   free_at_[0] = free_at_[1] = Clock::now();
   engines_[0] = std::thread([this] { engine_loop(Kind::kToDevice); });
   try {
@@ -27,6 +34,7 @@ SimulatedLink::SimulatedLink(LinkModel model) : model_(model) {
 }
 
 SimulatedLink::~SimulatedLink() {
+  drain();  // (whoever queued a copy may still wait for it)
   {
     std::lock_guard<std::mutex> lock(m_);
     stop_ = true;
@@ -36,6 +44,7 @@ SimulatedLink::~SimulatedLink() {
 }
 
 void* SimulatedLink::alloc_pinned(size_t nbytes) {
+  if (nbytes > SIZE_MAX - 4095) throw std::runtime_error("simulated link: out of memory");
   void* p = std::aligned_alloc(4096, std::max<size_t>(1, (nbytes + 4095) / 4096) * 4096);
   if (p == nullptr) throw std::runtime_error("simulated link: out of memory");
   return p;
@@ -44,11 +53,21 @@ void* SimulatedLink::alloc_pinned(size_t nbytes) {
 void SimulatedLink::free_pinned(void* ptr) noexcept { std::free(ptr); }
 
 void SimulatedLink::copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) {
-  enqueue(s, Op{Kind::kToHost, static_cast<char*>(host), static_cast<const char*>(device), n});
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    enqueue_locked(
+        s, Op{Kind::kToHost, static_cast<char*>(host), static_cast<const char*>(device), n});
+  }
+  work_cv_.notify_all();
 }
 
 void SimulatedLink::copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) {
-  enqueue(s, Op{Kind::kToDevice, static_cast<char*>(device), static_cast<const char*>(host), n});
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    enqueue_locked(
+        s, Op{Kind::kToDevice, static_cast<char*>(device), static_cast<const char*>(host), n});
+  }
+  work_cv_.notify_all();
 }
 
 EventHandle SimulatedLink::create_event() {
@@ -67,12 +86,15 @@ void SimulatedLink::record(EventHandle e, StreamHandle s) {
   Op op{Kind::kRecord};
   op.event = e;
   {
+    // (one critical section: two records of one event queue in the order they number)
     std::lock_guard<std::mutex> lock(m_);
     auto it = events_.find(e);
     if (it == events_.end()) throw std::invalid_argument("simulated link: unknown event");
     op.generation = ++it->second.recorded;
+    enqueue_locked(s, op);
   }
-  enqueue(s, op);
+  work_cv_.notify_all();
+  done_cv_.notify_all();
 }
 
 bool SimulatedLink::query(EventHandle e) {
@@ -90,21 +112,26 @@ void SimulatedLink::synchronize(EventHandle e) {
   });
 }
 
-void SimulatedLink::synchronize_stream(StreamHandle s) {
-  std::unique_lock<std::mutex> lock(m_);
+void SimulatedLink::wait_for_locked(std::unique_lock<std::mutex>& lock,
+                                    const std::map<StreamHandle, uint64_t>& seqs) {
   done_cv_.wait(lock, [&] {
-    auto it = streams_.find(s);
-    return it == streams_.end() || (it->second.ops.empty() && !it->second.running);
+    for (const auto& [h, seq] : seqs)
+      if (streams_[h].done < seq) return false;
+    return true;
   });
+}
+
+void SimulatedLink::synchronize_stream(StreamHandle s) {
+  // What was queued on s before this call; later work (another thread's) is not waited for.
+  std::unique_lock<std::mutex> lock(m_);
+  wait_for_locked(lock, {{s, streams_[s].queued}});
 }
 
 void SimulatedLink::drain() {
   std::unique_lock<std::mutex> lock(m_);
-  done_cv_.wait(lock, [&] {
-    for (auto& [h, s] : streams_)
-      if (!s.ops.empty() || s.running) return false;
-    return true;
-  });
+  std::map<StreamHandle, uint64_t> seqs;
+  for (const auto& [h, s] : streams_) seqs[h] = s.queued;
+  wait_for_locked(lock, seqs);
 }
 
 uint64_t SimulatedLink::bytes_to_device() const {
@@ -117,15 +144,11 @@ uint64_t SimulatedLink::bytes_to_host() const {
   return moved_[1];
 }
 
-void SimulatedLink::enqueue(StreamHandle handle, Op op) {
-  {
-    std::lock_guard<std::mutex> lock(m_);
-    Stream& s = streams_[handle];
-    s.ops.emplace_back(op, Clock::now());
-    if (!s.running) advance_locked(s);
-  }
-  work_cv_.notify_all();
-  done_cv_.notify_all();
+void SimulatedLink::enqueue_locked(StreamHandle handle, Op op) {
+  Stream& s = streams_[handle];
+  op.seq = ++s.queued;
+  s.ops.emplace_back(op, Clock::now());
+  if (!s.running) advance_locked(s);
 }
 
 void SimulatedLink::advance_locked(Stream& s) {
@@ -134,14 +157,19 @@ void SimulatedLink::advance_locked(Stream& s) {
     auto it = events_.find(op.event);
     if (it != events_.end() && it->second.completed < op.generation)
       it->second.completed = op.generation;
+    s.done = op.seq;
     s.ops.pop_front();
   }
 }
 
 SimulatedLink::Stream* SimulatedLink::next_for_locked(Kind kind) {
+  // The copy queued first among the streams' heads, as a copy engine serves them.
+  Stream* next = nullptr;
   for (auto& [h, s] : streams_)
-    if (!s.running && !s.ops.empty() && s.ops.front().first.kind == kind) return &s;
-  return nullptr;
+    if (!s.running && !s.ops.empty() && s.ops.front().first.kind == kind &&
+        (next == nullptr || s.ops.front().second < next->ops.front().second))
+      next = &s;
+  return next;
 }
 
 void SimulatedLink::engine_loop(Kind kind) {
@@ -158,15 +186,19 @@ void SimulatedLink::engine_loop(Kind kind) {
       s->running = true;
       op = s->ops.front().first;
       const auto start = std::max({s->ops.front().second, free_at_[dir], s->ready});
-      const double ns = model_.latency_us * 1e3 + static_cast<double>(op.n) * ns_per_byte;
+      // (bounded: an hour at most, so the clock arithmetic never overflows)
+      const double ns =
+          std::min(model_.latency_us * 1e3 + static_cast<double>(op.n) * ns_per_byte, 3.6e12);
       deadline = start + std::chrono::nanoseconds(static_cast<int64_t>(ns));
       free_at_[dir] = s->ready = deadline;
     }
-    if (op.n) std::memcpy(op.dst, op.src, op.n);
+    if (op.n && !model_.copy_at_end) std::memcpy(op.dst, op.src, op.n);
     if (deadline > Clock::now()) std::this_thread::sleep_until(deadline);
+    if (op.n && model_.copy_at_end) std::memcpy(op.dst, op.src, op.n);
     {
       std::lock_guard<std::mutex> lock(m_);
       moved_[dir] += op.n;
+      s->done = op.seq;
       s->ops.pop_front();
       s->running = false;
       advance_locked(*s);

@@ -33,7 +33,16 @@ namespace tb {
 struct LinkModel {
   double bandwidth_gbs = 0;  // per direction, in GB/s (1e9 bytes/s); 0: unlimited
   double latency_us = 0;     // per copy
+  // When a copy's bytes move: at its start (the default: its completion then comes on
+  // time) or at its end, as late as the model allows, so a test sees a staging block
+  // read or rewritten before the copy that uses it has completed.
+  bool copy_at_end = false;
 };
+
+/// Bounds of the model (the constructor refuses what lies outside, and NaN or infinity):
+/// a bandwidth of 0 (unlimited) or at least kMinLinkGBs, a latency up to kMaxLatencyUs.
+constexpr double kMinLinkGBs = 1e-6;
+constexpr double kMaxLatencyUs = 1e7;
 
 class SimulatedLink : public TransferEngine {
  public:
@@ -53,7 +62,7 @@ class SimulatedLink : public TransferEngine {
   void synchronize(EventHandle e) override;
   void synchronize_stream(StreamHandle s) override;
 
-  /// Waits until everything queued on every stream has run.
+  /// Waits until everything queued so far on every stream has run.
   void drain();
   const LinkModel& model() const { return model_; }
   /// Bytes moved so far in each direction.
@@ -69,18 +78,24 @@ class SimulatedLink : public TransferEngine {
     size_t n = 0;
     EventHandle event = 0;
     uint64_t generation = 0;
+    uint64_t seq = 0;  // its place in its stream
   };
   using Clock = std::chrono::steady_clock;
   struct Stream {
     std::deque<std::pair<Op, Clock::time_point>> ops;  // and when each was queued
     bool running = false;     // its first op is being copied by an engine thread
     Clock::time_point ready;  // when its last copy ended, by the model
+    uint64_t queued = 0;      // ops queued so far, and of those, done (in order)
+    uint64_t done = 0;
   };
   struct EventState {
     uint64_t recorded = 0, completed = 0;
   };
 
-  void enqueue(StreamHandle s, Op op);
+  void enqueue_locked(StreamHandle s, Op op);
+  // Waits (lock held) until every op queued on the streams so far has run.
+  void wait_for_locked(std::unique_lock<std::mutex>& lock,
+                       const std::map<StreamHandle, uint64_t>& seqs);
   // Completes the events at the head of `s` (nothing before them is left). Lock held.
   void advance_locked(Stream& s);
   // An engine thread: runs the copies of one direction.

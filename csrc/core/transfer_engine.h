@@ -37,6 +37,12 @@ class TransferEngine {
   virtual void synchronize(EventHandle e) = 0;
   /// Blocks until everything queued on `s` so far has run (used on error paths).
   virtual void synchronize_stream(StreamHandle s) = 0;
+
+  /// Called on each copy thread of a transfer before its first call into the engine
+  /// (the thread that called the pipeline is entered by its caller): the CUDA engine
+  /// makes its device current there, so copies, events and the legacy default stream
+  /// are those of the transfer's device, and no context is made on another GPU.
+  virtual void enter_thread() {}
 };
 
 }  // namespace tb

@@ -73,6 +73,10 @@ class CudaEngine final : public TransferEngine {
   void synchronize_stream(StreamHandle s) override {
     TB_CUDA_CHECK(cudaStreamSynchronize(stream(s)));
   }
+  void enter_thread() override {
+    // (a pool thread serves transfers to any device: set it every time; cheap when equal)
+    TB_CUDA_CHECK(cudaSetDevice(device_));
+  }
 
   static cudaStream_t stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
   static cudaEvent_t event(EventHandle e) { return reinterpret_cast<cudaEvent_t>(e); }

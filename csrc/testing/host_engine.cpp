@@ -7,7 +7,7 @@ namespace tb {
 
 HostEngine::HostEngine(int delay_us, int64_t fail_pinning_after, int64_t fail_copy_after,
                        double bandwidth_gbs)
-    : SimulatedLink(LinkModel{bandwidth_gbs, static_cast<double>(delay_us)}),
+    : SimulatedLink(LinkModel{bandwidth_gbs, static_cast<double>(delay_us), true}),
       fail_after_(fail_pinning_after),
       fail_copy_after_(fail_copy_after) {}
 
@@ -15,6 +15,17 @@ void HostEngine::maybe_fail_copy() {
   std::lock_guard<std::mutex> lock(m_);
   if (fail_copy_after_ >= 0 && copies_++ == fail_copy_after_)
     throw std::runtime_error("HostEngine: injected copy failure (test setting)");
+}
+
+void HostEngine::enter_thread() {
+  std::lock_guard<std::mutex> lock(m_);
+  entered_.insert(std::this_thread::get_id());
+}
+
+void HostEngine::check_entered() {
+  std::lock_guard<std::mutex> lock(m_);
+  if (entered_.count(std::this_thread::get_id()) == 0)
+    throw std::logic_error("HostEngine: a copy from a thread the engine was never entered on");
 }
 
 void* HostEngine::alloc_pinned(size_t nbytes) {
@@ -40,11 +51,13 @@ void HostEngine::free_pinned(void* ptr) noexcept {
 }
 
 void HostEngine::copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) {
+  check_entered();
   maybe_fail_copy();
   SimulatedLink::copy_to_host_async(host, device, n, s);
 }
 
 void HostEngine::copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) {
+  check_entered();
   maybe_fail_copy();
   SimulatedLink::copy_to_device_async(device, host, n, s);
 }

@@ -10,6 +10,8 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <set>
+#include <thread>
 
 #include "core/sim_link.h"
 
@@ -27,6 +29,9 @@ class HostEngine final : public SimulatedLink {
   void copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) override;
   void copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) override;
   void synchronize(EventHandle e) override;
+  /// Records the thread as entered; copies from a thread never entered throw, so a copy
+  /// thread the pipeline forgot to enter (on CUDA: a wrong current device) shows.
+  void enter_thread() override;
 
   /// The next synchronize() throws instead of waiting (as a device error would).
   void fail_next_synchronize() { fail_next_sync_ = true; }
@@ -35,6 +40,7 @@ class HostEngine final : public SimulatedLink {
 
  private:
   void maybe_fail_copy();
+  void check_entered();
 
   const int64_t fail_after_;
   const int64_t fail_copy_after_;
@@ -43,6 +49,7 @@ class HostEngine final : public SimulatedLink {
   int64_t allocations_ = 0;
   int64_t live_ = 0;
   std::atomic<bool> fail_next_sync_{false};
+  std::set<std::thread::id> entered_;
 };
 
 }  // namespace tb

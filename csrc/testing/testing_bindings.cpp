@@ -45,6 +45,7 @@ class HostTransferTester {
     const void* src = device.data();
     auto options = pipeline_options(chunk, buffers, swap);
     options.threads = threads;
+    engine_.enter_thread();  // (as the CUDA entry points make the device current)
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
@@ -61,6 +62,7 @@ class HostTransferTester {
     pending_.push_back(device);
     auto options = pipeline_options(chunk, buffers, swap);
     options.threads = threads;
+    engine_.enter_thread();
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
@@ -77,10 +79,13 @@ class HostTransferTester {
       views.push_back(host_view(a, false));
       if (i < offsets.size()) end = std::max(end, offsets[i] + static_cast<size_t>(a.nbytes()));
     }
+    if (!(device.flags() & py::array::c_style))
+      throw py::value_error("transfer: the device buffer must be C-contiguous");
     if (static_cast<size_t>(device.nbytes()) < end)
       throw py::value_error("transfer: the device buffer is too small");
     void* dst = device.mutable_data();
     pending_.push_back(device);
+    engine_.enter_thread();
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
@@ -90,11 +95,14 @@ class HostTransferTester {
     return report_dict(r);
   }
   void drain() {
+    // Only the buffers of copies queued before this call may go: another thread may queue
+    // more (and push their buffers) while this one waits.
+    std::vector<py::object> done = std::move(pending_);
+    pending_.clear();
     {
       py::gil_scoped_release release;
       engine_.drain();
     }
-    pending_.clear();
   }
   // One copy queued without waiting, as the CUDA path's page-locked copies are: the
   // handle owns the event and holds both arrays (and this tester) until it completes.
@@ -107,6 +115,7 @@ class HostTransferTester {
       throw py::value_error("copy_async: the arrays must have the same size in bytes");
     if (!written.writeable()) throw py::value_error("copy_async: the destination is read-only");
     const size_t n = static_cast<size_t>(host.nbytes());
+    engine_.enter_thread();
     tb::Event done(engine_);
     if (to_host)
       engine_.copy_to_host_async(host.mutable_data(), device.data(), n, 0);
@@ -127,6 +136,8 @@ class HostTransferTester {
   static void check_device(const py::array& device, const tb::HostView& v) {
     int64_t n = v.itemsize;
     for (int64_t d : v.shape) n *= d;
+    if (!(device.flags() & py::array::c_style))
+      throw py::value_error("transfer: the device buffer must be C-contiguous");
     if (device.nbytes() < n) throw py::value_error("transfer: the device buffer is too small");
   }
   tb::HostEngine engine_;

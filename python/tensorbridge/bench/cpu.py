@@ -8,6 +8,7 @@ to the best baseline of its row group.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -288,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         _backend.set_num_threads(args.threads)
 
-    if not args.link_gbs > 0 or not args.link_latency_us >= 0:
-        p.error("--link-gbs must be positive and --link-latency-us at least 0")
+    if not (1e-6 <= args.link_gbs < math.inf and 0 <= args.link_latency_us <= 1e7):
+        p.error("--link-gbs must be positive (1e-6 or more) and --link-latency-us 0 to 1e7")
     report = run(
         args.sizes,
         args.repeats,
