@@ -13,7 +13,7 @@ import pytest
 
 import tensorbridge as tb
 from tensorbridge import _backend
-from tensorbridge.bench import cpu, gpu, load, measure, save, tune
+from tensorbridge.bench import _plot, cpu, gpu, load, measure, save, tune
 from tensorbridge.bench._report import format_report, machine, summary
 from tensorbridge.bench._rows import Report, Row
 
@@ -267,6 +267,27 @@ def test_table_columns_fit_the_longest_case_and_method():
         assert line.index(value, method_at + len(row.method)) + len(value) == value_end, line
     assert table[2].startswith("short ") and table[4].startswith(long_case)
     assert len(table[1]) == len(table[0]) and set(table[1]) == {"-"}
+
+
+@pytest.mark.skipif(not _plot.available(), reason="needs matplotlib (the plot extra)")
+def test_benchmark_plot(tmp_path):
+    """--plot draws the CPU run; the GPU plot, through the same code, draws a committed run."""
+    png = tmp_path / "cpu.png"
+    args = ["--sizes", "4K", "64K", "--repeats", "2", "--refused-size", "64K", "--quiet"]
+    assert cpu.main([*args, "--sections", "overhead", "out", "--plot", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    gpu_png = tmp_path / "gpu.png"
+    gpu.plot(load(str(RESULTS / "2026-11-23-gpu-nvidia-h100-80gb-hbm3.json")), str(gpu_png))
+    assert gpu_png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_benchmark_plot_without_matplotlib_refuses_before_measuring(monkeypatch, capsys):
+    monkeypatch.setattr(_plot, "available", lambda: False)
+    monkeypatch.setattr(cpu, "run", lambda *a, **k: pytest.fail("measured anyway"))
+    with pytest.raises(SystemExit) as exc:
+        cpu.main(["--plot", "x.png"])
+    assert exc.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
 def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
