@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -55,3 +56,42 @@ def test_readme_python_blocks_run_as_written(index):
         check=False,
     )
     assert proc.returncode == 0, f"README block {index} failed:\n{proc.stderr[-3000:]}"
+
+
+def _readme_block_tool():
+    """.ci/readme_block.py, which CI runs the README's install commands and quick start
+    through (so what CI runs is what the README says)."""
+    path = README.parent / ".ci" / "readme_block.py"
+    spec = importlib.util.spec_from_file_location("readme_block", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_finds_the_readme_install_commands_and_quick_start():
+    tool = _readme_block_tool()
+    text = README.read_text()
+    commands = tool.commands(tool.block(text, "Install and run", "bash"))
+    assert any(c.startswith('pip install ".[test]"') for c in commands), commands
+    assert any(c.startswith("python -m pytest") for c in commands), commands
+    # the quick start CI runs is the README's first Python block, the one run above
+    assert tool.block(text, "Quick start", "python") == BLOCKS[0]
+
+
+def test_readme_block_tool_reads_sections_and_joins_continued_lines(tmp_path, capsys):
+    tool = _readme_block_tool()
+    text = (
+        "# T\n\n## A\n\n```python\nprint(1)\n```\n\n### A.1\n\n```bash\n"
+        "# a comment\npip install \\\n  x\n\npytest\n```\n\n## B\n\n```bash\nno\n```\n"
+    )
+    assert tool.block(text, "A", "python") == "print(1)\n"
+    assert tool.commands(tool.block(text, "A", "bash")) == ["pip install    x", "pytest"]
+    with pytest.raises(LookupError, match="no ```python block under the heading 'B'"):
+        tool.block(text, "B", "python")
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    assert tool.main([str(readme), "A.1", "bash", "--commands"]) == 0
+    assert capsys.readouterr().out == "pip install    x\npytest\n"
+    assert tool.main([str(readme), "C", "bash"]) == 1
+    assert "no heading 'C'" in capsys.readouterr().err

@@ -13,8 +13,8 @@ import pytest
 
 import tensorbridge as tb
 from tensorbridge import _backend
-from tensorbridge.bench import cpu, gpu, load, measure, save, tune
-from tensorbridge.bench._report import format_report, machine
+from tensorbridge.bench import _plot, cpu, gpu, load, measure, save, tune
+from tensorbridge.bench._report import format_report, machine, summary
 from tensorbridge.bench._rows import Report, Row
 
 from conftest import HAS_CUDA, forced_fallback
@@ -152,6 +152,10 @@ def test_benchmark_smoke(tmp_path, capsys, fallback):
         "vs best",
     ):
         assert needle in text
+    assert text.splitlines()[-1].startswith("summary, geometric mean of 'vs best' per section")
+    bf16_view = [ln for ln in text.splitlines() if "[ml_dtypes view]" in ln]
+    if bf16_view:  # (with ml_dtypes) a view moves no bytes: no GB/s, no ratio
+        assert bf16_view[0].split("[ml_dtypes view]")[1].split() == ["view"], bf16_view
     saved = list(tmp_path.glob("*.json"))
     assert len(saved) == 1
     data = json.loads(saved[0].read_text())
@@ -200,6 +204,90 @@ def test_committed_results_still_load(path):
     assert report.rows and all(row.median_s > 0 for row in report.rows)
     title = "tensorbridge GPU benchmark" if "-gpu-" in path.name else "tensorbridge CPU benchmark"
     assert path.with_suffix(".txt").read_text().startswith(format_report(report, title))
+
+
+def _row(section, case, size, method, baseline, median_s):
+    return Row(section, case, size, method, baseline, median_s, median_s * 0.9, median_s * 1.1, 5)
+
+
+def test_a_view_row_says_view_and_has_no_ratio():
+    rows = [
+        _row("refused", "bfloat16", 1 << 20, "tb.to_numpy(x)  [ml_dtypes view]", False, 1e-7),
+        _row("refused", "bfloat16", 1 << 20, "x.float().numpy()", True, 1e-3),
+        _row("refused", "swap", 1 << 20, "tb.from_numpy(a)", False, 1e-3),
+        _row("refused", "swap", 1 << 20, "a.astype('<f4')", True, 2e-3),
+    ]
+    assert [r.is_view() for r in rows] == [True, False, False, False]
+    lines = format_report(Report(machine(), rows)).splitlines()
+    view = next(ln for ln in lines if "[ml_dtypes view]" in ln)
+    assert view.split("[ml_dtypes view]")[1].split() == ["view"], view  # no GB/s, no ratio
+    copy = next(ln for ln in lines if "x.float().numpy()" in ln)
+    assert copy.split()[1] == "1.05"  # 1 MiB in 1 ms; the baseline itself has no ratio
+    # the summary counts the one real ratio (2 ms / 1 ms), not the view's
+    assert lines[-1].endswith(": refused 2.00x (1)")
+
+
+def test_the_summary_is_each_sections_geometric_mean_of_vs_best():
+    rows = [
+        _row("out, GB/s", "a", 4096, "tb", False, 1e-6),
+        _row("out, GB/s", "a", 4096, "base", True, 2e-6),  # tb 2x
+        _row("out, GB/s", "a", 65536, "tb", False, 4e-6),
+        _row("out, GB/s", "a", 65536, "base", True, 2e-6),  # tb 0.5x
+        _row("out, GB/s", "a", 65536, "slower base", True, 8e-6),
+        _row("overhead (x, y), tiny", "t", 0, "tb", False, 1e-6),
+        _row("overhead (x, y), tiny", "t", 0, "base", True, 3e-6),  # 3x
+        _row("overhead (x, y), tiny", "t", 0, "tb again", False, 1e-6),  # 3x
+        _row("only baselines: none", "b", 0, "base", True, 1e-6),
+    ]
+    assert summary(rows) == (
+        "summary, geometric mean of 'vs best' per section (rows): "
+        "out 1.00x (2); overhead (x, y) 3.00x (2)"
+    )
+    assert summary(rows[-1:]).endswith("no row has a baseline to compare with")
+    assert format_report(Report(machine(), rows)).splitlines()[-1] == summary(rows)
+
+
+def test_table_columns_fit_the_longest_case_and_method():
+    long_method = "torch.from_numpy(a).pin_memory().to('cuda', non_blocking=True) " * 2
+    long_case = "a case with a long name, " * 3
+    rows = [
+        _row("sec", "short", 1 << 30, "tb", False, 0.1),
+        _row("sec", "short", 1 << 30, long_method, True, 0.2),
+        _row("sec", long_case, 4096, "tb", False, 1e-6),
+        _row("sec", long_case, 4096, "np", True, 2e-6),
+    ]
+    lines = format_report(Report(machine(), rows)).splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("case "))
+    table = lines[header : header + 6]
+    method_at = table[0].index("method")
+    value_end = table[0].index("GB/s") + len("GB/s")
+    for line, row in zip(table[2:], rows, strict=True):
+        assert line.index(row.method) == method_at, line  # every method starts in one column
+        value = f"{row.value():.2f}"
+        assert line.index(value, method_at + len(row.method)) + len(value) == value_end, line
+    assert table[2].startswith("short ") and table[4].startswith(long_case)
+    assert len(table[1]) == len(table[0]) and set(table[1]) == {"-"}
+
+
+@pytest.mark.skipif(not _plot.available(), reason="needs matplotlib (the plot extra)")
+def test_benchmark_plot(tmp_path):
+    """--plot draws the CPU run; the GPU plot, through the same code, draws a committed run."""
+    png = tmp_path / "cpu.png"
+    args = ["--sizes", "4K", "64K", "--repeats", "2", "--refused-size", "64K", "--quiet"]
+    assert cpu.main([*args, "--sections", "overhead", "out", "--plot", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    gpu_png = tmp_path / "gpu.png"
+    gpu.plot(load(str(RESULTS / "2026-11-23-gpu-nvidia-h100-80gb-hbm3.json")), str(gpu_png))
+    assert gpu_png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_benchmark_plot_without_matplotlib_refuses_before_measuring(monkeypatch, capsys):
+    monkeypatch.setattr(_plot, "available", lambda: False)
+    monkeypatch.setattr(cpu, "run", lambda *a, **k: pytest.fail("measured anyway"))
+    with pytest.raises(SystemExit) as exc:
+        cpu.main(["--plot", "x.png"])
+    assert exc.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
 def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):

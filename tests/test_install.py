@@ -1,5 +1,6 @@
 """The one switch (TENSORBRIDGE_EXTENSION=auto|on|off), what a failed build leaves behind,
-and `python -m tensorbridge info --check`.
+`python -m tensorbridge info --check`, and `pip install .` on a machine without CMake or
+Ninja.
 
 Each case runs in a fresh interpreter: the switch is read once, at import. A copy of the
 package without its compiled modules stands for an install whose build failed.
@@ -158,21 +159,102 @@ def _has_build_tools() -> bool:
     return shutil.which("cmake") is not None
 
 
+def _source_tree(dst: Path) -> Path:
+    """A copy of what a source distribution holds, without build outputs."""
+    dst.mkdir(parents=True)
+    for name in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, dst / name)
+    shutil.copytree(ROOT / "csrc", dst / "csrc")
+    shutil.copytree(
+        ROOT / "python",
+        dst / "python",
+        ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "_build.json"),
+    )
+    return dst
+
+
+# What pyproject.toml's [build-system] requires brings, with the names CMake and Ninja
+# install as commands.
+BUILD_TOOLS = frozenset({"cmake", "ctest", "cpack", "ccmake", "cmake-gui", "ninja"})
+
+
+def _path_without(tools: frozenset[str], bin_dir: Path) -> str:
+    """A PATH of one directory holding a link to every command on this PATH but `tools`
+    (the first of each name, as PATH finds it): the compiler, linker and shell stay."""
+    bin_dir.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            target = os.path.join(directory, name)
+            link = bin_dir / name
+            if name in tools or link.exists() or link.is_symlink():
+                continue
+            if os.path.isfile(target) and os.access(target, os.X_OK):
+                link.symlink_to(target)
+    return str(bin_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="needs a C++ compiler")
+def test_pip_install_builds_the_extension_with_no_cmake_or_ninja_on_path(tmp_path):
+    """`pip install .` (build isolation on, as by default) gets CMake and Ninja from the
+    build requirements in pyproject.toml: with neither on PATH it builds the compiled
+    core, and a fresh interpreter importing the install uses it.
+
+    Needs the package index pip is configured with (the build requirements are fetched
+    into an isolated environment, as on a user's machine)."""
+    path = _path_without(BUILD_TOOLS, tmp_path / "bin")
+    for tool in ("cmake", "ninja"):
+        assert shutil.which(tool, path=path) is None, f"{tool} is still on the PATH"
+    src = _source_tree(tmp_path / "src")
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        # --no-deps: numpy and torch are taken from this interpreter, not installed again
+        [sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--target", str(site), "."],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        # on: a build that fails is an install that fails, not a pure-Python install
+        env={**ENV, "PATH": path, _backend.MODE_ENV: "on"},
+        timeout=1800,
+        check=False,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    # the isolated build environment got both from the package index...
+    installed = " ".join(re.findall(r"^\s*Successfully installed (.*)$", log, flags=re.M))
+    assert re.search(r"\bcmake-\d", installed), log[-5000:]
+    assert re.search(r"\bninja-\d", installed), log[-5000:]
+    # ...and built with them: Ninja numbers its steps [n/m], Make prints percentages
+    assert re.search(r"^\s*\[\d+/\d+\] Linking CXX shared module", log, flags=re.M), log[-5000:]
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, tensorbridge as tb; print(json.dumps([tb.__file__, tb.info()]))",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**ENV, "PYTHONPATH": str(site), _backend.MODE_ENV: "on"},
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, info = json.loads(proc.stdout)
+    assert Path(module).is_relative_to(site), module  # the install, not this checkout
+    assert info["extension"] is True, info["fallback_reason"]
+    assert Path(info["extension_path"]).is_relative_to(site)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_build_tools(), reason="needs cmake and pybind11 (the dev extra)")
 def test_a_broken_build_never_ships_the_previous_binary(tmp_path):
     """A compile error leaves no compiled module behind (a stale one from an earlier build
     is removed), records why for info(), and fails the build with the switch on."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "csrc", src / "csrc")
-    shutil.copytree(
-        ROOT / "python",
-        src / "python",
-        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build.json"),
-    )
+    src = _source_tree(tmp_path / "src")
     bindings = src / "csrc" / "bindings.cpp"
     bindings.write_text("#error tensorbridge-broken-build\n" + bindings.read_text())
     lib = tmp_path / "lib"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import numpy as np
 import torch
@@ -47,6 +47,45 @@ def _source_dtype(leaf: Any) -> torch.dtype:
 # --------------------------------------------------------------------------- to_device
 
 
+# The types say what the container becomes, not what it holds: an array or tensor becomes
+# a tensor, a dict a dict with the same keys, a list a list, a tuple (namedtuples too) a
+# tuple. The items' types change leaf by leaf (an array becomes a tensor, an int stays),
+# which no static type can follow, so they are Any; a dataclass or any other batch is
+# returned as Any too (a dataclass comes back as its own class, but with fields that no
+# longer hold the types it declares).
+#
+# Each overload takes the batch as a type variable, not a plain type: for an argument that
+# contains Any (every np.ndarray does: its shape is tuple[Any, ...]) mypy answers Any when
+# the overloads it matches declare different parameter types. With type variables every
+# matching overload infers the argument's own type, and the first match decides.
+_ArrayT = TypeVar("_ArrayT", bound=torch.Tensor | np.ndarray)
+_ListT = TypeVar("_ListT", bound=list[Any])
+_TupleT = TypeVar("_TupleT", bound=tuple[Any, ...])
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+_T = TypeVar("_T")
+
+
+@overload
+def to_device(
+    batch: _ArrayT, device: Device, *, non_blocking: bool = ..., dtype: DTypeSpec = ...
+) -> torch.Tensor: ...
+@overload
+def to_device(
+    batch: dict[_K, _V], device: Device, *, non_blocking: bool = ..., dtype: DTypeSpec = ...
+) -> dict[_K, Any]: ...
+@overload
+def to_device(
+    batch: _ListT, device: Device, *, non_blocking: bool = ..., dtype: DTypeSpec = ...
+) -> list[Any]: ...
+@overload
+def to_device(
+    batch: _TupleT, device: Device, *, non_blocking: bool = ..., dtype: DTypeSpec = ...
+) -> tuple[Any, ...]: ...
+@overload
+def to_device(
+    batch: _T, device: Device, *, non_blocking: bool = ..., dtype: DTypeSpec = ...
+) -> Any: ...
 def to_device(
     batch: Any,
     device: Device,
@@ -61,6 +100,11 @@ def to_device(
     staging blocks and cross in a few large copies (not one per array), then become views
     of one device buffer. ``dtype`` (a dtype, or a mapping from key name or source dtype
     to dtype) is applied on the device, after the transfer.
+
+    Static types: an array or tensor gives a ``Tensor``, a dict a dict with the same key
+    type, a list a list, a tuple a tuple; their items are ``Any`` (each leaf's type
+    changes on its own), and so is any other batch: a dataclass comes back as its own
+    class, but its fields no longer hold the types the class declares.
 
     Example:
         >>> import numpy as np, tensorbridge as tb
@@ -230,6 +274,46 @@ def _pack_to_cuda(
 # --------------------------------------------------------------------------- to_numpy_batch
 
 
+# As for to_device: the container's kind is typed, its items are Any; with
+# non_blocking=True the same type comes in a Transfer.
+@overload
+def to_numpy_batch(
+    batch: _ArrayT, *, out: Any = ..., non_blocking: Literal[False] = ...
+) -> np.ndarray: ...
+@overload
+def to_numpy_batch(
+    batch: dict[_K, _V], *, out: Any = ..., non_blocking: Literal[False] = ...
+) -> dict[_K, Any]: ...
+@overload
+def to_numpy_batch(
+    batch: _ListT, *, out: Any = ..., non_blocking: Literal[False] = ...
+) -> list[Any]: ...
+@overload
+def to_numpy_batch(
+    batch: _TupleT, *, out: Any = ..., non_blocking: Literal[False] = ...
+) -> tuple[Any, ...]: ...
+@overload
+def to_numpy_batch(batch: _T, *, out: Any = ..., non_blocking: Literal[False] = ...) -> Any: ...
+@overload
+def to_numpy_batch(
+    batch: _ArrayT, *, out: Any = ..., non_blocking: Literal[True]
+) -> Transfer[np.ndarray]: ...
+@overload
+def to_numpy_batch(
+    batch: dict[_K, _V], *, out: Any = ..., non_blocking: Literal[True]
+) -> Transfer[dict[_K, Any]]: ...
+@overload
+def to_numpy_batch(
+    batch: _ListT, *, out: Any = ..., non_blocking: Literal[True]
+) -> Transfer[list[Any]]: ...
+@overload
+def to_numpy_batch(
+    batch: _TupleT, *, out: Any = ..., non_blocking: Literal[True]
+) -> Transfer[tuple[Any, ...]]: ...
+@overload
+def to_numpy_batch(batch: _T, *, out: Any = ..., non_blocking: Literal[True]) -> Transfer[Any]: ...
+@overload
+def to_numpy_batch(batch: _T, *, out: Any = ..., non_blocking: bool) -> Any: ...
 def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -> Any:
     """The reverse of :func:`to_device`: every tensor in a nested batch to a NumPy array.
 
@@ -238,6 +322,9 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     Several GPU tensors come back in one pass (one device-side concatenation, one
     transfer). With ``non_blocking=True`` the result is a :class:`Transfer` whose
     ``wait()`` returns the converted batch.
+
+    Static types as for :func:`to_device`, with ``ndarray`` for a tensor, wrapped in a
+    ``Transfer`` for ``non_blocking=True`` (``Any`` for a ``bool`` only known at run time).
 
     Example:
         >>> import torch, tensorbridge as tb

@@ -5,13 +5,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast, overload
 
 import numpy as np
 import torch
 
 from . import _backend, _dtypes
-from ._batch import DTypeSpec, to_device
+from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, to_device
 from ._convert import Device, to_numpy, to_tensor
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
 
@@ -91,7 +91,10 @@ def _stack(samples: Sequence[Any]) -> torch.Tensor:
 # --------------------------------------------------------------------------- prefetcher
 
 
-class Prefetcher:
+_B = TypeVar("_B")  # what a Prefetcher yields: a batch after to_device
+
+
+class Prefetcher(Generic[_B]):
     """Yields the batches of ``iterable`` already on ``device``, moving batch i+1 on a
     side stream while the caller computes on batch i.
 
@@ -102,6 +105,10 @@ class Prefetcher:
     loop runs everywhere. Errors from the underlying iterator are raised in order, when
     the loop reaches them; breaking out of the loop early releases everything.
 
+    Typed as :func:`to_device` types one batch: batches of arrays or tensors come out as
+    tensors, of dicts as dicts with the same keys, of lists as lists, of tuples as tuples;
+    anything else, a DataLoader's batches among them (torch types them Any), as Any.
+
     Example:
         >>> import numpy as np, tensorbridge as tb
         >>> batches = [{"x": np.full(2, i)} for i in range(3)]
@@ -109,6 +116,56 @@ class Prefetcher:
         [[0, 0], [1, 1], [2, 2]]
     """
 
+    @overload
+    def __init__(
+        self: Prefetcher[torch.Tensor],
+        iterable: Iterable[_ArrayT],
+        device: Device,
+        *,
+        depth: int = ...,
+        dtype: DTypeSpec = ...,
+        non_blocking: bool = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Prefetcher[dict[_K, Any]],
+        iterable: Iterable[dict[_K, _V]],
+        device: Device,
+        *,
+        depth: int = ...,
+        dtype: DTypeSpec = ...,
+        non_blocking: bool = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Prefetcher[list[Any]],
+        iterable: Iterable[_ListT],
+        device: Device,
+        *,
+        depth: int = ...,
+        dtype: DTypeSpec = ...,
+        non_blocking: bool = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Prefetcher[tuple[Any, ...]],
+        iterable: Iterable[_TupleT],
+        device: Device,
+        *,
+        depth: int = ...,
+        dtype: DTypeSpec = ...,
+        non_blocking: bool = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Prefetcher[Any],
+        iterable: Iterable[_T],
+        device: Device,
+        *,
+        depth: int = ...,
+        dtype: DTypeSpec = ...,
+        non_blocking: bool = ...,
+    ) -> None: ...
     def __init__(
         self,
         iterable: Iterable[Any],
@@ -141,7 +198,7 @@ class Prefetcher:
                 f"the wrapped {type(self.iterable).__name__} has no len(); iterate instead"
             ) from None
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[_B]:
         if self.device.type != "cuda":
             it = iter(self.iterable)
             try:

@@ -6,8 +6,12 @@ Not collected by pytest (no test_ prefix); test_install.py runs it, so it also s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import torch
+from typing_extensions import assert_type
 
 import tensorbridge as tb
 
@@ -24,12 +28,57 @@ def main() -> None:
     u: torch.Tensor = tb.to_tensor(a, dtype=torch.float64)
     batch = tb.to_device({"x": a, "y": [a, 1]}, "cpu")
     back = tb.to_numpy_batch(batch)
+    batches(x, a)
     stats: dict[str, object] = dict(tb.pinned_stats())
     info: dict[str, object] = dict(tb.info())
     tb.set_num_threads(tb.get_num_threads())
     pinned: np.ndarray = tb.empty_pinned((4,), np.float32)
     assert same is out and waited.shape == (2, 3) and done and t.shape == u.shape
     assert back["y"][1] == 1 and stats and info and pinned.shape == (4,)
+
+
+def batches(x: torch.Tensor, a: np.ndarray) -> None:
+    """A batch keeps its container's kind through to_device, to_numpy_batch and the
+    Prefetcher (assert_type: an Any here fails mypy, and the asserts check it at run time)."""
+    moved = tb.to_device(a, "cpu")
+    assert_type(moved, torch.Tensor)
+    assert_type(tb.to_device(x, "cpu", dtype=torch.float64), torch.Tensor)
+    named = tb.to_device({"x": a, "n": 1}, "cpu")
+    assert_type(named, dict[str, Any])
+    assert_type(tb.to_device({"x": a, "y": a}, "cpu"), dict[str, Any])
+    assert_type(tb.to_device(a.astype(np.float32), "cpu"), torch.Tensor)
+    listed = tb.to_device([a, x], "cpu")
+    assert_type(listed, list[Any])
+    paired = tb.to_device((a, 1), "cpu")
+    assert_type(paired, tuple[Any, ...])
+    assert isinstance(moved, torch.Tensor) and isinstance(named["x"], torch.Tensor)
+    assert type(listed) is list and type(paired) is tuple and named["n"] == 1
+
+    arr = tb.to_numpy_batch(x)
+    assert_type(arr, np.ndarray)
+    back = tb.to_numpy_batch({"x": x, "n": 1})
+    assert_type(back, dict[str, Any])
+    assert_type(tb.to_numpy_batch([x]), list[Any])
+    assert_type(tb.to_numpy_batch((x, 1)), tuple[Any, ...])
+    pending = tb.to_numpy_batch({"x": x}, non_blocking=True)
+    assert_type(pending, tb.Transfer[dict[str, Any]])
+    assert_type(tb.to_numpy_batch(x, non_blocking=True), tb.Transfer[np.ndarray])
+    assert isinstance(arr, np.ndarray) and isinstance(back["x"], np.ndarray)
+    assert isinstance(pending.wait()["x"], np.ndarray)
+    flag = bool(a.size)  # a bool known only at run time: either result, so Any
+    assert_type(tb.to_numpy_batch(x, non_blocking=flag), Any)
+    assert_type(tb.to_device(3, "cpu"), Any)  # plain values and dataclasses: Any
+
+    samples = [{"image": a, "label": 1}]
+    for b in tb.Prefetcher(samples, "cpu"):
+        assert_type(b, dict[str, Any])
+        assert isinstance(b["image"], torch.Tensor)
+    for t in tb.Prefetcher([a, a], "cpu"):
+        assert_type(t, torch.Tensor)
+        assert isinstance(t, torch.Tensor)
+    it = iter(tb.Prefetcher([(a, 1)], "cpu"))
+    assert_type(it, Iterator[tuple[Any, ...]])
+    assert type(next(it)) is tuple
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ Command lines: ``python -m tensorbridge bench`` (``cpu``), ``bench-gpu`` (``gpu`
   not), ``Report`` (a run's machine and rows), size formatting and parsing;
 - ``_runner``: how everything is measured: warm-up, samples of calibrated length taken
   round-robin across the methods of a row group, rotating source buffers;
-- ``_report``: the machine description and the tables, with the 'vs best' column;
+- ``_report``: the machine description and the tables, with the 'vs best' column, and
+  the summary line (each section's geometric mean of 'vs best');
 - ``_results``: saving a run as .txt and .json, and loading the .json back;
+- ``_plot``: ``--plot FILE.png`` of both benchmarks (GB/s against size, 'vs best' bars);
 - ``cpu``: conversions on the host (per-call overhead, ``out=``, what torch refuses);
 - ``loader``: batches, collate, image normalization and a DataLoader epoch end to end;
 - ``gpu``: device<->host transfers against the pinned peak, and batches to the device;

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,10 @@ def format_report(report: Report, title: str = "tensorbridge CPU benchmark") -> 
     """The machine header, then one table per section in the order the rows were measured.
 
     'vs best' is the fastest baseline's median over the method's median within a row
-    group (the rows sharing a case and size); 'of P' appears when rows carry a peak.
+    group (the rows sharing a case and size); 'of P' appears when rows carry a peak. A
+    method that returns a view (``Row.is_view``) moves no bytes: it shows 'view' instead
+    of GB/s, and no ratio. The last line is the summary: each section's geometric mean
+    of its 'vs best' ratios.
     """
     m = report.machine
     lines = [
@@ -79,40 +84,107 @@ def format_report(report: Report, title: str = "tensorbridge CPU benchmark") -> 
     for sec, rows in sections.items():
         lines += ["", f"## {sec}", ""]
         lines += _table(rows)
+    lines += ["", summary(report.rows)]
     return "\n".join(lines)
 
 
+def vs_best(rows: Sequence[Row]) -> list[float | None]:
+    """Each row's 'vs best': the fastest baseline's median over its own, among the rows of
+    its group (same section, case, size and memory kind); None for baselines, views, and
+    rows with no baseline to compare with."""
+
+    def key(row: Row) -> tuple[str, str, int, str | None]:
+        # (transfer rows compare with baselines moving the same kind of memory)
+        return (row.section, row.case, row.size, row.memory)
+
+    best: dict[tuple[str, str, int, str | None], float] = {}
+    for row in rows:
+        if row.baseline:
+            best[key(row)] = min(best.get(key(row), math.inf), row.median_s)
+    return [
+        None
+        if row.baseline or row.is_view() or key(row) not in best
+        else best[key(row)] / row.median_s
+        for row in rows
+    ]
+
+
+def _short(section: str) -> str:
+    """A section's title up to its first ', ' or ': ' outside brackets."""
+    depth = 0
+    for i, ch in enumerate(section):
+        depth += (ch in "([") - (ch in ")]")
+        if depth == 0 and section.startswith((", ", ": "), i):
+            return section[:i]
+    return section
+
+
+def summary(rows: Sequence[Row]) -> str:
+    """One line: for each section, the geometric mean of its 'vs best' ratios (and how
+    many rows have one)."""
+    by_section: dict[str, list[float]] = {}
+    for row, ratio in zip(rows, vs_best(rows), strict=True):
+        found = by_section.setdefault(row.section, [])
+        if ratio is not None:
+            found.append(ratio)
+    parts = [
+        f"{_short(sec)} {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x ({len(ratios)})"
+        for sec, ratios in by_section.items()
+        if ratios
+    ]
+    return "summary, geometric mean of 'vs best' per section (rows): " + (
+        "; ".join(parts) if parts else "no row has a baseline to compare with"
+    )
+
+
 def _table(rows: list[Row]) -> list[str]:
+    """The section's rows under a header, each column as wide as its widest cell."""
     unit = "us/call" if rows[0].size == 0 else "GB/s"
     with_peak = any(r.peak_gbs for r in rows)
-    # (rows with a memory kind are judged against min(P, H); older ones against P alone)
-    of = "of lim" if any(r.memory for r in rows) else "of P"
-    header = (
-        f"{'case':<38} {'size':>9}  {'method':<42} {unit:>9} {'p10-p90':>17} {'vs best':>8}"
-        + (f" {of:>6}" if with_peak else "")
-    )
-    lines = [header, "-" * len(header)]
-    groups: dict[tuple[str, int], list[Row]] = {}
+    digits = 2 if rows[0].size else 3
+    spreads: list[tuple[str, str] | None] = []
     for row in rows:
-        groups.setdefault((row.case, row.size), []).append(row)
-    for (case, size), grp in groups.items():
-        # the fastest baseline moving the same kind of memory (all rows, for older results)
-        best_of = {
-            mem: min((g.median_s for g in grp if g.baseline and g.memory == mem), default=None)
-            for mem in {g.memory for g in grp}
-        }
-        for j, g in enumerate(grp):
-            best = best_of[g.memory]
-            if size:
-                lo, hi = size / g.p90_s / 1e9, size / g.p10_s / 1e9
-                val = f"{g.value():9.2f}"
-                spread = f"[{lo:7.2f}-{hi:7.2f}]"
-            else:
-                val = f"{g.value():9.3f}"
-                spread = f"[{g.p10_s * 1e6:7.3f}-{g.p90_s * 1e6:7.3f}]"
-            ratio = "" if g.baseline or best is None else f"{best / g.median_s:7.2f}x"
-            c = case if j == 0 else ""
-            s = (fmt_size(size) if size else "") if j == 0 else ""
-            peak = f" {g.value() / g.peak_gbs:6.2f}" if with_peak and g.peak_gbs else ""
-            lines.append(f"{c:<38} {s:>9}  {g.method:<42} {val} {spread:>17} {ratio:>8}{peak}")
-    return lines
+        if row.is_view():
+            spreads.append(None)
+        elif row.size:
+            spreads.append(
+                (f"{row.size / row.p90_s / 1e9:.2f}", f"{row.size / row.p10_s / 1e9:.2f}")
+            )
+        else:
+            spreads.append((f"{row.p10_s * 1e6:.3f}", f"{row.p90_s * 1e6:.3f}"))
+    lo_w = max((len(s[0]) for s in spreads if s), default=0)
+    hi_w = max((len(s[1]) for s in spreads if s), default=0)
+    cells = [
+        ["case", "size", "method", unit, "p10-p90", "vs best"]
+        # (rows with a memory kind are judged against min(P, H); older ones against P alone)
+        + ([("of lim" if any(r.memory for r in rows) else "of P")] if with_peak else [])
+    ]
+    seen: set[tuple[str, int]] = set()
+    for row, spread, ratio in zip(rows, spreads, vs_best(rows), strict=True):
+        first = (row.case, row.size) not in seen  # the group's first row names it
+        seen.add((row.case, row.size))
+        line = [
+            row.case if first else "",
+            fmt_size(row.size) if first and row.size else "",
+            row.method,
+            "view" if spread is None else f"{row.value():.{digits}f}",
+            "" if spread is None else f"[{spread[0]:>{lo_w}}-{spread[1]:>{hi_w}}]",
+            "" if ratio is None else f"{ratio:.2f}x",
+        ]
+        if with_peak:
+            line.append(
+                f"{row.value() / row.peak_gbs:.2f}" if row.peak_gbs and spread is not None else ""
+            )
+        cells.append(line)
+    widths = [max(len(c[k]) for c in cells) for k in range(len(cells[0]))]
+    left = (True, False, True, False, False, False, False)  # case and method read left to right
+
+    def fmt(cell_row: list[str]) -> str:
+        parts = [
+            c.ljust(w) if left[k] else c.rjust(w)
+            for k, (c, w) in enumerate(zip(cell_row, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    header = fmt(cells[0])
+    return [header, "-" * len(header), *(fmt(c) for c in cells[1:])]

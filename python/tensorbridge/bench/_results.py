@@ -5,8 +5,8 @@ fields as in ``Row``; the files under benchmarks/results are in this form and ``
 reads them back. Transfer runs add their limits at the top level (``P_d2h``, ``P_h2d``,
 ``H_d2h``, ``H_h2d``, in GB/s), and their transfer rows (those with a ``direction``)
 three derived fields: ``gbs``; ``vs_best_baseline``, the fastest baseline's time over
-this row's among the rows of the same section, direction, memory and size (None for
-baselines); and ``of_limit``, ``gbs`` over the limit the row is judged against
+this row's among the rows of the same section, case, size and memory (the table's 'vs
+best'; None for baselines); and ``of_limit``, ``gbs`` over the limit the row is judged against
 (``peak_gbs``: min(P, H) for pageable and simulated rows, P for pinned ones).
 """
 
@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._report import vs_best
 from ._rows import Report, Row
 
 
@@ -33,22 +34,14 @@ def write_json(
 
 
 def row_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """The rows as JSON objects, transfer rows with gbs, vs_best_baseline and of_limit."""
-
-    def key(r: Row) -> tuple[str, str | None, str | None, int]:
-        return (r.section, r.direction, r.memory, r.size)
-
-    best: dict[tuple[str, str | None, str | None, int], float] = {}
-    for r in rows:
-        if r.baseline and r.direction is not None:
-            best[key(r)] = min(best.get(key(r), r.median_s), r.median_s)
+    """The rows as JSON objects, transfer rows with gbs, vs_best_baseline (the table's
+    'vs best') and of_limit."""
     records = []
-    for r in rows:
+    for r, ratio in zip(rows, vs_best(rows), strict=True):
         d = dataclasses.asdict(r)
         if r.direction is not None and r.size:
             d["gbs"] = r.value()
-            fastest = best.get(key(r))
-            d["vs_best_baseline"] = None if r.baseline or fastest is None else fastest / r.median_s
+            d["vs_best_baseline"] = ratio
             d["of_limit"] = r.value() / r.peak_gbs if r.peak_gbs else None
         records.append(d)
     return records

@@ -32,6 +32,11 @@ class Row:
         """GB/s for copies, microseconds per call for overhead rows."""
         return self.size / self.median_s / 1e9 if self.size else self.median_s * 1e6
 
+    def is_view(self) -> bool:
+        """A method that returns a view of its input (its name ends in 'view]', as in
+        'tb.to_numpy(x)  [ml_dtypes view]') moves no bytes: GB/s would be meaningless."""
+        return self.size > 0 and self.method.endswith("view]")
+
 
 @dataclass
 class Report:

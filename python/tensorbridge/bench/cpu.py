@@ -21,7 +21,7 @@ import torch
 
 from .. import _backend
 from .._convert import from_numpy, to_numpy
-from . import link, loader
+from . import _plot, link, loader
 from ._report import format_report, machine
 from ._results import save
 from ._rows import KiB, MiB, Report, fmt_size, parse_size, slug
@@ -278,10 +278,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads", type=int, help="threads for the compiled core's large copies (default: as set)"
     )
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-<machine>.txt and .json")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw GB/s against size and each row's 'vs best' (needs matplotlib)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.repeats < 2:
         p.error("--repeats must be at least 2")
+    if args.plot and not _plot.available():
+        p.error(_plot.MISSING)  # before the run, not after minutes of measuring
 
     if args.fallback and _backend.ENGINE.extension:
         return _rerun_on_fallback(argv)  # (already on the fallback path: measure it here)
@@ -308,4 +315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save:
         base = save(report, text, args.save, result_basename(report))
         print(f"\nsaved {base}.txt and {base}.json", file=sys.stderr)
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def plot(report: Report, path: str) -> None:
+    """GB/s against size for the sections measured at several sizes, and every 'vs best'."""
+    m = report.machine
+    title = (
+        f"tensorbridge CPU benchmark, {m['path']} path (threads: {m['threads']}): "
+        f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}"
+    )
+    _plot.plot(report, path, title, ratios=True)

@@ -25,6 +25,7 @@ from .. import _backend, _pinned
 from .._batch import to_device
 from .._convert import to_numpy, to_tensor
 from .._loader import images_to_tensor
+from . import _plot
 from ._report import format_report, machine
 from ._results import save
 from ._rows import GiB, KiB, MiB, Report, parse_size, slug
@@ -358,43 +359,11 @@ def bench_batches(r: Runner, peak: float) -> None:
 
 def plot(report: Report, path: str) -> None:
     """GB/s against size for every method, one panel per direction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     transfer = ("device -> host", "host -> device", "both directions")
     sections = sorted({row.section for row in report.rows if row.section.startswith(transfer)})
-    fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 4.8), squeeze=False)
-    for ax, sec in zip(axes[0], sections, strict=True):
-        rows = [row for row in report.rows if row.section == sec]
-        for method in dict.fromkeys(row.method for row in rows):
-            pts = [(row.size, row.value()) for row in rows if row.method == method]
-            style = "-" if method.startswith("tb") else "--"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
-        lim = report.limits
-        key = {"device -> host": "d2h", "host -> device": "h2d"}.get(sec.split(",")[0])
-        if lim and key:  # the two limits a transfer row is judged against
-            for name, value, color in (
-                ("P", lim[f"P_{key}"], "gray"),
-                ("H", lim[f"H_{key}"], "C3"),
-            ):
-                ax.axhline(value, color=color, linewidth=0.8, linestyle=":")
-                ax.text(rows[0].size, value, f" {name} = {value:.1f} GB/s", va="bottom", fontsize=8)
-        elif rows[0].peak_gbs:
-            peak = rows[0].peak_gbs
-            ax.axhline(peak, color="gray", linewidth=0.8)
-            ax.text(rows[0].size, peak, f" P = {peak:.1f} GB/s", va="bottom", fontsize=8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("bytes per transfer")
-        ax.set_ylabel("GB/s")
-        ax.set_title(sec)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
     m = report.machine
-    fig.suptitle(f"tensorbridge on {m['gpu']} ({m.get('pcie')}), {m['cpu']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    title = f"tensorbridge on {m['gpu']} ({m.get('pcie')}), {m['cpu']}"
+    _plot.plot(report, path, title, sections=sections)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
