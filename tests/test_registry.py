@@ -3,9 +3,12 @@
 The cache takes its driver calls as injected operations. ``FakeDriver`` records them and
 checks what a driver would enforce: nothing registered twice or overlapping, exactly
 what was registered unregistered, once, and the budget. So every rule of the policy
-(which arrays, after how many sightings, until when, within what budget, under threads)
-runs here without a GPU. The budget the pool shares with the registrations is tested in
-the real pool in test_engine.py.
+(which arrays, after how many sightings, until when, within what budget, under threads
+and forks) runs here without a GPU. The wiring in ``_cuda.to_host`` / ``to_device`` runs
+here over a fake engine (the promises: a registered source is waited for, even
+non-blocking; a registered ``out`` behaves as a pinned one). The budget the pool shares
+with the registrations is tested in the real pool in test_engine.py, the CUDA calls
+themselves in test_gpu.py.
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ from __future__ import annotations
 import ctypes
 import gc
 import mmap
+import os
 import random
+import subprocess
+import sys
 import threading
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
 import torch
 
-from tensorbridge import _registry
+import tensorbridge as tb
+from tensorbridge import _backend, _cuda, _registry
 from tensorbridge._registry import RegistrationCache
 
 from conftest import run_in_threads
@@ -474,6 +482,66 @@ def test_min_bytes_and_sightings_apply_to_the_next_transfers():
     assert used(cache, a)
 
 
+def test_registration_options_checks_and_round_trips():
+    saved = tb.registration_options()
+    try:
+        got = tb.registration_options(enabled=np.bool_(True), min_bytes=np.int64(8 << 20))
+        assert got == {"enabled": True, "min_bytes": 8 << 20, "sightings": saved["sightings"]}
+        assert type(got["min_bytes"]) is int and type(got["enabled"]) is bool
+        assert tb.registration_options(sightings=3)["sightings"] == 3
+        for call, exc in (
+            (lambda: tb.registration_options(enabled="no"), TypeError),
+            (lambda: tb.registration_options(min_bytes=1.5), TypeError),
+            (lambda: tb.registration_options(sightings=True), TypeError),
+            (lambda: tb.registration_options(min_bytes=0), ValueError),
+            (lambda: tb.registration_options(sightings=0), ValueError),
+        ):
+            with pytest.raises(exc):
+                call()
+        assert tb.registration_options()["sightings"] == 3  # a refusal changed nothing
+    finally:
+        tb.registration_options(**saved)
+    assert tb.registration_options() == saved
+
+
+@pytest.mark.parametrize(
+    ("value", "enabled"), [(None, True), ("1", True), ("on", True), ("0", False), ("off", False)]
+)
+def test_the_environment_switch_is_read_at_import(value, enabled):
+    env = {k: v for k, v in os.environ.items() if k != _registry.REGISTER_ENV}
+    if value is not None:
+        env[_registry.REGISTER_ENV] = value
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = "import tensorbridge as tb; print(tb.registration_options()['enabled'])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(enabled)
+
+
+def test_an_unknown_environment_value_fails_at_import_naming_the_values():
+    env = dict(os.environ, **{_registry.REGISTER_ENV: "maybe"})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import tensorbridge"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "TENSORBRIDGE_REGISTER='maybe' is not understood" in proc.stderr
+    assert "set it to 0" in proc.stderr
+
+
+def test_pinned_stats_report_the_cache_on_both_paths(backend):
+    stats = tb.pinned_stats()
+    cache = _registry.CACHE.stats()
+    assert {k: stats[k] for k in cache} == cache
+    assert set(cache) >= {"registered_bytes", "registrations", "registered_hits", "evictions"}
+
+
 # ------------------------------------------------------------------------- threads, forks
 
 
@@ -541,3 +609,177 @@ def test_threads_share_the_cache_and_the_driver_sees_a_consistent_story():
     assert drv.registered == {} and drv.reserved == 0
     registers, unregisters = drv.calls("register"), drv.calls("unregister")
     assert len(registers) == len(unregisters) > 0 and drv.errors == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_forgets_the_parents_registrations_without_unregistering(monkeypatch):
+    drv = FakeDriver()
+    monkeypatch.setattr(_registry.CACHE, "_ops", drv)
+    saved = tb.registration_options()
+    tb.registration_options(min_bytes=MIN, sightings=1)
+    try:
+        a = np.zeros(MIN, np.uint8)
+        assert used(_registry.CACHE, a)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the at-fork hook has reset the cache
+            try:
+                stats = _registry.CACHE.stats()
+                del a  # a copy of the parent's array: nothing to unregister here
+                gc.collect()
+                b = np.zeros(MIN, np.uint8)
+                works = used(_registry.CACHE, b)  # the child's own cache still works
+                report = [len(drv.calls("unregister")), stats["registered_arrays"], int(works)]
+                os.write(write, " ".join(map(str, report)).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        child = os.read(read, 100).decode().split()
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert child == ["0", "0", "1"]
+        assert drv.registered == {addr(a): MIN}  # the parent's registration is intact
+        del a
+        assert drv.registered == {} and drv.errors == []
+    finally:
+        tb.registration_options(**saved)
+
+
+# ------------------------------------------------------------------------- the wiring
+
+
+class _Pending:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.waited = False
+
+    def done(self) -> bool:
+        return self.waited
+
+    def wait(self) -> None:
+        self.waited = True
+        self.log.append("waited")
+
+
+class FakeCore:
+    """The compiled module's GPU calls over host memory: 'device' pointers are host ones."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.pinned: set[int] = set()  # addresses page-locked by the user
+        self.pendings: list[_Pending] = []
+
+    def is_host_pinned(self, a: np.ndarray) -> bool:
+        return addr(a) in self.pinned
+
+    def cuda_copy_async(self, device, stream, dst, src, nbytes, to_host, keepalive):
+        ctypes.memmove(dst, src, nbytes)
+        self.log.append("dma")
+        self.pendings.append(_Pending(self.log))
+        return self.pendings[-1]
+
+    def cuda_copy_to_host(self, device, stream, src, dst, chunk, buffers, swap):
+        ctypes.memmove(addr(dst), src, dst.nbytes)
+        self.log.append("staged")
+
+    def cuda_copy_to_device(self, device, stream, src, dst, chunk, buffers, swap, wait):
+        ctypes.memmove(dst, addr(src), src.nbytes)
+        self.log.append("staged")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """_cuda's GPU paths over host memory, with a fresh cache over a FakeDriver."""
+    core = FakeCore()
+    cache, drv = make()
+    added: list[_Pending] = []
+    monkeypatch.setattr(_backend, "ENGINE", types.SimpleNamespace(core=core, C=None))
+    monkeypatch.setattr(_registry, "CACHE", cache)
+    monkeypatch.setattr(_cuda, "_completions", types.SimpleNamespace(add=added.append))
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0)
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return types.SimpleNamespace(core=core, cache=cache, driver=drv, completions=added)
+
+
+N = 1 << 19  # float32 elements: 2 MiB, over the small-copy routing's limits
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_wiring_a_reused_source_is_registered_and_waited_for(fake_gpu, non_blocking):
+    """Host to device from a registered source returns with the source free to reuse,
+    non_blocking too (unlike a user's own pinned source)."""
+    a = np.zeros(N, np.float32)
+    out = torch.empty(N)
+    for k in range(4):
+        a[:] = np.random.default_rng(k).random(N, dtype=np.float32)
+        fake_gpu.core.log.clear()
+        got = _cuda.to_device(a, torch.device("cuda", 0), None, non_blocking, out)
+        assert got is out and np.array_equal(out.numpy(), a)
+        assert fake_gpu.core.log == (["staged"] if k == 0 else ["dma", "waited"])
+    assert fake_gpu.completions == []
+    assert fake_gpu.driver.registered == {addr(a): a.nbytes}
+    assert fake_gpu.cache.stats()["registered_hits"] == 2
+
+
+def test_wiring_a_users_pinned_source_is_still_not_waited_for(fake_gpu):
+    a = np.ones(N, np.float32)
+    fake_gpu.core.pinned.add(addr(a))
+    fake_gpu.driver.refuse.add(addr(a))  # (as _CudaOps refuses memory pinned elsewhere)
+    out = torch.empty(N)
+    for _ in range(3):
+        _cuda.to_device(a, torch.device("cuda", 0), None, True, out)
+    assert fake_gpu.core.log == ["dma"] * 3
+    assert len(fake_gpu.completions) == 3 and not any(p.waited for p in fake_gpu.completions)
+    assert fake_gpu.driver.registered == {}
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_wiring_a_reused_out_is_registered_and_behaves_as_a_pinned_one(fake_gpu, non_blocking):
+    out = np.zeros(N, np.float32)
+    for k in range(3):
+        x = torch.from_numpy(np.random.default_rng(k).random(N, dtype=np.float32))
+        fake_gpu.core.log.clear()
+        got = _cuda.to_host(x, out, np.dtype(np.float32), non_blocking)
+        if non_blocking:
+            assert isinstance(got, tb.Transfer)
+            if k:  # a direct DMA: finished by wait(), not before
+                assert fake_gpu.core.log == ["dma"]
+            got = got.wait()
+        assert got is out and np.array_equal(out, x.numpy())
+        assert fake_gpu.core.log == (["staged"] if k == 0 else ["dma", "waited"])
+    assert fake_gpu.driver.registered == {addr(out): out.nbytes}
+
+
+def test_wiring_with_registration_off_every_transfer_is_staged(fake_gpu):
+    fake_gpu.cache.configure(enabled=False)
+    a, out = np.ones(N, np.float32), torch.empty(N)
+    for _ in range(3):
+        _cuda.to_device(a, torch.device("cuda", 0), None, False, out)
+        _cuda.to_host(out, a, np.dtype(np.float32), False)
+    assert fake_gpu.core.log == ["staged"] * 6 and fake_gpu.driver.log == []
+
+
+def test_the_cuda_ops_leave_memory_pinned_elsewhere_alone(monkeypatch):
+    calls: list[tuple] = []
+    fake = types.SimpleNamespace(
+        is_host_pinned=lambda a: calls.append(("is_pinned",)) or pinned,
+        cuda_host_register=lambda a: calls.append(("register",)) or True,
+        cuda_host_unregister=lambda address, n: calls.append(("unregister", address, n)),
+        cuda_reserve_pinned=lambda n: calls.append(("reserve", n)) or True,
+        cuda_unreserve_pinned=lambda n: calls.append(("unreserve", n)),
+        cuda_pinned_stats=lambda: {"budget": 1000},
+    )
+    monkeypatch.setattr(_backend, "_LOADED", fake)
+    ops = _registry._CudaOps()
+    a = np.zeros(8)
+    pinned = True
+    assert ops.register(a) is False and calls == [("is_pinned",)]
+    pinned = False
+    assert ops.register(a) is True and calls[-1] == ("register",)
+    ops.unregister(5, 6)
+    assert ops.reserve(7) and calls[-2:] == [("unregister", 5, 6), ("reserve", 7)]
+    assert ops.limit() == 500
+    monkeypatch.setattr(_backend, "_LOADED", None)  # the pure-Python path: nothing to call
+    assert not ops.register(a) and not ops.reserve(1) and ops.limit() == 0

@@ -37,6 +37,10 @@ The policy:
   take turns evicting each other (each turn would cost a registration and a device
   synchronization); the newcomer keeps the staged path instead.
 
+Switches: ``TENSORBRIDGE_REGISTER=0`` (read at import) turns registration off;
+:func:`registration_options` turns it off or on at run time and sets ``min_bytes`` and
+``sightings``. :func:`tensorbridge.pinned_stats` reports the counters.
+
 Threads and forks: the cache's lock guards its tables and is never held across a driver
 call (a registration, or an unregistration, which synchronizes the devices). An owner's
 weakref callback may run on any thread at any time, garbage collection included, even on
@@ -51,14 +55,18 @@ registrations without unregistering them: they belong to the parent's CUDA conte
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import itertools
+import os
 import threading
 import weakref
 from typing import Protocol, TypedDict
 
 import numpy as np
+
+from . import _backend
 
 REGISTER_ENV = "TENSORBRIDGE_REGISTER"
 DEFAULT_MIN_BYTES = 4 << 20
@@ -548,3 +556,94 @@ class RegistrationCache:
         """In a forked child: forgets the parent's registrations without unregistering them
         (they belong to the parent's CUDA context); the owners' callbacks find nothing."""
         self._reset()
+
+
+# --------------------------------------------------------------------------- the process's cache
+
+
+class _CudaOps:
+    """The CUDA engine's calls; always the module that was loaded (not ``ENGINE``, which
+    tests swap), so that cleanup reaches the module that registered."""
+
+    def register(self, owner: np.ndarray) -> bool:
+        C = _backend._LOADED
+        if C is None or C.is_host_pinned(owner):
+            return False  # (page-locked by someone else: theirs to manage)
+        return bool(C.cuda_host_register(owner))
+
+    def unregister(self, address: int, nbytes: int) -> None:
+        if _backend._LOADED is not None:
+            _backend._LOADED.cuda_host_unregister(address, nbytes)
+
+    def reserve(self, nbytes: int) -> bool:
+        C = _backend._LOADED
+        return C is not None and bool(C.cuda_reserve_pinned(nbytes))
+
+    def unreserve(self, nbytes: int) -> None:
+        if _backend._LOADED is not None:
+            _backend._LOADED.cuda_unreserve_pinned(nbytes)
+
+    def limit(self) -> int:
+        C = _backend._LOADED
+        return share_of(int(C.cuda_pinned_stats()["budget"])) if C is not None else 0
+
+
+def enabled_from_env() -> bool:
+    """``TENSORBRIDGE_REGISTER``: on unless set to 0, off, false or no.
+
+    Raises:
+        ValueError: it holds anything else.
+    """
+    raw = os.environ.get(REGISTER_ENV, "").strip().lower()
+    if raw in ("", "1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(
+        f"{REGISTER_ENV}={os.environ[REGISTER_ENV]!r} is not understood: set it to 0 to turn "
+        "the registration of reused arrays off, or 1 (the default)."
+    )
+
+
+#: The registration cache GPU transfers use (read as ``_registry.CACHE``).
+CACHE = RegistrationCache(_CudaOps(), enabled=enabled_from_env())
+atexit.register(lambda: CACHE.close())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: CACHE.reset_after_fork())
+
+
+def registration_options(
+    enabled: bool | None = None, min_bytes: int | None = None, sightings: int | None = None
+) -> RegistrationOptions:
+    """Sets (when given) and returns how reused pageable arrays are page-locked in place.
+
+    On a GPU, a pageable array that comes back (the ``out`` of ``to_numpy``, the source of
+    ``to_tensor(a, "cuda")``) is registered (``cudaHostRegister``) on its ``sightings``-th
+    transfer (2) when it is at least ``min_bytes`` (4 MiB), C-contiguous, in native byte
+    order and NumPy's own memory; its transfers are then one direct DMA. The registration
+    lasts until the array is freed or evicted, within half of the pinned budget
+    (:func:`set_pinned_budget`). ``enabled=False`` (or ``TENSORBRIDGE_REGISTER=0`` at
+    import) turns it off and drops every registration. Nothing else changes: a call that
+    returns with its source free to reuse still does.
+
+    While an array is tracked (seen by a transfer, until the cache forgets it), NumPy
+    refuses ``a.resize()`` on it, as for any array something else references; use
+    ``np.resize`` or turn registration off first.
+
+    Example:
+        >>> import tensorbridge as tb
+        >>> tb.registration_options()["min_bytes"]
+        4194304
+    """
+    if enabled is not None and not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(
+            f"registration_options: enabled must be a bool, got {type(enabled).__name__}: "
+            f"{enabled!r}: pass True or False."
+        )
+    if min_bytes is not None:
+        min_bytes = _backend.int_arg(min_bytes, "registration_options: min_bytes", 1, 2**62)
+    if sightings is not None:
+        sightings = _backend.int_arg(sightings, "registration_options: sightings", 1, 1000)
+    return CACHE.configure(
+        None if enabled is None else bool(enabled), min_bytes=min_bytes, sightings=sightings
+    )
