@@ -10,15 +10,17 @@ the whole policy is tested on a machine without a GPU.
 
 The policy:
 
-- **Which arrays.** C-contiguous, native byte order, at least ``min_bytes`` (4 MiB: below
-  a few MiB the staged copy costs little more than a DMA, while each registration costs a
-  ``cudaHostRegister`` and, when dropped, a device synchronization), and whose memory's
+- **Which arrays.** C-contiguous, native byte order, at least ``min_bytes`` (4 MiB: each
+  registration costs a ``cudaHostRegister`` and, when dropped, a device synchronization,
+  which the few microseconds a small transfer would save do not win back; and it keeps
+  the registrations few), and whose memory's
   owner can be tracked: ``a.base`` is walked to the final owner, which must be a plain
   ``numpy.ndarray`` that owns its data (NumPy allocated it and frees it in its dealloc).
   That whole buffer is registered, once for all the views into it, and only when the
   view covers at least half of it (a slice never page-locks a large array). Memory that
   something else owns (``np.memmap``, bytes, bytearray, mmap, torch tensors, other
-  libraries' buffers, ndarray subclasses) is never registered: nothing says when it goes.
+  libraries' buffers, an ndarray subclass's own data) is never registered: nothing says
+  when it goes.
 - **When.** On the ``sightings``-th transfer (the 2nd) of the same owner, address and
   size; earlier ones take the staged path as before. Sightings are held by weak
   reference, so a new array that happens to get a freed one's address is a new array.
