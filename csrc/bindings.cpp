@@ -400,6 +400,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
   m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
   m.def(
+      "cuda_reserve_pinned",
+      [](size_t bytes) {
+        py::gil_scoped_release release;  // (may free idle staging blocks to make room)
+        return tb::cuda::reserve_pinned(bytes);
+      },
+      py::arg("bytes"),
+      "Take bytes of the pinned budget for arrays registered in place; False if no room.");
+  m.def("cuda_unreserve_pinned", &tb::cuda::unreserve_pinned, py::arg("bytes"),
+        "Give bytes taken by cuda_reserve_pinned back.");
+  m.def(
       "cuda_host_register",
       [](py::array a) {
         const tb::ByteSpan s = byte_span(a);

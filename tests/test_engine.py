@@ -388,6 +388,66 @@ def test_pool_budget_holds_under_contention():
     assert s["bytes_in_use"] == 0 and s["bytes_held"] <= s["budget"]
 
 
+KIB, MIB = 1 << 10, 1 << 20
+
+
+@needs_testing_module
+def test_the_pool_and_its_reservations_never_exceed_the_budget():
+    """Part of the budget reserved for arrays registered in place (the registration
+    cache): blocks and reservations together stay within it."""
+    budget = 8 * MIB
+    t = make_tester(budget=budget)
+    src = np.random.default_rng(0).integers(0, 256, 8 * MIB, dtype=np.uint8)
+    device = np.zeros_like(src)
+    t.to_device(src, device, chunk_bytes=1 * MIB, buffers=4)
+    t.drain()
+    held = t.stats()["bytes_held"]
+    assert held == 4 * MIB  # idle blocks cached by the pool
+    assert t.reserve(6 * MIB)  # makes room by freeing idle blocks...
+    s = t.stats()
+    assert s["bytes_held"] <= 2 * MIB and s["frees"] >= 2 and t.reserved == 6 * MIB
+    assert not t.reserve(3 * MIB) and t.reserved == 6 * MIB  # ...never past the budget
+    # With 2 MiB left for blocks the pipeline still moves the data (waits or pageable).
+    device[:] = 0
+    t.to_device(src, device, chunk_bytes=1 * MIB, buffers=4)
+    t.drain()
+    assert np.array_equal(device, src)
+    assert t.stats()["bytes_held"] + t.reserved <= budget
+    t.unreserve(6 * MIB)
+    t.unreserve(1 * MIB)  # (more than reserved: clamped, never below zero)
+    assert t.reserved == 0 and t.reserve(budget)
+
+
+@needs_testing_module
+def test_reservations_and_transfers_from_threads_stay_within_the_budget():
+    budget = 6 * 256 * KIB
+    t = make_tester(delay_us=20, budget=budget)
+    over: list[int] = []
+
+    def work(i: int) -> None:
+        rng = np.random.default_rng(i)
+        for _ in range(30):
+            if i == 0:  # the only thread that reserves: its reservation is known
+                n = int(rng.integers(1, 5)) * 256 * KIB
+                if t.reserve(n):
+                    for _ in range(5):  # while the others' transfers come and go
+                        held = t.stats()["bytes_held"]
+                        if held + n > budget:
+                            over.append(held + n)
+                        time.sleep(0.002)
+                    t.unreserve(n)
+            else:
+                src = rng.integers(0, 256, 1 * MIB, dtype=np.uint8)
+                out = np.zeros_like(src)
+                t.to_host(src, out, chunk_bytes=256 * KIB, buffers=2)
+                assert np.array_equal(out, src)
+
+    run_in_threads(work, 6, timeout=120)
+    assert over == [] and t.reserved == 0
+    s = t.stats()
+    assert s["bytes_held"] <= budget and s["bytes_in_use"] == 0
+
+
 @needs_testing_module
 def test_bad_arguments_raise_before_copying():
     t = make_tester()

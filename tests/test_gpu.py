@@ -40,6 +40,15 @@ def _engine_options():
     tb.transfer_options(**saved)
 
 
+@pytest.fixture
+def no_registration():
+    """Tests of the staged pipeline itself: the arrays they reuse would be registered."""
+    saved = tb.registration_options()
+    tb.registration_options(enabled=False)
+    yield
+    tb.registration_options(**saved)
+
+
 def test_engine_is_live():
     info = tb.info()
     assert info["cuda"], info["cuda_reason"]
@@ -246,7 +255,7 @@ def test_pin_unpin_and_context_manager():
     assert not tb.is_pinned(a)
 
 
-def test_pool_reuses_blocks_and_keeps_its_budget(gen):
+def test_pool_reuses_blocks_and_keeps_its_budget(gen, no_registration):
     x = random_tensor((4096, 1024), torch.float32, gen).cuda()
     out = np.empty((4096, 1024), np.float32)
     tb.to_numpy(x, out=out)
@@ -316,6 +325,86 @@ def test_blocking_upload_is_complete_for_other_streams():
         got = t.sum()  # another stream, no wait_stream: the data must be there already
     side.synchronize()
     assert torch.allclose(got.cpu(), torch.from_numpy(a).sum(), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- registered arrays
+
+N8 = 2 << 20  # float32 elements: 8 MiB, over the registration's 4 MiB minimum
+
+
+def test_a_reused_out_is_registered_then_dmad_directly(gen):
+    out = np.empty(N8, np.float32)
+    before = tb.pinned_stats()
+    for _ in range(3):
+        x = random_tensor((N8,), torch.float32, gen).cuda()
+        assert tb.to_numpy(x, out=out) is out
+        assert_same(out, x.cpu().numpy())
+    after = tb.pinned_stats()
+    assert after["registrations"] - before["registrations"] == 1
+    assert after["registered_hits"] - before["registered_hits"] == 1
+    assert tb.is_pinned(out)  # page-locked in place
+    del out  # unregistered before NumPy frees it
+    freed = tb.pinned_stats()
+    assert freed["releases"] - before["releases"] == 1
+    assert freed["registered_bytes"] == before["registered_bytes"]
+
+
+def test_a_registered_out_non_blocking_is_finished_by_wait(gen):
+    x = random_tensor((N8,), torch.float32, gen).cuda()
+    out = np.empty(N8, np.float32)
+    tb.to_numpy(x, out=out)
+    tb.to_numpy(x, out=out)  # registered
+    expected = (x * 2).cpu().numpy()
+    torch.cuda._sleep(50_000_000)  # keep the stream busy
+    x.mul_(2)  # queued before the call: visible
+    handle = tb.to_numpy(x, out=out, non_blocking=True)
+    x.mul_(5)  # queued after: not visible
+    assert isinstance(handle, tb.Transfer)
+    assert handle.wait() is out
+    assert_same(out, expected)
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_a_registered_source_is_free_to_reuse_when_to_tensor_returns(non_blocking):
+    a = np.arange(4 * N8, dtype=np.float32)
+    expected = torch.from_numpy(a.copy())
+    tb.to_tensor(a, "cuda")
+    before = tb.pinned_stats()["registrations"]
+    torch.cuda._sleep(50_000_000)  # a DMA not waited for would still be queued...
+    t = tb.to_tensor(a, "cuda", non_blocking=non_blocking)  # registered: one direct DMA
+    a[:] = -1  # ...and would read this
+    torch.cuda.synchronize()
+    assert tb.pinned_stats()["registrations"] == before + 1
+    assert torch.equal(t.cpu(), expected)
+
+
+def test_registered_arrays_stay_within_half_the_pinned_budget():
+    old = tb.pinned_stats()
+    try:
+        tb.set_pinned_budget(64 << 20)
+        arrays = [np.full(2 * N8, i, np.float32) for i in range(4)]  # 16 MiB each
+        for a in arrays * 3:
+            assert torch.equal(tb.to_tensor(a, "cuda").cpu(), torch.from_numpy(a))
+            stats = tb.pinned_stats()
+            assert stats["registered_bytes"] <= 32 << 20
+            assert stats["registered_bytes"] + stats["bytes_held"] <= 64 << 20
+        assert stats["registrations"] > old["registrations"]
+    finally:
+        tb.set_pinned_budget(old["budget"])
+
+
+def test_turning_registration_off_unregisters_every_array():
+    saved = tb.registration_options()
+    a = np.ones(N8, np.float32)
+    try:
+        tb.to_tensor(a, "cuda")
+        tb.to_tensor(a, "cuda")
+        assert tb.is_pinned(a)
+        tb.registration_options(enabled=False)
+        assert not tb.is_pinned(a) and tb.pinned_stats()["registered_bytes"] == 0
+        assert torch.equal(tb.to_tensor(a, "cuda").cpu(), torch.from_numpy(a))
+    finally:
+        tb.registration_options(**saved)
 
 
 # ------------------------------------------------------------------------- batches
@@ -394,7 +483,7 @@ def fault():
 
 
 @pytest.mark.parametrize("after", [0, 1, 3])
-def test_injected_copy_fault_surfaces_and_pool_recovers(gen, fault, after):
+def test_injected_copy_fault_surfaces_and_pool_recovers(gen, fault, after, no_registration):
     x = random_tensor((8192, 1024), torch.float32, gen).cuda()  # 32 MiB: eight 4 MiB chunks
     out = poisoned((8192, 1024), np.float32)
     fault(after)

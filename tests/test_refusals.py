@@ -324,6 +324,8 @@ OTHER_REFUSALS = [
     ),
     ("transfer_options", "chunk below 4 KiB", lambda: tb.transfer_options(chunk_bytes=100)),
     ("set_pinned_budget", "negative budget", lambda: tb.set_pinned_budget(-1)),
+    ("registration_options", "enabled as a string", lambda: tb.registration_options(enabled="no")),
+    ("registration_options", "zero sightings", lambda: tb.registration_options(sightings=0)),
 ]
 
 

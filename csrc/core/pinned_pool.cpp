@@ -6,8 +6,13 @@
 
 namespace tb {
 
-PinnedPool::PinnedPool(TransferEngine& engine, size_t budget_bytes)
-    : engine_(engine), budget_(budget_bytes) {}
+PinnedPool::PinnedPool(TransferEngine& engine, size_t budget_bytes, size_t reserved)
+    : engine_(engine), budget_(budget_bytes), reserved_(reserved) {}
+
+bool PinnedPool::fits_locked(size_t need) const {
+  // (written so that no sum can overflow: a budget of 2**63 is a valid "no limit")
+  return held_ <= budget_ && reserved_ <= budget_ - held_ && need <= budget_ - held_ - reserved_;
+}
 
 size_t PinnedPool::size_class(size_t nbytes) {
   constexpr size_t kPage = 4096;
@@ -32,8 +37,8 @@ BlockPtr PinnedPool::acquire(size_t nbytes) {
     }
   }
   // 2. A new block, if the budget allows (after freeing idle blocks of other classes).
-  if (held_ + cls > budget_) make_room_locked(cls);
-  if (held_ + cls <= budget_) {
+  if (!fits_locked(cls)) make_room_locked(cls);
+  if (fits_locked(cls)) {
     held_ += cls;  // reserved now, so concurrent callers cannot overshoot the budget
     in_use_ += cls;
     lock.unlock();
@@ -81,7 +86,7 @@ void PinnedPool::release(BlockPtr block) noexcept {
   if (!block) return;
   std::lock_guard<std::mutex> lock(m_);
   in_use_ -= block->size;
-  if (held_ > budget_ && idle_done(*block)) {  // the budget shrank while this block was out
+  if (!fits_locked(0) && idle_done(*block)) {  // the budget shrank while this block was out
     held_ -= block->size;
     ++counters_.frees;
     return;  // (block frees its memory and event here)
@@ -112,7 +117,7 @@ void PinnedPool::free_block_locked(std::multimap<size_t, BlockPtr>::iterator it)
 }
 
 void PinnedPool::make_room_locked(size_t need) {
-  while (held_ + need > budget_) {
+  while (!fits_locked(need)) {
     auto victim = idle_.end();
     for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {  // largest first
       if (idle_done(*it->second)) {
@@ -150,7 +155,25 @@ size_t PinnedPool::budget() {
 void PinnedPool::set_budget(size_t bytes) {
   std::lock_guard<std::mutex> lock(m_);
   budget_ = bytes;
-  if (held_ > budget_) make_room_locked(0);
+  if (!fits_locked(0)) make_room_locked(0);
+}
+
+bool PinnedPool::reserve(size_t nbytes) {
+  std::lock_guard<std::mutex> lock(m_);
+  if (!fits_locked(nbytes)) make_room_locked(nbytes);
+  if (!fits_locked(nbytes)) return false;
+  reserved_ += nbytes;
+  return true;
+}
+
+void PinnedPool::unreserve(size_t nbytes) noexcept {
+  std::lock_guard<std::mutex> lock(m_);
+  reserved_ -= std::min(nbytes, reserved_);
+}
+
+size_t PinnedPool::reserved() {
+  std::lock_guard<std::mutex> lock(m_);
+  return reserved_;
 }
 
 void PinnedPool::trim() {

@@ -5,7 +5,8 @@
 // asynchronous copy and is handed out again only once that event has completed. The
 // pool never holds more than its byte budget: over budget it frees idle blocks, waits
 // for a pending block of the right class, or answers nullptr so the caller takes the
-// pageable path. Thread safe.
+// pageable path. Part of the budget can be reserved for memory pinned outside the pool
+// (arrays page-locked in place), so both together stay within it. Thread safe.
 #pragma once
 
 #include <atomic>
@@ -44,7 +45,8 @@ struct PoolStats {
 
 class PinnedPool {
  public:
-  PinnedPool(TransferEngine& engine, size_t budget_bytes);
+  /// `reserved`: bytes of the budget already taken by memory pinned outside the pool.
+  PinnedPool(TransferEngine& engine, size_t budget_bytes, size_t reserved = 0);
   // Frees the idle blocks without waiting for them: call release_all() first. (The CUDA
   // pools are never destroyed: see cuda/cuda_engine.h.)
   ~PinnedPool() = default;
@@ -66,6 +68,14 @@ class PinnedPool {
   void set_budget(size_t bytes);
   /// Frees every idle block whose last copy has completed.
   void trim();
+  /// Takes nbytes of the budget for memory pinned outside the pool: true when they fit
+  /// beside the bytes held (idle, completed blocks are freed to make room), false and no
+  /// change otherwise. Checked under the pool's lock, so blocks pinned concurrently and
+  /// the reservations never exceed the budget together.
+  bool reserve(size_t nbytes);
+  /// Gives reserved bytes back (at most those reserved).
+  void unreserve(size_t nbytes) noexcept;
+  size_t reserved();
   /// Frees all idle blocks, waiting for pending ones (for tests and explicit shutdown).
   void release_all();
 
@@ -74,6 +84,8 @@ class PinnedPool {
  private:
   // Frees idle, completed blocks (largest first) until `need` more bytes fit. Lock held.
   void make_room_locked(size_t need);
+  // held_ + reserved_ + need fit in the budget. Lock held.
+  bool fits_locked(size_t need) const;
   void free_block_locked(std::multimap<size_t, BlockPtr>::iterator it);
   // True when b's last copy has completed (false on an engine error). Never throws.
   static bool idle_done(PinnedBlock& b) noexcept;
@@ -82,7 +94,8 @@ class PinnedPool {
   std::mutex m_;
   std::multimap<size_t, BlockPtr> idle_;  // by size class
   size_t budget_;
-  size_t held_ = 0;  // includes bytes reserved for allocations in progress
+  size_t held_ = 0;      // includes bytes reserved for allocations in progress
+  size_t reserved_ = 0;  // budget taken by memory pinned outside the pool (reserve())
   size_t in_use_ = 0;
   PoolStats counters_;
 };

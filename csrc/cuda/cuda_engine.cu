@@ -86,7 +86,7 @@ class CudaEngine final : public TransferEngine {
 };
 
 struct Device {
-  explicit Device(int d, size_t budget) : engine(d), pool(engine, budget) {}
+  Device(int d, size_t budget, size_t reserved) : engine(d), pool(engine, budget, reserved) {}
   CudaEngine engine;
   PinnedPool pool;
 };
@@ -94,7 +94,8 @@ struct Device {
 std::mutex g_mutex;
 // Leaked on purpose (see the header); indexed by device.
 auto* g_devices = new std::map<int, Device*>();
-size_t g_budget = 0;  // 0: not set yet, use default_pinned_budget()
+size_t g_budget = 0;    // 0: not set yet, use default_pinned_budget()
+size_t g_reserved = 0;  // budget taken by arrays registered in place (every pool reserves it)
 
 // Makes device d current for the guard's lifetime and restores the caller's device after:
 // the current device is per thread and shared with torch through the driver, so leaving
@@ -124,7 +125,7 @@ Device& device(int d) {
   auto it = g_devices->find(d);
   if (it != g_devices->end()) return *it->second;
   if (g_budget == 0) g_budget = default_pinned_budget();
-  Device* dev = new Device(d, g_budget);
+  Device* dev = new Device(d, g_budget, g_reserved);
   g_devices->emplace(d, dev);
   return *dev;
 }
@@ -171,6 +172,32 @@ PoolStats pinned_stats() {
     total.frees += s.frees;
   }
   return total;
+}
+
+bool reserve_pinned(size_t bytes) {
+  // Under g_mutex throughout, so a pool created meanwhile starts with the reservation
+  // (no path takes g_mutex while holding a pool's lock).
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const size_t budget = g_budget ? g_budget : default_pinned_budget();
+  if (bytes > budget || g_reserved > budget - bytes) return false;
+  std::vector<Device*> done;
+  done.reserve(g_devices->size());  // (push_back below cannot throw)
+  for (auto& [d, dev] : *g_devices) {
+    if (!dev->pool.reserve(bytes)) {
+      for (Device* undo : done) undo->pool.unreserve(bytes);
+      return false;
+    }
+    done.push_back(dev);
+  }
+  g_reserved += bytes;
+  return true;
+}
+
+void unreserve_pinned(size_t bytes) noexcept {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  bytes = std::min(bytes, g_reserved);
+  g_reserved -= bytes;
+  for (auto& [d, dev] : *g_devices) dev->pool.unreserve(bytes);
 }
 
 PipelineReport copy_to_host(int d, StreamHandle stream, const void* device_src, const HostView& dst,

@@ -21,6 +21,11 @@ size_t default_pinned_budget();
 void set_pinned_budget(size_t bytes);
 /// Summed over the devices used so far.
 PoolStats pinned_stats();
+/// Takes bytes of every device's budget for memory registered in place (pools created
+/// later start with it): false, and nothing taken, when some pool cannot make room.
+bool reserve_pinned(size_t bytes);
+/// Gives bytes taken by reserve_pinned() back.
+void unreserve_pinned(size_t bytes) noexcept;
 
 /// Device (dense) -> host view through the device's pool; blocks until done.
 PipelineReport copy_to_host(int device, StreamHandle stream, const void* device_src,

@@ -129,6 +129,9 @@ class HostTransferTester {
   py::dict stats() { return stats_dict(pool_.stats()); }
   void set_budget(size_t b) { pool_.set_budget(b); }
   void trim() { pool_.trim(); }
+  bool reserve(size_t b) { return pool_.reserve(b); }
+  void unreserve(size_t b) { pool_.unreserve(b); }
+  size_t reserved() { return pool_.reserved(); }
   int64_t live_pinned() const { return engine_.live_pinned(); }
   int64_t pinned_allocations() const { return engine_.pinned_allocations(); }
 
@@ -212,6 +215,10 @@ PYBIND11_MODULE(_C_testing, m) {
       .def("stats", &HostTransferTester::stats)
       .def("set_budget", &HostTransferTester::set_budget, py::arg("bytes"))
       .def("trim", &HostTransferTester::trim)
+      .def("reserve", &HostTransferTester::reserve, py::arg("bytes"),
+           "Take bytes of the budget for memory pinned outside the pool; False if no room.")
+      .def("unreserve", &HostTransferTester::unreserve, py::arg("bytes"))
+      .def_property_readonly("reserved", &HostTransferTester::reserved)
       .def_property_readonly("live_pinned", &HostTransferTester::live_pinned)
       .def_property_readonly("pinned_allocations", &HostTransferTester::pinned_allocations);
   m.def("plan_chunks", &plan_chunks, py::arg("shape"), py::arg("itemsize"), py::arg("chunk_bytes"),

@@ -13,6 +13,7 @@ from ._cuda import transfer_options
 from ._handle import Transfer
 from ._loader import Prefetcher, collate, images_to_tensor
 from ._pinned import empty_pinned, is_pinned, pin, pinned, pinned_stats, set_pinned_budget, unpin
+from ._registry import registration_options
 from ._version import __version__
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "pin",
     "pinned",
     "pinned_stats",
+    "registration_options",
     "set_num_threads",
     "set_pinned_budget",
     "to_device",

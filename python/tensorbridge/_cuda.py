@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import _backend, _dtypes
+from . import _backend, _dtypes, _registry
 from ._copy import swap_unit
 from ._handle import Transfer
 
@@ -191,15 +191,20 @@ def to_host(
     stream = torch.cuda.current_stream(device)
     index = _device_index(device)
 
-    if swap == 0 and dst.flags.c_contiguous and nbytes and C.is_host_pinned(dst):
-        # Page-locked destination: one DMA, queued now on the current stream.
-        pending = C.cuda_copy_async(
-            index, stream.cuda_stream, dst.ctypes.data, src.data_ptr(), nbytes, True, (src, out)
-        )
-        if non_blocking:
-            return Transfer(out, poll=pending.done, block=pending.wait)
-        pending.wait()
-        return out
+    # (an `out` that comes back is registered by the cache and DMA'd directly from then on;
+    # the lease keeps it registered until the copy is queued)
+    with _registry.CACHE.lease(dst) as registered:
+        if registered or (
+            swap == 0 and dst.flags.c_contiguous and nbytes and C.is_host_pinned(dst)
+        ):
+            # Page-locked destination: one DMA, queued now on the current stream.
+            pending = C.cuda_copy_async(
+                index, stream.cuda_stream, dst.ctypes.data, src.data_ptr(), nbytes, True, (src, out)
+            )
+            if non_blocking:
+                return Transfer(out, poll=pending.done, block=pending.wait)
+            pending.wait()
+            return out
 
     def run() -> np.ndarray:
         C.cuda_copy_to_host(
@@ -345,28 +350,33 @@ def to_device(
     else:
         dst = torch.empty(a.shape, dtype=t_dtype, device=device)
     stream = torch.cuda.current_stream(device)
-    if swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src):
-        # (the handle keeps the source alive until the DMA has read it)
-        pending = C.cuda_copy_async(
-            index, stream.cuda_stream, dst.data_ptr(), src.ctypes.data, nbytes, False, a
-        )
-        if non_blocking:
-            _completions.add(pending)
-        else:
-            pending.wait()
-    elif nbytes:
-        # Staged: `a` is not read once this returns (non_blocking: the last chunk is queued;
-        # blocking: it has arrived, so other streams may use the tensor at once).
-        C.cuda_copy_to_device(
-            index,
-            stream.cuda_stream,
-            src,
-            dst.data_ptr(),
-            _chunk_bytes(nbytes),
-            _options["buffers"],
-            swap,
-            not non_blocking,
-        )
+    with _registry.CACHE.lease(src) as registered:  # (a source that comes back: see to_host)
+        if registered or (
+            swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src)
+        ):
+            # (the handle keeps the source alive until the DMA has read it)
+            pending = C.cuda_copy_async(
+                index, stream.cuda_stream, dst.data_ptr(), src.ctypes.data, nbytes, False, a
+            )
+            if non_blocking and not registered:
+                _completions.add(pending)  # the caller's own pinned memory: not waited for
+            else:
+                # Registered by the cache, the source is still the caller's pageable array,
+                # free to reuse once this returns (as on the staged path): wait for the DMA.
+                pending.wait()
+        elif nbytes:
+            # Staged: `a` is not read once this returns (non_blocking: the last chunk is
+            # queued; blocking: it has arrived, so other streams may use the tensor at once).
+            C.cuda_copy_to_device(
+                index,
+                stream.cuda_stream,
+                src,
+                dst.data_ptr(),
+                _chunk_bytes(nbytes),
+                _options["buffers"],
+                swap,
+                not non_blocking,
+            )
     if out is not None and dst is not out:
         out.copy_(dst, non_blocking=True)  # cast (or re-layout) on the device
         return out

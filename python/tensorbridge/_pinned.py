@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _backend
+from . import _backend, _registry
 from ._dtypes import DTypeLike, as_numpy_dtype
 
 ShapeLike = int | tuple[int, ...] | list[int]
@@ -129,13 +129,26 @@ def pinned(array: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def pinned_stats() -> dict[str, Any]:
-    """The staging pool: bytes held and in use, budget, hits, misses, waits, fallbacks.
+    """The staging pool and the arrays registered in place, in one dict.
+
+    The pool: ``budget`` (bytes of page-locked memory it may hold per device, registered
+    arrays included), ``bytes_held`` and ``bytes_in_use``, and the counts of ``hits``
+    (a cached block reused), ``misses`` (a block pinned), ``waits`` (for a busy block),
+    ``fallbacks`` (no block: the pageable path), ``pin_failures`` and ``frees``.
+
+    The registration cache (pageable arrays that come back, page-locked in place: see
+    :func:`registration_options`): ``registered_bytes`` and ``registered_arrays`` now,
+    and the counts of ``registrations``, ``registered_hits`` (transfers that used an
+    earlier registration), ``sightings`` (qualifying transfers that found none),
+    ``evictions`` (registrations dropped while their array lived), ``releases`` (dropped
+    when their array was freed), ``register_failures`` and ``budget_refusals``.
 
     Example:
         >>> import tensorbridge as tb
         >>> sorted(tb.pinned_stats())[:3]
-        ['available', 'budget', 'bytes_held']
+        ['available', 'budget', 'budget_refusals']
     """
+    registry = _registry.CACHE.stats()
     if not _backend.ENGINE.cuda_engine:
         return {
             "available": False,
@@ -148,12 +161,16 @@ def pinned_stats() -> dict[str, Any]:
             "fallbacks": 0,
             "pin_failures": 0,
             "frees": 0,
+            **registry,
         }
-    return {"available": True, **_backend.ENGINE.core.cuda_pinned_stats()}
+    return {"available": True, **_backend.ENGINE.core.cuda_pinned_stats(), **registry}
 
 
 def set_pinned_budget(nbytes: int) -> None:
-    """Caps the pinned bytes the staging pool may hold per device; frees idle blocks over it."""
+    """Caps the page-locked bytes tensorbridge may hold per device: the staging pool's
+    blocks and the arrays registered in place together (registrations take at most half).
+    Idle blocks over it are freed, and registrations evicted, least recently used first."""
     nbytes = _backend.int_arg(nbytes, "set_pinned_budget: nbytes", 0, 2**62)
     if _backend.ENGINE.cuda_engine:
         _backend.ENGINE.core.cuda_set_pinned_budget(nbytes)
+        _registry.CACHE.trim(_registry.share_of(nbytes))

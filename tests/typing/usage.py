@@ -33,8 +33,12 @@ def main() -> None:
     info: dict[str, object] = dict(tb.info())
     tb.set_num_threads(tb.get_num_threads())
     pinned: np.ndarray = tb.empty_pinned((4,), np.float32)
+    options = tb.registration_options(min_bytes=8 << 20)
+    registering: bool = options["enabled"]
+    tb.registration_options(**options)
     assert same is out and waited.shape == (2, 3) and done and t.shape == u.shape
     assert back["y"][1] == 1 and stats and info and pinned.shape == (4,)
+    assert registering and options["min_bytes"] == 8 << 20
 
 
 def batches(x: torch.Tensor, a: np.ndarray) -> None:

@@ -25,15 +25,16 @@ from .. import _backend, _pinned
 from .._batch import to_device
 from .._convert import to_numpy, to_tensor
 from .._loader import images_to_tensor
+from .._registry import registration_options
 from . import _plot
 from ._report import format_report, machine
 from ._results import save
-from ._rows import GiB, KiB, MiB, Report, parse_size, slug
+from ._rows import GiB, KiB, MiB, Report, Row, parse_size, slug
 from ._runner import Call, Method, Runner, buffers_to_rotate, measure_group
 from .loader import bench_loader
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB]
-SECTIONS = ("d2h", "h2d", "both", "batch")
+SECTIONS = ("d2h", "h2d", "both", "batch", "registered")
 
 
 def gpu_machine() -> dict[str, Any]:
@@ -357,6 +358,132 @@ def bench_batches(r: Runner, peak: float) -> None:
     )
 
 
+def _tag(rows: list[Row], direction: str, memory: str, limits: Limits) -> None:
+    for row in rows:
+        row.direction, row.memory = direction, memory
+        row.peak_gbs = limits.of(direction, memory)
+
+
+def _registering(call: Callable[[], object]) -> None:
+    """call() with registration on the first sighting: what registering an array costs,
+    unregistering it when it is freed (here, as the call returns) included."""
+    saved = registration_options()["sightings"]
+    registration_options(sightings=1)
+    try:
+        call()
+    finally:
+        registration_options(sightings=saved)
+
+
+def _reused_methods(
+    t: torch.Tensor, a: np.ndarray, out: np.ndarray, plain: np.ndarray, untracked: np.ndarray
+) -> tuple[list[Method], list[Method]]:
+    """(device -> host, host -> device): torch on a plain pageable array, tb staged (memory
+    the cache cannot register) and tb on an array it registers during the warm-up."""
+    d2h: list[Method] = [
+        ("torch.from_numpy(out).copy_(t)", True, lambda i: torch.from_numpy(plain).copy_(t)),
+        (
+            "tb.to_numpy(t, out=out)  [staged: memory it cannot register]",
+            False,
+            lambda i: to_numpy(t, out=untracked),
+        ),
+        ("tb.to_numpy(t, out=out)  [registered]", False, lambda i: to_numpy(t, out=out)),
+    ]
+    h2d: list[Method] = [
+        ("torch.from_numpy(a).cuda()", True, lambda i: synced(torch.from_numpy(plain).cuda())),
+        (
+            "tb.to_tensor(a, 'cuda')  [staged: memory it cannot register]",
+            False,
+            lambda i: synced(to_tensor(untracked, "cuda")),
+        ),
+        ("tb.to_tensor(a, 'cuda')  [registered]", False, lambda i: synced(to_tensor(a, "cuda"))),
+    ]
+    return d2h, h2d
+
+
+def _registering_methods(t: torch.Tensor, a: np.ndarray) -> tuple[list[Method], list[Method]]:
+    """(device -> host, host -> device) into or from a fresh array every call: torch, tb
+    on a first sighting (staged), tb registering it (and unregistering it at its free)."""
+    n = a.size
+    d2h: list[Method] = [
+        (
+            "torch.from_numpy(np.empty(n)).copy_(t)",
+            True,
+            lambda i: torch.from_numpy(np.empty(n, np.float32)).copy_(t),
+        ),
+        (
+            "tb.to_numpy(t, out=np.empty(n))  [first sighting: staged]",
+            False,
+            lambda i: to_numpy(t, out=np.empty(n, np.float32)),
+        ),
+        (
+            "tb.to_numpy(t, out=np.empty(n))  [registers; unregisters at free]",
+            False,
+            lambda i: _registering(lambda: to_numpy(t, out=np.empty(n, np.float32))),
+        ),
+    ]
+    h2d: list[Method] = [
+        (
+            "torch.from_numpy(a.copy()).cuda()",
+            True,
+            lambda i: synced(torch.from_numpy(a.copy()).cuda()),
+        ),
+        (
+            "tb.to_tensor(a.copy(), 'cuda')  [first sighting: staged]",
+            False,
+            lambda i: synced(to_tensor(a.copy(), "cuda")),
+        ),
+        (
+            "tb.to_tensor(a.copy(), 'cuda')  [registers; unregisters at free]",
+            False,
+            lambda i: _registering(lambda: synced(to_tensor(a.copy(), "cuda"))),
+        ),
+    ]
+    return d2h, h2d
+
+
+def _bench_registered_size(r: Runner, nbytes: int, limits: Limits) -> None:
+    n = nbytes // 4
+    t = torch.rand(n, device="cuda")
+    a = np.random.default_rng(0).random(n, dtype=np.float32)
+    plain = a.copy()  # given to torch only: never registered
+    untracked = np.frombuffer(bytearray(nbytes), np.float32)  # memory the cache cannot track
+    untracked[:] = a
+    reused = _reused_methods(t, a, np.ones(n, np.float32), plain, untracked)
+    registering = _registering_methods(t, a)
+    for k, (direction, label) in enumerate((("d2h", "device -> host"), ("h2d", "host -> device"))):
+        section = f"registration cache, {label}, float32"
+        for case, methods, memory in (
+            ("reused array", reused[k], REUSED),
+            ("registering a fresh array", registering[k], FRESH),
+        ):
+            r.group(section, case, nbytes, methods)
+            _tag(r.rows[-len(methods) :], direction, memory, limits)
+
+
+def bench_registered(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
+    """Pageable arrays that come back, page-locked in place by the registration cache.
+
+    For each direction and size, two row groups, judged as pageable rows are, against
+    min(P, H) (the JSON also carries gbs: a registered array is one direct DMA, which
+    only P limits):
+
+    - a reused array: the same pageable array every call (registered during the warm-up),
+      beside torch's copy of a pageable array and tensorbridge's staged path (memory the
+      cache cannot register: a bytearray's);
+    - registering a fresh array: a new array every call, registered on that sighting and
+      unregistered when it is freed (what a reused array pays once), beside the same call
+      as a first sighting (staged) and torch's copy with a fresh array.
+    """
+    saved = registration_options()
+    try:
+        registration_options(enabled=True)
+        for nbytes in [s for s in sizes if s >= saved["min_bytes"]]:
+            _bench_registered_size(r, nbytes, limits)  # (its arrays unregistered as it returns)
+    finally:
+        registration_options(**saved)
+
+
 def plot(report: Report, path: str) -> None:
     """GB/s against size for every method, one panel per direction."""
     transfer = ("device -> host", "host -> device", "both directions")
@@ -399,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "batch" in args.sections:
         bench_batches(r, p_h2d)
         bench_loader(r, "cuda", images=1024, batch=64, size=128, workers=4)
+    if "registered" in args.sections:
+        bench_registered(r, args.sizes, limits)
     report.rows = r.rows
     m = report.machine
     text = "\n".join(

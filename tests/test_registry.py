@@ -1,0 +1,785 @@
+"""The registration cache (reused pageable arrays page-locked in place), on the CPU.
+
+The cache takes its driver calls as injected operations. ``FakeDriver`` records them and
+checks what a driver would enforce: nothing registered twice or overlapping, exactly
+what was registered unregistered, once, and the budget. So every rule of the policy
+(which arrays, after how many sightings, until when, within what budget, under threads
+and forks) runs here without a GPU. The wiring in ``_cuda.to_host`` / ``to_device`` runs
+here over a fake engine (the promises: a registered source is waited for, even
+non-blocking; a registered ``out`` behaves as a pinned one). The budget the pool shares
+with the registrations is tested in the real pool in test_engine.py, the CUDA calls
+themselves in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import mmap
+import os
+import random
+import subprocess
+import sys
+import threading
+import tracemalloc
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import tensorbridge as tb
+from tensorbridge import _backend, _cuda, _registry
+from tensorbridge._registry import RegistrationCache
+
+from conftest import run_in_threads
+
+MIN = 64 << 10  # the tests' min_bytes: small arrays, so many fit in memory at once
+
+
+def addr(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+class FakeDriver:
+    """RegistrationOps that record every call and note every broken rule in ``errors``
+    (an assertion raised in a weakref callback would only be printed)."""
+
+    def __init__(self, budget: int = 1 << 40, pool_held: int = 0) -> None:
+        self.lock = threading.Lock()
+        self.registered: dict[int, int] = {}  # address -> nbytes, page-locked now
+        self.log: list[tuple[str, int, int]] = []
+        self.errors: list[str] = []
+        self.budget = budget
+        self.pool_held = pool_held  # bytes the staging pool holds
+        self.reserved = 0
+        self.refuse: set[int] = set()  # addresses the driver will not register
+        self.on_unregister = None
+
+    def register(self, owner: np.ndarray) -> bool:
+        # (the cache's own address function, so a test that moves memory moves it here too)
+        address, nbytes = _registry._address(owner), owner.nbytes
+        with self.lock:
+            self.log.append(("register", address, nbytes))
+            for a, n in self.registered.items():
+                if a < address + nbytes and address < a + n:
+                    self.errors.append(f"register {address:#x}+{nbytes} overlaps {a:#x}+{n}")
+            if self.reserved > self.budget // 2 or self.reserved + self.pool_held > self.budget:
+                self.errors.append(f"registered over the budget: {self.reserved} reserved")
+            if address in self.refuse:
+                return False
+            self.registered[address] = nbytes
+        return True
+
+    def unregister(self, address: int, nbytes: int) -> None:
+        if self.on_unregister is not None:
+            self.on_unregister(address, nbytes)
+        with self.lock:
+            self.log.append(("unregister", address, nbytes))
+            if self.registered.pop(address, None) != nbytes:
+                self.errors.append(f"unregister {address:#x}+{nbytes}: not registered as such")
+
+    def reserve(self, nbytes: int) -> bool:
+        with self.lock:
+            if self.pool_held + self.reserved + nbytes > self.budget:
+                return False
+            self.reserved += nbytes
+            return True
+
+    def unreserve(self, nbytes: int) -> None:
+        with self.lock:
+            self.reserved -= nbytes
+            if self.reserved < 0:
+                self.errors.append("gave back more than was reserved")
+
+    def limit(self) -> int:
+        return self.budget // 2
+
+    def calls(self, what: str) -> list[tuple[int, int]]:
+        with self.lock:
+            return [(a, n) for w, a, n in self.log if w == what]
+
+
+def make(driver: FakeDriver | None = None, **kw) -> tuple[RegistrationCache, FakeDriver]:
+    driver = driver or FakeDriver()
+    kw.setdefault("min_bytes", MIN)
+    return RegistrationCache(driver, **kw), driver
+
+
+def used(cache: RegistrationCache, a: np.ndarray) -> bool:
+    """One transfer's view of the cache: whether a is registered (DMA'd directly)."""
+    with cache.lease(a) as registered:
+        return registered
+
+
+# ------------------------------------------------------------------------- when
+
+
+@pytest.mark.parametrize("sightings", [1, 2, 3])
+def test_registers_on_the_nth_sighting_then_hits(sightings):
+    cache, drv = make(sightings=sightings)
+    a = np.zeros(MIN, np.uint8)
+    got = [used(cache, a) for _ in range(sightings + 2)]
+    assert got == [False] * (sightings - 1) + [True] * 3
+    assert drv.registered == {addr(a): a.nbytes}
+    assert drv.calls("register") == [(addr(a), a.nbytes)]  # once, not per transfer
+    s = cache.stats()
+    assert (s["sightings"], s["registrations"], s["registered_hits"]) == (sightings, 1, 2)
+    assert (s["registered_bytes"], s["registered_arrays"]) == (a.nbytes, 1)
+    assert drv.errors == []
+
+
+def test_the_default_policy_registers_on_the_second_sighting_from_4_mib():
+    cache, drv = make(min_bytes=_registry.DEFAULT_MIN_BYTES)
+    small, big = np.zeros((4 << 20) - 1, np.uint8), np.zeros(4 << 20, np.uint8)
+    assert [used(cache, small) for _ in range(3)] == [False] * 3
+    assert [used(cache, big) for _ in range(3)] == [False, True, True]
+    assert drv.registered == {addr(big): big.nbytes}
+
+
+def test_views_of_a_registered_array_use_its_registration():
+    cache, drv = make()
+    base = np.zeros(2 * MIN, np.uint8)
+    assert [used(cache, base) for _ in range(2)] == [False, True]
+    for view in (base.view(np.float32), base.reshape(2, MIN), base[: MIN + 8], base[MIN:]):
+        assert used(cache, view), view.shape
+    assert drv.registered == {addr(base): base.nbytes}  # the whole buffer, once
+    assert len(drv.calls("register")) == 1
+
+
+def test_sightings_count_per_owner_address_and_size():
+    cache, drv = make()
+    base = np.zeros(2 * MIN, np.uint8)
+    first, second = base[:MIN], base[MIN:]
+    assert not used(cache, first)
+    assert not used(cache, second)  # another address: its own first sighting
+    assert not used(cache, base[: MIN + 8])  # another size: its own first sighting
+    assert used(cache, first)  # first's second sighting registers the owner's buffer
+    assert drv.registered == {addr(base): base.nbytes}
+    assert used(cache, second)
+
+
+def test_a_new_array_at_a_freed_ones_address_is_a_first_sighting():
+    cache, drv = make()
+    a = np.empty(MIN, np.uint8)
+    key = (id(a), addr(a))
+    assert not used(cache, a)
+    del a
+    b = np.empty(MIN, np.uint8)
+    if (id(b), addr(b)) != key:
+        pytest.skip("the allocator gave the new array another object or address")
+    assert not used(cache, b)  # (keyed by id and address alone, this would register)
+    assert drv.calls("register") == []
+
+
+# ------------------------------------------------------------------------- which arrays
+
+
+class _Sub(np.ndarray):
+    pass
+
+
+def _memmap(tmp_path):
+    return np.memmap(tmp_path / "m.bin", dtype=np.uint8, mode="w+", shape=(MIN,))
+
+
+# Arrays whose memory the cache must never register, however often they come back.
+NOT_TRACKED = {
+    "transposed": lambda tmp: np.zeros((256, MIN // 256), np.uint8).T,
+    "strided": lambda tmp: np.zeros(2 * MIN, np.uint8)[::2],
+    "byte-swapped": lambda tmp: np.zeros(MIN // 2, np.uint16).view(
+        np.dtype(np.uint16).newbyteorder()
+    ),
+    "below min_bytes": lambda tmp: np.zeros(MIN - 1, np.uint8),
+    "empty": lambda tmp: np.zeros(0, np.uint8),
+    "np.memmap": _memmap,
+    "a view of an np.memmap": lambda tmp: _memmap(tmp)[:],
+    "bytearray": lambda tmp: np.frombuffer(bytearray(MIN), np.uint8),
+    "bytes": lambda tmp: np.frombuffer(bytes(MIN), np.uint8),
+    "mmap": lambda tmp: np.frombuffer(mmap.mmap(-1, MIN), np.uint8),
+    "ctypes": lambda tmp: np.ctypeslib.as_array((ctypes.c_uint8 * MIN)()),
+    "torch tensor's memory": lambda tmp: torch.zeros(MIN, dtype=torch.uint8).numpy(),
+    "an ndarray subclass owns it": lambda tmp: np.zeros(MIN, np.uint8).view(_Sub).copy(),
+    "a slice of a larger array": lambda tmp: np.zeros(2 * MIN + 4, np.uint8)[: MIN + 1],
+    "as_strided": lambda tmp: np.lib.stride_tricks.as_strided(np.zeros(MIN, np.uint8)),
+    "object dtype": lambda tmp: np.empty(MIN // 8, object),
+}
+# And ones it registers, so the table above cannot pass by refusing everything.
+TRACKED = {
+    "plain": lambda tmp: np.zeros(MIN, np.uint8),
+    "exactly min_bytes of float64": lambda tmp: np.zeros(MIN // 8),
+    "C view of an F-ordered array": lambda tmp: np.zeros((16, MIN // 16), order="F").T,
+    "half of its array": lambda tmp: np.zeros(2 * MIN, np.uint8)[MIN:],
+    "a subclass view of a plain array": lambda tmp: np.zeros(MIN, np.uint8).view(_Sub),
+    "read-only view": lambda tmp: np.zeros(MIN, np.uint8)[:].view(),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_TRACKED))
+def test_memory_it_cannot_track_is_never_registered(case, tmp_path):
+    cache, drv = make(sightings=1)
+    a = NOT_TRACKED[case](tmp_path)
+    assert [used(cache, a) for _ in range(4)] == [False] * 4
+    assert drv.calls("register") == [] and cache.stats()["sightings"] == 0
+
+
+@pytest.mark.parametrize("case", list(TRACKED))
+def test_arrays_numpy_owns_are_registered(case, tmp_path):
+    cache, drv = make(sightings=1)
+    a = TRACKED[case](tmp_path)
+    if case == "read-only view":
+        a.setflags(write=False)
+    assert used(cache, a)
+    owner = a if a.base is None else a.base
+    assert drv.registered == {addr(owner): owner.nbytes}
+
+
+# ------------------------------------------------------------------------- until when
+
+
+def _numpy_holds(nbytes: int) -> bool:
+    """NumPy still holds an allocation of exactly nbytes (its tracemalloc domain)."""
+    domain = np.lib.tracemalloc_domain
+    return any(t.domain == domain and t.size == nbytes for t in tracemalloc.take_snapshot().traces)
+
+
+def test_unregistered_when_the_owner_dies_before_numpy_frees_its_memory():
+    """The weakref callback runs inside NumPy's dealloc, before the data is freed."""
+    nbytes = MIN + 24  # (an odd size, to find its allocation among NumPy's)
+    cache, drv = make(sightings=1)
+    seen: list[tuple[int, int, bool]] = []
+    drv.on_unregister = lambda a, n: seen.append((a, n, _numpy_holds(nbytes)))
+    tracemalloc.start()
+    try:
+        owner = np.empty(nbytes, np.uint8)
+        address = addr(owner)
+        assert used(cache, owner)
+        view = owner.reshape(1, -1)
+        del owner  # the view still holds the memory: nothing happens
+        assert seen == [] and drv.registered == {address: nbytes}
+        del view
+        # unregistered at once, exactly what was registered, while NumPy still held it...
+        assert seen == [(address, nbytes, True)]
+        assert not _numpy_holds(nbytes)  # ...and freed right after (the check can tell)
+    finally:
+        tracemalloc.stop()
+    s = cache.stats()
+    assert (s["releases"], s["registered_bytes"], s["registered_arrays"]) == (1, 0, 0)
+    assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
+
+
+def test_an_evicted_or_dropped_registration_is_not_unregistered_again_at_death():
+    cache, drv = make(sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    cache.clear()
+    del a
+    assert len(drv.calls("unregister")) == 1 and drv.errors == []
+
+
+def test_numpy_refuses_to_resize_a_tracked_array_so_its_memory_cannot_move():
+    cache, drv = make(sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    with pytest.raises(ValueError, match="resize"):
+        a.resize(2 * MIN, refcheck=False)
+    assert drv.registered == {addr(a): MIN}
+    cache.clear()  # forgets it: NumPy lets it go
+    a.resize(2 * MIN, refcheck=False)
+    assert used(cache, a)  # the new buffer: a new registration
+    assert drv.registered == {addr(a): 2 * MIN} and drv.errors == []
+
+
+def test_a_registration_whose_memory_moved_is_dropped_on_the_next_sighting(monkeypatch):
+    """NumPy 1.x lets ``a.data = ...`` move an array's memory: simulated here by moving
+    the address the cache (and the fake driver) read."""
+    cache, drv = make()
+    a = np.zeros(MIN, np.uint8)
+    old = addr(a)
+    assert [used(cache, a) for _ in range(2)] == [False, True]
+    real = _registry._address
+    monkeypatch.setattr(_registry, "_address", lambda x: real(x) + (1 << 40))
+    assert not used(cache, a)  # the stale registration dropped: a first sighting
+    assert drv.calls("unregister") == [(old, MIN)]
+    assert used(cache, a)  # registered where the memory now is
+    assert drv.registered == {old + (1 << 40): MIN}
+    assert cache.stats()["evictions"] == 1 and drv.errors == []
+
+
+# ------------------------------------------------------------------------- the budget
+
+
+def test_registrations_stay_within_half_the_budget_evicting_the_least_recently_used():
+    cache, drv = make(FakeDriver(budget=6 * MIN), sightings=1)
+    arrays = [np.zeros(MIN, np.uint8) for _ in range(5)]
+    assert all(used(cache, a) for a in arrays[:3])  # the share: 3 * MIN
+    assert used(cache, arrays[0])  # now arrays[1] is the least recently used
+    assert used(cache, arrays[3])
+    assert set(drv.registered) == {addr(arrays[i]) for i in (0, 2, 3)}
+    assert used(cache, arrays[4])  # evicts arrays[2]
+    assert set(drv.registered) == {addr(arrays[i]) for i in (0, 3, 4)}
+    s = cache.stats()
+    assert (s["evictions"], s["registered_bytes"]) == (2, 3 * MIN)
+    assert drv.reserved == 3 * MIN and drv.errors == []
+
+
+def test_the_staging_pool_keeps_its_blocks_and_registrations_evict_each_other():
+    # The share allows four arrays, but the pool holds five of the eight: room for three.
+    cache, drv = make(FakeDriver(budget=8 * MIN, pool_held=5 * MIN), sightings=1)
+    arrays = [np.zeros(MIN, np.uint8) for _ in range(4)]
+    assert all(used(cache, a) for a in arrays)
+    assert set(drv.registered) == {addr(a) for a in arrays[1:]}  # arrays[0] made room
+    assert drv.reserved == 3 * MIN and cache.stats()["evictions"] == 1 and drv.errors == []
+
+
+def test_no_room_means_the_staged_path_not_an_error():
+    cache, drv = make(FakeDriver(budget=MIN))  # the share, MIN // 2, holds no array
+    a = np.zeros(MIN, np.uint8)
+    assert [used(cache, a) for _ in range(4)] == [False] * 4
+    s = cache.stats()
+    assert s["budget_refusals"] == 3 and s["registrations"] == 0
+    assert drv.calls("register") == [] and drv.reserved == 0
+
+
+def test_two_arrays_that_do_not_fit_together_do_not_take_turns():
+    """Room for one: alternating two arrays keeps the first registered (evicting it for
+    the other, and back, would cost a registration and a device sync every time)."""
+    cache, drv = make(FakeDriver(budget=2 * MIN))
+    a, b = np.zeros(MIN, np.uint8), np.zeros(MIN, np.uint8)
+    for _ in range(20):
+        used(cache, a)
+        used(cache, b)
+    assert drv.calls("register") == [(addr(a), MIN)]
+    s = cache.stats()
+    assert s["evictions"] == 0 and s["budget_refusals"] == 19
+    # Once a has not been used since b's last sighting, b takes its place.
+    assert used(cache, b)
+    assert drv.registered == {addr(b): MIN} and cache.stats()["evictions"] == 1
+    assert drv.errors == []
+
+
+def test_a_lower_budget_evicts_the_least_recently_used():
+    cache, drv = make(sightings=1)
+    arrays = [np.zeros(MIN, np.uint8) for _ in range(3)]
+    for a in arrays:
+        used(cache, a)
+    used(cache, arrays[0])
+    cache.trim(MIN)
+    assert drv.registered == {addr(arrays[0]): MIN}
+    assert cache.stats()["registered_bytes"] == MIN and drv.reserved == MIN
+
+
+# ------------------------------------------------------------------------- in use
+
+
+def test_a_registration_in_use_is_dropped_only_when_its_transfer_ends():
+    cache, drv = make()
+    a = np.zeros(MIN, np.uint8)
+    assert [used(cache, a) for _ in range(2)] == [False, True]
+    with cache.lease(a) as registered:
+        assert registered
+        cache.clear()  # (the DMA of this transfer may be in flight)
+        assert drv.registered == {addr(a): MIN}
+    assert drv.registered == {} and cache.stats()["evictions"] == 1
+    assert not used(cache, a)  # forgotten: a first sighting again
+
+
+def test_a_registration_in_use_is_never_evicted_to_make_room():
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a, b = np.zeros(MIN, np.uint8), np.zeros(MIN, np.uint8)
+    used(cache, a)
+    with cache.lease(a):
+        assert not used(cache, b)
+        assert drv.registered == {addr(a): MIN}
+    assert cache.stats()["budget_refusals"] == 1
+
+
+def test_a_driver_refusal_takes_the_staged_path_and_is_not_asked_again():
+    drv = FakeDriver()
+    cache, _ = make(drv, sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    drv.refuse.add(addr(a))
+    assert [used(cache, a) for _ in range(5)] == [False] * 5
+    assert len(drv.calls("register")) == 1
+    s = cache.stats()
+    assert s["register_failures"] == 1 and s["registered_bytes"] == 0 and drv.reserved == 0
+
+
+def test_a_driver_error_while_registering_takes_the_staged_path():
+    drv = FakeDriver()
+
+    def broken(owner):
+        raise RuntimeError("cudaErrorHostMemoryAlreadyRegistered")
+
+    drv.register = broken
+    cache, _ = make(drv, sightings=1)
+    assert not used(cache, np.zeros(MIN, np.uint8))
+    assert cache.stats()["register_failures"] == 1 and drv.reserved == 0
+
+
+def test_a_failed_unregistration_keeps_the_registration_for_its_owners_death():
+    cache, drv = make(sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    used(cache, a)
+    real = drv.unregister
+
+    def fails_once(address, nbytes):
+        drv.unregister = real
+        raise RuntimeError("cudaErrorLaunchFailure")
+
+    drv.unregister = fails_once
+    with pytest.raises(RuntimeError, match="LaunchFailure"):
+        cache.trim(0)
+    assert drv.registered == {addr(a): MIN}  # still registered, still tracked
+    del a
+    assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
+
+
+def test_a_failed_eviction_fails_that_transfer_and_leaves_the_cache_consistent():
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)  # room for one
+    a, b = np.zeros(MIN, np.uint8), np.zeros(MIN, np.uint8)
+    used(cache, a)
+    real = drv.unregister
+
+    def fails_once(address, nbytes):
+        drv.unregister = real
+        raise RuntimeError("cudaErrorLaunchFailure")
+
+    drv.unregister = fails_once
+    with pytest.raises(RuntimeError, match="LaunchFailure"):
+        used(cache, b)  # making room for b evicts a, whose unregistration fails
+    assert drv.registered == {addr(a): MIN} and drv.reserved == MIN
+    assert cache.stats()["registered_bytes"] == MIN
+    del a  # still unregistered at its death
+    assert used(cache, b)  # and b is not stuck half-registered
+    assert drv.registered == {addr(b): MIN} and drv.reserved == MIN and drv.errors == []
+
+
+# ------------------------------------------------------------------------- switches
+
+
+def test_turned_off_it_drops_everything_and_registers_nothing():
+    cache, drv = make(sightings=1)
+    arrays = [np.zeros(MIN, np.uint8) for _ in range(2)]
+    assert all(used(cache, a) for a in arrays)
+    assert cache.configure(enabled=False)["enabled"] is False
+    assert drv.registered == {} and drv.reserved == 0
+    assert [used(cache, arrays[0]) for _ in range(3)] == [False] * 3
+    assert len(drv.calls("register")) == 2
+    cache.configure(enabled=True, sightings=2)
+    assert [used(cache, arrays[0]) for _ in range(2)] == [False, True]
+
+
+def test_min_bytes_and_sightings_apply_to_the_next_transfers():
+    cache, _ = make(min_bytes=2 * MIN, sightings=3)
+    a = np.zeros(MIN, np.uint8)
+    assert [used(cache, a) for _ in range(3)] == [False] * 3
+    assert cache.configure(min_bytes=MIN, sightings=1) == {
+        "enabled": True,
+        "min_bytes": MIN,
+        "sightings": 1,
+    }
+    assert used(cache, a)
+
+
+def test_registration_options_checks_and_round_trips():
+    saved = tb.registration_options()
+    try:
+        got = tb.registration_options(enabled=np.bool_(True), min_bytes=np.int64(8 << 20))
+        assert got == {"enabled": True, "min_bytes": 8 << 20, "sightings": saved["sightings"]}
+        assert type(got["min_bytes"]) is int and type(got["enabled"]) is bool
+        assert tb.registration_options(sightings=3)["sightings"] == 3
+        for call, exc in (
+            (lambda: tb.registration_options(enabled="no"), TypeError),
+            (lambda: tb.registration_options(min_bytes=1.5), TypeError),
+            (lambda: tb.registration_options(sightings=True), TypeError),
+            (lambda: tb.registration_options(min_bytes=0), ValueError),
+            (lambda: tb.registration_options(sightings=0), ValueError),
+        ):
+            with pytest.raises(exc):
+                call()
+        assert tb.registration_options()["sightings"] == 3  # a refusal changed nothing
+    finally:
+        tb.registration_options(**saved)
+    assert tb.registration_options() == saved
+
+
+@pytest.mark.parametrize(
+    ("value", "enabled"), [(None, True), ("1", True), ("on", True), ("0", False), ("off", False)]
+)
+def test_the_environment_switch_is_read_at_import(value, enabled):
+    env = {k: v for k, v in os.environ.items() if k != _registry.REGISTER_ENV}
+    if value is not None:
+        env[_registry.REGISTER_ENV] = value
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = "import tensorbridge as tb; print(tb.registration_options()['enabled'])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(enabled)
+
+
+def test_an_unknown_environment_value_fails_at_import_naming_the_values():
+    env = dict(os.environ, **{_registry.REGISTER_ENV: "maybe"})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import tensorbridge"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "TENSORBRIDGE_REGISTER='maybe' is not understood" in proc.stderr
+    assert "set it to 0" in proc.stderr
+
+
+def test_pinned_stats_report_the_cache_on_both_paths(backend):
+    stats = tb.pinned_stats()
+    cache = _registry.CACHE.stats()
+    assert {k: stats[k] for k in cache} == cache
+    assert set(cache) >= {"registered_bytes", "registrations", "registered_hits", "evictions"}
+
+
+# ------------------------------------------------------------------------- threads, forks
+
+
+def test_an_owner_freed_on_a_thread_inside_the_cache_does_not_deadlock():
+    """Garbage collection can free an owner (and run its callback) on a thread that holds
+    the cache's lock: the callback must not wait for it."""
+    cache, drv = make(sightings=1)
+
+    class Holder:
+        pass
+
+    h = Holder()
+    h.cycle, h.array = h, np.zeros(MIN, np.uint8)
+    used(cache, h.array)
+    del h  # now only garbage collection frees the array
+    done = []
+
+    def collect_inside_the_cache():
+        with cache._lock:
+            gc.collect()
+            done.append(dict(drv.registered))
+
+    t = threading.Thread(target=collect_inside_the_cache, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the owner's callback waited for the cache's lock"
+    assert done == [{}]  # unregistered during the collection
+    s = cache.stats()
+    assert (s["releases"], s["registered_bytes"]) == (1, 0) and drv.errors == []
+
+
+def test_threads_share_the_cache_and_the_driver_sees_a_consistent_story():
+    drv = FakeDriver(budget=8 * MIN)  # registrations: four arrays at most
+    cache, _ = make(drv)
+    shared = [np.zeros(MIN, np.uint8) for _ in range(6)]
+    problems: list[str] = []
+
+    def work(i: int) -> None:
+        rng = random.Random(i)
+        for _ in range(400):
+            r = rng.random()
+            if r < 0.7:
+                a = rng.choice(shared)[rng.choice([0, 0, 8]) :]
+                with cache.lease(a) as registered:
+                    # registered: the memory stays registered until the transfer ends
+                    if registered and drv.registered.get(addr(a.base)) != MIN:
+                        problems.append("leased but not registered")
+            elif r < 0.9:
+                fresh = np.zeros(MIN, np.uint8)
+                used(cache, fresh)
+                used(cache, fresh)
+                del fresh  # its callback, on this thread
+            elif r < 0.97:
+                cache.trim(rng.choice([0, 2 * MIN]))
+            else:
+                cache.configure(enabled=rng.random() < 0.7)
+
+    run_in_threads(work, 8, timeout=120)
+    assert problems == [] and drv.errors == []
+    cache.configure(enabled=True)
+    s = cache.stats()
+    assert s["registered_bytes"] == sum(drv.registered.values()) == drv.reserved
+    assert s["registered_arrays"] == len(drv.registered)
+    cache.clear()
+    assert drv.registered == {} and drv.reserved == 0
+    registers, unregisters = drv.calls("register"), drv.calls("unregister")
+    assert len(registers) == len(unregisters) > 0 and drv.errors == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_forgets_the_parents_registrations_without_unregistering(monkeypatch):
+    drv = FakeDriver()
+    monkeypatch.setattr(_registry.CACHE, "_ops", drv)
+    saved = tb.registration_options()
+    tb.registration_options(min_bytes=MIN, sightings=1)
+    try:
+        a = np.zeros(MIN, np.uint8)
+        assert used(_registry.CACHE, a)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the at-fork hook has reset the cache
+            try:
+                stats = _registry.CACHE.stats()
+                del a  # a copy of the parent's array: nothing to unregister here
+                gc.collect()
+                b = np.zeros(MIN, np.uint8)
+                works = used(_registry.CACHE, b)  # the child's own cache still works
+                report = [len(drv.calls("unregister")), stats["registered_arrays"], int(works)]
+                os.write(write, " ".join(map(str, report)).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        child = os.read(read, 100).decode().split()
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert child == ["0", "0", "1"]
+        assert drv.registered == {addr(a): MIN}  # the parent's registration is intact
+        del a
+        assert drv.registered == {} and drv.errors == []
+    finally:
+        tb.registration_options(**saved)
+
+
+# ------------------------------------------------------------------------- the wiring
+
+
+class _Pending:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.waited = False
+
+    def done(self) -> bool:
+        return self.waited
+
+    def wait(self) -> None:
+        self.waited = True
+        self.log.append("waited")
+
+
+class FakeCore:
+    """The compiled module's GPU calls over host memory: 'device' pointers are host ones."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.pinned: set[int] = set()  # addresses page-locked by the user
+        self.pendings: list[_Pending] = []
+
+    def is_host_pinned(self, a: np.ndarray) -> bool:
+        return addr(a) in self.pinned
+
+    def cuda_copy_async(self, device, stream, dst, src, nbytes, to_host, keepalive):
+        ctypes.memmove(dst, src, nbytes)
+        self.log.append("dma")
+        self.pendings.append(_Pending(self.log))
+        return self.pendings[-1]
+
+    def cuda_copy_to_host(self, device, stream, src, dst, chunk, buffers, swap):
+        ctypes.memmove(addr(dst), src, dst.nbytes)
+        self.log.append("staged")
+
+    def cuda_copy_to_device(self, device, stream, src, dst, chunk, buffers, swap, wait):
+        ctypes.memmove(dst, addr(src), src.nbytes)
+        self.log.append("staged")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """_cuda's GPU paths over host memory, with a fresh cache over a FakeDriver."""
+    core = FakeCore()
+    cache, drv = make()
+    added: list[_Pending] = []
+    monkeypatch.setattr(_backend, "ENGINE", types.SimpleNamespace(core=core, C=None))
+    monkeypatch.setattr(_registry, "CACHE", cache)
+    monkeypatch.setattr(_cuda, "_completions", types.SimpleNamespace(add=added.append))
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0)
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return types.SimpleNamespace(core=core, cache=cache, driver=drv, completions=added)
+
+
+N = 1 << 19  # float32 elements: 2 MiB, over the small-copy routing's limits
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_wiring_a_reused_source_is_registered_and_waited_for(fake_gpu, non_blocking):
+    """Host to device from a registered source returns with the source free to reuse,
+    non_blocking too (unlike a user's own pinned source)."""
+    a = np.zeros(N, np.float32)
+    out = torch.empty(N)
+    for k in range(4):
+        a[:] = np.random.default_rng(k).random(N, dtype=np.float32)
+        fake_gpu.core.log.clear()
+        got = _cuda.to_device(a, torch.device("cuda", 0), None, non_blocking, out)
+        assert got is out and np.array_equal(out.numpy(), a)
+        assert fake_gpu.core.log == (["staged"] if k == 0 else ["dma", "waited"])
+    assert fake_gpu.completions == []
+    assert fake_gpu.driver.registered == {addr(a): a.nbytes}
+    assert fake_gpu.cache.stats()["registered_hits"] == 2
+
+
+def test_wiring_a_users_pinned_source_is_still_not_waited_for(fake_gpu):
+    a = np.ones(N, np.float32)
+    fake_gpu.core.pinned.add(addr(a))
+    fake_gpu.driver.refuse.add(addr(a))  # (as _CudaOps refuses memory pinned elsewhere)
+    out = torch.empty(N)
+    for _ in range(3):
+        _cuda.to_device(a, torch.device("cuda", 0), None, True, out)
+    assert fake_gpu.core.log == ["dma"] * 3
+    assert len(fake_gpu.completions) == 3 and not any(p.waited for p in fake_gpu.completions)
+    assert fake_gpu.driver.registered == {}
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_wiring_a_reused_out_is_registered_and_behaves_as_a_pinned_one(fake_gpu, non_blocking):
+    out = np.zeros(N, np.float32)
+    for k in range(3):
+        x = torch.from_numpy(np.random.default_rng(k).random(N, dtype=np.float32))
+        fake_gpu.core.log.clear()
+        got = _cuda.to_host(x, out, np.dtype(np.float32), non_blocking)
+        if non_blocking:
+            assert isinstance(got, tb.Transfer)
+            if k:  # a direct DMA: finished by wait(), not before
+                assert fake_gpu.core.log == ["dma"]
+            got = got.wait()
+        assert got is out and np.array_equal(out, x.numpy())
+        assert fake_gpu.core.log == (["staged"] if k == 0 else ["dma", "waited"])
+    assert fake_gpu.driver.registered == {addr(out): out.nbytes}
+
+
+def test_wiring_with_registration_off_every_transfer_is_staged(fake_gpu):
+    fake_gpu.cache.configure(enabled=False)
+    a, out = np.ones(N, np.float32), torch.empty(N)
+    for _ in range(3):
+        _cuda.to_device(a, torch.device("cuda", 0), None, False, out)
+        _cuda.to_host(out, a, np.dtype(np.float32), False)
+    assert fake_gpu.core.log == ["staged"] * 6 and fake_gpu.driver.log == []
+
+
+def test_the_cuda_ops_leave_memory_pinned_elsewhere_alone(monkeypatch):
+    calls: list[tuple] = []
+    fake = types.SimpleNamespace(
+        is_host_pinned=lambda a: calls.append(("is_pinned",)) or pinned,
+        cuda_host_register=lambda a: calls.append(("register",)) or True,
+        cuda_host_unregister=lambda address, n: calls.append(("unregister", address, n)),
+        cuda_reserve_pinned=lambda n: calls.append(("reserve", n)) or True,
+        cuda_unreserve_pinned=lambda n: calls.append(("unreserve", n)),
+        cuda_pinned_stats=lambda: {"budget": 1000},
+    )
+    monkeypatch.setattr(_backend, "_LOADED", fake)
+    ops = _registry._CudaOps()
+    a = np.zeros(8)
+    pinned = True
+    assert ops.register(a) is False and calls == [("is_pinned",)]
+    pinned = False
+    assert ops.register(a) is True and calls[-1] == ("register",)
+    ops.unregister(5, 6)
+    assert ops.reserve(7) and calls[-2:] == [("unregister", 5, 6), ("reserve", 7)]
+    assert ops.limit() == 500
+    monkeypatch.setattr(_backend, "_LOADED", None)  # the pure-Python path: nothing to call
+    assert not ops.register(a) and not ops.reserve(1) and ops.limit() == 0
