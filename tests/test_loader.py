@@ -60,11 +60,182 @@ def test_collate_in_a_dataloader(workers):
         assert torch.equal(batch["label"], expected["label"])
 
 
-def test_collate_refuses_ragged_samples():
-    with pytest.raises(ValueError, match="equal shapes"):
-        tb.collate([np.zeros(3), np.zeros(4)])
-    with pytest.raises(ValueError, match="at least one"):
-        tb.collate([])
+def _assert_collated_like(ours, ref):
+    """ours equals default_collate's result: same containers, same tensors and dtypes."""
+    if isinstance(ref, torch.Tensor):
+        assert isinstance(ours, torch.Tensor) and ours.dtype == ref.dtype
+        assert torch.equal(ours, ref)
+    elif isinstance(ref, dict):
+        assert type(ours) is type(ref) and list(ours) == list(ref)
+        for k in ref:
+            _assert_collated_like(ours[k], ref[k])
+    elif isinstance(ref, tuple) and hasattr(ref, "_fields"):
+        assert type(ours) is type(ref)
+        for a, b in zip(ours, ref, strict=True):
+            _assert_collated_like(a, b)
+    elif isinstance(ref, list):
+        assert isinstance(ours, list) and len(ours) == len(ref)
+        for a, b in zip(ours, ref, strict=True):
+            _assert_collated_like(a, b)
+    else:
+        assert ours == ref
+
+
+def test_collate_nested_structures_match_default_collate(backend):
+    rng = np.random.default_rng(5)
+
+    def sample(i):
+        return {
+            "a": [{"b": rng.standard_normal(3).astype(np.float32), "c": (i, i * 2)}],
+            "pair": Pair(rng.integers(0, 9, (2, 2)), torch.tensor(float(i))),
+            "flags": [True, i % 2 == 0],
+            "deep": _nest(rng.integers(0, 9, 2), 50),
+        }
+
+    data = [sample(i) for i in range(4)]
+    _assert_collated_like(tb.collate(data), torch.utils.data.default_collate(data))
+
+
+def _nest(leaf, depth):
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def _cyclic_list():
+    a = [np.zeros(2)]
+    a.append(a)
+    return a
+
+
+def _cyclic_dict():
+    d = {"x": np.zeros(2)}
+    d["self"] = d
+    return d
+
+
+# (id, samples, exception, what the message must say: the field's path and the samples)
+COLLATE_MISFITS = [
+    (
+        "ragged field",
+        [{"tokens": np.zeros(11)}, {"tokens": np.zeros(11)}, {"tokens": np.zeros(3)}],
+        ValueError,
+        r'^collate: batch\["tokens"\]: sample 2 has shape \(3,\), sample 0 has \(11,\); '
+        r"samples must have equal shapes",
+    ),
+    (
+        "ragged deep field",
+        [{"a": [{"b": np.zeros(2)}]}, {"a": [{"b": np.zeros((2, 1))}]}],
+        ValueError,
+        r'batch\["a"\]\[0\]\["b"\]: sample 1 has shape \(2, 1\), sample 0 has \(2,\)',
+    ),
+    (
+        "ragged namedtuple field",
+        [{"p": Pair(np.zeros(2), 1)}, {"p": Pair(np.zeros(4), 1)}],
+        ValueError,
+        r'batch\["p"\]\.image: sample 1 has shape \(4,\)',
+    ),
+    (
+        "ragged top level",
+        [np.zeros(3), np.zeros(4)],
+        ValueError,
+        r"^collate: batch: sample 1 has shape \(4,\), sample 0 has \(3,\)",
+    ),
+    (
+        "missing and extra keys",
+        [{"x": 1, "y": 2}, {"x": 1, "y": 2}, {"x": 1, "z": 3}],
+        ValueError,
+        r'^collate: batch: sample 2 lacks key "y" and has the extra key "z" \(compared '
+        r"with sample 0\); every sample must have the same keys",
+    ),
+    (
+        "missing nested key",
+        [{"m": {"a": 1, "b": 2}}, {"m": {"a": 1}}],
+        ValueError,
+        r'batch\["m"\]: sample 1 lacks key "b" \(compared',
+    ),
+    (
+        "extra keys only",
+        [{"x": 1}, {"x": 1, 3: 3, "w": 0}],
+        ValueError,
+        r'sample 1 has the extra keys 3, "w" \(compared',
+    ),
+    (
+        "lists of other lengths",
+        [{"boxes": [1, 2, 3]}, {"boxes": [1, 2]}],
+        ValueError,
+        r'batch\["boxes"\]: sample 1 has 2 items, sample 0 has 3 items; sequences .* equal '
+        r"lengths",
+    ),
+    (
+        "array, then an int",
+        [{"x": np.zeros(2)}, {"x": np.zeros(2)}, {"x": 5}],
+        TypeError,
+        r'batch\["x"\]: sample 2 is int, sample 0 is numpy.ndarray; every sample must hold '
+        r"the same kind of value",
+    ),
+    (
+        "int, then an array",
+        [{"x": 5}, {"x": np.zeros(2)}],
+        TypeError,
+        r'batch\["x"\]: sample 1 is numpy.ndarray, sample 0 is int',
+    ),
+    (
+        "tensor, then None",
+        [[torch.zeros(1)], [None]],
+        TypeError,
+        r"batch\[0\]: sample 1 is NoneType, sample 0 is torch.Tensor",
+    ),
+    (
+        "dict, then a list",
+        [{"x": {"a": 1}}, {"x": [1]}],
+        TypeError,
+        r'batch\["x"\]: sample 1 is list, sample 0 is dict',
+    ),
+    (
+        "namedtuple, then a tuple",
+        [Pair(1, 2), (1, 2)],
+        TypeError,
+        r"batch: sample 1 is tuple, sample 0 is conftest.Pair",
+    ),
+    (
+        "strings in an array",
+        [{"s": np.array(["a"])}, {"s": np.array(["b"])}],
+        TypeError,
+        r'^collate: batch\["s"\]: numpy dtype <U1 .* encode or tokenize',
+    ),
+    (
+        "cyclic list",
+        [_cyclic_list(), _cyclic_list()],
+        ValueError,
+        r"batch\[1\]\[1\].*: the samples are nested more than 100 levels deep, or contain "
+        r"themselves",
+    ),
+    (
+        "cyclic dict",
+        [_cyclic_dict(), _cyclic_dict()],
+        ValueError,
+        r'batch\["self"\]\["self"\].*more than 100 levels deep, or contain themselves',
+    ),
+    (
+        "nested 150 levels",
+        [_nest(np.zeros(1), 150), _nest(np.zeros(1), 150)],
+        ValueError,
+        r"more than 100 levels deep",
+    ),
+    ("no samples", [], ValueError, r"at least one sample.*pass a non-empty list"),
+    ("a dict, not a list", {"x": np.zeros(2)}, TypeError, r"takes a list of samples, got dict"),
+]
+
+
+@pytest.mark.parametrize(
+    ("samples", "exc", "pattern"),
+    [c[1:] for c in COLLATE_MISFITS],
+    ids=[c[0] for c in COLLATE_MISFITS],
+)
+def test_collate_misfits_name_the_field_and_the_sample(backend, samples, exc, pattern):
+    with pytest.raises(exc, match=pattern):  # not a KeyError, zip's error or RecursionError
+        tb.collate(samples)
 
 
 # ------------------------------------------------------------------------- prefetcher

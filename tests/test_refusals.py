@@ -284,6 +284,27 @@ OTHER_REFUSALS = [
     ("to_tensor", "no array protocol", lambda: tb.to_tensor(object())),
     ("to_tensor", "export refused", lambda: tb.to_tensor(_RefusingProducer())),
     ("collate", "no samples", lambda: tb.collate([])),
+    (
+        "collate",
+        "dict samples with other keys",
+        lambda: tb.collate([{"x": 1, "y": 2}, {"x": 1, "z": 3}]),
+    ),
+    (
+        "collate",
+        "lists of other lengths",
+        lambda: tb.collate([{"boxes": [1, 2, 3]}, {"boxes": [1, 2]}]),
+    ),
+    (
+        "collate",
+        "an array in one sample, an int in another",
+        lambda: tb.collate([{"x": np.zeros(2)}, {"x": 5}]),
+    ),
+    ("collate", "a sample holding itself", lambda: tb.collate([_CYCLIC, _CYCLIC])),
+    (
+        "collate",
+        "ragged nested field",
+        lambda: tb.collate([{"a": [{"b": np.zeros(11)}]}, {"a": [{"b": np.zeros(3)}]}]),
+    ),
     ("Prefetcher", "depth 0", lambda: tb.Prefetcher([], "cpu", depth=0)),
     ("Prefetcher", "depth 10**9", lambda: tb.Prefetcher([], "cpu", depth=10**9)),
     ("empty_pinned", "object dtype", lambda: tb.empty_pinned(4, object)),
@@ -328,6 +349,8 @@ OTHER_REFUSALS = [
 
 
 _A8 = np.zeros(8)
+_CYCLIC: list[object] = [np.zeros(2)]
+_CYCLIC.append(_CYCLIC)
 
 
 def refusal_rows() -> list[tuple[str, str, str, str]]:

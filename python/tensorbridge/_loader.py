@@ -33,59 +33,205 @@ def collate(samples: Sequence[Any]) -> Any:
     touched in a forked child) and without a GPU they are ordinary tensors. Structures,
     numbers and strings are collated like ``default_collate``.
 
+    Samples that do not fit together are refused with a ValueError or TypeError naming
+    the field as a path into the batch (``batch["a"][0]["b"]``) and the sample that
+    differs from sample 0: arrays of different shapes, dicts with other keys, sequences
+    of other lengths, another kind of value (an array in one sample, an int in another),
+    or samples nested more than 100 levels deep (or holding themselves).
+
     Example:
         >>> import numpy as np, tensorbridge as tb
         >>> b = tb.collate([{"x": np.ones(3), "y": 1}, {"x": np.zeros(3), "y": 0}])
         >>> b["x"].shape, b["y"]
         (torch.Size([2, 3]), tensor([1, 0]))
     """
-    if not samples:
-        raise ValueError("collate needs at least one sample")
+    if isinstance(samples, Mapping) or not isinstance(
+        samples, (Sequence, np.ndarray, torch.Tensor)
+    ):
+        raise TypeError(
+            f"collate takes a list of samples, got {_kind(samples)}: pass a list (a "
+            "DataLoader passes one), e.g. collate([sample0, sample1])."
+        )
+    if not len(samples):
+        raise ValueError(
+            "collate needs at least one sample, got none: pass a non-empty list (a DataLoader "
+            "with batch_size >= 1 always does)."
+        )
+    return _collate(samples, (), 0)
+
+
+# Samples deeper than this are refused (a cycle would otherwise end in a RecursionError).
+_MAX_DEPTH = 100
+
+_NUMBERS = (bool, int, float, complex, np.number, np.bool_)
+
+# A path into the batch, built as the walk descends and formatted only for a message:
+# ("[", key or index) or (".", attribute name) per level.
+Path = tuple[tuple[str, Any], ...]
+
+
+def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ValueError(
+            f"collate: {_where(path)}: the samples are nested more than {_MAX_DEPTH} levels "
+            "deep, or contain themselves (a list holding itself, say): pass samples of at "
+            f"most {_MAX_DEPTH} levels, without cycles."
+        )
     first = samples[0]
     if isinstance(first, (np.ndarray, torch.Tensor)):
-        return _stack(samples)
+        _check_kind(samples, (np.ndarray, torch.Tensor), path)
+        return _stack(samples, path)
     if isinstance(first, Mapping):
-        fields = {k: collate([sample[k] for sample in samples]) for k in first}
-        try:
-            return cast(Any, type(first))(fields)
-        except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
-            return fields
+        return _collate_dict(samples, path, depth)
     if is_namedtuple(first):
-        return type(first)(*(collate(list(field)) for field in zip(*samples, strict=True)))
+        _check_kind(samples, type(first), path)
+        return type(first)(
+            *(
+                _collate(list(field), (*path, (".", name)), depth + 1)
+                for name, field in zip(first._fields, zip(*samples, strict=True), strict=True)
+            )
+        )
     if isinstance(first, (list, tuple)):
-        return [collate(list(field)) for field in zip(*samples, strict=True)]
+        _check_kind(samples, (list, tuple), path)
+        for i, s in enumerate(samples):
+            if len(s) != len(first):
+                raise ValueError(
+                    f"collate: {_where(path)}: sample {i} has {_items(len(s))}, sample 0 has "
+                    f"{_items(len(first))}; sequences are collated item by item and need equal "
+                    f"lengths: {_ragged_fix(path)}."
+                )
+        return [
+            _collate(list(field), (*path, ("[", j)), depth + 1)
+            for j, field in enumerate(zip(*samples, strict=True))
+        ]
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        _check_kind(samples, type(first), path)
         return rebuild_dataclass(
             first,
             {
-                f.name: collate([getattr(s, f.name) for s in samples])
+                f.name: _collate(
+                    [getattr(s, f.name) for s in samples], (*path, (".", f.name)), depth + 1
+                )
                 for f in dataclasses.fields(first)
                 if hasattr(first, f.name)
             },
         )
-    if isinstance(first, (bool, int, float, complex, np.number, np.bool_)):
+    if isinstance(first, _NUMBERS):
+        _check_kind(samples, _NUMBERS, path)
         return torch.as_tensor(np.asarray(samples))
     return list(samples)  # strings and anything else: as a list, like default_collate
 
 
-def _stack(samples: Sequence[Any]) -> torch.Tensor:
+def _collate_dict(samples: Sequence[Any], path: Path, depth: int) -> Any:
+    first = samples[0]
+    _check_kind(samples, Mapping, path)
+    keys = first.keys()
+    for i, s in enumerate(samples):
+        if s.keys() != keys:
+            missing = [k for k in keys if k not in s]
+            extra = [k for k in s if k not in keys]
+            problem = " and ".join(
+                p
+                for p in (
+                    f"lacks {_keys_text(missing)}" if missing else "",
+                    f"has the extra {_keys_text(extra)}" if extra else "",
+                )
+                if p
+            )
+            raise ValueError(
+                f"collate: {_where(path)}: sample {i} {problem} (compared with sample 0); "
+                "every sample must have the same keys: return the same keys from the "
+                "dataset for every sample (None or an empty array for a missing value)."
+            )
+    fields = {k: _collate([s[k] for s in samples], (*path, ("[", k)), depth + 1) for k in keys}
+    try:
+        return cast(Any, type(first))(fields)
+    except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
+        return fields
+
+
+def _check_kind(samples: Sequence[Any], kind: Any, path: Path) -> None:
+    """Every sample holds the kind of value sample 0 does at ``path``."""
+    for i, s in enumerate(samples):
+        if not isinstance(s, kind):
+            raise TypeError(
+                f"collate: {_where(path)}: sample {i} is {_kind(s)}, sample 0 is "
+                f"{_kind(samples[0])}; every sample must hold the same kind of value here: "
+                f"convert it in the dataset (numpy.asarray for numbers meant to stack with "
+                f"arrays){_list_fix(path)}."
+            )
+
+
+def _kind(x: Any) -> str:
+    cls = type(x)
+    module = cls.__module__.split(".")[0]
+    return cls.__name__ if module == "builtins" else f"{module}.{cls.__name__}"
+
+
+def _items(n: int) -> str:
+    return f"{n} item" if n == 1 else f"{n} items"
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, str) and '"' not in key and "\\" not in key:
+        return f'"{key}"'
+    return repr(key)
+
+
+def _keys_text(keys: list[Any]) -> str:
+    word = "key" if len(keys) == 1 else "keys"
+    return f"{word} {', '.join(_key_text(k) for k in keys)}"
+
+
+def _where(path: Path) -> str:
+    """``batch["a"][0].b``: where a field sits in the batch, for messages."""
+    steps = [f"[{_key_text(v)}]" if kind == "[" else f".{v}" for kind, v in path]
+    if len(steps) > 12:  # a cycle or a deep nest: the start and the end say enough
+        steps = [*steps[:6], f"...({len(steps) - 9} more)...", *steps[-3:]]
+    return "batch" + "".join(steps)
+
+
+def _top_key(path: Path) -> Any:
+    """The sample dict's key when ``path`` names one of its fields, else None."""
+    if len(path) == 1 and path[0][0] == "[" and isinstance(path[0][1], str):
+        return path[0][1]
+    return None
+
+
+def _list_fix(path: Path) -> str:
+    return ""
+
+
+def _ragged_fix(path: Path) -> str:
+    return f"pad or crop them to one size in the dataset{_list_fix(path)}"
+
+
+def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
     arrays = [to_numpy(s) if isinstance(s, torch.Tensor) else s for s in samples]
     shape = (len(arrays), *arrays[0].shape)
-    dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
-    if not dtype.isnative:
-        dtype = dtype.newbyteorder("=")
-    t_dtype = _dtypes.torch_dtype(dtype)
     for i, a in enumerate(arrays):
         if a.shape != shape[1:]:
             raise ValueError(
-                f"collate: sample {i} has shape {a.shape}, sample 0 has {shape[1:]}; samples "
-                "must have equal shapes (pad them, or write a collate_fn for ragged data)."
+                f"collate: {_where(path)}: sample {i} has shape {a.shape}, sample 0 has "
+                f"{shape[1:]}; samples must have equal shapes: {_ragged_fix(path)}."
             )
-    pin = not _in_worker() and _backend.ENGINE.cuda_engine
-    out_t = torch.empty(shape, dtype=t_dtype, pin_memory=pin)
+    try:
+        dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
+        if not dtype.isnative:
+            dtype = dtype.newbyteorder("=")
+        t_dtype = _dtypes.torch_dtype(dtype)
+    except TypeError as exc:  # no torch dtype (strings, objects), or none common to all
+        raise TypeError(f"collate: {_where(path)}: {exc}") from None
+    out_t = _empty(shape, t_dtype)
     out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
     np.stack(arrays, out=out, casting="same_kind" if out.dtype.kind != "V" else "no")
     return out_t
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new batch tensor: pinned in the main process of a GPU machine."""
+    pin = not _in_worker() and _backend.ENGINE.cuda_engine
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 # --------------------------------------------------------------------------- prefetcher
