@@ -3,6 +3,9 @@ Prefetcher, images_to_tensor, and the example training script that uses all thre
 
 from __future__ import annotations
 
+import functools
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -236,6 +239,218 @@ COLLATE_MISFITS = [
 def test_collate_misfits_name_the_field_and_the_sample(backend, samples, exc, pattern):
     with pytest.raises(exc, match=pattern):  # not a KeyError, zip's error or RecursionError
         tb.collate(samples)
+
+
+# ------------------------------------------------------------------------- pad=, fields=
+
+
+def _ragged_samples(rng, n, dtype, inner=()):
+    """Token-like samples of random lengths (one empty): arrays, tensors, strided views."""
+    out = []
+    for i in range(n):
+        length = 0 if i == 2 else int(rng.integers(1, 9))
+        tokens = rng.integers(0, 2 if dtype == np.bool_ else 100, (length, *inner)).astype(dtype)
+        value = [tokens, torch.from_numpy(tokens), np.repeat(tokens, 2, axis=0)[::2]][i % 3]
+        out.append({"label": i, "tokens": value, "meta": {"id": f"s{i}", "w": i / 4}})
+    return out
+
+
+def _pad_reference(values, fill, dtype):
+    """torch's own idiom for a padded batch: pad_sequence over each sample as a tensor."""
+    seqs = [torch.as_tensor(np.asarray(v, dtype=dtype)) for v in values]
+    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=fill)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fill", "inner"),
+    [
+        (np.int64, -3, ()),
+        (np.uint8, 7, ()),
+        (np.float32, 0.5, (3,)),
+        (np.float16, float("-inf"), ()),
+        (np.bool_, True, (2, 2)),
+    ],
+)
+def test_collate_pad_matches_pad_sequence(backend, dtype, fill, inner):
+    samples = _ragged_samples(np.random.default_rng(11), 7, dtype, inner)
+    batch = tb.collate(samples, pad={"tokens": fill})
+    values = [s["tokens"] for s in samples]
+    ref = _pad_reference(values, fill, dtype)
+    assert batch["tokens"].dtype == ref.dtype and batch["tokens"].shape == ref.shape
+    assert torch.equal(batch["tokens"], ref)
+    lengths = torch.tensor([len(v) for v in values], dtype=torch.int64)
+    assert batch["tokens_lengths"].dtype == torch.int64
+    assert torch.equal(batch["tokens_lengths"], lengths)
+    assert list(batch) == ["label", "tokens", "tokens_lengths", "meta"]  # next to the field
+    # every other field as without pad=
+    rest = [{k: v for k, v in s.items() if k != "tokens"} for s in samples]
+    ours = {k: v for k, v in batch.items() if not k.startswith("tokens")}
+    _assert_collated_like(ours, torch.utils.data.default_collate(rest))
+
+
+def test_collate_pad_of_lists_and_lists_of_rows():
+    samples = [{"t": [4, 5, 6]}, {"t": []}, {"t": [7]}]
+    batch = tb.collate(samples, pad={"t": 0})
+    ref = _pad_reference([s["t"] for s in samples[:1]], 0, np.int64)  # dtype of a list of ints
+    assert batch["t"].dtype == ref.dtype
+    assert batch["t"].tolist() == [[4, 5, 6], [0, 0, 0], [7, 0, 0]]
+    assert batch["t_lengths"].tolist() == [3, 0, 1]
+    rows = [{"t": [[1.5, 2.5]] * n} for n in (2, 0, 1)]
+    got = tb.collate(rows, pad={"t": -1.0})
+    expected = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(r["t"], dtype=torch.float64).reshape(-1, 2) for r in rows],
+        batch_first=True,
+        padding_value=-1.0,
+    )
+    assert torch.equal(got["t"], expected) and got["t_lengths"].tolist() == [2, 0, 1]
+
+
+def test_collate_fields_list_keeps_the_values():
+    metas = [{"boxes": [(1, 2)] * i, "name": f"s{i}"} if i else None for i in range(4)]
+    samples = [{"x": np.full(2, i), "meta": m} for i, m in enumerate(metas)]
+    batch = tb.collate(samples, fields={"meta": list})
+    assert type(batch["meta"]) is list
+    assert all(a is b for a, b in zip(batch["meta"], metas, strict=True))  # the same objects
+    assert torch.equal(batch["x"], torch.utils.data.default_collate([s["x"] for s in samples]))
+    both = tb.collate(
+        [{"t": [1], "m": "a"}, {"t": [2, 3], "m": 5}], pad={"t": 0}, fields={"m": list}
+    )
+    assert both["m"] == ["a", 5] and both["t"].tolist() == [[1, 0], [2, 3]]
+
+
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_collate_pad_in_a_dataloader(context):
+    data = _ragged_samples(np.random.default_rng(12), 24, np.int64)
+    collate_fn = functools.partial(tb.collate, pad={"tokens": -1}, fields={"meta": list})
+    assert pickle.loads(pickle.dumps(collate_fn)).keywords == collate_fn.keywords
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=8,
+        num_workers=2 if context is None else 1,
+        multiprocessing_context=context,
+        collate_fn=collate_fn,
+        pin_memory=False,
+        timeout=120,
+    )
+    batches = list(loader)
+    assert len(batches) == 3
+    for j, batch in enumerate(batches):
+        chunk = data[8 * j : 8 * j + 8]
+        values = [s["tokens"] for s in chunk]
+        assert torch.equal(batch["tokens"], _pad_reference(values, -1, np.int64))
+        assert batch["tokens_lengths"].tolist() == [len(v) for v in values]
+        assert batch["meta"] == [s["meta"] for s in chunk]
+
+
+# (id, samples, keyword arguments, exception, what the message must say)
+_TOKENS = [{"tokens": np.arange(3), "n": 1}, {"tokens": np.arange(2), "n": 2}]
+PAD_MISFITS = [
+    ("pad for list samples", [[1], [2]], {"pad": {"a": 0}}, TypeError, r"dict samples.*list"),
+    ("pad for an unknown key", _TOKENS, {"pad": {"tokns": 0}}, ValueError, r'"tokns".*"tokens"'),
+    ("fields for an unknown key", _TOKENS, {"fields": {"m": list}}, ValueError, r'names "m"'),
+    ("pad not a dict", _TOKENS, {"pad": 0}, TypeError, r'pad= must be a dict.*pad=\{"tokens": 0'),
+    ("pad value a string", _TOKENS, {"pad": {"tokens": "0"}}, TypeError, r"must be a number"),
+    (
+        "fields other than list",
+        _TOKENS,
+        {"fields": {"n": tuple}},
+        TypeError,
+        r"only override is list",
+    ),
+    ("fields as a string", _TOKENS, {"fields": {"n": "list"}}, TypeError, r"only override is list"),
+    (
+        "a key in pad and fields",
+        _TOKENS,
+        {"pad": {"tokens": 0}, "fields": {"tokens": list}},
+        ValueError,
+        r"both pad= and fields=",
+    ),
+    (
+        "lengths key taken",
+        [{"tokens": np.arange(2), "tokens_lengths": 2}],
+        {"pad": {"tokens": 0}},
+        ValueError,
+        r'"tokens_lengths", but the samples already have that key',
+    ),
+    (
+        "pad value outside uint8",
+        [{"t": np.arange(2, dtype=np.uint8)}, {"t": np.arange(1, dtype=np.uint8)}],
+        {"pad": {"t": -1}},
+        ValueError,
+        r"pad value -1 does not fit the field's dtype uint8",
+    ),
+    (
+        "fraction for integers",
+        [{"t": [1, 2]}, {"t": [1]}],
+        {"pad": {"t": 0.5}},
+        ValueError,
+        r"pad value 0.5 does not fit .* int64",
+    ),
+    (
+        "overflowing float16",
+        [{"t": np.ones(2, np.float16)}, {"t": np.ones(1, np.float16)}],
+        {"pad": {"t": 1e6}},
+        ValueError,
+        r"does not fit the field's dtype float16",
+    ),
+    (
+        "pad a scalar field",
+        [{"t": 1}, {"t": 2}],
+        {"pad": {"t": 0}},
+        TypeError,
+        r'batch\["t"\]: pad= pads arrays.*sample 0 is int',
+    ),
+    (
+        "pad a 0-d array",
+        [{"t": np.array(1)}, {"t": np.array(2)}],
+        {"pad": {"t": 0}},
+        ValueError,
+        r"sample 0 is a scalar",
+    ),
+    (
+        "pad strings",
+        [{"t": ["a", "b"]}, {"t": ["c"]}],
+        {"pad": {"t": 0}},
+        TypeError,
+        r"holds <U1 values; pad= pads numbers",
+    ),
+    (
+        "pad rows of other widths",
+        [{"t": np.zeros((2, 3))}, {"t": np.zeros((2, 4))}],
+        {"pad": {"t": 0}},
+        ValueError,
+        r"sample 1 has shape \(2, 4\), sample 0 has \(2, 3\); pad= pads the first dimension "
+        r"only",
+    ),
+    (
+        "pad lists of ragged lists",
+        [{"t": [[1], [2, 3]]}],
+        {"pad": {"t": 0}},
+        ValueError,
+        r"sample 0 is a list of lists of different lengths",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("samples", "kwargs", "exc", "pattern"),
+    [c[1:] for c in PAD_MISFITS],
+    ids=[c[0] for c in PAD_MISFITS],
+)
+def test_collate_pad_and_fields_refusals(samples, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        tb.collate(samples, **kwargs)
+
+
+def test_ragged_refusals_point_to_pad_and_fields():
+    with pytest.raises(ValueError, match=r'pass pad=\{"tokens": 0\}.*"tokens_lengths"') as info:
+        tb.collate(_TOKENS)
+    assert 'fields={"tokens": list}' in str(info.value)
+    fixed = tb.collate(_TOKENS, pad={"tokens": 0})  # the fix the message names works
+    assert fixed["tokens"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    with pytest.raises(ValueError, match=r"pad or crop") as info:  # not paddable: other width
+        tb.collate([{"t": np.zeros((2, 3))}, {"t": np.zeros((2, 4))}])
+    assert "pad=" not in str(info.value)
 
 
 # ------------------------------------------------------------------------- prefetcher

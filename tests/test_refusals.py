@@ -305,6 +305,31 @@ OTHER_REFUSALS = [
         "ragged nested field",
         lambda: tb.collate([{"a": [{"b": np.zeros(11)}]}, {"a": [{"b": np.zeros(3)}]}]),
     ),
+    ("collate", "pad= for list samples", lambda: tb.collate([[1], [2]], pad={"a": 0})),
+    ("collate", "pad= for an unknown key", lambda: tb.collate(_TOKENS, pad={"tokns": 0})),
+    (
+        "collate",
+        "pad= value outside the dtype",
+        lambda: tb.collate(
+            [{"t": np.zeros(2, np.uint8)}, {"t": np.zeros(1, np.uint8)}], pad={"t": -1}
+        ),
+    ),
+    (
+        "collate",
+        "pad= where the lengths key is taken",
+        lambda: tb.collate([{"t": np.zeros(2), "t_lengths": 2}], pad={"t": 0}),
+    ),
+    (
+        "collate",
+        "pad= for a scalar field",
+        lambda: tb.collate([{"t": 1}, {"t": 2}], pad={"t": 0}),
+    ),
+    ("collate", "fields= other than list", lambda: tb.collate(_TOKENS, fields={"n": tuple})),
+    (
+        "collate",
+        "a key in pad= and fields=",
+        lambda: tb.collate(_TOKENS, pad={"tokens": 0}, fields={"tokens": list}),
+    ),
     ("Prefetcher", "depth 0", lambda: tb.Prefetcher([], "cpu", depth=0)),
     ("Prefetcher", "depth 10**9", lambda: tb.Prefetcher([], "cpu", depth=10**9)),
     ("empty_pinned", "object dtype", lambda: tb.empty_pinned(4, object)),
@@ -351,6 +376,7 @@ OTHER_REFUSALS = [
 _A8 = np.zeros(8)
 _CYCLIC: list[object] = [np.zeros(2)]
 _CYCLIC.append(_CYCLIC)
+_TOKENS = [{"tokens": np.arange(3), "n": 1}, {"tokens": np.arange(2), "n": 2}]
 
 
 def refusal_rows() -> list[tuple[str, str, str, str]]:

@@ -23,7 +23,12 @@ def _in_worker() -> bool:
     return info is not None
 
 
-def collate(samples: Sequence[Any]) -> Any:
+def collate(
+    samples: Sequence[Any],
+    *,
+    pad: Mapping[str, float] | None = None,
+    fields: Mapping[str, type[list[Any]]] | None = None,
+) -> Any:
     """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that stacks straight into
     page-locked memory: one copy per field instead of default collate's copy plus the
     pin-memory thread's second one. Use it with ``pin_memory=False``.
@@ -39,11 +44,34 @@ def collate(samples: Sequence[Any]) -> Any:
     of other lengths, another kind of value (an array in one sample, an int in another),
     or samples nested more than 100 levels deep (or holding themselves).
 
+    For dict samples, two arguments change how named fields (keys of the sample dicts)
+    are collated; every other field is collated as without them:
+
+    - ``pad={"tokens": 0}``: a ragged field (arrays, tensors or lists of numbers whose
+      first dimension differs; the other dimensions must match) is padded at the end of
+      its first dimension to the longest sample with the given value, into one tensor of
+      shape (batch, longest, ...). The lengths before padding come next to it, under
+      ``"tokens_lengths"``, as an int64 tensor of shape (batch,). The value must fit the
+      field's dtype; a sample field already named ``"tokens_lengths"`` is refused.
+    - ``fields={"meta": list}``: the field stays a Python list of the samples' values,
+      not collated (variable-length boxes, strings, objects). ``list`` is the only
+      override accepted.
+
+    Both are refused (TypeError or ValueError) for samples that are not dicts, for keys
+    the samples do not have and for a key named in both. With a DataLoader, pass
+    ``collate_fn=functools.partial(tb.collate, pad={"tokens": 0})``: it pickles, so it
+    works in worker processes too.
+
     Example:
         >>> import numpy as np, tensorbridge as tb
         >>> b = tb.collate([{"x": np.ones(3), "y": 1}, {"x": np.zeros(3), "y": 0}])
         >>> b["x"].shape, b["y"]
         (torch.Size([2, 3]), tensor([1, 0]))
+        >>> b = tb.collate([{"tokens": [5, 6, 7], "meta": "a"}, {"tokens": [8], "meta": {}}],
+        ...                pad={"tokens": -1}, fields={"meta": list})
+        >>> b["tokens"], b["tokens_lengths"], b["meta"]
+        (tensor([[ 5,  6,  7],
+                [ 8, -1, -1]]), tensor([3, 1]), ['a', {}])
     """
     if isinstance(samples, Mapping) or not isinstance(
         samples, (Sequence, np.ndarray, torch.Tensor)
@@ -57,7 +85,72 @@ def collate(samples: Sequence[Any]) -> Any:
             "collate needs at least one sample, got none: pass a non-empty list (a DataLoader "
             "with batch_size >= 1 always does)."
         )
-    return _collate(samples, (), 0)
+    if pad is None and fields is None:
+        return _collate(samples, (), 0)
+    return _collate_dict(samples, (), 0, _field_rules(samples[0], pad, fields))
+
+
+def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]]:
+    """{key: ("pad", value) or ("list", None)} from collate's pad= and fields=, checked."""
+    given = "pad=" if pad is not None else "fields="
+    if not isinstance(first, Mapping):
+        raise TypeError(
+            f"collate: {given} names fields of dict samples, but sample 0 is {_kind(first)}: "
+            f"return a dict from the dataset, or collate without {given}."
+        )
+    rules: dict[Any, tuple[str, Any]] = {}
+    for name, arg, example in (("pad", pad, "0"), ("fields", fields, "list")):
+        if arg is None:
+            continue
+        if not isinstance(arg, Mapping):
+            raise TypeError(
+                f"collate: {name}= must be a dict from a field name to "
+                f"{'the pad value' if name == 'pad' else 'list'}, got {_kind(arg)}: pass e.g. "
+                f'{name}={{"tokens": {example}}}.'
+            )
+        for key, value in arg.items():
+            if key not in first:
+                raise ValueError(
+                    f"collate: {name}= names {_key_text(key)}, which the samples do not have "
+                    f"(they have {', '.join(_key_text(k) for k in first)}): pass one of those "
+                    "keys."
+                )
+            if key in rules:
+                raise ValueError(
+                    f"collate: {_key_text(key)} is named in both pad= and fields=: keep it in "
+                    "one (pad= to pad it into a tensor, fields= to keep it as a list)."
+                )
+            if name == "fields":
+                if value is not list:
+                    shown = getattr(value, "__name__", repr(value))
+                    raise TypeError(
+                        f"collate: fields={{{_key_text(key)}: {shown}}}: the only override is "
+                        "list, which keeps the field as a Python list of the samples' values: "
+                        f"pass fields={{{_key_text(key)}: list}} (or pad= to pad a ragged "
+                        "array field)."
+                    )
+                rules[key] = ("list", None)
+                continue
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"collate: pad= names {key!r}; pad= takes string keys, since the lengths go "
+                    "under the key + '_lengths': use string keys in the samples."
+                )
+            if not isinstance(value, _NUMBERS):
+                raise TypeError(
+                    f"collate: pad={{{_key_text(key)}: {value!r}}}: the pad value fills the "
+                    f"padded positions and must be a number, got {_kind(value)}: pass e.g. "
+                    f"pad={{{_key_text(key)}: 0}}."
+                )
+            lengths = f"{key}_lengths"
+            if lengths in first:
+                raise ValueError(
+                    f"collate: pad={{{_key_text(key)}: ...}} adds the lengths as "
+                    f"{_key_text(lengths)}, but the samples already have that key: rename "
+                    "it in the dataset."
+                )
+            rules[key] = ("pad", value)
+    return rules
 
 
 # Samples deeper than this are refused (a cycle would otherwise end in a RecursionError).
@@ -98,7 +191,7 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
                 raise ValueError(
                     f"collate: {_where(path)}: sample {i} has {_items(len(s))}, sample 0 has "
                     f"{_items(len(first))}; sequences are collated item by item and need equal "
-                    f"lengths: {_ragged_fix(path)}."
+                    f"lengths: {_ragged_fix(path, all(isinstance(x, _NUMBERS) for x in first))}."
                 )
         return [
             _collate(list(field), (*path, ("[", j)), depth + 1)
@@ -122,7 +215,12 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
     return list(samples)  # strings and anything else: as a list, like default_collate
 
 
-def _collate_dict(samples: Sequence[Any], path: Path, depth: int) -> Any:
+def _collate_dict(
+    samples: Sequence[Any],
+    path: Path,
+    depth: int,
+    rules: Mapping[Any, tuple[str, Any]] | None = None,
+) -> Any:
     first = samples[0]
     _check_kind(samples, Mapping, path)
     keys = first.keys()
@@ -143,7 +241,19 @@ def _collate_dict(samples: Sequence[Any], path: Path, depth: int) -> Any:
                 "every sample must have the same keys: return the same keys from the "
                 "dataset for every sample (None or an empty array for a missing value)."
             )
-    fields = {k: _collate([s[k] for s in samples], (*path, ("[", k)), depth + 1) for k in keys}
+    if rules:
+        fields: dict[Any, Any] = {}
+        for k in keys:
+            values = [s[k] for s in samples]
+            rule, fill = rules.get(k, ("", None))
+            if rule == "list":
+                fields[k] = values
+            elif rule == "pad":
+                fields[k], fields[f"{k}_lengths"] = _pad(values, (*path, ("[", k)), fill)
+            else:
+                fields[k] = _collate(values, (*path, ("[", k)), depth + 1)
+    else:
+        fields = {k: _collate([s[k] for s in samples], (*path, ("[", k)), depth + 1) for k in keys}
     try:
         return cast(Any, type(first))(fields)
     except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
@@ -199,11 +309,20 @@ def _top_key(path: Path) -> Any:
 
 
 def _list_fix(path: Path) -> str:
-    return ""
+    key = _top_key(path)
+    if key is None:
+        return ""
+    return f", or keep the field as a list with fields={{{_key_text(key)}: list}}"
 
 
-def _ragged_fix(path: Path) -> str:
-    return f"pad or crop them to one size in the dataset{_list_fix(path)}"
+def _ragged_fix(path: Path, paddable: bool) -> str:
+    key = _top_key(path)
+    if key is None or not paddable:
+        return f"pad or crop them to one size in the dataset{_list_fix(path)}"
+    return (
+        f"pass pad={{{_key_text(key)}: 0}} to pad them to the longest (their lengths come as "
+        f"{_key_text(key + '_lengths')}){_list_fix(path)}"
+    )
 
 
 def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
@@ -211,21 +330,113 @@ def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
     shape = (len(arrays), *arrays[0].shape)
     for i, a in enumerate(arrays):
         if a.shape != shape[1:]:
+            paddable = a.ndim == len(shape) - 1 > 0 and a.shape[1:] == shape[2:]
             raise ValueError(
                 f"collate: {_where(path)}: sample {i} has shape {a.shape}, sample 0 has "
-                f"{shape[1:]}; samples must have equal shapes: {_ragged_fix(path)}."
+                f"{shape[1:]}; samples must have equal shapes: {_ragged_fix(path, paddable)}."
             )
-    try:
-        dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
-        if not dtype.isnative:
-            dtype = dtype.newbyteorder("=")
-        t_dtype = _dtypes.torch_dtype(dtype)
-    except TypeError as exc:  # no torch dtype (strings, objects), or none common to all
-        raise TypeError(f"collate: {_where(path)}: {exc}") from None
+    _, t_dtype = _common_dtype(arrays, path)
     out_t = _empty(shape, t_dtype)
     out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
     np.stack(arrays, out=out, casting="same_kind" if out.dtype.kind != "V" else "no")
     return out_t
+
+
+def _common_dtype(arrays: Sequence[np.ndarray], path: Path) -> tuple[np.dtype, torch.dtype]:
+    try:
+        dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
+        if not dtype.isnative:
+            dtype = dtype.newbyteorder("=")
+        return dtype, _dtypes.torch_dtype(dtype)
+    except TypeError as exc:  # no torch dtype (strings, objects), or none common to all
+        raise TypeError(f"collate: {_where(path)}: {exc}") from None
+
+
+def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ragged field padded along its first dimension, and the lengths before padding."""
+    where, key = _where(path), _key_text(path[-1][1])
+    arrays: list[np.ndarray] = []
+    empty_lists = []  # [] has no dtype or inner shape of its own: it takes the others'
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            a = to_numpy(v)
+        elif isinstance(v, np.ndarray):
+            a = v
+        elif isinstance(v, (list, tuple)):
+            try:
+                a = np.asarray(v)
+            except ValueError:  # lists of lists of different lengths
+                raise ValueError(
+                    f"collate: {where}: sample {i} is a {type(v).__name__} of lists of "
+                    "different lengths; pad= pads the first dimension only: make the inner "
+                    "lengths equal in the dataset."
+                ) from None
+            if not len(v):
+                empty_lists.append(i)
+        else:
+            raise TypeError(
+                f"collate: {where}: pad= pads arrays, tensors and lists of numbers along their "
+                f"first dimension; sample {i} is {_kind(v)}: return one of those from the "
+                f"dataset, or drop {key} from pad=."
+            )
+        if a.ndim == 0:
+            raise ValueError(
+                f"collate: {where}: sample {i} is a scalar (shape ()), which has no first "
+                f"dimension to pad: drop {key} from pad= (scalars need no padding)."
+            )
+        if a.dtype.kind not in "biufc" and not _dtypes.is_ml_dtype(a.dtype):
+            raise TypeError(
+                f"collate: {where}: sample {i} holds {a.dtype} values; pad= pads numbers: "
+                "encode or tokenize them in the dataset, or keep the field as a list with "
+                f"fields={{{key}: list}}."
+            )
+        arrays.append(a)
+    shaped = [i for i in range(len(arrays)) if i not in empty_lists] or [0]
+    ref = shaped[0]
+    inner = arrays[ref].shape[1:]
+    for i in shaped:
+        if arrays[i].shape[1:] != inner:
+            raise ValueError(
+                f"collate: {where}: sample {i} has shape {arrays[i].shape}, sample {ref} has "
+                f"{arrays[ref].shape}; pad= pads the first dimension only, so the others must "
+                "match: pad or crop them to one size in the dataset."
+            )
+    dtype, t_dtype = _common_dtype([arrays[i] for i in shaped], path)
+    if not _fits(fill, dtype):
+        raise ValueError(
+            f"collate: {where}: the pad value {fill!r} does not fit the field's dtype {dtype}: "
+            f"pass a value that does, e.g. pad={{{key}: 0}}."
+        )
+    for i in empty_lists:
+        arrays[i] = np.empty((0, *inner), dtype)
+    lengths = [len(a) for a in arrays]
+    out_t = _empty((len(arrays), max(lengths), *inner), t_dtype)
+    out = to_numpy(out_t)
+    casting: Any = "same_kind" if out.dtype.kind != "V" else "no"
+    for row, a, n in zip(out, arrays, lengths, strict=True):
+        np.copyto(row[:n], a, casting=casting)
+        row[n:] = fill
+    lengths_t = _empty((len(arrays),), torch.int64)
+    to_numpy(lengths_t)[:] = lengths
+    return out_t, lengths_t
+
+
+def _fits(value: Any, dtype: np.dtype) -> bool:
+    """Whether the pad value is held exactly by ``dtype`` (floats: not overflowing to inf)."""
+    if dtype.kind == "c":
+        return True
+    if isinstance(value, (complex, np.complexfloating)):
+        return False
+    if dtype.kind == "b":
+        return bool(value == 0 or value == 1)
+    if dtype.kind in "iu":
+        if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+            return False
+        info = np.iinfo(dtype)
+        return bool(info.min <= int(value) <= info.max)
+    with np.errstate(over="ignore"):
+        held = np.asarray(value, dtype=np.float64).astype(dtype).astype(np.float64)
+    return bool(np.isfinite(held) or not np.isfinite(value))
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -24,12 +24,15 @@ def main() -> None:
     u: torch.Tensor = tb.to_tensor(a, dtype=torch.float64)
     batch = tb.to_device({"x": a, "y": [a, 1]}, "cpu")
     back = tb.to_numpy_batch(batch)
+    texts = [{"tokens": [1, 2], "meta": "a"}, {"tokens": [3], "meta": "b"}]
+    padded = tb.collate(texts, pad={"tokens": 0}, fields={"meta": list})
     stats: dict[str, object] = dict(tb.pinned_stats())
     info: dict[str, object] = dict(tb.info())
     tb.set_num_threads(tb.get_num_threads())
     pinned: np.ndarray = tb.empty_pinned((4,), np.float32)
     assert same is out and waited.shape == (2, 3) and done and t.shape == u.shape
     assert back["y"][1] == 1 and stats and info and pinned.shape == (4,)
+    assert padded["tokens_lengths"].tolist() == [2, 1] and padded["meta"] == ["a", "b"]
 
 
 if __name__ == "__main__":
