@@ -281,6 +281,16 @@ OTHER_REFUSALS = [
         lambda: tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None}),
     ),
     ("collate", "ragged samples", lambda: tb.collate([np.zeros(3), np.zeros(4)])),
+    (
+        "to_device",
+        "a single dtype that is not floating",
+        lambda: tb.to_device({"x": np.zeros(2)}, "cpu", dtype=torch.int64),
+    ),
+    (
+        "Prefetcher",
+        "a single dtype that is not floating",
+        lambda: tb.Prefetcher([], "cpu", dtype="int32"),
+    ),
     ("to_tensor", "no array protocol", lambda: tb.to_tensor(object())),
     ("to_tensor", "export refused", lambda: tb.to_tensor(_RefusingProducer())),
     ("collate", "no samples", lambda: tb.collate([])),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes
-from ._batch import DTypeSpec, to_device
+from ._batch import DTypeSpec, dtype_rule, to_device
 from ._convert import Device, to_numpy, to_tensor
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
 
@@ -457,7 +457,9 @@ class Prefetcher:
     tensors are marked as used there (``record_stream``), so the caching allocator never
     reuses their memory too early. On the CPU it is a thin pass-through, so one training
     loop runs everywhere. Errors from the underlying iterator are raised in order, when
-    the loop reaches them; breaking out of the loop early releases everything.
+    the loop reaches them; breaking out of the loop early releases everything. ``dtype``
+    is :func:`to_device`'s: a single floating dtype casts the floating-point leaves only,
+    a mapping casts the leaves it names.
 
     Example:
         >>> import numpy as np, tensorbridge as tb
@@ -484,6 +486,7 @@ class Prefetcher:
             64,
             "2 or 3 hide the copy time of a batch behind the compute of the one before.",
         )
+        dtype_rule(dtype, "Prefetcher")  # refused here, not at the first batch
         self.iterable = iterable
         self.device = _backend.resolve_device(device, "Prefetcher")
         self.depth = depth
