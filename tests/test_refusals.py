@@ -34,7 +34,13 @@ _RefusingProducer.__module__ = "producer"  # the same name in messages run as a 
 
 # (id, call, exception, message pattern)
 TO_NUMPY_INPUTS = [
-    ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list.*to_numpy_batch"),
+    ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list of numbers: use numpy.asarray"),
+    (
+        "list of tensors",
+        lambda: tb.to_numpy([torch.ones(1)]),
+        TypeError,
+        r"got list.*to_numpy_batch",
+    ),
     ("dict", lambda: tb.to_numpy({"a": torch.ones(1)}), TypeError, r"got dict"),
     ("scalar", lambda: tb.to_numpy(3.0), TypeError, r"got float.*torch.as_tensor"),
     ("string", lambda: tb.to_numpy("abc"), TypeError, r"got str"),
@@ -238,9 +244,32 @@ def test_to_tensor_refuses_overlapping_out(backend, how):
     np.testing.assert_array_equal(buf, np.arange(12, dtype=F32))
 
 
+NUMBER_LISTS = [[1, 2, 3], (1.5, 2), [[0.5, 1], [2, np.float32(3)]], [True, np.int8(4)], []]
+
+
+@pytest.mark.parametrize("numbers", NUMBER_LISTS, ids=["ints", "tuple", "nested", "numpy", "empty"])
+def test_a_list_of_numbers_is_pointed_to_as_tensor(backend, numbers):
+    """Numbers are data, not a batch: the message names the call that makes them a tensor
+    (to_device would hand them back untouched), and that call works."""
+    with pytest.raises(
+        TypeError, match=r"got (list|tuple) of numbers: use torch.as_tensor\(x\)"
+    ) as info:
+        tb.to_tensor(numbers)
+    assert "to_device" not in str(info.value)
+    with pytest.raises(TypeError, match=r"of numbers: use numpy.asarray\(x\)") as info:
+        tb.to_numpy(numbers)
+    assert "to_device" not in str(info.value)
+    assert torch.as_tensor(numbers).shape == np.asarray(numbers).shape  # the named fix works
+
+
 def test_to_tensor_refuses_non_arrays(backend):
-    with pytest.raises(TypeError, match=r"to_tensor expects a torch.Tensor.*got list.*to_device"):
-        tb.to_tensor([1, 2, 3])
+    for batch in ([np.zeros(2), np.ones(2)], (torch.ones(1), 3), [[1, 2], ["a"]], {"a": 1}):
+        with pytest.raises(TypeError, match=r"to_tensor expects a torch.Tensor.*use to_device\(\)"):
+            tb.to_tensor(batch)
+    cyclic: list = [1]
+    cyclic.append(cyclic)
+    with pytest.raises(TypeError, match=r"got list: for a batch"):
+        tb.to_tensor(cyclic)
     with pytest.raises(TypeError, match=r"exposing __dlpack__.*got object.*numpy.asarray"):
         tb.to_tensor(object())
     with pytest.raises(ValueError, match=r"refused to export.*BufferError"):
@@ -292,6 +321,8 @@ OTHER_REFUSALS = [
         lambda: tb.Prefetcher([], "cpu", dtype="int32"),
     ),
     ("to_tensor", "no array protocol", lambda: tb.to_tensor(object())),
+    ("to_tensor", "a list of numbers", lambda: tb.to_tensor([1, 2, 3])),
+    ("to_tensor", "a list of arrays", lambda: tb.to_tensor([np.zeros(2), np.ones(2)])),
     ("to_tensor", "export refused", lambda: tb.to_tensor(_RefusingProducer())),
     ("collate", "no samples", lambda: tb.collate([])),
     (
