@@ -518,16 +518,257 @@ def test_images_to_tensor_matches_torchvision_style(channels_first):
     assert torch.allclose(got.double(), ref, atol=1e-5)
 
 
-def test_images_to_tensor_refusals():
-    x = np.zeros((2, 4, 4, 3), np.uint8)
-    with pytest.raises(ValueError, match="one per channel"):
-        tb.images_to_tensor(x, mean=[0.5, 0.5])
-    with pytest.raises(TypeError, match="floats"):
-        tb.images_to_tensor(x, dtype=torch.int32)
-    with pytest.raises(ValueError, match="H, W, C"):
-        tb.images_to_tensor(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError, match="zeros"):
-        tb.images_to_tensor(x, std=0)
+def _torch_idiom(x, mean, std, scale=1 / 255):
+    """torch's own normalization of channels-last images, in float32, channels first."""
+    m = torch.as_tensor(np.asarray(mean, dtype=np.float32))
+    s = torch.as_tensor(np.asarray(std, dtype=np.float32))
+    return torch.from_numpy(x).float().mul(scale).sub(m).div(s).movedim(-1, -3)
+
+
+# (mean, std) in every accepted form: numbers, lists, tuples, NumPy arrays, tensors, None
+_NORMALIZATIONS = {
+    "lists": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "tuples": ((0.5, 0.25, 0.75), (0.2, 0.3, 0.4)),
+    "numpy": (np.array([0.4, 0.5, 0.6], np.float32), np.array([0.3, 0.3, 0.2])),
+    "tensors": (torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64)),
+    "numbers": (0.5, 0.25),
+    "numpy scalars": (np.float32(0.5), np.float64(0.2)),
+    "ints": (0, 1),
+    "one-element": ([0.5], [0.5]),
+    "none": (None, None),
+}
+
+
+@pytest.mark.parametrize("norm", list(_NORMALIZATIONS))
+@pytest.mark.parametrize(
+    ("dtype", "atol"),
+    [
+        (torch.float32, 1e-5),
+        ("float16", 1e-2),
+        (np.float16, 1e-2),
+        (torch.bfloat16, 6e-2),
+        ("float64", 1e-5),
+    ],
+    ids=["torch.float32", "str-float16", "numpy.float16", "torch.bfloat16", "str-float64"],
+)
+def test_images_to_tensor_matches_the_torch_idiom(norm, dtype, atol):
+    x = np.random.default_rng(6).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
+    mean, std = _NORMALIZATIONS[norm]
+    got = tb.images_to_tensor(x, mean=mean, std=std, dtype=dtype)
+    ref = _torch_idiom(x, 0.0 if mean is None else mean, 1.0 if std is None else std)
+    expected_dtype = {"float16": torch.float16, np.float16: torch.float16, "float64": torch.float64}
+    assert got.dtype == expected_dtype.get(dtype, dtype) and got.shape == ref.shape
+    assert torch.allclose(got.float(), ref, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 1), (2, 7, 5, 4), (2, 2, 3, 4, 3), (0, 3, 3, 3)])
+def test_images_to_tensor_channels_and_leading_dims(shape):
+    x = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
+    c = shape[-1]
+    mean, std = list(np.linspace(0.2, 0.6, c)), list(np.linspace(0.1, 0.3, c))
+    got = tb.images_to_tensor(x, mean=mean, std=std)
+    assert torch.allclose(got, _torch_idiom(x, mean, std), atol=1e-5)
+    from_tensor = tb.images_to_tensor(torch.from_numpy(x), mean=mean, std=std)
+    assert torch.equal(from_tensor, got)
+
+
+@pytest.mark.parametrize(
+    ("images", "scale"),
+    [
+        (np.random.default_rng(8).integers(0, 65536, (2, 4, 4, 3)).astype(np.uint16), 1 / 65535),
+        (np.random.default_rng(9).random((2, 4, 4, 3), dtype=np.float32), 1),
+        (np.random.default_rng(10).integers(0, 256, (2, 4, 4, 3)).astype(">f4"), 1 / 255),
+        (np.random.default_rng(11).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8), 1 / 200),
+    ],
+    ids=["uint16", "float32-0-1", "big-endian-float32", "uint8-other-scale"],
+)
+def test_images_to_tensor_other_dtypes_with_scale(images, scale):
+    mean, std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    got = tb.images_to_tensor(images, mean=mean, std=std, scale=scale)
+    native = images.astype(images.dtype.newbyteorder("="))
+    ref = _torch_idiom(native.astype(np.float64), mean, std, scale)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+_X = np.zeros((2, 4, 4, 3), np.uint8)
+
+# (id, call, exception, what the message must say)
+IMAGE_REFUSALS = [
+    (
+        "mean of 2 for 3 channels",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, 0.5]),
+        ValueError,
+        r"one per channel.*mean=\[0.5\] \* 3",
+    ),
+    (
+        "integer dtype",
+        lambda: tb.images_to_tensor(_X, dtype=torch.int32),
+        TypeError,
+        r"floats.*dtype=torch.float32",
+    ),
+    ("integer dtype string", lambda: tb.images_to_tensor(_X, dtype="int32"), TypeError, r"floats"),
+    (
+        "2-d",
+        lambda: tb.images_to_tensor(np.zeros((4, 4), np.uint8)),
+        ValueError,
+        r"\(\.\.\., H, W, C\).*x\[\.\.\., None\]",
+    ),
+    (
+        "grayscale (N, H, W)",
+        lambda: tb.images_to_tensor(np.zeros((2, 8, 8), np.uint8)),
+        ValueError,
+        r"C 1, 3 or 4, got shape \(2, 8, 8\): add the channel axis .* x\[\.\.\., None\]",
+    ),
+    (
+        "2 channels",
+        lambda: tb.images_to_tensor(np.zeros((2, 8, 8, 2), np.uint8)),
+        ValueError,
+        r"C 1, 3 or 4",
+    ),
+    (
+        "channels first",
+        lambda: tb.images_to_tensor(np.zeros((2, 3, 8, 8), np.uint8)),
+        ValueError,
+        r"x.permute\(0, 2, 3, 1\)",
+    ),
+    (
+        "float images, no scale",
+        lambda: tb.images_to_tensor(_X.astype(np.float32)),
+        TypeError,
+        r"uint8 pixels .* images are torch.float32: pass scale=",
+    ),
+    (
+        "int16 tensor, no scale",
+        lambda: tb.images_to_tensor(torch.zeros(1, 2, 2, 3, dtype=torch.int16)),
+        TypeError,
+        r"pass scale=",
+    ),
+    (
+        "bool images",
+        lambda: tb.images_to_tensor(_X.astype(bool), scale=1),
+        TypeError,
+        r"real numbers, got torch.bool",
+    ),
+    (
+        "string images",
+        lambda: tb.images_to_tensor(np.full((1, 2, 2, 3), "a")),
+        TypeError,
+        r"images of numbers, got dtype <U1",
+    ),
+    (
+        "scale a string",
+        lambda: tb.images_to_tensor(_X, scale="1"),
+        TypeError,
+        r"scale must be a number \(an int or a float\), got str '1'",
+    ),
+    (
+        "scale a list",
+        lambda: tb.images_to_tensor(_X, scale=[1 / 255]),
+        TypeError,
+        r"scale must be a number.*got list",
+    ),
+    (
+        "scale 0",
+        lambda: tb.images_to_tensor(_X, scale=0),
+        ValueError,
+        r"scale must be a finite number above 0",
+    ),
+    (
+        "scale nan",
+        lambda: tb.images_to_tensor(_X, scale=float("nan")),
+        ValueError,
+        r"finite number above 0",
+    ),
+    (
+        "mean a generator",
+        lambda: tb.images_to_tensor(_X, mean=(m for m in [0.5] * 3)),
+        TypeError,
+        r"mean must be a number or 3 numbers \(a list, tuple, NumPy array or tensor\), "
+        r"got generator: pass e.g. list\(mean\)",
+    ),
+    (
+        "mean a string",
+        lambda: tb.images_to_tensor(_X, mean="0.5"),
+        TypeError,
+        r"a list, tuple, NumPy array or tensor\), got str",
+    ),
+    ("mean a dict", lambda: tb.images_to_tensor(_X, mean={"r": 0.5}), TypeError, r"got dict"),
+    (
+        "mean holding a string",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, "0.5", 0.5]),
+        TypeError,
+        r"holds str '0.5'",
+    ),
+    (
+        "mean holding a bool",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, True, 0.5]),
+        TypeError,
+        r"holds bool",
+    ),
+    (
+        "mean complex",
+        lambda: tb.images_to_tensor(_X, mean=np.full(3, 0.5j)),
+        TypeError,
+        r"real numbers, got an array of complex128",
+    ),
+    (
+        "mean 2-d",
+        lambda: tb.images_to_tensor(_X, mean=np.full((1, 3), 0.5)),
+        ValueError,
+        r"got shape \(1, 3\)",
+    ),
+    (
+        "mean on 0-255",
+        lambda: tb.images_to_tensor(_X, mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4]),
+        ValueError,
+        r"is above 1.*looks like 0-255 scale: divide mean and std by 255",
+    ),
+    (
+        "one mean above 1",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, 1.5, 0.5]),
+        ValueError,
+        r"looks like 0-255 scale",
+    ),
+    (
+        "mean inf",
+        lambda: tb.images_to_tensor(_X, mean=float("inf")),
+        ValueError,
+        r"mean must be finite",
+    ),
+    (
+        "std nan",
+        lambda: tb.images_to_tensor(_X, std=float("nan")),
+        ValueError,
+        r"std must be finite numbers, got std=nan",
+    ),
+    (
+        "std nan in a list",
+        lambda: tb.images_to_tensor(_X, std=[0.2, np.nan, 0.2]),
+        ValueError,
+        r"std must be finite",
+    ),
+    ("std 0", lambda: tb.images_to_tensor(_X, std=0), ValueError, r"std must be above 0"),
+    (
+        "std negative",
+        lambda: tb.images_to_tensor(_X, std=[0.2, -0.1, 0.3]),
+        ValueError,
+        r"std must be above 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "pattern"), [c[1:] for c in IMAGE_REFUSALS], ids=[c[0] for c in IMAGE_REFUSALS]
+)
+def test_images_to_tensor_refusals(monkeypatch, call, exc, pattern):
+    from tensorbridge import _loader
+
+    def copied(*args, **kwargs):
+        raise AssertionError("the images were copied before the refusal")
+
+    monkeypatch.setattr(_loader, "to_tensor", copied)  # every check comes first
+    with pytest.raises(exc, match=pattern):
+        call()
 
 
 # ------------------------------------------------------------------------- the example

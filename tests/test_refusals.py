@@ -384,6 +384,29 @@ OTHER_REFUSALS = [
         "integer dtype",
         lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), dtype=torch.int32),
     ),
+    (
+        "images_to_tensor",
+        "grayscale (N, H, W) without a channel axis",
+        lambda: tb.images_to_tensor(np.zeros((2, 8, 8), np.uint8)),
+    ),
+    (
+        "images_to_tensor",
+        "float images without scale=",
+        lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.float32)),
+    ),
+    ("images_to_tensor", "scale as a string", lambda: tb.images_to_tensor(_IMG, scale="1")),
+    (
+        "images_to_tensor",
+        "mean as a generator",
+        lambda: tb.images_to_tensor(_IMG, mean=(m for m in [0.5] * 3)),
+    ),
+    (
+        "images_to_tensor",
+        "mean on the 0-255 scale",
+        lambda: tb.images_to_tensor(_IMG, mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4]),
+    ),
+    ("images_to_tensor", "std nan", lambda: tb.images_to_tensor(_IMG, std=float("nan"))),
+    ("images_to_tensor", "std 0", lambda: tb.images_to_tensor(_IMG, std=0)),
     ("empty_pinned", "negative size", lambda: tb.empty_pinned((2, -1))),
     ("set_num_threads", "zero threads", lambda: tb.set_num_threads(0)),
     ("set_num_threads", "100000 threads", lambda: tb.set_num_threads(100_000)),
@@ -415,6 +438,7 @@ OTHER_REFUSALS = [
 
 
 _A8 = np.zeros(8)
+_IMG = np.zeros((1, 2, 2, 3), np.uint8)
 _CYCLIC: list[object] = [np.zeros(2)]
 _CYCLIC.append(_CYCLIC)
 _TOKENS = [{"tokens": np.arange(3), "n": 1}, {"tokens": np.arange(2), "n": 2}]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -570,7 +572,7 @@ def images_to_tensor(
     device: Device | None = None,
     *,
     dtype: _dtypes.DTypeLike = torch.float32,
-    scale: float = 1 / 255,
+    scale: float | None = None,
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
     channels_first: bool = True,
@@ -581,6 +583,25 @@ def images_to_tensor(
     The images cross the link as uint8 (a quarter of float32's bytes); on the device one
     kernel computes ``(x * scale - mean) / std`` and writes it directly in channels-first
     layout (..., C, H, W) when ``channels_first`` (torchvision's ``ToTensor`` + ``Normalize``).
+
+    Args:
+        images: a NumPy array, a tensor or another framework's array of shape
+            (..., H, W, C): channels last, C is 1, 3 or 4. Grayscale images need their
+            channel axis (``x[..., None]``: (N, H, W) -> (N, H, W, 1)); a (N, H, W) array
+            is refused, not guessed at.
+        device: where the result goes (default: where the images are).
+        dtype: the floating output dtype: torch, NumPy or a string (``"float16"``).
+        scale: maps the pixel values to 0-1. uint8 images default to 1/255; any other
+            integer or floating dtype must say it (``scale=1/65535`` for uint16,
+            ``scale=1`` for floats already in 0-1).
+        mean, std: a number or C numbers (a list, tuple, NumPy array or tensor), finite,
+            on the 0-1 scale of ``x * scale``; std > 0. A mean above 1 is refused: it
+            looks like the 0-255 scale (divide mean and std by 255).
+        channels_first: write (..., C, H, W) instead of (..., H, W, C).
+        non_blocking: an asynchronous host-to-device copy.
+
+    Every argument is checked before anything is copied; a refusal is a TypeError (a
+    wrong type) or ValueError (a wrong value) that names the fix.
 
     Example:
         >>> import numpy as np, tensorbridge as tb
@@ -595,37 +616,155 @@ def images_to_tensor(
         )
     if device is not None:
         device = _backend.resolve_device(device, "images_to_tensor")
-    x = (
-        images
-        if isinstance(images, torch.Tensor)
-        else to_tensor(images, device, non_blocking=non_blocking)
-    )
-    if isinstance(images, torch.Tensor) and device is not None:
-        x = x.to(device, non_blocking=non_blocking)
-    if x.ndim < 3:
+    # another framework's array: a tensor over the same memory, where it is, to look at
+    src = images if isinstance(images, (np.ndarray, torch.Tensor)) else to_tensor(images)
+    shape, pixels = tuple(src.shape), _pixel_dtype(src)
+    if len(shape) < 3 or shape[-1] not in (1, 3, 4):
         raise ValueError(
-            f"images_to_tensor expects (..., H, W, C) images, got shape {tuple(x.shape)}"
+            f"images_to_tensor expects channels-last images (..., H, W, C) with C 1, 3 or 4, "
+            f"got shape {shape}: add the channel axis of grayscale images with x[..., None] "
+            "((N, H, W) -> (N, H, W, 1)), and move the channels of (N, C, H, W) images last "
+            "with x.permute(0, 2, 3, 1) (numpy.moveaxis(x, 1, -1))."
         )
-    channels = x.shape[-1]
-
-    def per_channel(value: Sequence[float] | float | None, default: float, name: str):
-        t = torch.as_tensor(default if value is None else value, dtype=torch.float64)
-        if t.ndim > 1 or (t.ndim == 1 and t.numel() not in (1, channels)):
-            raise ValueError(
-                f"{name} must be a number or {channels} numbers (one per channel), got {value!r}"
+    channels = shape[-1]
+    if pixels == torch.bool or pixels.is_complex:
+        raise TypeError(
+            f"images_to_tensor takes images of real numbers, got {pixels}: convert them "
+            "first, e.g. x.astype(numpy.uint8) for a 0/1 mask."
+        )
+    if scale is None:
+        if pixels != torch.uint8:
+            raise TypeError(
+                f"images_to_tensor maps uint8 pixels (0-255) to 0-1 by default, but the "
+                f"images are {pixels}: pass scale= to say how to reach 0-1 (scale=1/255 "
+                "for 0-255 values of any dtype, 1/65535 for uint16, 1 for floats already "
+                "in 0-1)."
             )
-        return t.expand(channels) if t.numel() == 1 else t
-
-    m = per_channel(mean, 0.0, "mean")
-    s = per_channel(std, 1.0, "std")
-    if (s == 0).any():
-        raise ValueError("std must not contain zeros")
-    weight = (scale / s).to(dtype=dtype, device=x.device)
-    bias = (-m / s).to(dtype=dtype, device=x.device)
+        scale = 1 / 255
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(
+            f"images_to_tensor: scale must be a number (an int or a float), got "
+            f"{_kind(scale)} {scale!r}: pass e.g. scale=1/255."
+        )
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"images_to_tensor: scale must be a finite number above 0, got {scale!r}: pass "
+            "what maps the pixels to 0-1, e.g. scale=1/255."
+        )
+    m = _per_channel(mean, 0.0, "mean", channels)
+    s = _per_channel(std, 1.0, "std", channels)
+    if (s <= 0).any():
+        raise ValueError(
+            f"images_to_tensor: std must be above 0 (it divides), got std={std!r}: pass the "
+            "per-channel standard deviations of the data, e.g. std=[0.229, 0.224, 0.225]."
+        )
+    if (m > 1).any():
+        how = (
+            "it looks like 0-255 scale: divide mean and std by 255 (e.g. mean=[m / 255 for m "
+            "in mean])"
+            if (m <= 255).all()
+            else "divide mean and std by the largest pixel value"
+        )
+        raise ValueError(
+            f"images_to_tensor: mean={mean!r} is above 1, but mean and std apply to x * scale, "
+            f"which is on a 0-1 scale: {how}."
+        )
+    if isinstance(images, torch.Tensor):
+        x = images if device is None else images.to(device, non_blocking=non_blocking)
+    else:
+        x = to_tensor(src, device, non_blocking=non_blocking)
+    if x.dtype not in _ADDCMUL_DTYPES:  # (uint16 and wider unsigned: few torch kernels)
+        x = x.to(dtype)
+    weight = torch.from_numpy(scale / s).to(dtype=dtype, device=x.device)
+    bias = torch.from_numpy(-m / s).to(dtype=dtype, device=x.device)
     if channels_first:
-        shape = (*x.shape[:-3], channels, *x.shape[-3:-1])
-        out = torch.empty(shape, dtype=dtype, device=x.device).movedim(-3, -1)
+        out_shape = (*x.shape[:-3], channels, *x.shape[-3:-1])
+        out = torch.empty(out_shape, dtype=dtype, device=x.device).movedim(-3, -1)
     else:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.addcmul(bias, x, weight, out=out)  # one kernel: cast, scale, shift, re-layout
     return out.movedim(-1, -3) if channels_first else out
+
+
+_ADDCMUL_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    | {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+)
+
+
+def _pixel_dtype(src: np.ndarray | torch.Tensor) -> torch.dtype:
+    if isinstance(src, torch.Tensor):
+        return src.dtype
+    t = _dtypes.maybe_torch_dtype(src.dtype if src.dtype.isnative else src.dtype.newbyteorder("="))
+    if t is None:
+        raise TypeError(
+            f"images_to_tensor takes images of numbers, got dtype {src.dtype}: pass uint8 "
+            "images (or another numeric dtype with scale=)."
+        )
+    return t
+
+
+def _per_channel(value: Any, default: float, name: str, channels: int) -> np.ndarray:
+    """mean or std as ``channels`` float64 numbers, checked: numbers, one or one per channel,
+    finite."""
+    accepted = f"a number or {channels} numbers (a list, tuple, NumPy array or tensor)"
+    if value is None:
+        arr = np.array([default])
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        arr = np.array([float(value)])
+    elif isinstance(value, (np.ndarray, torch.Tensor)):
+        if not _real_dtype(value):
+            raise TypeError(
+                f"images_to_tensor: {name} must be {accepted} of real numbers, got an array of "
+                f"{value.dtype}: pass e.g. {name}=[0.5] * {channels}."
+            )
+        if value.ndim > 1:
+            raise ValueError(
+                f"images_to_tensor: {name} must be {accepted}, one per channel, got shape "
+                f"{tuple(value.shape)}: pass a flat one, e.g. {name}.reshape(-1)."
+            )
+        if isinstance(value, torch.Tensor):
+            arr = value.detach().to("cpu", torch.float64).numpy().reshape(-1)
+        else:
+            arr = value.astype(np.float64).reshape(-1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if not _is_real(item):
+                raise TypeError(
+                    f"images_to_tensor: {name} must be {accepted}, but it holds "
+                    f"{_kind(item)} {item!r}: pass numbers, e.g. {name}=[0.5] * {channels}."
+                )
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    else:
+        fix = f"list({name})" if isinstance(value, Iterator) else f"{name}=[0.5] * {channels}"
+        raise TypeError(
+            f"images_to_tensor: {name} must be {accepted}, got {_kind(value)}: pass e.g. {fix}."
+        )
+    if arr.size not in (1, channels):
+        raise ValueError(
+            f"images_to_tensor: {name} must be a number or {channels} numbers (one per "
+            f"channel), got {arr.size} ({name}={value!r}): pass e.g. {name}=[0.5] * {channels}."
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"images_to_tensor: {name} must be finite numbers, got {name}={value!r}: pass the "
+            f"per-channel {name} of the data, e.g. {name}=[0.5] * {channels}."
+        )
+    return np.broadcast_to(arr, (channels,)).copy()
+
+
+def _is_real(item: Any) -> bool:
+    """A real number: a Python or NumPy int or float, or a 0-d array or tensor of one."""
+    if isinstance(item, bool):
+        return False
+    if isinstance(item, numbers.Real):
+        return True
+    if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 0:
+        return _real_dtype(item)
+    return False
+
+
+def _real_dtype(a: np.ndarray | torch.Tensor) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.dtype.kind in "iuf"
+    return not (a.dtype.is_complex or a.dtype == torch.bool)
