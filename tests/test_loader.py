@@ -3,6 +3,7 @@ Prefetcher, images_to_tensor, and the example training script that uses all thre
 
 from __future__ import annotations
 
+import collections
 import functools
 import pickle
 
@@ -239,6 +240,23 @@ COLLATE_MISFITS = [
 def test_collate_misfits_name_the_field_and_the_sample(backend, samples, exc, pattern):
     with pytest.raises(exc, match=pattern):  # not a KeyError, zip's error or RecursionError
         tb.collate(samples)
+
+
+def test_collate_checks_keys_of_every_mapping_kind():
+    """Plain dicts, dict subclasses and mixes: the same keys are required of each; a
+    defaultdict's missing key is refused, not made up by the lookup."""
+    lacking = collections.defaultdict(int, {"x": 1})
+    samples = [{"x": 1, "y": 2}, lacking]
+    with pytest.raises(ValueError, match=r'sample 1 lacks key "y"'):
+        tb.collate(samples)
+    assert dict(lacking) == {"x": 1}  # not written to
+    ordered = [collections.OrderedDict(x=1, y=2), collections.OrderedDict(y=2, z=3)]
+    with pytest.raises(ValueError, match=r'sample 1 lacks key "x" and has the extra key "z"'):
+        tb.collate(ordered)
+    with pytest.raises(ValueError, match=r'sample 2 has the extra key "z"'):
+        tb.collate([{"x": 1}, {"x": 2}, {"x": 3, "z": 4}])
+    mixed = [{"x": np.ones(2), "y": 1}, collections.OrderedDict(y=2, x=np.zeros(2))]
+    _assert_collated_like(tb.collate(mixed), torch.utils.data.default_collate(mixed))
 
 
 # ------------------------------------------------------------------------- pad=, fields=

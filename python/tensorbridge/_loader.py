@@ -7,7 +7,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import torch
@@ -173,9 +173,14 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
             f"most {_MAX_DEPTH} levels, without cycles."
         )
     first = samples[0]
+    # Leaves are checked only when they fail (another kind of value in a sample fails
+    # there); containers are checked first, since zip over a dict would not fail.
     if isinstance(first, (np.ndarray, torch.Tensor)):
-        _check_kind(samples, (np.ndarray, torch.Tensor), path)
-        return _stack(samples, path)
+        try:
+            return _stack(samples, path)
+        except (AttributeError, TypeError):  # e.g. an int has no .shape
+            _check_kind(samples, (np.ndarray, torch.Tensor), path)  # names the odd one
+            raise
     if isinstance(first, Mapping):
         return _collate_dict(samples, path, depth)
     if is_namedtuple(first):
@@ -212,8 +217,11 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
             },
         )
     if isinstance(first, _NUMBERS):
-        _check_kind(samples, _NUMBERS, path)
-        return torch.as_tensor(np.asarray(samples))
+        try:
+            return torch.as_tensor(np.asarray(samples))
+        except (TypeError, ValueError):  # an array, None or a string among the numbers
+            _check_kind(samples, _NUMBERS, path)
+            raise
     return list(samples)  # strings and anything else: as a list, like default_collate
 
 
@@ -224,46 +232,60 @@ def _collate_dict(
     rules: Mapping[Any, tuple[str, Any]] | None = None,
 ) -> Any:
     first = samples[0]
-    _check_kind(samples, Mapping, path)
     keys = first.keys()
-    for i, s in enumerate(samples):
-        if s.keys() != keys:
-            missing = [k for k in keys if k not in s]
-            extra = [k for k in s if k not in keys]
-            problem = " and ".join(
-                p
-                for p in (
-                    f"lacks {_keys_text(missing)}" if missing else "",
-                    f"has the extra {_keys_text(extra)}" if extra else "",
-                )
-                if p
-            )
-            raise ValueError(
-                f"collate: {_where(path)}: sample {i} {problem} (compared with sample 0); "
-                "every sample must have the same keys: return the same keys from the "
-                "dataset for every sample (None or an empty array for a missing value)."
-            )
-    if rules:
-        fields: dict[Any, Any] = {}
-        for k in keys:
-            values = [s[k] for s in samples]
-            rule, fill = rules.get(k, ("", None))
-            if rule == "list":
-                fields[k] = values
-            elif rule == "pad":
-                fields[k], fields[f"{k}_lengths"] = _pad(values, (*path, ("[", k)), fill)
-            else:
-                fields[k] = _collate(values, (*path, ("[", k)), depth + 1)
-    else:
-        fields = {k: _collate([s[k] for s in samples], (*path, ("[", k)), depth + 1) for k in keys}
+    if len(set(map(type, samples))) == 1 and type(first) is dict:
+        # The common case, plain dicts: gathering the fields finds a missing key (KeyError),
+        # the sizes then an extra one; no per-sample comparison of keys.
+        try:
+            columns = [[s[k] for s in samples] for k in keys]
+        except KeyError:
+            _refuse_keys(samples, path)
+        if sum(map(len, samples)) != len(keys) * len(samples):  # (none has fewer keys)
+            _refuse_keys(samples, path)
+    else:  # other mappings (a defaultdict would make up a missing key): compare the keys
+        _check_kind(samples, Mapping, path)
+        if any(s.keys() != keys for s in samples):
+            _refuse_keys(samples, path)
+        columns = [[s[k] for s in samples] for k in keys]
+    fields: dict[Any, Any] = {}
+    for k, values in zip(keys, columns, strict=True):
+        rule, fill = rules.get(k, ("", None)) if rules else ("", None)
+        if rule == "list":
+            fields[k] = values
+        elif rule == "pad":
+            fields[k], fields[f"{k}_lengths"] = _pad(values, (*path, ("[", k)), fill)
+        else:
+            fields[k] = _collate(values, (*path, ("[", k)), depth + 1)
     try:
         return cast(Any, type(first))(fields)
     except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
         return fields
 
 
+def _refuse_keys(samples: Sequence[Any], path: Path) -> NoReturn:
+    keys = samples[0].keys()
+    i, s = next((i, s) for i, s in enumerate(samples) if s.keys() != keys)
+    missing = [k for k in keys if k not in s]
+    extra = [k for k in s if k not in keys]
+    problem = " and ".join(
+        p
+        for p in (
+            f"lacks {_keys_text(missing)}" if missing else "",
+            f"has the extra {_keys_text(extra)}" if extra else "",
+        )
+        if p
+    )
+    raise ValueError(
+        f"collate: {_where(path)}: sample {i} {problem} (compared with sample 0); "
+        "every sample must have the same keys: return the same keys from the "
+        "dataset for every sample (None or an empty array for a missing value)."
+    )
+
+
 def _check_kind(samples: Sequence[Any], kind: Any, path: Path) -> None:
     """Every sample holds the kind of value sample 0 does at ``path``."""
+    if len(set(map(type, samples))) == 1:  # one type, sample 0's: no isinstance per sample
+        return
     for i, s in enumerate(samples):
         if not isinstance(s, kind):
             raise TypeError(
