@@ -3,6 +3,10 @@ Prefetcher, images_to_tensor, and the example training script that uses all thre
 
 from __future__ import annotations
 
+import collections
+import functools
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -60,11 +64,411 @@ def test_collate_in_a_dataloader(workers):
         assert torch.equal(batch["label"], expected["label"])
 
 
-def test_collate_refuses_ragged_samples():
-    with pytest.raises(ValueError, match="equal shapes"):
-        tb.collate([np.zeros(3), np.zeros(4)])
-    with pytest.raises(ValueError, match="at least one"):
-        tb.collate([])
+def _assert_collated_like(ours, ref):
+    """ours equals default_collate's result: same containers, same tensors and dtypes."""
+    if isinstance(ref, torch.Tensor):
+        assert isinstance(ours, torch.Tensor) and ours.dtype == ref.dtype
+        assert torch.equal(ours, ref)
+    elif isinstance(ref, dict):
+        assert type(ours) is type(ref) and list(ours) == list(ref)
+        for k in ref:
+            _assert_collated_like(ours[k], ref[k])
+    elif isinstance(ref, tuple) and hasattr(ref, "_fields"):
+        assert type(ours) is type(ref)
+        for a, b in zip(ours, ref, strict=True):
+            _assert_collated_like(a, b)
+    elif isinstance(ref, list):
+        assert isinstance(ours, list) and len(ours) == len(ref)
+        for a, b in zip(ours, ref, strict=True):
+            _assert_collated_like(a, b)
+    else:
+        assert ours == ref
+
+
+def test_collate_nested_structures_match_default_collate(backend):
+    rng = np.random.default_rng(5)
+
+    def sample(i):
+        return {
+            "a": [{"b": rng.standard_normal(3).astype(np.float32), "c": (i, i * 2)}],
+            "pair": Pair(rng.integers(0, 9, (2, 2)), torch.tensor(float(i))),
+            "flags": [True, i % 2 == 0],
+            "deep": _nest(rng.integers(0, 9, 2), 50),
+        }
+
+    data = [sample(i) for i in range(4)]
+    _assert_collated_like(tb.collate(data), torch.utils.data.default_collate(data))
+
+
+def _nest(leaf, depth):
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def _cyclic_list():
+    a = [np.zeros(2)]
+    a.append(a)
+    return a
+
+
+def _cyclic_dict():
+    d = {"x": np.zeros(2)}
+    d["self"] = d
+    return d
+
+
+# (id, samples, exception, what the message must say: the field's path and the samples)
+COLLATE_MISFITS = [
+    (
+        "ragged field",
+        [{"tokens": np.zeros(11)}, {"tokens": np.zeros(11)}, {"tokens": np.zeros(3)}],
+        ValueError,
+        r'^collate: batch\["tokens"\]: sample 2 has shape \(3,\), sample 0 has \(11,\); '
+        r"samples must have equal shapes",
+    ),
+    (
+        "ragged deep field",
+        [{"a": [{"b": np.zeros(2)}]}, {"a": [{"b": np.zeros((2, 1))}]}],
+        ValueError,
+        r'batch\["a"\]\[0\]\["b"\]: sample 1 has shape \(2, 1\), sample 0 has \(2,\)',
+    ),
+    (
+        "ragged namedtuple field",
+        [{"p": Pair(np.zeros(2), 1)}, {"p": Pair(np.zeros(4), 1)}],
+        ValueError,
+        r'batch\["p"\]\.image: sample 1 has shape \(4,\)',
+    ),
+    (
+        "ragged top level",
+        [np.zeros(3), np.zeros(4)],
+        ValueError,
+        r"^collate: batch: sample 1 has shape \(4,\), sample 0 has \(3,\)",
+    ),
+    (
+        "missing and extra keys",
+        [{"x": 1, "y": 2}, {"x": 1, "y": 2}, {"x": 1, "z": 3}],
+        ValueError,
+        r'^collate: batch: sample 2 lacks key "y" and has the extra key "z" \(compared '
+        r"with sample 0\); every sample must have the same keys",
+    ),
+    (
+        "missing nested key",
+        [{"m": {"a": 1, "b": 2}}, {"m": {"a": 1}}],
+        ValueError,
+        r'batch\["m"\]: sample 1 lacks key "b" \(compared',
+    ),
+    (
+        "extra keys only",
+        [{"x": 1}, {"x": 1, 3: 3, "w": 0}],
+        ValueError,
+        r'sample 1 has the extra keys 3, "w" \(compared',
+    ),
+    (
+        "lists of other lengths",
+        [{"boxes": [1, 2, 3]}, {"boxes": [1, 2]}],
+        ValueError,
+        r'batch\["boxes"\]: sample 1 has 2 items, sample 0 has 3 items; sequences .* equal '
+        r"lengths",
+    ),
+    (
+        "array, then an int",
+        [{"x": np.zeros(2)}, {"x": np.zeros(2)}, {"x": 5}],
+        TypeError,
+        r'batch\["x"\]: sample 2 is int, sample 0 is numpy.ndarray; every sample must hold '
+        r"the same kind of value",
+    ),
+    (
+        "int, then an array",
+        [{"x": 5}, {"x": np.zeros(2)}],
+        TypeError,
+        r'batch\["x"\]: sample 1 is numpy.ndarray, sample 0 is int',
+    ),
+    (
+        "tensor, then None",
+        [[torch.zeros(1)], [None]],
+        TypeError,
+        r"batch\[0\]: sample 1 is NoneType, sample 0 is torch.Tensor",
+    ),
+    (
+        "dict, then a list",
+        [{"x": {"a": 1}}, {"x": [1]}],
+        TypeError,
+        r'batch\["x"\]: sample 1 is list, sample 0 is dict',
+    ),
+    (
+        "namedtuple, then a tuple",
+        [Pair(1, 2), (1, 2)],
+        TypeError,
+        r"batch: sample 1 is tuple, sample 0 is conftest.Pair",
+    ),
+    (
+        "strings in an array",
+        [{"s": np.array(["a"])}, {"s": np.array(["b"])}],
+        TypeError,
+        r'^collate: batch\["s"\]: numpy dtype <U1 .* encode or tokenize',
+    ),
+    (
+        "cyclic list",
+        [_cyclic_list(), _cyclic_list()],
+        ValueError,
+        r"batch\[1\]\[1\].*: the samples are nested more than 100 levels deep, or contain "
+        r"themselves",
+    ),
+    (
+        "cyclic dict",
+        [_cyclic_dict(), _cyclic_dict()],
+        ValueError,
+        r'batch\["self"\]\["self"\].*more than 100 levels deep, or contain themselves',
+    ),
+    (
+        "nested 150 levels",
+        [_nest(np.zeros(1), 150), _nest(np.zeros(1), 150)],
+        ValueError,
+        r"more than 100 levels deep",
+    ),
+    ("no samples", [], ValueError, r"at least one sample.*pass a non-empty list"),
+    ("a dict, not a list", {"x": np.zeros(2)}, TypeError, r"takes a list of samples, got dict"),
+]
+
+
+@pytest.mark.parametrize(
+    ("samples", "exc", "pattern"),
+    [c[1:] for c in COLLATE_MISFITS],
+    ids=[c[0] for c in COLLATE_MISFITS],
+)
+def test_collate_misfits_name_the_field_and_the_sample(backend, samples, exc, pattern):
+    with pytest.raises(exc, match=pattern):  # not a KeyError, zip's error or RecursionError
+        tb.collate(samples)
+
+
+def test_collate_checks_keys_of_every_mapping_kind():
+    """Plain dicts, dict subclasses and mixes: the same keys are required of each; a
+    defaultdict's missing key is refused, not made up by the lookup."""
+    lacking = collections.defaultdict(int, {"x": 1})
+    samples = [{"x": 1, "y": 2}, lacking]
+    with pytest.raises(ValueError, match=r'sample 1 lacks key "y"'):
+        tb.collate(samples)
+    assert dict(lacking) == {"x": 1}  # not written to
+    ordered = [collections.OrderedDict(x=1, y=2), collections.OrderedDict(y=2, z=3)]
+    with pytest.raises(ValueError, match=r'sample 1 lacks key "x" and has the extra key "z"'):
+        tb.collate(ordered)
+    with pytest.raises(ValueError, match=r'sample 2 has the extra key "z"'):
+        tb.collate([{"x": 1}, {"x": 2}, {"x": 3, "z": 4}])
+    mixed = [{"x": np.ones(2), "y": 1}, collections.OrderedDict(y=2, x=np.zeros(2))]
+    _assert_collated_like(tb.collate(mixed), torch.utils.data.default_collate(mixed))
+
+
+# ------------------------------------------------------------------------- pad=, fields=
+
+
+def _ragged_samples(rng, n, dtype, inner=()):
+    """Token-like samples of random lengths (one empty): arrays, tensors, strided views."""
+    out = []
+    for i in range(n):
+        length = 0 if i == 2 else int(rng.integers(1, 9))
+        tokens = rng.integers(0, 2 if dtype == np.bool_ else 100, (length, *inner)).astype(dtype)
+        value = [tokens, torch.from_numpy(tokens), np.repeat(tokens, 2, axis=0)[::2]][i % 3]
+        out.append({"label": i, "tokens": value, "meta": {"id": f"s{i}", "w": i / 4}})
+    return out
+
+
+def _pad_reference(values, fill, dtype):
+    """torch's own idiom for a padded batch: pad_sequence over each sample as a tensor."""
+    seqs = [torch.as_tensor(np.asarray(v, dtype=dtype)) for v in values]
+    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=fill)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fill", "inner"),
+    [
+        (np.int64, -3, ()),
+        (np.uint8, 7, ()),
+        (np.float32, 0.5, (3,)),
+        (np.float16, float("-inf"), ()),
+        (np.bool_, True, (2, 2)),
+    ],
+)
+def test_collate_pad_matches_pad_sequence(backend, dtype, fill, inner):
+    samples = _ragged_samples(np.random.default_rng(11), 7, dtype, inner)
+    batch = tb.collate(samples, pad={"tokens": fill})
+    values = [s["tokens"] for s in samples]
+    ref = _pad_reference(values, fill, dtype)
+    assert batch["tokens"].dtype == ref.dtype and batch["tokens"].shape == ref.shape
+    assert torch.equal(batch["tokens"], ref)
+    lengths = torch.tensor([len(v) for v in values], dtype=torch.int64)
+    assert batch["tokens_lengths"].dtype == torch.int64
+    assert torch.equal(batch["tokens_lengths"], lengths)
+    assert list(batch) == ["label", "tokens", "tokens_lengths", "meta"]  # next to the field
+    # every other field as without pad=
+    rest = [{k: v for k, v in s.items() if k != "tokens"} for s in samples]
+    ours = {k: v for k, v in batch.items() if not k.startswith("tokens")}
+    _assert_collated_like(ours, torch.utils.data.default_collate(rest))
+
+
+def test_collate_pad_of_lists_and_lists_of_rows():
+    samples = [{"t": [4, 5, 6]}, {"t": []}, {"t": [7]}]
+    batch = tb.collate(samples, pad={"t": 0})
+    ref = _pad_reference([s["t"] for s in samples[:1]], 0, np.int64)  # dtype of a list of ints
+    assert batch["t"].dtype == ref.dtype
+    assert batch["t"].tolist() == [[4, 5, 6], [0, 0, 0], [7, 0, 0]]
+    assert batch["t_lengths"].tolist() == [3, 0, 1]
+    rows = [{"t": [[1.5, 2.5]] * n} for n in (2, 0, 1)]
+    got = tb.collate(rows, pad={"t": -1.0})
+    expected = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(r["t"], dtype=torch.float64).reshape(-1, 2) for r in rows],
+        batch_first=True,
+        padding_value=-1.0,
+    )
+    assert torch.equal(got["t"], expected) and got["t_lengths"].tolist() == [2, 0, 1]
+
+
+def test_collate_fields_list_keeps_the_values():
+    metas = [{"boxes": [(1, 2)] * i, "name": f"s{i}"} if i else None for i in range(4)]
+    samples = [{"x": np.full(2, i), "meta": m} for i, m in enumerate(metas)]
+    batch = tb.collate(samples, fields={"meta": list})
+    assert type(batch["meta"]) is list
+    assert all(a is b for a, b in zip(batch["meta"], metas, strict=True))  # the same objects
+    assert torch.equal(batch["x"], torch.utils.data.default_collate([s["x"] for s in samples]))
+    both = tb.collate(
+        [{"t": [1], "m": "a"}, {"t": [2, 3], "m": 5}], pad={"t": 0}, fields={"m": list}
+    )
+    assert both["m"] == ["a", 5] and both["t"].tolist() == [[1, 0], [2, 3]]
+
+
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_collate_pad_in_a_dataloader(context):
+    data = _ragged_samples(np.random.default_rng(12), 24, np.int64)
+    collate_fn = functools.partial(tb.collate, pad={"tokens": -1}, fields={"meta": list})
+    assert pickle.loads(pickle.dumps(collate_fn)).keywords == collate_fn.keywords
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=8,
+        num_workers=2 if context is None else 1,
+        multiprocessing_context=context,
+        collate_fn=collate_fn,
+        pin_memory=False,
+        timeout=120,
+    )
+    batches = list(loader)
+    assert len(batches) == 3
+    for j, batch in enumerate(batches):
+        chunk = data[8 * j : 8 * j + 8]
+        values = [s["tokens"] for s in chunk]
+        assert torch.equal(batch["tokens"], _pad_reference(values, -1, np.int64))
+        assert batch["tokens_lengths"].tolist() == [len(v) for v in values]
+        assert batch["meta"] == [s["meta"] for s in chunk]
+
+
+# (id, samples, keyword arguments, exception, what the message must say)
+_TOKENS = [{"tokens": np.arange(3), "n": 1}, {"tokens": np.arange(2), "n": 2}]
+PAD_MISFITS = [
+    ("pad for list samples", [[1], [2]], {"pad": {"a": 0}}, TypeError, r"dict samples.*list"),
+    ("pad for an unknown key", _TOKENS, {"pad": {"tokns": 0}}, ValueError, r'"tokns".*"tokens"'),
+    ("fields for an unknown key", _TOKENS, {"fields": {"m": list}}, ValueError, r'names "m"'),
+    ("pad not a dict", _TOKENS, {"pad": 0}, TypeError, r'pad= must be a dict.*pad=\{"tokens": 0'),
+    ("pad value a string", _TOKENS, {"pad": {"tokens": "0"}}, TypeError, r"must be a number"),
+    (
+        "fields other than list",
+        _TOKENS,
+        {"fields": {"n": tuple}},
+        TypeError,
+        r"only override is list",
+    ),
+    ("fields as a string", _TOKENS, {"fields": {"n": "list"}}, TypeError, r"only override is list"),
+    (
+        "a key in pad and fields",
+        _TOKENS,
+        {"pad": {"tokens": 0}, "fields": {"tokens": list}},
+        ValueError,
+        r"both pad= and fields=",
+    ),
+    (
+        "lengths key taken",
+        [{"tokens": np.arange(2), "tokens_lengths": 2}],
+        {"pad": {"tokens": 0}},
+        ValueError,
+        r'"tokens_lengths", but the samples already have that key',
+    ),
+    (
+        "pad value outside uint8",
+        [{"t": np.arange(2, dtype=np.uint8)}, {"t": np.arange(1, dtype=np.uint8)}],
+        {"pad": {"t": -1}},
+        ValueError,
+        r"pad value -1 does not fit the field's dtype uint8",
+    ),
+    (
+        "fraction for integers",
+        [{"t": [1, 2]}, {"t": [1]}],
+        {"pad": {"t": 0.5}},
+        ValueError,
+        r"pad value 0.5 does not fit .* int64",
+    ),
+    (
+        "overflowing float16",
+        [{"t": np.ones(2, np.float16)}, {"t": np.ones(1, np.float16)}],
+        {"pad": {"t": 1e6}},
+        ValueError,
+        r"does not fit the field's dtype float16",
+    ),
+    (
+        "pad a scalar field",
+        [{"t": 1}, {"t": 2}],
+        {"pad": {"t": 0}},
+        TypeError,
+        r'batch\["t"\]: pad= pads arrays.*sample 0 is int',
+    ),
+    (
+        "pad a 0-d array",
+        [{"t": np.array(1)}, {"t": np.array(2)}],
+        {"pad": {"t": 0}},
+        ValueError,
+        r"sample 0 is a scalar",
+    ),
+    (
+        "pad strings",
+        [{"t": ["a", "b"]}, {"t": ["c"]}],
+        {"pad": {"t": 0}},
+        TypeError,
+        r"holds <U1 values; pad= pads numbers",
+    ),
+    (
+        "pad rows of other widths",
+        [{"t": np.zeros((2, 3))}, {"t": np.zeros((2, 4))}],
+        {"pad": {"t": 0}},
+        ValueError,
+        r"sample 1 has shape \(2, 4\), sample 0 has \(2, 3\); pad= pads the first dimension "
+        r"only",
+    ),
+    (
+        "pad lists of ragged lists",
+        [{"t": [[1], [2, 3]]}],
+        {"pad": {"t": 0}},
+        ValueError,
+        r"sample 0 is a list of lists of different lengths",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("samples", "kwargs", "exc", "pattern"),
+    [c[1:] for c in PAD_MISFITS],
+    ids=[c[0] for c in PAD_MISFITS],
+)
+def test_collate_pad_and_fields_refusals(samples, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        tb.collate(samples, **kwargs)
+
+
+def test_ragged_refusals_point_to_pad_and_fields():
+    with pytest.raises(ValueError, match=r'pass pad=\{"tokens": 0\}.*"tokens_lengths"') as info:
+        tb.collate(_TOKENS)
+    assert 'fields={"tokens": list}' in str(info.value)
+    fixed = tb.collate(_TOKENS, pad={"tokens": 0})  # the fix the message names works
+    assert fixed["tokens"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    with pytest.raises(ValueError, match=r"pad or crop") as info:  # not paddable: other width
+        tb.collate([{"t": np.zeros((2, 3))}, {"t": np.zeros((2, 4))}])
+    assert "pad=" not in str(info.value)
 
 
 # ------------------------------------------------------------------------- prefetcher
@@ -132,16 +536,257 @@ def test_images_to_tensor_matches_torchvision_style(channels_first):
     assert torch.allclose(got.double(), ref, atol=1e-5)
 
 
-def test_images_to_tensor_refusals():
-    x = np.zeros((2, 4, 4, 3), np.uint8)
-    with pytest.raises(ValueError, match="one per channel"):
-        tb.images_to_tensor(x, mean=[0.5, 0.5])
-    with pytest.raises(TypeError, match="floats"):
-        tb.images_to_tensor(x, dtype=torch.int32)
-    with pytest.raises(ValueError, match="H, W, C"):
-        tb.images_to_tensor(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError, match="zeros"):
-        tb.images_to_tensor(x, std=0)
+def _torch_idiom(x, mean, std, scale=1 / 255):
+    """torch's own normalization of channels-last images, in float32, channels first."""
+    m = torch.as_tensor(np.asarray(mean, dtype=np.float32))
+    s = torch.as_tensor(np.asarray(std, dtype=np.float32))
+    return torch.from_numpy(x).float().mul(scale).sub(m).div(s).movedim(-1, -3)
+
+
+# (mean, std) in every accepted form: numbers, lists, tuples, NumPy arrays, tensors, None
+_NORMALIZATIONS = {
+    "lists": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "tuples": ((0.5, 0.25, 0.75), (0.2, 0.3, 0.4)),
+    "numpy": (np.array([0.4, 0.5, 0.6], np.float32), np.array([0.3, 0.3, 0.2])),
+    "tensors": (torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64)),
+    "numbers": (0.5, 0.25),
+    "numpy scalars": (np.float32(0.5), np.float64(0.2)),
+    "ints": (0, 1),
+    "one-element": ([0.5], [0.5]),
+    "none": (None, None),
+}
+
+
+@pytest.mark.parametrize("norm", list(_NORMALIZATIONS))
+@pytest.mark.parametrize(
+    ("dtype", "atol"),
+    [
+        (torch.float32, 1e-5),
+        ("float16", 1e-2),
+        (np.float16, 1e-2),
+        (torch.bfloat16, 6e-2),
+        ("float64", 1e-5),
+    ],
+    ids=["torch.float32", "str-float16", "numpy.float16", "torch.bfloat16", "str-float64"],
+)
+def test_images_to_tensor_matches_the_torch_idiom(norm, dtype, atol):
+    x = np.random.default_rng(6).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
+    mean, std = _NORMALIZATIONS[norm]
+    got = tb.images_to_tensor(x, mean=mean, std=std, dtype=dtype)
+    ref = _torch_idiom(x, 0.0 if mean is None else mean, 1.0 if std is None else std)
+    expected_dtype = {"float16": torch.float16, np.float16: torch.float16, "float64": torch.float64}
+    assert got.dtype == expected_dtype.get(dtype, dtype) and got.shape == ref.shape
+    assert torch.allclose(got.float(), ref, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 1), (2, 7, 5, 4), (2, 2, 3, 4, 3), (0, 3, 3, 3)])
+def test_images_to_tensor_channels_and_leading_dims(shape):
+    x = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
+    c = shape[-1]
+    mean, std = list(np.linspace(0.2, 0.6, c)), list(np.linspace(0.1, 0.3, c))
+    got = tb.images_to_tensor(x, mean=mean, std=std)
+    assert torch.allclose(got, _torch_idiom(x, mean, std), atol=1e-5)
+    from_tensor = tb.images_to_tensor(torch.from_numpy(x), mean=mean, std=std)
+    assert torch.equal(from_tensor, got)
+
+
+@pytest.mark.parametrize(
+    ("images", "scale"),
+    [
+        (np.random.default_rng(8).integers(0, 65536, (2, 4, 4, 3)).astype(np.uint16), 1 / 65535),
+        (np.random.default_rng(9).random((2, 4, 4, 3), dtype=np.float32), 1),
+        (np.random.default_rng(10).integers(0, 256, (2, 4, 4, 3)).astype(">f4"), 1 / 255),
+        (np.random.default_rng(11).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8), 1 / 200),
+    ],
+    ids=["uint16", "float32-0-1", "big-endian-float32", "uint8-other-scale"],
+)
+def test_images_to_tensor_other_dtypes_with_scale(images, scale):
+    mean, std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    got = tb.images_to_tensor(images, mean=mean, std=std, scale=scale)
+    native = images.astype(images.dtype.newbyteorder("="))
+    ref = _torch_idiom(native.astype(np.float64), mean, std, scale)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+_X = np.zeros((2, 4, 4, 3), np.uint8)
+
+# (id, call, exception, what the message must say)
+IMAGE_REFUSALS = [
+    (
+        "mean of 2 for 3 channels",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, 0.5]),
+        ValueError,
+        r"one per channel.*mean=\[0.5\] \* 3",
+    ),
+    (
+        "integer dtype",
+        lambda: tb.images_to_tensor(_X, dtype=torch.int32),
+        TypeError,
+        r"floats.*dtype=torch.float32",
+    ),
+    ("integer dtype string", lambda: tb.images_to_tensor(_X, dtype="int32"), TypeError, r"floats"),
+    (
+        "2-d",
+        lambda: tb.images_to_tensor(np.zeros((4, 4), np.uint8)),
+        ValueError,
+        r"\(\.\.\., H, W, C\).*x\[\.\.\., None\]",
+    ),
+    (
+        "grayscale (N, H, W)",
+        lambda: tb.images_to_tensor(np.zeros((2, 8, 8), np.uint8)),
+        ValueError,
+        r"C 1, 3 or 4, got shape \(2, 8, 8\): add the channel axis .* x\[\.\.\., None\]",
+    ),
+    (
+        "2 channels",
+        lambda: tb.images_to_tensor(np.zeros((2, 8, 8, 2), np.uint8)),
+        ValueError,
+        r"C 1, 3 or 4",
+    ),
+    (
+        "channels first",
+        lambda: tb.images_to_tensor(np.zeros((2, 3, 8, 8), np.uint8)),
+        ValueError,
+        r"x.permute\(0, 2, 3, 1\)",
+    ),
+    (
+        "float images, no scale",
+        lambda: tb.images_to_tensor(_X.astype(np.float32)),
+        TypeError,
+        r"uint8 pixels .* images are torch.float32: pass scale=",
+    ),
+    (
+        "int16 tensor, no scale",
+        lambda: tb.images_to_tensor(torch.zeros(1, 2, 2, 3, dtype=torch.int16)),
+        TypeError,
+        r"pass scale=",
+    ),
+    (
+        "bool images",
+        lambda: tb.images_to_tensor(_X.astype(bool), scale=1),
+        TypeError,
+        r"real numbers, got torch.bool",
+    ),
+    (
+        "string images",
+        lambda: tb.images_to_tensor(np.full((1, 2, 2, 3), "a")),
+        TypeError,
+        r"images of numbers, got dtype <U1",
+    ),
+    (
+        "scale a string",
+        lambda: tb.images_to_tensor(_X, scale="1"),
+        TypeError,
+        r"scale must be a number \(an int or a float\), got str '1'",
+    ),
+    (
+        "scale a list",
+        lambda: tb.images_to_tensor(_X, scale=[1 / 255]),
+        TypeError,
+        r"scale must be a number.*got list",
+    ),
+    (
+        "scale 0",
+        lambda: tb.images_to_tensor(_X, scale=0),
+        ValueError,
+        r"scale must be a finite number above 0",
+    ),
+    (
+        "scale nan",
+        lambda: tb.images_to_tensor(_X, scale=float("nan")),
+        ValueError,
+        r"finite number above 0",
+    ),
+    (
+        "mean a generator",
+        lambda: tb.images_to_tensor(_X, mean=(m for m in [0.5] * 3)),
+        TypeError,
+        r"mean must be a number or 3 numbers \(a list, tuple, NumPy array or tensor\), "
+        r"got generator: pass e.g. list\(mean\)",
+    ),
+    (
+        "mean a string",
+        lambda: tb.images_to_tensor(_X, mean="0.5"),
+        TypeError,
+        r"a list, tuple, NumPy array or tensor\), got str",
+    ),
+    ("mean a dict", lambda: tb.images_to_tensor(_X, mean={"r": 0.5}), TypeError, r"got dict"),
+    (
+        "mean holding a string",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, "0.5", 0.5]),
+        TypeError,
+        r"holds str '0.5'",
+    ),
+    (
+        "mean holding a bool",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, True, 0.5]),
+        TypeError,
+        r"holds bool",
+    ),
+    (
+        "mean complex",
+        lambda: tb.images_to_tensor(_X, mean=np.full(3, 0.5j)),
+        TypeError,
+        r"real numbers, got an array of complex128",
+    ),
+    (
+        "mean 2-d",
+        lambda: tb.images_to_tensor(_X, mean=np.full((1, 3), 0.5)),
+        ValueError,
+        r"got shape \(1, 3\)",
+    ),
+    (
+        "mean on 0-255",
+        lambda: tb.images_to_tensor(_X, mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4]),
+        ValueError,
+        r"is above 1.*looks like 0-255 scale: divide mean and std by 255",
+    ),
+    (
+        "one mean above 1",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, 1.5, 0.5]),
+        ValueError,
+        r"looks like 0-255 scale",
+    ),
+    (
+        "mean inf",
+        lambda: tb.images_to_tensor(_X, mean=float("inf")),
+        ValueError,
+        r"mean must be finite",
+    ),
+    (
+        "std nan",
+        lambda: tb.images_to_tensor(_X, std=float("nan")),
+        ValueError,
+        r"std must be finite numbers, got std=nan",
+    ),
+    (
+        "std nan in a list",
+        lambda: tb.images_to_tensor(_X, std=[0.2, np.nan, 0.2]),
+        ValueError,
+        r"std must be finite",
+    ),
+    ("std 0", lambda: tb.images_to_tensor(_X, std=0), ValueError, r"std must be above 0"),
+    (
+        "std negative",
+        lambda: tb.images_to_tensor(_X, std=[0.2, -0.1, 0.3]),
+        ValueError,
+        r"std must be above 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "pattern"), [c[1:] for c in IMAGE_REFUSALS], ids=[c[0] for c in IMAGE_REFUSALS]
+)
+def test_images_to_tensor_refusals(monkeypatch, call, exc, pattern):
+    from tensorbridge import _loader
+
+    def copied(*args, **kwargs):
+        raise AssertionError("the images were copied before the refusal")
+
+    monkeypatch.setattr(_loader, "to_tensor", copied)  # every check comes first
+    with pytest.raises(exc, match=pattern):
+        call()
 
 
 # ------------------------------------------------------------------------- the example

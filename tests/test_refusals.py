@@ -34,7 +34,13 @@ _RefusingProducer.__module__ = "producer"  # the same name in messages run as a 
 
 # (id, call, exception, message pattern)
 TO_NUMPY_INPUTS = [
-    ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list.*to_numpy_batch"),
+    ("list", lambda: tb.to_numpy([1, 2]), TypeError, r"got list of numbers: use numpy.asarray"),
+    (
+        "list of tensors",
+        lambda: tb.to_numpy([torch.ones(1)]),
+        TypeError,
+        r"got list.*to_numpy_batch",
+    ),
     ("dict", lambda: tb.to_numpy({"a": torch.ones(1)}), TypeError, r"got dict"),
     ("scalar", lambda: tb.to_numpy(3.0), TypeError, r"got float.*torch.as_tensor"),
     ("string", lambda: tb.to_numpy("abc"), TypeError, r"got str"),
@@ -238,9 +244,32 @@ def test_to_tensor_refuses_overlapping_out(backend, how):
     np.testing.assert_array_equal(buf, np.arange(12, dtype=F32))
 
 
+NUMBER_LISTS = [[1, 2, 3], (1.5, 2), [[0.5, 1], [2, np.float32(3)]], [True, np.int8(4)], []]
+
+
+@pytest.mark.parametrize("numbers", NUMBER_LISTS, ids=["ints", "tuple", "nested", "numpy", "empty"])
+def test_a_list_of_numbers_is_pointed_to_as_tensor(backend, numbers):
+    """Numbers are data, not a batch: the message names the call that makes them a tensor
+    (to_device would hand them back untouched), and that call works."""
+    with pytest.raises(
+        TypeError, match=r"got (list|tuple) of numbers: use torch.as_tensor\(x\)"
+    ) as info:
+        tb.to_tensor(numbers)
+    assert "to_device" not in str(info.value)
+    with pytest.raises(TypeError, match=r"of numbers: use numpy.asarray\(x\)") as info:
+        tb.to_numpy(numbers)
+    assert "to_device" not in str(info.value)
+    assert torch.as_tensor(numbers).shape == np.asarray(numbers).shape  # the named fix works
+
+
 def test_to_tensor_refuses_non_arrays(backend):
-    with pytest.raises(TypeError, match=r"to_tensor expects a torch.Tensor.*got list.*to_device"):
-        tb.to_tensor([1, 2, 3])
+    for batch in ([np.zeros(2), np.ones(2)], (torch.ones(1), 3), [[1, 2], ["a"]], {"a": 1}):
+        with pytest.raises(TypeError, match=r"to_tensor expects a torch.Tensor.*use to_device\(\)"):
+            tb.to_tensor(batch)
+    cyclic: list = [1]
+    cyclic.append(cyclic)
+    with pytest.raises(TypeError, match=r"got list: for a batch"):
+        tb.to_tensor(cyclic)
     with pytest.raises(TypeError, match=r"exposing __dlpack__.*got object.*numpy.asarray"):
         tb.to_tensor(object())
     with pytest.raises(ValueError, match=r"refused to export.*BufferError"):
@@ -281,9 +310,67 @@ OTHER_REFUSALS = [
         lambda: tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None}),
     ),
     ("collate", "ragged samples", lambda: tb.collate([np.zeros(3), np.zeros(4)])),
+    (
+        "to_device",
+        "a single dtype that is not floating",
+        lambda: tb.to_device({"x": np.zeros(2)}, "cpu", dtype=torch.int64),
+    ),
+    (
+        "Prefetcher",
+        "a single dtype that is not floating",
+        lambda: tb.Prefetcher([], "cpu", dtype="int32"),
+    ),
     ("to_tensor", "no array protocol", lambda: tb.to_tensor(object())),
+    ("to_tensor", "a list of numbers", lambda: tb.to_tensor([1, 2, 3])),
+    ("to_tensor", "a list of arrays", lambda: tb.to_tensor([np.zeros(2), np.ones(2)])),
     ("to_tensor", "export refused", lambda: tb.to_tensor(_RefusingProducer())),
     ("collate", "no samples", lambda: tb.collate([])),
+    (
+        "collate",
+        "dict samples with other keys",
+        lambda: tb.collate([{"x": 1, "y": 2}, {"x": 1, "z": 3}]),
+    ),
+    (
+        "collate",
+        "lists of other lengths",
+        lambda: tb.collate([{"boxes": [1, 2, 3]}, {"boxes": [1, 2]}]),
+    ),
+    (
+        "collate",
+        "an array in one sample, an int in another",
+        lambda: tb.collate([{"x": np.zeros(2)}, {"x": 5}]),
+    ),
+    ("collate", "a sample holding itself", lambda: tb.collate([_CYCLIC, _CYCLIC])),
+    (
+        "collate",
+        "ragged nested field",
+        lambda: tb.collate([{"a": [{"b": np.zeros(11)}]}, {"a": [{"b": np.zeros(3)}]}]),
+    ),
+    ("collate", "pad= for list samples", lambda: tb.collate([[1], [2]], pad={"a": 0})),
+    ("collate", "pad= for an unknown key", lambda: tb.collate(_TOKENS, pad={"tokns": 0})),
+    (
+        "collate",
+        "pad= value outside the dtype",
+        lambda: tb.collate(
+            [{"t": np.zeros(2, np.uint8)}, {"t": np.zeros(1, np.uint8)}], pad={"t": -1}
+        ),
+    ),
+    (
+        "collate",
+        "pad= where the lengths key is taken",
+        lambda: tb.collate([{"t": np.zeros(2), "t_lengths": 2}], pad={"t": 0}),
+    ),
+    (
+        "collate",
+        "pad= for a scalar field",
+        lambda: tb.collate([{"t": 1}, {"t": 2}], pad={"t": 0}),
+    ),
+    ("collate", "fields= other than list", lambda: tb.collate(_TOKENS, fields={"n": tuple})),
+    (
+        "collate",
+        "a key in pad= and fields=",
+        lambda: tb.collate(_TOKENS, pad={"tokens": 0}, fields={"tokens": list}),
+    ),
     ("Prefetcher", "depth 0", lambda: tb.Prefetcher([], "cpu", depth=0)),
     ("Prefetcher", "depth 10**9", lambda: tb.Prefetcher([], "cpu", depth=10**9)),
     ("empty_pinned", "object dtype", lambda: tb.empty_pinned(4, object)),
@@ -297,6 +384,29 @@ OTHER_REFUSALS = [
         "integer dtype",
         lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), dtype=torch.int32),
     ),
+    (
+        "images_to_tensor",
+        "grayscale (N, H, W) without a channel axis",
+        lambda: tb.images_to_tensor(np.zeros((2, 8, 8), np.uint8)),
+    ),
+    (
+        "images_to_tensor",
+        "float images without scale=",
+        lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.float32)),
+    ),
+    ("images_to_tensor", "scale as a string", lambda: tb.images_to_tensor(_IMG, scale="1")),
+    (
+        "images_to_tensor",
+        "mean as a generator",
+        lambda: tb.images_to_tensor(_IMG, mean=(m for m in [0.5] * 3)),
+    ),
+    (
+        "images_to_tensor",
+        "mean on the 0-255 scale",
+        lambda: tb.images_to_tensor(_IMG, mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4]),
+    ),
+    ("images_to_tensor", "std nan", lambda: tb.images_to_tensor(_IMG, std=float("nan"))),
+    ("images_to_tensor", "std 0", lambda: tb.images_to_tensor(_IMG, std=0)),
     ("empty_pinned", "negative size", lambda: tb.empty_pinned((2, -1))),
     ("set_num_threads", "zero threads", lambda: tb.set_num_threads(0)),
     ("set_num_threads", "100000 threads", lambda: tb.set_num_threads(100_000)),
@@ -330,6 +440,10 @@ OTHER_REFUSALS = [
 
 
 _A8 = np.zeros(8)
+_IMG = np.zeros((1, 2, 2, 3), np.uint8)
+_CYCLIC: list[object] = [np.zeros(2)]
+_CYCLIC.append(_CYCLIC)
+_TOKENS = [{"tokens": np.arange(3), "n": 1}, {"tokens": np.arange(2), "n": 2}]
 
 
 def refusal_rows() -> list[tuple[str, str, str, str]]:

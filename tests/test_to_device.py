@@ -40,26 +40,29 @@ def make_batch(rng) -> dict:
     }
 
 
-def assert_same_structure(moved, original, device_type="cpu"):
+def assert_same_structure(moved, original, device_type="cpu", expect=lambda t: t):
+    """moved has original's structure; each array leaf equals expect(torch's own tensor)."""
     if isinstance(original, dict):
         assert type(moved) is type(original) and moved.keys() == original.keys()
         for k in original:
-            assert_same_structure(moved[k], original[k], device_type)
+            assert_same_structure(moved[k], original[k], device_type, expect)
     elif isinstance(original, tuple) and hasattr(original, "_fields"):
         assert type(moved) is type(original)
         for a, b in zip(moved, original, strict=True):
-            assert_same_structure(a, b, device_type)
+            assert_same_structure(a, b, device_type, expect)
     elif isinstance(original, (list, tuple)):
         assert type(moved) is type(original) and len(moved) == len(original)
         for a, b in zip(moved, original, strict=True):
-            assert_same_structure(a, b, device_type)
+            assert_same_structure(a, b, device_type, expect)
     elif dataclasses.is_dataclass(original):
         assert type(moved) is type(original)
         for f in dataclasses.fields(original):
-            assert_same_structure(getattr(moved, f.name), getattr(original, f.name), device_type)
+            assert_same_structure(
+                getattr(moved, f.name), getattr(original, f.name), device_type, expect
+            )
     elif isinstance(original, (np.ndarray, torch.Tensor)):
         assert isinstance(moved, torch.Tensor) and moved.device.type == device_type
-        expected = (
+        expected = expect(
             original
             if isinstance(original, torch.Tensor)
             else torch.from_numpy(
@@ -85,8 +88,70 @@ def test_to_device_dtype_by_key_and_by_source_dtype(backend):
     assert torch.equal(moved["pair"].image, torch.from_numpy(batch["pair"].image.copy()).float())
     assert moved["nested"]["deep"][0]["x"].dtype == torch.int64
     assert moved["tokens"].dtype == torch.int64 and moved["mask"].dtype == torch.bool
-    everything = tb.to_device({"a": np.ones(2, np.uint8)}, "cpu", dtype=torch.float16)
-    assert everything["a"].dtype == torch.float16
+    # a mapping casts what it names, integer and bool leaves too; the key name wins
+    named = tb.to_device(
+        {"labels": np.arange(3, dtype=np.int64), "mask": np.ones(2, bool), "x": np.ones(2)},
+        "cpu",
+        dtype={"labels": torch.int32, np.bool_: torch.uint8, "x": "float16", np.float64: "int8"},
+    )
+    assert named["labels"].dtype == torch.int32 and named["mask"].dtype == torch.uint8
+    assert named["x"].dtype == torch.float16
+    assert torch.equal(named["labels"], torch.arange(3, dtype=torch.int32))
+
+
+def _batch_of_every_dtype(rng) -> dict:
+    batch = make_batch(rng)
+    batch["more"] = [
+        rng.standard_normal(3).astype(np.float16),
+        torch.randn(2, dtype=torch.bfloat16),
+        rng.standard_normal(2).astype(np.complex64),
+        torch.tensor([1.5, 2.5, 3.5, 4.5], dtype=torch.float64)[::2],
+        np.arange(4, dtype=np.uint8),
+        torch.tensor([True, False]),
+    ]
+    return batch
+
+
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [
+        (torch.float16, torch.float16),
+        (np.float16, torch.float16),
+        ("float16", torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        ("float64", torch.float64),
+    ],
+)
+def test_to_device_single_dtype_casts_floating_leaves_only(backend, spec, target):
+    """Every leaf as torch's idiom has it: t.to(dtype) if t.is_floating_point() else t."""
+    batch = _batch_of_every_dtype(np.random.default_rng(2))
+    moved = tb.to_device(batch, "cpu", dtype=spec)
+    assert_same_structure(
+        moved, batch, expect=lambda t: t.to(target) if t.is_floating_point() else t
+    )
+    assert moved["tokens"].dtype == torch.int64 and moved["mask"].dtype == torch.bool
+    assert moved["more"][2].dtype == torch.complex64  # complex is not floating: kept
+    pf = next(iter(tb.Prefetcher([batch], "cpu", dtype=spec)))
+    assert_same_structure(pf, batch, expect=lambda t: t.to(target) if t.is_floating_point() else t)
+    if ml_dtypes is not None:  # an ml_dtypes bfloat16 array is a floating leaf too
+        a = np.random.default_rng(3).standard_normal(4).astype(ml_dtypes.bfloat16)
+        got = tb.to_device({"b": a}, "cpu", dtype=spec)["b"]
+        assert torch.equal(got, torch.from_numpy(a.astype(np.float32)).to(target))
+
+
+@pytest.mark.parametrize("spec", [torch.int64, "int32", np.bool_, torch.complex64, torch.uint8])
+def test_a_single_dtype_that_is_not_floating_is_refused(backend, monkeypatch, spec):
+    def moved_too_early(*args, **kwargs):
+        raise AssertionError("a leaf moved before the refusal")
+
+    monkeypatch.setattr(_batch, "to_tensor", moved_too_early)
+    batch = {"x": np.ones(2, np.float32), "y": np.arange(2)}
+    with pytest.raises(TypeError, match=r"floating dtype.*pass a mapping by key or by source"):
+        tb.to_device(batch, "cpu", dtype=spec)
+    with pytest.raises(TypeError, match=r"^Prefetcher: .*floating dtype"):
+        tb.Prefetcher([batch], "cpu", dtype=spec)
+    with pytest.raises(TypeError, match="not a NumPy or torch dtype"):  # a mapping's target too
+        tb.to_device(batch, "cpu", dtype={"x": "float17"})
 
 
 @pytest.mark.parametrize("empty", [{}, [], (), {"a": []}, [None, "x", 3]])

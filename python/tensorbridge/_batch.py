@@ -24,20 +24,46 @@ from ._tree import flatten, flatten_as, tree_map, unflatten
 
 _ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
 
-DTypeSpec = Any  # a dtype, or a mapping from key name or source dtype to a dtype
+DTypeSpec = Any  # a floating dtype for the floating leaves, or a mapping (key or source dtype)
 
 
-def _target_dtype(spec: DTypeSpec, key: Any, source: torch.dtype) -> torch.dtype | None:
+class DTypeRule(NamedTuple):
+    """A checked ``dtype=`` argument of to_device / Prefetcher."""
+
+    floating: torch.dtype | None  # a single dtype: the target of the floating-point leaves
+    by_key: dict[Any, torch.dtype]  # a mapping: key name (or source dtype) -> target
+    by_source: dict[torch.dtype, torch.dtype]  # its dtype keys, read as source dtypes
+
+
+def dtype_rule(spec: DTypeSpec, fn: str) -> DTypeRule | None:
+    """``spec`` checked once, before anything moves (a bad dtype refuses the whole call)."""
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
-        return _dtypes.as_torch_dtype(spec)
-    if key in spec:
-        return _dtypes.as_torch_dtype(spec[key])
-    for k, v in spec.items():
-        if not isinstance(k, str) and _dtypes.as_torch_dtype(k) == source:
-            return _dtypes.as_torch_dtype(v)
-    return None
+        target = _dtypes.as_torch_dtype(spec)
+        if not target.is_floating_point:
+            raise TypeError(
+                f"{fn}: a single dtype= casts the floating-point leaves only (integer labels "
+                f"and bool masks keep theirs), so it must be a floating dtype, got {target}: "
+                "to cast other leaves pass a mapping by key or by source dtype, e.g. "
+                "dtype={'labels': torch.int32} or dtype={torch.int64: torch.int32}."
+            )
+        return DTypeRule(target, {}, {})
+    by_key = {k: _dtypes.as_torch_dtype(v) for k, v in spec.items()}
+    by_source = {  # (other keys, an int say, are key names only)
+        _dtypes.as_torch_dtype(k): v
+        for k, v in by_key.items()
+        if isinstance(k, (torch.dtype, np.dtype, type))
+    }
+    return DTypeRule(None, by_key, by_source)
+
+
+def _target_dtype(rule: DTypeRule, key: Any, source: torch.dtype) -> torch.dtype | None:
+    if rule.floating is not None:
+        return rule.floating if source.is_floating_point else None
+    if key in rule.by_key:
+        return rule.by_key[key]
+    return rule.by_source.get(source)
 
 
 def _source_dtype(leaf: Any) -> torch.dtype:
@@ -98,8 +124,16 @@ def to_device(
     Dicts, lists, tuples, namedtuples and dataclasses come back as the same types. On a
     GPU with the compiled engine, all host arrays of the batch are packed into pinned
     staging blocks and cross in a few large copies (not one per array), then become views
-    of one device buffer. ``dtype`` (a dtype, or a mapping from key name or source dtype
-    to dtype) is applied on the device, after the transfer.
+    of one device buffer.
+
+    ``dtype`` casts on the device, after the transfer. A single dtype (torch, NumPy or a
+    string such as ``"float16"``) must be a floating one and casts the floating-point
+    leaves only: integer labels, bool masks and complex leaves keep their dtype, as with
+    ``t.to(dtype) if t.is_floating_point() else t`` per leaf. A mapping casts exactly the
+    leaves it names, of any dtype: by key name (the nearest dict key or dataclass field,
+    ``{"labels": torch.int32}``) or by source dtype (``{torch.int64: torch.int32}``); the
+    key name wins where both match. A dtype that cannot be a target is refused before
+    anything moves.
 
     Static types: an array or tensor gives a ``Tensor``, a dict a dict with the same key
     type, a list a list, a tuple a tuple; their items are ``Any`` (each leaf's type
@@ -114,7 +148,8 @@ def to_device(
         (torch.float32, 7)
     """
     dev = _backend.resolve_device(device, "to_device")
-    if dev.type == "cpu" and dtype is None:
+    rule = dtype_rule(dtype, "to_device")
+    if dev.type == "cpu" and rule is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
         return tree_map(_to_cpu_leaf, batch)
     if dev.type == "cuda" and dev.index is None:
@@ -137,9 +172,9 @@ def to_device(
         t = moved.get(i)
         if t is None:
             t = to_tensor(leaf, dev, non_blocking=non_blocking)
-        if dtype is None:
+        if rule is None:
             return t
-        target = _target_dtype(dtype, keys[i], _source_dtype(leaf))
+        target = _target_dtype(rule, keys[i], _source_dtype(leaf))
         return t if target is None or target == t.dtype else t.to(target)
 
     return unflatten(spec, [move(i, leaf) for i, leaf in enumerate(leaves)])

@@ -232,6 +232,24 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
     ) from refusals[-1][1]
 
 
+_NUMBERS = (bool, int, float, complex, np.number, np.bool_)
+
+
+def _numbers_only(obj: list[Any] | tuple[Any, ...]) -> bool:
+    """A (nested) list or tuple of numbers only, such as ``[1, 2]`` or ``[[0.5], [1.5]]``."""
+    todo, seen = [obj], {id(obj)}
+    while todo:
+        for item in todo.pop():
+            if isinstance(item, (list, tuple)):
+                if id(item) in seen:  # a list holding itself is no array
+                    return False
+                seen.add(id(item))
+                todo.append(item)
+            elif not isinstance(item, _NUMBERS):
+                return False
+    return True
+
+
 def _describe(obj: Any) -> str:
     kind = type(obj)
     module = kind.__module__.split(".")[0]
@@ -240,7 +258,13 @@ def _describe(obj: Any) -> str:
 
 def no_protocol_error(obj: Any, fn: str) -> TypeError:
     kind = type(obj).__name__
-    if isinstance(obj, (list, tuple, dict)):
+    if isinstance(obj, (list, tuple)) and _numbers_only(obj):
+        # data, not a batch: to_device would hand the numbers back untouched
+        kind += " of numbers"
+        hint = "use torch.as_tensor(x) for a tensor (torch.as_tensor(x, device=...) on a GPU)"
+        if fn == "to_numpy":
+            hint = "use numpy.asarray(x) for an array (or torch.as_tensor(x) for a tensor)"
+    elif isinstance(obj, (list, tuple, dict)):
         hint = "for a batch (a list, tuple or dict of arrays) use to_numpy_batch() or to_device()"
         if fn == "to_tensor":
             hint = "for a batch (a list, tuple or dict of arrays) use to_device()"

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar, cast, overload
+from typing import Any, Generic, NoReturn, TypeVar, cast, overload
 
 import numpy as np
 import torch
 
 from . import _backend, _dtypes
-from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, to_device
+from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, to_device
 from ._convert import Device, to_numpy, to_tensor
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
 
@@ -23,7 +25,12 @@ def _in_worker() -> bool:
     return info is not None
 
 
-def collate(samples: Sequence[Any]) -> Any:
+def collate(
+    samples: Sequence[Any],
+    *,
+    pad: Mapping[str, float] | None = None,
+    fields: Mapping[str, type[list[Any]]] | None = None,
+) -> Any:
     """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that stacks straight into
     page-locked memory: one copy per field instead of default collate's copy plus the
     pin-memory thread's second one. Use it with ``pin_memory=False``.
@@ -33,59 +40,433 @@ def collate(samples: Sequence[Any]) -> Any:
     touched in a forked child) and without a GPU they are ordinary tensors. Structures,
     numbers and strings are collated like ``default_collate``.
 
+    Samples that do not fit together are refused with a ValueError or TypeError naming
+    the field as a path into the batch (``batch["a"][0]["b"]``) and the sample that
+    differs from sample 0: arrays of different shapes, dicts with other keys, sequences
+    of other lengths, another kind of value (an array in one sample, an int in another),
+    or samples nested more than 100 levels deep (or holding themselves).
+
+    For dict samples, two arguments change how named fields (keys of the sample dicts)
+    are collated; every other field is collated as without them:
+
+    - ``pad={"tokens": 0}``: a ragged field (arrays, tensors or lists of numbers whose
+      first dimension differs; the other dimensions must match) is padded at the end of
+      its first dimension to the longest sample with the given value, into one tensor of
+      shape (batch, longest, ...). The lengths before padding come next to it, under
+      ``"tokens_lengths"``, as an int64 tensor of shape (batch,). The value must fit the
+      field's dtype; a sample field already named ``"tokens_lengths"`` is refused.
+    - ``fields={"meta": list}``: the field stays a Python list of the samples' values,
+      not collated (variable-length boxes, strings, objects). ``list`` is the only
+      override accepted.
+
+    Both are refused (TypeError or ValueError) for samples that are not dicts, for keys
+    the samples do not have and for a key named in both. With a DataLoader, pass
+    ``collate_fn=functools.partial(tb.collate, pad={"tokens": 0})``: it pickles, so it
+    works in worker processes too.
+
     Example:
         >>> import numpy as np, tensorbridge as tb
         >>> b = tb.collate([{"x": np.ones(3), "y": 1}, {"x": np.zeros(3), "y": 0}])
         >>> b["x"].shape, b["y"]
         (torch.Size([2, 3]), tensor([1, 0]))
+        >>> b = tb.collate([{"tokens": [5, 6, 7], "meta": "a"}, {"tokens": [8], "meta": {}}],
+        ...                pad={"tokens": -1}, fields={"meta": list})
+        >>> b["tokens"], b["tokens_lengths"], b["meta"]
+        (tensor([[ 5,  6,  7],
+                [ 8, -1, -1]]), tensor([3, 1]), ['a', {}])
     """
-    if not samples:
-        raise ValueError("collate needs at least one sample")
+    if isinstance(samples, Mapping) or not isinstance(
+        samples, (Sequence, np.ndarray, torch.Tensor)
+    ):
+        raise TypeError(
+            f"collate takes a list of samples, got {_kind(samples)}: pass a list (a "
+            "DataLoader passes one), e.g. collate([sample0, sample1])."
+        )
+    if not len(samples):
+        raise ValueError(
+            "collate needs at least one sample, got none: pass a non-empty list (a DataLoader "
+            "with batch_size >= 1 always does)."
+        )
+    if pad is None and fields is None:
+        return _collate(samples, (), 0)
+    return _collate_dict(samples, (), 0, _field_rules(samples[0], pad, fields))
+
+
+def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]]:
+    """{key: ("pad", value) or ("list", None)} from collate's pad= and fields=, checked."""
+    given = "pad=" if pad is not None else "fields="
+    if not isinstance(first, Mapping):
+        raise TypeError(
+            f"collate: {given} names fields of dict samples, but sample 0 is {_kind(first)}: "
+            f"return a dict from the dataset, or collate without {given}."
+        )
+    rules: dict[Any, tuple[str, Any]] = {}
+    for name, arg, example in (("pad", pad, "0"), ("fields", fields, "list")):
+        if arg is None:
+            continue
+        if not isinstance(arg, Mapping):
+            raise TypeError(
+                f"collate: {name}= must be a dict from a field name to "
+                f"{'the pad value' if name == 'pad' else 'list'}, got {_kind(arg)}: pass e.g. "
+                f'{name}={{"tokens": {example}}}.'
+            )
+        for key, value in arg.items():
+            if key not in first:
+                raise ValueError(
+                    f"collate: {name}= names {_key_text(key)}, which the samples do not have "
+                    f"(they have {', '.join(_key_text(k) for k in first)}): pass one of those "
+                    "keys."
+                )
+            if key in rules:
+                raise ValueError(
+                    f"collate: {_key_text(key)} is named in both pad= and fields=: keep it in "
+                    "one (pad= to pad it into a tensor, fields= to keep it as a list)."
+                )
+            if name == "fields":
+                if value is not list:
+                    shown = getattr(value, "__name__", repr(value))
+                    raise TypeError(
+                        f"collate: fields={{{_key_text(key)}: {shown}}}: the only override is "
+                        "list, which keeps the field as a Python list of the samples' values: "
+                        f"pass fields={{{_key_text(key)}: list}} (or pad= to pad a ragged "
+                        "array field)."
+                    )
+                rules[key] = ("list", None)
+                continue
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"collate: pad= names {key!r}; pad= takes string keys, since the lengths go "
+                    "under the key + '_lengths': use string keys in the samples."
+                )
+            if not isinstance(value, _NUMBERS):
+                raise TypeError(
+                    f"collate: pad={{{_key_text(key)}: {value!r}}}: the pad value fills the "
+                    f"padded positions and must be a number, got {_kind(value)}: pass e.g. "
+                    f"pad={{{_key_text(key)}: 0}}."
+                )
+            lengths = f"{key}_lengths"
+            if lengths in first:
+                raise ValueError(
+                    f"collate: pad={{{_key_text(key)}: ...}} adds the lengths as "
+                    f"{_key_text(lengths)}, but the samples already have that key: rename "
+                    "it in the dataset."
+                )
+            rules[key] = ("pad", value)
+    return rules
+
+
+# Samples deeper than this are refused (a cycle would otherwise end in a RecursionError).
+_MAX_DEPTH = 100
+
+_NUMBERS = (bool, int, float, complex, np.number, np.bool_)
+
+# A path into the batch, built as the walk descends and formatted only for a message:
+# ("[", key or index) or (".", attribute name) per level.
+Path = tuple[tuple[str, Any], ...]
+
+
+def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ValueError(
+            f"collate: {_where(path)}: the samples are nested more than {_MAX_DEPTH} levels "
+            "deep, or contain themselves (a list holding itself, say): pass samples of at "
+            f"most {_MAX_DEPTH} levels, without cycles."
+        )
     first = samples[0]
+    # Leaves are checked only when they fail (another kind of value in a sample fails
+    # there); containers are checked first, since zip over a dict would not fail.
     if isinstance(first, (np.ndarray, torch.Tensor)):
-        return _stack(samples)
-    if isinstance(first, Mapping):
-        fields = {k: collate([sample[k] for sample in samples]) for k in first}
         try:
-            return cast(Any, type(first))(fields)
-        except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
-            return fields
+            return _stack(samples, path)
+        except (AttributeError, TypeError):  # e.g. an int has no .shape
+            _check_kind(samples, (np.ndarray, torch.Tensor), path)  # names the odd one
+            raise
+    if isinstance(first, Mapping):
+        return _collate_dict(samples, path, depth)
     if is_namedtuple(first):
-        return type(first)(*(collate(list(field)) for field in zip(*samples, strict=True)))
+        _check_kind(samples, type(first), path)
+        return type(first)(
+            *(
+                _collate(list(field), (*path, (".", name)), depth + 1)
+                for name, field in zip(first._fields, zip(*samples, strict=True), strict=True)
+            )
+        )
     if isinstance(first, (list, tuple)):
-        return [collate(list(field)) for field in zip(*samples, strict=True)]
+        _check_kind(samples, (list, tuple), path)
+        for i, s in enumerate(samples):
+            if len(s) != len(first):
+                raise ValueError(
+                    f"collate: {_where(path)}: sample {i} has {_items(len(s))}, sample 0 has "
+                    f"{_items(len(first))}; sequences are collated item by item and need equal "
+                    f"lengths: {_ragged_fix(path, all(isinstance(x, _NUMBERS) for x in first))}."
+                )
+        return [
+            _collate(list(field), (*path, ("[", j)), depth + 1)
+            for j, field in enumerate(zip(*samples, strict=True))
+        ]
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        _check_kind(samples, type(first), path)
         return rebuild_dataclass(
             first,
             {
-                f.name: collate([getattr(s, f.name) for s in samples])
+                f.name: _collate(
+                    [getattr(s, f.name) for s in samples], (*path, (".", f.name)), depth + 1
+                )
                 for f in dataclasses.fields(first)
                 if hasattr(first, f.name)
             },
         )
-    if isinstance(first, (bool, int, float, complex, np.number, np.bool_)):
-        return torch.as_tensor(np.asarray(samples))
+    if isinstance(first, _NUMBERS):
+        try:
+            return torch.as_tensor(np.asarray(samples))
+        except (TypeError, ValueError):  # an array, None or a string among the numbers
+            _check_kind(samples, _NUMBERS, path)
+            raise
     return list(samples)  # strings and anything else: as a list, like default_collate
 
 
-def _stack(samples: Sequence[Any]) -> torch.Tensor:
+def _collate_dict(
+    samples: Sequence[Any],
+    path: Path,
+    depth: int,
+    rules: Mapping[Any, tuple[str, Any]] | None = None,
+) -> Any:
+    first = samples[0]
+    keys = first.keys()
+    if len(set(map(type, samples))) == 1 and type(first) is dict:
+        # The common case, plain dicts: gathering the fields finds a missing key (KeyError),
+        # the sizes then an extra one; no per-sample comparison of keys.
+        try:
+            columns = [[s[k] for s in samples] for k in keys]
+        except KeyError:
+            _refuse_keys(samples, path)
+        if sum(map(len, samples)) != len(keys) * len(samples):  # (none has fewer keys)
+            _refuse_keys(samples, path)
+    else:  # other mappings (a defaultdict would make up a missing key): compare the keys
+        _check_kind(samples, Mapping, path)
+        if any(s.keys() != keys for s in samples):
+            _refuse_keys(samples, path)
+        columns = [[s[k] for s in samples] for k in keys]
+    fields: dict[Any, Any] = {}
+    for k, values in zip(keys, columns, strict=True):
+        rule, fill = rules.get(k, ("", None)) if rules else ("", None)
+        if rule == "list":
+            fields[k] = values
+        elif rule == "pad":
+            fields[k], fields[f"{k}_lengths"] = _pad(values, (*path, ("[", k)), fill)
+        else:
+            fields[k] = _collate(values, (*path, ("[", k)), depth + 1)
+    try:
+        return cast(Any, type(first))(fields)
+    except TypeError:  # e.g. a defaultdict: a plain dict, like default_collate
+        return fields
+
+
+def _refuse_keys(samples: Sequence[Any], path: Path) -> NoReturn:
+    keys = samples[0].keys()
+    i, s = next((i, s) for i, s in enumerate(samples) if s.keys() != keys)
+    missing = [k for k in keys if k not in s]
+    extra = [k for k in s if k not in keys]
+    problem = " and ".join(
+        p
+        for p in (
+            f"lacks {_keys_text(missing)}" if missing else "",
+            f"has the extra {_keys_text(extra)}" if extra else "",
+        )
+        if p
+    )
+    raise ValueError(
+        f"collate: {_where(path)}: sample {i} {problem} (compared with sample 0); "
+        "every sample must have the same keys: return the same keys from the "
+        "dataset for every sample (None or an empty array for a missing value)."
+    )
+
+
+def _check_kind(samples: Sequence[Any], kind: Any, path: Path) -> None:
+    """Every sample holds the kind of value sample 0 does at ``path``."""
+    if len(set(map(type, samples))) == 1:  # one type, sample 0's: no isinstance per sample
+        return
+    for i, s in enumerate(samples):
+        if not isinstance(s, kind):
+            raise TypeError(
+                f"collate: {_where(path)}: sample {i} is {_kind(s)}, sample 0 is "
+                f"{_kind(samples[0])}; every sample must hold the same kind of value here: "
+                f"convert it in the dataset (numpy.asarray for numbers meant to stack with "
+                f"arrays){_list_fix(path)}."
+            )
+
+
+def _kind(x: Any) -> str:
+    cls = type(x)
+    module = cls.__module__.split(".")[0]
+    return cls.__name__ if module == "builtins" else f"{module}.{cls.__name__}"
+
+
+def _items(n: int) -> str:
+    return f"{n} item" if n == 1 else f"{n} items"
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, str) and '"' not in key and "\\" not in key:
+        return f'"{key}"'
+    return repr(key)
+
+
+def _keys_text(keys: list[Any]) -> str:
+    word = "key" if len(keys) == 1 else "keys"
+    return f"{word} {', '.join(_key_text(k) for k in keys)}"
+
+
+def _where(path: Path) -> str:
+    """``batch["a"][0].b``: where a field sits in the batch, for messages."""
+    steps = [f"[{_key_text(v)}]" if kind == "[" else f".{v}" for kind, v in path]
+    if len(steps) > 12:  # a cycle or a deep nest: the start and the end say enough
+        steps = [*steps[:6], f"...({len(steps) - 9} more)...", *steps[-3:]]
+    return "batch" + "".join(steps)
+
+
+def _top_key(path: Path) -> Any:
+    """The sample dict's key when ``path`` names one of its fields, else None."""
+    if len(path) == 1 and path[0][0] == "[" and isinstance(path[0][1], str):
+        return path[0][1]
+    return None
+
+
+def _list_fix(path: Path) -> str:
+    key = _top_key(path)
+    if key is None:
+        return ""
+    return f", or keep the field as a list with fields={{{_key_text(key)}: list}}"
+
+
+def _ragged_fix(path: Path, paddable: bool) -> str:
+    key = _top_key(path)
+    if key is None or not paddable:
+        return f"pad or crop them to one size in the dataset{_list_fix(path)}"
+    return (
+        f"pass pad={{{_key_text(key)}: 0}} to pad them to the longest (their lengths come as "
+        f"{_key_text(key + '_lengths')}){_list_fix(path)}"
+    )
+
+
+def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
     arrays = [to_numpy(s) if isinstance(s, torch.Tensor) else s for s in samples]
     shape = (len(arrays), *arrays[0].shape)
-    dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
-    if not dtype.isnative:
-        dtype = dtype.newbyteorder("=")
-    t_dtype = _dtypes.torch_dtype(dtype)
     for i, a in enumerate(arrays):
         if a.shape != shape[1:]:
+            paddable = a.ndim == len(shape) - 1 > 0 and a.shape[1:] == shape[2:]
             raise ValueError(
-                f"collate: sample {i} has shape {a.shape}, sample 0 has {shape[1:]}; samples "
-                "must have equal shapes (pad them, or write a collate_fn for ragged data)."
+                f"collate: {_where(path)}: sample {i} has shape {a.shape}, sample 0 has "
+                f"{shape[1:]}; samples must have equal shapes: {_ragged_fix(path, paddable)}."
             )
-    pin = not _in_worker() and _backend.ENGINE.cuda_engine
-    out_t = torch.empty(shape, dtype=t_dtype, pin_memory=pin)
+    _, t_dtype = _common_dtype(arrays, path)
+    out_t = _empty(shape, t_dtype)
     out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
     np.stack(arrays, out=out, casting="same_kind" if out.dtype.kind != "V" else "no")
     return out_t
+
+
+def _common_dtype(arrays: Sequence[np.ndarray], path: Path) -> tuple[np.dtype, torch.dtype]:
+    try:
+        dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
+        if not dtype.isnative:
+            dtype = dtype.newbyteorder("=")
+        return dtype, _dtypes.torch_dtype(dtype)
+    except TypeError as exc:  # no torch dtype (strings, objects), or none common to all
+        raise TypeError(f"collate: {_where(path)}: {exc}") from None
+
+
+def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ragged field padded along its first dimension, and the lengths before padding."""
+    where, key = _where(path), _key_text(path[-1][1])
+    arrays: list[np.ndarray] = []
+    empty_lists = []  # [] has no dtype or inner shape of its own: it takes the others'
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            a = to_numpy(v)
+        elif isinstance(v, np.ndarray):
+            a = v
+        elif isinstance(v, (list, tuple)):
+            try:
+                a = np.asarray(v)
+            except ValueError:  # lists of lists of different lengths
+                raise ValueError(
+                    f"collate: {where}: sample {i} is a {type(v).__name__} of lists of "
+                    "different lengths; pad= pads the first dimension only: make the inner "
+                    "lengths equal in the dataset."
+                ) from None
+            if not len(v):
+                empty_lists.append(i)
+        else:
+            raise TypeError(
+                f"collate: {where}: pad= pads arrays, tensors and lists of numbers along their "
+                f"first dimension; sample {i} is {_kind(v)}: return one of those from the "
+                f"dataset, or drop {key} from pad=."
+            )
+        if a.ndim == 0:
+            raise ValueError(
+                f"collate: {where}: sample {i} is a scalar (shape ()), which has no first "
+                f"dimension to pad: drop {key} from pad= (scalars need no padding)."
+            )
+        if a.dtype.kind not in "biufc" and not _dtypes.is_ml_dtype(a.dtype):
+            raise TypeError(
+                f"collate: {where}: sample {i} holds {a.dtype} values; pad= pads numbers: "
+                "encode or tokenize them in the dataset, or keep the field as a list with "
+                f"fields={{{key}: list}}."
+            )
+        arrays.append(a)
+    shaped = [i for i in range(len(arrays)) if i not in empty_lists] or [0]
+    ref = shaped[0]
+    inner = arrays[ref].shape[1:]
+    for i in shaped:
+        if arrays[i].shape[1:] != inner:
+            raise ValueError(
+                f"collate: {where}: sample {i} has shape {arrays[i].shape}, sample {ref} has "
+                f"{arrays[ref].shape}; pad= pads the first dimension only, so the others must "
+                "match: pad or crop them to one size in the dataset."
+            )
+    dtype, t_dtype = _common_dtype([arrays[i] for i in shaped], path)
+    if not _fits(fill, dtype):
+        raise ValueError(
+            f"collate: {where}: the pad value {fill!r} does not fit the field's dtype {dtype}: "
+            f"pass a value that does, e.g. pad={{{key}: 0}}."
+        )
+    for i in empty_lists:
+        arrays[i] = np.empty((0, *inner), dtype)
+    lengths = [len(a) for a in arrays]
+    out_t = _empty((len(arrays), max(lengths), *inner), t_dtype)
+    out = to_numpy(out_t)
+    casting: Any = "same_kind" if out.dtype.kind != "V" else "no"
+    for row, a, n in zip(out, arrays, lengths, strict=True):
+        np.copyto(row[:n], a, casting=casting)
+        row[n:] = fill
+    lengths_t = _empty((len(arrays),), torch.int64)
+    to_numpy(lengths_t)[:] = lengths
+    return out_t, lengths_t
+
+
+def _fits(value: Any, dtype: np.dtype) -> bool:
+    """Whether the pad value is held exactly by ``dtype`` (floats: not overflowing to inf)."""
+    if dtype.kind == "c":
+        return True
+    if isinstance(value, (complex, np.complexfloating)):
+        return False
+    if dtype.kind == "b":
+        return bool(value == 0 or value == 1)
+    if dtype.kind in "iu":
+        if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+            return False
+        info = np.iinfo(dtype)
+        return bool(info.min <= int(value) <= info.max)
+    with np.errstate(over="ignore"):
+        held = np.asarray(value, dtype=np.float64).astype(dtype).astype(np.float64)
+    return bool(np.isfinite(held) or not np.isfinite(value))
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new batch tensor: pinned in the main process of a GPU machine."""
+    pin = not _in_worker() and _backend.ENGINE.cuda_engine
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 # --------------------------------------------------------------------------- prefetcher
@@ -103,7 +484,9 @@ class Prefetcher(Generic[_B]):
     tensors are marked as used there (``record_stream``), so the caching allocator never
     reuses their memory too early. On the CPU it is a thin pass-through, so one training
     loop runs everywhere. Errors from the underlying iterator are raised in order, when
-    the loop reaches them; breaking out of the loop early releases everything.
+    the loop reaches them; breaking out of the loop early releases everything. ``dtype``
+    is :func:`to_device`'s: a single floating dtype casts the floating-point leaves only,
+    a mapping casts the leaves it names.
 
     Typed as :func:`to_device` types one batch: batches of arrays or tensors come out as
     tensors, of dicts as dicts with the same keys, of lists as lists, of tuples as tuples;
@@ -184,6 +567,7 @@ class Prefetcher(Generic[_B]):
             64,
             "2 or 3 hide the copy time of a batch behind the compute of the one before.",
         )
+        dtype_rule(dtype, "Prefetcher")  # refused here, not at the first batch
         self.iterable = iterable
         self.device = _backend.resolve_device(device, "Prefetcher")
         self.depth = depth
@@ -267,7 +651,7 @@ def images_to_tensor(
     device: Device | None = None,
     *,
     dtype: _dtypes.DTypeLike = torch.float32,
-    scale: float = 1 / 255,
+    scale: float | None = None,
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
     channels_first: bool = True,
@@ -278,6 +662,25 @@ def images_to_tensor(
     The images cross the link as uint8 (a quarter of float32's bytes); on the device one
     kernel computes ``(x * scale - mean) / std`` and writes it directly in channels-first
     layout (..., C, H, W) when ``channels_first`` (torchvision's ``ToTensor`` + ``Normalize``).
+
+    Args:
+        images: a NumPy array, a tensor or another framework's array of shape
+            (..., H, W, C): channels last, C is 1, 3 or 4. Grayscale images need their
+            channel axis (``x[..., None]``: (N, H, W) -> (N, H, W, 1)); a (N, H, W) array
+            is refused, not guessed at.
+        device: where the result goes (default: where the images are).
+        dtype: the floating output dtype: torch, NumPy or a string (``"float16"``).
+        scale: maps the pixel values to 0-1. uint8 images default to 1/255; any other
+            integer or floating dtype must say it (``scale=1/65535`` for uint16,
+            ``scale=1`` for floats already in 0-1).
+        mean, std: a number or C numbers (a list, tuple, NumPy array or tensor), finite,
+            on the 0-1 scale of ``x * scale``; std > 0. A mean above 1 is refused: it
+            looks like the 0-255 scale (divide mean and std by 255).
+        channels_first: write (..., C, H, W) instead of (..., H, W, C).
+        non_blocking: an asynchronous host-to-device copy.
+
+    Every argument is checked before anything is copied; a refusal is a TypeError (a
+    wrong type) or ValueError (a wrong value) that names the fix.
 
     Example:
         >>> import numpy as np, tensorbridge as tb
@@ -292,37 +695,155 @@ def images_to_tensor(
         )
     if device is not None:
         device = _backend.resolve_device(device, "images_to_tensor")
-    x = (
-        images
-        if isinstance(images, torch.Tensor)
-        else to_tensor(images, device, non_blocking=non_blocking)
-    )
-    if isinstance(images, torch.Tensor) and device is not None:
-        x = x.to(device, non_blocking=non_blocking)
-    if x.ndim < 3:
+    # another framework's array: a tensor over the same memory, where it is, to look at
+    src = images if isinstance(images, (np.ndarray, torch.Tensor)) else to_tensor(images)
+    shape, pixels = tuple(src.shape), _pixel_dtype(src)
+    if len(shape) < 3 or shape[-1] not in (1, 3, 4):
         raise ValueError(
-            f"images_to_tensor expects (..., H, W, C) images, got shape {tuple(x.shape)}"
+            f"images_to_tensor expects channels-last images (..., H, W, C) with C 1, 3 or 4, "
+            f"got shape {shape}: add the channel axis of grayscale images with x[..., None] "
+            "((N, H, W) -> (N, H, W, 1)), and move the channels of (N, C, H, W) images last "
+            "with x.permute(0, 2, 3, 1) (numpy.moveaxis(x, 1, -1))."
         )
-    channels = x.shape[-1]
-
-    def per_channel(value: Sequence[float] | float | None, default: float, name: str):
-        t = torch.as_tensor(default if value is None else value, dtype=torch.float64)
-        if t.ndim > 1 or (t.ndim == 1 and t.numel() not in (1, channels)):
-            raise ValueError(
-                f"{name} must be a number or {channels} numbers (one per channel), got {value!r}"
+    channels = shape[-1]
+    if pixels == torch.bool or pixels.is_complex:
+        raise TypeError(
+            f"images_to_tensor takes images of real numbers, got {pixels}: convert them "
+            "first, e.g. x.astype(numpy.uint8) for a 0/1 mask."
+        )
+    if scale is None:
+        if pixels != torch.uint8:
+            raise TypeError(
+                f"images_to_tensor maps uint8 pixels (0-255) to 0-1 by default, but the "
+                f"images are {pixels}: pass scale= to say how to reach 0-1 (scale=1/255 "
+                "for 0-255 values of any dtype, 1/65535 for uint16, 1 for floats already "
+                "in 0-1)."
             )
-        return t.expand(channels) if t.numel() == 1 else t
-
-    m = per_channel(mean, 0.0, "mean")
-    s = per_channel(std, 1.0, "std")
-    if (s == 0).any():
-        raise ValueError("std must not contain zeros")
-    weight = (scale / s).to(dtype=dtype, device=x.device)
-    bias = (-m / s).to(dtype=dtype, device=x.device)
+        scale = 1 / 255
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(
+            f"images_to_tensor: scale must be a number (an int or a float), got "
+            f"{_kind(scale)} {scale!r}: pass e.g. scale=1/255."
+        )
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"images_to_tensor: scale must be a finite number above 0, got {scale!r}: pass "
+            "what maps the pixels to 0-1, e.g. scale=1/255."
+        )
+    m = _per_channel(mean, 0.0, "mean", channels)
+    s = _per_channel(std, 1.0, "std", channels)
+    if (s <= 0).any():
+        raise ValueError(
+            f"images_to_tensor: std must be above 0 (it divides), got std={std!r}: pass the "
+            "per-channel standard deviations of the data, e.g. std=[0.229, 0.224, 0.225]."
+        )
+    if (m > 1).any():
+        how = (
+            "it looks like 0-255 scale: divide mean and std by 255 (e.g. mean=[m / 255 for m "
+            "in mean])"
+            if (m <= 255).all()
+            else "divide mean and std by the largest pixel value"
+        )
+        raise ValueError(
+            f"images_to_tensor: mean={mean!r} is above 1, but mean and std apply to x * scale, "
+            f"which is on a 0-1 scale: {how}."
+        )
+    if isinstance(images, torch.Tensor):
+        x = images if device is None else images.to(device, non_blocking=non_blocking)
+    else:
+        x = to_tensor(src, device, non_blocking=non_blocking)
+    if x.dtype not in _ADDCMUL_DTYPES:  # (uint16 and wider unsigned: few torch kernels)
+        x = x.to(dtype)
+    weight = torch.from_numpy(scale / s).to(dtype=dtype, device=x.device)
+    bias = torch.from_numpy(-m / s).to(dtype=dtype, device=x.device)
     if channels_first:
-        shape = (*x.shape[:-3], channels, *x.shape[-3:-1])
-        out = torch.empty(shape, dtype=dtype, device=x.device).movedim(-3, -1)
+        out_shape = (*x.shape[:-3], channels, *x.shape[-3:-1])
+        out = torch.empty(out_shape, dtype=dtype, device=x.device).movedim(-3, -1)
     else:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.addcmul(bias, x, weight, out=out)  # one kernel: cast, scale, shift, re-layout
     return out.movedim(-1, -3) if channels_first else out
+
+
+_ADDCMUL_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    | {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+)
+
+
+def _pixel_dtype(src: np.ndarray | torch.Tensor) -> torch.dtype:
+    if isinstance(src, torch.Tensor):
+        return src.dtype
+    t = _dtypes.maybe_torch_dtype(src.dtype if src.dtype.isnative else src.dtype.newbyteorder("="))
+    if t is None:
+        raise TypeError(
+            f"images_to_tensor takes images of numbers, got dtype {src.dtype}: pass uint8 "
+            "images (or another numeric dtype with scale=)."
+        )
+    return t
+
+
+def _per_channel(value: Any, default: float, name: str, channels: int) -> np.ndarray:
+    """mean or std as ``channels`` float64 numbers, checked: numbers, one or one per channel,
+    finite."""
+    accepted = f"a number or {channels} numbers (a list, tuple, NumPy array or tensor)"
+    if value is None:
+        arr = np.array([default])
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        arr = np.array([float(value)])
+    elif isinstance(value, (np.ndarray, torch.Tensor)):
+        if not _real_dtype(value):
+            raise TypeError(
+                f"images_to_tensor: {name} must be {accepted} of real numbers, got an array of "
+                f"{value.dtype}: pass e.g. {name}=[0.5] * {channels}."
+            )
+        if value.ndim > 1:
+            raise ValueError(
+                f"images_to_tensor: {name} must be {accepted}, one per channel, got shape "
+                f"{tuple(value.shape)}: pass a flat one, e.g. {name}.reshape(-1)."
+            )
+        if isinstance(value, torch.Tensor):
+            arr = value.detach().to("cpu", torch.float64).numpy().reshape(-1)
+        else:
+            arr = value.astype(np.float64).reshape(-1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if not _is_real(item):
+                raise TypeError(
+                    f"images_to_tensor: {name} must be {accepted}, but it holds "
+                    f"{_kind(item)} {item!r}: pass numbers, e.g. {name}=[0.5] * {channels}."
+                )
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    else:
+        fix = f"list({name})" if isinstance(value, Iterator) else f"{name}=[0.5] * {channels}"
+        raise TypeError(
+            f"images_to_tensor: {name} must be {accepted}, got {_kind(value)}: pass e.g. {fix}."
+        )
+    if arr.size not in (1, channels):
+        raise ValueError(
+            f"images_to_tensor: {name} must be a number or {channels} numbers (one per "
+            f"channel), got {arr.size} ({name}={value!r}): pass e.g. {name}=[0.5] * {channels}."
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"images_to_tensor: {name} must be finite numbers, got {name}={value!r}: pass the "
+            f"per-channel {name} of the data, e.g. {name}=[0.5] * {channels}."
+        )
+    return np.broadcast_to(arr, (channels,)).copy()
+
+
+def _is_real(item: Any) -> bool:
+    """A real number: a Python or NumPy int or float, or a 0-d array or tensor of one."""
+    if isinstance(item, bool):
+        return False
+    if isinstance(item, numbers.Real):
+        return True
+    if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 0:
+        return _real_dtype(item)
+    return False
+
+
+def _real_dtype(a: np.ndarray | torch.Tensor) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.dtype.kind in "iuf"
+    return not (a.dtype.is_complex or a.dtype == torch.bool)

@@ -29,6 +29,11 @@ def main() -> None:
     batch = tb.to_device({"x": a, "y": [a, 1]}, "cpu")
     back = tb.to_numpy_batch(batch)
     batches(x, a)
+    texts = [{"tokens": [1, 2], "meta": "a"}, {"tokens": [3], "meta": "b"}]
+    padded = tb.collate(texts, pad={"tokens": 0}, fields={"meta": list})
+    pixels = np.zeros((2, 4, 4, 3), np.uint8)
+    images: torch.Tensor = tb.images_to_tensor(pixels, mean=[0.5] * 3, std=0.25, dtype="float16")
+    wide: torch.Tensor = tb.images_to_tensor(pixels.astype(np.uint16), scale=1 / 65535)
     stats: dict[str, object] = dict(tb.pinned_stats())
     info: dict[str, object] = dict(tb.info())
     tb.set_num_threads(tb.get_num_threads())
@@ -39,6 +44,8 @@ def main() -> None:
     assert same is out and waited.shape == (2, 3) and done and t.shape == u.shape
     assert back["y"][1] == 1 and stats and info and pinned.shape == (4,)
     assert registering and options["min_bytes"] == 8 << 20
+    assert padded["tokens_lengths"].tolist() == [2, 1] and padded["meta"] == ["a", "b"]
+    assert images.shape == wide.shape == (2, 3, 4, 4)
 
 
 def batches(x: torch.Tensor, a: np.ndarray) -> None:
