@@ -803,3 +803,31 @@ def test_example_trains_and_the_loss_falls():
     losses = module.train("cpu", steps=12, batch_size=16, workers=2, size=16, log=lambda s: None)
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns the brightest channel
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [(None, np.ones(2)), ("a", 1), (None, 2.5), ("t", torch.ones(2)), (None, {"k": 1})],
+    ids=["none-array", "str-int", "none-float", "str-tensor", "none-dict"],
+)
+def test_collate_refuses_a_mixed_field_whichever_sample_comes_first(a, b):
+    for first, second in ((a, b), (b, a)):
+        with pytest.raises(TypeError, match=r'batch\["x"\]: sample 1 is .*, sample 0 is'):
+            tb.collate([{"x": first}, {"x": second}])
+
+
+def test_collate_keeps_strings_and_none_as_a_list_in_any_order():
+    for values in (["a", None], [None, "a"], [None, None]):
+        assert tb.collate([{"x": v} for v in values]) == {"x": values}
+
+
+def test_collate_names_numbers_no_tensor_dtype_holds():
+    with pytest.raises(TypeError, match=r'batch\["y"\]\["x"\]: these numbers fit no tensor dtype'):
+        tb.collate([{"y": {"x": 2**70}}, {"y": {"x": 1}}])
+
+
+def test_images_to_tensor_dtype_none_is_the_default():
+    x = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    got = tb.images_to_tensor(x, "cpu", dtype=None)
+    want = tb.images_to_tensor(x, "cpu")
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)

@@ -233,3 +233,12 @@ def test_many_small_arrays_packed_in_few_copies(rng, chunk):
     assert report["chunks"] - big_chunks <= 2 * -(-packed_extent // chunk) + 2
     assert report["chunks"] - big_chunks < len(arrays) // 4  # far fewer copies than arrays
     assert t.stats()["bytes_in_use"] == 0
+
+
+@pytest.mark.parametrize("spec", [{"img": None}, {"lab": None}, {np.float32: None}])
+def test_a_dtype_mapping_to_none_is_refused_before_anything_moves(spec):
+    batch = {"img": np.ones(2, np.float32), "lab": np.arange(2)}
+    with pytest.raises(TypeError, match="dtype=None is not a dtype here"):
+        tb.to_device(batch, "cpu", dtype=spec)
+    with pytest.raises(TypeError, match="dtype=None is not a dtype here"):
+        tb.Prefetcher([batch], "cpu", dtype=spec)

@@ -160,6 +160,11 @@ def as_torch_dtype(dtype: Any) -> torch.dtype:
     Refuses (TypeError) the torch dtypes a plain cast cannot produce: quantized,
     bit-packed and sub-byte ones (qint8, bits8, uint1, int4, float4...).
     """
+    if dtype is None:  # (numpy.dtype(None) is float64: never what a dtype= mapping meant)
+        raise TypeError(
+            "dtype=None is not a dtype here: pass a dtype such as torch.float32, or, in a "
+            "dtype= mapping, leave out the keys to keep as they are."
+        )
     if isinstance(dtype, torch.dtype):
         if dtype not in NATIVE and dtype not in _ML_NAMES and dtype != torch.complex32:
             raise TypeError(

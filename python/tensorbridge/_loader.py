@@ -159,6 +159,8 @@ def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]
 _MAX_DEPTH = 100
 
 _NUMBERS = (bool, int, float, complex, np.number, np.bool_)
+# What collate stacks or walks into (the rest it keeps as a list).
+_STACKED = (np.ndarray, torch.Tensor, Mapping, list, tuple, *_NUMBERS)
 
 # A path into the batch, built as the walk descends and formatted only for a message:
 # ("[", key or index) or (".", attribute name) per level.
@@ -219,10 +221,22 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
     if isinstance(first, _NUMBERS):
         try:
             return torch.as_tensor(np.asarray(samples))
-        except (TypeError, ValueError):  # an array, None or a string among the numbers
+        except (TypeError, ValueError) as exc:  # an array, None or a string among the numbers
             _check_kind(samples, _NUMBERS, path)
-            raise
-    return list(samples)  # strings and anything else: as a list, like default_collate
+            raise TypeError(  # all numbers, but no tensor dtype holds them (an int over 2**63)
+                f"collate: {_where(path)}: these numbers fit no tensor dtype ({exc}); convert "
+                f"them in the dataset (a float, or a smaller int){_list_fix(path)}."
+            ) from exc
+    # Strings, None and anything else: as a list, like default_collate; the same whichever
+    # sample comes first, so a value that would stack elsewhere is refused here too.
+    for i, s in enumerate(samples):
+        if isinstance(s, _STACKED):
+            raise TypeError(
+                f"collate: {_where(path)}: sample {i} is {_kind(s)}, sample 0 is "
+                f"{_kind(first)}; every sample must hold the same kind of value here: "
+                f"convert it in the dataset{_list_fix(path)}."
+            )
+    return list(samples)
 
 
 def _collate_dict(
@@ -688,7 +702,8 @@ def images_to_tensor(
         >>> tb.images_to_tensor(x, mean=[0.5] * 3, std=[0.5] * 3).shape
         torch.Size([2, 3, 4, 4])
     """
-    dtype = _dtypes.as_torch_dtype(dtype)  # torch, NumPy or string dtypes alike
+    # torch, NumPy or string dtypes alike (None: the default, float32)
+    dtype = torch.float32 if dtype is None else _dtypes.as_torch_dtype(dtype)
     if not dtype.is_floating_point:
         raise TypeError(
             f"images_to_tensor produces floats: pass e.g. dtype=torch.float32, not {dtype}"

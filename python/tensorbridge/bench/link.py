@@ -13,6 +13,8 @@ schedule; a faster link (``--link-gbs``) measures a host nearer its ceiling.
 
 The baseline is the same pipeline with one copy thread and two staging blocks (the
 schedule of a serial staged copy); the rows of both use the chunk size of the policy.
+Both directions at once (the download on another thread and stream) are judged against
+min(2 x link, the mean of H_d2h and H_h2d), their size being the bytes moved both ways.
 """
 
 from __future__ import annotations
