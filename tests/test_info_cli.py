@@ -313,3 +313,17 @@ def test_missing_extension_falls_back_with_a_reason():
     assert extension is False
     assert "not installed" in reason and "pip install" in reason
     assert values == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("option", ["--save", "--plot"])
+def test_bench_refuses_an_unwritable_output_before_measuring(option, tmp_path, capsys):
+    from tensorbridge.bench import cpu
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = blocker / ("results" if option == "--save" else "p.png")  # under a file
+    with pytest.raises(SystemExit):
+        cpu.main(["--sections", "overhead", "--repeats", "2", option, str(target)])
+    err = capsys.readouterr().err
+    assert "is not a directory this process can write to" in err
+    assert "measuring" not in err  # refused before the first row group

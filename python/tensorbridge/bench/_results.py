@@ -65,6 +65,22 @@ def save(report: Report, text: str, directory: str, basename: str) -> str:
     return base
 
 
+def output_problem(save_dir: str | None, plot_path: str | None) -> str | None:
+    """Why --save DIR or --plot FILE could not be written, checked before a run (so minutes
+    of measuring are not lost to a typo in a path); None when both are fine."""
+    if save_dir is not None:
+        existing = os.path.abspath(save_dir)
+        while not os.path.exists(existing):  # (save() creates the missing directories)
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            return f"--save {save_dir}: {existing} is not a directory this process can write to"
+    if plot_path is not None:
+        parent = os.path.dirname(os.path.abspath(plot_path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            return f"--plot {plot_path}: {parent} is not a directory this process can write to"
+    return None
+
+
 _ROW_FIELDS = [f.name for f in dataclasses.fields(Row)]
 
 

@@ -23,7 +23,7 @@ from .. import _backend
 from .._convert import from_numpy, to_numpy
 from . import _plot, link, loader
 from ._report import format_report, machine
-from ._results import save
+from ._results import output_problem, save
 from ._rows import KiB, MiB, Report, fmt_size, parse_size, slug
 from ._runner import Method, Runner, buffers_to_rotate
 
@@ -287,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 2:
         p.error("--repeats must be at least 2")
+    problem = output_problem(args.save, args.plot)
+    if problem:
+        p.error(problem)  # before the run, not after minutes of measuring
     if args.plot and not _plot.available():
         p.error(_plot.MISSING)  # before the run, not after minutes of measuring
 

@@ -28,7 +28,7 @@ from .._loader import images_to_tensor
 from .._registry import registration_options
 from . import _plot
 from ._report import format_report, machine
-from ._results import save
+from ._results import output_problem, save
 from ._rows import GiB, KiB, MiB, Report, Row, parse_size, slug
 from ._runner import Call, Method, Runner, buffers_to_rotate, measure_group
 from .loader import bench_loader
@@ -503,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", metavar="FILE.png", help="draw GB/s against size (needs matplotlib)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    problem = output_problem(args.save, args.plot)
+    if problem:
+        p.error(problem)  # before the run, not after minutes of measuring
     if not torch.cuda.is_available():
         print("bench-gpu: no CUDA device is available to torch", file=sys.stderr)
         return 2
