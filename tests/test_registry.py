@@ -417,10 +417,8 @@ def test_a_driver_error_while_registering_takes_the_staged_path():
     assert cache.stats()["register_failures"] == 1 and drv.reserved == 0
 
 
-def test_a_failed_unregistration_keeps_the_registration_for_its_owners_death():
-    cache, drv = make(sightings=1)
-    a = np.zeros(MIN, np.uint8)
-    used(cache, a)
+def fail_next_unregister(drv):
+    """The driver's next unregistration fails, as a device error would."""
     real = drv.unregister
 
     def fails_once(address, nbytes):
@@ -428,6 +426,13 @@ def test_a_failed_unregistration_keeps_the_registration_for_its_owners_death():
         raise RuntimeError("cudaErrorLaunchFailure")
 
     drv.unregister = fails_once
+
+
+def test_a_failed_unregistration_keeps_the_registration_for_its_owners_death():
+    cache, drv = make(sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    used(cache, a)
+    fail_next_unregister(drv)
     with pytest.raises(RuntimeError, match="LaunchFailure"):
         cache.trim(0)
     assert drv.registered == {addr(a): MIN}  # still registered, still tracked
@@ -439,13 +444,7 @@ def test_a_failed_eviction_fails_that_transfer_and_leaves_the_cache_consistent()
     cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)  # room for one
     a, b = np.zeros(MIN, np.uint8), np.zeros(MIN, np.uint8)
     used(cache, a)
-    real = drv.unregister
-
-    def fails_once(address, nbytes):
-        drv.unregister = real
-        raise RuntimeError("cudaErrorLaunchFailure")
-
-    drv.unregister = fails_once
+    fail_next_unregister(drv)
     with pytest.raises(RuntimeError, match="LaunchFailure"):
         used(cache, b)  # making room for b evicts a, whose unregistration fails
     assert drv.registered == {addr(a): MIN} and drv.reserved == MIN
