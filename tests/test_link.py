@@ -258,7 +258,7 @@ def test_gpu_rows_are_judged_against_p_or_min_p_h(memory):
 
 
 def test_gpu_plot_draws_transfer_rows_and_limits(tmp_path: Path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs matplotlib (the plot extra)")
     from tensorbridge.bench._rows import Report
     from tensorbridge.bench.gpu import plot
 

@@ -42,7 +42,7 @@ struct PipelineOptions {
 
 struct PipelineReport {
   size_t chunks = 0;
-  size_t threads = 1;  // copy threads that ran
+  size_t threads = 1;  // copy jobs the transfer was dealt to (they share the pool's threads)
   bool staged = true;  // false: the pool had no block, the pageable path was taken
 };
 

@@ -151,6 +151,9 @@ def as_numpy_dtype(dtype: Any) -> np.dtype:
         ) from exc
 
 
+#: The Python and NumPy scalar number types (what a list of numbers may hold).
+NUMBERS = (bool, int, float, complex, np.number, np.bool_)
+
 _NO_CAST = "quantized, bit-packed and sub-byte dtypes"
 
 

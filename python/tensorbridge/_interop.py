@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _dtypes
+
 PROTOCOLS = "__dlpack__, __cuda_array_interface__, __array__ or __array_interface__"
 
 # DLPack device types whose memory the host can read directly.
@@ -232,9 +234,6 @@ def import_array(obj: Any, fn: str, *, numpy_first: bool) -> torch.Tensor | np.n
     ) from refusals[-1][1]
 
 
-_NUMBERS = (bool, int, float, complex, np.number, np.bool_)
-
-
 def _numbers_only(obj: list[Any] | tuple[Any, ...]) -> bool:
     """A (nested) list or tuple of numbers only, such as ``[1, 2]`` or ``[[0.5], [1.5]]``."""
     todo, seen = [obj], {id(obj)}
@@ -245,7 +244,7 @@ def _numbers_only(obj: list[Any] | tuple[Any, ...]) -> bool:
                     return False
                 seen.add(id(item))
                 todo.append(item)
-            elif not isinstance(item, _NUMBERS):
+            elif not isinstance(item, _dtypes.NUMBERS):
                 return False
     return True
 

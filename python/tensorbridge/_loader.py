@@ -158,7 +158,7 @@ def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]
 # Samples deeper than this are refused (a cycle would otherwise end in a RecursionError).
 _MAX_DEPTH = 100
 
-_NUMBERS = (bool, int, float, complex, np.number, np.bool_)
+_NUMBERS = _dtypes.NUMBERS
 # What collate stacks or walks into (the rest it keeps as a list).
 _STACKED = (np.ndarray, torch.Tensor, Mapping, list, tuple, *_NUMBERS)
 
