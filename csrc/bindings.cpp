@@ -177,40 +177,51 @@ py::dict cuda_probe() {
 class LinkSimulator {
  public:
   LinkSimulator(double bandwidth_gbs, double latency_us, size_t budget)
-      : link_(tb::LinkModel{bandwidth_gbs, latency_us}), pool_(link_, budget) {}
+      : link_(std::make_unique<tb::SimulatedLink>(tb::LinkModel{bandwidth_gbs, latency_us})),
+        pool_(std::make_unique<tb::PinnedPool>(*link_, budget)) {}
   ~LinkSimulator() {
-    link_.drain();
-    pool_.release_all();
+    if (link_->forked()) {  // a forked child's copy: its threads and locks are the parent's
+      (void)pool_.release();
+      (void)link_.release();
+      return;
+    }
+    link_->drain();
+    pool_->release_all();
   }
   py::dict to_host(const py::array& device, const py::array& dst, size_t chunk, int buffers,
                    int threads, uintptr_t stream) {
+    check_process();
     const auto view = host_view(dst, true);
     check_device(device, view, false);
+    check_chunk(chunk);
     auto options = pipeline_options(chunk, buffers, 0);
     options.threads = threads;
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
-      r = tb::copy_to_host(link_, pool_, stream, device.data(), view, options);
+      r = tb::copy_to_host(*link_, *pool_, stream, device.data(), view, options);
     }
     return report_dict(r);
   }
   py::dict to_device(const py::array& src, py::array device, size_t chunk, int buffers, int threads,
                      uintptr_t stream) {
+    check_process();
     const auto view = host_view(src, false);
     check_device(device, view, true);
+    check_chunk(chunk);
     auto options = pipeline_options(chunk, buffers, 0);
     options.threads = threads;
     options.wait = true;
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
-      r = tb::copy_to_device(link_, pool_, stream, view, device.mutable_data(), options);
+      r = tb::copy_to_device(*link_, *pool_, stream, view, device.mutable_data(), options);
     }
     return report_dict(r);
   }
   // One DMA between the device and page-locked memory (from empty_pinned()), waited for.
   void copy(py::array device, py::array host, bool to_host, uintptr_t stream) {
+    check_process();
     if (!(device.flags() & py::array::c_style) || !(host.flags() & py::array::c_style))
       throw py::value_error("copy: both arrays must be C-contiguous");
     if (device.nbytes() != host.nbytes())
@@ -221,35 +232,60 @@ class LinkSimulator {
     // (only the destination must be writeable)
     void* h = const_cast<void*>(host.data());
     void* d = const_cast<void*>(device.data());
-    if (holds_references(host) || holds_references(device))
-      throw py::type_error("copy: arrays holding Python references cannot be copied as bytes");
+    check_movable(host);
+    check_movable(device);
+    if (byte_span(host).intersects(byte_span(device)))
+      throw py::value_error("copy: the device and host arrays share memory");
     py::gil_scoped_release release;
-    tb::Event done(link_);
+    tb::Event done(*link_);
     if (to_host)
-      link_.copy_to_host_async(h, d, n, stream);
+      link_->copy_to_host_async(h, d, n, stream);
     else
-      link_.copy_to_device_async(d, h, n, stream);
+      link_->copy_to_device_async(d, h, n, stream);
     done.record(stream);
     done.wait();
   }
   std::vector<double> host_ceiling(size_t nbytes, bool to_pinned, int repeats) {
+    check_process();
+    if (nbytes > (size_t{1} << 32) || repeats > 10000)
+      throw py::value_error("host_ceiling: nbytes at most 4 GiB and repeats at most 10000");
     py::gil_scoped_release release;
-    return tb::host_copy_seconds(link_, nbytes, to_pinned, repeats);
+    return tb::host_copy_seconds(*link_, nbytes, to_pinned, repeats);
   }
-  py::dict stats() { return stats_dict(pool_.stats()); }
-  double bandwidth_gbs() const { return link_.model().bandwidth_gbs; }
-  double latency_us() const { return link_.model().latency_us; }
+  py::dict stats() {
+    check_process();
+    return stats_dict(pool_->stats());
+  }
+  double bandwidth_gbs() const { return link_->model().bandwidth_gbs; }
+  double latency_us() const { return link_->model().latency_us; }
 
  private:
+  void check_process() const {
+    if (link_->forked())
+      throw std::runtime_error(
+          "this LinkSimulator was made by the parent process before it forked: make a new "
+          "one in the child");
+  }
+  // (as transfer_options bounds it: a tiny chunk makes a plan of millions of chunks)
+  static void check_chunk(size_t chunk) {
+    if (chunk != 0 && (chunk < 4096 || chunk > (size_t{1} << 40)))
+      throw py::value_error("chunk_bytes must be 0 (the default) or from 4096 to 2**40");
+  }
   static void check_device(const py::array& device, const tb::HostView& v, bool written) {
+    check_movable(device);
+    const int64_t* shape = v.shape.data();
+    if (tb::byte_span(reinterpret_cast<uintptr_t>(v.data), shape, v.strides.data(),
+                      static_cast<int>(v.shape.size()), v.itemsize)
+            .intersects(byte_span(device)))
+      throw py::value_error("the device and host arrays share memory");
     int64_t n = v.itemsize;
     for (int64_t d : v.shape) n *= d;
     if (!(device.flags() & py::array::c_style) || device.nbytes() < n)
       throw py::value_error("the device buffer must be C-contiguous and large enough");
     if (written && !device.writeable()) throw py::value_error("the device buffer is read-only");
   }
-  tb::SimulatedLink link_;
-  tb::PinnedPool pool_;
+  std::unique_ptr<tb::SimulatedLink> link_;
+  std::unique_ptr<tb::PinnedPool> pool_;
 };
 
 #ifdef TB_WITH_CUDA
@@ -282,7 +318,7 @@ py::dict cuda_copy_many_to_device(int device, uintptr_t stream, py::list srcs,
                                   std::vector<size_t> offsets, uintptr_t dst, size_t chunk,
                                   int buffers, bool wait) {
   std::vector<tb::HostView> views;
-  for (auto item : srcs) views.push_back(host_view(py::cast<py::array>(item), false));
+  for (const py::array& a : array_list(srcs)) views.push_back(host_view(a, false));
   auto options = pipeline_options(chunk, buffers, 0);
   options.wait = wait;
   tb::PipelineReport r;

@@ -39,14 +39,33 @@ inline ByteSpan byte_span(const py::array& a) {
       reinterpret_cast<const int64_t*>(a.strides()), static_cast<int>(a.ndim()), a.itemsize());
 }
 
-inline HostView host_view(const py::array& a, bool writeable) {
-  if (writeable && !a.writeable()) throw py::value_error("transfer: the host array is read-only");
-  // Raw bytes of an object array are references: moving them as bytes would free objects
-  // still in use (the Python layer refuses these first; this guards the core itself).
+/// Refuses what no transfer can move as raw bytes: elements holding Python references
+/// (moving them as bytes would free objects still in use, or forge pointers) and elements
+/// of zero bytes. The Python layer refuses these first; this guards the core itself.
+inline void check_movable(const py::array& a) {
   if (a.dtype().attr("hasobject").cast<bool>())
     throw py::type_error(
         "transfer: arrays holding Python references cannot be moved as bytes; convert them "
         "to a numeric dtype first");
+  if (a.itemsize() <= 0)
+    throw py::value_error("transfer: elements of zero bytes (dtype=[]) cannot be moved");
+}
+
+/// The arrays of a Python list, refusing anything else (a list of numbers would become a
+/// temporary array whose memory is gone before the copy reads it).
+inline std::vector<py::array> array_list(const py::list& items) {
+  std::vector<py::array> out;
+  for (auto item : items) {
+    if (!py::isinstance<py::array>(item))
+      throw py::type_error("transfer: every source must be a numpy.ndarray");
+    out.push_back(py::reinterpret_borrow<py::array>(item));
+  }
+  return out;
+}
+
+inline HostView host_view(const py::array& a, bool writeable) {
+  if (writeable && !a.writeable()) throw py::value_error("transfer: the host array is read-only");
+  check_movable(a);
   HostView v;
   v.data = static_cast<char*>(const_cast<void*>(a.data()));
   v.shape = shape_of(a);

@@ -558,3 +558,28 @@ def test_a_budget_short_of_the_plan_shrinks_it_instead_of_going_pageable(directi
     assert report["staged"] and report["threads"] == 1  # two or three blocks: one thread
     s = t.stats()
     assert s["bytes_held"] <= 3 * 16384 and s["bytes_in_use"] == 0
+
+
+@needs_testing_module
+def test_tester_refuses_hostile_sources_offsets_and_objects():
+    t = make_tester()
+    device = np.zeros(64, np.uint8)
+    with pytest.raises(TypeError, match=r"numpy\.ndarray"):  # a temporary would be read freed
+        t.to_device_many([[1.0, 2.0]], [0], device)
+    big = np.zeros(32, np.uint8)
+    with pytest.raises(ValueError, match="out of range"):  # the offset wraps around
+        t.to_device_many([np.full(8, 0x41, np.uint8)], [2**64 - 8], big[8:16])
+    assert not big.any()
+    objects = np.array([object(), object()])
+    with pytest.raises(TypeError, match="Python references"):
+        t.copy_async(np.zeros(objects.nbytes, np.uint8), objects, True)
+    with pytest.raises(TypeError, match="Python references"):
+        t.to_device(np.ones(16, np.uint8), objects)
+    with pytest.raises(ValueError, match="zero bytes"):
+        t.to_device(np.empty(10, []), device)
+
+
+@needs_testing_module
+def test_a_chunk_beyond_int64_plans_as_one_chunk():
+    assert C.plan_chunks([100, 1000], 1, 2**63) == C.plan_chunks([100, 1000], 1, 2**62)
+    assert len(C.plan_chunks([100, 1000], 1, 2**64 - 1)) == 1

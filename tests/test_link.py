@@ -286,3 +286,97 @@ def test_gpu_plot_draws_transfer_rows_and_limits(tmp_path: Path):
     path = tmp_path / "plot.png"
     plot(Report(machine, rows, limits), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------- hostile input
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda s: s.to_host(np.zeros(64, np.uint8), np.empty(10, [])), ValueError, "zero bytes"),
+        (lambda s: s.to_device(np.empty(10, []), np.zeros(64, np.uint8)), ValueError, "zero"),
+        (
+            lambda s: s.to_device(np.ones(16, np.uint8), np.array([object(), object()])),
+            TypeError,
+            "Python references",
+        ),
+        (
+            lambda s: s.to_host(np.array([object(), object()]), np.ones(16, np.uint8)),
+            TypeError,
+            "Python references",
+        ),
+        (
+            lambda s: s.to_host(
+                np.zeros(1 << 16, np.uint8), np.zeros(1 << 16, np.uint8), chunk_bytes=1
+            ),
+            ValueError,
+            "chunk_bytes",
+        ),
+        (lambda s: s.host_ceiling(1, True, 10**9), ValueError, "repeats"),
+        (lambda s: s.host_ceiling(1 << 40, True, 3), ValueError, "4 GiB"),
+    ],
+    ids=[
+        "zero-itemsize-out",
+        "zero-itemsize-src",
+        "object-device-written",
+        "object-device-read",
+        "tiny-chunk",
+        "huge-repeats",
+        "huge-ceiling",
+    ],
+)
+def test_hostile_arguments_are_refused_before_anything_moves(call, error, match):
+    with pytest.raises(error, match=match):
+        call(simulator())
+
+
+@pytest.mark.parametrize("shift", [1, 4096])
+def test_device_and_host_sharing_memory_is_refused(shift):
+    buf = np.zeros(1 << 20, np.uint8)
+    device, host = buf[shift:], buf[: (1 << 20) - shift]
+    sim = simulator()
+    with pytest.raises(ValueError, match="share memory"):
+        sim.to_host(device, host)
+    with pytest.raises(ValueError, match="share memory"):
+        sim.to_device(host, device)
+    with pytest.raises(ValueError, match="share memory"):
+        sim.copy(device, host, True)
+
+
+def test_a_forked_child_gets_an_error_from_the_parents_simulator_and_exits():
+    """The engine threads do not come along: use raises, and dropping it does not hang."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import os, sys, threading, numpy as np
+        from tensorbridge import _C
+        import tensorbridge._C_testing as T
+        sim, tester = _C.LinkSimulator(0.0, 0.0), T.HostTransferTester()
+        a, dev = np.ones(1 << 20, np.uint8), np.zeros(1 << 20, np.uint8)
+        busy = threading.Thread(target=lambda: [sim.to_device(a, dev) for _ in range(30)])
+        busy.start()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sim.to_device(a, dev)
+                os._exit(3)
+            except RuntimeError as exc:
+                if "forked" not in str(exc):
+                    os._exit(4)
+            fresh = _C.LinkSimulator(0.0, 0.0)
+            fresh.to_device(a, dev)
+            del sim, tester, fresh
+            sys.exit(0)
+        busy.join()
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0"]

@@ -831,3 +831,16 @@ def test_images_to_tensor_dtype_none_is_the_default():
     got = tb.images_to_tensor(x, "cpu", dtype=None)
     want = tb.images_to_tensor(x, "cpu")
     assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("samples", [[2**63 + 1, 1], [2**64 - 1, 3], [-(2**63) - 1, 0]])
+def test_collate_refuses_ints_beyond_int64_instead_of_losing_digits(samples):
+    with pytest.raises(TypeError, match="fit no tensor dtype"):
+        tb.collate(samples)
+    assert torch.equal(tb.collate([2**63 - 1, -(2**63)]), torch.tensor([2**63 - 1, -(2**63)]))
+
+
+def test_collate_refuses_an_array_among_numbers_in_either_order():
+    for samples in ([1, np.array(5)], [np.array(5), 1]):
+        with pytest.raises(TypeError, match=r"sample 1 is .*, sample 0 is"):
+            tb.collate(samples)

@@ -60,3 +60,13 @@ def test_integer_knobs_take_numpy_integers_and_refuse_other_types():
             tb.set_pinned_budget(2**70)
     finally:
         tb.transfer_options(**saved)
+
+
+def test_transfer_options_changes_nothing_when_one_knob_is_refused():
+    saved = tb.transfer_options()
+    try:
+        with pytest.raises(ValueError, match="buffers"):
+            tb.transfer_options(chunk_bytes=4096, buffers=1)
+        assert tb.transfer_options() == saved
+    finally:
+        tb.transfer_options(**saved)

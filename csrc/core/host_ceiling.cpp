@@ -13,8 +13,8 @@ namespace tb {
 
 std::vector<double> host_copy_seconds(TransferEngine& engine, size_t nbytes, bool to_pinned,
                                       int repeats) {
-  if (nbytes == 0 || repeats < 1)
-    throw std::invalid_argument("host ceiling: nbytes and repeats must be positive");
+  if (nbytes == 0 || repeats < 1 || repeats > 10000)
+    throw std::invalid_argument("host ceiling: nbytes must be positive, repeats 1 to 10000");
   PinnedMemory pinned = alloc_pinned(engine, nbytes);
   std::unique_ptr<char[]> pageable(new char[nbytes]);
   std::memset(pageable.get(), 1, nbytes);  // (touched, as a user's array would be)

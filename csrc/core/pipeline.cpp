@@ -207,6 +207,9 @@ std::vector<int64_t> dense_strides(const HostView& v) { return c_strides(v.shape
 
 std::vector<Chunk> plan_chunks(const std::vector<int64_t>& shape, int64_t itemsize,
                                size_t chunk_bytes) {
+  if (itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
+  // (as an int64 below: a larger chunk would turn negative)
+  chunk_bytes = std::min<size_t>(chunk_bytes, static_cast<size_t>(INT64_MAX));
   std::vector<Chunk> out;
   for (int64_t n : shape)
     if (n == 0) return out;
@@ -461,6 +464,8 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
     size_t n = static_cast<size_t>(srcs[i].itemsize);
     for (int64_t d : srcs[i].shape) n *= static_cast<size_t>(d);
     sizes[i] = n;
+    if (offsets[i] > SIZE_MAX - n)
+      throw std::invalid_argument("transfer: an offset is out of range");
     if (i && offsets[i] < offsets[i - 1] + sizes[i - 1])
       throw std::invalid_argument("transfer: offsets must not decrease or overlap");
   }

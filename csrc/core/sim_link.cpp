@@ -34,6 +34,12 @@ SimulatedLink::SimulatedLink(LinkModel model) : model_(model) {
 }
 
 SimulatedLink::~SimulatedLink() {
+  if (forked()) {
+    // The engine threads are the parent's: never joined here (the join would wait for
+    // ever); their handles are left behind rather than destroyed while joinable.
+    for (std::thread& t : engines_) new std::thread(std::move(t));
+    return;
+  }
   drain();  // (whoever queued a copy may still wait for it)
   {
     std::lock_guard<std::mutex> lock(m_);
@@ -52,7 +58,15 @@ void* SimulatedLink::alloc_pinned(size_t nbytes) {
 
 void SimulatedLink::free_pinned(void* ptr) noexcept { std::free(ptr); }
 
+void SimulatedLink::check_process() const {
+  if (forked())
+    throw std::runtime_error(
+        "this simulated link was made by the parent process before it forked; its copy "
+        "engines did not come along: make a new one in the child");
+}
+
 void SimulatedLink::copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) {
+  check_process();
   {
     std::lock_guard<std::mutex> lock(m_);
     enqueue_locked(
@@ -62,6 +76,7 @@ void SimulatedLink::copy_to_host_async(void* host, const void* device, size_t n,
 }
 
 void SimulatedLink::copy_to_device_async(void* device, const void* host, size_t n, StreamHandle s) {
+  check_process();
   {
     std::lock_guard<std::mutex> lock(m_);
     enqueue_locked(
@@ -71,6 +86,7 @@ void SimulatedLink::copy_to_device_async(void* device, const void* host, size_t 
 }
 
 EventHandle SimulatedLink::create_event() {
+  check_process();
   std::lock_guard<std::mutex> lock(m_);
   const EventHandle e = next_event_++;
   events_[e] = EventState{};
@@ -78,11 +94,13 @@ EventHandle SimulatedLink::create_event() {
 }
 
 void SimulatedLink::destroy_event(EventHandle e) noexcept {
+  if (forked()) return;  // (the lock may be held by a thread that did not come along)
   std::lock_guard<std::mutex> lock(m_);
   events_.erase(e);
 }
 
 void SimulatedLink::record(EventHandle e, StreamHandle s) {
+  check_process();
   Op op{Kind::kRecord};
   op.event = e;
   {
@@ -98,6 +116,7 @@ void SimulatedLink::record(EventHandle e, StreamHandle s) {
 }
 
 bool SimulatedLink::query(EventHandle e) {
+  check_process();
   std::lock_guard<std::mutex> lock(m_);
   auto it = events_.find(e);
   if (it == events_.end()) throw std::invalid_argument("simulated link: unknown event");
@@ -105,6 +124,7 @@ bool SimulatedLink::query(EventHandle e) {
 }
 
 void SimulatedLink::synchronize(EventHandle e) {
+  check_process();
   std::unique_lock<std::mutex> lock(m_);
   done_cv_.wait(lock, [&] {
     auto it = events_.find(e);
@@ -122,12 +142,14 @@ void SimulatedLink::wait_for_locked(std::unique_lock<std::mutex>& lock,
 }
 
 void SimulatedLink::synchronize_stream(StreamHandle s) {
+  check_process();
   // What was queued on s before this call; later work (another thread's) is not waited for.
   std::unique_lock<std::mutex> lock(m_);
   wait_for_locked(lock, {{s, streams_[s].queued}});
 }
 
 void SimulatedLink::drain() {
+  if (forked()) return;
   std::unique_lock<std::mutex> lock(m_);
   std::map<StreamHandle, uint64_t> seqs;
   for (const auto& [h, s] : streams_) seqs[h] = s.queued;

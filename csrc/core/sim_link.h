@@ -16,6 +16,8 @@
 // memory. Thread safe.
 #pragma once
 
+#include <unistd.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -62,8 +64,13 @@ class SimulatedLink : public TransferEngine {
   void synchronize(EventHandle e) override;
   void synchronize_stream(StreamHandle s) override;
 
-  /// Waits until everything queued so far on every stream has run.
+  /// Waits until everything queued so far on every stream has run (in a forked child:
+  /// returns at once, there is nothing of its own to wait for).
   void drain();
+  /// True in a process forked after this link was made: its engine threads are the
+  /// parent's and did not come along, so every call raises there, and whoever owns the
+  /// link should leak it rather than destroy it (its locks may be held for good).
+  bool forked() const noexcept { return getpid() != pid_; }
   const LinkModel& model() const { return model_; }
   /// Bytes moved so far in each direction.
   uint64_t bytes_to_device() const;
@@ -102,7 +109,10 @@ class SimulatedLink : public TransferEngine {
   void engine_loop(Kind kind);
   Stream* next_for_locked(Kind kind);
 
+  void check_process() const;  // throws in a forked child
+
   const LinkModel model_;
+  const pid_t pid_ = getpid();
   mutable std::mutex m_;
   std::condition_variable work_cv_;  // an op was queued or finished, or stop
   std::condition_variable done_cv_;  // an event completed or a stream drained

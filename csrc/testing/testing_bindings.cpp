@@ -30,11 +30,17 @@ class HostTransferTester {
  public:
   HostTransferTester(int delay_us, int64_t fail_pinning_after, size_t budget,
                      int64_t fail_copy_after)
-      : engine_(delay_us, fail_pinning_after, fail_copy_after), pool_(engine_, budget) {}
+      : engine_(std::make_unique<tb::HostEngine>(delay_us, fail_pinning_after, fail_copy_after)),
+        pool_(std::make_unique<tb::PinnedPool>(*engine_, budget)) {}
   ~HostTransferTester() {
-    engine_.drain();  // before pending_ (destroyed after this body) lets the buffers go
+    if (engine_->forked()) {  // a forked child's copy: its threads and locks are the parent's
+      (void)pool_.release();
+      (void)engine_.release();
+      return;
+    }
+    engine_->drain();  // before pending_ (destroyed after this body) lets the buffers go
     try {
-      pool_.release_all();
+      pool_->release_all();
     } catch (...) {  // (an armed fail_next_wait: the pool's destructor frees the blocks,
     }  //  whose copies have all run)
   }
@@ -45,11 +51,11 @@ class HostTransferTester {
     const void* src = device.data();
     auto options = pipeline_options(chunk, buffers, swap);
     options.threads = threads;
-    engine_.enter_thread();  // (as the CUDA entry points make the device current)
+    engine_->enter_thread();  // (as the CUDA entry points make the device current)
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
-      r = tb::copy_to_host(engine_, pool_, 0, src, view, options);
+      r = tb::copy_to_host(*engine_, *pool_, 0, src, view, options);
     }
     return report_dict(r);
   }
@@ -62,22 +68,25 @@ class HostTransferTester {
     pending_.push_back(device);
     auto options = pipeline_options(chunk, buffers, swap);
     options.threads = threads;
-    engine_.enter_thread();
+    engine_->enter_thread();
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
-      r = tb::copy_to_device(engine_, pool_, 0, view, dst, options);
+      r = tb::copy_to_device(*engine_, *pool_, 0, view, dst, options);
     }
     return report_dict(r);
   }
-  py::dict to_device_many(py::list srcs, std::vector<size_t> offsets, py::array device,
+  py::dict to_device_many(const py::list& srcs, std::vector<size_t> offsets, py::array device,
                           size_t chunk, int buffers) {
     std::vector<tb::HostView> views;
     size_t end = 0;
-    for (size_t i = 0; i < srcs.size(); ++i) {
-      auto a = py::cast<py::array>(srcs[i]);
-      views.push_back(host_view(a, false));
-      if (i < offsets.size()) end = std::max(end, offsets[i] + static_cast<size_t>(a.nbytes()));
+    const std::vector<py::array> arrays = array_list(srcs);
+    for (size_t i = 0; i < arrays.size(); ++i) {
+      const size_t n = static_cast<size_t>(arrays[i].nbytes());
+      views.push_back(host_view(arrays[i], false));
+      if (i >= offsets.size()) continue;
+      if (offsets[i] > SIZE_MAX - n) throw py::value_error("transfer: an offset is out of range");
+      end = std::max(end, offsets[i] + n);
     }
     if (!(device.flags() & py::array::c_style))
       throw py::value_error("transfer: the device buffer must be C-contiguous");
@@ -85,11 +94,11 @@ class HostTransferTester {
       throw py::value_error("transfer: the device buffer is too small");
     void* dst = device.mutable_data();
     pending_.push_back(device);
-    engine_.enter_thread();
+    engine_->enter_thread();
     tb::PipelineReport r;
     {
       py::gil_scoped_release release;
-      r = tb::copy_many_to_device(engine_, pool_, 0, views, offsets, dst,
+      r = tb::copy_many_to_device(*engine_, *pool_, 0, views, offsets, dst,
                                   pipeline_options(chunk, buffers, 0));
     }
     return report_dict(r);
@@ -101,7 +110,7 @@ class HostTransferTester {
     pending_.clear();
     {
       py::gil_scoped_release release;
-      engine_.drain();
+      engine_->drain();
     }
   }
   // One copy queued without waiting, as the CUDA path's page-locked copies are: the
@@ -114,37 +123,40 @@ class HostTransferTester {
     if (device.nbytes() != host.nbytes())
       throw py::value_error("copy_async: the arrays must have the same size in bytes");
     if (!written.writeable()) throw py::value_error("copy_async: the destination is read-only");
+    check_movable(device);
+    check_movable(host);
     const size_t n = static_cast<size_t>(host.nbytes());
-    engine_.enter_thread();
-    tb::Event done(engine_);
+    engine_->enter_thread();
+    tb::Event done(*engine_);
     if (to_host)
-      engine_.copy_to_host_async(host.mutable_data(), device.data(), n, 0);
+      engine_->copy_to_host_async(host.mutable_data(), device.data(), n, 0);
     else
-      engine_.copy_to_device_async(device.mutable_data(), host.data(), n, 0);
+      engine_->copy_to_device_async(device.mutable_data(), host.data(), n, 0);
     done.record(0);
     return std::make_unique<PendingCopy>(std::move(done), py::make_tuple(device, host),
                                          std::move(self));
   }
-  void fail_next_wait() { engine_.fail_next_synchronize(); }
-  py::dict stats() { return stats_dict(pool_.stats()); }
-  void set_budget(size_t b) { pool_.set_budget(b); }
-  void trim() { pool_.trim(); }
-  bool reserve(size_t b) { return pool_.reserve(b); }
-  void unreserve(size_t b) { pool_.unreserve(b); }
-  size_t reserved() { return pool_.reserved(); }
-  int64_t live_pinned() const { return engine_.live_pinned(); }
-  int64_t pinned_allocations() const { return engine_.pinned_allocations(); }
+  void fail_next_wait() { engine_->fail_next_synchronize(); }
+  py::dict stats() { return stats_dict(pool_->stats()); }
+  void set_budget(size_t b) { pool_->set_budget(b); }
+  void trim() { pool_->trim(); }
+  bool reserve(size_t b) { return pool_->reserve(b); }
+  void unreserve(size_t b) { pool_->unreserve(b); }
+  size_t reserved() { return pool_->reserved(); }
+  int64_t live_pinned() const { return engine_->live_pinned(); }
+  int64_t pinned_allocations() const { return engine_->pinned_allocations(); }
 
  private:
   static void check_device(const py::array& device, const tb::HostView& v) {
+    check_movable(device);
     int64_t n = v.itemsize;
     for (int64_t d : v.shape) n *= d;
     if (!(device.flags() & py::array::c_style))
       throw py::value_error("transfer: the device buffer must be C-contiguous");
     if (device.nbytes() < n) throw py::value_error("transfer: the device buffer is too small");
   }
-  tb::HostEngine engine_;
-  tb::PinnedPool pool_;
+  std::unique_ptr<tb::HostEngine> engine_;
+  std::unique_ptr<tb::PinnedPool> pool_;
   std::vector<py::object> pending_;  // device buffers with copies still queued
 };
 

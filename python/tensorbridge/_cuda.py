@@ -126,10 +126,12 @@ def transfer_options(chunk_bytes: int | None = None, buffers: int | None = None)
         >>> tb.transfer_options()["buffers"] >= 2
         True
     """
+    new = dict(_options)  # (both checked before either is set)
     if chunk_bytes is not None:
-        _options["chunk_bytes"] = _backend.int_arg(chunk_bytes, "chunk_bytes", 4096, 1 << 40)
+        new["chunk_bytes"] = _backend.int_arg(chunk_bytes, "chunk_bytes", 4096, 1 << 40)
     if buffers is not None:
-        _options["buffers"] = _backend.int_arg(buffers, "buffers", 2, 64)
+        new["buffers"] = _backend.int_arg(buffers, "buffers", 2, 64)
+    _options.update(new)
     return dict(_options)
 
 

@@ -219,14 +219,17 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
             },
         )
     if isinstance(first, _NUMBERS):
-        try:
-            return torch.as_tensor(np.asarray(samples))
-        except (TypeError, ValueError) as exc:  # an array, None or a string among the numbers
+        if len(set(map(type, samples))) > 1:  # (an array among numbers: refused either way round)
             _check_kind(samples, _NUMBERS, path)
-            raise TypeError(  # all numbers, but no tensor dtype holds them (an int over 2**63)
-                f"collate: {_where(path)}: these numbers fit no tensor dtype ({exc}); convert "
-                f"them in the dataset (a float, or a smaller int){_list_fix(path)}."
-            ) from exc
+        try:
+            stacked = torch.as_tensor(np.asarray(samples))
+        except (TypeError, ValueError) as exc:  # None or a string among the numbers
+            _check_kind(samples, _NUMBERS, path)
+            raise _no_dtype(path, str(exc)) from exc
+        if stacked.dtype in (torch.float64, torch.uint64) and any(map(_beyond_int64, samples)):
+            # Python ints beyond int64 became uint64 or float64 (losing digits)
+            raise _no_dtype(path, f"an int beyond int64 made them {stacked.dtype}")
+        return stacked
     # Strings, None and anything else: as a list, like default_collate; the same whichever
     # sample comes first, so a value that would stack elsewhere is refused here too.
     for i, s in enumerate(samples):
@@ -293,6 +296,17 @@ def _refuse_keys(samples: Sequence[Any], path: Path) -> NoReturn:
         f"collate: {_where(path)}: sample {i} {problem} (compared with sample 0); "
         "every sample must have the same keys: return the same keys from the "
         "dataset for every sample (None or an empty array for a missing value)."
+    )
+
+
+def _beyond_int64(x: Any) -> bool:
+    return type(x) is int and not -(2**63) <= x < 2**63
+
+
+def _no_dtype(path: Path, why: str) -> TypeError:
+    return TypeError(  # all numbers, but no tensor dtype holds them (an int over 2**63)
+        f"collate: {_where(path)}: these numbers fit no tensor dtype ({why}); convert them "
+        f"in the dataset (a float, or an int within int64){_list_fix(path)}."
     )
 
 
