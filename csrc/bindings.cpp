@@ -219,6 +219,27 @@ class LinkSimulator {
     }
     return report_dict(r);
   }
+  // A PackedArrays layout -> the device buffer (bytes), as the CUDA batch path sends it.
+  py::dict to_device_packed(const PackedArrays& layout, py::array device, size_t chunk, int buffers,
+                            int threads, uintptr_t stream) {
+    check_process();
+    check_chunk(chunk);
+    if (!(device.flags() & py::array::c_style) || device.itemsize() != 1 ||
+        static_cast<size_t>(device.nbytes()) < layout.nbytes())
+      throw py::value_error("the device buffer must be C-contiguous bytes, nbytes long");
+    if (!device.writeable()) throw py::value_error("the device buffer is read-only");
+    layout.check_apart_from(byte_span(device));
+    auto options = pipeline_options(chunk, buffers, 0);
+    options.threads = threads;
+    options.wait = true;
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_many_to_device(*link_, *pool_, stream, layout.views(), layout.offsets(),
+                                  device.mutable_data(), options);
+    }
+    return report_dict(r);
+  }
   // One DMA between the device and page-locked memory (from empty_pinned()), waited for.
   void copy(py::array device, py::array host, bool to_host, uintptr_t stream) {
     check_process();
@@ -288,6 +309,23 @@ class LinkSimulator {
   std::unique_ptr<tb::PinnedPool> pool_;
 };
 
+// Packs the arrays into `out` (a writeable, C-contiguous byte array of at least
+// layout.nbytes() bytes) at their offsets; the bytes between them are left as they were.
+void pack_into(const PackedArrays& layout, py::array out) {
+  if (out.itemsize() != 1 || !(out.flags() & py::array::c_style))
+    throw py::value_error("pack_into: out must be a C-contiguous array of bytes (uint8)");
+  if (!out.writeable()) throw py::value_error("pack_into: out is read-only");
+  if (static_cast<size_t>(out.nbytes()) < layout.nbytes())
+    throw py::value_error("pack_into: out is smaller than the layout's nbytes");
+  layout.check_apart_from(byte_span(out));
+  char* dst = static_cast<char*>(out.mutable_data());
+  const auto run = [&] { tb::pack_to_host(layout.views(), layout.offsets(), dst); };
+  if (worth_releasing_gil(layout.nbytes()))
+    release_gil_and(run);
+  else
+    run();
+}
+
 #ifdef TB_WITH_CUDA
 py::dict cuda_copy_to_host(int device, uintptr_t stream, uintptr_t src, py::array dst, size_t chunk,
                            int buffers, int swap) {
@@ -314,18 +352,15 @@ py::dict cuda_copy_to_device(int device, uintptr_t stream, py::array src, uintpt
   return report_dict(r);
 }
 
-py::dict cuda_copy_many_to_device(int device, uintptr_t stream, py::list srcs,
-                                  std::vector<size_t> offsets, uintptr_t dst, size_t chunk,
-                                  int buffers, bool wait) {
-  std::vector<tb::HostView> views;
-  for (const py::array& a : array_list(srcs)) views.push_back(host_view(a, false));
+py::dict cuda_copy_packed(int device, uintptr_t stream, const PackedArrays& layout, uintptr_t dst,
+                          size_t chunk, int buffers, bool wait) {
   auto options = pipeline_options(chunk, buffers, 0);
   options.wait = wait;
   tb::PipelineReport r;
   {
     py::gil_scoped_release release;
-    r = tb::cuda::copy_many_to_device(device, stream, views, offsets, reinterpret_cast<void*>(dst),
-                                      options);
+    r = tb::cuda::copy_many_to_device(device, stream, layout.views(), layout.offsets(),
+                                      reinterpret_cast<void*>(dst), options);
   }
   return report_dict(r);
 }
@@ -369,6 +404,17 @@ PYBIND11_MODULE(_C, m) {
         "Set the threads used for large host copies.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
   bind_pending_copy(m);
+  py::class_<PackedArrays>(m, "PackedArrays",
+                           "Host arrays checked, grouped by (dtype, shape) and laid out in one "
+                           "buffer, for one packed copy. Holds the arrays.")
+      .def(py::init<const py::list&, size_t>(), py::arg("arrays"), py::arg("align") = 256)
+      .def_property_readonly("nbytes", &PackedArrays::nbytes, "The buffer's size in bytes.")
+      .def_property_readonly(
+          "groups", &PackedArrays::groups,
+          "[(dtype, shape, first byte, bytes per array, member indices)] in buffer order.")
+      .def_property_readonly("arrays", &PackedArrays::arrays)
+      .def("pack_into", &pack_into, py::arg("out"),
+           "Copy every array into out (uint8, C-contiguous) at its offset; GIL released.");
   py::class_<LinkSimulator>(m, "LinkSimulator",
                             "The transfer pipeline and a pinned pool over a simulated link "
                             "(one copy engine per direction, per-copy latency), for benchmarks "
@@ -381,6 +427,10 @@ PYBIND11_MODULE(_C, m) {
       .def("to_device", &LinkSimulator::to_device, py::arg("src"), py::arg("device"),
            py::arg("chunk_bytes") = 0, py::arg("buffers") = 0, py::arg("threads") = 0,
            py::arg("stream") = 0, "Any host array -> simulated device memory; waits.")
+      .def("to_device_packed", &LinkSimulator::to_device_packed, py::arg("layout"),
+           py::arg("device"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
+           py::arg("threads") = 0, py::arg("stream") = 0,
+           "A PackedArrays layout -> simulated device memory (bytes); waits.")
       .def("copy", &LinkSimulator::copy, py::arg("device"), py::arg("host"), py::arg("to_host"),
            py::arg("stream") = 0, "One DMA (the host side page-locked), waited for.")
       .def("host_ceiling", &LinkSimulator::host_ceiling, py::arg("nbytes"), py::arg("to_pinned"),
@@ -406,10 +456,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("src"), py::arg("dst"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
         py::arg("swap_unit") = 0, py::arg("wait") = false,
         "Any host array -> dense device memory, through the pool.");
-  m.def("cuda_copy_many_to_device", &cuda_copy_many_to_device, py::arg("device"), py::arg("stream"),
-        py::arg("srcs"), py::arg("offsets"), py::arg("dst"), py::arg("chunk_bytes") = 0,
-        py::arg("buffers") = 0, py::arg("wait") = false,
-        "Host arrays packed into staging blocks -> dst + offsets[i], a few copies in all.");
+  m.def("cuda_copy_packed", &cuda_copy_packed, py::arg("device"), py::arg("stream"),
+        py::arg("layout"), py::arg("dst"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
+        py::arg("wait") = false,
+        "A PackedArrays layout -> dst (device), staged by the copy threads, a few DMAs in all.");
   m.def(
       "cuda_copy_async",
       [](int device, uintptr_t stream, uintptr_t dst, uintptr_t src, size_t n, bool to_host,

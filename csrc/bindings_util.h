@@ -7,15 +7,19 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "core/byte_span.h"
 #include "core/event.h"
+#include "core/pack.h"
 #include "core/pinned_pool.h"
 #include "core/pipeline.h"
 
@@ -103,6 +107,101 @@ inline py::dict stats_dict(const PoolStats& s) {
   d["frees"] = s.frees;
   return d;
 }
+
+/// A batch's host arrays laid out for one packed copy (tensorbridge._C.PackedArrays):
+/// each array checked once, grouped by (dtype, shape) and given its offset in one
+/// buffer, by core/pack.h. Holds the arrays (so the views stay valid) until it dies.
+/// `groups` is what the Python layer builds the packed tensors from: per group, the
+/// dtype, shape, first byte, bytes per array and the members (indices into `arrays`).
+class PackedArrays {
+ public:
+  PackedArrays(const py::list& arrays, size_t align) {
+    std::vector<uint64_t> kinds;
+    std::vector<HostView> views;
+    std::unordered_map<PyObject*, int> swap_of;  // per dtype object: checked once
+    const size_t n = static_cast<size_t>(py::len(arrays));
+    arrays_.reserve(n);
+    views.reserve(n);
+    kinds.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      py::handle item = PyList_GET_ITEM(arrays.ptr(), static_cast<Py_ssize_t>(i));
+      if (!py::isinstance<py::array>(item))
+        throw py::type_error("pack: item " + std::to_string(i) + " is not a numpy.ndarray");
+      auto a = py::reinterpret_borrow<py::array>(item);
+      py::dtype dt = a.dtype();
+      auto it = swap_of.find(dt.ptr());
+      if (it == swap_of.end()) it = swap_of.emplace(dt.ptr(), swap_unit(a)).first;
+      HostView v;
+      v.data = static_cast<char*>(const_cast<void*>(a.data()));
+      v.shape.assign(a.shape(), a.shape() + a.ndim());
+      v.strides.assign(a.strides(), a.strides() + a.ndim());
+      v.itemsize = a.itemsize();
+      v.swap_unit = it->second;
+      kinds.push_back(kind_of(dt, it->second != 0));
+      views.push_back(std::move(v));
+      arrays_.push_back(std::move(a));
+    }
+    PackLayout layout = plan_pack(views, kinds, align);
+    nbytes_ = layout.nbytes;
+    for (const PackGroup& g : layout.groups) {
+      const py::array& first = arrays_[g.members.front()];
+      py::tuple shape(g.shape.size());
+      for (size_t d = 0; d < g.shape.size(); ++d) shape[d] = py::int_(g.shape[d]);
+      py::list members(g.members.size());
+      for (size_t k = 0; k < g.members.size(); ++k) members[k] = py::int_(g.members[k]);
+      groups_.append(py::make_tuple(first.dtype(), shape, g.first, g.stride, members));
+    }
+    offsets_ = std::move(layout.offsets);
+    views_.reserve(n);
+    for (size_t i : layout.order) views_.push_back(std::move(views[i]));
+  }
+  size_t nbytes() const { return nbytes_; }
+  py::list groups() const { return groups_; }
+  py::list arrays() const { return py::cast(arrays_); }
+  const std::vector<HostView>& views() const { return views_; }  // in packed order
+  const std::vector<size_t>& offsets() const { return offsets_; }
+  /// Refuses a destination that overlaps any source (it would be read while written).
+  void check_apart_from(const ByteSpan& dst) const {
+    for (const py::array& a : arrays_) {
+      const ByteSpan src = byte_span(a);
+      if (!src.empty() && src.intersects(dst))
+        throw py::value_error("pack: the destination overlaps one of the packed arrays");
+    }
+  }
+
+ private:
+  // Equal for arrays of the same element type and byte order, whichever dtype object
+  // they carry (NumPy makes a new one for each non-native dtype): the builtin and
+  // registered (ml_dtypes) types by number, structured ones by object.
+  static uint64_t kind_of(const py::dtype& dt, bool swapped) {
+    constexpr int kUserTypes = 256;  // NPY_USERDEF: ml_dtypes and other registered types
+    const bool numeric =
+        dt.num() >= kUserTypes ? !dt.has_fields() : std::strchr("biufc", dt.kind()) != nullptr;
+    if (!numeric || dt.itemsize() <= 0 || dt.itemsize() >= (int64_t{1} << 20))
+      return reinterpret_cast<uintptr_t>(dt.ptr());  // (an address: bit 63 clear)
+    return (uint64_t{1} << 63) | (static_cast<uint64_t>(dt.num()) << 21) |
+           (static_cast<uint64_t>(dt.itemsize()) << 1) | (swapped ? 1 : 0);
+  }
+  // The dtype's byte-swap unit for the core (0: native order), after refusing what no
+  // copy can move as bytes.
+  static int swap_unit(const py::array& a) {
+    check_movable(a);
+    const py::dtype dt = a.dtype();
+    const char order = dt.byteorder();
+    constexpr bool little = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
+    const bool swapped = (order == '>' && little) || (order == '<' && !little);
+    if (!swapped || a.itemsize() == 1) return 0;
+    if (dt.has_fields())
+      throw py::type_error("pack: structured arrays in non-native byte order cannot be packed");
+    return static_cast<int>(dt.kind() == 'c' ? a.itemsize() / 2 : a.itemsize());
+  }
+
+  std::vector<py::array> arrays_;
+  std::vector<HostView> views_;
+  std::vector<size_t> offsets_;
+  py::list groups_;
+  size_t nbytes_ = 0;
+};
 
 /// A copy queued without waiting, as Python sees it (tensorbridge._C.PendingCopy): the
 /// event recorded after it, owned here, and the objects whose memory the copy reads or

@@ -4,6 +4,7 @@ by source dtype; many small arrays packed into few copies (checked on the host e
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import zlib
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _batch
+from tensorbridge import _backend, _batch, _pack
 
 from conftest import TESTING, Pair, needs_testing_module
 
@@ -191,47 +192,124 @@ def _mixed_host_arrays(rng, n=200):
     return arrays
 
 
-def test_pack_plan_is_aligned_grouped_and_ordered(rng):
-    arrays = _mixed_host_arrays(rng)
-    plan = _batch.pack_plan(list(enumerate(arrays)))
-    assert plan.nbytes % 256 == 0 and plan.nbytes >= max(a.nbytes for a in plan.arrays)
-    assert all(o % 256 == 0 for o in plan.offsets)
-    assert all(
-        plan.offsets[i] + plan.arrays[i].nbytes <= plan.offsets[i + 1]
-        for i in range(len(plan.arrays) - 1)
-    )
-    assert sorted(i for run in plan.runs for i in run[4]) == list(range(len(arrays)))
-    # one run per (dtype, shape): arrays that share both share one as_strided/unbind
-    kinds = {
-        (tb.from_numpy(a).dtype if isinstance(a, np.ndarray) else a.dtype, tuple(a.shape))
-        for a in arrays
-    }
-    assert len(plan.runs) == len(kinds) < len(arrays) // 2
+def _host_arrays(arrays):
+    return [a if isinstance(a, np.ndarray) else tb.to_numpy(a) for a in arrays]
 
 
-@needs_testing_module
-@pytest.mark.parametrize("chunk", [4096, 1 << 16])
-def test_many_small_arrays_packed_in_few_copies(rng, chunk):
-    """Packed the way to_device packs them on a GPU; the views equal torch.from_numpy's."""
+@pytest.mark.parametrize("path", ["extension", "python"])
+def test_pack_layout_is_aligned_grouped_and_ordered(rng, path, monkeypatch):
+    if path == "extension" and tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    if path == "python":
+        monkeypatch.setattr(_backend.ENGINE, "C", None, raising=False)
+    arrays = _host_arrays(_mixed_host_arrays(rng))
+    plan = _pack.layout(arrays)
+    assert (plan.native is None) == (path == "python")
+    assert plan.nbytes % 256 == 0 and plan.nbytes >= max(a.nbytes for a in arrays)
+    spans = []
+    for t_dtype, shape, first, stride, members in plan.groups:
+        assert first % 256 == 0 and stride % 256 == 0
+        for k, m in enumerate(members):
+            a = arrays[m]
+            assert (tuple(a.shape), tb.from_numpy(a).dtype) == (shape, t_dtype)
+            assert stride >= a.nbytes
+            spans.append((first + k * stride, first + k * stride + a.nbytes))
+    spans.sort()
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in itertools.pairwise(spans))
+    assert spans[-1][1] <= plan.nbytes
+    assert sorted(m for g in plan.groups for m in g[4]) == list(range(len(arrays)))
+    # one group per (dtype, shape): arrays that share both share one as_strided/unbind
+    kinds = {(a.dtype, a.shape) for a in arrays}  # (byte order included)
+    assert len(plan.groups) == len(kinds) < len(arrays) // 2
+
+
+@pytest.mark.parametrize("path", ["extension", "python"])
+def test_pack_into_writes_each_array_at_its_place(rng, path, monkeypatch):
+    if path == "extension" and tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    if path == "python":
+        monkeypatch.setattr(_backend.ENGINE, "C", None, raising=False)
     arrays = _mixed_host_arrays(rng)
-    plan = _batch.pack_plan(list(enumerate(arrays)))
-    device = np.full(plan.nbytes, 0xAB, np.uint8)
-    t = TESTING.HostTransferTester(delay_us=20)
-    report = t.to_device_many(plan.arrays, plan.offsets, device, chunk_bytes=chunk, buffers=2)
-    t.drain()
-    views = _batch.packed_views(torch.from_numpy(device), plan)
-    for i, a in enumerate(arrays):
+    plan = _pack.layout(_host_arrays(arrays))
+    buffer = np.full(plan.nbytes + 512, 0xAB, np.uint8)  # poisoned, and longer than needed
+    _pack.pack_into(plan, buffer)
+    views = _pack.views(torch.from_numpy(buffer), plan)
+    written = np.zeros(buffer.size, bool)
+    for a, got in zip(arrays, views, strict=True):
         expected = (a if isinstance(a, torch.Tensor) else tb.from_numpy(a)).contiguous()
-        got = views[i]
+        assert (got.dtype, got.shape) == (expected.dtype, expected.shape)
+        assert _tensor_bytes(got) == _tensor_bytes(expected)
+        start = got.data_ptr() - buffer.ctypes.data
+        written[start : start + got.numel() * got.element_size()] = True
+    assert (buffer[~written] == 0xAB).all()  # the padding and the tail are untouched
+
+
+def test_pack_refuses_objects_and_non_arrays_before_writing():
+    for bad, err in [
+        ([np.ones(3), np.array([object()], dtype=object)], TypeError),
+        ([np.ones(3), [1.0, 2.0]], TypeError),
+        ([np.ones(3), np.zeros(2, dtype="U3")], TypeError),
+    ]:
+        with pytest.raises(err):
+            _pack.layout(bad)
+    plan = _pack.layout([np.ones(4), np.arange(3)])
+    with pytest.raises(ValueError, match=r"C-contiguous|smaller"):
+        _pack.pack_into(plan, np.zeros(plan.nbytes // 2, np.uint8))
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.zeros(plan.nbytes, np.uint8)
+        ro.flags.writeable = False
+        _pack.pack_into(plan, ro)
+    src = np.zeros(4096, np.uint8)
+    with pytest.raises(ValueError, match="overlaps"):
+        _pack.pack_into(_pack.layout([src[:8], np.ones(2)]), src)
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 16])
+def test_many_small_arrays_sent_packed_in_few_copies(rng, chunk):
+    """The whole to_device batch path (flatten, one native layout, staging by the copy
+    threads, one view per group) over the simulated link; equal to torch.from_numpy."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = _mixed_host_arrays(rng)
+    batch = {"arrays": arrays, "id": 7, "name": "x"}
+    sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0), chunk_bytes=chunk, buffers=4)
+    poison = []
+
+    def empty(nbytes):
+        poison.append(torch.full((nbytes,), 0xAB, dtype=torch.uint8))
+        return poison[-1]
+
+    sender.empty = empty
+    out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
+    assert (out["id"], out["name"]) == (7, "x")
+    for a, got in zip(arrays, out["arrays"], strict=True):
+        expected = (a if isinstance(a, torch.Tensor) else tb.from_numpy(a)).contiguous()
         assert (got.dtype, got.shape) == (expected.dtype, expected.shape)
         assert got.is_contiguous()
         assert _tensor_bytes(got) == _tensor_bytes(expected)
-    big = next(k for k, a in enumerate(plan.arrays) if a.nbytes > chunk)
-    packed_extent = plan.nbytes - plan.arrays[big].nbytes
-    big_chunks = -(-plan.arrays[big].nbytes // chunk)
+        assert got.untyped_storage().data_ptr() == poison[0].data_ptr()  # views of one buffer
+    report = sender.last_report
+    plan = _pack.layout(_host_arrays(arrays))
+    big = max(_host_arrays(arrays), key=lambda a: a.nbytes)
+    big_chunks = -(-big.nbytes // chunk)
+    packed_extent = plan.nbytes - big.nbytes
     # one copy per filled block (a block may close early when the next array does not fit)
     assert report["chunks"] - big_chunks <= 2 * -(-packed_extent // chunk) + 2
     assert report["chunks"] - big_chunks < len(arrays) // 4  # far fewer copies than arrays
+    assert sender.link.stats()["bytes_in_use"] == 0
+
+
+@needs_testing_module
+def test_a_packed_send_that_fails_leaves_no_block_in_use(rng):
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = _host_arrays(_mixed_host_arrays(rng))
+    plan = _pack.layout(arrays)
+    t = TESTING.HostTransferTester(delay_us=20, fail_copy_after=3)
+    device = np.zeros(plan.nbytes, np.uint8)
+    with pytest.raises(RuntimeError):
+        t.to_device_packed(plan.native, device, chunk_bytes=4096, buffers=4, threads=2)
+    t.drain()
     assert t.stats()["bytes_in_use"] == 0
 
 

@@ -446,86 +446,207 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
   return report;
 }
 
-PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
-                                   const std::vector<HostView>& srcs,
-                                   const std::vector<size_t>& offsets, void* device_base,
-                                   const PipelineOptions& options) {
+namespace {
+// A staging block's worth of a many-array copy: arrays [first, end) whole, or (split) one
+// chunk of array `first`, which is larger than a block. It fills the dense byte range
+// [start, start + bytes) of the destination.
+struct Piece {
+  size_t first = 0, end = 0;
+  size_t start = 0, bytes = 0;
+  bool split = false;
+  Chunk chunk;
+};
+
+// The element bytes of each array, checking that the offsets leave room for them.
+std::vector<size_t> packed_sizes(const std::vector<HostView>& srcs,
+                                 const std::vector<size_t>& offsets) {
   if (srcs.size() != offsets.size())
     throw std::invalid_argument("transfer: one offset per array is needed");
-  char* base = static_cast<char*>(device_base);
-  // (a block holds at least one element of every array: chunks never split an element)
-  size_t block_bytes = std::max<size_t>(options.chunk_bytes, 4096);
-  for (const HostView& v : srcs)
-    block_bytes = std::max(block_bytes, static_cast<size_t>(v.itemsize));
-  const int nbuf = std::max(2, options.buffers);
-  PipelineReport report;
   std::vector<size_t> sizes(srcs.size());
   for (size_t i = 0; i < srcs.size(); ++i) {
+    if (srcs[i].itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
     size_t n = static_cast<size_t>(srcs[i].itemsize);
-    for (int64_t d : srcs[i].shape) n *= static_cast<size_t>(d);
+    for (int64_t d : srcs[i].shape) {
+      if (d < 0 || (d && n > SIZE_MAX / static_cast<size_t>(d)))
+        throw std::invalid_argument("transfer: an array's size is out of range");
+      n *= static_cast<size_t>(d);
+    }
     sizes[i] = n;
     if (offsets[i] > SIZE_MAX - n)
       throw std::invalid_argument("transfer: an offset is out of range");
     if (i && offsets[i] < offsets[i - 1] + sizes[i - 1])
       throw std::invalid_argument("transfer: offsets must not decrease or overlap");
   }
+  return sizes;
+}
 
+// Consecutive arrays gathered into pieces of at most block_bytes (gaps between their
+// offsets included); an array larger than that is split into chunks of its own.
+std::vector<Piece> plan_pieces(const std::vector<HostView>& srcs,
+                               const std::vector<size_t>& offsets, const std::vector<size_t>& sizes,
+                               size_t block_bytes) {
+  std::vector<Piece> out;
+  Piece cur;
+  bool open = false;
+  auto close = [&] {
+    if (open) out.push_back(cur);
+    open = false;
+  };
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    if (sizes[i] == 0) continue;
+    if (sizes[i] > block_bytes) {
+      close();
+      const HostView v = at_least_1d(srcs[i]);
+      for (const Chunk& c : plan_chunks(v.shape, v.itemsize, block_bytes)) {
+        Piece p;
+        p.first = i;
+        p.end = i + 1;
+        p.split = true;
+        p.chunk = c;
+        p.start = offsets[i] + c.offset;
+        p.bytes = c.bytes;
+        out.push_back(std::move(p));
+      }
+      continue;
+    }
+    if (open && offsets[i] + sizes[i] - cur.start > block_bytes) close();
+    if (!open) {
+      cur = Piece();
+      cur.first = i;
+      cur.start = offsets[i];
+      open = true;
+    }
+    cur.end = i + 1;
+    cur.bytes = offsets[i] + sizes[i] - cur.start;
+  }
+  close();
+  return out;
+}
+
+// True when the view is dense in C order (so one memcpy copies it).
+bool is_dense(const HostView& v) {
+  int64_t step = v.itemsize;
+  for (size_t d = v.shape.size(); d-- > 0;) {
+    if (v.shape[d] != 1 && v.strides[d] != step) return false;
+    step *= v.shape[d];
+  }
+  return true;
+}
+
+// Writes a piece's arrays densely at `dst` (the piece's first byte).
+void fill_piece(char* dst, const Piece& p, const std::vector<HostView>& srcs,
+                const std::vector<size_t>& offsets, const std::vector<size_t>& sizes,
+                bool parallel) {
+  if (p.split) {
+    const HostView v = at_least_1d(srcs[p.first]);
+    const ChunkViews cv = chunk_views(v, p.chunk);
+    host_copy(dst, cv.dense_strides, cv.host, cv.host_strides, cv.shape, v.itemsize, v.swap_unit,
+              parallel);
+    return;
+  }
+  for (size_t i = p.first; i < p.end; ++i) {
+    const HostView& v = srcs[i];
+    char* to = dst + (offsets[i] - p.start);
+    if (sizes[i] == 0) continue;
+    if (v.swap_unit == 0 && is_dense(v)) {
+      std::memcpy(to, v.data, sizes[i]);
+    } else {
+      const HostView w = at_least_1d(v);
+      host_copy(to, dense_strides(w), w.data, w.strides, w.shape, w.itemsize, w.swap_unit,
+                parallel);
+    }
+  }
+}
+
+// Below this many bytes a host-to-host pack runs on the calling thread alone: waking the
+// pool's threads costs more than they save.
+constexpr size_t kParallelPackBytes = size_t{1} << 20;
+}  // namespace
+
+PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
+                                   const std::vector<HostView>& srcs,
+                                   const std::vector<size_t>& offsets, void* device_base,
+                                   const PipelineOptions& options) {
+  const std::vector<size_t> sizes = packed_sizes(srcs, offsets);
+  char* base = static_cast<char*>(device_base);
+  // (a block holds at least one element of every array: chunks never split an element)
+  size_t block_bytes = std::max<size_t>(options.chunk_bytes, 4096);
+  for (const HostView& v : srcs)
+    block_bytes = std::max(block_bytes, static_cast<size_t>(v.itemsize));
+  const std::vector<Piece> pieces = plan_pieces(srcs, offsets, sizes, block_bytes);
+  PipelineReport report;
+  report.chunks = pieces.size();
+  if (pieces.empty()) return report;
+  size_t largest = 0;  // (a batch smaller than a block leases only what it fills)
+  for (const Piece& p : pieces) largest = std::max(largest, p.bytes);
+
+  WorkerPlan work(pieces.size(), options.buffers, copy_threads(options));
   Leases blocks(pool);
-  if (!blocks.acquire(nbuf, block_bytes)) {  // no staging: every array on its own
+  if (!lease(blocks, work, largest, copy_threads(options))) {  // every array on its own
     report.staged = false;
+    report.chunks = 0;
     for (size_t i = 0; i < srcs.size(); ++i) {
       if (!sizes[i]) continue;
-      PipelineReport r = copy_to_device(engine, pool, stream, srcs[i], base + offsets[i], options);
-      report.chunks += r.chunks;
+      PipelineOptions one = options;
+      one.swap_unit = srcs[i].swap_unit;
+      report.chunks += copy_to_device(engine, pool, stream, srcs[i], base + offsets[i], one).chunks;
     }
+    if (options.wait) engine.synchronize_stream(stream);
     return report;
   }
+  report.threads = work.workers();
 
+  // As in copy_to_device: each copy thread fills its own blocks, each as soon as the DMA
+  // that last read it is done, and queues the block's DMA itself.
+  const bool alone = work.workers() == 1;
+  Workers workers(engine);
   try {
-    size_t k = 0;      // the block being filled: blocks[k]
-    size_t start = 0;  // device offset of its first byte
-    size_t fill = 0;   // bytes of it in use (from start)
-    auto flush = [&] {
-      if (fill == 0) return;
-      PinnedBlock& b = blocks[k];
-      engine.copy_to_device_async(base + start, b.data(), fill, stream);
-      b.event.record(stream);
-      ++report.chunks;
-      ++k;
-      fill = 0;
-    };
-    for (size_t i = 0; i < srcs.size(); ++i) {
-      if (sizes[i] == 0) continue;
-      if (sizes[i] > block_bytes) {
-        // Large: chunked through the same blocks (never a second set of leases, which
-        // could double the pinned footprint or wait on the budget behind ourselves).
-        flush();
-        const HostView v = at_least_1d(srcs[i]);
-        for (const Chunk& c : plan_chunks(v.shape, v.itemsize, block_bytes)) {
-          stage_to_device(engine, blocks[k++], v, c, base + offsets[i] + c.offset, stream,
-                          options.swap_unit);
-          ++report.chunks;
-        }
-        continue;
+    workers.run(work.workers(), [&](size_t w) {
+      for (size_t j = 0, n = work.count(w); j < n && !workers.failed(); ++j) {
+        const Piece& p = pieces[work.chunk(w, j)];
+        PinnedBlock& b = blocks.at(work.block(w, j));
+        b.event.wait();  // its previous DMA has read it
+        fill_piece(b.data(), p, srcs, offsets, sizes, alone);
+        engine.copy_to_device_async(base + p.start, b.data(), p.bytes, stream);
+        b.event.record(stream);  // (a failure here is settled below)
       }
-      if (fill && offsets[i] + sizes[i] - start > block_bytes) flush();
-      PinnedBlock& b = blocks[k];
-      if (fill == 0) {
-        b.event.wait();  // its previous copy has read it
-        start = offsets[i];
-      }
-      const HostView& v = srcs[i];
-      host_copy(b.data() + (offsets[i] - start), dense_strides(v), v.data, v.strides, v.shape,
-                v.itemsize, options.swap_unit);
-      fill = offsets[i] + sizes[i] - start;
-    }
-    flush();
-    if (options.wait) engine.synchronize_stream(stream);
+    });
+    if (options.wait)
+      for (size_t i = 0; i < work.blocks(); ++i) blocks.at(i).event.wait();
   } catch (...) {
     blocks.settle(engine, stream);
     throw;
   }
   return report;
+}
+
+void pack_to_host(const std::vector<HostView>& srcs, const std::vector<size_t>& offsets,
+                  char* dst) {
+  const std::vector<size_t> sizes = packed_sizes(srcs, offsets);
+  size_t total = 0;
+  for (size_t i = 0; i < srcs.size(); ++i)
+    if (sizes[i]) total = offsets[i] + sizes[i];
+  const size_t n_threads = static_cast<size_t>(get_num_threads());
+  if (total < kParallelPackBytes || n_threads == 1) {
+    for (const Piece& p : plan_pieces(srcs, offsets, sizes, SIZE_MAX))
+      fill_piece(dst + p.start, p, srcs, offsets, sizes, true);
+    return;
+  }
+  // A few pieces per thread, so uneven arrays still spread over every thread.
+  const size_t piece = std::max(kParallelPackBytes / 4, total / (n_threads * 4));
+  const std::vector<Piece> pieces = plan_pieces(srcs, offsets, sizes, piece);
+  std::mutex m;
+  std::exception_ptr error;
+  parallel_for(static_cast<int64_t>(pieces.size()), [&](int64_t k) {
+    const Piece& p = pieces[static_cast<size_t>(k)];
+    try {
+      fill_piece(dst + p.start, p, srcs, offsets, sizes, false);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(m);
+      if (!error) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace tb

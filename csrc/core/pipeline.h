@@ -28,6 +28,10 @@ struct HostView {
   std::vector<int64_t> shape;
   std::vector<int64_t> strides;
   int64_t itemsize = 1;
+  // Byte-swap unit of this array's elements (0: none). Read by the many-array copies
+  // (pack_to_host, copy_many_to_device), where each array has its own dtype; the
+  // single-array transfers take PipelineOptions::swap_unit.
+  int swap_unit = 0;
 };
 
 struct PipelineOptions {
@@ -73,14 +77,22 @@ PipelineReport copy_to_device(TransferEngine& engine, PinnedPool& pool, StreamHa
                               const HostView& src, void* device_dst,
                               const PipelineOptions& options);
 
-/// Many host arrays -> one device buffer: array i lands (dense, C order) at
-/// device_base + offsets[i]. Small arrays are packed into staging blocks of
-/// options.chunk_bytes, each sent in one copy (gaps between offsets go along); an array
-/// larger than a block takes copy_to_device() on its own. Offsets must not decrease.
-/// Returns once everything is queued (with options.wait: once it has arrived).
+/// Many host arrays -> one device buffer: array i lands (dense, C order, byte-swapped by
+/// its own swap_unit) at device_base + offsets[i]. Consecutive arrays are packed into
+/// staging blocks of options.chunk_bytes, each sent in one copy (gaps between offsets go
+/// along); an array larger than a block is split into chunks of its own. The blocks are
+/// filled by several copy threads at once, as in copy_to_device. Offsets must not
+/// decrease nor arrays overlap. Returns once everything is queued (with options.wait:
+/// once it has arrived); from then on no source is read.
 PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
                                    const std::vector<HostView>& srcs,
                                    const std::vector<size_t>& offsets, void* device_base,
                                    const PipelineOptions& options);
+
+/// Many host arrays -> one host buffer: array i is copied (dense, C order, byte-swapped by
+/// its own swap_unit) to dst + offsets[i], on the thread pool's threads from 1 MiB in all.
+/// Offsets must not decrease nor arrays overlap; bytes between the arrays are left as
+/// they were.
+void pack_to_host(const std::vector<HostView>& srcs, const std::vector<size_t>& offsets, char* dst);
 
 }  // namespace tb

@@ -103,6 +103,28 @@ class HostTransferTester {
     }
     return report_dict(r);
   }
+  py::dict to_device_packed(const PackedArrays& layout, py::array device, size_t chunk, int buffers,
+                            int threads, bool wait) {
+    if (!(device.flags() & py::array::c_style) || device.itemsize() != 1)
+      throw py::value_error("transfer: the device buffer must be C-contiguous bytes");
+    if (static_cast<size_t>(device.nbytes()) < layout.nbytes())
+      throw py::value_error("transfer: the device buffer is too small");
+    if (!device.writeable()) throw py::value_error("transfer: the device buffer is read-only");
+    layout.check_apart_from(byte_span(device));
+    void* dst = device.mutable_data();
+    pending_.push_back(device);
+    auto options = pipeline_options(chunk, buffers, 0);
+    options.threads = threads;
+    options.wait = wait;
+    engine_->enter_thread();
+    tb::PipelineReport r;
+    {
+      py::gil_scoped_release release;
+      r = tb::copy_many_to_device(*engine_, *pool_, 0, layout.views(), layout.offsets(), dst,
+                                  options);
+    }
+    return report_dict(r);
+  }
   void drain() {
     // Only the buffers of copies queued before this call may go: another thread may queue
     // more (and push their buffers) while this one waits.
@@ -213,6 +235,10 @@ PYBIND11_MODULE(_C_testing, m) {
       .def("to_device_many", &HostTransferTester::to_device_many, py::arg("srcs"),
            py::arg("offsets"), py::arg("device"), py::arg("chunk_bytes") = 0,
            py::arg("buffers") = 0)
+      .def("to_device_packed", &HostTransferTester::to_device_packed, py::arg("layout"),
+           py::arg("device"), py::arg("chunk_bytes") = 0, py::arg("buffers") = 0,
+           py::arg("threads") = 0, py::arg("wait") = false,
+           "A PackedArrays layout -> device (uint8), as the CUDA batch path sends it.")
       .def(
           "copy_async",
           [](py::object self, py::array device, py::array host, bool to_host) {

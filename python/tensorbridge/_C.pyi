@@ -36,6 +36,18 @@ class PendingCopy:
     def done(self) -> bool: ...
     def wait(self) -> None: ...
 
+class PackedArrays:
+    """Host arrays checked, grouped by (dtype, shape) and laid out in one buffer."""
+
+    def __init__(self, arrays: list[np.ndarray], align: int = 256) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def groups(self) -> list[tuple[np.dtype[Any], tuple[int, ...], int, int, list[int]]]: ...
+    @property
+    def arrays(self) -> list[np.ndarray]: ...
+    def pack_into(self, out: np.ndarray) -> None: ...
+
 def copy(
     dst: np.ndarray, src: np.ndarray, swap_unit: int = 0, min_parallel_bytes: int = 0
 ) -> None: ...
@@ -72,11 +84,10 @@ def cuda_copy_to_device(
     swap_unit: int = 0,
     wait: bool = False,
 ) -> _Report: ...
-def cuda_copy_many_to_device(
+def cuda_copy_packed(
     device: int,
     stream: int,
-    srcs: list[np.ndarray],
-    offsets: list[int],
+    layout: PackedArrays,
     dst: int,
     chunk_bytes: int = 0,
     buffers: int = 0,

@@ -3,7 +3,7 @@ from typing import Any
 
 import numpy as np
 
-from ._C import PendingCopy
+from ._C import PackedArrays, PendingCopy
 
 class HostTransferTester:
     def __init__(
@@ -38,6 +38,15 @@ class HostTransferTester:
         device: np.ndarray,
         chunk_bytes: int = 0,
         buffers: int = 0,
+    ) -> dict[str, Any]: ...
+    def to_device_packed(
+        self,
+        layout: PackedArrays,
+        device: np.ndarray,
+        chunk_bytes: int = 0,
+        buffers: int = 0,
+        threads: int = 0,
+        wait: bool = False,
     ) -> dict[str, Any]: ...
     def copy_async(self, device: np.ndarray, host: np.ndarray, to_host: bool) -> PendingCopy: ...
     def fail_next_wait(self) -> None: ...

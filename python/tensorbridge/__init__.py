@@ -12,12 +12,14 @@ from ._convert import from_numpy, to_numpy, to_tensor
 from ._cuda import transfer_options
 from ._handle import Transfer
 from ._loader import Prefetcher, collate, images_to_tensor
+from ._packed import PackedBatch
 from ._pinned import empty_pinned, is_pinned, pin, pinned, pinned_stats, set_pinned_budget, unpin
 from ._registry import registration_options
 from ._version import __version__
 
 __all__ = [
     "FallbackWarning",
+    "PackedBatch",
     "Prefetcher",
     "Transfer",
     "__version__",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple, TypeVar, overload
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, overload
 
 import numpy as np
 import torch
 
-from . import _backend, _cuda, _dtypes, _interop
+from . import _backend, _cuda, _dtypes, _interop, _pack
 from ._convert import (
     Device,
     _check_out_array,
@@ -21,8 +21,6 @@ from ._convert import (
 from ._copy import byte_span, shares_memory
 from ._handle import Transfer
 from ._tree import flatten, flatten_as, tree_map, unflatten
-
-_ALIGN = 256  # device offsets of packed arrays: enough for any dtype and for vector loads
 
 DTypeSpec = Any  # a floating dtype for the floating leaves, or a mapping (key or source dtype)
 
@@ -149,35 +147,138 @@ def to_device(
     """
     dev = _backend.resolve_device(device, "to_device")
     rule = dtype_rule(dtype, "to_device")
+    from ._packed import PackedBatch  # (it builds on this module)
+
+    if isinstance(batch, PackedBatch):
+        return batch.to(dev, dtype=dtype, non_blocking=non_blocking)
     if dev.type == "cpu" and rule is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
         return tree_map(_to_cpu_leaf, batch)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
+    cuda = dev.type == "cuda" and _backend.ENGINE.cuda_engine
+    sender = _CudaSender(dev, non_blocking) if cuda else None
+    return send_batch(batch, dev, sender, rule, non_blocking)
+
+
+class Sender(Protocol):
+    """Where a packed batch goes: the CUDA engine, or (in tests and benchmarks) the host
+    engine standing in for it on a machine without a GPU."""
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        """An uninitialized uint8 buffer of ``nbytes`` where the batch goes."""
+        ...
+
+    def send(self, plan: _pack.Layout, buffer: torch.Tensor) -> None:
+        """Copies the packed arrays of ``plan`` into ``buffer``."""
+        ...
+
+
+class _CudaSender:
+    def __init__(self, dev: torch.device, non_blocking: bool) -> None:
+        self.dev = dev
+        self.wait = not non_blocking
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.dev)
+
+    def send(self, plan: _pack.Layout, buffer: torch.Tensor) -> None:
+        _backend.ENGINE.core.cuda_copy_packed(
+            self.dev.index,
+            torch.cuda.current_stream(self.dev).cuda_stream,
+            plan.native,
+            buffer.data_ptr(),
+            _cuda._chunk_bytes(plan.nbytes),
+            _cuda.transfer_options()["buffers"],
+            self.wait,
+        )
+
+
+class LinkSender:
+    """Sends packed batches over a simulated link (``_C.LinkSimulator``): the CUDA batch
+    path with host memory standing in for the device, for tests and benchmarks on a
+    machine without a GPU. The buffer is a CPU tensor; every send waits."""
+
+    def __init__(self, link: Any, chunk_bytes: int = 0, buffers: int = 0) -> None:
+        self.link = link
+        self.chunk_bytes = chunk_bytes
+        self.buffers = buffers
+        self.last_report: dict[str, Any] = {}
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def send(self, plan: _pack.Layout, buffer: torch.Tensor) -> None:
+        chunk = self.chunk_bytes or _cuda._chunk_bytes(plan.nbytes)
+        buffers = self.buffers or _cuda.transfer_options()["buffers"]
+        self.last_report = self.link.to_device_packed(plan.native, buffer.numpy(), chunk, buffers)
+
+
+# Leaves that are surely not another framework's array (checked by exact type first).
+_PLAIN = frozenset({np.ndarray, torch.Tensor, int, float, str, bool, type(None)})
+
+
+def send_batch(
+    batch: Any,
+    dev: torch.device,
+    sender: Sender | None,
+    rule: DTypeRule | None,
+    non_blocking: bool,
+) -> Any:
+    """to_device after the arguments are checked: with a ``sender`` (and the compiled
+    core), the host arrays of the batch cross packed in one buffer; other leaves move
+    one by one."""
     originals, keys, spec = flatten(batch)
-    leaves = [_foreign_as_tensor(leaf) for leaf in originals]
-    moved: dict[int, torch.Tensor] = {}
-    host = [
-        (i, leaf, keys[i])
-        for i, leaf in enumerate(leaves)
-        if isinstance(leaf, np.ndarray)
-        or (isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu")
-    ]
-    if dev.type == "cuda" and _backend.ENGINE.cuda_engine and len(host) > 1:
-        moved.update(_pack_to_cuda(host, dev, non_blocking))
+    leaves = [leaf if type(leaf) in _PLAIN else _foreign_as_tensor(leaf) for leaf in originals]
+    out: list[Any] = list(leaves)
+    packed: list[int] = []  # leaf positions of the arrays that cross packed
+    arrays: list[np.ndarray] = []
+    alone: list[int] = []  # positions of the arrays and tensors that move on their own
+    pack = sender is not None and _backend.ENGINE.C is not None
+    for i, leaf in enumerate(leaves):  # (the hot loop: one exact type test per leaf)
+        if type(leaf) is np.ndarray and pack:
+            packed.append(i)
+            arrays.append(leaf)
+        elif isinstance(leaf, (np.ndarray, torch.Tensor)):
+            a = _packable(leaf) if pack else None
+            if a is None:
+                alone.append(i)
+            else:
+                packed.append(i)
+                arrays.append(a)
+    if len(arrays) == 1:
+        alone.append(packed.pop())
+    if arrays and packed:
+        assert sender is not None
+        plan = _pack.layout(arrays)  # every array checked before anything moves
+        buffer = sender.empty(plan.nbytes)
+        sender.send(plan, buffer)
+        _pack.views_into(buffer, plan, out, packed)
+    for i in alone:
+        out[i] = to_tensor(leaves[i], dev, non_blocking=non_blocking)
+    if rule is not None:
+        for i in (*packed, *alone):
+            target = _target_dtype(rule, keys[i], _source_dtype(leaves[i]))
+            if target is not None and target != out[i].dtype:
+                out[i] = out[i].to(target)
+    return unflatten(spec, out)
 
-    def move(i: int, leaf: Any) -> Any:
-        if not isinstance(leaf, (np.ndarray, torch.Tensor)):
-            return leaf
-        t = moved.get(i)
-        if t is None:
-            t = to_tensor(leaf, dev, non_blocking=non_blocking)
-        if rule is None:
-            return t
-        target = _target_dtype(rule, keys[i], _source_dtype(leaf))
-        return t if target is None or target == t.dtype else t.to(target)
 
-    return unflatten(spec, [move(i, leaf) for i, leaf in enumerate(leaves)])
+def _packable(leaf: np.ndarray | torch.Tensor) -> np.ndarray | None:
+    """The host array a leaf packs as, or None where it moves on its own (a device tensor,
+    a tensor that autograd tracks or that NumPy cannot view, an ndarray subclass)."""
+    if type(leaf) is np.ndarray:
+        return leaf
+    if (
+        type(leaf) is torch.Tensor
+        and leaf.device.type == "cpu"
+        and leaf.layout == torch.strided
+        and not leaf.requires_grad
+        and not leaf.is_quantized
+        and not leaf.is_nested
+    ):
+        return to_numpy(leaf)
+    return None
 
 
 def _foreign_as_tensor(leaf: Any) -> Any:
@@ -202,108 +303,6 @@ def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
     if isinstance(leaf, np.ndarray):
         return from_numpy(leaf)
     return leaf
-
-
-def _pack_dtype(np_dtype: np.dtype) -> tuple[torch.dtype, np.dtype | None, bool]:
-    """(torch dtype, integer view for ml_dtypes storage or None, needs a byte swap)."""
-    info = _PACK_DTYPES.get(np_dtype)
-    if info is None:
-        native = np_dtype.newbyteorder("=") if not np_dtype.isnative else np_dtype
-        storage = (
-            _dtypes.storage_dtypes(native.itemsize)[1] if _dtypes.is_ml_dtype(native) else None
-        )
-        info = (_dtypes.torch_dtype(native), storage, native is not np_dtype)
-        _PACK_DTYPES[np_dtype] = info
-    return info
-
-
-_PACK_DTYPES: dict[np.dtype, tuple[torch.dtype, np.dtype | None, bool]] = {}
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return strides[::-1]
-
-
-class _PackPlan(NamedTuple):
-    arrays: list[np.ndarray]  # native byte order; ml_dtypes seen as same-size integers
-    offsets: list[int]  # byte offset of each array in the buffer, non-decreasing
-    nbytes: int  # buffer size, a multiple of 256
-    runs: list[tuple[torch.dtype, tuple[int, ...], int, int, list[int]]]
-    # (dtype, shape, first byte, padded bytes per array, leaf indices) per group
-
-
-def pack_plan(host: Sequence[tuple[int, Any]]) -> _PackPlan:
-    """Lays out host arrays (index, array or CPU tensor) in one buffer for a packed copy.
-
-    Arrays of one dtype and shape sit next to each other, each padded to 256 bytes, so a
-    group's views come from one ``as_strided(...).unbind(0)`` call (``packed_views``)
-    instead of a slice and two views per array: with many small arrays, per-array Python
-    work and not the copy is what a batch costs.
-    """
-    groups: dict[tuple[torch.dtype, tuple[int, ...]], list[tuple[int, np.ndarray]]] = {}
-    for i, leaf in host:
-        a = leaf if isinstance(leaf, np.ndarray) else to_numpy(leaf)
-        t_dtype, storage, swap = _pack_dtype(a.dtype)
-        if swap:
-            a = a.astype(a.dtype.newbyteorder("="))
-        if storage is not None:
-            a = a.view(storage)
-        groups.setdefault((t_dtype, a.shape), []).append((i, a))
-    arrays: list[np.ndarray] = []
-    offsets: list[int] = []
-    runs = []
-    end = 0
-    for (t_dtype, shape), members in groups.items():
-        padded = -(-members[0][1].nbytes // _ALIGN) * _ALIGN
-        runs.append((t_dtype, shape, end, padded, [i for i, _ in members]))
-        for _, a in members:
-            arrays.append(a)
-            offsets.append(end)
-            end += padded
-    return _PackPlan(arrays, offsets, max(end, _ALIGN), runs)
-
-
-def packed_views(buffer: torch.Tensor, plan: _PackPlan) -> dict[int, torch.Tensor]:
-    """The tensors of a packed buffer (uint8, ``plan.nbytes``), by leaf index."""
-    out: dict[int, torch.Tensor] = {}
-    typed: dict[torch.dtype, torch.Tensor] = {}
-    for t_dtype, shape, first, padded, indices in plan.runs:
-        flat = typed.get(t_dtype)
-        if flat is None:
-            flat = typed[t_dtype] = buffer.view(t_dtype)
-        item = flat.element_size()
-        views = torch.as_strided(
-            flat,
-            (len(indices), *shape),
-            (padded // item, *_contiguous_strides(shape)),
-            first // item,
-        ).unbind(0)
-        out.update(zip(indices, views, strict=True))
-    return out
-
-
-def _pack_to_cuda(
-    host: list[tuple[int, Any, Any]], dev: torch.device, non_blocking: bool
-) -> dict[int, torch.Tensor]:
-    """Host arrays -> views of one device buffer, sent in a few packed copies."""
-    plan = pack_plan([(i, leaf) for i, leaf, _ in host])
-    buffer = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
-    stream = torch.cuda.current_stream(dev)
-    _backend.ENGINE.core.cuda_copy_many_to_device(
-        dev.index,
-        stream.cuda_stream,
-        plan.arrays,
-        plan.offsets,
-        buffer.data_ptr(),
-        _cuda._chunk_bytes(plan.nbytes),
-        _cuda.transfer_options()["buffers"],
-        not non_blocking,
-    )
-    return packed_views(buffer, plan)
 
 
 # --------------------------------------------------------------------------- to_numpy_batch

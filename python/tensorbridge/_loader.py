@@ -7,7 +7,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Generic, NoReturn, TypeVar, cast, overload
+from typing import Any, Generic, Literal, NoReturn, TypeVar, cast, overload
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch
 from . import _backend, _dtypes
 from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, to_device
 from ._convert import Device, to_numpy, to_tensor
+from ._packed import ARENA, PackedBatch, arena, estimate_nbytes
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
 
 # --------------------------------------------------------------------------- collate
@@ -25,11 +26,36 @@ def _in_worker() -> bool:
     return info is not None
 
 
+@overload
+def collate(
+    samples: Sequence[Any],
+    *,
+    pad: Mapping[str, float] | None = ...,
+    fields: Mapping[str, type[list[Any]]] | None = ...,
+    packed: Literal[False] = ...,
+) -> Any: ...
+@overload
+def collate(
+    samples: Sequence[Any],
+    *,
+    pad: Mapping[str, float] | None = ...,
+    fields: Mapping[str, type[list[Any]]] | None = ...,
+    packed: Literal[True],
+) -> PackedBatch: ...
+@overload
+def collate(
+    samples: Sequence[Any],
+    *,
+    pad: Mapping[str, float] | None = ...,
+    fields: Mapping[str, type[list[Any]]] | None = ...,
+    packed: bool,
+) -> Any: ...
 def collate(
     samples: Sequence[Any],
     *,
     pad: Mapping[str, float] | None = None,
     fields: Mapping[str, type[list[Any]]] | None = None,
+    packed: bool = False,
 ) -> Any:
     """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that stacks straight into
     page-locked memory: one copy per field instead of default collate's copy plus the
@@ -64,6 +90,12 @@ def collate(
     ``collate_fn=functools.partial(tb.collate, pad={"tokens": 0})``: it pickles, so it
     works in worker processes too.
 
+    ``packed=True`` returns a :class:`PackedBatch` instead: every field is stacked
+    straight into one buffer (in shared memory in a worker process, so it reaches the
+    main process as a handle), which crosses to a device in one copy with ``.to()``.
+    Use it with ``pin_memory=True`` (the pin-memory thread pins the one buffer), or
+    with :class:`Prefetcher`, or hand it to Lightning or accelerate as it is.
+
     Example:
         >>> import numpy as np, tensorbridge as tb
         >>> b = tb.collate([{"x": np.ones(3), "y": 1}, {"x": np.zeros(3), "y": 0}])
@@ -87,6 +119,11 @@ def collate(
             "collate needs at least one sample, got none: pass a non-empty list (a DataLoader "
             "with batch_size >= 1 always does)."
         )
+    if packed not in (True, False):
+        raise TypeError(f"collate: packed= must be True or False, got {packed!r}.")
+    if packed:
+        with arena(estimate_nbytes(samples)) as a:
+            return a.packed(collate(samples, pad=pad, fields=fields))
     if pad is None and fields is None:
         return _collate(samples, (), 0)
     return _collate_dict(samples, (), 0, _field_rules(samples[0], pad, fields))
@@ -229,6 +266,8 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
         if stacked.dtype in (torch.float64, torch.uint64) and any(map(_beyond_int64, samples)):
             # Python ints beyond int64 became uint64 or float64 (losing digits)
             raise _no_dtype(path, f"an int beyond int64 made them {stacked.dtype}")
+        if ARENA.get() is not None:  # (into the packed buffer)
+            return _empty(tuple(stacked.shape), stacked.dtype).copy_(stacked)
         return stacked
     # Strings, None and anything else: as a list, like default_collate; the same whichever
     # sample comes first, so a value that would stack elsewhere is refused here too.
@@ -492,7 +531,11 @@ def _fits(value: Any, dtype: np.dtype) -> bool:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A new batch tensor: pinned in the main process of a GPU machine."""
+    """A new batch tensor: pinned in the main process of a GPU machine; from the packed
+    buffer under collate(packed=True)."""
+    packing = ARENA.get()
+    if packing is not None:
+        return packing.empty(shape, dtype)
     pin = not _in_worker() and _backend.ENGINE.cuda_engine
     return torch.empty(shape, dtype=dtype, pin_memory=pin)
 

@@ -91,6 +91,12 @@ def batches(x: torch.Tensor, a: np.ndarray) -> None:
     assert_type(it, Iterator[tuple[Any, ...]])
     assert type(next(it)) is tuple
 
+    packed = tb.collate(samples, packed=True)
+    assert_type(packed, tb.PackedBatch)
+    assert_type(tb.PackedBatch.pack({"image": a}), tb.PackedBatch)
+    assert_type(packed.pin_memory(), tb.PackedBatch)
+    assert isinstance(packed.to("cpu")["image"], torch.Tensor)
+
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._batch import to_device
+from .. import _backend
+from .._batch import LinkSender, send_batch, to_device
 from .._loader import Prefetcher, collate, images_to_tensor
 from ._runner import Method, Runner
 
@@ -35,6 +36,7 @@ def bench_batches(r: Runner) -> None:
     for n in (10, 100, 1000):
         arrays = [np.random.rand(1024).astype(np.float32) for _ in range(n)]  # 4 KiB each
         r.group(sec, f"{n} arrays of 4 KiB to 'cpu'", 0, _batch_methods(arrays, "cpu"))
+    _packed_over_link(r, sec)
     rng = np.random.default_rng(0)
     samples = [
         {"image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "label": i} for i in range(64)
@@ -79,6 +81,54 @@ def bench_batches(r: Runner) -> None:
             ),
         ],
     )
+
+
+class _HostSide:
+    """A sender that only packs (layout, staging copy by the copy threads): what the
+    packed path costs the host before the link."""
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def send(self, plan: Any, buffer: torch.Tensor) -> None:
+        plan.native.pack_into(buffer.numpy())
+
+
+def _packed_over_link(r: Runner, sec: str) -> None:
+    """The GPU batch path of to_device (one native layout, staging by the copy threads, a
+    few copies, one view per dtype and shape) over a simulated 25 GB/s link, against one
+    pipeline transfer per array over the same link: the host-side cost per array of
+    each, on a machine without a GPU."""
+    C = _backend.ENGINE.C
+    if C is None:
+        return
+    link = C.LinkSimulator(25.0, 0.0)
+    sender = LinkSender(link)
+    cpu = torch.device("cpu")
+    for n in (10, 100, 1000):
+        arrays = [np.random.rand(1024).astype(np.float32) for _ in range(n)]
+        outs = [np.empty(a.nbytes, np.uint8) for a in arrays]
+
+        def per_array(i: int, arrays: list[np.ndarray] = arrays, outs: Any = outs) -> None:
+            for a, o in zip(arrays, outs, strict=True):
+                link.to_device(a, o)
+
+        def packed(i: int, arrays: list[np.ndarray] = arrays) -> None:
+            send_batch(arrays, cpu, sender, None, False)
+
+        def host_side(i: int, arrays: list[np.ndarray] = arrays) -> None:
+            send_batch(arrays, cpu, _HostSide(), None, False)
+
+        r.group(
+            sec,
+            f"{n} arrays of 4 KiB over a simulated 25 GB/s link",
+            0,
+            [
+                ("for a in batch: one pipeline transfer", True, per_array),
+                ("tb.to_device's packed path", False, packed),
+                ("the same, host side alone (packed into memory, no link)", False, host_side),
+            ],
+        )
 
 
 class _Images(torch.utils.data.Dataset[dict[str, Any]]):

@@ -1,0 +1,144 @@
+"""Many host arrays in one buffer: the layout, the host-side packing and the views back.
+
+Arrays of one dtype and shape sit next to each other, each padded to 256 bytes, so a
+group's tensors come from one strided view and one ``unbind`` (not a slice and two views
+per array): with thousands of small arrays, per-array work and not the copy is what a
+batch costs. With the compiled core, the layout is computed in one call that checks every
+array once (``_C.PackedArrays``) and the copies run on the copy threads with the GIL
+released; without it, the same layout is computed here and filled with NumPy.
+
+Used by :func:`tensorbridge.to_device` (the packed host-to-device path) and by
+:class:`tensorbridge.PackedBatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from . import _backend, _dtypes
+
+ALIGN = 256  # offsets of packed arrays: enough for any dtype and for vector loads
+
+# (torch dtype, shape, first byte, bytes per array, member indices) per group
+Group = tuple[torch.dtype, tuple[int, ...], int, int, list[int]]
+
+
+class Layout(NamedTuple):
+    """Where each array goes in the packed buffer."""
+
+    nbytes: int  # the buffer's size: a multiple of ALIGN, at least ALIGN
+    groups: list[Group]  # in buffer order; members index the packed arrays
+    narrays: int  # how many arrays
+    native: Any  # the compiled layout (_C.PackedArrays; holds the arrays), or None
+    arrays: Sequence[np.ndarray]  # the arrays (for the NumPy packing)
+
+
+_TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
+
+
+def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
+    """The torch dtype a packed array becomes (its native-order twin: the copy swaps)."""
+    t = _TORCH_DTYPES.get(np_dtype)
+    if t is None:
+        native = np_dtype if np_dtype.isnative else np_dtype.newbyteorder("=")
+        t = _TORCH_DTYPES[np_dtype] = _dtypes.torch_dtype(native)  # refuses what it must
+    return t
+
+
+def layout(arrays: Sequence[np.ndarray]) -> Layout:
+    """Checks every array and lays them out; refuses (TypeError) a dtype torch cannot hold
+    or an array of Python objects, before anything is copied."""
+    C = _backend.ENGINE.C
+    if C is not None:
+        native = C.PackedArrays(arrays if isinstance(arrays, list) else list(arrays), ALIGN)
+        groups: list[Group] = [
+            (_torch_dtype(dt), shape, first, stride, members)
+            for dt, shape, first, stride, members in native.groups
+        ]
+        return Layout(native.nbytes, groups, len(arrays), native, arrays)
+    return _python_layout(arrays)
+
+
+def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
+    by_key: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
+    for i, a in enumerate(arrays):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"pack: item {i} is not a numpy.ndarray")
+        if a.dtype.hasobject:
+            raise TypeError(
+                "transfer: arrays holding Python references cannot be moved as bytes; convert "
+                "them to a numeric dtype first"
+            )
+        by_key.setdefault((a.dtype, a.shape), []).append(i)
+    groups: list[Group] = []
+    end = 0
+    for (np_dtype, shape), members in by_key.items():
+        size = np_dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        stride = -(-size // ALIGN) * ALIGN
+        groups.append((_torch_dtype(np_dtype), shape, end, stride, members))
+        end += stride * len(members)
+    return Layout(max(end, ALIGN), groups, len(arrays), None, arrays)
+
+
+def pack_into(plan: Layout, out: np.ndarray) -> None:
+    """Copies every array to its place in ``out`` (uint8, C-contiguous, at least
+    ``plan.nbytes``); the padding between arrays is left as it was."""
+    if plan.native is not None:
+        plan.native.pack_into(out)
+        return
+    if out.itemsize != 1 or not out.flags.c_contiguous:
+        raise ValueError("pack_into: out must be a C-contiguous array of bytes (uint8)")
+    if not out.flags.writeable:
+        raise ValueError("pack_into: out is read-only")
+    if out.nbytes < plan.nbytes:
+        raise ValueError("pack_into: out is smaller than the layout's nbytes")
+    if any(np.may_share_memory(out, a) for a in plan.arrays):
+        raise ValueError("pack: the destination overlaps one of the packed arrays")
+    for _, shape, first, stride, members in plan.groups:
+        for k, m in enumerate(members):
+            a = plan.arrays[m]
+            if not a.size:
+                continue
+            start = first + k * stride
+            dst = out[start : start + a.nbytes].view(a.dtype.newbyteorder("=")).reshape(shape)
+            np.copyto(dst, a, casting="equiv")
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(strides[::-1])
+
+
+def views(buffer: torch.Tensor, plan: Layout) -> list[torch.Tensor]:
+    """The packed arrays as tensors over ``buffer`` (uint8, ``plan.nbytes``, any device),
+    in the order of the arrays given to :func:`layout`: one strided view per group."""
+    out: list[Any] = [None] * plan.narrays
+    views_into(buffer, plan, out, range(plan.narrays))
+    return out
+
+
+def views_into(
+    buffer: torch.Tensor, plan: Layout, out: list[Any], positions: Sequence[int]
+) -> None:
+    """As :func:`views`, writing array ``i``'s tensor to ``out[positions[i]]``."""
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    for t_dtype, shape, first, stride, members in plan.groups:
+        flat = typed.get(t_dtype)
+        if flat is None:
+            flat = typed[t_dtype] = buffer.view(t_dtype)
+        item = flat.element_size()
+        group = torch.as_strided(
+            flat,
+            (len(members), *shape),
+            (stride // item, *_contiguous_strides(shape)),
+            flat.storage_offset() + first // item,  # (as_strided counts from the storage)
+        )
+        for m, v in zip(members, group.unbind(0), strict=True):
+            out[positions[m]] = v

@@ -1,0 +1,325 @@
+"""PackedBatch: a batch's arrays in one host buffer, plus the structure around them.
+
+A packed batch crosses to a device in one copy of one buffer, and it speaks the protocol
+that loaders and trainers already use for tensors: the DataLoader's pin-memory thread
+calls ``.pin_memory()``, Lightning's ``move_data_to_device`` and accelerate's
+``send_to_device`` call ``.to(device, non_blocking=...)`` on anything that has it, and
+``.to()`` hands back the batch in its own structure, on the device, with no glue code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _backend, _interop, _pack
+from ._batch import DTypeRule, DTypeSpec, _source_dtype, _target_dtype, dtype_rule
+from ._convert import Device, to_numpy
+from ._tree import Spec, flatten, unflatten
+
+
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+def new_host_buffer(nbytes: int, pin: bool | None = None) -> torch.Tensor:
+    """An uninitialized uint8 host buffer for a batch: in shared memory in a DataLoader
+    worker (so sending it to the main process moves a handle, not the bytes), page-locked
+    in the main process of a GPU machine (``pin=None``), else ordinary memory."""
+    if _in_worker():
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty(0, dtype=torch.uint8).set_(storage).view(-1)[:nbytes]
+    if pin is None:
+        pin = _backend.ENGINE.cuda_engine
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=bool(pin))
+
+
+class PackedBatch:
+    """A nested batch whose arrays share one host buffer, ready to cross in one copy.
+
+    Make one with :meth:`pack` or ``tb.collate(samples, packed=True)``. The arrays and
+    tensors of the batch (dicts, lists, tuples, namedtuples and dataclasses of them, as
+    :func:`tensorbridge.to_device` takes) are copied into one uint8 buffer, grouped by
+    dtype and shape, each at a 256-byte boundary; numbers, strings and other values stay
+    in the structure as they are.
+
+    - ``.to(device, non_blocking=False, dtype=None)`` returns the batch in its own
+      structure with every array a tensor on ``device``: the whole buffer crosses in one
+      copy (asynchronous from pinned memory with ``non_blocking=True``), and the tensors
+      are views of it (one strided view per dtype and shape). ``dtype`` is
+      :func:`tensorbridge.to_device`'s. Lightning, accelerate and anything else that
+      calls ``.to()`` on a batch move it this way.
+    - ``.pin_memory()`` returns a packed batch in page-locked memory (itself when it
+      already is, or when no GPU is usable): the DataLoader's pin-memory thread calls it.
+    - ``.unpack()`` returns the batch with tensors over the host buffer (no copy).
+    - Pickling keeps the buffer one tensor: across DataLoader worker processes it travels
+      as a shared-memory handle (packed in a worker, the buffer is made in shared memory),
+      so the bytes are copied once, into the buffer.
+
+    Example:
+        >>> import numpy as np, tensorbridge as tb
+        >>> p = tb.PackedBatch.pack({"x": np.ones((2, 3), np.float32), "y": np.arange(2), "id": 7})
+        >>> p
+        PackedBatch(2 arrays in 2 groups, 512 bytes, unpinned)
+        >>> b = p.to("cpu")
+        >>> b["x"].shape, b["y"].tolist(), b["id"]
+        (torch.Size([2, 3]), [0, 1], 7)
+    """
+
+    __slots__ = ("_buffer", "_groups", "_keys", "_leaves", "_positions", "_spec")
+    _buffer: torch.Tensor
+    _groups: list[_pack.Group]
+    _positions: list[int]  # the leaf position of each packed array
+    _leaves: list[Any]  # every leaf, None where an array was packed
+    _keys: list[Any]  # each leaf's key (for dtype= mappings)
+    _spec: Spec
+
+    def __init__(self) -> None:
+        raise TypeError(
+            "PackedBatch is not made directly: use tb.PackedBatch.pack(batch) or "
+            "tb.collate(samples, packed=True)."
+        )
+
+    @classmethod
+    def _make(
+        cls,
+        buffer: torch.Tensor,
+        groups: list[_pack.Group],
+        positions: list[int],
+        leaves: list[Any],
+        keys: list[Any],
+        spec: Spec,
+    ) -> PackedBatch:
+        self = object.__new__(cls)
+        self._buffer = buffer
+        self._groups = groups
+        self._positions = positions
+        self._leaves = leaves
+        self._keys = keys
+        self._spec = spec
+        return self
+
+    # ------------------------------------------------------------------ making one
+
+    @classmethod
+    def pack(cls, batch: Any, *, pin: bool | None = None) -> PackedBatch:
+        """Packs the arrays and host tensors of ``batch`` into one buffer.
+
+        ``pin``: page-lock the buffer (None: in the main process of a GPU machine; in a
+        DataLoader worker the buffer is in shared memory instead, and the pin-memory
+        thread pins it). Refused, before anything is copied: a tensor on a device
+        (``.cpu()`` it, or move the batch with :func:`tensorbridge.to_device`), a tensor
+        that requires grad (``.detach()`` it), arrays of dtypes torch has no dtype for.
+        """
+        originals, keys, spec = flatten(batch)
+        leaves: list[Any] = list(originals)
+        positions: list[int] = []
+        arrays: list[np.ndarray] = []
+        for i, leaf in enumerate(originals):
+            a = _host_array(leaf, keys[i])
+            if a is not None:
+                positions.append(i)
+                arrays.append(a)
+                leaves[i] = None
+        plan = _pack.layout(arrays)  # refuses before anything is copied
+        buffer = new_host_buffer(plan.nbytes, pin)
+        _pack.pack_into(plan, buffer.numpy())
+        return cls._make(buffer, plan.groups, positions, leaves, keys, spec)
+
+    # ------------------------------------------------------------------ the protocol
+
+    def to(
+        self,
+        device: Device | None = None,
+        dtype: DTypeSpec = None,
+        non_blocking: bool = False,
+        copy: bool = False,
+    ) -> Any:
+        """The batch in its own structure, its arrays as tensors on ``device`` (None: the
+        host), after one copy of the whole buffer; ``dtype`` casts as in
+        :func:`tensorbridge.to_device`. ``copy=True`` copies even for the host."""
+        rule = dtype_rule(dtype, "PackedBatch.to")
+        dev = torch.device("cpu") if device is None else _backend.resolve_device(device, "to")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        buffer = self._buffer
+        if dev != buffer.device or copy:
+            buffer = buffer.to(dev, non_blocking=non_blocking, copy=copy)
+        return self._rebuild(buffer, rule)
+
+    def pin_memory(self, device: Any = None) -> PackedBatch:
+        """This batch with its buffer page-locked (itself when it already is, or when no
+        GPU is usable: page-locking needs one)."""
+        if not _backend.ENGINE.cuda_engine or self._buffer.is_pinned():
+            return self
+        return self._make(
+            self._buffer.pin_memory(),
+            self._groups,
+            self._positions,
+            self._leaves,
+            self._keys,
+            self._spec,
+        )
+
+    def unpack(self) -> Any:
+        """The batch in its own structure, its arrays as tensors over the host buffer."""
+        return self._rebuild(self._buffer, None)
+
+    def is_pinned(self) -> bool:
+        """Whether the buffer is page-locked (so ``.to(..., non_blocking=True)`` is async)."""
+        return bool(self._buffer.is_pinned())
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The packed bytes: a 1-D uint8 host tensor."""
+        return self._buffer
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the buffer in bytes."""
+        return int(self._buffer.numel())
+
+    def __len__(self) -> int:
+        """How many arrays were packed."""
+        return len(self._positions)
+
+    def __repr__(self) -> str:
+        state = "pinned" if self.is_pinned() else "unpinned"
+        if self._buffer.is_shared():
+            state = "shared"
+        return (
+            f"PackedBatch({len(self)} arrays in {len(self._groups)} groups, {self.nbytes} "
+            f"bytes, {state})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_packed,
+            (self._buffer, self._groups, self._positions, self._leaves, self._keys, self._spec),
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _rebuild(self, buffer: torch.Tensor, rule: DTypeRule | None) -> Any:
+        out = list(self._leaves)
+        plan = _pack.Layout(buffer.numel(), self._groups, len(self._positions), None, ())
+        _pack.views_into(buffer, plan, out, self._positions)
+        if rule is not None:
+            for i in self._positions:
+                target = _target_dtype(rule, self._keys[i], _source_dtype(out[i]))
+                if target is not None and target != out[i].dtype:
+                    out[i] = out[i].to(target)
+        return unflatten(self._spec, out)
+
+
+def _rebuild_packed(*parts: Any) -> PackedBatch:
+    return PackedBatch._make(*parts)
+
+
+def _host_array(leaf: Any, key: Any) -> np.ndarray | None:
+    """The host array a leaf packs as; None for values that stay in the structure."""
+    if type(leaf) is np.ndarray:
+        return leaf
+    if _interop.is_foreign_array(leaf):
+        leaf = _interop.import_array(leaf, "PackedBatch.pack", numpy_first=True)
+    if isinstance(leaf, np.ndarray):
+        return np.asarray(leaf)
+    if not isinstance(leaf, torch.Tensor):
+        return None
+    where = "" if key is None else f" (at key {key!r})"
+    if leaf.device.type != "cpu":
+        raise ValueError(
+            f"PackedBatch.pack: a tensor{where} is on {leaf.device}; a packed batch holds host "
+            "arrays: pass it with .cpu(), or move the whole batch with tb.to_device()."
+        )
+    if leaf.requires_grad:
+        raise ValueError(
+            f"PackedBatch.pack: a tensor{where} requires grad, which packing would drop: "
+            "pass it with .detach()."
+        )
+    return to_numpy(leaf)
+
+
+# ----------------------------------------------------------------- collate(packed=True)
+
+
+class Arena:
+    """Bump allocation of a collated batch's tensors from one host buffer, so that
+    ``collate(samples, packed=True)`` stacks each field straight into the packed buffer
+    (one copy). A field that does not fit (the size is estimated before collating) gets
+    its own tensor, and the batch is packed afterwards instead."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffer = new_host_buffer(max(nbytes, _pack.ALIGN))
+        self.used = 0
+        self.spilled = False
+        # id(tensor) -> (the tensor, first byte, bytes it takes)
+        self.slots: dict[int, tuple[torch.Tensor, int, int]] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        first = -(-self.used // _pack.ALIGN) * _pack.ALIGN
+        if first + n > self.buffer.numel():
+            self.spilled = True
+            return torch.empty(shape, dtype=dtype)
+        self.used = first + n
+        t = self.buffer[first : first + n].view(dtype).view(shape)
+        self.slots[id(t)] = (t, first, -(-n // _pack.ALIGN) * _pack.ALIGN)
+        return t
+
+    def packed(self, batch: Any) -> PackedBatch:
+        """The collated batch as a PackedBatch over this arena's buffer."""
+        if self.spilled:
+            return PackedBatch.pack(batch)
+        originals, keys, spec = flatten(batch)
+        leaves: list[Any] = list(originals)
+        groups: list[_pack.Group] = []
+        positions: list[int] = []
+        for i, leaf in enumerate(originals):
+            slot = self.slots.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if slot is None or slot[0] is not leaf:
+                if isinstance(leaf, (np.ndarray, torch.Tensor)):  # (not from the arena)
+                    return PackedBatch.pack(batch)
+                continue
+            groups.append((leaf.dtype, tuple(leaf.shape), slot[1], slot[2], [len(positions)]))
+            positions.append(i)
+            leaves[i] = None
+        buffer = self.buffer[: max(-(-self.used // _pack.ALIGN) * _pack.ALIGN, _pack.ALIGN)]
+        return PackedBatch._make(buffer, groups, positions, leaves, keys, spec)
+
+
+ARENA: contextvars.ContextVar[Arena | None] = contextvars.ContextVar("arena", default=None)
+
+
+def estimate_nbytes(samples: Any) -> int:
+    """An upper bound of a collated batch's packed size, but for padding (pad=)."""
+    total = 0
+    leaves = 0
+    for sample in samples:
+        for leaf in flatten(sample)[0]:
+            leaves += 1
+            if isinstance(leaf, np.ndarray):
+                total += leaf.nbytes
+            elif isinstance(leaf, torch.Tensor):
+                total += leaf.numel() * leaf.element_size()
+            else:
+                total += 16  # a number (or a value that stays a list: nothing)
+    per_sample = leaves // max(len(samples), 1)
+    return total + 2 * _pack.ALIGN * (per_sample + 1)
+
+
+@contextlib.contextmanager
+def arena(nbytes: int) -> Iterator[Arena]:
+    a = Arena(nbytes)
+    token = ARENA.set(a)
+    try:
+        yield a
+    finally:
+        ARENA.reset(token)

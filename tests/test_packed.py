@@ -1,0 +1,287 @@
+"""PackedBatch and collate(packed=True): the same tensors as the unpacked paths, one buffer."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import io
+import pickle
+import zlib
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data._utils.pin_memory import pin_memory as loader_pin_memory
+
+import tensorbridge as tb
+from tensorbridge import _packed
+
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+
+Point = collections.namedtuple("Point", "xy weight")
+
+
+@dataclasses.dataclass
+class Sample:
+    image: np.ndarray
+    label: int
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _random_batch(rng):
+    """Nested containers; dtypes (big-endian, bfloat16, bool, complex), layouts and values."""
+    kinds = ["u1", "<i2", "<f4", ">f8", "<c8", "?", ">u4"]
+    if ml_dtypes is not None:
+        kinds.append(ml_dtypes.bfloat16)
+    arrays = []
+    for i in range(60):
+        a = rng.integers(0, 100, (i % 3 + 1, i % 4 + 2)).astype(kinds[i % len(kinds)])
+        arrays.append(a[::-1] if i % 3 == 0 else a.T if i % 3 == 1 else a)
+    return {
+        "arrays": arrays,
+        "tensor": torch.from_numpy(rng.standard_normal((4, 6))).T,  # strided CPU tensor
+        "empty": np.zeros((0, 3), np.int64),
+        "scalar": np.array(rng.standard_normal()),
+        "point": Point(rng.standard_normal(2), 0.5),
+        "sample": Sample(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8), 3),
+        "values": (7, "name", None, 2.5),
+        "big": rng.standard_normal(40000),  # 320 KB: several packs' worth on its own
+    }
+
+
+def _expected(leaf):
+    return leaf.contiguous() if isinstance(leaf, torch.Tensor) else tb.from_numpy(leaf)
+
+
+def _assert_same(got, batch):
+    """got: batch's structure with every array a tensor equal (bits, dtype, shape) to it."""
+    got_leaves, got_keys, _ = tb._tree.flatten(got)
+    leaves, keys, _ = tb._tree.flatten(batch)
+    assert got_keys == keys
+    for g, leaf in zip(got_leaves, leaves, strict=True):
+        if isinstance(leaf, (np.ndarray, torch.Tensor)):
+            e = _expected(leaf)
+            assert isinstance(g, torch.Tensor)
+            assert (g.dtype, g.shape) == (e.dtype, e.shape)
+            assert g.is_contiguous()
+            assert torch.equal(g.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8))
+        else:
+            assert g is leaf or g == leaf
+    assert type(got) is type(batch)
+    assert type(got["point"]) is Point and type(got["sample"]) is Sample
+
+
+def test_pack_then_to_host_gives_the_same_tensors_as_to_device(rng):
+    batch = _random_batch(rng)
+    packed = tb.PackedBatch.pack(batch)
+    n_arrays = sum(isinstance(x, (np.ndarray, torch.Tensor)) for x in tb._tree.flatten(batch)[0])
+    assert len(packed) == n_arrays
+    assert packed.nbytes % 256 == 0
+    for got in (packed.to("cpu"), packed.unpack(), packed.to(), tb.to_device(packed, "cpu")):
+        _assert_same(got, batch)
+        for t in tb._tree.flatten(got)[0]:  # views of the one buffer: no copies on the host
+            if isinstance(t, torch.Tensor) and t.numel():
+                assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
+
+
+def test_the_packed_bytes_come_from_the_arrays_not_from_the_buffer(rng, monkeypatch):
+    """The buffer is poisoned before packing: every array byte must be overwritten."""
+    made = []
+
+    def poisoned(nbytes, pin=None):
+        made.append(torch.full((nbytes,), 0xAB, dtype=torch.uint8))
+        return made[-1]
+
+    monkeypatch.setattr(_packed, "new_host_buffer", poisoned)
+    batch = {"a": rng.standard_normal((3, 5)), "b": rng.integers(0, 9, 7).astype(">i4")[::2]}
+    _assert_same_values(tb.PackedBatch.pack(batch).unpack(), batch)
+    assert len(made) == 1
+
+
+def _assert_same_values(got, batch):
+    for k in batch:
+        assert torch.equal(got[k], tb.from_numpy(batch[k])), k
+
+
+def test_to_copies_for_the_host_only_when_asked(rng):
+    packed = tb.PackedBatch.pack({"x": rng.standard_normal(4)})
+    shared = packed.to("cpu")["x"]
+    copied = packed.to("cpu", copy=True)["x"]
+    assert shared.data_ptr() == packed.buffer.data_ptr()
+    assert copied.data_ptr() != packed.buffer.data_ptr()
+    assert torch.equal(shared, copied)
+
+
+def test_to_casts_like_to_device(rng):
+    batch = {"img": rng.standard_normal((2, 3)).astype(np.float32), "label": np.arange(2)}
+    packed = tb.PackedBatch.pack(batch)
+    out = packed.to("cpu", dtype=torch.float16)
+    assert out["img"].dtype == torch.float16 and out["label"].dtype == torch.int64
+    assert torch.equal(out["img"], torch.from_numpy(batch["img"]).half())
+    out = packed.to("cpu", dtype={"label": torch.int32})
+    assert out["img"].dtype == torch.float32 and out["label"].dtype == torch.int32
+    out = tb.to_device(packed, "cpu", dtype={"label": "int16"})
+    assert out["label"].dtype == torch.int16
+    with pytest.raises(TypeError, match="floating dtype"):
+        packed.to("cpu", dtype=torch.int32)
+
+
+def test_pickle_round_trips_and_keeps_one_buffer(rng):
+    batch = _random_batch(rng)
+    packed = tb.PackedBatch.pack(batch)
+    back = pickle.loads(pickle.dumps(packed))
+    assert isinstance(back, tb.PackedBatch) and back.nbytes == packed.nbytes
+    _assert_same(back.unpack(), batch)
+    # the DataLoader's pickler moves the buffer to shared memory once, as one tensor
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(packed)
+    shared = pickle.loads(buf.getvalue())
+    _assert_same(shared.unpack(), batch)
+    assert shared.buffer.is_shared()
+
+
+def test_pin_memory_is_what_the_loader_thread_calls(rng):
+    packed = tb.PackedBatch.pack({"x": rng.standard_normal(3)})
+    pinned = loader_pin_memory(packed)
+    assert isinstance(pinned, tb.PackedBatch)
+    if not tb.info()["cuda"]:
+        assert pinned is packed and not pinned.is_pinned()  # nothing to pin with
+    _assert_same_values(pinned.unpack(), {"x": packed.unpack()["x"].numpy()})
+
+
+@pytest.mark.parametrize(
+    "leaf, error, match",
+    [
+        (torch.ones(2, requires_grad=True), ValueError, r"requires grad.*\.detach\(\)"),
+        (torch.ones(2, device="meta"), ValueError, r"is on meta.*\.cpu\(\)"),
+        (np.array([object()]), TypeError, "Python references"),
+        (np.array(["a", "b"]), TypeError, "no torch equivalent: encode or tokenize"),
+    ],
+)
+def test_pack_refuses_what_it_cannot_hold_before_copying(leaf, error, match, monkeypatch):
+    made = []
+    monkeypatch.setattr(_packed, "new_host_buffer", lambda n, pin=None: made.append(n))
+    with pytest.raises(error, match=match):
+        tb.PackedBatch.pack({"ok": np.ones(3), "bad": leaf})
+    assert made == []  # refused before a buffer was made
+
+
+def test_a_packed_batch_is_not_made_directly():
+    with pytest.raises(TypeError, match=r"PackedBatch\.pack"):
+        tb.PackedBatch()
+
+
+# ------------------------------------------------------------------ collate(packed=True)
+
+
+def _samples(rng, n=6):
+    return [
+        {
+            "image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+            "label": int(rng.integers(0, 10)),
+            "weight": float(rng.standard_normal()),
+            "tokens": rng.integers(0, 100, int(rng.integers(1, 6))),
+            "meta": {"id": f"s{i}", "box": rng.standard_normal(4).astype(np.float32)},
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_collate_packed_equals_collate(rng, spill, monkeypatch):
+    if spill:  # the size estimate falls short: the batch is packed after collating
+        monkeypatch.setattr(_packed, "estimate_nbytes", lambda samples: 0)
+        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda samples: 0)
+    samples = _samples(rng)
+    kwargs = {"pad": {"tokens": -1}}
+    packed = tb.collate(samples, packed=True, **kwargs)
+    assert isinstance(packed, tb.PackedBatch)
+    expected = tb.collate(samples, **kwargs)
+    got = packed.to("cpu")
+    assert got.keys() == expected.keys()
+    for key in ("image", "label", "weight", "tokens", "tokens_lengths"):
+        assert got[key].dtype == expected[key].dtype
+        assert torch.equal(got[key], expected[key]), key
+    assert got["meta"]["id"] == expected["meta"]["id"]
+    assert torch.equal(got["meta"]["box"], expected["meta"]["box"])
+    if not spill:  # stacked straight into the one buffer
+        for t in (got["image"], got["tokens"], got["meta"]["box"]):
+            assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
+
+
+def test_collate_packed_keeps_fields_lists_and_refuses_as_collate_does(rng):
+    samples = _samples(rng)
+    packed = tb.collate(samples, packed=True, pad={"tokens": 0}, fields={"meta": list})
+    meta = packed.unpack()["meta"]  # a list, its arrays packed (as to_device moves them)
+    assert isinstance(meta, list) and [m["id"] for m in meta] == [s["meta"]["id"] for s in samples]
+    for m, s in zip(meta, samples, strict=True):
+        assert torch.equal(m["box"], torch.from_numpy(s["meta"]["box"]))
+    samples[2]["image"] = samples[2]["image"][:4]
+    with pytest.raises(ValueError, match=r'batch\["image"\]: sample 2 has shape'):
+        tb.collate(samples, packed=True)
+    with pytest.raises(TypeError, match="packed= must be True or False"):
+        tb.collate(samples, packed="yes")
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        return {
+            "image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+            "label": i,
+            "x": rng.standard_normal(5).astype(np.float32),
+        }
+
+
+@pytest.mark.slow
+def test_a_dataloader_with_workers_sends_one_shared_buffer_per_batch():
+    loader = torch.utils.data.DataLoader(
+        _Dataset(),
+        batch_size=5,
+        num_workers=2,
+        collate_fn=functools.partial(tb.collate, packed=True),
+    )
+    reference = torch.utils.data.DataLoader(_Dataset(), batch_size=5)
+    batches = 0
+    for packed, expected in zip(loader, reference, strict=True):
+        assert isinstance(packed, tb.PackedBatch)
+        assert packed.buffer.is_shared()  # made in shared memory by the worker
+        got = packed.to("cpu")
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+        batches += 1
+    assert batches == 5
+
+
+def test_a_prefetcher_moves_packed_batches(rng):
+    samples = [_samples(rng, 4) for _ in range(3)]
+    packed = [tb.collate(s, packed=True, pad={"tokens": 0}) for s in samples]
+    for got, s in zip(tb.Prefetcher(packed, "cpu"), samples, strict=True):
+        expected = tb.collate(s, pad={"tokens": 0})
+        assert torch.equal(got["image"], expected["image"])
+        assert torch.equal(got["tokens"], expected["tokens"])
+
+
+@pytest.mark.gpu
+def test_a_pinned_packed_batch_crosses_to_the_gpu_in_one_copy(rng):
+    batch = _random_batch(rng)
+    packed = tb.PackedBatch.pack(batch)
+    assert packed.is_pinned()  # page-locked when made in the main process of a GPU machine
+    moved = packed.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    cpu = tb._tree.tree_map(lambda x, k: x.cpu() if isinstance(x, torch.Tensor) else x, moved)
+    _assert_same(cpu, batch)
+    unpinned = tb.PackedBatch.pack(batch, pin=False)
+    assert not unpinned.is_pinned() and unpinned.pin_memory().is_pinned()
