@@ -367,6 +367,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &tb::get_num_threads, "Threads used for large host copies.");
   m.def("set_num_threads", &tb::set_num_threads, py::arg("n"),
         "Set the threads used for large host copies.");
+  m.def("default_pinned_budget", &tb::default_pinned_budget,
+        "The pinned budget per device when none is set: an eighth of RAM, 256 MiB to 8 GiB.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
   bind_pending_copy(m);
   py::class_<LinkSimulator>(m, "LinkSimulator",

@@ -1,5 +1,4 @@
 #include <cuda_runtime.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -94,7 +93,10 @@ struct Device {
 std::mutex g_mutex;
 // Leaked on purpose (see the header); indexed by device.
 auto* g_devices = new std::map<int, Device*>();
-size_t g_budget = 0;    // 0: not set yet, use default_pinned_budget()
+// Unset until set_pinned_budget() (or a pool's creation) fixes it: 0 is a valid budget
+// (no staging at all), so it cannot double as "not set".
+bool g_budget_set = false;
+size_t g_budget = 0;
 size_t g_reserved = 0;  // budget taken by arrays registered in place (every pool reserves it)
 
 // Makes device d current for the guard's lifetime and restores the caller's device after:
@@ -119,13 +121,20 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
+size_t budget_locked() {
+  if (!g_budget_set) {
+    g_budget = default_pinned_budget();
+    g_budget_set = true;
+  }
+  return g_budget;
+}
+
 // The engine and pool of device d; the caller holds a DeviceGuard for d.
 Device& device(int d) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_devices->find(d);
   if (it != g_devices->end()) return *it->second;
-  if (g_budget == 0) g_budget = default_pinned_budget();
-  Device* dev = new Device(d, g_budget, g_reserved);
+  Device* dev = new Device(d, budget_locked(), g_reserved);
   g_devices->emplace(d, dev);
   return *dev;
 }
@@ -136,17 +145,12 @@ auto* g_registered = new std::map<std::pair<uintptr_t, size_t>, int>();
 
 }  // namespace
 
-size_t default_pinned_budget() {
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  const size_t ram = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t{8} << 30;
-  return std::clamp(ram / 8, size_t{256} << 20, size_t{8} << 30);
-}
-
 void set_pinned_budget(size_t bytes) {
   std::vector<Device*> devs;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_budget = bytes;
+    g_budget_set = true;
     for (auto& [d, dev] : *g_devices) devs.push_back(dev);
   }
   for (Device* dev : devs) dev->pool.set_budget(bytes);
@@ -158,7 +162,7 @@ PoolStats pinned_stats() {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto& [d, dev] : *g_devices) devs.push_back(dev);
-    total.budget = g_budget ? g_budget : default_pinned_budget();
+    total.budget = budget_locked();
   }
   for (Device* dev : devs) {
     const PoolStats s = dev->pool.stats();
@@ -178,7 +182,7 @@ bool reserve_pinned(size_t bytes) {
   // Under g_mutex throughout, so a pool created meanwhile starts with the reservation
   // (no path takes g_mutex while holding a pool's lock).
   std::lock_guard<std::mutex> lock(g_mutex);
-  const size_t budget = g_budget ? g_budget : default_pinned_budget();
+  const size_t budget = budget_locked();
   if (bytes > budget || g_reserved > budget - bytes) return false;
   std::vector<Device*> done;
   done.reserve(g_devices->size());  // (push_back below cannot throw)

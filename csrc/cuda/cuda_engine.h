@@ -16,8 +16,8 @@
 
 namespace tb::cuda {
 
-/// Default pinned budget per device: an eighth of physical memory, within [256 MiB, 8 GiB].
-size_t default_pinned_budget();
+using tb::default_pinned_budget;
+/// The budget of every device's pool, now and later (default_pinned_budget() until set).
 void set_pinned_budget(size_t bytes);
 /// Summed over the devices used so far.
 PoolStats pinned_stats();
