@@ -38,9 +38,11 @@ inline void maybe_inject_fault() {}
 
 class CudaEngine final : public TransferEngine {
  public:
-  explicit CudaEngine(int device) : device_(device) {}
+  CudaEngine(int device, int numa_node) : device_(device), numa_node_(numa_node) {}
 
-  void* alloc_pinned(size_t nbytes) override { return host_alloc(nbytes); }
+  void* alloc_pinned(size_t nbytes) override {
+    return host_alloc(nbytes, numa_node_.load(std::memory_order_relaxed));
+  }
   void free_pinned(void* ptr) noexcept override { host_free(ptr); }
   void copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) override {
     maybe_inject_fault();
@@ -77,15 +79,19 @@ class CudaEngine final : public TransferEngine {
     TB_CUDA_CHECK(cudaSetDevice(device_));
   }
 
+  void set_numa_node(int node) { numa_node_.store(node, std::memory_order_relaxed); }
+
   static cudaStream_t stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
   static cudaEvent_t event(EventHandle e) { return reinterpret_cast<cudaEvent_t>(e); }
 
  private:
   int device_;
+  std::atomic<int> numa_node_;  // where staging blocks are placed; -1: no preference
 };
 
 struct Device {
-  Device(int d, size_t budget, size_t reserved) : engine(d), pool(engine, budget, reserved) {}
+  Device(int d, int numa_node, size_t budget, size_t reserved)
+      : engine(d, numa_node), pool(engine, budget, reserved) {}
   CudaEngine engine;
   PinnedPool pool;
 };
@@ -98,6 +104,7 @@ auto* g_devices = new std::map<int, Device*>();
 bool g_budget_set = false;
 size_t g_budget = 0;
 size_t g_reserved = 0;  // budget taken by arrays registered in place (every pool reserves it)
+std::vector<int> g_numa_nodes;  // per device: the node its blocks prefer, -1 for none
 
 // Makes device d current for the guard's lifetime and restores the caller's device after:
 // the current device is per thread and shared with torch through the driver, so leaving
@@ -134,7 +141,8 @@ Device& device(int d) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_devices->find(d);
   if (it != g_devices->end()) return *it->second;
-  Device* dev = new Device(d, budget_locked(), g_reserved);
+  const int node = d < static_cast<int>(g_numa_nodes.size()) ? g_numa_nodes[d] : -1;
+  Device* dev = new Device(d, node, budget_locked(), g_reserved);
   g_devices->emplace(d, dev);
   return *dev;
 }
@@ -154,6 +162,13 @@ void set_pinned_budget(size_t bytes) {
     for (auto& [d, dev] : *g_devices) devs.push_back(dev);
   }
   for (Device* dev : devs) dev->pool.set_budget(bytes);
+}
+
+void set_numa_nodes(const std::vector<int>& nodes) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_numa_nodes = nodes;
+  for (auto& [d, dev] : *g_devices)
+    dev->engine.set_numa_node(d < static_cast<int>(nodes.size()) ? nodes[d] : -1);
 }
 
 PoolStats pinned_stats() {

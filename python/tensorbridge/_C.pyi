@@ -14,6 +14,7 @@ class _Probe(TypedDict):
     driver_version: int
     error: str | None
     device_names: list[str]
+    pci_bus_ids: list[str]
 
 class _Report(TypedDict):
     chunks: int
@@ -29,6 +30,11 @@ class _PoolStats(TypedDict):
     fallbacks: int
     pin_failures: int
     frees: int
+
+class _NumaStats(TypedDict):
+    numa_placed: int
+    numa_refused: int
+    numa_error: int
 
 class PendingCopy:
     """A copy queued without waiting; holds the memory it touches until it completes."""
@@ -88,6 +94,8 @@ def cuda_copy_async(
 ) -> PendingCopy: ...
 def cuda_pinned_stats() -> _PoolStats: ...
 def cuda_set_pinned_budget(bytes: int) -> None: ...
+def cuda_set_numa_nodes(nodes: list[int]) -> None: ...
+def cuda_numa_stats() -> _NumaStats: ...
 def cuda_reserve_pinned(bytes: int) -> bool: ...
 def cuda_unreserve_pinned(bytes: int) -> None: ...
 def cuda_host_register(array: np.ndarray) -> bool: ...
