@@ -230,7 +230,7 @@ def test_info_reports_a_node_per_device():
     info = tb.info()
     assert len(info["numa_nodes"]) == (info["devices"] if info["cuda"] else 0)
     if not HAS_CUDA:
-        assert info["numa_nodes"] == []
+        assert info["numa_nodes"] == [] and info["ranks"]["numa_node"] is None
 
 
 def test_pinned_stats_count_placements():

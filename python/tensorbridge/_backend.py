@@ -349,7 +349,8 @@ def set_num_threads(n: int) -> None:
     dozen threads saturate, and an unbounded count would start as many OS threads as
     asked. If the OS refuses to start one, the next large copy raises RuntimeError. Both
     paths accept and refuse the same values (the pure-Python path copies on one thread
-    whatever is set).
+    whatever is set). It wins over the default, which is divided among the ranks of a
+    node under a launcher (``info()["ranks"]``), and over ``TENSORBRIDGE_NUM_THREADS``.
 
     Raises:
         TypeError: ``n`` is not an int.
@@ -366,6 +367,9 @@ def set_num_threads(n: int) -> None:
     C = ENGINE.C
     if C is not None:
         C.set_num_threads(n)
+    from . import _ranks  # (imported by the package before any call; it imports this module)
+
+    _ranks.note_threads(n)
 
 
 def _torch_bus_ids() -> list[str | None]:
@@ -396,13 +400,22 @@ def info() -> dict[str, Any]:
     """Which path is live and why, the CUDA runtime's view, the node, and versions.
 
     ``numa_nodes`` holds each CUDA device's NUMA node (None where unknown; empty without
-    a GPU).
+    a GPU). ``ranks`` is this process's place on the node and its share of it:
+    ``local_rank`` and ``local_world_size`` (from ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``;
+    None and 1 without a launcher), ``device`` (the rank's GPU, ``"cuda:N"``, or None) and
+    its ``numa_node``, ``pinned_budget`` (bytes per device pool) and ``threads`` (the
+    compiled core's copy threads; the pure-Python path copies on one whatever is set),
+    each with its ``..._source`` (``default``, ``rank share``, an environment variable or
+    the setter that decided it), and ``reason`` (why the launcher's values were not used,
+    or None). See docs/scaling.md.
 
     Example:
         >>> import tensorbridge
         >>> tensorbridge.info()["extension"]  # doctest: +SKIP
         True
     """
+    from . import _ranks
+
     cuda, devices, cuda_reason = cuda_status()
     probe = _cuda_probe()
     nodes = numa_nodes()
@@ -427,6 +440,7 @@ def info() -> dict[str, Any]:
         "device_names": list(probe["device_names"]),
         "threads": get_num_threads(),
         "numa_nodes": nodes,
+        "ranks": _ranks.ranks_info(cuda, devices, nodes),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "numpy": np.__version__,

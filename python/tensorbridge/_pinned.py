@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _backend, _registry
+from . import _backend, _ranks, _registry
 from ._dtypes import DTypeLike, as_numpy_dtype
 
 ShapeLike = int | tuple[int, ...] | list[int]
@@ -177,8 +177,12 @@ def pinned_stats() -> dict[str, Any]:
 def set_pinned_budget(nbytes: int) -> None:
     """Caps the page-locked bytes tensorbridge may hold per device: the staging pool's
     blocks and the arrays registered in place together (registrations take at most half).
-    Idle blocks over it are freed, and registrations evicted, least recently used first."""
+    Idle blocks over it are freed, and registrations evicted, least recently used first.
+
+    It wins over the default, which is divided among the ranks of a node under a
+    launcher (``info()["ranks"]``), and over ``TENSORBRIDGE_PINNED_BUDGET``."""
     nbytes = _backend.int_arg(nbytes, "set_pinned_budget: nbytes", 0, 2**62)
+    _ranks.note_pinned_budget(nbytes)
     if _backend.ENGINE.cuda_engine:
         _backend.ENGINE.core.cuda_set_pinned_budget(nbytes)
         _registry.CACHE.trim(_registry.share_of(nbytes))
