@@ -159,6 +159,7 @@ py::dict cuda_probe() {
   d["driver_version"] = info.driver_version;
   d["error"] = info.error.empty() ? py::object(py::none()) : py::object(py::str(info.error));
   d["device_names"] = info.device_names;
+  d["pci_bus_ids"] = info.pci_bus_ids;
 #else
   d["compiled"] = false;
   d["device_count"] = 0;
@@ -166,6 +167,7 @@ py::dict cuda_probe() {
   d["driver_version"] = 0;
   d["error"] = py::str("tensorbridge._C was built without the CUDA toolkit");
   d["device_names"] = py::list();
+  d["pci_bus_ids"] = py::list();
 #endif
   return d;
 }
@@ -402,6 +404,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &tb::get_num_threads, "Threads used for large host copies.");
   m.def("set_num_threads", &tb::set_num_threads, py::arg("n"),
         "Set the threads used for large host copies.");
+  m.def("default_pinned_budget", &tb::default_pinned_budget,
+        "The pinned budget per device when none is set: an eighth of RAM, 256 MiB to 8 GiB.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
   bind_pending_copy(m);
   py::class_<PackedArrays>(m, "PackedArrays",
@@ -485,6 +489,19 @@ PYBIND11_MODULE(_C, m) {
       "Seconds per pageable<->page-locked copy of nbytes with the thread pool (H).");
   m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
   m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
+  m.def("cuda_set_numa_nodes", &tb::cuda::set_numa_nodes, py::arg("nodes"),
+        "The NUMA node per device that staging blocks pinned from now on prefer (-1: none).");
+  m.def(
+      "cuda_numa_stats",
+      [] {
+        const tb::cuda::NumaStats s = tb::cuda::numa_stats();
+        py::dict d;
+        d["numa_placed"] = s.placed;
+        d["numa_refused"] = s.refused;
+        d["numa_error"] = s.error;
+        return d;
+      },
+      "Staging blocks pinned on their device's NUMA node, and those the kernel refused.");
   m.def(
       "cuda_reserve_pinned",
       [](size_t bytes) {

@@ -22,6 +22,7 @@ MODULES = [
     "tensorbridge._handle",
     "tensorbridge._loader",
     "tensorbridge._pinned",
+    "tensorbridge._ranks",
     "tensorbridge._registry",
 ]
 

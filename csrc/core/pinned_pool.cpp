@@ -1,10 +1,18 @@
 #include "core/pinned_pool.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
 
 namespace tb {
+
+size_t default_pinned_budget() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  const size_t ram = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t{8} << 30;
+  return std::clamp(ram / 8, size_t{256} << 20, size_t{8} << 30);
+}
 
 PinnedPool::PinnedPool(TransferEngine& engine, size_t budget_bytes, size_t reserved)
     : engine_(engine), budget_(budget_bytes), reserved_(reserved) {}

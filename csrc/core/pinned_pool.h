@@ -43,6 +43,10 @@ struct PoolStats {
   uint64_t frees = 0;  // blocks unpinned to make room or on trim()
 };
 
+/// The pinned budget of a pool nobody set one for: an eighth of physical memory, within
+/// [256 MiB, 8 GiB]. The Python layer divides it among the ranks of a node.
+size_t default_pinned_budget();
+
 class PinnedPool {
  public:
   /// `reserved`: bytes of the budget already taken by memory pinned outside the pool.

@@ -1,5 +1,4 @@
 #include <cuda_runtime.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -39,9 +38,11 @@ inline void maybe_inject_fault() {}
 
 class CudaEngine final : public TransferEngine {
  public:
-  explicit CudaEngine(int device) : device_(device) {}
+  CudaEngine(int device, int numa_node) : device_(device), numa_node_(numa_node) {}
 
-  void* alloc_pinned(size_t nbytes) override { return host_alloc(nbytes); }
+  void* alloc_pinned(size_t nbytes) override {
+    return host_alloc(nbytes, numa_node_.load(std::memory_order_relaxed));
+  }
   void free_pinned(void* ptr) noexcept override { host_free(ptr); }
   void copy_to_host_async(void* host, const void* device, size_t n, StreamHandle s) override {
     maybe_inject_fault();
@@ -78,15 +79,19 @@ class CudaEngine final : public TransferEngine {
     TB_CUDA_CHECK(cudaSetDevice(device_));
   }
 
+  void set_numa_node(int node) { numa_node_.store(node, std::memory_order_relaxed); }
+
   static cudaStream_t stream(StreamHandle s) { return reinterpret_cast<cudaStream_t>(s); }
   static cudaEvent_t event(EventHandle e) { return reinterpret_cast<cudaEvent_t>(e); }
 
  private:
   int device_;
+  std::atomic<int> numa_node_;  // where staging blocks are placed; -1: no preference
 };
 
 struct Device {
-  Device(int d, size_t budget, size_t reserved) : engine(d), pool(engine, budget, reserved) {}
+  Device(int d, int numa_node, size_t budget, size_t reserved)
+      : engine(d, numa_node), pool(engine, budget, reserved) {}
   CudaEngine engine;
   PinnedPool pool;
 };
@@ -94,8 +99,12 @@ struct Device {
 std::mutex g_mutex;
 // Leaked on purpose (see the header); indexed by device.
 auto* g_devices = new std::map<int, Device*>();
-size_t g_budget = 0;    // 0: not set yet, use default_pinned_budget()
+// Unset until set_pinned_budget() (or a pool's creation) fixes it: 0 is a valid budget
+// (no staging at all), so it cannot double as "not set".
+bool g_budget_set = false;
+size_t g_budget = 0;
 size_t g_reserved = 0;  // budget taken by arrays registered in place (every pool reserves it)
+std::vector<int> g_numa_nodes;  // per device: the node its blocks prefer, -1 for none
 
 // Makes device d current for the guard's lifetime and restores the caller's device after:
 // the current device is per thread and shared with torch through the driver, so leaving
@@ -119,13 +128,21 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
+size_t budget_locked() {
+  if (!g_budget_set) {
+    g_budget = default_pinned_budget();
+    g_budget_set = true;
+  }
+  return g_budget;
+}
+
 // The engine and pool of device d; the caller holds a DeviceGuard for d.
 Device& device(int d) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_devices->find(d);
   if (it != g_devices->end()) return *it->second;
-  if (g_budget == 0) g_budget = default_pinned_budget();
-  Device* dev = new Device(d, g_budget, g_reserved);
+  const int node = d < static_cast<int>(g_numa_nodes.size()) ? g_numa_nodes[d] : -1;
+  Device* dev = new Device(d, node, budget_locked(), g_reserved);
   g_devices->emplace(d, dev);
   return *dev;
 }
@@ -136,20 +153,22 @@ auto* g_registered = new std::map<std::pair<uintptr_t, size_t>, int>();
 
 }  // namespace
 
-size_t default_pinned_budget() {
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  const size_t ram = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t{8} << 30;
-  return std::clamp(ram / 8, size_t{256} << 20, size_t{8} << 30);
-}
-
 void set_pinned_budget(size_t bytes) {
   std::vector<Device*> devs;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_budget = bytes;
+    g_budget_set = true;
     for (auto& [d, dev] : *g_devices) devs.push_back(dev);
   }
   for (Device* dev : devs) dev->pool.set_budget(bytes);
+}
+
+void set_numa_nodes(const std::vector<int>& nodes) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_numa_nodes = nodes;
+  for (auto& [d, dev] : *g_devices)
+    dev->engine.set_numa_node(d < static_cast<int>(nodes.size()) ? nodes[d] : -1);
 }
 
 PoolStats pinned_stats() {
@@ -158,7 +177,7 @@ PoolStats pinned_stats() {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto& [d, dev] : *g_devices) devs.push_back(dev);
-    total.budget = g_budget ? g_budget : default_pinned_budget();
+    total.budget = budget_locked();
   }
   for (Device* dev : devs) {
     const PoolStats s = dev->pool.stats();
@@ -178,7 +197,7 @@ bool reserve_pinned(size_t bytes) {
   // Under g_mutex throughout, so a pool created meanwhile starts with the reservation
   // (no path takes g_mutex while holding a pool's lock).
   std::lock_guard<std::mutex> lock(g_mutex);
-  const size_t budget = g_budget ? g_budget : default_pinned_budget();
+  const size_t budget = budget_locked();
   if (bytes > budget || g_reserved > budget - bytes) return false;
   std::vector<Device*> done;
   done.reserve(g_devices->size());  // (push_back below cannot throw)

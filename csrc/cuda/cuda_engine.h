@@ -16,9 +16,13 @@
 
 namespace tb::cuda {
 
-/// Default pinned budget per device: an eighth of physical memory, within [256 MiB, 8 GiB].
-size_t default_pinned_budget();
+using tb::default_pinned_budget;
+/// The budget of every device's pool, now and later (default_pinned_budget() until set).
 void set_pinned_budget(size_t bytes);
+/// The NUMA node each device's staging blocks are placed on (nodes[d] for device d; -1
+/// or absent: no preference), for blocks pinned from now on. The Python layer finds the
+/// nodes (sysfs) and passes them only on machines with more than one node.
+void set_numa_nodes(const std::vector<int>& nodes);
 /// Summed over the devices used so far.
 PoolStats pinned_stats();
 /// Takes bytes of every device's budget for memory registered in place (pools created

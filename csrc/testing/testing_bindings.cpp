@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bindings_util.h"
+#include "core/numa.h"
 #include "core/pinned_pool.h"
 #include "core/pipeline.h"
 #include "testing/host_engine.h"
@@ -214,6 +215,28 @@ void cuda_inject_copy_fault(int64_t after) {
   (*fn)(after);
 }
 
+// Maps ordinary memory the way the CUDA engine maps a staging block on a NUMA node
+// (core/numa.h), asks the kernel what it did, and unmaps it: the placement step without
+// the GPU. preferred_*: the policy's node (-1: another policy, < -1: -errno of the query);
+// page_*: the node holding the first and last page.
+py::dict numa_map_probe(size_t nbytes, int node) {
+  if (nbytes > (size_t{1} << 32)) throw py::value_error("numa_map_probe: at most 4 GiB");
+  const tb::numa::Mapping m = tb::numa::map_preferring(nbytes, node);
+  const char* last = static_cast<const char*>(m.ptr) + m.size - 1;
+  py::dict d;
+  d["size"] = m.size;
+  d["mbind_errno"] = m.error;
+  d["preferred_first"] = tb::numa::preferred_node(m.ptr);
+  d["preferred_last"] = tb::numa::preferred_node(last);
+  d["page_first"] = tb::numa::page_node(m.ptr);
+  d["page_last"] = tb::numa::page_node(last);
+  tb::numa::unmap(m.ptr, m.size);
+  return d;
+}
+
+// The policy of ordinary (heap) memory: what an unplaced block would have.
+int numa_preferred_node_of(py::array a) { return tb::numa::preferred_node(a.data()); }
+
 }  // namespace
 
 PYBIND11_MODULE(_C_testing, m) {
@@ -268,6 +291,10 @@ PYBIND11_MODULE(_C_testing, m) {
         return tb::PinnedPool::size_class(nbytes);
       },
       py::arg("nbytes"));
+  m.def("numa_map_probe", &numa_map_probe, py::arg("nbytes"), py::arg("node"),
+        "Map nbytes preferring a NUMA node as the CUDA engine does; what the kernel did.");
+  m.def("numa_preferred_node_of", &numa_preferred_node_of, py::arg("array"),
+        "The node the memory policy at an array's first byte prefers (-1: no preference).");
   m.def("cuda_inject_copy_fault", &cuda_inject_copy_fault, py::arg("after"),
         "The copy after `after` more succeed fails with a CUDA error (-1: off).");
 }

@@ -14,6 +14,7 @@ from ._handle import Transfer
 from ._loader import Prefetcher, collate, images_to_tensor
 from ._packed import PackedBatch
 from ._pinned import empty_pinned, is_pinned, pin, pinned, pinned_stats, set_pinned_budget, unpin
+from ._ranks import rank_device
 from ._registry import registration_options
 from ._version import __version__
 
@@ -33,6 +34,7 @@ __all__ = [
     "pin",
     "pinned",
     "pinned_stats",
+    "rank_device",
     "registration_options",
     "set_num_threads",
     "set_pinned_budget",

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _numa
 from ._version import __version__
 
 MODE_ENV = "TENSORBRIDGE_EXTENSION"
@@ -144,10 +145,18 @@ class Engine:
 
     @property
     def cuda_engine(self) -> bool:
-        """GPU transfers can use the compiled CUDA engine (the answer is cached)."""
+        """GPU transfers can use the compiled CUDA engine (the answer is cached).
+
+        When it can, the engine is told each device's NUMA node first (on machines with
+        more than one), so the staging blocks it pins from then on sit on their GPU's node.
+        """
         if self._cuda_engine is None:
             C = self.C
-            self._cuda_engine = bool(C is not None and C.cuda_compiled and self.cuda_status()[0])
+            usable = bool(C is not None and C.cuda_compiled and self.cuda_status()[0])
+            if usable and C is not None:
+                bus_ids = _cuda_probe()["pci_bus_ids"]
+                C.cuda_set_numa_nodes(_numa.placement(bus_ids, _numa.SYSFS))
+            self._cuda_engine = usable
         return self._cuda_engine
 
     def cuda_status(self) -> tuple[bool, int, str | None]:
@@ -231,6 +240,7 @@ def _cuda_probe() -> dict[str, Any]:
             "driver_version": 0,
             "error": None,
             "device_names": [],
+            "pci_bus_ids": [],
         }
     return dict(_LOADED.cuda_probe())
 
@@ -339,7 +349,8 @@ def set_num_threads(n: int) -> None:
     dozen threads saturate, and an unbounded count would start as many OS threads as
     asked. If the OS refuses to start one, the next large copy raises RuntimeError. Both
     paths accept and refuse the same values (the pure-Python path copies on one thread
-    whatever is set).
+    whatever is set). It wins over the default, which is divided among the ranks of a
+    node under a launcher (``info()["ranks"]``), and over ``TENSORBRIDGE_NUM_THREADS``.
 
     Raises:
         TypeError: ``n`` is not an int.
@@ -356,18 +367,58 @@ def set_num_threads(n: int) -> None:
     C = ENGINE.C
     if C is not None:
         C.set_num_threads(n)
+    from . import _ranks  # (imported by the package before any call; it imports this module)
+
+    _ranks.note_threads(n)
+
+
+def _torch_bus_ids() -> list[str | None]:
+    # The pure-Python path asks torch, but only once torch has started CUDA itself: asking
+    # would start it, and a process that forks DataLoader workers later must not.
+    if not torch.cuda.is_initialized():
+        return [None] * torch.cuda.device_count()
+    ids: list[str | None] = []
+    for d in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(d)
+        parts = [getattr(p, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
+        ok = all(isinstance(v, int) for v in parts)
+        ids.append(f"{parts[0]:04x}:{parts[1]:02x}:{parts[2]:02x}.0" if ok else None)
+    return ids
+
+
+def numa_nodes() -> list[int | None]:
+    """The NUMA node of each CUDA device (None where sysfs does not say), from the bus
+    ids the CUDA runtime gives; empty without CUDA."""
+    cuda, devices, _ = cuda_status()
+    if not cuda or devices == 0:
+        return []
+    bus_ids = _cuda_probe()["pci_bus_ids"] if ENGINE.C is not None else _torch_bus_ids()
+    return _numa.device_nodes(bus_ids, _numa.SYSFS)
 
 
 def info() -> dict[str, Any]:
-    """Which path is live and why, the CUDA runtime's view, and versions.
+    """Which path is live and why, the CUDA runtime's view, the node, and versions.
+
+    ``numa_nodes`` holds each CUDA device's NUMA node (None where unknown; empty without
+    a GPU). ``ranks`` is this process's place on the node and its share of it:
+    ``local_rank`` and ``local_world_size`` (from ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``;
+    None and 1 without a launcher), ``device`` (the rank's GPU, ``"cuda:N"``, or None) and
+    its ``numa_node``, ``pinned_budget`` (bytes per device pool) and ``threads`` (the
+    compiled core's copy threads; the pure-Python path copies on one whatever is set),
+    each with its ``..._source`` (``default``, ``rank share``, an environment variable or
+    the setter that decided it), and ``reason`` (why the launcher's values were not used,
+    or None). See docs/scaling.md.
 
     Example:
         >>> import tensorbridge
         >>> tensorbridge.info()["extension"]  # doctest: +SKIP
         True
     """
+    from . import _ranks
+
     cuda, devices, cuda_reason = cuda_status()
     probe = _cuda_probe()
+    nodes = numa_nodes()
     try:
         import ml_dtypes
 
@@ -388,6 +439,8 @@ def info() -> dict[str, Any]:
         "cuda_driver": _version_str(probe["driver_version"]),
         "device_names": list(probe["device_names"]),
         "threads": get_num_threads(),
+        "numa_nodes": nodes,
+        "ranks": _ranks.ranks_info(cuda, devices, nodes),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "numpy": np.__version__,

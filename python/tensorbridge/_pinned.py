@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _backend, _registry
+from . import _backend, _ranks, _registry
 from ._dtypes import DTypeLike, as_numpy_dtype
 
 ShapeLike = int | tuple[int, ...] | list[int]
@@ -134,7 +134,11 @@ def pinned_stats() -> dict[str, Any]:
     The pool: ``budget`` (bytes of page-locked memory it may hold per device, registered
     arrays included), ``bytes_held`` and ``bytes_in_use``, and the counts of ``hits``
     (a cached block reused), ``misses`` (a block pinned), ``waits`` (for a busy block),
-    ``fallbacks`` (no block: the pageable path), ``pin_failures`` and ``frees``.
+    ``fallbacks`` (no block: the pageable path), ``pin_failures`` and ``frees``; on a
+    machine with more than one NUMA node, ``numa_placed`` (blocks pinned on their GPU's
+    node) and ``numa_refused`` (blocks pinned without it because the kernel refused the
+    memory policy; ``numa_error`` is the last refusal's errno, 1 for EPERM: a container
+    without CAP_SYS_NICE).
 
     The registration cache (pageable arrays that come back, page-locked in place: see
     :func:`registration_options`): ``registered_bytes`` and ``registered_arrays`` now,
@@ -161,16 +165,24 @@ def pinned_stats() -> dict[str, Any]:
             "fallbacks": 0,
             "pin_failures": 0,
             "frees": 0,
+            "numa_placed": 0,
+            "numa_refused": 0,
+            "numa_error": 0,
             **registry,
         }
-    return {"available": True, **_backend.ENGINE.core.cuda_pinned_stats(), **registry}
+    C = _backend.ENGINE.core
+    return {"available": True, **C.cuda_pinned_stats(), **C.cuda_numa_stats(), **registry}
 
 
 def set_pinned_budget(nbytes: int) -> None:
     """Caps the page-locked bytes tensorbridge may hold per device: the staging pool's
     blocks and the arrays registered in place together (registrations take at most half).
-    Idle blocks over it are freed, and registrations evicted, least recently used first."""
+    Idle blocks over it are freed, and registrations evicted, least recently used first.
+
+    It wins over the default, which is divided among the ranks of a node under a
+    launcher (``info()["ranks"]``), and over ``TENSORBRIDGE_PINNED_BUDGET``."""
     nbytes = _backend.int_arg(nbytes, "set_pinned_budget: nbytes", 0, 2**62)
+    _ranks.note_pinned_budget(nbytes)
     if _backend.ENGINE.cuda_engine:
         _backend.ENGINE.core.cuda_set_pinned_budget(nbytes)
         _registry.CACHE.trim(_registry.share_of(nbytes))

@@ -37,6 +37,8 @@ def main() -> None:
     stats: dict[str, object] = dict(tb.pinned_stats())
     info: dict[str, object] = dict(tb.info())
     tb.set_num_threads(tb.get_num_threads())
+    device: torch.device = tb.rank_device()
+    ranks: dict[str, object] = dict(tb.info()["ranks"])
     pinned: np.ndarray = tb.empty_pinned((4,), np.float32)
     options = tb.registration_options(min_bytes=8 << 20)
     registering: bool = options["enabled"]
@@ -44,6 +46,7 @@ def main() -> None:
     assert same is out and waited.shape == (2, 3) and done and t.shape == u.shape
     assert back["y"][1] == 1 and stats and info and pinned.shape == (4,)
     assert registering and options["min_bytes"] == 8 << 20
+    assert device.type in ("cpu", "cuda") and "local_rank" in ranks
     assert padded["tokens_lengths"].tolist() == [2, 1] and padded["meta"] == ["a", "b"]
     assert images.shape == wide.shape == (2, 3, 4, 4)
 
