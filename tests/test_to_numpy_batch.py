@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorbridge as tb
-from tensorbridge import _backend
+from tensorbridge import _backend, _batch
 
 from conftest import assert_same, forced_fallback, poisoned, random_tensor, reference_numpy
 
@@ -111,3 +111,34 @@ def test_batch_functions_round_trip(path, batch):
         _check_same(moved, batch)
         back = tb.to_numpy_batch(moved)
         _check_same(back, batch)
+
+
+def test_the_one_pass_gather_equals_to_numpy_per_tensor():
+    """The GPU path of to_numpy_batch (grouped by dtype and shape, one stack per group,
+    one transfer), run on CPU tensors: every array equals to_numpy of its tensor, outs
+    (poisoned first) are written in full, and views come from one host buffer."""
+    gen = torch.Generator().manual_seed(1234)
+    leaves = [torch.randn(7, generator=gen) for _ in range(20)]
+    leaves += [torch.randn(3, 4, generator=gen).T for _ in range(5)]  # strided
+    leaves += [torch.randint(0, 9, (2, 3), generator=gen) for _ in range(5)]
+    leaves += [torch.randn(3, dtype=torch.complex64, generator=gen).conj() for _ in range(3)]
+    leaves += [torch.randn(4, generator=gen)._neg_view(), torch.randn(2, requires_grad=True)]
+    leaves += [torch.ones(0, 3), torch.tensor(2.5), torch.randn(5, generator=gen).half()]
+    outs: list = [None] * len(leaves)
+    for i in (3, 22, 26, 33):
+        outs[i] = np.full(tuple(leaves[i].shape), 99, dtype=tb.to_numpy(leaves[i]).dtype)
+    idx = list(range(len(leaves)))
+    moved = []
+
+    def to_host(flat):
+        moved.append(flat.numel())
+        return flat.numpy().copy()
+
+    got = _batch.in_one_pass(leaves, outs, idx, to_host)
+    assert len(moved) == 1  # one transfer
+    for i, t in enumerate(leaves):
+        expected = tb.to_numpy(t)
+        assert got[i].dtype == expected.dtype and got[i].shape == expected.shape
+        assert np.array_equal(got[i], expected), i
+        if outs[i] is not None:
+            assert got[i] is outs[i]

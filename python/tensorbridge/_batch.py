@@ -474,20 +474,43 @@ def _check_outs_alias_nothing(leaves: list[Any], outs: list[Any]) -> None:
 
 
 def _cuda_in_one_pass(leaves: list[Any], outs: list[Any]) -> dict[int, np.ndarray]:
-    """GPU tensors of one device: concatenated as bytes on the device, one transfer back."""
+    """GPU tensors of one device: gathered on the device, one transfer back."""
     idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.is_cuda]
     if len(idx) < 2 or len({leaves[i].device for i in idx}) != 1:
         return {}
     if not _backend.ENGINE.cuda_engine:
         return {}
-    tensors = [leaves[i].detach().resolve_conj().resolve_neg() for i in idx]
-    np_dtypes = [_dtypes.numpy_dtype(t.dtype) for t in tensors]  # refuses what it must
-    flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
-    host = to_numpy(flat)
-    result, offset = {}, 0
-    for i, t, np_dtype in zip(idx, tensors, np_dtypes, strict=True):
-        n = t.numel() * t.element_size()
-        piece = host[offset : offset + n].view(np_dtype).reshape(tuple(t.shape))
+    return in_one_pass(leaves, outs, idx, to_numpy)
+
+
+def in_one_pass(
+    leaves: list[Any],
+    outs: list[Any],
+    idx: list[int],
+    to_host: Any,
+) -> dict[int, np.ndarray]:
+    """The tensors ``leaves[i]`` for i in ``idx`` (one device) as NumPy arrays, by index,
+    through one transfer: grouped by dtype and shape, each group stacked into one tensor
+    (one kernel), the groups' bytes concatenated, ``to_host(flat)`` (a uint8 tensor ->
+    ndarray) once, and each group's arrays taken from one view of the host bytes. Where
+    ``outs[i]`` is given, the array is copied there."""
+    groups: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
+    for i in idx:
+        t = leaves[i]
+        groups.setdefault((t.dtype, tuple(t.shape)), []).append(i)
+    np_dtypes = {dt: _dtypes.numpy_dtype(dt) for dt, _ in groups}  # refuses what it must
+    with torch.no_grad():
+        stacked = []
+        for members in groups.values():
+            g = torch.stack([leaves[i] for i in members])
+            stacked.append(g.resolve_conj().resolve_neg().reshape(-1).view(torch.uint8))
+        host = to_host(torch.cat(stacked) if len(stacked) > 1 else stacked[0])
+    result: dict[int, np.ndarray] = {}
+    offset = 0
+    for ((t_dtype, shape), members), flat in zip(groups.items(), stacked, strict=True):
+        n = flat.numel()
+        arrays = host[offset : offset + n].view(np_dtypes[t_dtype]).reshape(len(members), *shape)
         offset += n
-        result[i] = piece if outs[i] is None else to_numpy(piece, out=outs[i])
+        for i, a in zip(members, arrays, strict=True):
+            result[i] = a if outs[i] is None else to_numpy(a, out=outs[i])
     return result

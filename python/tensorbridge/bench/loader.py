@@ -7,6 +7,8 @@ last section of the GPU benchmark on 'cuda'.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 from .. import _backend
 from .._batch import LinkSender, send_batch, to_device
 from .._loader import Prefetcher, collate, images_to_tensor
+from ._rows import Row
 from ._runner import Method, Runner
 
 
@@ -132,24 +135,53 @@ def _packed_over_link(r: Runner, sec: str) -> None:
 
 
 class _Images(torch.utils.data.Dataset[dict[str, Any]]):
-    """Synthetic uint8 HWC images with labels, as a JPEG-decoding dataset would return."""
+    """uint8 HWC images with labels, as a decoding dataset would return them, from a pool
+    of distinct random images made once: a sample costs no more than indexing, so the
+    workers are not what the epoch waits for and the transfer shows."""
 
-    def __init__(self, n: int, size: int) -> None:
+    def __init__(self, n: int, size: int, distinct: int = 16) -> None:
         self.n, self.size = n, size
+        rng = np.random.default_rng(0)
+        self.pool = rng.integers(0, 256, (min(n, distinct), size, size, 3), dtype=np.uint8)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        rng = np.random.default_rng(i)
-        return {
-            "image": rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8),
-            "label": i % 10,
-        }
+        return {"image": self.pool[i % len(self.pool)], "label": i % 10}
+
+
+class _Idle:
+    """GPU time between model steps, per epoch: the gap from one step's end to the next
+    one's start, summed over the epoch (CUDA events around each step)."""
+
+    def __init__(self) -> None:
+        self.per_step: list[float] = []  # seconds idle per gap, one value per epoch
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def around(self, step: Any, x: torch.Tensor) -> None:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        step(x)
+        end.record()
+        self.events.append((begin, end))
+
+    def epoch_done(self) -> None:
+        torch.cuda.synchronize()
+        ev, self.events = self.events, []
+        if len(ev) > 1:
+            gaps = [a[1].elapsed_time(b[0]) for a, b in itertools.pairwise(ev)]
+            self.per_step.append(sum(gaps) / len(gaps) / 1e3)
 
 
 def _loader_methods(
-    device: str, images: int, batch: int, size: int, workers: int, step_s: float
+    device: str,
+    images: int,
+    batch: int,
+    size: int,
+    workers: int,
+    step_s: float,
+    idle: dict[str, _Idle],
 ) -> list[Method]:
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -163,36 +195,58 @@ def _loader_methods(
         else:
             time.sleep(step_s)
 
-    stock = torch.utils.data.DataLoader(
-        data, batch_size=batch, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0
-    )
-    ours = torch.utils.data.DataLoader(
-        data,
-        batch_size=batch,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=False,
-        persistent_workers=workers > 0,
-    )
+    def loader(**kwargs: Any) -> torch.utils.data.DataLoader[Any]:
+        return torch.utils.data.DataLoader(
+            data,
+            batch_size=batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            **kwargs,
+        )
+
+    stock = loader(pin_memory=cuda)
+    ours = loader(collate_fn=collate, pin_memory=False)
+    packed = loader(collate_fn=functools.partial(collate, packed=True), pin_memory=cuda)
+    names = ("stock", "ours", "packed")
+    for name in names:
+        idle[name] = _Idle()
+
+    def run(name: str, x: torch.Tensor) -> None:
+        if cuda:
+            idle[name].around(model_step, x)
+        else:
+            model_step(x)
+
+    def done(name: str) -> None:
+        if cuda:
+            idle[name].epoch_done()
 
     def epoch_stock(i: int) -> None:
         for b in stock:
             x = b["image"].to(device, non_blocking=True)
             b["label"].to(device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div(255).sub(m).div(s)
-            model_step(x)
-        if cuda:
-            torch.cuda.synchronize()
+            run("stock", x.permute(0, 3, 1, 2).float().div(255).sub(m).div(s))
+        done("stock")
 
     def epoch_ours(i: int) -> None:
         for b in Prefetcher(ours, device):
-            model_step(images_to_tensor(b["image"], mean=mean, std=std))
-        if cuda:
-            torch.cuda.synchronize()
+            run("ours", images_to_tensor(b["image"], mean=mean, std=std))
+        done("ours")
+
+    def epoch_packed(i: int) -> None:
+        for b in Prefetcher(packed, device):
+            run("packed", images_to_tensor(b["image"], mean=mean, std=std))
+        done("packed")
 
     return [
         ("default_collate + pin_memory + .to(dev, non_blocking=True)", True, epoch_stock),
         ("tb.collate + tb.Prefetcher + tb.images_to_tensor", False, epoch_ours),
+        (
+            "tb.collate(packed=True) + pin_memory + tb.Prefetcher + tb.images_to_tensor",
+            False,
+            epoch_packed,
+        ),
     ]
 
 
@@ -205,13 +259,37 @@ def bench_loader(
     workers: int = 2,
     step_s: float = 2e-3,
 ) -> None:
-    """End to end: one epoch through a DataLoader with a model step of fixed cost."""
+    """End to end: one epoch through a DataLoader with a model step of fixed cost; on a
+    GPU also the GPU's idle time between model steps, per step."""
     steps = -(-images // batch)
-    r.group(
-        f"end to end on {device}: one epoch, {images} images of {size}x{size}x3 uint8, "
+    case = (
+        f"one epoch, {images} images of {size}x{size}x3 uint8, batches of {batch}, "
         f"{workers} workers, {steps} model steps of {step_s * 1e3:g} ms (compute alone "
-        f"{steps * step_s * 1e3:g} ms)",
-        "epoch",
-        0,
-        _loader_methods(device, images, batch, size, workers, step_s),
+        f"{steps * step_s * 1e3:g} ms)"
     )
+    idle: dict[str, _Idle] = {}
+    methods = _loader_methods(device, images, batch, size, workers, step_s, idle)
+    r.group(f"end to end on {device}", case, 0, methods)
+    if not device.startswith("cuda"):
+        return
+    for (name, baseline, _), key in zip(methods, ("stock", "ours", "packed"), strict=True):
+        values = sorted(idle[key].per_step)
+        if not values:
+            continue
+        r.rows.append(
+            Row(
+                f"end to end on {device}",
+                "GPU idle between model steps, per step (CUDA events)",
+                0,
+                name,
+                baseline,
+                _quantile(values, 0.5),
+                _quantile(values, 0.1),
+                _quantile(values, 0.9),
+                len(values),
+            )
+        )
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
