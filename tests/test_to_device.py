@@ -320,3 +320,15 @@ def test_a_dtype_mapping_to_none_is_refused_before_anything_moves(spec):
         tb.to_device(batch, "cpu", dtype=spec)
     with pytest.raises(TypeError, match="dtype=None is not a dtype here"):
         tb.Prefetcher([batch], "cpu", dtype=spec)
+
+
+def test_a_dtype_mapping_that_names_no_leaf_is_refused():
+    """A typo in a key name would cast nothing: refused, naming the keys there are."""
+    batch = {"image": np.ones(2, np.float32), "labels": np.arange(2), "id": 3}
+    with pytest.raises(ValueError, match=r"names 'lables'.*'image', 'labels'"):
+        tb.to_device(batch, "cpu", dtype={"lables": torch.int32})
+    with pytest.raises(ValueError, match=r"PackedBatch.to: dtype= names 'id'"):
+        tb.PackedBatch.pack(batch).to("cpu", dtype={"id": torch.int32})  # not an array
+    # dtype keys are rules for any batch: one that matches nothing is no error
+    out = tb.to_device(batch, "cpu", dtype={torch.int16: torch.int8, "labels": torch.int32})
+    assert out["labels"].dtype == torch.int32 and out["image"].dtype == torch.float32

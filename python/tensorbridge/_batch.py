@@ -56,6 +56,23 @@ def dtype_rule(spec: DTypeSpec, fn: str) -> DTypeRule | None:
     return DTypeRule(None, by_key, by_source)
 
 
+def check_names(rule: DTypeRule, present: set[Any], fn: str) -> None:
+    """Refuses a mapping that names a key no array of the batch has (a typo would
+    otherwise cast nothing, silently); dtype keys are rules for any batch and pass."""
+    missing = [
+        k
+        for k in rule.by_key
+        if not isinstance(k, (torch.dtype, np.dtype, type)) and k not in present
+    ]
+    if missing:
+        have = sorted((repr(k) for k in present if k is not None), key=str)
+        raise ValueError(
+            f"{fn}: dtype= names {', '.join(map(repr, missing))}, which no array or tensor of "
+            f"the batch has (their keys: {', '.join(have) or 'none'}): fix the name, or "
+            "drop it from the mapping."
+        )
+
+
 def _target_dtype(rule: DTypeRule, key: Any, source: torch.dtype) -> torch.dtype | None:
     if rule.floating is not None:
         return rule.floating if source.is_floating_point else None
@@ -130,8 +147,9 @@ def to_device(
     ``t.to(dtype) if t.is_floating_point() else t`` per leaf. A mapping casts exactly the
     leaves it names, of any dtype: by key name (the nearest dict key or dataclass field,
     ``{"labels": torch.int32}``) or by source dtype (``{torch.int64: torch.int32}``); the
-    key name wins where both match. A dtype that cannot be a target is refused before
-    anything moves.
+    key name wins where both match. A dtype that cannot be a target, or a key name that
+    no array of the batch has (a typo would cast nothing), is refused before anything
+    moves.
 
     Static types: an array or tensor gives a ``Tensor``, a dict a dict with the same key
     type, a list a list, a tuple a tuple; their items are ``Any`` (each leaf's type
@@ -246,6 +264,8 @@ def send_batch(
             else:
                 packed.append(i)
                 arrays.append(a)
+    if rule is not None and rule.by_key:
+        check_names(rule, {keys[i] for i in (*packed, *alone)}, "to_device")
     if len(arrays) == 1:
         alone.append(packed.pop())
     if arrays and packed:

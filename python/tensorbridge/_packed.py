@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from . import _backend, _interop, _pack
-from ._batch import DTypeRule, DTypeSpec, _source_dtype, _target_dtype, dtype_rule
+from ._batch import (
+    DTypeRule,
+    DTypeSpec,
+    _source_dtype,
+    _target_dtype,
+    check_names,
+    dtype_rule,
+)
 from ._convert import Device, to_numpy
 from ._tree import Spec, flatten, unflatten
 
@@ -144,6 +151,8 @@ class PackedBatch:
         host), after one copy of the whole buffer; ``dtype`` casts as in
         :func:`tensorbridge.to_device`. ``copy=True`` copies even for the host."""
         rule = dtype_rule(dtype, "PackedBatch.to")
+        if rule is not None and rule.by_key:
+            check_names(rule, {self._keys[i] for i in self._positions}, "PackedBatch.to")
         dev = torch.device("cpu") if device is None else _backend.resolve_device(device, "to")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
