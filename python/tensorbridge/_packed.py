@@ -27,6 +27,7 @@ from ._batch import (
     dtype_rule,
 )
 from ._convert import Device, to_numpy
+from ._copy import copy_into
 from ._tree import Spec, flatten, unflatten
 
 
@@ -166,8 +167,11 @@ class PackedBatch:
         GPU is usable: page-locking needs one)."""
         if not _backend.ENGINE.cuda_engine or self._buffer.is_pinned():
             return self
+        # torch's caching host allocator (reused blocks), filled by the copy threads
+        pinned = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        copy_into(pinned.numpy(), self._buffer.numpy())
         return self._make(
-            self._buffer.pin_memory(),
+            pinned,
             self._groups,
             self._positions,
             self._leaves,
