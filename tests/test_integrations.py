@@ -342,3 +342,33 @@ def test_lightning_trainer_fits_from_packed_batches(lightning, rng, tmp_path):
         assert_same_batch(batch, tb.collate(samples[4 * n : 4 * n + 4]))
         assert batch["x"].dtype == torch.float32 and batch["y"].dtype == torch.int64
 
+
+# --------------------------------------------------------------------- the benchmark
+
+
+def test_integrations_benchmark_smoke(datasets, accelerate, lightning):
+    """A tiny run of ``bench --sections integrations``, so it never rots."""
+    from tensorbridge.bench import integrations
+    from tensorbridge.bench._runner import Runner
+
+    r = Runner(2, progress=False)
+    integrations.bench_integrations(r, rows=16, size=8, batch=8)
+    cases = {row.case for row in r.rows}
+    assert len(r.rows) == 18 and len(cases) == 6
+    assert all(row.median_s > 0 for row in r.rows)
+    assert {row.method for row in r.rows if not row.baseline} >= {
+        'with_format("numpy") + tb.collate',
+        "send_to_device(PackedBatch)",
+        "move_data_to_device(PackedBatch)",
+    }
+
+
+def test_integrations_benchmark_refuses_before_measuring_without_its_packages(monkeypatch, capsys):
+    from tensorbridge.bench import cpu, integrations
+
+    monkeypatch.setattr(integrations, "PACKAGES", ("numpy", "no_such_package_here"))
+    with pytest.raises(SystemExit) as exc:
+        cpu.main(["--sections", "integrations", "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert 'pip install ".[hf,accelerate,lightning]" (no_such_package_here missing)' in err
