@@ -2,9 +2,10 @@
 
 A packed batch crosses to a device in one copy of one buffer, and it speaks the protocol
 that loaders and trainers already use for tensors: the DataLoader's pin-memory thread
-calls ``.pin_memory()``, Lightning's ``move_data_to_device`` and accelerate's
-``send_to_device`` call ``.to(device, non_blocking=...)`` on anything that has it, and
-``.to()`` hands back the batch in its own structure, on the device, with no glue code.
+calls ``.pin_memory()``, accelerate's ``send_to_device`` calls ``.to(device,
+non_blocking=...)`` and Lightning's ``move_data_to_device`` ``.to(device)`` (it passes
+``non_blocking`` to tensors only) on anything that has a ``.to``, and ``.to()`` hands back
+the batch in its own structure, on the device, with no glue code.
 """
 
 from __future__ import annotations
