@@ -299,11 +299,16 @@ class Arena:
 ARENA: contextvars.ContextVar[Arena | None] = contextvars.ContextVar("arena", default=None)
 
 
-def estimate_nbytes(samples: Any) -> int:
-    """An upper bound of a collated batch's packed size, but for padding (pad=)."""
+def estimate_nbytes(samples: Any, every: bool = True) -> int:
+    """An upper bound of a collated batch's packed size, but for padding (pad=) and for
+    arrays whose dtype widens across the samples (such a batch spills: it is packed after
+    collating). ``every=False`` sizes sample 0 alone, times the number of samples: collate
+    refuses samples whose structure or shapes differ from sample 0's, so each takes as many
+    bytes, and walking every sample cost as much as the collate itself."""
+    sized = samples if every else samples[:1]
     total = 0
     leaves = 0
-    for sample in samples:
+    for sample in sized:
         for leaf in flatten(sample)[0]:
             leaves += 1
             if isinstance(leaf, np.ndarray):
@@ -312,7 +317,9 @@ def estimate_nbytes(samples: Any) -> int:
                 total += leaf.numel() * leaf.element_size()
             else:
                 total += 16  # a number (or a value that stays a list: nothing)
-    per_sample = leaves // max(len(samples), 1)
+    if not every:
+        total *= len(samples)
+    per_sample = leaves // max(len(sized), 1)
     return total + 2 * _pack.ALIGN * (per_sample + 1)
 
 
