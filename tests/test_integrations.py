@@ -10,9 +10,7 @@ default path (``with_format("torch")`` + default collate, ``send_to_device`` or
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import warnings
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 import tensorbridge as tb
+
+from conftest import no_warnings
 
 # Lightning 2.6 asks torch's pytree for LeafSpec, which torch 2.13 deprecates: a warning
 # from Lightning's own code at every fit, not from tensorbridge.
@@ -60,21 +60,6 @@ def lightning() -> Any:
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
-@contextlib.contextmanager
-def no_warnings() -> Iterator[None]:
-    """Any warning raises, torch's once-per-process ones included: torch says that a tensor
-    shares a non-writable array only the first time in a process, so without
-    ``set_warn_always`` an earlier test could hide it here."""
-    was = torch.is_warn_always_enabled()
-    torch.set_warn_always(True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            yield
-    finally:
-        torch.set_warn_always(was)
 
 
 def assert_same_batch(got: Any, want: Any) -> None:
