@@ -328,6 +328,26 @@ def test_lightning_trainer_fits_from_packed_batches(lightning, rng, tmp_path):
         assert batch["x"].dtype == torch.float32 and batch["y"].dtype == torch.int64
 
 
+@pytest.mark.gpu
+def test_a_packed_batch_reaches_the_gpu_through_accelerate_and_lightning(
+    accelerate, lightning, rng
+):
+    """On a GPU (packed into pinned memory in the main process): send_to_device with
+    non_blocking=True and move_data_to_device give the batch on the device, the values of
+    the unpacked batch."""
+    samples = _samples(rng)
+    packed = tb.collate(samples, packed=True)
+    want = tb.collate(samples)
+    move = lightning.fabric.utilities.apply_func.move_data_to_device
+    for got in (
+        accelerate.utils.send_to_device(packed, "cuda", non_blocking=True),
+        move(packed, torch.device("cuda")),
+    ):
+        assert got["image"].is_cuda and got["boxes"][0].is_cuda
+        torch.cuda.current_stream().synchronize()
+        assert_same_batch(move(got, "cpu"), want)
+
+
 # --------------------------------------------------------------------- the benchmark
 
 
