@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -52,6 +53,21 @@ def forced_fallback() -> Iterator[None]:
         yield
     finally:
         _backend.ENGINE = saved
+
+
+@contextlib.contextmanager
+def no_warnings() -> Iterator[None]:
+    """Any warning raises, torch's once-per-process ones included: torch says that a tensor
+    shares a non-writable array only the first time in a process, so without
+    ``set_warn_always`` an earlier test could hide it here."""
+    was = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    finally:
+        torch.set_warn_always(was)
 
 
 @pytest.fixture(params=["extension", "fallback"])

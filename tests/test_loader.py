@@ -13,7 +13,7 @@ import torch
 
 import tensorbridge as tb
 
-from conftest import Pair
+from conftest import Pair, no_warnings
 
 # ------------------------------------------------------------------------- collate
 
@@ -534,6 +534,18 @@ def test_images_to_tensor_matches_torchvision_style(channels_first):
     ref = ref.permute(0, 3, 1, 2) if channels_first else ref
     assert got.dtype == torch.float32 and got.shape == ref.shape and got.is_contiguous()
     assert torch.allclose(got.double(), ref, atol=1e-5)
+
+
+def test_images_to_tensor_reads_read_only_images_without_a_warning():
+    """Images in read-only memory (decoded into bytes, or Arrow's buffers) are only read
+    into a new tensor: no warning from torch, the same values."""
+    x = np.random.default_rng(5).integers(0, 256, (2, 6, 4, 3), dtype=np.uint8)
+    ro = np.frombuffer(x.tobytes(), np.uint8).reshape(x.shape)
+    with no_warnings():
+        got = tb.images_to_tensor(ro, mean=0.5, std=0.25)
+        on_cpu = tb.images_to_tensor(ro, "cpu", channels_first=False)
+    assert torch.equal(got, tb.images_to_tensor(x, mean=0.5, std=0.25))
+    assert torch.equal(on_cpu, tb.images_to_tensor(x, "cpu", channels_first=False))
 
 
 def _torch_idiom(x, mean, std, scale=1 / 255):

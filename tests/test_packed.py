@@ -199,8 +199,8 @@ def _samples(rng, n=6):
 @pytest.mark.parametrize("spill", [False, True])
 def test_collate_packed_equals_collate(rng, spill, monkeypatch):
     if spill:  # the size estimate falls short: the batch is packed after collating
-        monkeypatch.setattr(_packed, "estimate_nbytes", lambda samples: 0)
-        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda samples: 0)
+        monkeypatch.setattr(_packed, "estimate_nbytes", lambda samples, every=True: 0)
+        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda samples, every=True: 0)
     samples = _samples(rng)
     kwargs = {"pad": {"tokens": -1}}
     packed = tb.collate(samples, packed=True, **kwargs)
@@ -216,6 +216,30 @@ def test_collate_packed_equals_collate(rng, spill, monkeypatch):
     if not spill:  # stacked straight into the one buffer
         for t in (got["image"], got["tokens"], got["meta"]["box"]):
             assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
+
+
+def test_collate_packed_stacks_straight_into_the_buffer_unless_a_dtype_widens(rng, monkeypatch):
+    """Without pad= the buffer is sized from sample 0: equal samples fit it (no spill); an
+    array that widens in a later sample spills, and the batch is still right."""
+    packs = []
+    pack = tb.PackedBatch.pack.__func__
+    monkeypatch.setattr(
+        tb.PackedBatch, "pack", classmethod(lambda cls, b, **kw: packs.append(b) or pack(cls, b))
+    )
+    samples = [
+        {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "x": np.ones(1000, np.int16)}
+        for _ in range(16)
+    ]
+    packed = tb.collate(samples, packed=True)
+    assert not packs  # stacked straight into the buffer
+    for t in packed.unpack().values():
+        assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
+    samples[5]["x"] = np.full(1000, 2**40)  # int64: the stack is int64, 4x sample 0's bytes
+    got = tb.collate(samples, packed=True).to("cpu")
+    assert len(packs) == 1  # spilled: packed after collating
+    expected = tb.collate(samples)
+    assert got["x"].dtype == torch.int64 and torch.equal(got["x"], expected["x"])
+    assert torch.equal(got["image"], expected["image"])
 
 
 def test_collate_packed_keeps_fields_lists_and_refuses_as_collate_does(rng):

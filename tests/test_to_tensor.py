@@ -19,6 +19,7 @@ from conftest import (
     PROPERTY_SETTINGS,
     forced_fallback,
     fresh,
+    no_warnings,
     numpy_views,
     random_tensor,
     reference_numpy,
@@ -78,6 +79,50 @@ def test_to_tensor_non_native_and_negative(backend, gen):
     a = fresh(np.dtype(np.int32), gen).astype(">i4")[::-1, ::2]
     t = tb.to_tensor(a, "cpu", non_blocking=True)
     assert torch.equal(t, torch.from_numpy(a.astype("<i4").copy()))
+
+
+def _read_only_arrays(gen):
+    a = fresh(np.dtype(np.uint8), gen)
+    return {
+        "frombuffer": np.frombuffer(a.tobytes(), np.uint8).reshape(a.shape),  # bytes: read-only
+        "flag": a.copy(),  # writeable=False below
+        "broadcast": np.broadcast_to(a[:1], a.shape),  # zero strides, read-only
+    }
+
+
+@pytest.mark.parametrize("kind", ["frombuffer", "flag", "broadcast"])
+def test_a_read_only_array_copied_makes_no_warning(backend, gen, kind):
+    """A cast or out= copies the array, so nothing shares its read-only memory: no
+    warning from torch (Arrow buffers and bytes are read-only); the same values."""
+    a = _read_only_arrays(gen)[kind]
+    a.flags.writeable = False
+    expected = torch.from_numpy(a.copy())
+    with no_warnings():
+        cast = tb.to_tensor(a, "cpu", dtype=torch.float32)
+        out = tb.to_tensor(a, out=torch.empty(a.shape, dtype=torch.uint8))
+        cast_here = tb.to_tensor(a, dtype=torch.int16)
+    assert torch.equal(cast, expected.float()) and torch.equal(out, expected)
+    assert torch.equal(cast_here, expected.to(torch.int16))
+    # shared, like torch.from_numpy: torch's warning is right there
+    with pytest.raises(UserWarning, match="not writable"), no_warnings():
+        tb.to_tensor(a)
+
+
+def test_a_read_only_array_from_numpy_copies_makes_no_warning(backend, gen, capfd):
+    """Negative strides and another byte order: from_numpy copies, so the tensor shares
+    nothing read-only. (torch warns before it refuses such an array, and with its error
+    pending prints the warning to stderr, where no filter reaches it.)"""
+    a = fresh(np.dtype(np.uint16), gen)
+    native = np.frombuffer(a.tobytes(), np.uint16).reshape(a.shape)  # bytes: read-only
+    big = np.frombuffer(a.astype(">u2").tobytes(), ">u2").reshape(a.shape)
+    with no_warnings():
+        flipped = tb.from_numpy(native[::-1])
+        swapped = tb.from_numpy(big)
+        both = tb.to_tensor(big[::-1])
+    assert torch.equal(flipped, torch.from_numpy(a[::-1].copy()))
+    assert torch.equal(swapped, torch.from_numpy(a))
+    assert torch.equal(both, torch.from_numpy(a[::-1].copy()))
+    assert "not writable" not in capfd.readouterr().err
 
 
 # random complex views cast to a real dtype are a case here; torch warns that it drops the

@@ -367,7 +367,9 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
         >>> tb.from_numpy(np.arange(4)[::-1])
         tensor([3, 2, 1, 0])
     """
-    if type(a) is np.ndarray:
+    # (not for a read-only array: torch warns that it would share one before it refuses it,
+    # negative strides say, and the copy made below then shares nothing)
+    if type(a) is np.ndarray and a.flags.writeable:
         try:  # the common case: exactly torch.from_numpy
             t = torch.from_numpy(a)
         except (TypeError, ValueError, RuntimeError):
@@ -418,6 +420,28 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
         _, storage_np = _dtypes.storage_dtypes(itemsize)
         return torch.from_numpy(a.view(storage_np)).view(t_dtype)
     return torch.from_numpy(a)
+
+
+class _Alias:
+    """An array interface, and the array whose memory it describes (kept alive)."""
+
+    def __init__(self, interface: dict[str, Any], owner: np.ndarray) -> None:
+        self.__array_interface__ = interface
+        self.owner = owner
+
+
+def readable(a: np.ndarray) -> np.ndarray:
+    """``a``, or where it is read-only a writeable alias of its memory, which keeps ``a``
+    alive: for a tensor tensorbridge only reads and never hands out. torch.from_numpy warns
+    that a tensor sharing a read-only array could be written through (Arrow's buffers,
+    ``np.frombuffer`` of bytes, broadcasts); a result that is a copy shares nothing, and
+    the warning would only be noise (or an error under ``-W error``)."""
+    if a.flags.writeable:
+        return a
+    interface = dict(a.__array_interface__)
+    interface["data"] = (interface["data"][0], False)  # (pointer, read-only)
+    alias = np.asarray(_Alias(interface, a))
+    return alias if alias.dtype == a.dtype else alias.view(a.dtype)  # (ml_dtypes: void)
 
 
 def _misaligned(a: np.ndarray) -> bool:
@@ -506,7 +530,17 @@ def to_tensor(
             # the GPU.
             return _cuda.to_device(host, dev, target, non_blocking, out)
 
-    src = from_numpy(a) if isinstance(a, np.ndarray) else a
+    if isinstance(a, np.ndarray):
+        # The result shares the array only when it is src itself, on the host; a cast,
+        # another device or out= copy it, so a read-only array is only read.
+        copied = (
+            out is not None
+            or (dev is not None and dev.type != "cpu")
+            or (target is not None and target != source_dtype)
+        )
+        src = from_numpy(readable(a) if copied else a)
+    else:
+        src = a
     if out is not None:
         if out.device.type == "cpu" and src.device.type == "cpu" and _tensors_overlap(out, src):
             raise ValueError("out shares memory with the source: pass a separate tensor.")

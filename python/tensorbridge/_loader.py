@@ -14,7 +14,7 @@ import torch
 
 from . import _backend, _dtypes
 from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, to_device
-from ._convert import Device, to_numpy, to_tensor
+from ._convert import Device, readable, to_numpy, to_tensor
 from ._packed import ARENA, PackedBatch, arena, estimate_nbytes
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
 
@@ -122,7 +122,8 @@ def collate(
     if packed not in (True, False):
         raise TypeError(f"collate: packed= must be True or False, got {packed!r}.")
     if packed:
-        with arena(estimate_nbytes(samples)) as a:
+        # (padded fields differ in size from sample to sample: those are all sized)
+        with arena(estimate_nbytes(samples, every=pad is not None)) as a:
             return a.packed(collate(samples, pad=pad, fields=fields))
     if pad is None and fields is None:
         return _collate(samples, (), 0)
@@ -823,6 +824,10 @@ def images_to_tensor(
     if isinstance(images, torch.Tensor):
         x = images if device is None else images.to(device, non_blocking=non_blocking)
     else:
+        if isinstance(src, np.ndarray) and (device is None or device.type == "cpu"):
+            # x, on the host a tensor over the array, is only read into a new tensor: a
+            # read-only array need not make torch warn (to_tensor handles other devices)
+            src = readable(src)
         x = to_tensor(src, device, non_blocking=non_blocking)
     if x.dtype not in _ADDCMUL_DTYPES:  # (uint16 and wider unsigned: few torch kernels)
         x = x.to(dtype)

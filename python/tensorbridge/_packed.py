@@ -2,9 +2,10 @@
 
 A packed batch crosses to a device in one copy of one buffer, and it speaks the protocol
 that loaders and trainers already use for tensors: the DataLoader's pin-memory thread
-calls ``.pin_memory()``, Lightning's ``move_data_to_device`` and accelerate's
-``send_to_device`` call ``.to(device, non_blocking=...)`` on anything that has it, and
-``.to()`` hands back the batch in its own structure, on the device, with no glue code.
+calls ``.pin_memory()``, accelerate's ``send_to_device`` calls ``.to(device,
+non_blocking=...)`` and Lightning's ``move_data_to_device`` ``.to(device)`` (it passes
+``non_blocking`` to tensors only) on anything that has a ``.to``, and ``.to()`` hands back
+the batch in its own structure, on the device, with no glue code.
 """
 
 from __future__ import annotations
@@ -311,11 +312,16 @@ class Arena:
 ARENA: contextvars.ContextVar[Arena | None] = contextvars.ContextVar("arena", default=None)
 
 
-def estimate_nbytes(samples: Any) -> int:
-    """An upper bound of a collated batch's packed size, but for padding (pad=)."""
+def estimate_nbytes(samples: Any, every: bool = True) -> int:
+    """An upper bound of a collated batch's packed size, but for padding (pad=) and for
+    arrays whose dtype widens across the samples (such a batch spills: it is packed after
+    collating). ``every=False`` sizes sample 0 alone, times the number of samples: collate
+    refuses samples whose structure or shapes differ from sample 0's, so each takes as many
+    bytes, and walking every sample cost as much as the collate itself."""
+    sized = samples if every else samples[:1]
     total = 0
     leaves = 0
-    for sample in samples:
+    for sample in sized:
         for leaf in flatten(sample)[0]:
             leaves += 1
             if isinstance(leaf, np.ndarray):
@@ -324,7 +330,9 @@ def estimate_nbytes(samples: Any) -> int:
                 total += leaf.numel() * leaf.element_size()
             else:
                 total += 16  # a number (or a value that stays a list: nothing)
-    per_sample = leaves // max(len(samples), 1)
+    if not every:
+        total *= len(samples)
+    per_sample = leaves // max(len(sized), 1)
     return total + 2 * _pack.ALIGN * (per_sample + 1)
 
 

@@ -21,16 +21,17 @@ import torch
 
 from .. import _backend
 from .._convert import from_numpy, to_numpy
-from . import _plot, link, loader
+from . import _plot, integrations, link, loader
 from ._report import format_report, machine
 from ._results import output_problem, save
 from ._rows import KiB, MiB, Report, fmt_size, parse_size, slug
 from ._runner import Method, Runner, buffers_to_rotate
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
-SECTIONS = ("overhead", "out", "refused", "batch", "loader", "link")
-#: What runs without --sections: all but the simulated link (opt in: --sections link).
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("overhead", "out", "refused", "batch", "loader", "link", "integrations")
+#: What runs without --sections: all but the simulated link and the integrations (which need
+#: the hf, accelerate and lightning extras): opt in with --sections link or integrations.
+DEFAULT_SECTIONS = SECTIONS[:-2]
 
 
 def bench_overhead(r: Runner) -> None:
@@ -186,6 +187,8 @@ def run(
         limits = link.bench_link(r, sizes, link_gbs, link_latency_us)
         if limits:
             report.limits = limits
+    if "integrations" in sections:
+        integrations.bench_integrations(r)
     report.rows = r.rows
     return report
 
@@ -248,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=list(DEFAULT_SECTIONS),
         choices=SECTIONS,
-        help="default: all but link (the pipeline over a simulated link, by --link-gbs)",
+        help="default: all but link (the pipeline over a simulated link, by --link-gbs) and "
+        "integrations (datasets, accelerate, Lightning beside their default paths)",
     )
     p.add_argument(
         "--link-gbs",
@@ -292,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(problem)  # before the run, not after minutes of measuring
     if args.plot and not _plot.available():
         p.error(_plot.MISSING)  # before the run, not after minutes of measuring
+    if "integrations" in args.sections and (absent := integrations.missing()):
+        p.error(absent)
 
     if args.fallback and _backend.ENGINE.extension:
         return _rerun_on_fallback(argv)  # (already on the fallback path: measure it here)
