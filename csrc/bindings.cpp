@@ -314,7 +314,7 @@ class LinkSimulator {
 // Packs the arrays into `out` (a writeable, C-contiguous byte array of at least
 // layout.nbytes() bytes) at their offsets; the bytes between them are left as they were.
 void pack_into(const PackedArrays& layout, py::array out) {
-  if (out.itemsize() != 1 || !(out.flags() & py::array::c_style))
+  if (out.dtype().kind() != 'u' || out.itemsize() != 1 || !(out.flags() & py::array::c_style))
     throw py::value_error("pack_into: out must be a C-contiguous array of bytes (uint8)");
   if (!out.writeable()) throw py::value_error("pack_into: out is read-only");
   if (static_cast<size_t>(out.nbytes()) < layout.nbytes())

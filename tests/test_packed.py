@@ -221,22 +221,26 @@ def test_collate_packed_equals_collate(rng, spill, monkeypatch):
 def test_collate_packed_stacks_straight_into_the_buffer_unless_a_dtype_widens(rng, monkeypatch):
     """Without pad= the buffer is sized from sample 0: equal samples fit it (no spill); an
     array that widens in a later sample spills, and the batch is still right."""
-    packs = []
-    pack = tb.PackedBatch.pack.__func__
-    monkeypatch.setattr(
-        tb.PackedBatch, "pack", classmethod(lambda cls, b, **kw: packs.append(b) or pack(cls, b))
-    )
+    made = []
+    real = _packed.Arena
+
+    class Watched(real):
+        def __init__(self, nbytes):
+            super().__init__(nbytes)
+            made.append(self)
+
+    monkeypatch.setattr(_packed, "Arena", Watched)
     samples = [
         {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "x": np.ones(1000, np.int16)}
         for _ in range(16)
     ]
     packed = tb.collate(samples, packed=True)
-    assert not packs  # stacked straight into the buffer
+    assert not made[-1].spilled  # stacked straight into the buffer
     for t in packed.unpack().values():
         assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
     samples[5]["x"] = np.full(1000, 2**40)  # int64: the stack is int64, 4x sample 0's bytes
     got = tb.collate(samples, packed=True).to("cpu")
-    assert len(packs) == 1  # spilled: packed after collating
+    assert made[-1].spilled  # packed into a new buffer after collating
     expected = tb.collate(samples)
     assert got["x"].dtype == torch.int64 and torch.equal(got["x"], expected["x"])
     assert torch.equal(got["image"], expected["image"])
@@ -245,10 +249,11 @@ def test_collate_packed_stacks_straight_into_the_buffer_unless_a_dtype_widens(rn
 def test_collate_packed_keeps_fields_lists_and_refuses_as_collate_does(rng):
     samples = _samples(rng)
     packed = tb.collate(samples, packed=True, pad={"tokens": 0}, fields={"meta": list})
-    meta = packed.unpack()["meta"]  # a list, its arrays packed (as to_device moves them)
-    assert isinstance(meta, list) and [m["id"] for m in meta] == [s["meta"]["id"] for s in samples]
-    for m, s in zip(meta, samples, strict=True):
-        assert torch.equal(m["box"], torch.from_numpy(s["meta"]["box"]))
+    meta = packed.unpack()["meta"]  # the samples' values, as plain collate keeps them
+    assert all(
+        m["id"] == s["meta"]["id"] and m["box"] is s["meta"]["box"]
+        for m, s in zip(meta, samples, strict=True)
+    )
     samples[2]["image"] = samples[2]["image"][:4]
     with pytest.raises(ValueError, match=r'batch\["image"\]: sample 2 has shape'):
         tb.collate(samples, packed=True)
@@ -312,3 +317,122 @@ def test_a_pinned_packed_batch_crosses_to_the_gpu_in_one_copy(rng):
     repinned = unpinned.pin_memory()  # (the copy threads fill a block of torch's allocator)
     assert repinned.is_pinned() and repinned.buffer.data_ptr() != unpinned.buffer.data_ptr()
     _assert_same(repinned.unpack(), batch)
+
+
+# ------------------------------------------------------------------ edges
+
+
+def test_a_packed_batch_holds_no_original_array(rng):
+    """Dataclasses and other mappings are kept as hollow copies: the originals are freed,
+    and pickling sends the buffer alone."""
+    import weakref
+
+    image = rng.standard_normal((64, 64)).astype(np.float32)
+    alive = weakref.ref(image)
+    batches = [Sample(image, 3), collections.OrderedDict(image=image, label=np.arange(3))]
+    packed = [tb.PackedBatch.pack(b) for b in batches]
+    del batches, image
+    assert alive() is None
+    for p in packed:
+        assert len(pickle.dumps(p)) < 1.2 * p.nbytes + 4096  # the buffer, once
+        buf = io.BytesIO()
+        ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(p)
+        assert len(buf.getvalue()) < 4096  # a shared-memory handle
+    sample = packed[0].unpack()
+    assert type(sample) is Sample and sample.label == 3 and sample.image.shape == (64, 64)
+    assert type(packed[1].unpack()) is collections.OrderedDict
+
+
+def test_a_packed_batch_inside_a_batch_moves_with_it(rng):
+    inner = {"x": rng.standard_normal(3)}
+    packed = tb.PackedBatch.pack(inner)
+    out = tb.to_device([packed, np.ones(2)], "cpu", dtype=torch.float16)
+    assert torch.equal(out[0]["x"], torch.from_numpy(inner["x"]).half())
+    assert out[1].dtype == torch.float16
+    back = tb.to_numpy_batch({"p": packed})
+    assert isinstance(back["p"]["x"], np.ndarray) and np.array_equal(back["p"]["x"], inner["x"])
+    with pytest.raises(TypeError, match=r"PackedBatch\.pack: .*packed\.unpack\(\)"):
+        tb.PackedBatch.pack([packed])
+
+
+def test_to_takes_a_dtype_first_as_tensor_to_does(rng):
+    packed = tb.PackedBatch.pack({"x": rng.standard_normal(3), "n": np.arange(3)})
+    out = packed.to(torch.float16)
+    assert out["x"].dtype == torch.float16 and out["n"].dtype == torch.int64
+    with pytest.raises(TypeError, match=r"\.to\(t\.device\)"):
+        packed.to(torch.ones(1))
+
+
+def test_pack_names_itself_and_the_fix_in_refusals():
+    with pytest.raises(TypeError, match=r"^PackedBatch\.pack: arrays holding Python references"):
+        tb.PackedBatch.pack({"a": np.array([object()])})
+    x = torch.zeros(3, dtype=torch.complex64).to(torch.complex32)
+    with pytest.raises(TypeError, match=r"^PackedBatch\.pack: .*complex32.*\.to\("):
+        tb.PackedBatch.pack({"x": x})
+    cyclic: list = []
+    cyclic.append(cyclic)
+    with pytest.raises(ValueError, match=r"^PackedBatch\.pack: the batch is nested too deeply"):
+        tb.PackedBatch.pack(cyclic)
+    if not tb.info()["cuda"]:
+        with pytest.raises(ValueError, match=r"pin=True needs a usable GPU.*pin=None"):
+            tb.PackedBatch.pack({"x": np.ones(2)}, pin=True)
+
+
+def test_a_batch_of_values_only_is_still_true():
+    packed = tb.PackedBatch.pack({"n": 3, "s": "x"})
+    assert len(packed) == 0 and bool(packed) and packed.unpack() == {"n": 3, "s": "x"}
+
+
+def test_collate_packed_leaves_list_fields_as_collate_does(rng):
+    samples = [
+        {"box": rng.standard_normal((k, 4)), "names": np.array(["a"] * k), "x": np.ones(2)}
+        for k in (2, 5, 3)
+    ]
+    plain = tb.collate(samples, fields={"box": list, "names": list})
+    got = tb.collate(samples, packed=True, fields={"box": list, "names": list}).unpack()
+    for key in ("box", "names"):
+        assert all(type(a) is np.ndarray for a in got[key])  # not packed: kept as given
+        assert all(np.array_equal(a, b) for a, b in zip(got[key], plain[key], strict=True))
+    assert torch.equal(got["x"], plain["x"])
+
+
+def test_collate_packed_sizes_ragged_padded_fields_without_spilling(rng, monkeypatch):
+    made = []
+    real = _packed.Arena
+
+    class Watched(real):
+        def __init__(self, nbytes):
+            super().__init__(nbytes)
+            made.append(self)
+
+    monkeypatch.setattr(_packed, "Arena", Watched)
+    samples = [{"tokens": np.arange(rng.integers(1, 512)), "label": 1} for _ in range(64)]
+    packed = tb.collate(samples, packed=True, pad={"tokens": 0})
+    assert len(made) == 1 and not made[0].spilled
+    got, expected = packed.unpack(), tb.collate(samples, pad={"tokens": 0})
+    assert torch.equal(got["tokens"], expected["tokens"])
+    assert torch.equal(got["tokens_lengths"], expected["tokens_lengths"])
+    assert got["tokens"].untyped_storage().data_ptr() == packed.buffer.data_ptr()
+
+
+def test_collate_packed_refuses_as_collate_does_even_for_cycles():
+    cyclic: list = []
+    cyclic.append(cyclic)
+    with pytest.raises(ValueError) as plain:
+        tb.collate([cyclic, cyclic])
+    with pytest.raises(ValueError) as packed:
+        tb.collate([cyclic, cyclic], packed=True)
+    assert str(packed.value) == str(plain.value)
+
+
+def test_the_batch_path_moves_tensors_numpy_cannot_view_on_their_own():
+    from tensorbridge import _batch
+
+    x = torch.zeros(3, dtype=torch.complex64).to(torch.complex32)
+    sender = _batch.LinkSender(tb._C.LinkSimulator(100.0)) if tb.info()["extension"] else None
+    out = _batch.send_batch(
+        {"x": x, "y": np.ones(2), "z": np.zeros(3)}, torch.device("cpu"), sender, None, False
+    )
+    assert out["x"].dtype == torch.complex32 and torch.equal(
+        out["y"], torch.ones(2, dtype=torch.float64)
+    )

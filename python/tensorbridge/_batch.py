@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, overload
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from ._convert import (
 from ._copy import byte_span, shares_memory
 from ._handle import Transfer
 from ._tree import flatten, flatten_as, tree_map, unflatten
+
+if TYPE_CHECKING:
+    from ._packed import PackedBatch
 
 DTypeSpec = Any  # a floating dtype for the floating leaves, or a mapping (key or source dtype)
 
@@ -139,7 +142,8 @@ def to_device(
     Dicts, lists, tuples, namedtuples and dataclasses come back as the same types. On a
     GPU with the compiled engine, all host arrays of the batch are packed into pinned
     staging blocks and cross in a few large copies (not one per array), then become views
-    of one device buffer.
+    of one device buffer. A :class:`PackedBatch` (the batch itself, or one inside it)
+    moves with its ``.to()``: one copy of its buffer.
 
     ``dtype`` casts on the device, after the transfer. A single dtype (torch, NumPy or a
     string such as ``"float16"``) must be a floating one and casts the floating-point
@@ -165,10 +169,8 @@ def to_device(
     """
     dev = _backend.resolve_device(device, "to_device")
     rule = dtype_rule(dtype, "to_device")
-    from ._packed import PackedBatch  # (it builds on this module)
-
-    if isinstance(batch, PackedBatch):
-        return batch.to(dev, dtype=dtype, non_blocking=non_blocking)
+    if isinstance(batch, _packed_batch()):
+        return batch._to(dev, rule, non_blocking, False)
     if dev.type == "cpu" and rule is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
         return tree_map(_to_cpu_leaf, batch)
@@ -253,10 +255,13 @@ def send_batch(
     arrays: list[np.ndarray] = []
     alone: list[int] = []  # positions of the arrays and tensors that move on their own
     pack = sender is not None and _backend.ENGINE.C is not None
+    nested = _packed_batch()
     for i, leaf in enumerate(leaves):  # (the hot loop: one exact type test per leaf)
         if type(leaf) is np.ndarray and pack:
             packed.append(i)
             arrays.append(leaf)
+        elif isinstance(leaf, nested):  # a PackedBatch inside the batch: its own one copy
+            out[i] = leaf._to(dev, rule, non_blocking, False)
         elif isinstance(leaf, (np.ndarray, torch.Tensor)):
             a = _packable(leaf) if pack else None
             if a is None:
@@ -296,9 +301,16 @@ def _packable(leaf: np.ndarray | torch.Tensor) -> np.ndarray | None:
         and not leaf.requires_grad
         and not leaf.is_quantized
         and not leaf.is_nested
+        and _dtypes.numpy_dtype_or_none(leaf.dtype) is not None
     ):
         return to_numpy(leaf)
     return None
+
+
+def _packed_batch() -> type[PackedBatch]:
+    from ._packed import PackedBatch  # (it builds on this module)
+
+    return PackedBatch
 
 
 def _foreign_as_tensor(leaf: Any) -> Any:
@@ -315,6 +327,8 @@ def _foreign_as_tensor(leaf: Any) -> Any:
 def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
     if type(leaf) is np.ndarray:
         return from_numpy(leaf)
+    if isinstance(leaf, _packed_batch()):
+        return leaf.to("cpu")
     if _interop.is_foreign_array(leaf):
         t = _foreign_as_tensor(leaf)
         return t.cpu() if isinstance(t, torch.Tensor) else t
@@ -386,6 +400,10 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         {'a': array([1., 1.], dtype=float32), 'n': 3}
     """
     originals, _, spec = flatten(batch)
+    nested = _packed_batch()
+    if any(isinstance(leaf, nested) for leaf in originals):  # their tensors, over the buffer
+        batch = unflatten(spec, [x.unpack() if isinstance(x, nested) else x for x in originals])
+        originals, _, spec = flatten(batch)
     outs = flatten_as(out, spec) if out is not None else [None] * len(originals)
     # Every leaf is imported and every `out` checked before anything is written, so a
     # refusal leaves the caller's arrays as they were.

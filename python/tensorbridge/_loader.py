@@ -122,8 +122,7 @@ def collate(
     if packed not in (True, False):
         raise TypeError(f"collate: packed= must be True or False, got {packed!r}.")
     if packed:
-        # (padded fields differ in size from sample to sample: those are all sized)
-        with arena(estimate_nbytes(samples, every=pad is not None)) as a:
+        with arena(estimate_nbytes(samples, pad)) as a:
             return a.packed(collate(samples, pad=pad, fields=fields))
     if pad is None and fields is None:
         return _collate(samples, (), 0)

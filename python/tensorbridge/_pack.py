@@ -49,18 +49,25 @@ def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
     return t
 
 
-def layout(arrays: Sequence[np.ndarray]) -> Layout:
+def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
     """Checks every array and lays them out; refuses (TypeError) a dtype torch cannot hold
-    or an array of Python objects, before anything is copied."""
-    C = _backend.ENGINE.C
-    if C is not None:
-        native = C.PackedArrays(arrays if isinstance(arrays, list) else list(arrays), ALIGN)
-        groups: list[Group] = [
-            (_torch_dtype(dt), shape, first, stride, members)
-            for dt, shape, first, stride, members in native.groups
-        ]
-        return Layout(native.nbytes, groups, len(arrays), native, arrays)
-    return _python_layout(arrays)
+    or an array of Python objects, before anything is copied. ``fn`` names the public
+    function in refusals."""
+    try:
+        C = _backend.ENGINE.C
+        if C is not None:
+            native = C.PackedArrays(arrays if isinstance(arrays, list) else list(arrays), ALIGN)
+            groups: list[Group] = [
+                (_torch_dtype(dt), shape, first, stride, members)
+                for dt, shape, first, stride, members in native.groups
+            ]
+            return Layout(native.nbytes, groups, len(arrays), native, arrays)
+        return _python_layout(arrays)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for prefix in ("transfer: ", "pack: "):
+            message = message.removeprefix(prefix)
+        raise type(exc)(f"{fn}: {message}") from None
 
 
 def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:

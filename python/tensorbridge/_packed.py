@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import _backend, _interop, _pack
+from . import _backend, _dtypes, _interop, _pack
 from ._batch import (
     DTypeRule,
     DTypeSpec,
@@ -29,7 +29,7 @@ from ._batch import (
 )
 from ._convert import Device, to_numpy
 from ._copy import copy_into
-from ._tree import Spec, flatten, unflatten
+from ._tree import Spec, flatten, hollow, unflatten
 
 
 def _in_worker() -> bool:
@@ -57,7 +57,7 @@ class PackedBatch:
     dtype and shape, each at a 256-byte boundary; numbers, strings and other values stay
     in the structure as they are.
 
-    - ``.to(device, non_blocking=False, dtype=None)`` returns the batch in its own
+    - ``.to(device=None, dtype=None, non_blocking=False, copy=False)`` returns the batch in its own
       structure with every array a tensor on ``device``: the whole buffer crosses in one
       copy (asynchronous from pinned memory with ``non_blocking=True``), and the tensors
       are views of it (one strided view per dtype and shape). ``dtype`` is
@@ -123,9 +123,16 @@ class PackedBatch:
         DataLoader worker the buffer is in shared memory instead, and the pin-memory
         thread pins it). Refused, before anything is copied: a tensor on a device
         (``.cpu()`` it, or move the batch with :func:`tensorbridge.to_device`), a tensor
-        that requires grad (``.detach()`` it), arrays of dtypes torch has no dtype for.
+        that requires grad (``.detach()`` it), arrays of dtypes torch has no dtype for, a
+        PackedBatch inside the batch (``.unpack()`` it). Zero-stride (broadcast) arrays
+        are packed in full, like any other.
         """
-        originals, keys, spec = flatten(batch)
+        if pin and not _backend.ENGINE.cuda_engine:
+            raise ValueError(
+                "PackedBatch.pack: pin=True needs a usable GPU (page-locking is the CUDA "
+                "driver's): pass pin=None to pin only where one is."
+            )
+        originals, keys, spec = flatten(batch, "PackedBatch.pack")
         leaves: list[Any] = list(originals)
         positions: list[int] = []
         arrays: list[np.ndarray] = []
@@ -135,10 +142,10 @@ class PackedBatch:
                 positions.append(i)
                 arrays.append(a)
                 leaves[i] = None
-        plan = _pack.layout(arrays)  # refuses before anything is copied
+        plan = _pack.layout(arrays, "PackedBatch.pack")  # refuses before anything is copied
         buffer = new_host_buffer(plan.nbytes, pin)
         _pack.pack_into(plan, buffer.numpy())
-        return cls._make(buffer, plan.groups, positions, leaves, keys, spec)
+        return cls._make(buffer, plan.groups, positions, leaves, keys, hollow(spec))
 
     # ------------------------------------------------------------------ the protocol
 
@@ -150,22 +157,25 @@ class PackedBatch:
         copy: bool = False,
     ) -> Any:
         """The batch in its own structure, its arrays as tensors on ``device`` (None: the
-        host), after one copy of the whole buffer; ``dtype`` casts as in
-        :func:`tensorbridge.to_device`. ``copy=True`` copies even for the host."""
+        host): on another device after one copy of the whole buffer; on the host, views of
+        the buffer itself (writes to them show in this batch), unless ``copy=True``.
+        ``dtype`` casts as in :func:`tensorbridge.to_device`; like ``Tensor.to``, a dtype
+        may come first (``.to(torch.float16)``)."""
+        if isinstance(device, torch.Tensor):
+            raise TypeError(
+                "PackedBatch.to: a tensor as the target is ambiguous for a whole batch: pass "
+                "its device (and dtype=, if wanted), e.g. .to(t.device)."
+            )
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
         rule = dtype_rule(dtype, "PackedBatch.to")
-        if rule is not None and rule.by_key:
-            check_names(rule, {self._keys[i] for i in self._positions}, "PackedBatch.to")
-        dev = torch.device("cpu") if device is None else _backend.resolve_device(device, "to")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        buffer = self._buffer
-        if dev != buffer.device or copy:
-            buffer = buffer.to(dev, non_blocking=non_blocking, copy=copy)
-        return self._rebuild(buffer, rule)
+        dev = None if device is None else _backend.resolve_device(device, "PackedBatch.to")
+        return self._to(dev, rule, non_blocking, copy)
 
     def pin_memory(self, device: Any = None) -> PackedBatch:
         """This batch with its buffer page-locked (itself when it already is, or when no
-        GPU is usable: page-locking needs one)."""
+        GPU is usable: page-locking needs one). ``device`` is accepted for the
+        DataLoader's pin-memory thread and not used: page-locked memory serves every GPU."""
         if not _backend.ENGINE.cuda_engine or self._buffer.is_pinned():
             return self
         # torch's caching host allocator (reused blocks), filled by the copy threads
@@ -179,6 +189,20 @@ class PackedBatch:
             self._keys,
             self._spec,
         )
+
+    def _to(
+        self, dev: torch.device | None, rule: DTypeRule | None, non_blocking: bool, copy: bool
+    ) -> Any:
+        if rule is not None and rule.by_key:
+            check_names(rule, {self._keys[i] for i in self._positions}, "PackedBatch.to")
+        if dev is None:
+            dev = torch.device("cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        buffer = self._buffer
+        if dev != buffer.device or copy:
+            buffer = buffer.to(dev, non_blocking=non_blocking, copy=copy)
+        return self._rebuild(buffer, rule)
 
     def unpack(self) -> Any:
         """The batch in its own structure, its arrays as tensors over the host buffer."""
@@ -201,6 +225,9 @@ class PackedBatch:
     def __len__(self) -> int:
         """How many arrays were packed."""
         return len(self._positions)
+
+    def __bool__(self) -> bool:
+        return True  # (a batch, even one of numbers only: `if batch:` must not skip it)
 
     def __repr__(self) -> str:
         state = "pinned" if self.is_pinned() else "unpinned"
@@ -239,6 +266,11 @@ def _host_array(leaf: Any, key: Any) -> np.ndarray | None:
     """The host array a leaf packs as; None for values that stay in the structure."""
     if type(leaf) is np.ndarray:
         return leaf
+    if isinstance(leaf, PackedBatch):
+        raise TypeError(
+            "PackedBatch.pack: the batch holds a PackedBatch; pack the batch it holds: "
+            "pass packed.unpack() in its place."
+        )
     if _interop.is_foreign_array(leaf):
         leaf = _interop.import_array(leaf, "PackedBatch.pack", numpy_first=True)
     if isinstance(leaf, np.ndarray):
@@ -256,6 +288,11 @@ def _host_array(leaf: Any, key: Any) -> np.ndarray | None:
             f"PackedBatch.pack: a tensor{where} requires grad, which packing would drop: "
             "pass it with .detach()."
         )
+    if _dtypes.numpy_dtype_or_none(leaf.dtype) is None:
+        raise TypeError(
+            f"PackedBatch.pack: a tensor{where} is {leaf.dtype}, which has no NumPy dtype to "
+            "pack as: convert it first, e.g. .to(torch.complex64) for complex32."
+        )
     return to_numpy(leaf)
 
 
@@ -266,14 +303,15 @@ class Arena:
     """Bump allocation of a collated batch's tensors from one host buffer, so that
     ``collate(samples, packed=True)`` stacks each field straight into the packed buffer
     (one copy). A field that does not fit (the size is estimated before collating) gets
-    its own tensor, and the batch is packed afterwards instead."""
+    its own tensor, and those tensors are packed into a new buffer afterwards. Only what
+    collate made is packed: the values of a ``fields={...: list}`` field stay as they are."""
 
     def __init__(self, nbytes: int) -> None:
         self.buffer = new_host_buffer(max(nbytes, _pack.ALIGN))
         self.used = 0
         self.spilled = False
-        # id(tensor) -> (the tensor, first byte, bytes it takes)
-        self.slots: dict[int, tuple[torch.Tensor, int, int]] = {}
+        # id(tensor) -> (the tensor, first byte or -1 when spilled, bytes it takes)
+        self.made: dict[int, tuple[torch.Tensor, int, int]] = {}
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = dtype.itemsize
@@ -282,58 +320,73 @@ class Arena:
         first = -(-self.used // _pack.ALIGN) * _pack.ALIGN
         if first + n > self.buffer.numel():
             self.spilled = True
-            return torch.empty(shape, dtype=dtype)
+            t = torch.empty(shape, dtype=dtype)
+            self.made[id(t)] = (t, -1, 0)
+            return t
         self.used = first + n
         t = self.buffer[first : first + n].view(dtype).view(shape)
-        self.slots[id(t)] = (t, first, -(-n // _pack.ALIGN) * _pack.ALIGN)
+        self.made[id(t)] = (t, first, -(-n // _pack.ALIGN) * _pack.ALIGN)
         return t
 
     def packed(self, batch: Any) -> PackedBatch:
-        """The collated batch as a PackedBatch over this arena's buffer."""
-        if self.spilled:
-            return PackedBatch.pack(batch)
+        """The collated batch as a PackedBatch: over this arena's buffer, or, when a
+        field spilled, over a new one its tensors are packed into."""
         originals, keys, spec = flatten(batch)
         leaves: list[Any] = list(originals)
         groups: list[_pack.Group] = []
         positions: list[int] = []
         for i, leaf in enumerate(originals):
-            slot = self.slots.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            slot = self.made.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
             if slot is None or slot[0] is not leaf:
-                if isinstance(leaf, (np.ndarray, torch.Tensor)):  # (not from the arena)
-                    return PackedBatch.pack(batch)
-                continue
+                continue  # (a value, or what a fields= list holds: kept as it is)
             groups.append((leaf.dtype, tuple(leaf.shape), slot[1], slot[2], [len(positions)]))
             positions.append(i)
             leaves[i] = None
-        buffer = self.buffer[: max(-(-self.used // _pack.ALIGN) * _pack.ALIGN, _pack.ALIGN)]
-        return PackedBatch._make(buffer, groups, positions, leaves, keys, spec)
+        if self.spilled:
+            plan = _pack.layout([to_numpy(originals[i]) for i in positions], "collate")
+            buffer = new_host_buffer(plan.nbytes)
+            _pack.pack_into(plan, buffer.numpy())
+            groups = plan.groups
+        else:
+            buffer = self.buffer[: max(-(-self.used // _pack.ALIGN) * _pack.ALIGN, _pack.ALIGN)]
+        return PackedBatch._make(buffer, groups, positions, leaves, keys, hollow(spec))
 
 
 ARENA: contextvars.ContextVar[Arena | None] = contextvars.ContextVar("arena", default=None)
 
 
-def estimate_nbytes(samples: Any, every: bool = True) -> int:
-    """An upper bound of a collated batch's packed size, but for padding (pad=) and for
-    arrays whose dtype widens across the samples (such a batch spills: it is packed after
-    collating). ``every=False`` sizes sample 0 alone, times the number of samples: collate
-    refuses samples whose structure or shapes differ from sample 0's, so each takes as many
-    bytes, and walking every sample cost as much as the collate itself."""
-    sized = samples if every else samples[:1]
-    total = 0
-    leaves = 0
-    for sample in sized:
-        for leaf in flatten(sample)[0]:
+def estimate_nbytes(samples: Any, pad: Any = None) -> int:
+    """The packed size of a collated batch, from sample 0 times the number of samples
+    (collate refuses samples whose structure or shapes differ from sample 0's, so each
+    takes as many bytes); a padded field (``pad=``) by its longest sample. Short for an
+    array whose dtype widens in a later sample (that field spills). Samples collate will
+    refuse are sized 0: the refusal is collate's to make."""
+    try:
+        first = samples[0]
+        n = len(samples)
+        padded = dict(first) if pad and isinstance(first, Mapping) else {}
+        for key in pad or ():
+            if key in padded:
+                padded[key] = None  # (sized below, not as sample 0)
+        total, leaves = 0, 0
+        for leaf in flatten(padded or first)[0]:
             leaves += 1
-            if isinstance(leaf, np.ndarray):
-                total += leaf.nbytes
-            elif isinstance(leaf, torch.Tensor):
-                total += leaf.numel() * leaf.element_size()
-            else:
-                total += 16  # a number (or a value that stays a list: nothing)
-    if not every:
-        total *= len(samples)
-    per_sample = leaves // max(len(sized), 1)
-    return total + 2 * _pack.ALIGN * (per_sample + 1)
+            total += _leaf_nbytes(leaf) * n
+        for key in pad or ():
+            if key in padded:
+                longest = max(_leaf_nbytes(np.asarray(s[key])) for s in samples)
+                total += longest * n + 8 * n + 2 * _pack.ALIGN  # (and its lengths)
+        return total + 2 * _pack.ALIGN * (leaves + 1)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+        return 0
+
+
+def _leaf_nbytes(leaf: Any) -> int:
+    if isinstance(leaf, np.ndarray):
+        return leaf.nbytes
+    if isinstance(leaf, torch.Tensor):
+        return leaf.numel() * leaf.element_size()
+    return 16  # a number (or a value that stays a list: nothing)
 
 
 @contextlib.contextmanager

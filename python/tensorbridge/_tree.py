@@ -43,17 +43,19 @@ def is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
 
-def flatten(obj: Any) -> tuple[list[Any], list[Any], Spec]:
+def flatten(obj: Any, fn: str | None = None) -> tuple[list[Any], list[Any], Spec]:
     """(leaves, keys, spec): the leaves in order, each leaf's key (the nearest dict key or
-    dataclass field name, None at the top) and what :func:`unflatten` needs to rebuild."""
+    dataclass field name, None at the top) and what :func:`unflatten` needs to rebuild.
+    ``fn`` names the public function in the refusal of a batch nested too deeply."""
     leaves: list[Any] = []
     keys: list[Any] = []
     try:
         spec = _flatten(obj, None, leaves, keys)
     except RecursionError:
         raise ValueError(
-            "the batch is nested too deeply or contains itself (a list holding itself, say): "
-            "pass a structure of at most a few hundred levels, without cycles."
+            f"{fn + ': ' if fn else ''}the batch is nested too deeply or contains itself (a "
+            "list holding itself, say): pass a structure of at most a few hundred levels, "
+            "without cycles."
         ) from None
     return leaves, keys, spec
 
@@ -177,6 +179,22 @@ def _unflatten(spec: Spec, it: Any) -> Any:
             return list(values) if issubclass(meta, list) else tuple(values)
     obj, names = meta  # dataclass: a shallow copy keeps what the fields do not hold
     return rebuild_dataclass(obj, dict(zip(names, values, strict=True)))
+
+
+def hollow(spec: Spec) -> Spec:
+    """``spec`` without the batch's own objects: the mappings and dataclasses it keeps (to
+    rebuild their types) are replaced by copies whose items are None, so a spec that is
+    stored (a PackedBatch's) holds no array of the batch alive, nor pickles one."""
+    if spec is None:
+        return None
+    kind, meta, children = spec
+    children = [hollow(c) for c in children]
+    if kind == "mapping":
+        meta = _unflatten((kind, meta, [None] * len(children)), iter([None] * len(children)))
+    elif kind == "dataclass":
+        obj, names = meta
+        meta = (rebuild_dataclass(obj, dict.fromkeys(names)), names)
+    return (kind, meta, children)
 
 
 def rebuild_dataclass(obj: Any, fields: dict[str, Any]) -> Any:
