@@ -48,6 +48,8 @@ def test_readme_has_python_blocks():
 FOREIGN_WARNINGS = [
     # Lightning 2.6 asks torch's pytree for LeafSpec, which torch 2.13 deprecates (every fit)
     "ignore:`isinstance(treespec, LeafSpec)` is deprecated:FutureWarning",
+    # Ray 2.60's DataContext warns about its own deprecated defaults when it is made
+    "ignore::DeprecationWarning:ray.data.context",
 ]
 
 

@@ -13,6 +13,9 @@
 - accelerate and Lightning: ``send_to_device`` / ``move_data_to_device`` of one batch to
   'cpu', as a dict of tensors and as a ``PackedBatch``; and collate + the move, from the
   samples.
+- Ray Data (where the ``ray`` extra is installed): one epoch of ``iter_torch_batches`` to
+  'cpu' from a materialized dataset, Ray's default collate against ``tb.ray.Collate``, on
+  a local cluster of two CPUs.
 """
 
 from __future__ import annotations
@@ -149,3 +152,50 @@ def bench_integrations(r: Runner, rows: int = 2048, size: int = 64, batch: int =
         moved, collated = _move_methods(name, move, samples)
         r.group(sec, f"{name} of one collated batch to 'cpu' ({one})", 0, moved)
         r.group(sec, f"collate + {name} to 'cpu' ({one})", 0, collated)
+    _bench_ray(r, sec, rows, size, batch)
+
+
+def _bench_ray(r: Runner, sec: str, rows: int, size: int, batch: int) -> None:
+    """Ray Data, one epoch of ``iter_torch_batches`` to 'cpu': Ray's default collate
+    against ``tb.ray.Collate``, on a local cluster of two CPUs (skipped without Ray)."""
+    if importlib.util.find_spec("ray") is None:
+        return
+    import ray
+
+    from .. import ray as tb_ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        rng = np.random.default_rng(0)
+        items = [
+            {"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "label": i % 10}
+            for i in range(rows)
+        ]
+        ds = ray.data.from_items(items).materialize()  # (in the object store: no reading timed)
+        collate_fn = tb_ray.Collate(device="cpu")
+
+        def default(i: int) -> None:
+            for _ in ds.iter_torch_batches(batch_size=batch, device="cpu"):
+                pass
+
+        def ours(i: int) -> None:
+            for _ in ds.iter_torch_batches(batch_size=batch, device="cpu", collate_fn=collate_fn):
+                pass
+
+        r.group(
+            sec,
+            f"Ray Data {ray.__version__}, one epoch of iter_torch_batches: {rows} rows of "
+            f"{size}x{size}x3 uint8 + label, batch {batch}, to 'cpu'",
+            0,
+            [
+                ("iter_torch_batches() (Ray's default collate)", True, default),
+                ("iter_torch_batches(collate_fn=tb.ray.Collate())", False, ours),
+            ],
+        )
+    finally:
+        if started:
+            ray.shutdown()
