@@ -37,6 +37,21 @@ def rng(request) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture
+def arenas(monkeypatch) -> list:
+    """Every Arena collate(packed=True) makes, in order (to see whether it spilled)."""
+    made: list = []
+    real = _packed.Arena
+
+    class Watched(real):
+        def __init__(self, nbytes):
+            super().__init__(nbytes)
+            made.append(self)
+
+    monkeypatch.setattr(_packed, "Arena", Watched)
+    return made
+
+
 def _random_batch(rng):
     """Nested containers; dtypes (big-endian, bfloat16, bool, complex), layouts and values."""
     kinds = ["u1", "<i2", "<f4", ">f8", "<c8", "?", ">u4"]
@@ -218,29 +233,21 @@ def test_collate_packed_equals_collate(rng, spill, monkeypatch):
             assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
 
 
-def test_collate_packed_stacks_straight_into_the_buffer_unless_a_dtype_widens(rng, monkeypatch):
+def test_collate_packed_stacks_straight_into_the_buffer_unless_a_dtype_widens(rng, arenas):
     """Without pad= the buffer is sized from sample 0: equal samples fit it (no spill); an
     array that widens in a later sample spills, and the batch is still right."""
-    made = []
-    real = _packed.Arena
 
-    class Watched(real):
-        def __init__(self, nbytes):
-            super().__init__(nbytes)
-            made.append(self)
-
-    monkeypatch.setattr(_packed, "Arena", Watched)
     samples = [
         {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "x": np.ones(1000, np.int16)}
         for _ in range(16)
     ]
     packed = tb.collate(samples, packed=True)
-    assert not made[-1].spilled  # stacked straight into the buffer
+    assert not arenas[-1].spilled  # stacked straight into the buffer
     for t in packed.unpack().values():
         assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
     samples[5]["x"] = np.full(1000, 2**40)  # int64: the stack is int64, 4x sample 0's bytes
     got = tb.collate(samples, packed=True).to("cpu")
-    assert made[-1].spilled  # packed into a new buffer after collating
+    assert arenas[-1].spilled  # packed into a new buffer after collating
     expected = tb.collate(samples)
     assert got["x"].dtype == torch.int64 and torch.equal(got["x"], expected["x"])
     assert torch.equal(got["image"], expected["image"])
@@ -396,19 +403,11 @@ def test_collate_packed_leaves_list_fields_as_collate_does(rng):
     assert torch.equal(got["x"], plain["x"])
 
 
-def test_collate_packed_sizes_ragged_padded_fields_without_spilling(rng, monkeypatch):
-    made = []
-    real = _packed.Arena
+def test_collate_packed_sizes_ragged_padded_fields_without_spilling(rng, arenas):
 
-    class Watched(real):
-        def __init__(self, nbytes):
-            super().__init__(nbytes)
-            made.append(self)
-
-    monkeypatch.setattr(_packed, "Arena", Watched)
     samples = [{"tokens": np.arange(rng.integers(1, 512)), "label": 1} for _ in range(64)]
     packed = tb.collate(samples, packed=True, pad={"tokens": 0})
-    assert len(made) == 1 and not made[0].spilled
+    assert len(arenas) == 1 and not arenas[0].spilled
     got, expected = packed.unpack(), tb.collate(samples, pad={"tokens": 0})
     assert torch.equal(got["tokens"], expected["tokens"])
     assert torch.equal(got["tokens_lengths"], expected["tokens_lengths"])

@@ -196,12 +196,17 @@ def _host_arrays(arrays):
     return [a if isinstance(a, np.ndarray) else tb.to_numpy(a) for a in arrays]
 
 
-@pytest.mark.parametrize("path", ["extension", "python"])
-def test_pack_layout_is_aligned_grouped_and_ordered(rng, path, monkeypatch):
-    if path == "extension" and tb.info()["extension"] is False:
+@pytest.fixture(params=["extension", "python"])
+def path(request, monkeypatch) -> str:
+    """The packing layer with the compiled layout, and with its NumPy twin."""
+    if request.param == "extension" and tb.info()["extension"] is False:
         pytest.skip("needs the compiled extension")
-    if path == "python":
+    if request.param == "python":
         monkeypatch.setattr(_backend.ENGINE, "C", None, raising=False)
+    return request.param
+
+
+def test_pack_layout_is_aligned_grouped_and_ordered(rng, path):
     arrays = _host_arrays(_mixed_host_arrays(rng))
     plan = _pack.layout(arrays)
     assert (plan.native is None) == (path == "python")
@@ -223,12 +228,7 @@ def test_pack_layout_is_aligned_grouped_and_ordered(rng, path, monkeypatch):
     assert len(plan.groups) == len(kinds) < len(arrays) // 2
 
 
-@pytest.mark.parametrize("path", ["extension", "python"])
-def test_pack_into_writes_each_array_at_its_place(rng, path, monkeypatch):
-    if path == "extension" and tb.info()["extension"] is False:
-        pytest.skip("needs the compiled extension")
-    if path == "python":
-        monkeypatch.setattr(_backend.ENGINE, "C", None, raising=False)
+def test_pack_into_writes_each_array_at_its_place(rng, path):
     arrays = _mixed_host_arrays(rng)
     plan = _pack.layout(_host_arrays(arrays))
     buffer = np.full(plan.nbytes + 512, 0xAB, np.uint8)  # poisoned, and longer than needed
