@@ -1,143 +1,418 @@
-"""tb.ray.Collate against Ray Data's default path, and in a Ray Train run, with the real Ray."""
+"""``tensorbridge.ray.Collate`` against the real Ray on a local cluster (2 CPUs, shared by
+the module): the batches of ``iter_torch_batches(collate_fn=tb.ray.Collate(...))`` against
+Ray's default ``iter_torch_batches()`` (values, dtypes, shapes, column order) on fresh random
+data, the columns Ray gives as Python objects, and one ``TorchTrainer`` run with two CPU
+workers fed through ``Collate`` from their dataset shards.
+
+CI installs Ray through the ``ray`` extra; without it these tests skip (the import checks
+at the top run either way).
+"""
 
 from __future__ import annotations
 
-import json
-import warnings
+import doctest
+import os
+import pickle
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'tensorbridge[ray]')")
-pytest.importorskip("ray.train", reason="ray.train is not installed")
+import tensorbridge as tb
 
-import tensorbridge as tb  # noqa: E402
-import tensorbridge.ray  # noqa: E402
+from conftest import HAS_CUDA, no_warnings
 
-pytestmark = [
-    pytest.mark.slow,
-    # (Ray's own deprecations, raised inside Ray: not ours to fix)
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:ray"),
-]
+SKIP = 'Ray is not installed (pip install ".[ray]")'
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_import_tensorbridge_does_not_import_ray():
+    proc = _python(
+        "import sys, tensorbridge\n"
+        "assert 'ray' not in sys.modules and 'tensorbridge.ray' not in sys.modules\n"
+        "assert not hasattr(tensorbridge, 'ray')\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_without_ray_the_import_names_the_extra_to_install():
+    proc = _python(
+        "import sys\n"
+        "sys.modules['ray'] = None  # (as if it were not installed)\n"
+        "import tensorbridge.ray\n"
+    )
+    assert proc.returncode != 0
+    assert "ImportError: tensorbridge.ray needs Ray Data and Ray Train" in proc.stderr
+    assert 'pip install "tensorbridge[ray]"' in proc.stderr
+
+
+# --------------------------------------------------------------------- Collate on its own
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # (so two passes can be compared row by row)
-    ctx.enable_progress_bars = False
-    yield
-    ray.shutdown()
+def tbray() -> Any:
+    pytest.importorskip("ray", reason=SKIP)
+    import tensorbridge.ray
+
+    return tensorbridge.ray
 
 
-def _items(rng, n=40):
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _read_only(**columns: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch as Ray gives it: column arrays over read-only buffers."""
+    for a in columns.values():
+        a.flags.writeable = False
+    return columns
+
+
+def test_collate_is_the_numpy_collate_class_ray_asks_for(tbray):
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    assert tb.ray is tbray  # (import tensorbridge.ray makes tb.ray reachable)
+    assert isinstance(tbray.Collate(), NumpyBatchCollateFn)
+
+
+def test_docstring_example_runs(tbray):
+    result = doctest.testmod(tbray, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted and not result.failed
+
+
+def test_collate_packs_the_columns_into_one_writable_buffer(tbray, rng):
+    batch = _read_only(
+        image=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8),
+        score=rng.standard_normal(4).astype(np.float32),
+        label=rng.integers(0, 10, 4),
+    )
+    with no_warnings():  # (torch warns when a tensor shares a read-only array: none here)
+        got = tbray.Collate(device="cpu")(batch)
+    assert list(got) == ["image", "score", "label"]
+    for name, a in batch.items():
+        assert got[name].dtype == torch.from_numpy(a.copy()).dtype
+        assert np.array_equal(got[name].numpy(), a)
+    bases = {t.untyped_storage().data_ptr() for t in got.values()}
+    assert len(bases) == 1  # one buffer: the batch crossed in one copy
+    got["image"][0] = 0  # its own memory: writable, and Ray's buffers are untouched
+    assert batch["image"][0].any()
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float16, "float64", {"image": torch.float32}, {torch.int64: torch.int32}],
+    ids=["float16", "float64-str", "by-column", "by-source-dtype"],
+)
+def test_collate_casts_as_to_device_does(tbray, rng, dtype):
+    batch = _read_only(
+        image=rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8),
+        score=rng.standard_normal(3).astype(np.float32),
+        label=rng.integers(0, 10, 3),
+    )
+    got = tbray.Collate(device="cpu", dtype=dtype)(batch)
+    want = tb.to_device({k: a.copy() for k, a in batch.items()}, "cpu", dtype=dtype)
+    for name in batch:
+        assert got[name].dtype == want[name].dtype
+        assert torch.equal(got[name], want[name])
+
+
+def test_collate_refuses_a_bad_dtype_when_made_and_a_name_no_column_has_per_batch(tbray):
+    with pytest.raises(TypeError, match=r"tb.ray.Collate: a single dtype= casts the floating"):
+        tbray.Collate(dtype=torch.int32)
+    collate = tbray.Collate(device="cpu", dtype={"imgae": torch.float32})
+    with pytest.raises(ValueError, match=r"tb.ray.Collate: dtype= names 'imgae'.*'image'"):
+        collate({"image": np.zeros((2, 3), np.uint8), "id": np.array(["a", "b"])})
+
+
+def test_collate_stacks_equal_shaped_object_rows_as_ray_does(tbray, rng):
+    rows = [rng.integers(0, 9, 3) for _ in range(4)]
+    column = np.empty(4, dtype=object)
+    column[:] = rows
+    got = tbray.Collate(device="cpu")({"lst": column})
+    assert got["lst"].dtype == torch.int64 and got["lst"].tolist() == np.stack(rows).tolist()
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        np.array(["a", "bc", "d"]),
+        np.array([b"a", b"bc", b"d"]),
+        np.array(["a", None, "d"], dtype=object),
+        np.array([["a", "b"], ["c", "d"], ["e", "f"]], dtype=object),
+    ],
+    ids=["str", "bytes", "object-str-with-none", "object-rows-of-str"],
+)
+def test_collate_keeps_string_columns_as_ray_gave_them(tbray, column):
+    got = tbray.Collate(device="cpu")({"x": np.arange(3.0), "id": column})
+    assert list(got) == ["x", "id"]
+    assert got["id"] is column
+    assert got["x"].tolist() == [0.0, 1.0, 2.0]
+
+
+def _objects(*values: Any) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = list(values)
+    return column
+
+
+@pytest.mark.parametrize(
+    ("column", "match"),
+    [
+        (
+            _objects(np.arange(3), np.arange(2)),
+            r"column 'c' holds arrays of different shapes \(row 0 \(3,\), row 1 \(2,\)\).*pad "
+            r"them to one shape.*ds.drop_columns\(\['c'\]\)",
+        ),
+        (
+            _objects({"a": 1}, {"b": 2}),
+            r"column 'c' holds Python objects \(dict\).*convert them to numbers or strings",
+        ),
+        (
+            np.array(["2024-01-01", "2024-01-02"], dtype="datetime64[D]"),
+            r"column 'c' is datetime64\[D\], which torch has no dtype for.*int64",
+        ),
+    ],
+    ids=["ragged", "dicts", "datetime"],
+)
+def test_collate_refuses_what_no_tensor_holds_naming_the_column_and_the_fix(tbray, column, match):
+    with pytest.raises(TypeError, match=match):
+        tbray.Collate(device="cpu")({"ok": np.arange(len(column)), "c": column})
+
+
+def test_collate_refuses_a_batch_that_is_not_a_dict(tbray):
+    with pytest.raises(TypeError, match=r"takes Ray Data's NumPy batches.*got ndarray"):
+        tbray.Collate(device="cpu")(np.arange(3))
+
+
+def test_collate_device_auto_is_the_cpu_outside_ray_train_and_decided_again_when_unpickled(
+    tbray,
+):
+    collate = tbray.Collate()
+    assert collate.device is None and repr(collate) == "Collate(device='auto', dtype=None)"
+    assert collate({"x": np.arange(2)})["x"].device == torch.device("cpu")
+    assert collate.device == torch.device("cpu")
+    again = pickle.loads(pickle.dumps(collate))
+    assert again.device is None  # ("auto" is decided in the process that iterates)
+    fixed = pickle.loads(pickle.dumps(tbray.Collate(device="cpu", dtype=torch.float16)))
+    assert fixed.device == torch.device("cpu") and fixed._dtype == torch.float16
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_collate_refuses_cuda_when_made_on_a_machine_without_it(tbray):
+    with pytest.raises(ValueError, match=r"tb.ray.Collate: .*cuda"):
+        tbray.Collate(device="cuda")
+
+
+@pytest.mark.gpu
+def test_collate_moves_a_batch_to_the_gpu_in_one_copy(tbray, rng):
+    batch = _read_only(
+        image=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+        label=rng.integers(0, 10, 8),
+    )
+    collate = tbray.Collate(device="cuda", dtype={"image": torch.float32})
+    assert collate.device == torch.device("cuda", torch.cuda.current_device())
+    got = collate(batch)
+    torch.cuda.current_stream().synchronize()
+    assert got["image"].is_cuda and got["image"].dtype == torch.float32
+    assert np.array_equal(got["image"].cpu().numpy(), batch["image"].astype(np.float32))
+    assert got["label"].tolist() == batch["label"].tolist()
+
+
+# --------------------------------------------------------------------- on a local cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tbray) -> Any:
+    """A local Ray cluster of 2 CPUs for the whole module (its start takes seconds), with
+    batches in order (so two passes over a dataset can be compared batch by batch)."""
+    import ray
+    import ray.data
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _same_batches(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert len(got) == len(want) > 1
+    for g, w in zip(got, want, strict=True):
+        assert list(g) == list(w)
+        for name in w:
+            assert isinstance(g[name], torch.Tensor), name
+            assert (g[name].dtype, g[name].shape, g[name].device) == (
+                w[name].dtype,
+                w[name].shape,
+                w[name].device,
+            ), name
+            assert torch.equal(g[name], w[name]), name
+
+
+def _items(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
     return [
         {
             "image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
-            "x": rng.standard_normal(5).astype(np.float32),
-            "w": rng.standard_normal(),  # float64
-            "label": int(i % 7),
-            "name": f"s{i}",
+            "score": np.float32(rng.standard_normal()),
+            "embedding": rng.standard_normal(5),  # float64
+            "label": int(rng.integers(0, 10)),  # int64
+            "boxes": [int(v) for v in rng.integers(0, 99, 4)],  # a list column
         }
-        for i in range(n)
+        for _ in range(n)
     ]
 
 
-def _concat(batches, key):
-    return torch.cat([b[key] for b in batches])
+def _datasets(cluster: Any, rng: np.random.Generator) -> dict[str, Any]:
+    images = rng.integers(0, 256, (29, 8, 8, 3), dtype=np.uint8)
+    return {
+        "from_items": cluster.data.from_items(_items(rng, 37)),
+        "from_numpy": cluster.data.from_numpy(images),
+        "from_numpy-float32": cluster.data.from_numpy(
+            rng.standard_normal((23, 6)).astype(np.float32)
+        ),
+    }
 
 
-def test_collate_gives_ray_defaults_tensors(cluster):
-    rng = np.random.default_rng(7)
-    ds = ray.data.from_items(_items(rng))
-    with warnings.catch_warnings():
-        torch.set_warn_always(True)  # (torch warns once per process otherwise)
-        # no read-only warning for Ray's object store arrays
-        warnings.filterwarnings("error", message=".*not writable")
-        got = list(ds.iter_torch_batches(batch_size=16, collate_fn=tb.ray.Collate()))
-    expected = list(ds.drop_columns(["name"]).iter_torch_batches(batch_size=16))
-    assert [len(b["label"]) for b in got] == [16, 16, 8]
-    for key in ("image", "x", "w", "label"):
-        g, e = _concat(got, key), _concat(expected, key)
-        assert (g.dtype, g.shape, g.device.type) == (e.dtype, e.shape, "cpu"), key
-        assert torch.equal(g, e), key
-    names = np.concatenate([b["name"] for b in got])
-    assert names.tolist() == [f"s{i}" for i in range(40)]  # strings stay NumPy
-    out = got[0]["image"]
-    out += 1  # tensors of their own, writable: Ray's arrays are untouched
-    assert torch.equal(_concat(expected, "image")[:16], _concat(got, "image")[:16] - 1)
+@pytest.mark.parametrize("source", ["from_items", "from_numpy", "from_numpy-float32"])
+def test_batches_match_rays_default_path(cluster, tbray, rng, source):
+    ds = _datasets(cluster, rng)[source].materialize()
+    collate = tbray.Collate(device="cpu")
+    got = list(ds.iter_torch_batches(batch_size=8, collate_fn=collate))
+    want = list(ds.iter_torch_batches(batch_size=8))
+    _same_batches(got, want)  # (the last batch is short: 37, 29 and 23 rows)
 
 
-def test_collate_casts_like_to_device(cluster):
-    rng = np.random.default_rng(8)
-    ds = ray.data.from_items(_items(rng, 16))
-    batch = next(
-        iter(ds.iter_torch_batches(batch_size=16, collate_fn=tb.ray.Collate(dtype="float16")))
-    )
-    assert batch["x"].dtype == torch.float16 and batch["w"].dtype == torch.float16
-    assert batch["image"].dtype == torch.uint8 and batch["label"].dtype == torch.int64
-    mapped = tb.ray.Collate(dtype={"label": torch.int32})
-    batch = next(iter(ds.iter_torch_batches(batch_size=16, collate_fn=mapped)))
-    assert batch["label"].dtype == torch.int32 and batch["x"].dtype == torch.float32
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, {"image": torch.float32, "label": torch.int32}], ids=str
+)
+def test_dtype_casts_on_the_device_as_to_device_does(cluster, tbray, rng, dtype):
+    ds = cluster.data.from_items(_items(rng, 20)).materialize()
+    got = list(ds.iter_torch_batches(batch_size=6, collate_fn=tbray.Collate("cpu", dtype)))
+    if isinstance(dtype, dict):
+        want = [
+            {k: t.to(dtype[k]) if k in dtype else t for k, t in b.items()}
+            for b in ds.iter_torch_batches(batch_size=6)
+        ]
+    else:  # a single dtype casts the floating columns only: the labels stay int64
+        want = [
+            {k: t.to(dtype) if t.is_floating_point() else t for k, t in b.items()}
+            for b in ds.iter_torch_batches(batch_size=6)
+        ]
+        assert want[0]["label"].dtype == torch.int64 and want[0]["image"].dtype == torch.uint8
+    _same_batches(got, want)
 
 
-def test_collate_refuses_bad_arguments_when_made():
-    with pytest.raises(TypeError, match="floating dtype"):
-        tb.ray.Collate(dtype=torch.int32)
-    with pytest.raises((TypeError, ValueError), match="device"):
-        tb.ray.Collate(device="gpu0")
-    with pytest.raises(TypeError, match="dict of arrays"):
-        tb.ray.Collate(device="cpu")([np.ones(2)])
-
-
-def test_a_ray_train_run_feeds_a_model_through_collate(cluster, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    rng = np.random.default_rng(9)
-    items = [
-        {"x": rng.standard_normal(4).astype(np.float32), "y": np.float32(i % 2)} for i in range(64)
+def test_string_columns_stay_numpy_arrays_where_rays_default_path_refuses(cluster, tbray, rng):
+    items = _items(rng, 12)
+    for i, item in enumerate(items):
+        item["id"] = f"sample-{i}"
+    ds = cluster.data.from_items(items).materialize()
+    got = list(ds.iter_torch_batches(batch_size=5, collate_fn=tbray.Collate(device="cpu")))
+    assert [b["id"].tolist() for b in got] == [
+        [f"sample-{i}" for i in range(s, min(s + 5, 12))] for s in (0, 5, 10)
     ]
-    ds = ray.data.from_items(items)
-    seen = tmp_path / "seen"
-    seen.mkdir()
+    want = list(ds.drop_columns(["id"]).iter_torch_batches(batch_size=5))
+    _same_batches([{k: v for k, v in b.items() if k != "id"} for b in got], want)
+    with pytest.raises(TypeError, match=r"numpy\.str_"):  # what Ray's own path does with them
+        list(ds.iter_torch_batches(batch_size=5))
 
-    def train_loop(config):
-        import ray.train
-        import torch
 
-        import tensorbridge as tb
-        import tensorbridge.ray
+def test_a_ragged_column_is_refused_naming_it(cluster, tbray):
+    ds = cluster.data.from_items([{"tokens": np.arange(n % 3 + 1)} for n in range(6)])
+    with pytest.raises(TypeError, match=r"column 'tokens' holds arrays of different shapes"):
+        list(ds.iter_torch_batches(batch_size=3, collate_fn=tbray.Collate(device="cpu")))
 
-        model = torch.nn.Linear(4, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        shard = ray.train.get_dataset_shard("train")
-        rows, loss = 0, None
-        for batch in shard.iter_torch_batches(batch_size=8, collate_fn=tb.ray.Collate()):
-            assert batch["x"].dtype == torch.float32 and batch["x"].shape[1] == 4
-            loss = torch.nn.functional.mse_loss(model(batch["x"]).squeeze(1), batch["y"])
-            opt.zero_grad()
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: two epochs of its dataset shard through tb.ray.Collate into a
+    tiny DDP model; rank 0 reports the loss and every rank's batch and row counts."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    import tensorbridge.ray
+
+    shard = ray.train.get_dataset_shard("train")
+    model = ray.train.torch.prepare_model(torch.nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    collate = tensorbridge.ray.Collate(dtype=torch.float32)  # (the features are float64)
+    batches = rows = 0
+    for _ in range(2):
+        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=collate):
+            loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+            optimizer.zero_grad()
             loss.backward()
-            opt.step()
+            optimizer.step()
+            batches += 1
             rows += len(batch["y"])
-        rank = ray.train.get_context().get_world_rank()
-        with open(f"{config['seen']}/{rank}.json", "w") as f:
-            json.dump({"rows": rows, "loss": float(loss)}, f)
-        ray.train.report({"loss": float(loss), "rows": rows})
+    counts = [torch.zeros(2, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([batches, rows]))
+    metrics = {
+        "loss": float(loss),
+        "batches": [int(c[0]) for c in counts],
+        "rows": [int(c[1]) for c in counts],
+        "device": str(collate.device),
+        "train_device": str(ray.train.torch.get_device()),
+        "x_dtype": str(batch["x"].dtype),
+    }
+    if ray.train.get_context().get_world_rank() == 0:
+        # (Ray Train keeps the metrics of the reports that carry a checkpoint)
+        path = Path(config["checkpoints"]) / "rank0"
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path / "model.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path))
+    else:
+        ray.train.report(metrics)
 
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"seen": str(seen)},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-        datasets={"train": ds},
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="tb"),
-    )
-    result = trainer.fit()
+
+@pytest.mark.slow
+def test_torch_trainer_feeds_two_cpu_workers_through_collate(cluster, tbray, rng, tmp_path):
+    import ray.train
+    import ray.train.torch
+    from ray import cloudpickle
+
+    # The workers cannot import this test file: the loop travels by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        rows = 48
+        ds = cluster.data.from_items(
+            [{"x": rng.standard_normal(4), "y": int(rng.integers(0, 2))} for _ in range(rows)]
+        )
+        trainer = ray.train.torch.TorchTrainer(
+            _train_loop,
+            train_loop_config={"batch_size": 8, "checkpoints": str(tmp_path / "checkpoints")},
+            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+            run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="tb"),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.error is None
-    reports = {p.stem: json.loads(p.read_text()) for p in seen.glob("*.json")}
-    assert sorted(reports) == ["0", "1"]  # both workers trained
-    assert sum(r["rows"] for r in reports.values()) == 64  # on shards that cover the data
-    assert all(r["rows"] > 0 and np.isfinite(r["loss"]) for r in reports.values())
+    metrics = result.metrics
+    assert np.isfinite(metrics["loss"])
+    assert all(b > 0 for b in metrics["batches"]) and len(metrics["batches"]) == 2
+    assert sum(metrics["rows"]) == 2 * rows  # the two shards split the rows, two epochs each
+    assert metrics["device"] == metrics["train_device"] == "cpu"
+    assert metrics["x_dtype"] == "torch.float32"
+    assert result.checkpoint is not None

@@ -1,115 +1,191 @@
-"""Ray Data: batches moved to the device in one packed copy, as a ``collate_fn``.
+"""Ray Data batches to torch in one copy: ``tensorbridge.ray.Collate`` for
+``iter_torch_batches``.
 
-``ds.iter_torch_batches(collate_fn=tb.ray.Collate())`` replaces Ray's default path (one
-``torch.as_tensor`` per column, then one ``.to(device)`` per column) with
-:func:`tensorbridge.to_device`: the numeric columns of a batch are packed into pinned
-staging by the copy threads and cross in a few large copies, then become views of one
-device buffer.
-
-Requires Ray (``pip install "tensorbridge[ray]"``); importing ``tensorbridge`` does not
-import it.
+Importing this module imports Ray (``pip install "tensorbridge[ray]"``); ``import
+tensorbridge`` does not, so ``import tensorbridge.ray`` is what makes ``tb.ray`` reachable.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from . import _backend, _dtypes
-from ._batch import DTypeSpec, dtype_rule, to_device
+try:
+    from ray.data.collate_fn import NumpyBatchCollateFn
+except ImportError as exc:  # (ray missing, or one older than the collate classes)
+    raise ImportError(
+        "tensorbridge.ray needs Ray Data and Ray Train (Ray 2.60 or newer): "
+        f'pip install "tensorbridge[ray]" ({exc})'
+    ) from exc
+
+from . import _backend
+from ._batch import DTypeSpec, check_names, dtype_rule
 from ._convert import Device
 from ._packed import PackedBatch
 
-try:
-    from ray.data.collate_fn import NumpyBatchCollateFn
-except ImportError as exc:  # pragma: no cover - exercised without ray installed
-    raise ImportError(
-        "tensorbridge.ray needs Ray Data: pip install 'tensorbridge[ray]' (or "
-        "pip install 'ray[data,train]')."
-    ) from exc
-
 __all__ = ["Collate"]
+
+_FN = "tb.ray.Collate"
 
 
 class Collate(NumpyBatchCollateFn):
-    """A Ray Data ``collate_fn`` that moves each batch to ``device`` in one packed copy.
+    """A ``collate_fn`` for Ray Data's ``iter_torch_batches`` that moves each batch in
+    one copy: ``ds.iter_torch_batches(collate_fn=tb.ray.Collate())``.
 
-    Use it as ``ds.iter_torch_batches(collate_fn=tb.ray.Collate(), ...)``; Ray hands it
-    each batch as a dict of NumPy arrays (one per column). Numeric columns become tensors
-    on ``device`` through :func:`tensorbridge.to_device`; columns torch has no dtype for
-    (strings, Python objects, ragged tensor columns, which Ray gives as arrays of arrays)
-    stay NumPy arrays.
+    Ray hands it each batch as a dict of NumPy column arrays (it is a
+    ``NumpyBatchCollateFn``). The columns are packed into one host buffer (page-locked
+    when the target is a GPU) and cross with :meth:`PackedBatch.to` in one copy
+    (asynchronous from page-locked memory), instead of one copy per column; the result
+    is a dict of tensors on ``device``, in the batch's column order. On the CPU the
+    tensors are views of that buffer: writable memory of their own, where Ray's default
+    path gives tensors over its read-only buffers.
 
-    ``device="auto"`` (the default) is Ray's own rule: the worker's device inside a Ray
-    Train worker (``ray.train.torch.get_device()``), else the CPU. Ray moves tensor
-    batches to the ``device`` of ``iter_torch_batches`` after the collate, so give both
-    the same device: ``iter_torch_batches(collate_fn=Collate(device="cuda"),
-    device="cuda")``, or leave both ``"auto"``.
+    Args:
+        device: where the batches go. ``"auto"`` (the default) is what
+            ``iter_torch_batches(device="auto")`` means: Ray Train's device for this
+            worker (``ray.train.torch.get_device()``) inside a Train worker, else the
+            CPU; it is decided at the first batch, in the process that iterates. Pass
+            the same ``device`` to ``iter_torch_batches`` when you pass one here: Ray
+            moves a batch of tensors to its own ``device`` after the collate function,
+            tensor by tensor. ``"cuda"`` without an index is the constructing thread's
+            current device (Ray collates on a background thread).
+        dtype: casts on the device, after the copy, as :func:`tensorbridge.to_device`'s
+            ``dtype=``: a single floating dtype casts the floating-point columns only
+            (integer labels keep theirs); a mapping casts the columns it names, by column
+            name (``{"image": torch.float32}``) or by source dtype
+            (``{torch.int64: torch.int32}``), and refuses a name no numeric column has.
 
-    ``dtype`` is :func:`tensorbridge.to_device`'s: a single floating dtype casts the
-    floating-point columns only (labels keep theirs), a mapping casts the columns it
-    names (``{"label": torch.int32}``) or the dtypes it names. (``iter_torch_batches``
-    takes no ``dtypes=`` together with a ``collate_fn``: this is where casts go.)
-    ``non_blocking=True`` (the default) queues the copy on the current stream without
-    waiting, as Ray's default path does.
+    Columns Ray gives as Python objects: equal-shaped arrays (a list or fixed-shape
+    tensor column) are stacked, as Ray's default path does; strings and bytes (None for
+    a missing one) stay in the batch as the NumPy array Ray gave (Ray's default path
+    refuses them); ragged arrays and other objects are refused with a TypeError naming
+    the column and the fix (pad them to one shape, or drop the column). Do not pass
+    ``pin_memory=True`` to ``iter_torch_batches``: the buffer is page-locked already
+    where that helps.
 
     Example:
-        >>> import ray, tensorbridge as tb
-        >>> ds = ray.data.from_items([{"x": [1.0, 2.0], "y": 0}])  # doctest: +SKIP
-        >>> next(iter(ds.iter_torch_batches(collate_fn=tb.ray.Collate())))  # doctest: +SKIP
-        {'x': tensor([[1., 2.]], dtype=torch.float64), 'y': tensor([0])}
+        >>> import numpy as np, torch, tensorbridge.ray
+        >>> collate = tensorbridge.ray.Collate(device="cpu", dtype=torch.float16)
+        >>> b = collate({"x": np.ones((2, 3), np.float32), "y": np.arange(2),
+        ...              "id": np.array(["a", "b"], dtype=object)})
+        >>> b["x"].dtype, b["y"].tolist(), b["id"].tolist()
+        (torch.float16, [0, 1], ['a', 'b'])
     """
 
-    def __init__(
-        self, device: Device | str = "auto", dtype: DTypeSpec = None, non_blocking: bool = True
-    ) -> None:
-        dtype_rule(dtype, "tb.ray.Collate")  # refused here, not in the first batch
-        if device != "auto":
-            _backend.resolve_device(device, "tb.ray.Collate")
-        self.device = device
-        self.dtype = dtype
-        self.non_blocking = bool(non_blocking)
+    def __init__(self, device: Device | Literal["auto"] = "auto", dtype: DTypeSpec = None) -> None:
+        super().__init__()
+        self._dtype = dtype
+        self._rule = dtype_rule(dtype, _FN)  # a bad dtype is refused here, not per batch
+        self._device: torch.device | None = None  # None: "auto", decided at the first batch
+        if not (isinstance(device, str) and device == "auto"):
+            dev = _backend.resolve_device(device, _FN)
+            if dev.type == "cuda" and dev.index is None:
+                # "cuda" is thread-relative and Ray collates on another thread: fix it now,
+                # as iter_torch_batches does for its own device.
+                dev = torch.device("cuda", torch.cuda.current_device())
+            self._device = dev
+        self._auto = self._device is None
 
-    def target(self) -> torch.device:
-        """The device batches go to (``"auto"`` resolved where the collate runs)."""
-        if self.device != "auto":
-            return _backend.resolve_device(self.device, "tb.ray.Collate")
-        from ray.train.torch import get_device
-        from ray.train.utils import _in_ray_train_worker
+    @property
+    def device(self) -> torch.device | None:
+        """The target device; None while ``"auto"`` has not been decided (no batch yet)."""
+        return self._device
 
-        device = get_device() if _in_ray_train_worker() else torch.device("cpu")
-        return device if isinstance(device, torch.device) else torch.device(device)
-
-    # (Ray types the result as a TypeVar bound to nothing the call takes: any batch goes)
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:  # type: ignore[override, unused-ignore]
-        if not isinstance(batch, dict):
+    # (Ray types the result as a free type variable, which no concrete return type
+    # matches; without Ray installed there is nothing to override: hence unused-ignore)
+    def __call__(  # type: ignore[override, unused-ignore]
+        self, batch: dict[str, np.ndarray]
+    ) -> dict[str, Any]:
+        """The batch as a dict of tensors on the device (string columns as NumPy arrays)."""
+        if not isinstance(batch, Mapping):
             raise TypeError(
-                f"tb.ray.Collate takes Ray's NumPy batches (a dict of arrays), got "
-                f"{type(batch).__name__}: use it as iter_torch_batches(collate_fn=...)."
+                f"{_FN} takes Ray Data's NumPy batches (a dict of column arrays), got "
+                f"{type(batch).__name__}: pass it as iter_torch_batches(collate_fn=...), which "
+                "gives it those."
             )
-        numeric = {k: v for k, v in batch.items() if not _kept_as_numpy(v)}
-        device = self.target()
-        if device.type == "cpu":
-            # Ray's arrays are often read-only views of its object store: one copy into
-            # one buffer gives tensors of their own (Ray's pin_memory=True pins them)
-            moved = PackedBatch.pack(numeric, pin=False).to(dtype=self.dtype)
-        else:
-            moved = to_device(numeric, device, non_blocking=self.non_blocking, dtype=self.dtype)
-        return {k: moved[k] if k in moved else v for k, v in batch.items()}
+        dev = self._device
+        if dev is None:
+            dev = self._device = _auto_device()
+        arrays: dict[str, Any] = {}
+        kept: dict[str, Any] = {}
+        for name, column in batch.items():
+            a = _column(name, column)
+            if a is None:
+                kept[name] = column
+            else:
+                arrays[name] = a
+        if self._rule is not None and self._rule.by_key:
+            check_names(self._rule, set(arrays), _FN)
+        if arrays:
+            packed = PackedBatch.pack(arrays, pin=None if dev.type == "cuda" else False)
+            arrays = packed._to(dev, self._rule, True, False)  # (dtype= checked once, above)
+        if not kept:
+            return arrays
+        return {name: arrays[name] if name in arrays else kept[name] for name in batch}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if state["_auto"]:
+            state["_device"] = None  # ("auto" is decided again where it is unpickled)
+        return state
 
     def __repr__(self) -> str:
-        return (
-            f"tb.ray.Collate(device={self.device!r}, dtype={self.dtype!r}, "
-            f"non_blocking={self.non_blocking})"
-        )
+        device = "auto" if self._auto else str(self._device)
+        return f"Collate(device={device!r}, dtype={self._dtype!r})"
 
 
-def _kept_as_numpy(column: Any) -> bool:
-    """Strings, bytes, Python objects (and ragged tensor columns, which Ray gives as
-    arrays of arrays) have no torch dtype: the column stays NumPy."""
+def _auto_device() -> torch.device:
+    """What ``iter_torch_batches(device="auto")`` picks, asked the way Ray asks it: Ray
+    Train's device for this worker inside a Train worker, else the CPU."""
+    try:
+        from ray.train.torch import get_device
+        from ray.train.utils import _in_ray_train_worker
+    except ImportError as exc:
+        raise ImportError(
+            f'{_FN}(device="auto") needs Ray Train to find the device: pip install '
+            f'"tensorbridge[ray]", or pass device= ({exc})'
+        ) from exc
+    return get_device() if _in_ray_train_worker() else torch.device("cpu")
+
+
+def _column(name: str, column: Any) -> Any:
+    """The array a column packs as, or None for a column kept as it is (strings)."""
     if not isinstance(column, np.ndarray):
-        return False
-    dtype = column.dtype if column.dtype.isnative else column.dtype.newbyteorder("=")
-    return _dtypes.maybe_torch_dtype(dtype) is None
+        return column  # (not from Ray; packing keeps plain values and refuses what it must)
+    kind = column.dtype.kind
+    if kind in "US":
+        return None
+    if kind in "MmV":
+        raise TypeError(
+            f"{_FN}: column {name!r} is {column.dtype}, which torch has no dtype for: convert "
+            f"it before batching (e.g. to int64 in ds.map_batches), or drop it "
+            f"(ds.drop_columns([{name!r}]))."
+        )
+    if kind != "O":
+        return column
+    values = column.ravel()
+    if all(v is None or isinstance(v, (str, bytes)) for v in values):
+        return None  # strings (with missing values), kept as Ray gave them
+    parts = [np.asarray(v) for v in values]
+    first = parts[0].shape
+    if any(p.shape != first for p in parts):
+        i, other = next((i, p.shape) for i, p in enumerate(parts) if p.shape != first)
+        raise TypeError(
+            f"{_FN}: column {name!r} holds arrays of different shapes (row 0 {first}, row {i} "
+            f"{other}), which no tensor can hold: pad them to one shape before batching (e.g. "
+            f"in ds.map_batches), or drop the column (ds.drop_columns([{name!r}]))."
+        )
+    stacked = np.stack(parts).reshape(*column.shape, *first)  # (Ray's default path stacks too)
+    if stacked.dtype.kind in "US":
+        return None  # (rows of strings: kept as Ray gave them)
+    if stacked.dtype.kind in "OMmV":
+        kinds = sorted({type(v).__name__ for v in values})
+        raise TypeError(
+            f"{_FN}: column {name!r} holds Python objects ({', '.join(kinds)}), which no tensor "
+            "can hold: convert them to numbers or strings before batching (e.g. in "
+            f"ds.map_batches), or drop the column (ds.drop_columns([{name!r}]))."
+        )
+    return stacked
