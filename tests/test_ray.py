@@ -343,6 +343,13 @@ def test_a_ragged_column_is_refused_naming_it(cluster, tbray):
         list(ds.iter_torch_batches(batch_size=3, collate_fn=tbray.Collate(device="cpu")))
 
 
+def test_a_missing_list_value_is_refused_naming_the_row(tbray):
+    column = np.empty(3, dtype=object)
+    column[:] = [np.array([1, 2]), None, np.array([3, 4])]
+    with pytest.raises(TypeError, match=r"column 'x' is missing in row 1 \(None\).*drop_columns"):
+        tbray.Collate(device="cpu")({"x": column})
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: two epochs of its dataset shard through tb.ray.Collate into a
     tiny DDP model; rank 0 reports the loss and every rank's batch and row counts."""

@@ -58,6 +58,19 @@ class Collate(NumpyBatchCollateFn):
             name (``{"image": torch.float32}``) or by source dtype
             (``{torch.int64: torch.int32}``), and refuses a name no numeric column has.
 
+    The tensors of one batch are views of one buffer: a column kept after its batch (labels
+    or predictions gathered for metrics) keeps the whole batch's buffer alive, and pickling
+    or ``torch.save`` of it writes the whole buffer: keep ``batch["label"].clone()``.
+
+    Ray moves a batch to ``iter_torch_batches``' ``device`` (and pins it for
+    ``pin_memory=True``) only when every column is a tensor: a batch with a string column
+    is left where this collate put it, so give the device here.
+
+    ``dtype`` is not Ray's ``dtypes=``: a single dtype there casts every column, here the
+    floating-point ones only (Ray's ``dtypes=torch.float32`` is
+    ``dtype={torch.uint8: torch.float32, torch.int64: torch.float32}`` here, naming the
+    source dtypes of the batch), and a mapping here may name some columns only.
+
     Columns Ray gives as Python objects: equal-shaped arrays (a list or fixed-shape
     tensor column) are stacked, as Ray's default path does; strings and bytes (None for
     a missing one) stay in the batch as the NumPy array Ray gave (Ray's default path
@@ -169,6 +182,13 @@ def _column(name: str, column: Any) -> Any:
     values = column.ravel()
     if all(v is None or isinstance(v, (str, bytes)) for v in values):
         return None  # strings (with missing values), kept as Ray gave them
+    missing = next((i for i, v in enumerate(values) if v is None), None)
+    if missing is not None:
+        raise TypeError(
+            f"{_FN}: column {name!r} is missing in row {missing} (None), and no tensor can "
+            "hold a missing value: fill it before batching (e.g. in ds.map_batches), or drop "
+            f"the column (ds.drop_columns([{name!r}]))."
+        )
     parts = [np.asarray(v) for v in values]
     first = parts[0].shape
     if any(p.shape != first for p in parts):
