@@ -416,7 +416,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly(
           "groups", &PackedArrays::groups,
           "[(dtype, shape, first byte, bytes per array, member indices)] in buffer order.")
-      .def_property_readonly("arrays", &PackedArrays::arrays)
       .def("pack_into", &pack_into, py::arg("out"),
            "Copy every array into out (uint8, C-contiguous) at its offset; GIL released.");
   py::class_<LinkSimulator>(m, "LinkSimulator",

@@ -157,7 +157,6 @@ class PackedArrays {
   }
   size_t nbytes() const { return nbytes_; }
   py::list groups() const { return groups_; }
-  py::list arrays() const { return py::cast(arrays_); }
   const std::vector<HostView>& views() const { return views_; }  // in packed order
   const std::vector<size_t>& offsets() const { return offsets_; }
   /// Refuses a destination that overlaps any source (it would be read while written).

@@ -356,6 +356,11 @@ def test_a_packed_batch_inside_a_batch_moves_with_it(rng):
     out = tb.to_device([packed, np.ones(2)], "cpu", dtype=torch.float16)
     assert torch.equal(out[0]["x"], torch.from_numpy(inner["x"]).half())
     assert out[1].dtype == torch.float16
+    # a mapping may name keys of a nested packed batch; a typo is refused before anything moves
+    out = tb.to_device({"p": packed, "y": np.arange(2)}, "cpu", dtype={"x": torch.float16})
+    assert out["p"]["x"].dtype == torch.float16 and out["y"].dtype == torch.int64
+    with pytest.raises(ValueError, match=r"names 'z'.*'x', 'y'"):
+        tb.to_device({"p": packed, "y": np.arange(2)}, "cpu", dtype={"z": torch.int32})
     back = tb.to_numpy_batch({"p": packed})
     assert isinstance(back["p"]["x"], np.ndarray) and np.array_equal(back["p"]["x"], inner["x"])
     with pytest.raises(TypeError, match=r"PackedBatch\.pack: .*packed\.unpack\(\)"):

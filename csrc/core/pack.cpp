@@ -16,11 +16,11 @@ struct KeyLess {
 }  // namespace
 
 size_t view_bytes(const HostView& v) {
+  if (v.itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
   size_t n = static_cast<size_t>(v.itemsize);
   for (int64_t d : v.shape) {
-    if (d < 0) throw std::invalid_argument("pack: a negative dimension");
-    if (d && n > SIZE_MAX / static_cast<size_t>(d))
-      throw std::invalid_argument("pack: an array's size overflows");
+    if (d < 0 || (d && n > SIZE_MAX / static_cast<size_t>(d)))
+      throw std::invalid_argument("transfer: an array's size is out of range");
     n *= static_cast<size_t>(d);
   }
   return n;

@@ -36,7 +36,8 @@ struct PackLayout {
 PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint64_t>& kinds,
                      size_t align);
 
-/// Bytes of a view's elements (itemsize times the shape's product).
+/// Bytes of a view's elements (itemsize times the shape's product); throws
+/// std::invalid_argument for elements of zero bytes or a size beyond size_t.
 size_t view_bytes(const HostView& v);
 
 }  // namespace tb

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "core/pack.h"
 #include "core/strided_copy.h"
 #include "core/thread_pool.h"
 
@@ -160,10 +161,13 @@ size_t largest_chunk(const std::vector<Chunk>& chunks) {
   return m;
 }
 
-bool dense_c_order(const HostView& v) {
-  const auto dense = c_strides(v.shape, v.itemsize);
-  for (size_t d = 0; d < dense.size(); ++d)
-    if (v.shape[d] != 1 && v.strides[d] != dense[d]) return false;
+// True when the view is dense in C order (so one memcpy copies it).
+bool is_dense(const HostView& v) {
+  int64_t step = v.itemsize;
+  for (size_t d = v.shape.size(); d-- > 0;) {
+    if (v.shape[d] != 1 && v.strides[d] != step) return false;
+    step *= v.shape[d];
+  }
   return true;
 }
 
@@ -173,7 +177,7 @@ struct Pageable {
   std::unique_ptr<char, decltype(&std::free)> tmp{nullptr, &std::free};
   char* dense = nullptr;
   Pageable(const HostView& v, size_t total, int swap_unit) {
-    if (dense_c_order(v) && swap_unit == 0) {
+    if (is_dense(v) && swap_unit == 0) {
       dense = v.data;
     } else {
       tmp.reset(static_cast<char*>(std::malloc(std::max<size_t>(total, 1))));
@@ -464,14 +468,7 @@ std::vector<size_t> packed_sizes(const std::vector<HostView>& srcs,
     throw std::invalid_argument("transfer: one offset per array is needed");
   std::vector<size_t> sizes(srcs.size());
   for (size_t i = 0; i < srcs.size(); ++i) {
-    if (srcs[i].itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
-    size_t n = static_cast<size_t>(srcs[i].itemsize);
-    for (int64_t d : srcs[i].shape) {
-      if (d < 0 || (d && n > SIZE_MAX / static_cast<size_t>(d)))
-        throw std::invalid_argument("transfer: an array's size is out of range");
-      n *= static_cast<size_t>(d);
-    }
-    sizes[i] = n;
+    const size_t n = sizes[i] = view_bytes(srcs[i]);
     if (offsets[i] > SIZE_MAX - n)
       throw std::invalid_argument("transfer: an offset is out of range");
     if (i && offsets[i] < offsets[i - 1] + sizes[i - 1])
@@ -521,16 +518,6 @@ std::vector<Piece> plan_pieces(const std::vector<HostView>& srcs,
   }
   close();
   return out;
-}
-
-// True when the view is dense in C order (so one memcpy copies it).
-bool is_dense(const HostView& v) {
-  int64_t step = v.itemsize;
-  for (size_t d = v.shape.size(); d-- > 0;) {
-    if (v.shape[d] != 1 && v.strides[d] != step) return false;
-    step *= v.shape[d];
-  }
-  return true;
 }
 
 // Writes a piece's arrays densely at `dst` (the piece's first byte).

@@ -254,14 +254,13 @@ def send_batch(
     packed: list[int] = []  # leaf positions of the arrays that cross packed
     arrays: list[np.ndarray] = []
     alone: list[int] = []  # positions of the arrays and tensors that move on their own
+    nested: list[int] = []  # positions of PackedBatches inside the batch (one copy each)
     pack = sender is not None and _backend.ENGINE.C is not None
-    nested = _packed_batch()
+    packed_batch = _packed_batch()
     for i, leaf in enumerate(leaves):  # (the hot loop: one exact type test per leaf)
         if type(leaf) is np.ndarray and pack:
             packed.append(i)
             arrays.append(leaf)
-        elif isinstance(leaf, nested):  # a PackedBatch inside the batch: its own one copy
-            out[i] = leaf._to(dev, rule, non_blocking, False)
         elif isinstance(leaf, (np.ndarray, torch.Tensor)):
             a = _packable(leaf) if pack else None
             if a is None:
@@ -269,8 +268,14 @@ def send_batch(
             else:
                 packed.append(i)
                 arrays.append(a)
-    if rule is not None and rule.by_key:
-        check_names(rule, {keys[i] for i in (*packed, *alone)}, "to_device")
+        elif isinstance(leaf, packed_batch):
+            nested.append(i)
+    if rule is not None and rule.by_key:  # (before anything moves)
+        present = {keys[i] for i in (*packed, *alone)}
+        present.update(*(leaves[i].keys() for i in nested))
+        check_names(rule, present, "to_device")
+    for i in nested:
+        out[i] = leaves[i]._to(dev, rule, non_blocking, False, checked=True)
     if len(arrays) == 1:
         alone.append(packed.pop())
     if arrays and packed:
@@ -307,10 +312,16 @@ def _packable(leaf: np.ndarray | torch.Tensor) -> np.ndarray | None:
     return None
 
 
-def _packed_batch() -> type[PackedBatch]:
-    from ._packed import PackedBatch  # (it builds on this module)
+_PACKED_BATCH: list[type[PackedBatch]] = []
 
-    return PackedBatch
+
+def _packed_batch() -> type[PackedBatch]:
+    """The PackedBatch class (imported on first use: its module builds on this one)."""
+    if not _PACKED_BATCH:
+        from ._packed import PackedBatch
+
+        _PACKED_BATCH.append(PackedBatch)
+    return _PACKED_BATCH[0]
 
 
 def _foreign_as_tensor(leaf: Any) -> Any:

@@ -190,11 +190,22 @@ class PackedBatch:
             self._spec,
         )
 
+    def keys(self) -> set[Any]:
+        """The keys of the packed arrays (what a ``dtype=`` mapping may name)."""
+        return {self._keys[i] for i in self._positions}
+
     def _to(
-        self, dev: torch.device | None, rule: DTypeRule | None, non_blocking: bool, copy: bool
+        self,
+        dev: torch.device | None,
+        rule: DTypeRule | None,
+        non_blocking: bool,
+        copy: bool,
+        checked: bool = False,
     ) -> Any:
-        if rule is not None and rule.by_key:
-            check_names(rule, {self._keys[i] for i in self._positions}, "PackedBatch.to")
+        """``to`` with its arguments resolved; ``checked``: the rule's names were checked
+        by the caller (a batch this one is part of)."""
+        if rule is not None and rule.by_key and not checked:
+            check_names(rule, self.keys(), "PackedBatch.to")
         if dev is None:
             dev = torch.device("cpu")
         if dev.type == "cuda" and dev.index is None:
