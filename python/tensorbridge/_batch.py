@@ -173,7 +173,7 @@ def to_device(
         return batch._to(dev, rule, non_blocking, False)
     if dev.type == "cpu" and rule is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
-        return tree_map(_to_cpu_leaf, batch)
+        return tree_map(_to_cpu_leaf, batch, "to_device")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     cuda = dev.type == "cuda" and _backend.ENGINE.cuda_engine

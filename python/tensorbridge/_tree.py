@@ -52,12 +52,16 @@ def flatten(obj: Any, fn: str | None = None) -> tuple[list[Any], list[Any], Spec
     try:
         spec = _flatten(obj, None, leaves, keys)
     except RecursionError:
-        raise ValueError(
-            f"{fn + ': ' if fn else ''}the batch is nested too deeply or contains itself (a "
-            "list holding itself, say): pass a structure of at most a few hundred levels, "
-            "without cycles."
-        ) from None
+        raise _too_deep(fn) from None
     return leaves, keys, spec
+
+
+def _too_deep(fn: str | None) -> ValueError:
+    return ValueError(
+        f"{fn + ': ' if fn else ''}the batch is nested too deeply or contains itself (a "
+        "list holding itself, say): pass a structure of at most a few hundred levels, "
+        "without cycles."
+    )
 
 
 def flatten_as(obj: Any, spec: Spec, what: str = "out") -> list[Any]:
@@ -206,7 +210,27 @@ def rebuild_dataclass(obj: Any, fields: dict[str, Any]) -> Any:
     return new
 
 
-def tree_map(fn: Callable[[Any, Any], Any], obj: Any) -> Any:
-    """Applies fn(leaf, key) to every leaf, rebuilding the same container types."""
-    leaves, keys, spec = flatten(obj)
-    return unflatten(spec, [fn(leaf, key) for leaf, key in zip(leaves, keys, strict=True)])
+def tree_map(fn: Callable[[Any, Any], Any], obj: Any, name: str | None = None) -> Any:
+    """Applies fn(leaf, key) to every leaf, rebuilding the same container types (keys as
+    :func:`flatten` gives them). ``name`` is the public function, for the refusal of a
+    batch nested too deeply."""
+    try:
+        return _map(fn, obj, None)
+    except RecursionError:
+        raise _too_deep(name) from None
+
+
+def _map(fn: Callable[[Any, Any], Any], obj: Any, key: Any) -> Any:
+    # Lists and dicts of leaves (most batches) are mapped directly, without a spec: a
+    # flatten and unflatten cost more than the per-leaf work of a small batch.
+    cls = type(obj)
+    if cls in _LEAF_TYPES:
+        return fn(obj, key)
+    if cls is list:
+        return [_map(fn, v, key) for v in obj]
+    if cls is dict:
+        return {k: _map(fn, v, k) for k, v in obj.items()}
+    leaves: list[Any] = []
+    keys: list[Any] = []
+    spec = _flatten(obj, key, leaves, keys)
+    return unflatten(spec, [fn(leaf, k) for leaf, k in zip(leaves, keys, strict=True)])
