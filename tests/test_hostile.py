@@ -437,8 +437,19 @@ def test_images_to_tensor_takes_any_dtype_spelling(backend, rng, dtype):
         lambda: tb.to_device({"x": np.ones(3)}, "cuda"),
         lambda: tb.images_to_tensor(np.ones((1, 2, 2, 3), np.uint8), "cuda"),
         lambda: tb.Prefetcher([np.ones(3)], "cuda"),
+        lambda: tb.to_device({"x": np.ones(3)}, 0),
+        lambda: tb.to_tensor(np.ones(3), 1),
     ],
-    ids=["to_tensor", "to_tensor-device", "to_tensor-cast", "to_device", "images", "prefetcher"],
+    ids=[
+        "to_tensor",
+        "to_tensor-device",
+        "to_tensor-cast",
+        "to_device",
+        "images",
+        "prefetcher",
+        "to_device-index",
+        "to_tensor-index",
+    ],
 )
 def test_cuda_without_cuda_names_the_reason_and_the_fix(backend, call):
     with pytest.raises(ValueError, match="CUDA") as info:

@@ -141,6 +141,12 @@ def test_collate_refuses_a_bad_dtype_when_made_and_a_name_no_column_has_per_batc
         collate({"image": np.zeros((2, 3), np.uint8), "id": np.array(["a", "b"])})
 
 
+def _objects(*values: Any) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = list(values)
+    return column
+
+
 def test_collate_stacks_equal_shaped_object_rows_as_ray_does(tbray, rng):
     rows = [rng.integers(0, 9, 3) for _ in range(4)]
     column = np.empty(4, dtype=object)
@@ -156,20 +162,23 @@ def test_collate_stacks_equal_shaped_object_rows_as_ray_does(tbray, rng):
         np.array([b"a", b"bc", b"d"]),
         np.array(["a", None, "d"], dtype=object),
         np.array([["a", "b"], ["c", "d"], ["e", "f"]], dtype=object),
+        _objects(["a", "b"], ["c"], []),
+        _objects(*(np.array(v, dtype=object) for v in (["a", None], [], ["b", "c", "d"]))),
     ],
-    ids=["str", "bytes", "object-str-with-none", "object-rows-of-str"],
+    ids=[
+        "str",
+        "bytes",
+        "object-str-with-none",
+        "object-rows-of-str",
+        "ragged-lists-of-str",
+        "ragged-arrow-lists-of-str",
+    ],
 )
 def test_collate_keeps_string_columns_as_ray_gave_them(tbray, column):
     got = tbray.Collate(device="cpu")({"x": np.arange(3.0), "id": column})
     assert list(got) == ["x", "id"]
     assert got["id"] is column
     assert got["x"].tolist() == [0.0, 1.0, 2.0]
-
-
-def _objects(*values: Any) -> np.ndarray:
-    column = np.empty(len(values), dtype=object)
-    column[:] = list(values)
-    return column
 
 
 @pytest.mark.parametrize(
@@ -214,10 +223,26 @@ def test_collate_device_auto_is_the_cpu_outside_ray_train_and_decided_again_when
     assert fixed.device == torch.device("cpu") and fixed._dtype == torch.float16
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
-def test_collate_refuses_cuda_when_made_on_a_machine_without_it(tbray):
-    with pytest.raises(ValueError, match=r"tb.ray.Collate: .*cuda"):
-        tbray.Collate(device="cuda")
+@pytest.mark.skipif(HAS_CUDA, reason="checks a CUDA device asked for where there is none")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", 0, torch.device("cuda", 0)])
+def test_a_cuda_collate_made_without_cuda_is_checked_where_the_batches_are(tbray, device):
+    # A CPU-only driver builds it for GPU workers: no refusal until a batch comes.
+    collate = tbray.Collate(device=device)
+    assert collate.device is None
+    assert repr(collate) == f"Collate(device={str(device)!r}, dtype=None)"
+    again = pickle.loads(pickle.dumps(collate))
+    batch = {"x": np.arange(3)}
+    for c in (collate, again):
+        with pytest.raises(ValueError, match=r"^tb.ray.Collate: device=.*CUDA.*device='cpu'"):
+            c(batch)
+        assert c.device is None
+    assert batch["x"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("device", ["cdua", "cpu:x", -1, True, 1.5])
+def test_collate_refuses_a_device_no_machine_has_when_made(tbray, device):
+    with pytest.raises((TypeError, ValueError), match=r"^tb.ray.Collate: device"):
+        tbray.Collate(device=device)
 
 
 @pytest.mark.gpu

@@ -280,6 +280,14 @@ def resolve_device(device: Any, fn: str) -> torch.device:
     try:
         dev = device if isinstance(device, torch.device) else torch.device(device)
     except (RuntimeError, ValueError) as exc:
+        if isinstance(device, int) and device >= 0 and not torch.cuda.is_available():
+            # (torch reads an int as an index of its accelerator, and has none here)
+            reason = cuda_status()[2] or "torch.cuda.is_available() is False."
+            raise ValueError(
+                f"{fn}: device={device!r} is a GPU index, and CUDA is not usable here: "
+                f"{reason} Pass device='cpu', or run on a machine with an NVIDIA GPU and "
+                "a CUDA build of torch."
+            ) from None
         raise ValueError(
             f"{fn}: device={device!r} is not a device torch knows ({exc}): pass e.g. 'cpu' "
             "or 'cuda'."

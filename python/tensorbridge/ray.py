@@ -51,7 +51,10 @@ class Collate(NumpyBatchCollateFn):
             the same ``device`` to ``iter_torch_batches`` when you pass one here: Ray
             moves a batch of tensors to its own ``device`` after the collate function,
             tensor by tensor. ``"cuda"`` without an index is the constructing thread's
-            current device (Ray collates on a background thread).
+            current device (Ray collates on a background thread). Made where CUDA is not
+            usable (a CPU-only driver building it for GPU workers), a CUDA device is
+            checked at the first batch instead, in the process that iterates, and
+            ``"cuda"`` is then Ray Train's device for that worker (else the current one).
         dtype: casts on the device, after the copy, as :func:`tensorbridge.to_device`'s
             ``dtype=``: a single floating dtype casts the floating-point columns only
             (integer labels keep theirs); a mapping casts the columns it names, by column
@@ -73,11 +76,11 @@ class Collate(NumpyBatchCollateFn):
 
     Columns Ray gives as Python objects: equal-shaped arrays (a list or fixed-shape
     tensor column) are stacked, as Ray's default path does; strings and bytes (None for
-    a missing one) stay in the batch as the NumPy array Ray gave (Ray's default path
-    refuses them); ragged arrays and other objects are refused with a TypeError naming
-    the column and the fix (pad them to one shape, or drop the column). Do not pass
-    ``pin_memory=True`` to ``iter_torch_batches``: the buffer is page-locked already
-    where that helps.
+    a missing one), and lists of them, stay in the batch as the NumPy array Ray gave
+    (Ray's default path refuses them); ragged arrays and other objects are refused with a
+    TypeError naming the column and the fix (pad them to one shape, or drop the column).
+    Do not pass ``pin_memory=True`` to ``iter_torch_batches``: the buffer is page-locked
+    already where that helps.
 
     Example:
         >>> import numpy as np, torch, tensorbridge.ray
@@ -92,19 +95,21 @@ class Collate(NumpyBatchCollateFn):
         super().__init__()
         self._dtype = dtype
         self._rule = dtype_rule(dtype, _FN)  # a bad dtype is refused here, not per batch
-        self._device: torch.device | None = None  # None: "auto", decided at the first batch
-        if not (isinstance(device, str) and device == "auto"):
-            dev = _backend.resolve_device(device, _FN)
-            if dev.type == "cuda" and dev.index is None:
-                # "cuda" is thread-relative and Ray collates on another thread: fix it now,
-                # as iter_torch_batches does for its own device.
-                dev = torch.device("cuda", torch.cuda.current_device())
-            self._device = dev
-        self._auto = self._device is None
+        self._device: torch.device | None = None  # None: decided at the first batch
+        self._auto = isinstance(device, str) and device == "auto"
+        # A CUDA device asked for where CUDA is not usable (a CPU-only head node building
+        # the collate for GPU workers): checked where the batches are, at the first one.
+        self._later: Device | None = None
+        if not self._auto:
+            if _cuda_elsewhere(device):
+                self._later = device
+            else:
+                self._device = _fixed(_backend.resolve_device(device, _FN))
 
     @property
     def device(self) -> torch.device | None:
-        """The target device; None while ``"auto"`` has not been decided (no batch yet)."""
+        """The target device; None while it is decided at the first batch (``"auto"``, or
+        a CUDA device given where CUDA is not usable) and no batch has come yet."""
         return self._device
 
     # (Ray types the result as a free type variable, which no concrete return type
@@ -121,7 +126,11 @@ class Collate(NumpyBatchCollateFn):
             )
         dev = self._device
         if dev is None:
-            dev = self._device = _auto_device()
+            if self._later is None:
+                dev = _auto_device()
+            else:
+                dev = _fixed(_backend.resolve_device(self._later, _FN), train=True)
+            self._device = dev
         arrays: dict[str, Any] = {}
         kept: dict[str, Any] = {}
         for name, column in batch.items():
@@ -141,13 +150,40 @@ class Collate(NumpyBatchCollateFn):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        if state["_auto"]:
-            state["_device"] = None  # ("auto" is decided again where it is unpickled)
+        if state["_auto"] or state["_later"] is not None:
+            state["_device"] = None  # (decided again where it is unpickled)
         return state
 
     def __repr__(self) -> str:
-        device = "auto" if self._auto else str(self._device)
+        device = "auto" if self._auto else str(self._device or self._later)
         return f"Collate(device={device!r}, dtype={self._dtype!r})"
+
+
+def _cuda_elsewhere(device: Any) -> bool:
+    """Whether ``device`` names a CUDA device (a type or an index), on a machine where
+    CUDA is not usable; a device no machine has is refused where it is given."""
+    if torch.cuda.is_available() or isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return device >= 0
+    try:
+        return torch.device(device).type == "cuda"
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
+def _fixed(dev: torch.device, train: bool = False) -> torch.device:
+    """``dev`` with its index: "cuda" is thread-relative and Ray collates on another
+    thread, so it is fixed as iter_torch_batches fixes its own device: when made, to the
+    current device; when decided at the first batch (``train``), to Ray Train's device
+    for this worker inside a Train worker."""
+    if dev.type != "cuda" or dev.index is not None:
+        return dev
+    if train:
+        auto = _auto_device()
+        if auto.type == "cuda":
+            return auto
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _auto_device() -> torch.device:
@@ -190,6 +226,8 @@ def _column(name: str, column: Any) -> Any:
             f"the column (ds.drop_columns([{name!r}]))."
         )
     parts = [np.asarray(v) for v in values]
+    if any(p.size for p in parts) and all(_strings(p) for p in parts):
+        return None  # (lists of strings, of any lengths: kept as Ray gave them)
     first = parts[0].shape
     if any(p.shape != first for p in parts):
         i, other = next((i, p.shape) for i, p in enumerate(parts) if p.shape != first)
@@ -199,8 +237,6 @@ def _column(name: str, column: Any) -> Any:
             f"in ds.map_batches), or drop the column (ds.drop_columns([{name!r}]))."
         )
     stacked = np.stack(parts).reshape(*column.shape, *first)  # (Ray's default path stacks too)
-    if stacked.dtype.kind in "US":
-        return None  # (rows of strings: kept as Ray gave them)
     if stacked.dtype.kind in "OMmV":
         kinds = sorted({type(v).__name__ for v in values})
         raise TypeError(
@@ -209,3 +245,12 @@ def _column(name: str, column: Any) -> Any:
             f"ds.map_batches), or drop the column (ds.drop_columns([{name!r}]))."
         )
     return stacked
+
+
+def _strings(part: np.ndarray) -> bool:
+    """Whether a row of an object column holds strings only (or nothing)."""
+    if part.dtype.kind in "US" or not part.size:
+        return True
+    return part.dtype.kind == "O" and all(
+        v is None or isinstance(v, (str, bytes)) for v in part.ravel()
+    )
