@@ -270,8 +270,9 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
             return _empty(tuple(stacked.shape), stacked.dtype).copy_(stacked)
         return stacked
     # Strings, None and anything else: as a list, like default_collate; the same whichever
-    # sample comes first, so a value that would stack elsewhere is refused here too.
-    for i, s in enumerate(samples):
+    # sample comes first, so a value that would stack elsewhere is refused here too
+    # (samples all of sample 0's type hold none: it is not one).
+    for i, s in enumerate(samples if len(set(map(type, samples))) > 1 else ()):
         if isinstance(s, _STACKED):
             raise TypeError(
                 f"collate: {_where(path)}: sample {i} is {_kind(s)}, sample 0 is "
