@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 import tensorbridge as tb
 from tensorbridge import _backend, _batch
 
-from conftest import assert_same, forced_fallback, poisoned, random_tensor, reference_numpy
+from conftest import (
+    POISON,
+    assert_same,
+    forced_fallback,
+    poisoned,
+    random_tensor,
+    reference_numpy,
+)
 
 
 def test_to_numpy_batch_round_trip_into_outs(backend):
@@ -36,6 +43,47 @@ def test_to_numpy_batch_round_trip_into_outs(backend):
 def test_to_numpy_batch_refuses_mismatched_out(backend):
     with pytest.raises(ValueError, match="same shape"):
         tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None})
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (lambda: torch.ones(3).to_sparse(), r"^to_numpy_batch needs a dense \(strided\) tensor"),
+        (lambda: torch.ones(3, device="meta"), r"^to_numpy_batch cannot convert a meta tensor"),
+    ],
+    ids=["sparse", "meta"],
+)
+@pytest.mark.parametrize("with_out", [False, True])
+def test_to_numpy_batch_refuses_a_bad_leaf_in_its_own_name_writing_nothing(
+    backend, bad, match, with_out
+):
+    good = random_tensor((4, 3), torch.float32, torch.Generator().manual_seed(3))
+    out = {"good": poisoned((4, 3), np.float32), "bad": None} if with_out else None
+    with pytest.raises(TypeError, match=match):
+        tb.to_numpy_batch({"good": good, "bad": bad()}, out=out)
+    if out is not None:
+        assert (out["good"].view(np.uint8) == POISON).all()
+
+
+def test_a_batch_of_cpu_leaves_converts_as_the_idiom_per_leaf(backend):
+    gen = torch.Generator().manual_seed(4)
+    batch = {
+        "x": random_tensor((5, 3), torch.float32, gen).t(),
+        "conj": random_tensor((4,), torch.complex64, gen).conj(),
+        "neg": random_tensor((4,), torch.float64, gen)._neg_view(),
+        "grad": random_tensor((2, 2), torch.float32, gen).requires_grad_(),
+        "half": [random_tensor((3,), torch.bfloat16, gen), np.arange(3)],
+        "p": torch.nn.Parameter(random_tensor((2,), torch.float32, gen)),
+        "n": 7,
+        "s": "keep",
+    }
+    got = tb.to_numpy_batch(batch)
+    for key in ("x", "conj", "neg", "grad", "p"):
+        assert_same(got[key], reference_numpy(batch[key]))
+    assert_same(got["half"][0], reference_numpy(batch["half"][0]))
+    assert got["half"][1] is batch["half"][1]
+    assert got["n"] == 7 and got["s"] == "keep"
+    assert isinstance(got["half"], list) and list(got) == list(batch)
 
 
 # ------------------------------------------------------------------------- fuzzing batches

@@ -410,6 +410,11 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         >>> tb.to_numpy_batch({"a": torch.ones(2), "n": 3})
         {'a': array([1., 1.], dtype=float32), 'n': 3}
     """
+    if out is None and not non_blocking:
+        try:
+            return tree_map(_host_leaf, batch, "to_numpy_batch")
+        except _NotOnHost:
+            pass
     originals, _, spec = flatten(batch)
     nested = _packed_batch()
     if any(isinstance(leaf, nested) for leaf in originals):  # their tensors, over the buffer
@@ -419,21 +424,22 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     # Every leaf is imported and every `out` checked before anything is written, so a
     # refusal leaves the caller's arrays as they were.
     leaves = [
-        _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
-        if _interop.is_foreign_array(leaf)
-        else leaf
+        leaf
+        if type(leaf) in _PLAIN or not _interop.is_foreign_array(leaf)
+        else _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
         for leaf in originals
     ]
     for leaf in leaves:  # every leaf refused now, before any out is written
         if isinstance(leaf, torch.Tensor):
             _dtypes.numpy_dtype(_check_tensor(leaf, "to_numpy_batch").dtype)
-    for leaf, o in zip(leaves, outs, strict=True):
-        if o is not None and isinstance(leaf, (torch.Tensor, np.ndarray)):
-            np_dtype = (
-                leaf.dtype if isinstance(leaf, np.ndarray) else _dtypes.numpy_dtype(leaf.dtype)
-            )
-            _check_out_array(o, tuple(leaf.shape), np_dtype)
-    _check_outs_alias_nothing(leaves, outs)
+    if any(o is not None for o in outs):
+        for leaf, o in zip(leaves, outs, strict=True):
+            if o is not None and isinstance(leaf, (torch.Tensor, np.ndarray)):
+                np_dtype = (
+                    leaf.dtype if isinstance(leaf, np.ndarray) else _dtypes.numpy_dtype(leaf.dtype)
+                )
+                _check_out_array(o, tuple(leaf.shape), np_dtype)
+        _check_outs_alias_nothing(leaves, outs)
     done: dict[int, Any] = {}
     if not non_blocking:
         done.update(_cuda_in_one_pass(leaves, outs))
@@ -454,6 +460,35 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         return unflatten(spec, [v.wait() if isinstance(v, Transfer) else v for v in converted])
 
     return Transfer.gather(handles, unwrap)
+
+
+class _NotOnHost(Exception):
+    """A leaf that needs to_numpy_batch's whole path (see _host_leaf)."""
+
+
+def _host_leaf(leaf: Any, key: Any) -> Any:
+    """A leaf of a batch whose tensors are all on the CPU, converted on its own (without
+    ``out`` there is nothing to gather or check for overlaps, and a refusal leaves
+    nothing of the caller's written); _NotOnHost for a GPU tensor, another framework's
+    array or a PackedBatch."""
+    cls = type(leaf)
+    if cls is torch.Tensor:
+        if not leaf.is_cpu:
+            raise _NotOnHost
+        try:
+            return to_numpy(leaf)
+        except (TypeError, ValueError):  # (the refusal, in this function's name)
+            _dtypes.numpy_dtype(_check_tensor(leaf, "to_numpy_batch").dtype)
+            raise
+    if cls is np.ndarray:
+        return to_numpy(leaf)
+    if cls in _PLAIN:  # (numbers, strings, None)
+        return leaf
+    if isinstance(leaf, (np.ndarray, torch.Tensor, _packed_batch())):
+        raise _NotOnHost  # (subclasses)
+    if _interop.is_foreign_array(leaf):
+        raise _NotOnHost
+    return leaf
 
 
 def _host_span(leaf: Any) -> tuple[int, int] | None:
