@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import _backend
-from .._batch import LinkSender, send_batch, to_device
+from .._batch import LinkSender, send_batch, to_device, to_numpy_batch
 from .._loader import Prefetcher, collate, images_to_tensor
 from ._rows import Row
 from ._runner import Method, Runner
@@ -33,12 +33,26 @@ def _batch_methods(arrays: list[np.ndarray], device: str) -> list[Method]:
     ]
 
 
+def _to_numpy_methods(tensors: list[torch.Tensor]) -> list[Method]:
+    return [
+        (
+            "[t.detach().cpu().numpy() for t in batch]",
+            True,
+            lambda i: [t.detach().cpu().numpy() for t in tensors],
+        ),
+        ("tb.to_numpy_batch(batch)", False, lambda i: to_numpy_batch(tensors)),
+    ]
+
+
 def bench_batches(r: Runner) -> None:
     """Data-loader costs on the host: many small arrays, collate, image normalization."""
     sec = "batches, host-side cost per batch"
     for n in (10, 100, 1000):
         arrays = [np.random.rand(1024).astype(np.float32) for _ in range(n)]  # 4 KiB each
         r.group(sec, f"{n} arrays of 4 KiB to 'cpu'", 0, _batch_methods(arrays, "cpu"))
+    for n in (10, 1000):
+        tensors = [torch.rand(1024) for _ in range(n)]
+        r.group(sec, f"{n} CPU tensors of 4 KiB to NumPy", 0, _to_numpy_methods(tensors))
     _packed_over_link(r, sec)
     rng = np.random.default_rng(0)
     samples = [
