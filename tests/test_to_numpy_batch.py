@@ -161,6 +161,25 @@ def test_batch_functions_round_trip(path, batch):
         _check_same(back, batch)
 
 
+def test_the_one_pass_gather_aligns_every_array_for_its_dtype():
+    """The GPU path of to_numpy_batch, run on CPU tensors: groups of narrow elements with
+    odd byte counts (3 bools, 5 bfloat16s) ahead of wider ones must not leave an int64 or
+    complex128 array at an address that is not a multiple of its itemsize."""
+    leaves = [
+        torch.tensor([True, False, True]),
+        torch.randn(5).bfloat16(),
+        torch.arange(6).reshape(2, 3).t(),
+        torch.randn(3, dtype=torch.complex128),
+        torch.randn(33, 7),
+    ]
+    got = _batch.in_one_pass(
+        leaves, [None] * len(leaves), list(range(len(leaves))), lambda flat: flat.numpy().copy()
+    )
+    for i, t in enumerate(leaves):
+        assert got[i].flags.aligned and got[i].ctypes.data % got[i].itemsize == 0, i
+        assert np.array_equal(got[i], tb.to_numpy(t)), i
+
+
 def test_the_one_pass_gather_equals_to_numpy_per_tensor():
     """The GPU path of to_numpy_batch (grouped by dtype and shape, one stack per group,
     one transfer), run on CPU tensors: every array equals to_numpy of its tensor, outs

@@ -583,6 +583,10 @@ def in_one_pass(
         t = leaves[i]
         groups.setdefault((t.dtype, tuple(t.shape)), []).append(i)
     np_dtypes = {dt: _dtypes.numpy_dtype(dt) for dt, _ in groups}  # refuses what it must
+    # Widest elements first: every itemsize is a power of two and every group's bytes a
+    # multiple of its own, so each group then starts aligned for its dtype (a bool group
+    # of 3 bytes ahead of an int64 one would hand out int64 arrays at an odd address).
+    groups = dict(sorted(groups.items(), key=lambda g: -g[0][0].itemsize))
     with torch.no_grad():
         stacked = []
         for members in groups.values():
