@@ -37,9 +37,10 @@ class Collate(NumpyBatchCollateFn):
 
     Ray hands it each batch as a dict of NumPy column arrays (it is a
     ``NumpyBatchCollateFn``). The columns are packed into one host buffer (page-locked
-    when the target is a GPU) and cross with :meth:`PackedBatch.to` in one copy
-    (asynchronous from page-locked memory), instead of one copy per column; the result
-    is a dict of tensors on ``device``, in the batch's column order. On the CPU the
+    when the target is a GPU) and cross with :meth:`PackedBatch.to` in one copy,
+    finished on Ray's collate thread before the batch is handed over, instead of one
+    copy per column; the result is a dict of tensors on ``device``, in the batch's
+    column order. On the CPU the
     tensors are views of that buffer: writable memory of their own, where Ray's default
     path gives tensors over its read-only buffers.
 
@@ -144,6 +145,11 @@ class Collate(NumpyBatchCollateFn):
         if arrays:
             packed = PackedBatch.pack(arrays, pin=None if dev.type == "cuda" else False)
             arrays = packed._to(dev, self._rule, True, False)  # (dtype= checked once, above)
+            if dev.type == "cuda":
+                # The copy and the casts land before the batch is handed over: Ray collates
+                # on its own thread, and a training loop on another stream would not wait
+                # for work queued on this thread's stream.
+                torch.cuda.current_stream(dev).synchronize()
         if not kept:
             return arrays
         return {name: arrays[name] if name in arrays else kept[name] for name in batch}
