@@ -40,9 +40,8 @@ class Collate(NumpyBatchCollateFn):
     when the target is a GPU) and cross with :meth:`PackedBatch.to` in one copy,
     finished on Ray's collate thread before the batch is handed over, instead of one
     copy per column; the result is a dict of tensors on ``device``, in the batch's
-    column order. On the CPU the
-    tensors are views of that buffer: writable memory of their own, where Ray's default
-    path gives tensors over its read-only buffers.
+    column order. On the CPU the tensors are views of that buffer: writable memory of
+    their own, where Ray's default path gives tensors over its read-only buffers.
 
     Args:
         device: where the batches go. ``"auto"`` (the default) is what
