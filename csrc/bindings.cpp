@@ -513,12 +513,15 @@ PYBIND11_MODULE(_C, m) {
         "Give bytes taken by cuda_reserve_pinned back.");
   m.def(
       "cuda_host_register",
-      [](py::array a) {
+      [](py::array a, int device) {
         const tb::ByteSpan s = byte_span(a);
         py::gil_scoped_release release;
-        return !s.empty() && tb::cuda::host_register(reinterpret_cast<void*>(s.begin), s.size());
+        return !s.empty() &&
+               tb::cuda::host_register(reinterpret_cast<void*>(s.begin), s.size(), device);
       },
-      py::arg("array"), "Page-lock the array's memory; False if it already was, elsewhere.");
+      py::arg("array"), py::arg("device") = -1,
+      "Page-lock the array's memory with device current (-1: one the engine works on);\n"
+      "False if it already was, elsewhere.");
   m.def(
       "cuda_host_unregister",
       [](uintptr_t ptr, size_t n) {
@@ -535,11 +538,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("array"), "(address, nbytes) of the memory an array's elements span.");
   m.def(
       "is_host_pinned",
-      [](py::array a) {
+      [](py::array a, int device) {
         const tb::ByteSpan s = byte_span(a);
         py::gil_scoped_release release;
-        return tb::cuda::is_host_range_pinned(reinterpret_cast<const void*>(s.begin), s.size());
+        return tb::cuda::is_host_pinned(reinterpret_cast<const void*>(s.begin), s.size(), device);
       },
-      py::arg("array"), "True when all the memory the array's elements span is page-locked.");
+      py::arg("array"), py::arg("device") = -1,
+      "True when all the memory the array's elements span is page-locked (asked with\n"
+      "device current; -1: one the engine works on).");
 #endif
 }

@@ -1,6 +1,7 @@
 """GPU transfers (skipped without CUDA): the engine against torch's own copies.
 
-Run on a GPU machine with ``python -m pytest -m gpu`` (benchmarks/run_gpu.sh does it).
+Run on a GPU machine with ``python -m pytest -m gpu`` for these alone;
+benchmarks/run_gpu.sh runs the whole suite, these included.
 """
 
 from __future__ import annotations
@@ -177,6 +178,39 @@ def test_second_device(gen):
     t = tb.to_tensor(x.cpu().numpy(), "cuda:1")
     assert t.device == torch.device("cuda:1") and torch.equal(t, x)
     assert torch.cuda.current_device() == before  # the engine restores the current device
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_process_using_only_the_second_gpu_makes_no_context_on_the_first():
+    """Registration, its check and its release (from a garbage collector's thread too)
+    name the transfer's GPU: each context holds GPU memory, one per rank on GPU 0 adds up."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, gc, threading, numpy as np, torch, tensorbridge as tb\n"
+        "cu = ctypes.CDLL('libcuda.so.1')\n"
+        "def active(d):\n"
+        "    flags, on = ctypes.c_uint(), ctypes.c_int()\n"
+        "    assert cu.cuDevicePrimaryCtxGetState(d, ctypes.byref(flags), ctypes.byref(on)) == 0\n"
+        "    return on.value\n"
+        "a = np.ones(32 << 20, np.uint8)\n"
+        "for _ in range(3):\n"
+        "    t = tb.to_tensor(a, 'cuda:1')\n"
+        "    tb.to_numpy(t, out=a)\n"
+        "assert tb.pinned_stats()['registrations'] >= 1\n"
+        "with tb.pinned(np.ones(1 << 20)) as p:\n"
+        "    assert tb.is_pinned(p)\n"
+        "th = threading.Thread(target=lambda: (globals().pop('a'), gc.collect()))\n"
+        "th.start(); th.join()\n"
+        "gc.collect(); torch.cuda.synchronize(1)\n"
+        "print('contexts', active(0), active(1))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "contexts 0 1" in proc.stdout, proc.stdout
 
 
 # ------------------------------------------------------------------------- host -> device

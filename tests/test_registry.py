@@ -55,12 +55,14 @@ class FakeDriver:
         self.reserved = 0
         self.refuse: set[int] = set()  # addresses the driver will not register
         self.on_unregister = None
+        self.devices: list[int] = []  # the device each register call named
 
-    def register(self, owner: np.ndarray) -> bool:
+    def register(self, owner: np.ndarray, device: int) -> bool:
         # (the cache's own address function, so a test that moves memory moves it here too)
         address, nbytes = _registry._address(owner), owner.nbytes
         with self.lock:
             self.log.append(("register", address, nbytes))
+            self.devices.append(device)
             for a, n in self.registered.items():
                 if a < address + nbytes and address < a + n:
                     self.errors.append(f"register {address:#x}+{nbytes} overlaps {a:#x}+{n}")
@@ -667,8 +669,10 @@ class FakeCore:
         self.log: list[str] = []
         self.pinned: set[int] = set()  # addresses page-locked by the user
         self.pendings: list[_Pending] = []
+        self.asked: list[int] = []  # the device each is_host_pinned call named
 
-    def is_host_pinned(self, a: np.ndarray) -> bool:
+    def is_host_pinned(self, a: np.ndarray, device: int = -1) -> bool:
+        self.asked.append(device)
         return addr(a) in self.pinned
 
     def cuda_copy_async(self, device, stream, dst, src, nbytes, to_host, keepalive):
@@ -751,6 +755,21 @@ def test_wiring_a_reused_out_is_registered_and_behaves_as_a_pinned_one(fake_gpu,
     assert fake_gpu.driver.registered == {addr(out): out.nbytes}
 
 
+def test_wiring_registers_and_asks_with_the_transfers_device(fake_gpu, monkeypatch):
+    """The driver calls name the transfer's GPU: with another current, a registration
+    would make a context (and hold its memory) on a GPU the process never used."""
+    a, out = np.ones(N, np.float32), torch.empty(N)
+    for _ in range(2):
+        _cuda.to_device(a, torch.device("cuda", 2), None, False, out)
+    assert fake_gpu.driver.devices == [2] and set(fake_gpu.core.asked) <= {2}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # 'cuda' means cuda:3
+    back = np.zeros(N, np.float32)
+    for _ in range(2):
+        _cuda.to_host(out, back, np.dtype(np.float32), False)
+    assert fake_gpu.driver.devices == [2, 3] and set(fake_gpu.core.asked) <= {2, 3}
+    assert np.array_equal(back, a)
+
+
 def test_wiring_with_registration_off_every_transfer_is_staged(fake_gpu):
     fake_gpu.cache.configure(enabled=False)
     a, out = np.ones(N, np.float32), torch.empty(N)
@@ -763,8 +782,8 @@ def test_wiring_with_registration_off_every_transfer_is_staged(fake_gpu):
 def test_the_cuda_ops_leave_memory_pinned_elsewhere_alone(monkeypatch):
     calls: list[tuple] = []
     fake = types.SimpleNamespace(
-        is_host_pinned=lambda a: calls.append(("is_pinned",)) or pinned,
-        cuda_host_register=lambda a: calls.append(("register",)) or True,
+        is_host_pinned=lambda a, device: calls.append(("is_pinned", device)) or pinned,
+        cuda_host_register=lambda a, device: calls.append(("register", device)) or True,
         cuda_host_unregister=lambda address, n: calls.append(("unregister", address, n)),
         cuda_reserve_pinned=lambda n: calls.append(("reserve", n)) or True,
         cuda_unreserve_pinned=lambda n: calls.append(("unreserve", n)),
@@ -774,11 +793,11 @@ def test_the_cuda_ops_leave_memory_pinned_elsewhere_alone(monkeypatch):
     ops = _registry._CudaOps()
     a = np.zeros(8)
     pinned = True
-    assert ops.register(a) is False and calls == [("is_pinned",)]
+    assert ops.register(a, 1) is False and calls == [("is_pinned", 1)]
     pinned = False
-    assert ops.register(a) is True and calls[-1] == ("register",)
+    assert ops.register(a, 2) is True and calls[-2:] == [("is_pinned", 2), ("register", 2)]
     ops.unregister(5, 6)
     assert ops.reserve(7) and calls[-2:] == [("unregister", 5, 6), ("reserve", 7)]
     assert ops.limit() == 500
     monkeypatch.setattr(_backend, "_LOADED", None)  # the pure-Python path: nothing to call
-    assert not ops.register(a) and not ops.reserve(1) and ops.limit() == 0
+    assert not ops.register(a, 0) and not ops.reserve(1) and ops.limit() == 0

@@ -106,9 +106,46 @@ size_t g_budget = 0;
 size_t g_reserved = 0;  // budget taken by arrays registered in place (every pool reserves it)
 std::vector<int> g_numa_nodes;  // per device: the node its blocks prefer, -1 for none
 
+// Whether device d's primary context exists, asked without making it (cudaSetDevice
+// makes it): the driver's cuDevicePrimaryCtxGetState, found through the runtime so that
+// the module needs no libcuda at import. True when it cannot tell.
+bool has_context(int d) {
+  using DeviceGet = int (*)(int*, int);                      // cuDeviceGet
+  using PrimaryCtxGetState = int (*)(int, unsigned*, int*);  // cuDevicePrimaryCtxGetState
+  struct Driver {
+    DeviceGet device_get = nullptr;
+    PrimaryCtxGetState get_state = nullptr;
+  };
+  static const Driver driver = [] {
+    Driver found;
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    if (cudaGetDriverEntryPointByVersion("cuDeviceGet", &fn, 12000, cudaEnableDefault, &status) ==
+            cudaSuccess &&
+        status == cudaDriverEntryPointSuccess)
+      found.device_get = reinterpret_cast<DeviceGet>(fn);
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 12000,
+                                         cudaEnableDefault, &status) == cudaSuccess &&
+        status == cudaDriverEntryPointSuccess)
+      found.get_state = reinterpret_cast<PrimaryCtxGetState>(fn);
+    (void)cudaGetLastError();
+    return found;
+  }();
+  if (driver.device_get == nullptr || driver.get_state == nullptr) return true;
+  int handle = 0;
+  unsigned flags = 0;
+  int active = 0;
+  if (driver.device_get(&handle, d) != 0 || driver.get_state(handle, &flags, &active) != 0)
+    return true;
+  return active != 0;
+}
+
 // Makes device d current for the guard's lifetime and restores the caller's device after:
 // the current device is per thread and shared with torch through the driver, so leaving
-// it changed would move the caller's later allocations to another GPU.
+// it changed would move the caller's later allocations to another GPU. Except where the
+// caller's device has no context yet (a thread that never used it, such as a garbage
+// collector's callback on a process that uses only cuda:1): restoring it would make one,
+// and hold its memory, on a GPU the process never used. torch's own guard does the same.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int d) {
@@ -119,7 +156,8 @@ class DeviceGuard {
       previous_ = -1;
   }
   ~DeviceGuard() {
-    if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
+    if (previous_ >= 0 && has_context(previous_) && cudaSetDevice(previous_) != cudaSuccess)
+      (void)cudaGetLastError();
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
@@ -147,9 +185,26 @@ Device& device(int d) {
   return *dev;
 }
 
-// Ranges this module registered: (address, size) -> references.
+// Ranges this module registered: (address, size) -> references and the device whose
+// context registered them.
+struct Registration {
+  int refs;
+  int device;
+};
 std::mutex g_register_mutex;
-auto* g_registered = new std::map<std::pair<uintptr_t, size_t>, int>();
+auto* g_registered = new std::map<std::pair<uintptr_t, size_t>, Registration>();
+
+// The device for a driver call that names none (tb.pin, tb.is_pinned): the thread's
+// current one when the engine already works on it, else the first the engine works on,
+// so that such a call does not make a context (and hold its memory) on a GPU that a
+// process using only cuda:1 never touched. With no engine yet: the current device.
+int engine_device() {
+  int current = 0;
+  TB_CUDA_CHECK(cudaGetDevice(&current));
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_devices->empty() || g_devices->count(current)) return current;
+  return g_devices->begin()->first;
+}
 
 }  // namespace
 
@@ -269,21 +324,23 @@ std::vector<double> host_copy_seconds(int d, size_t nbytes, bool to_pinned, int 
 void inject_copy_fault(int64_t after) { g_fail_copy_after.store(after); }
 #endif
 
-bool host_register(void* ptr, size_t nbytes) {
+bool host_register(void* ptr, size_t nbytes, int device) {
   std::lock_guard<std::mutex> lock(g_register_mutex);
   const auto key = std::make_pair(reinterpret_cast<uintptr_t>(ptr), nbytes);
   auto it = g_registered->find(key);
   if (it != g_registered->end()) {
-    ++it->second;
+    ++it->second.refs;
     return true;
   }
+  const int d = device >= 0 ? device : engine_device();
+  DeviceGuard guard(d);  // (else the call would make a context on the thread's device)
   const cudaError_t err = cudaHostRegister(ptr, nbytes, cudaHostRegisterPortable);
   if (err == cudaErrorHostMemoryAlreadyRegistered) {
     (void)cudaGetLastError();
     return false;  // already page-locked by someone else: nothing to do, nothing to undo
   }
   TB_CUDA_CHECK(err);
-  g_registered->emplace(key, 1);
+  g_registered->emplace(key, Registration{1, d});
   return true;
 }
 
@@ -291,8 +348,8 @@ bool host_unregister(void* ptr, size_t nbytes) {
   std::lock_guard<std::mutex> lock(g_register_mutex);
   auto it = g_registered->find(std::make_pair(reinterpret_cast<uintptr_t>(ptr), nbytes));
   if (it == g_registered->end()) return false;
-  if (it->second > 1) {
-    --it->second;
+  if (it->second.refs > 1) {
+    --it->second.refs;
     return true;
   }
   // The last reference. The entry goes only once the memory is really unregistered: if
@@ -308,9 +365,30 @@ bool host_unregister(void* ptr, size_t nbytes) {
     DeviceGuard guard(d);
     TB_CUDA_CHECK(cudaDeviceSynchronize());
   }
+  // On the device it was registered with: this may run on any thread (a garbage
+  // collector's callback), whose current device may have no context yet.
+  DeviceGuard guard(it->second.device);
   TB_CUDA_CHECK(cudaHostUnregister(ptr));
   g_registered->erase(it);
   return true;
+}
+
+bool is_host_pinned(const void* ptr, size_t nbytes, int device) noexcept {
+  int d = device;
+  if (d < 0) {
+    try {
+      d = engine_device();
+    } catch (...) {
+      return false;
+    }
+  }
+  try {
+    DeviceGuard guard(d);
+    return is_host_range_pinned(ptr, nbytes);
+  } catch (...) {
+    (void)cudaGetLastError();
+    return false;
+  }
 }
 
 }  // namespace tb::cuda

@@ -58,10 +58,17 @@ std::vector<double> host_copy_seconds(int device, size_t nbytes, bool to_pinned,
 void inject_copy_fault(int64_t after);
 #endif
 
-/// Page-locks existing memory (cudaHostRegister), reference counted by address range.
+/// Page-locks existing memory (cudaHostRegister), reference counted by address range,
+/// with `device` current (-1: a device the engine already works on, see is_host_pinned).
 /// Returns false when the range already lies in page-locked memory it did not register.
-bool host_register(void* ptr, size_t nbytes);
-/// Drops one reference; unregisters at zero. False when the range was not registered here.
+bool host_register(void* ptr, size_t nbytes, int device);
+/// Drops one reference; unregisters at zero, with the registering device current. False
+/// when the range was not registered here.
 bool host_unregister(void* ptr, size_t nbytes);
+/// is_host_range_pinned asked with `device` current. -1: the thread's current device if
+/// the engine works on it, else one it works on, else the current device; a driver call
+/// makes a context on the current device, so naming the device keeps a process that uses
+/// only cuda:1 from holding one on GPU 0.
+bool is_host_pinned(const void* ptr, size_t nbytes, int device) noexcept;
 
 }  // namespace tb::cuda

@@ -195,9 +195,9 @@ def to_host(
 
     # (an `out` that comes back is registered by the cache and DMA'd directly from then on;
     # the lease keeps it registered until the copy is queued)
-    with _registry.CACHE.lease(dst) as registered:
+    with _registry.CACHE.lease(dst, index) as registered:
         if registered or (
-            swap == 0 and dst.flags.c_contiguous and nbytes and C.is_host_pinned(dst)
+            swap == 0 and dst.flags.c_contiguous and nbytes and C.is_host_pinned(dst, index)
         ):
             # Page-locked destination: one DMA, queued now on the current stream.
             pending = C.cuda_copy_async(
@@ -352,9 +352,9 @@ def to_device(
     else:
         dst = torch.empty(a.shape, dtype=t_dtype, device=device)
     stream = torch.cuda.current_stream(device)
-    with _registry.CACHE.lease(src) as registered:  # (a source that comes back: see to_host)
+    with _registry.CACHE.lease(src, index) as registered:  # (a source that comes back: see to_host)
         if registered or (
-            swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src)
+            swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src, index)
         ):
             # (the handle keeps the source alive until the DMA has read it)
             pending = C.cuda_copy_async(

@@ -88,9 +88,10 @@ _FOREVER = float("inf")
 class RegistrationOps(Protocol):
     """The driver calls the cache makes (production: the CUDA engine's; tests: fakes)."""
 
-    def register(self, owner: np.ndarray) -> bool:
-        """Page-locks ``owner``'s whole buffer; False when refused (already page-locked
-        elsewhere, or the driver would not)."""
+    def register(self, owner: np.ndarray, device: int) -> bool:
+        """Page-locks ``owner``'s whole buffer with GPU ``device`` current (-1: one the
+        engine works on); False when refused (already page-locked elsewhere, or the driver
+        would not)."""
         ...
 
     def unregister(self, address: int, nbytes: int) -> None:
@@ -295,11 +296,12 @@ class RegistrationCache:
 
     # ------------------------------------------------------------------ transfers
 
-    def lease(self, a: np.ndarray) -> _Lease:
-        """``with cache.lease(a) as registered:`` (see the class)."""
-        return _Lease(self, self._acquire(a) if self._enabled else None)
+    def lease(self, a: np.ndarray, device: int = -1) -> _Lease:
+        """``with cache.lease(a, device) as registered:`` (see the class); ``device``: the
+        GPU index of the transfer, whose context registers ``a`` (-1: one the engine uses)."""
+        return _Lease(self, self._acquire(a, device) if self._enabled else None)
 
-    def _acquire(self, a: np.ndarray) -> _Entry | None:
+    def _acquire(self, a: np.ndarray, device: int) -> _Entry | None:
         found = trackable(a, self._min_bytes)
         if found is None:
             return None
@@ -334,7 +336,7 @@ class RegistrationCache:
             self._drop(stale)  # (`a` keeps the owner alive meanwhile)
         if entry is None:
             return None
-        return self._register(entry, owner, (id(owner), address, nbytes))
+        return self._register(entry, owner, (id(owner), address, nbytes), device)
 
     def _remember_locked(self, key: tuple[int, int, int], seen: _Sighting) -> None:
         self._seen[key] = seen
@@ -366,7 +368,7 @@ class RegistrationCache:
         return entry
 
     def _register(
-        self, entry: _Entry, owner: np.ndarray, key: tuple[int, int, int]
+        self, entry: _Entry, owner: np.ndarray, key: tuple[int, int, int], device: int
     ) -> _Entry | None:
         """Makes room for a pending registration and registers it (no lock held)."""
         committed = False
@@ -374,7 +376,7 @@ class RegistrationCache:
             why = self._make_room(entry)  # None: its bytes are reserved (share and pool)
             if why is None:
                 try:
-                    registered = self._ops.register(owner)
+                    registered = self._ops.register(owner, device)
                 except Exception:
                     registered = False  # (an optimization: the transfer is staged instead)
                 if registered:
@@ -567,11 +569,11 @@ class _CudaOps:
     """The CUDA engine's calls; always the module that was loaded (not ``ENGINE``, which
     tests swap), so that cleanup reaches the module that registered."""
 
-    def register(self, owner: np.ndarray) -> bool:
+    def register(self, owner: np.ndarray, device: int) -> bool:
         C = _backend._LOADED
-        if C is None or C.is_host_pinned(owner):
+        if C is None or C.is_host_pinned(owner, device):
             return False  # (page-locked by someone else: theirs to manage)
-        return bool(C.cuda_host_register(owner))
+        return bool(C.cuda_host_register(owner, device))
 
     def unregister(self, address: int, nbytes: int) -> None:
         if _backend._LOADED is not None:
