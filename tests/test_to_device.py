@@ -313,6 +313,307 @@ def test_a_packed_send_that_fails_leaves_no_block_in_use(rng):
     assert t.stats()["bytes_in_use"] == 0
 
 
+def _expected_device(plan, poison=0xAB):
+    """The device buffer a packed send should leave: ``plan``'s arrays at their offsets."""
+    out = np.full(plan.nbytes, poison, np.uint8)
+    _pack.pack_into(plan, out)
+    return out
+
+
+def _assert_packed_as(device, expected, plan):
+    """Every array's bytes in ``device`` as in ``expected`` (padding aside)."""
+    got = _pack.views(torch.from_numpy(device), plan)
+    want = _pack.views(torch.from_numpy(expected), plan)
+    for g, w in zip(got, want, strict=True):
+        assert _tensor_bytes(g) == _tensor_bytes(w)
+
+
+@needs_testing_module
+def test_a_packed_send_without_staging_sends_small_arrays_in_one_copy(rng):
+    """No staging block (a budget of 0): small arrays are packed on the host and cross in
+    one pageable copy, not one blocking copy each; the bytes are those of the staged path."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = _host_arrays(_mixed_host_arrays(rng))
+    plan = _pack.layout(arrays)
+    t = TESTING.HostTransferTester(delay_us=20, budget=0)
+    device = np.full(plan.nbytes, 0xAB, np.uint8)
+    report = t.to_device_packed(plan.native, device, chunk_bytes=4096, buffers=4, threads=2)
+    t.drain()
+    assert not report["staged"] and report["chunks"] == 1
+    assert t.stats()["fallbacks"] >= 1 and t.stats()["bytes_in_use"] == 0
+    _assert_packed_as(device, _expected_device(plan), plan)
+
+
+@needs_testing_module
+def test_a_packed_send_without_staging_sends_large_arrays_as_they_are(rng):
+    """Large arrays are not packed first (a pass over their bytes): each goes as it is,
+    in chunks of its own."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    big = [rng.standard_normal((512, 1024)).astype(k) for k in ("<f4", ">f4", "<f8")]
+    arrays = [big[0], big[1][::-1], big[2].T]
+    plan = _pack.layout(arrays)
+    t = TESTING.HostTransferTester(budget=0)
+    device = np.full(plan.nbytes, 0xAB, np.uint8)
+    report = t.to_device_packed(plan.native, device, chunk_bytes=1 << 20, buffers=4, threads=2)
+    t.drain()
+    assert not report["staged"]
+    assert report["chunks"] == sum(-(-a.nbytes // (1 << 20)) for a in arrays)
+    _assert_packed_as(device, _expected_device(plan), plan)
+
+
+@pytest.mark.parametrize("spec", [torch.int64, "int32", np.bool_, torch.complex64, torch.uint8])
+def test_a_single_dtype_that_is_not_floating_is_refused(backend, monkeypatch, spec):
+    def moved_too_early(*args, **kwargs):
+        raise AssertionError("a leaf moved before the refusal")
+
+    monkeypatch.setattr(_batch, "to_tensor", moved_too_early)
+    batch = {"x": np.ones(2, np.float32), "y": np.arange(2)}
+    with pytest.raises(TypeError, match=r"floating dtype.*pass a mapping by key or by source"):
+        tb.to_device(batch, "cpu", dtype=spec)
+    with pytest.raises(TypeError, match=r"^Prefetcher: .*floating dtype"):
+        tb.Prefetcher([batch], "cpu", dtype=spec)
+    with pytest.raises(TypeError, match="not a NumPy or torch dtype"):  # a mapping's target too
+        tb.to_device(batch, "cpu", dtype={"x": "float17"})
+
+
+@pytest.mark.parametrize("empty", [{}, [], (), {"a": []}, [None, "x", 3]])
+def test_empty_and_valueless_batches(backend, empty):
+    assert tb.to_device(empty, "cpu") == empty
+    assert tb.to_numpy_batch(empty) == empty
+
+
+# ------------------------------------------------------------------------- packing
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _mixed_host_arrays(rng, n=200):
+    """Mixed dtypes (big-endian and bfloat16 too), odd shapes and layouts, repeats of shapes."""
+    kinds = ["u1", "<i2", "<f4", ">f8", "<c16", "?", "bfloat16"]
+    arrays = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        if kind == "bfloat16":
+            if ml_dtypes is None:
+                kind = "<f2"
+            else:
+                kind = ml_dtypes.bfloat16
+        a = rng.integers(0, 100, (i % 4 + 1, i % 3 + 1)).astype(kind)
+        arrays.append(a[::-1] if i % 3 == 0 else a.T if i % 3 == 1 else a)
+    arrays.append(torch.from_numpy(rng.standard_normal((3, 5))).T)  # a strided CPU tensor
+    arrays.append(np.zeros((0, 4), np.float32))  # empty
+    arrays.append(rng.standard_normal(50000))  # larger than a block: its own pipeline
+    return arrays
+
+
+def _host_arrays(arrays):
+    return [a if isinstance(a, np.ndarray) else tb.to_numpy(a) for a in arrays]
+
+
+@pytest.fixture(params=["extension", "python"])
+def path(request, monkeypatch) -> str:
+    """The packing layer with the compiled layout, and with its NumPy twin."""
+    if request.param == "extension" and tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    if request.param == "python":
+        monkeypatch.setattr(_backend.ENGINE, "C", None, raising=False)
+    return request.param
+
+
+def test_pack_layout_is_aligned_grouped_and_ordered(rng, path):
+    arrays = _host_arrays(_mixed_host_arrays(rng))
+    plan = _pack.layout(arrays)
+    assert (plan.native is None) == (path == "python")
+    assert plan.nbytes % 256 == 0 and plan.nbytes >= max(a.nbytes for a in arrays)
+    spans = []
+    for t_dtype, shape, first, stride, members in plan.groups:
+        assert first % 256 == 0 and stride % 256 == 0
+        for k, m in enumerate(members):
+            a = arrays[m]
+            assert (tuple(a.shape), tb.from_numpy(a).dtype) == (shape, t_dtype)
+            assert stride >= a.nbytes
+            spans.append((first + k * stride, first + k * stride + a.nbytes))
+    spans.sort()
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in itertools.pairwise(spans))
+    assert spans[-1][1] <= plan.nbytes
+    assert sorted(m for g in plan.groups for m in g[4]) == list(range(len(arrays)))
+    # one group per (dtype, shape): arrays that share both share one as_strided/unbind
+    kinds = {(a.dtype, a.shape) for a in arrays}  # (byte order included)
+    assert len(plan.groups) == len(kinds) < len(arrays) // 2
+
+
+def test_pack_into_writes_each_array_at_its_place(rng, path):
+    arrays = _mixed_host_arrays(rng)
+    plan = _pack.layout(_host_arrays(arrays))
+    buffer = np.full(plan.nbytes + 512, 0xAB, np.uint8)  # poisoned, and longer than needed
+    _pack.pack_into(plan, buffer)
+    views = _pack.views(torch.from_numpy(buffer), plan)
+    written = np.zeros(buffer.size, bool)
+    for a, got in zip(arrays, views, strict=True):
+        expected = (a if isinstance(a, torch.Tensor) else tb.from_numpy(a)).contiguous()
+        assert (got.dtype, got.shape) == (expected.dtype, expected.shape)
+        assert _tensor_bytes(got) == _tensor_bytes(expected)
+        start = got.data_ptr() - buffer.ctypes.data
+        written[start : start + got.numel() * got.element_size()] = True
+    assert (buffer[~written] == 0xAB).all()  # the padding and the tail are untouched
+
+
+def test_pack_refuses_objects_and_non_arrays_before_writing():
+    for bad, err in [
+        ([np.ones(3), np.array([object()], dtype=object)], TypeError),
+        ([np.ones(3), [1.0, 2.0]], TypeError),
+        ([np.ones(3), np.zeros(2, dtype="U3")], TypeError),
+    ]:
+        with pytest.raises(err):
+            _pack.layout(bad)
+    plan = _pack.layout([np.ones(4), np.arange(3)])
+    with pytest.raises(ValueError, match=r"C-contiguous|smaller"):
+        _pack.pack_into(plan, np.zeros(plan.nbytes // 2, np.uint8))
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.zeros(plan.nbytes, np.uint8)
+        ro.flags.writeable = False
+        _pack.pack_into(plan, ro)
+    src = np.zeros(4096, np.uint8)
+    with pytest.raises(ValueError, match="overlaps"):
+        _pack.pack_into(_pack.layout([src[:8], np.ones(2)]), src)
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 16])
+def test_many_small_arrays_sent_packed_in_few_copies(rng, chunk):
+    """The whole to_device batch path (flatten, one native layout, staging by the copy
+    threads, one view per group) over the simulated link; equal to torch.from_numpy."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = _mixed_host_arrays(rng)
+    batch = {"arrays": arrays, "id": 7, "name": "x"}
+    sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0), chunk_bytes=chunk, buffers=4)
+    poison = []
+
+    def empty(nbytes):
+        poison.append(torch.full((nbytes,), 0xAB, dtype=torch.uint8))
+        return poison[-1]
+
+    sender.empty = empty
+    out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
+    assert (out["id"], out["name"]) == (7, "x")
+    for a, got in zip(arrays, out["arrays"], strict=True):
+        expected = (a if isinstance(a, torch.Tensor) else tb.from_numpy(a)).contiguous()
+        assert (got.dtype, got.shape) == (expected.dtype, expected.shape)
+        assert got.is_contiguous()
+        assert _tensor_bytes(got) == _tensor_bytes(expected)
+        assert got.untyped_storage().data_ptr() == poison[0].data_ptr()  # views of one buffer
+    report = sender.last_report
+    plan = _pack.layout(_host_arrays(arrays))
+    big = max(_host_arrays(arrays), key=lambda a: a.nbytes)
+    big_chunks = -(-big.nbytes // chunk)
+    packed_extent = plan.nbytes - big.nbytes
+    # one copy per filled block (a block may close early when the next array does not fit)
+    assert report["chunks"] - big_chunks <= 2 * -(-packed_extent // chunk) + 2
+    assert report["chunks"] - big_chunks < len(arrays) // 4  # far fewer copies than arrays
+    assert sender.link.stats()["bytes_in_use"] == 0
+
+
+@needs_testing_module
+def test_a_packed_send_that_fails_leaves_no_block_in_use(rng):
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = _host_arrays(_mixed_host_arrays(rng))
+    plan = _pack.layout(arrays)
+    t = TESTING.HostTransferTester(delay_us=20, fail_copy_after=3)
+    device = np.zeros(plan.nbytes, np.uint8)
+    with pytest.raises(RuntimeError):
+        t.to_device_packed(plan.native, device, chunk_bytes=4096, buffers=4, threads=2)
+    t.drain()
+    assert t.stats()["bytes_in_use"] == 0
+
+
+def _expected_device(plan, poison=0xAB):
+    """The device buffer a packed send should leave: ``plan``'s arrays at their offsets."""
+    out = np.full(plan.nbytes, poison, np.uint8)
+    _pack.pack_into(plan, out)
+    return out
+
+
+def _assert_packed_as(device, expected, plan):
+    """Every array's bytes in ``device`` as in ``expected`` (padding aside)."""
+    got = _pack.views(torch.from_numpy(device), plan)
+    want = _pack.views(torch.from_numpy(expected), plan)
+    for g, w in zip(got, want, strict=True):
+        assert _tensor_bytes(g) == _tensor_bytes(w)
+
+
+@needs_testing_module
+def test_a_packed_send_without_staging_sends_small_arrays_in_one_copy(rng):
+    """No staging block (a budget of 0): small arrays are packed on the host and cross in
+    one pageable copy, not one blocking copy each; the bytes are those of the staged path."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = _host_arrays(_mixed_host_arrays(rng))
+    plan = _pack.layout(arrays)
+    t = TESTING.HostTransferTester(delay_us=20, budget=0)
+    device = np.full(plan.nbytes, 0xAB, np.uint8)
+    report = t.to_device_packed(plan.native, device, chunk_bytes=4096, buffers=4, threads=2)
+    t.drain()
+    assert not report["staged"] and report["chunks"] == 1
+    assert t.stats()["fallbacks"] >= 1 and t.stats()["bytes_in_use"] == 0
+    _assert_packed_as(device, _expected_device(plan), plan)
+
+
+@needs_testing_module
+def test_a_packed_send_without_staging_sends_large_arrays_as_they_are(rng):
+    """Large arrays are not packed first (a pass over their bytes): each goes as it is,
+    in chunks of its own."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    big = [rng.standard_normal((512, 1024)).astype(k) for k in ("<f4", ">f4", "<f8")]
+    arrays = [big[0], big[1][::-1], big[2].T]
+    plan = _pack.layout(arrays)
+    t = TESTING.HostTransferTester(budget=0)
+    device = np.full(plan.nbytes, 0xAB, np.uint8)
+    report = t.to_device_packed(plan.native, device, chunk_bytes=1 << 20, buffers=4, threads=2)
+    t.drain()
+    assert not report["staged"]
+    assert report["chunks"] == sum(-(-a.nbytes // (1 << 20)) for a in arrays)
+    _assert_packed_as(device, _expected_device(plan), plan)
+
+
+@needs_testing_module
+@pytest.mark.parametrize("budget", [6 * 4096, 1 << 20])
+def test_back_to_back_packed_sends_that_do_not_wait(rng, budget):
+    """Non-blocking packed sends one after another over a slow link, their sources
+    overwritten as each returns: a block still being read by the last call's copies is
+    filled again only once they are done, so every batch arrives whole."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    t = TESTING.HostTransferTester(delay_us=300, budget=budget)
+    sent = []
+    for _ in range(5):
+        arrays = _host_arrays(_mixed_host_arrays(rng, n=60))
+        plan = _pack.layout(arrays)
+        expected = _expected_device(plan)
+        device = np.full(plan.nbytes, 0xAB, np.uint8)
+        report = t.to_device_packed(
+            plan.native, device, chunk_bytes=4096, buffers=4, threads=2, wait=False
+        )
+        assert report["staged"]
+        for a in arrays:  # free to reuse once the call returns
+            a[...] = np.zeros((), a.dtype)
+        sent.append((device, expected, plan))
+    t.drain()
+    for device, expected, plan in sent:
+        _assert_packed_as(device, expected, plan)
+    assert t.stats()["bytes_in_use"] == 0
+
+
 @pytest.mark.parametrize("spec", [{"img": None}, {"lab": None}, {np.float32: None}])
 def test_a_dtype_mapping_to_none_is_refused_before_anything_moves(spec):
     batch = {"img": np.ones(2, np.float32), "lab": np.arange(2)}

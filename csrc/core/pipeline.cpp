@@ -548,6 +548,9 @@ void fill_piece(char* dst, const Piece& p, const std::vector<HostView>& srcs,
 // Below this many bytes a host-to-host pack runs on the calling thread alone: waking the
 // pool's threads costs more than they save.
 constexpr size_t kParallelPackBytes = size_t{1} << 20;
+// Without staging, a batch whose arrays average fewer bytes than this is packed on the
+// host and sent in one pageable copy rather than one copy per array.
+constexpr size_t kPackPageableBelow = size_t{1} << 20;
 }  // namespace
 
 PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
@@ -569,8 +572,29 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
 
   WorkerPlan work(pieces.size(), options.buffers, copy_threads(options));
   Leases blocks(pool);
-  if (!lease(blocks, work, largest, copy_threads(options))) {  // every array on its own
+  if (!lease(blocks, work, largest, copy_threads(options))) {
     report.staged = false;
+    // No staging (a budget of 0, or every block in use): pageable copies, each one
+    // waited for. Small arrays are packed on the host first and cross in one copy, not
+    // one each; large ones go as they are (packing would add a pass over their bytes).
+    size_t start = SIZE_MAX, end = 0, count = 0;
+    for (size_t i = 0; i < srcs.size(); ++i) {
+      if (!sizes[i]) continue;
+      start = std::min(start, offsets[i]);
+      end = std::max(end, offsets[i] + sizes[i]);
+      ++count;
+    }
+    if (count > 1 && (end - start) / count < kPackPageableBelow) {
+      std::unique_ptr<char, decltype(&std::free)> packed(static_cast<char*>(std::malloc(end)),
+                                                         &std::free);
+      if (!packed) throw std::bad_alloc();
+      pack_to_host(srcs, offsets, packed.get());
+      copy_and_wait(engine, stream, [&] {
+        engine.copy_to_device_async(base + start, packed.get() + start, end - start, stream);
+      });
+      report.chunks = 1;
+      return report;
+    }
     report.chunks = 0;
     for (size_t i = 0; i < srcs.size(); ++i) {
       if (!sizes[i]) continue;
