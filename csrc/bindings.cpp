@@ -37,7 +37,7 @@ bool worth_releasing_gil(size_t nbytes) { return nbytes >= kReleaseGilBytes; }
 
 template <class F>
 auto release_gil_and(F&& f) {
-  py::gil_scoped_release release;
+  ReleaseGil release;
   return f();
 }
 
@@ -150,7 +150,7 @@ py::dict cuda_probe() {
 #ifdef TB_WITH_CUDA
   tb::cuda::RuntimeInfo info;
   {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     info = tb::cuda::probe();
   }
   d["compiled"] = true;
@@ -200,7 +200,7 @@ class LinkSimulator {
     options.threads = threads;
     tb::PipelineReport r;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       r = tb::copy_to_host(*link_, *pool_, stream, device.data(), view, options);
     }
     return report_dict(r);
@@ -216,7 +216,7 @@ class LinkSimulator {
     options.wait = true;
     tb::PipelineReport r;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       r = tb::copy_to_device(*link_, *pool_, stream, view, device.mutable_data(), options);
     }
     return report_dict(r);
@@ -236,7 +236,7 @@ class LinkSimulator {
     options.wait = true;
     tb::PipelineReport r;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       r = tb::copy_many_to_device(*link_, *pool_, stream, layout.views(), layout.offsets(),
                                   device.mutable_data(), options);
     }
@@ -259,7 +259,7 @@ class LinkSimulator {
     check_movable(device);
     if (byte_span(host).intersects(byte_span(device)))
       throw py::value_error("copy: the device and host arrays share memory");
-    py::gil_scoped_release release;
+    ReleaseGil release;
     tb::Event done(*link_);
     if (to_host)
       link_->copy_to_host_async(h, d, n, stream);
@@ -272,7 +272,7 @@ class LinkSimulator {
     check_process();
     if (nbytes > (size_t{1} << 32) || repeats > 10000)
       throw py::value_error("host_ceiling: nbytes at most 4 GiB and repeats at most 10000");
-    py::gil_scoped_release release;
+    ReleaseGil release;
     return tb::host_copy_seconds(*link_, nbytes, to_pinned, repeats);
   }
   py::dict stats() {
@@ -334,7 +334,7 @@ py::dict cuda_copy_to_host(int device, uintptr_t stream, uintptr_t src, py::arra
   const auto view = host_view(dst, true);
   tb::PipelineReport r;
   {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     r = tb::cuda::copy_to_host(device, stream, reinterpret_cast<const void*>(src), view,
                                pipeline_options(chunk, buffers, swap));
   }
@@ -348,7 +348,7 @@ py::dict cuda_copy_to_device(int device, uintptr_t stream, py::array src, uintpt
   options.wait = wait;
   tb::PipelineReport r;
   {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     r = tb::cuda::copy_to_device(device, stream, view, reinterpret_cast<void*>(dst), options);
   }
   return report_dict(r);
@@ -360,7 +360,7 @@ py::dict cuda_copy_packed(int device, uintptr_t stream, const PackedArrays& layo
   options.wait = wait;
   tb::PipelineReport r;
   {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     r = tb::cuda::copy_many_to_device(device, stream, layout.views(), layout.offsets(),
                                       reinterpret_cast<void*>(dst), options);
   }
@@ -372,7 +372,7 @@ py::array empty_pinned_bytes(size_t nbytes) {
   const auto free = [](void* p) { tb::cuda::host_free(p); };
   std::unique_ptr<void, decltype(free)> memory(nullptr, free);
   {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     memory.reset(tb::cuda::host_alloc(nbytes));  // a CudaError becomes RuntimeError
   }
   py::capsule owner(memory.get(), free);  // from here the capsule frees it
@@ -469,7 +469,7 @@ PYBIND11_MODULE(_C, m) {
          py::object keepalive) {
         tb::Event done;
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           done = tb::cuda::copy_async(device, stream, reinterpret_cast<void*>(dst),
                                       reinterpret_cast<const void*>(src), n, to_host);
         }
@@ -481,7 +481,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_host_ceiling",
       [](int device, size_t nbytes, bool to_pinned, int repeats) {
-        py::gil_scoped_release release;
+        ReleaseGil release;
         return tb::cuda::host_copy_seconds(device, nbytes, to_pinned, repeats);
       },
       py::arg("device"), py::arg("nbytes"), py::arg("to_pinned"), py::arg("repeats") = 5,
@@ -504,7 +504,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_reserve_pinned",
       [](size_t bytes) {
-        py::gil_scoped_release release;  // (may free idle staging blocks to make room)
+        ReleaseGil release;  // (may free idle staging blocks to make room)
         return tb::cuda::reserve_pinned(bytes);
       },
       py::arg("bytes"),
@@ -515,7 +515,7 @@ PYBIND11_MODULE(_C, m) {
       "cuda_host_register",
       [](py::array a, int device) {
         const tb::ByteSpan s = byte_span(a);
-        py::gil_scoped_release release;
+        ReleaseGil release;
         return !s.empty() &&
                tb::cuda::host_register(reinterpret_cast<void*>(s.begin), s.size(), device);
       },
@@ -525,7 +525,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_host_unregister",
       [](uintptr_t ptr, size_t n) {
-        py::gil_scoped_release release;
+        ReleaseGil release;
         return tb::cuda::host_unregister(reinterpret_cast<void*>(ptr), n);
       },
       py::arg("address"), py::arg("nbytes"));
@@ -540,7 +540,7 @@ PYBIND11_MODULE(_C, m) {
       "is_host_pinned",
       [](py::array a, int device) {
         const tb::ByteSpan s = byte_span(a);
-        py::gil_scoped_release release;
+        ReleaseGil release;
         return tb::cuda::is_host_pinned(reinterpret_cast<const void*>(s.begin), s.size(), device);
       },
       py::arg("array"), py::arg("device") = -1,

@@ -27,6 +27,21 @@ namespace tb::py_util {
 
 namespace py = pybind11;
 
+/// Releases the GIL for its scope, as py::gil_scoped_release does, with a destructor
+/// that lets a thread's end pass: at interpreter exit, retaking the GIL ends a daemon
+/// thread (pthread_exit unwinds the stack), and a noexcept destructor in that unwind,
+/// as py::gil_scoped_release's is, calls std::terminate and aborts the process.
+class ReleaseGil {
+ public:
+  ReleaseGil() : state_(PyEval_SaveThread()) {}
+  ~ReleaseGil() noexcept(false) { PyEval_RestoreThread(state_); }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
 inline std::vector<int64_t> shape_of(const py::array& a) {
   return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
@@ -250,11 +265,8 @@ class PendingCopy {
   void wait() {
     if (forked()) throw_forked();
     std::exception_ptr error;
-    // Not py::gil_scoped_release: in a daemon thread still waiting when the interpreter
-    // exits, retaking the GIL ends the thread (pthread_exit unwinds through this frame),
-    // which the guard's noexcept destructor would turn into std::terminate.
-    PyThreadState* state = PyEval_SaveThread();
     {
+      ReleaseGil release;  // (a daemon thread still waiting at exit ends here cleanly)
       std::lock_guard<std::mutex> lock(m_);
       if (!error_) {
         try {
@@ -265,7 +277,6 @@ class PendingCopy {
       }
       error = error_;
     }
-    PyEval_RestoreThread(state);
     if (error) {
       (void)keepalive_.release();  // never freed: the copy may still touch this memory
       std::rethrow_exception(error);

@@ -196,6 +196,31 @@ def test_exit_while_a_daemon_thread_waits_is_clean():
 
 
 @needs_testing_module
+def test_exit_while_daemon_threads_are_inside_compiled_calls_is_clean():
+    # Every compiled call releases the GIL the same way: a daemon thread inside one (here
+    # copies over a slow simulated link, each way) when the interpreter finalizes ends
+    # there. (torch's own calls, and its from_numpy tensors' deleters, can still abort.)
+    proc = _run_script(
+        """
+        import threading, time, numpy as np
+        import tensorbridge._C_testing as T
+        t = T.HostTransferTester(delay_us=300_000)
+        src, dev = np.arange(1 << 16, dtype=np.uint8), np.zeros(1 << 16, np.uint8)
+        back = np.zeros(1 << 16, np.uint8)
+        def loop(op):
+            while True:
+                op()
+        for op in (lambda: t.to_device(src, dev), lambda: t.to_host(dev, back)):
+            threading.Thread(target=loop, args=(op,), daemon=True).start()
+        time.sleep(0.5)
+        print("exiting", flush=True)
+        """
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout == "exiting\n"
+
+
+@needs_testing_module
 def test_a_forked_child_never_waits_on_the_parents_copies():
     proc = _run_script(
         """

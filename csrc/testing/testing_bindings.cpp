@@ -55,7 +55,7 @@ class HostTransferTester {
     engine_->enter_thread();  // (as the CUDA entry points make the device current)
     tb::PipelineReport r;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       r = tb::copy_to_host(*engine_, *pool_, 0, src, view, options);
     }
     return report_dict(r);
@@ -72,7 +72,7 @@ class HostTransferTester {
     engine_->enter_thread();
     tb::PipelineReport r;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       r = tb::copy_to_device(*engine_, *pool_, 0, view, dst, options);
     }
     return report_dict(r);
@@ -98,7 +98,7 @@ class HostTransferTester {
     engine_->enter_thread();
     tb::PipelineReport r;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       r = tb::copy_many_to_device(*engine_, *pool_, 0, views, offsets, dst,
                                   pipeline_options(chunk, buffers, 0));
     }
@@ -120,7 +120,7 @@ class HostTransferTester {
     engine_->enter_thread();
     tb::PipelineReport r;
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       r = tb::copy_many_to_device(*engine_, *pool_, 0, layout.views(), layout.offsets(), dst,
                                   options);
     }
@@ -132,7 +132,7 @@ class HostTransferTester {
     std::vector<py::object> done = std::move(pending_);
     pending_.clear();
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       engine_->drain();
     }
   }
