@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import heapq
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, overload
 
@@ -519,7 +520,8 @@ def _check_outs_alias_nothing(leaves: list[Any], outs: list[Any]) -> None:
     """Every ``out`` must be separate from every host leaf and from every other ``out``:
     otherwise writing one would change what a later conversion reads or writes. Checked
     for the whole batch before anything is written: one sort by address, then exact
-    checks only where two byte ranges meet."""
+    checks only where two byte ranges meet (a sweep: each span is checked against the
+    open spans it meets, so a batch of separate arrays costs n log n)."""
     spans = []  # (lo, hi, is_out, leaf index, object)
     for i, o in enumerate(outs):
         if o is None:
@@ -534,15 +536,22 @@ def _check_outs_alias_nothing(leaves: list[Any], outs: list[Any]) -> None:
     if not any(is_out for _, _, is_out, _, _ in spans):
         return
     spans.sort(key=lambda s: s[0])
-    for n, (_, hi, is_out, i, obj) in enumerate(spans):
-        for lo2, _, is_out2, j, obj2 in spans[n + 1 :]:
-            if lo2 >= hi:
-                break
-            if not (is_out or is_out2) or not shares_memory(_host_view(obj), _host_view(obj2)):
+    # The spans begun so far that have not ended, by where they end: outs, other leaves.
+    open_outs: list[tuple[int, int]] = []  # (hi, index into spans)
+    open_leaves: list[tuple[int, int]] = []
+    for n, (lo, hi, is_out, j, obj) in enumerate(spans):
+        for heap in (open_outs, open_leaves):
+            while heap and heap[0][0] <= lo:
+                heapq.heappop(heap)
+        met = open_outs + open_leaves if is_out else open_outs  # (two leaves may overlap)
+        for _, m in met:
+            _, _, is_out2, i, obj2 = spans[m]
+            if not shares_memory(_host_view(obj2), _host_view(obj)):
                 continue
-            if not is_out:  # name the out first
-                is_out, is_out2, i, j = is_out2, is_out, j, i
-            if is_out2:
+            first_out, second_out = is_out2, is_out
+            if not first_out:  # name the out first
+                first_out, second_out, i, j = second_out, first_out, j, i
+            if second_out:
                 problem = f"the outs of leaves {min(i, j)} and {max(i, j)} share memory"
             elif i == j:
                 problem = f"the out of leaf {i} shares memory with that leaf"
@@ -555,6 +564,7 @@ def _check_outs_alias_nothing(leaves: list[Any], outs: list[Any]) -> None:
                 f"to_numpy_batch: {problem}: pass a separate array for each out (or None "
                 "where a new array is wanted). Nothing was written."
             )
+        heapq.heappush(open_outs if is_out else open_leaves, (hi, n))
 
 
 def _cuda_in_one_pass(leaves: list[Any], outs: list[Any]) -> dict[int, np.ndarray]:
