@@ -856,3 +856,40 @@ def test_collate_refuses_an_array_among_numbers_in_either_order():
     for samples in ([1, np.array(5)], [np.array(5), 1]):
         with pytest.raises(TypeError, match=r"sample 1 is .*, sample 0 is"):
             tb.collate(samples)
+
+
+_MIXED = [
+    ("<f4", "<i8"),
+    ("<f2", "<i4"),
+    ("?", "u1"),
+    ("i1", "u1"),
+    ("<i8", "<c8"),
+    ("<i2", "<f8"),
+    ("u1", "<i8"),
+]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("as_tensors", [False, True])
+@pytest.mark.parametrize("dtypes", _MIXED, ids=["-".join(d) for d in _MIXED])
+def test_collate_promotes_mixed_dtypes_as_default_collate(backend, dtypes, as_tensors, packed):
+    """Samples of different dtypes stack in torch's promoted dtype (default_collate's
+    torch.stack), not NumPy's: int64 with float32 is float32, not float64."""
+    rng = np.random.default_rng(sum(map(ord, "".join(dtypes))))
+    arrays = [rng.integers(0, 100, (3, 2)).astype(dtypes[k % 2]) for k in range(4)]
+    samples = [torch.from_numpy(a) for a in arrays] if as_tensors else arrays
+    got = tb.collate(samples, packed=packed)
+    if packed:
+        got = got.to("cpu")
+    want = torch.utils.data.default_collate(samples)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("pair", [("<u8", "<i8"), ("<i8", "<u8"), ("<u4", "<i2")])
+def test_collate_refuses_unsigned_with_signed_that_torch_does_not_promote(backend, pair):
+    """NumPy would make float64 of uint64 with int64 (losing digits past 2**53)."""
+    samples = [np.array([2**31 + 1], pair[0]), np.array([3], pair[1])]
+    with pytest.raises(TypeError, match=r"batch: the samples are .*no common dtype.*convert"):
+        tb.collate(samples)
+    with pytest.raises(RuntimeError):
+        torch.utils.data.default_collate(samples)  # (torch refuses it too)

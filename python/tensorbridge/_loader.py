@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -435,13 +436,24 @@ def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
 
 
 def _common_dtype(arrays: Sequence[np.ndarray], path: Path) -> tuple[np.dtype, torch.dtype]:
+    """The dtype the samples stack as. Samples of different dtypes promote by torch's rules,
+    as default_collate's torch.stack does, not NumPy's (which make float64 of int64 with
+    float32, and of int64 with uint64, losing digits)."""
     try:
-        dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
-        if not dtype.isnative:
-            dtype = dtype.newbyteorder("=")
-        return dtype, _dtypes.torch_dtype(dtype)
-    except TypeError as exc:  # no torch dtype (strings, objects), or none common to all
+        dtypes = {a.dtype.newbyteorder("=") for a in arrays}
+        if len(dtypes) == 1:
+            dtype = dtypes.pop()
+            return dtype, _dtypes.torch_dtype(dtype)
+        t_dtype = functools.reduce(torch.promote_types, map(_dtypes.torch_dtype, dtypes))
+        return _dtypes.numpy_dtype(t_dtype), t_dtype
+    except TypeError as exc:  # no torch dtype (strings, objects)
         raise TypeError(f"collate: {_where(path)}: {exc}") from None
+    except RuntimeError:  # none common to all (torch promotes no uint64 with a signed type)
+        names = ", ".join(sorted({str(a.dtype) for a in arrays}))
+        raise TypeError(
+            f"collate: {_where(path)}: the samples are {names}, which have no common dtype "
+            "(torch promotes uint64 with no signed type): convert them to one in the dataset."
+        ) from None
 
 
 def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
