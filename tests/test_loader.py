@@ -893,3 +893,15 @@ def test_collate_refuses_unsigned_with_signed_that_torch_does_not_promote(backen
         tb.collate(samples)
     with pytest.raises(RuntimeError):
         torch.utils.data.default_collate(samples)  # (torch refuses it too)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_collate_refuses_packed_batches_in_samples(packed):
+    """A PackedBatch in a sample would stay a list of packed batches that .to() does not
+    move: refused, naming the field and the fix."""
+    inner = tb.PackedBatch.pack({"z": np.arange(3)})
+    samples = [{"x": np.ones(2), "p": inner}, {"x": np.zeros(2), "p": inner}]
+    with pytest.raises(TypeError, match=r'batch\["p"\]: sample 0 is a PackedBatch.*unpack'):
+        tb.collate(samples, packed=packed)
+    with pytest.raises(TypeError, match=r"batch\[1\]: sample 0 is a PackedBatch"):
+        tb.collate([(1, inner), (2, inner)], packed=packed)

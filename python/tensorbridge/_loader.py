@@ -270,10 +270,18 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
         if ARENA.get() is not None:  # (into the packed buffer)
             return _empty(tuple(stacked.shape), stacked.dtype).copy_(stacked)
         return stacked
+    types = set(map(type, samples))
+    if any(issubclass(t, PackedBatch) for t in types):  # (else a list .to() would not move)
+        i = next(i for i, s in enumerate(samples) if isinstance(s, PackedBatch))
+        raise TypeError(
+            f"collate: {_where(path)}: sample {i} is a PackedBatch, which collate does not "
+            "stack: return its batch from the dataset (.unpack()) and pack the collated "
+            "batch instead (collate(samples, packed=True))."
+        )
     # Strings, None and anything else: as a list, like default_collate; the same whichever
     # sample comes first, so a value that would stack elsewhere is refused here too
     # (samples all of sample 0's type hold none: it is not one).
-    for i, s in enumerate(samples if len(set(map(type, samples))) > 1 else ()):
+    for i, s in enumerate(samples if len(types) > 1 else ()):
         if isinstance(s, _STACKED):
             raise TypeError(
                 f"collate: {_where(path)}: sample {i} is {_kind(s)}, sample 0 is "
