@@ -45,6 +45,62 @@ def test_to_numpy_batch_refuses_mismatched_out(backend):
         tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None})
 
 
+def test_to_numpy_batch_refuses_mismatched_keys_naming_them_plainly(backend):
+    with pytest.raises(
+        ValueError,
+        match=r"^to_numpy_batch: out must hold the batch's keys "
+        r"\['a', 'b'\], got \['a'\]",
+    ):
+        tb.to_numpy_batch({"a": torch.ones(2), "b": torch.ones(2)}, out={"a": None})
+
+
+@pytest.mark.parametrize(
+    ("bad_out", "exc", "match"),
+    [
+        (lambda: np.empty(4, np.float32), ValueError, r"out\['b'\]\[1\] has shape \(4,\)"),
+        (
+            lambda: np.empty(5, np.float64),
+            TypeError,
+            r"out\['b'\]\[1\] has dtype float64 .*: pass an out\['b'\]\[1\] of dtype float32\.$",
+        ),
+        (lambda: np.empty(5, np.float32)[:0:-1][::-1].copy()[:0], ValueError, r"out\['b'\]\[1\]"),
+        (lambda: np.broadcast_to(np.empty(1, np.float32), (5,)), ValueError, r"out\['b'\]\[1\]"),
+        (lambda: [0.0] * 5, TypeError, r"out\['b'\]\[1\] must be a numpy.ndarray"),
+    ],
+    ids=["shape", "dtype", "empty", "read-only", "list"],
+)
+def test_to_numpy_batch_out_refusals_name_the_out_and_write_nothing(backend, bad_out, exc, match):
+    """With hundreds of leaves, a refused out must say which one; the others stay as
+    they were, and a dtype refusal suggests no dtype= (to_numpy_batch takes none)."""
+    gen = torch.Generator().manual_seed(5)
+    batch = {
+        "a": random_tensor((3, 2), torch.float32, gen),
+        "b": [7, random_tensor((5,), torch.float32, gen)],
+    }
+    out = {"a": poisoned((3, 2), np.float32), "b": [None, bad_out()]}
+    with pytest.raises(exc, match=r"^to_numpy_batch: .*" + match) as info:
+        tb.to_numpy_batch(batch, out=out)
+    assert "pass dtype=" not in str(info.value)
+    assert (out["a"].view(np.uint8) == POISON).all()
+
+
+def test_to_numpy_batch_refuses_an_out_for_a_plain_value(backend):
+    """A value is returned as it is: an out given for it would be silently ignored."""
+    good = poisoned((2,), np.float32)
+    for junk in ("garbage", np.empty(2, np.float32)):
+        with pytest.raises(TypeError, match=r"^to_numpy_batch: out\[1\] must be None: .* int"):
+            tb.to_numpy_batch([torch.ones(2), 5], out=[good, junk])
+        assert (good.view(np.uint8) == POISON).all()
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_to_numpy_batch_dtype_refusal_suggests_converting_the_tensor(backend, with_out):
+    batch = {"c": torch.zeros(2, dtype=torch.complex64).to(torch.complex32)}
+    with pytest.raises(TypeError, match=r"^to_numpy_batch: .*x\.to\(torch\.complex64\)") as info:
+        tb.to_numpy_batch(batch, out={"c": None} if with_out else None)
+    assert "dtype=" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("bad", "match"),
     [

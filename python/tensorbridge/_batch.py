@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import heapq
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, overload
 
@@ -421,7 +422,13 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     if any(isinstance(leaf, nested) for leaf in originals):  # their tensors, over the buffer
         batch = unflatten(spec, [x.unpack() if isinstance(x, nested) else x for x in originals])
         originals, _, spec = flatten(batch)
-    outs = flatten_as(out, spec) if out is not None else [None] * len(originals)
+    paths: list[str] = []  # (each out's, for messages)
+    outs = [None] * len(originals)
+    if out is not None:
+        try:
+            outs = flatten_as(out, spec, paths=paths)
+        except ValueError as exc:
+            raise ValueError(f"to_numpy_batch: {exc}") from None
     # Every leaf is imported and every `out` checked before anything is written, so a
     # refusal leaves the caller's arrays as they were.
     leaves = [
@@ -432,14 +439,24 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     ]
     for leaf in leaves:  # every leaf refused now, before any out is written
         if isinstance(leaf, torch.Tensor):
-            _dtypes.numpy_dtype(_check_tensor(leaf, "to_numpy_batch").dtype)
+            _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
     if any(o is not None for o in outs):
-        for leaf, o in zip(leaves, outs, strict=True):
-            if o is not None and isinstance(leaf, (torch.Tensor, np.ndarray)):
-                np_dtype = (
-                    leaf.dtype if isinstance(leaf, np.ndarray) else _dtypes.numpy_dtype(leaf.dtype)
+        for leaf, o, where in zip(leaves, outs, paths, strict=True):
+            if o is None:
+                continue
+            if not isinstance(leaf, (torch.Tensor, np.ndarray)):
+                raise TypeError(
+                    f"to_numpy_batch: {where} must be None: the batch holds "
+                    f"{type(leaf).__name__} there, which is returned as it is (only tensors "
+                    "and arrays take an out)."
                 )
-                _check_out_array(o, tuple(leaf.shape), np_dtype)
+            np_dtype = (
+                leaf.dtype if isinstance(leaf, np.ndarray) else _dtypes.numpy_dtype(leaf.dtype)
+            )
+            try:
+                _check_out_array(o, tuple(leaf.shape), np_dtype, where, converts=False)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"to_numpy_batch: {exc}") from None
         _check_outs_alias_nothing(leaves, outs)
     done: dict[int, Any] = {}
     if not non_blocking:
@@ -463,6 +480,20 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     return Transfer.gather(handles, unwrap)
 
 
+def _check_dtype(leaf: torch.Tensor) -> None:
+    """A tensor no NumPy dtype holds, refused with a fix to_numpy_batch takes (it has no
+    ``dtype=`` to convert with: the tensor is converted first)."""
+    try:
+        _dtypes.numpy_dtype(leaf.dtype)
+    except TypeError as exc:
+        fix = re.sub(
+            r"pass dtype=numpy\.(\w+) to convert",
+            r"convert the tensor first, e.g. x.to(torch.\1)",
+            str(exc),
+        )
+        raise TypeError(f"to_numpy_batch: {fix}") from None
+
+
 class _NotOnHost(Exception):
     """A leaf that needs to_numpy_batch's whole path (see _host_leaf)."""
 
@@ -479,7 +510,7 @@ def _host_leaf(leaf: Any, key: Any) -> Any:
         try:
             return to_numpy(leaf)
         except (TypeError, ValueError):  # (the refusal, in this function's name)
-            _dtypes.numpy_dtype(_check_tensor(leaf, "to_numpy_batch").dtype)
+            _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
             raise
     if cls is np.ndarray:
         return to_numpy(leaf)

@@ -54,25 +54,30 @@ def _check_tensor(x: Any, fn: str) -> torch.Tensor:
     return x
 
 
-def _check_out_array(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _check_out_array(
+    out: Any, shape: tuple[int, ...], dtype: np.dtype, name: str = "out", converts: bool = True
+) -> np.ndarray:
+    """``out`` checked for a result of ``shape`` and ``dtype`` (``name``: what messages call
+    it; ``converts``: whether the caller takes a ``dtype=`` to suggest)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(
-            f"out must be a numpy.ndarray, got {type(out).__name__}: allocate one "
+            f"{name} must be a numpy.ndarray, got {type(out).__name__}: allocate one "
             f"with numpy.empty({shape}, dtype={dtype})."
         )
     if out.shape != shape:
         raise ValueError(
-            f"out has shape {out.shape} but the result has shape {shape}: "
+            f"{name} has shape {out.shape} but the result has shape {shape}: "
             f"allocate numpy.empty({shape}, dtype={dtype})."
         )
     if out.dtype != dtype and out.dtype.newbyteorder("=") != dtype.newbyteorder("="):
         # (a byte order other than the result's is fine: the copy swaps)
+        fix = f"pass dtype={out.dtype} to convert, or " if converts else "pass "
         raise TypeError(
-            f"out has dtype {out.dtype} but the result has dtype {dtype}: pass "
-            f"dtype={out.dtype} to convert, or an out of dtype {dtype}."
+            f"{name} has dtype {out.dtype} but the result has dtype {dtype}: {fix}an {name} "
+            f"of dtype {dtype}."
         )
     if not out.flags.writeable:
-        raise ValueError("out is read-only: pass a writeable array (out.flags.writeable).")
+        raise ValueError(f"{name} is read-only: pass a writeable array ({name}.flags.writeable).")
     if not (out.flags.c_contiguous or out.flags.f_contiguous):
         check_out_not_self_overlapping(out.shape, out.strides, out.itemsize)
     return out

@@ -64,44 +64,58 @@ def _too_deep(fn: str | None) -> ValueError:
     )
 
 
-def flatten_as(obj: Any, spec: Spec, what: str = "out") -> list[Any]:
+def flatten_as(
+    obj: Any, spec: Spec, what: str = "out", paths: list[str] | None = None
+) -> list[Any]:
     """The leaves of ``obj`` in the order of another structure's ``spec``: dict entries by
     key (not by position), sequences by index, namedtuple and dataclass fields by name.
-    None where a container is expected stands for None at every leaf below it."""
+    None where a container is expected stands for None at every leaf below it. ``paths``,
+    when given, gets each leaf's path (``out['a'][1]``) for messages."""
     leaves: list[Any] = []
-    _flatten_as(obj, spec, what, leaves)
+    _flatten_as(obj, spec, what, leaves, paths)
     return leaves
+
+
+def _keys_text(keys: Any) -> str:
+    """Keys as a message shows them: ['a', 'b'] (sorted by their repr)."""
+    return "[" + ", ".join(sorted(map(repr, keys))) + "]"
 
 
 def _count(spec: Spec) -> int:
     return 1 if spec is None else sum(_count(c) for c in spec[2])
 
 
-def _flatten_as(obj: Any, spec: Spec, path: str, leaves: list[Any]) -> None:
+def _flatten_as(
+    obj: Any, spec: Spec, path: str, leaves: list[Any], paths: list[str] | None
+) -> None:
     if spec is None:
         leaves.append(obj)
+        if paths is not None:
+            paths.append(path)
         return
     if obj is None:
         leaves.extend([None] * _count(spec))
+        if paths is not None:
+            paths.extend([path] * _count(spec))
         return
     kind, meta, children = spec
     if kind in ("dict", "mapping"):
         keys = list(meta) if kind == "dict" else list(meta.keys())
         if not isinstance(obj, Mapping) or set(obj) != set(keys):
-            got = sorted(map(repr, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            got = _keys_text(obj) if isinstance(obj, Mapping) else type(obj).__name__
             raise ValueError(
-                f"{path} must hold the batch's keys {sorted(map(repr, keys))}, got {got}: "
+                f"{path} must hold the batch's keys {_keys_text(keys)}, got {got}: "
                 "pass a structure of the same shape, with None where a new array is wanted."
             )
         for k, c in zip(keys, children, strict=True):
-            _flatten_as(obj[k], c, f"{path}[{k!r}]", leaves)
+            _flatten_as(obj[k], c, f"{path}[{k!r}]", leaves, paths)
         return
     if kind == "dataclass":
         names = meta[1]
         for n, c in zip(names, children, strict=True):
             if not hasattr(obj, n):
                 raise ValueError(f"{path} has no field {n!r}: pass a structure like the batch.")
-            _flatten_as(getattr(obj, n), c, f"{path}.{n}", leaves)
+            _flatten_as(getattr(obj, n), c, f"{path}.{n}", leaves, paths)
         return
     if not isinstance(obj, (list, tuple)) or len(obj) != len(children):
         n = len(obj) if isinstance(obj, (list, tuple)) else type(obj).__name__
@@ -110,7 +124,7 @@ def _flatten_as(obj: Any, spec: Spec, path: str, leaves: list[Any]) -> None:
             "structure of the same shape, with None where a new array is wanted."
         )
     for i, (v, c) in enumerate(zip(obj, children, strict=True)):
-        _flatten_as(v, c, f"{path}[{i}]", leaves)
+        _flatten_as(v, c, f"{path}[{i}]", leaves, paths)
 
 
 def _flatten(obj: Any, key: Any, leaves: list[Any], keys: list[Any]) -> Spec:
