@@ -177,7 +177,8 @@ def test_pin_memory_is_what_the_loader_thread_calls(rng):
     "leaf, error, match",
     [
         (torch.ones(2, requires_grad=True), ValueError, r"requires grad.*\.detach\(\)"),
-        (torch.ones(2, device="meta"), ValueError, r"is on meta.*\.cpu\(\)"),
+        (torch.ones(2, device="meta"), TypeError, r"'bad'\) cannot convert a meta tensor"),
+        (torch.ones(2).to_sparse(), TypeError, r"^PackedBatch\.pack \(at key 'bad'\) needs a"),
         (np.array([object()]), TypeError, "Python references"),
         (np.array(["a", "b"]), TypeError, "no torch equivalent: encode or tokenize"),
     ],

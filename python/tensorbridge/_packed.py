@@ -27,7 +27,7 @@ from ._batch import (
     check_names,
     dtype_rule,
 )
-from ._convert import Device, to_numpy
+from ._convert import Device, _check_tensor, to_numpy
 from ._copy import copy_into
 from ._tree import Spec, flatten, hollow, unflatten
 
@@ -289,6 +289,7 @@ def _host_array(leaf: Any, key: Any) -> np.ndarray | None:
     if not isinstance(leaf, torch.Tensor):
         return None
     where = "" if key is None else f" (at key {key!r})"
+    _check_tensor(leaf, f"PackedBatch.pack{where}")  # (sparse, meta, quantized, nested)
     if leaf.device.type != "cpu":
         raise ValueError(
             f"PackedBatch.pack: a tensor{where} is on {leaf.device}; a packed batch holds host "
