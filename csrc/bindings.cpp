@@ -312,7 +312,8 @@ class LinkSimulator {
 };
 
 // Packs the arrays into `out` (a writeable, C-contiguous byte array of at least
-// layout.nbytes() bytes) at their offsets; the bytes between them are left as they were.
+// layout.nbytes() bytes) at their offsets; the bytes between them, and after the last up
+// to layout.nbytes(), are zeroed.
 void pack_into(const PackedArrays& layout, py::array out) {
   if (out.dtype().kind() != 'u' || out.itemsize() != 1 || !(out.flags() & py::array::c_style))
     throw py::value_error("pack_into: out must be a C-contiguous array of bytes (uint8)");
@@ -321,7 +322,10 @@ void pack_into(const PackedArrays& layout, py::array out) {
     throw py::value_error("pack_into: out is smaller than the layout's nbytes");
   layout.check_apart_from(byte_span(out));
   char* dst = static_cast<char*>(out.mutable_data());
-  const auto run = [&] { tb::pack_to_host(layout.views(), layout.offsets(), dst); };
+  const auto run = [&] {
+    tb::pack_to_host(layout.views(), layout.offsets(), dst);
+    layout.zero_padding(dst);
+  };
   if (worth_releasing_gil(layout.nbytes()))
     release_gil_and(run);
   else

@@ -6,6 +6,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -174,6 +175,18 @@ class PackedArrays {
   py::list groups() const { return groups_; }
   const std::vector<HostView>& views() const { return views_; }  // in packed order
   const std::vector<size_t>& offsets() const { return offsets_; }
+  /// Zeroes the bytes of dst[0, nbytes) that no array fills (the padding after each, and
+  /// the tail), so that a packed buffer, pickled or saved whole, carries nothing else.
+  void zero_padding(char* dst) const {
+    size_t end = 0;
+    for (size_t i = 0; i < views_.size(); ++i) {
+      const size_t bytes = view_bytes(views_[i]);
+      if (bytes == 0) continue;
+      if (offsets_[i] > end) std::memset(dst + end, 0, offsets_[i] - end);
+      end = std::max(end, offsets_[i] + bytes);
+    }
+    if (nbytes_ > end) std::memset(dst + end, 0, nbytes_ - end);
+  }
   /// Refuses a destination that overlaps any source (it would be read while written).
   void check_apart_from(const ByteSpan& dst) const {
     for (const py::array& a : arrays_) {

@@ -122,6 +122,36 @@ def test_the_packed_bytes_come_from_the_arrays_not_from_the_buffer(rng, monkeypa
     assert len(made) == 1
 
 
+def _padding(packed):
+    """The bytes of a packed batch's buffer that hold no array."""
+    buf = packed.buffer.numpy()
+    free = np.ones(buf.size, bool)
+    for dtype, shape, first, stride, members in packed._groups:
+        n = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        for k in range(len(members)):
+            free[first + k * stride : first + k * stride + n] = False
+    return buf[free]
+
+
+@pytest.mark.parametrize("how", ["pack", "collate", "collate-spilled"])
+def test_the_padding_is_zeroed_not_left_from_the_allocation(backend, rng, how, monkeypatch):
+    """A packed buffer is pickled and saved whole: the bytes between its arrays must
+    not carry what the allocation held before (poisoned here)."""
+    real = _packed.new_host_buffer
+    monkeypatch.setattr(_packed, "new_host_buffer", lambda n, pin=None: real(n, pin).fill_(0xAB))
+    if how == "collate-spilled":
+        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda samples, pad=None: 0)
+    if how == "pack":
+        batch = {"a": rng.integers(0, 9, 3).astype(np.uint8), "b": [rng.standard_normal(5)[::-1]]}
+        batch["c"] = [rng.integers(0, 9, (2, 3)).astype(">i2").T, np.zeros((0, 2))]
+        packed = tb.PackedBatch.pack(batch)
+        _assert_same_values(packed.unpack(), {"a": batch["a"]})
+    else:
+        packed = tb.collate(_samples(rng), packed=True, pad={"tokens": -1})
+    pad = _padding(packed)
+    assert pad.size and (pad == 0).all()
+
+
 def _assert_same_values(got, batch):
     for k in batch:
         assert torch.equal(got[k], tb.from_numpy(batch[k])), k

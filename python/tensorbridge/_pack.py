@@ -93,7 +93,8 @@ def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
 
 def pack_into(plan: Layout, out: np.ndarray) -> None:
     """Copies every array to its place in ``out`` (uint8, C-contiguous, at least
-    ``plan.nbytes``); the padding between arrays is left as it was."""
+    ``plan.nbytes``) and zeroes the rest of ``out[:plan.nbytes]`` (the padding after each
+    array): a packed buffer is pickled and saved whole, and carries nothing else."""
     if plan.native is not None:
         plan.native.pack_into(out)
         return
@@ -105,14 +106,18 @@ def pack_into(plan: Layout, out: np.ndarray) -> None:
         raise ValueError("pack_into: out is smaller than the layout's nbytes")
     if any(np.may_share_memory(out, a) for a in plan.arrays):
         raise ValueError("pack: the destination overlaps one of the packed arrays")
+    end = 0  # (groups, and the arrays in each, come in buffer order)
     for _, shape, first, stride, members in plan.groups:
         for k, m in enumerate(members):
             a = plan.arrays[m]
             if not a.size:
                 continue
             start = first + k * stride
+            out[end:start] = 0
             dst = out[start : start + a.nbytes].view(a.dtype.newbyteorder("=")).reshape(shape)
             np.copyto(dst, a, casting="equiv")
+            end = start + a.nbytes
+    out[end : plan.nbytes] = 0
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

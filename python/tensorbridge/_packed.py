@@ -320,6 +320,7 @@ class Arena:
 
     def __init__(self, nbytes: int) -> None:
         self.buffer = new_host_buffer(max(nbytes, _pack.ALIGN))
+        self.bytes = self.buffer.numpy()  # (to zero the padding: the buffer is pickled whole)
         self.used = 0
         self.spilled = False
         # id(tensor) -> (the tensor, first byte or -1 when spilled, bytes it takes)
@@ -335,6 +336,7 @@ class Arena:
             t = torch.empty(shape, dtype=dtype)
             self.made[id(t)] = (t, -1, 0)
             return t
+        self.bytes[self.used : first] = 0
         self.used = first + n
         t = self.buffer[first : first + n].view(dtype).view(shape)
         self.made[id(t)] = (t, first, -(-n // _pack.ALIGN) * _pack.ALIGN)
@@ -360,7 +362,9 @@ class Arena:
             _pack.pack_into(plan, buffer.numpy())
             groups = plan.groups
         else:
-            buffer = self.buffer[: max(-(-self.used // _pack.ALIGN) * _pack.ALIGN, _pack.ALIGN)]
+            end = max(-(-self.used // _pack.ALIGN) * _pack.ALIGN, _pack.ALIGN)
+            self.bytes[self.used : end] = 0
+            buffer = self.buffer[:end]
         return PackedBatch._make(buffer, groups, positions, leaves, keys, hollow(spec))
 
 
