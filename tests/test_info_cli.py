@@ -55,6 +55,28 @@ def test_info_under_forced_fallback():
     assert info["threads"] == 1
 
 
+def test_a_malformed_legacy_switch_is_refused_at_import():
+    proc = run_python("import tensorbridge", TENSORBRIDGE_DISABLE_EXTENSION="garbage")
+    assert proc.returncode != 0
+    assert "TENSORBRIDGE_DISABLE_EXTENSION='garbage' is not understood" in proc.stderr
+    proc = run_python(
+        "import tensorbridge as tb; print(tb.info()['extension_mode'])",
+        TENSORBRIDGE_DISABLE_EXTENSION="0",
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "auto", proc.stderr
+
+
+def test_the_pure_python_path_reports_the_one_thread_it_copies_on():
+    proc = run_python(
+        "import json, tensorbridge as tb; print(json.dumps(tb.info()['ranks']))",
+        TENSORBRIDGE_EXTENSION="off",
+        TENSORBRIDGE_NUM_THREADS="8",
+    )
+    assert proc.returncode == 0, proc.stderr
+    ranks = json.loads(proc.stdout)
+    assert (ranks["threads"], ranks["threads_source"]) == (1, "pure-Python path")
+
+
 def test_environment_variable_forces_the_fallback():
     proc = run_python(
         "import json, tensorbridge as tb; print(json.dumps(tb.info()))",

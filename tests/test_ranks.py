@@ -90,6 +90,7 @@ def test_read_local_ranks(environ, expected):
         ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is outside 1 to"),
         ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "two"}, "LOCAL_WORLD_SIZE='two'"),
         ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "9" * 30}, "LOCAL_WORLD_SIZE='999"),
+        ({"LOCAL_RANK": "\u0660", "LOCAL_WORLD_SIZE": "2"}, "is not a whole number"),
         (
             {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
             "LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2",
@@ -109,13 +110,17 @@ def test_malformed_launcher_values_are_not_used_and_the_problem_names_the_fix(en
 @pytest.mark.parametrize(
     "raw, value",
     [("0", 0), ("268435456", 256 * MIB), ("256M", 256 * MIB), ("256MiB", 256 * MIB),
-     ("2g", 2 << 30), (" 1 GB ", 1 << 30), ("512k", 512 << 10), ("1T", 1 << 40)],
+     ("2g", 2 << 30), (" 1 GB ", 1 << 30), ("512k", 512 << 10), ("1T", 1 << 40),
+     ("512b", 512), ("1KiB", 1 << 10)],
 )  # fmt: skip
 def test_parse_budget(raw, value):
     assert _ranks.parse_budget(raw) == value
 
 
-@pytest.mark.parametrize("raw", ["", "-1", "1X", "1.5G", "G", "abc", "9" * 20, "5000000000T"])
+@pytest.mark.parametrize(
+    "raw",
+    ["", "-1", "1X", "1.5G", "G", "abc", "9" * 20, "5000000000T", "1ib", "1iB", "\u0661\u0662"],
+)
 def test_parse_budget_refuses_with_the_variable_and_the_fix(raw):
     with pytest.raises(ValueError, match=r"TENSORBRIDGE_PINNED_BUDGET=.* e\.g\. 2G, or unset it"):
         _ranks.parse_budget(raw)
@@ -124,7 +129,8 @@ def test_parse_budget_refuses_with_the_variable_and_the_fix(raw):
 def test_parse_threads():
     assert _ranks.parse_threads(" 4 ") == 4
     assert _ranks.parse_threads("256") == 256
-    for raw in ("0", "257", "-2", "four", "", "1.5"):
+    assert _ranks.parse_threads("00001") == _ranks.parse_threads("+1") == 1  # as int() reads
+    for raw in ("0", "257", "-2", "four", "", "1.5", "\u0664", "9" * 30):
         with pytest.raises(ValueError, match=r"TENSORBRIDGE_NUM_THREADS=.* from 1 to 256"):
             _ranks.parse_threads(raw)
 

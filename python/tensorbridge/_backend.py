@@ -54,8 +54,14 @@ def extension_mode() -> str:
                 "(the default), on or off."
             )
         return raw
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    legacy = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if legacy in ("1", "true", "yes", "on"):
         return "off"
+    if legacy not in ("", "0", "false", "no", "off"):
+        raise ValueError(
+            f"{DISABLE_ENV}={os.environ[DISABLE_ENV]!r} is not understood: set it to 1 or 0, "
+            f"or use {MODE_ENV}=off (or auto) instead."
+        )
     return "auto"
 
 

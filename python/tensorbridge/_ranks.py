@@ -77,7 +77,7 @@ class LocalRanks:
 def _int_env(environ: Mapping[str, str], name: str, lo: int) -> tuple[int | None, str | None]:
     raw = environ[name]
     text = raw.strip()
-    if not re.fullmatch(r"[+]?\d+", text) or len(text) > 18:
+    if not re.fullmatch(r"[+]?[0-9]{1,18}", text):  # (ASCII digits: int() takes others)
         return None, f"{name}={raw!r} is not a whole number >= {lo}"
     value = int(text)
     if value < lo or value > MAX_LOCAL_WORLD_SIZE:
@@ -170,8 +170,8 @@ def parse_budget(raw: str, name: str = BUDGET_ENV) -> int:
     Raises:
         ValueError: anything else, naming the variable and the fix.
     """
-    m = re.fullmatch(r"\s*(\d{1,19})\s*([kmgtKMGT]?)(?:i?[bB])?\s*", raw)
-    value = int(m[1]) * _UNITS[m[2].lower()] if m else -1
+    m = re.fullmatch(r"\s*([0-9]{1,19})\s*(?:([kmgtKMGT])(?:i?[bB])?|[bB])?\s*", raw)
+    value = int(m[1]) * _UNITS[(m[2] or "").lower()] if m else -1
     if not 0 <= value <= 2**62:
         raise ValueError(
             f"{name}={raw!r} is not a byte count from 0 to 2**62: set it to a number of bytes, "
@@ -188,7 +188,7 @@ def parse_threads(raw: str, name: str = THREADS_ENV) -> int:
         ValueError: anything else, naming the variable and the fix.
     """
     text = raw.strip()
-    value = int(text) if re.fullmatch(r"\d{1,4}", text) else 0
+    value = int(text) if re.fullmatch(r"[+]?[0-9]{1,18}", text) else 0
     if not 1 <= value <= _backend.MAX_THREADS:
         raise ValueError(
             f"{name}={raw!r} is not a thread count from 1 to {_backend.MAX_THREADS}: set it "
@@ -305,6 +305,7 @@ def ranks_info(cuda: bool, devices: int, numa_nodes: list[int | None]) -> dict[s
     if cuda and devices > 0 and LOCAL.local_rank is not None:
         device = LOCAL.local_rank % devices
     threads = SETTINGS.threads.value
+    compiled = _backend.ENGINE.C is not None  # (else one thread copies, whatever is set)
     return {
         "local_rank": LOCAL.local_rank,
         "local_world_size": LOCAL.local_world_size,
@@ -314,8 +315,8 @@ def ranks_info(cuda: bool, devices: int, numa_nodes: list[int | None]) -> dict[s
         else None,
         "pinned_budget": SETTINGS.pinned_budget.value,
         "pinned_budget_source": SETTINGS.pinned_budget.source,
-        "threads": _backend.get_num_threads() if threads is None else threads,
-        "threads_source": SETTINGS.threads.source,
+        "threads": threads if threads is not None and compiled else _backend.get_num_threads(),
+        "threads_source": SETTINGS.threads.source if compiled else "pure-Python path",
         "reason": LOCAL.problem,
     }
 
