@@ -249,8 +249,11 @@ class PendingCopy {
   ~PendingCopy() {
     if (forked()) return;  // (abandoned by forked())
     try {
-      wait();
-    } catch (...) {  // (already kept alive by wait)
+      // With the GIL held: a destructor cannot let a daemon thread's end at interpreter
+      // exit pass (retaking the GIL there unwinds the thread), and the copy needs no
+      // Python to finish.
+      finish(false);
+    } catch (...) {  // (already kept alive by finish)
     }
   }
 
@@ -275,11 +278,13 @@ class PendingCopy {
   }
 
   /// Blocks until the copy has completed; raises the engine's error if it failed.
-  void wait() {
+  void wait() { finish(true); }
+
+ private:
+  void finish(bool release_gil) {
     if (forked()) throw_forked();
     std::exception_ptr error;
-    {
-      ReleaseGil release;  // (a daemon thread still waiting at exit ends here cleanly)
+    const auto wait_event = [&] {
       std::lock_guard<std::mutex> lock(m_);
       if (!error_) {
         try {
@@ -289,6 +294,12 @@ class PendingCopy {
         }
       }
       error = error_;
+    };
+    if (release_gil) {
+      ReleaseGil release;  // (a daemon thread still waiting at exit ends here cleanly)
+      wait_event();
+    } else {
+      wait_event();
     }
     if (error) {
       (void)keepalive_.release();  // never freed: the copy may still touch this memory
@@ -297,7 +308,6 @@ class PendingCopy {
     keepalive_ = py::none();
   }
 
- private:
   [[noreturn]] static void throw_forked() {
     throw std::runtime_error(
         "this copy was queued by the parent process before it forked; a forked child "

@@ -198,8 +198,9 @@ def test_exit_while_a_daemon_thread_waits_is_clean():
 @needs_testing_module
 def test_exit_while_daemon_threads_are_inside_compiled_calls_is_clean():
     # Every compiled call releases the GIL the same way: a daemon thread inside one (here
-    # copies over a slow simulated link, each way) when the interpreter finalizes ends
-    # there. (torch's own calls, and its from_numpy tensors' deleters, can still abort.)
+    # copies over a slow simulated link, each way, and a dropped copy's destructor) when
+    # the interpreter finalizes ends there. (torch's own calls, and its from_numpy
+    # tensors' deleters, can still abort.)
     proc = _run_script(
         """
         import threading, time, numpy as np
@@ -210,7 +211,12 @@ def test_exit_while_daemon_threads_are_inside_compiled_calls_is_clean():
         def loop(op):
             while True:
                 op()
-        for op in (lambda: t.to_device(src, dev), lambda: t.to_host(dev, back)):
+        t2, dropped = T.HostTransferTester(delay_us=300_000), np.zeros(1 << 16, np.uint8)
+        for op in (
+            lambda: t.to_device(src, dev),
+            lambda: t.to_host(dev, back),
+            lambda: t2.copy_async(src, dropped, True),  # dropped unwaited: its destructor waits
+        ):
             threading.Thread(target=loop, args=(op,), daemon=True).start()
         time.sleep(0.5)
         print("exiting", flush=True)
