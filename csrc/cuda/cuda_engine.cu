@@ -106,46 +106,12 @@ size_t g_budget = 0;
 size_t g_reserved = 0;  // budget taken by arrays registered in place (every pool reserves it)
 std::vector<int> g_numa_nodes;  // per device: the node its blocks prefer, -1 for none
 
-// Whether device d's primary context exists, asked without making it (cudaSetDevice
-// makes it): the driver's cuDevicePrimaryCtxGetState, found through the runtime so that
-// the module needs no libcuda at import. True when it cannot tell.
-bool has_context(int d) {
-  using DeviceGet = int (*)(int*, int);                      // cuDeviceGet
-  using PrimaryCtxGetState = int (*)(int, unsigned*, int*);  // cuDevicePrimaryCtxGetState
-  struct Driver {
-    DeviceGet device_get = nullptr;
-    PrimaryCtxGetState get_state = nullptr;
-  };
-  static const Driver driver = [] {
-    Driver found;
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    if (cudaGetDriverEntryPointByVersion("cuDeviceGet", &fn, 12000, cudaEnableDefault, &status) ==
-            cudaSuccess &&
-        status == cudaDriverEntryPointSuccess)
-      found.device_get = reinterpret_cast<DeviceGet>(fn);
-    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 12000,
-                                         cudaEnableDefault, &status) == cudaSuccess &&
-        status == cudaDriverEntryPointSuccess)
-      found.get_state = reinterpret_cast<PrimaryCtxGetState>(fn);
-    (void)cudaGetLastError();
-    return found;
-  }();
-  if (driver.device_get == nullptr || driver.get_state == nullptr) return true;
-  int handle = 0;
-  unsigned flags = 0;
-  int active = 0;
-  if (driver.device_get(&handle, d) != 0 || driver.get_state(handle, &flags, &active) != 0)
-    return true;
-  return active != 0;
-}
-
 // Makes device d current for the guard's lifetime and restores the caller's device after:
 // the current device is per thread and shared with torch through the driver, so leaving
-// it changed would move the caller's later allocations to another GPU. Except where the
-// caller's device has no context yet (a thread that never used it, such as a garbage
-// collector's callback on a process that uses only cuda:1): restoring it would make one,
-// and hold its memory, on a GPU the process never used. torch's own guard does the same.
+// it changed would move the caller's later allocations to another GPU. (Restoring a
+// device that has no context yet makes one: a thread that never used CUDA, such as a
+// garbage collector's, gets a context on its current device, GPU 0 by default. torch
+// avoids it by remembering the device in its own thread state; this guard cannot.)
 class DeviceGuard {
  public:
   explicit DeviceGuard(int d) {
@@ -156,8 +122,7 @@ class DeviceGuard {
       previous_ = -1;
   }
   ~DeviceGuard() {
-    if (previous_ >= 0 && has_context(previous_) && cudaSetDevice(previous_) != cudaSuccess)
-      (void)cudaGetLastError();
+    if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
@@ -365,8 +330,8 @@ bool host_unregister(void* ptr, size_t nbytes) {
     DeviceGuard guard(d);
     TB_CUDA_CHECK(cudaDeviceSynchronize());
   }
-  // On the device it was registered with: this may run on any thread (a garbage
-  // collector's callback), whose current device may have no context yet.
+  // With the device that registered it current (this may run on any thread: a garbage
+  // collector's callback).
   DeviceGuard guard(it->second.device);
   TB_CUDA_CHECK(cudaHostUnregister(ptr));
   g_registered->erase(it);
