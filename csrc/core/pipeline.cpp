@@ -548,9 +548,11 @@ void fill_piece(char* dst, const Piece& p, const std::vector<HostView>& srcs,
 // Below this many bytes a host-to-host pack runs on the calling thread alone: waking the
 // pool's threads costs more than they save.
 constexpr size_t kParallelPackBytes = size_t{1} << 20;
-// Without staging, a batch whose arrays average fewer bytes than this is packed on the
-// host and sent in one pageable copy rather than one copy per array.
+// Without staging, a batch whose arrays average fewer bytes than this, and that takes at
+// most kPackPageableMax, is packed on the host and sent in one pageable copy rather than
+// one copy per array (beyond that, the temporary copy would cost more memory than it saves).
 constexpr size_t kPackPageableBelow = size_t{1} << 20;
+constexpr size_t kPackPageableMax = size_t{64} << 20;
 }  // namespace
 
 PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,
@@ -584,8 +586,9 @@ PipelineReport copy_many_to_device(TransferEngine& engine, PinnedPool& pool, Str
       end = std::max(end, offsets[i] + sizes[i]);
       ++count;
     }
-    if (count > 1 && (end - start) / count < kPackPageableBelow) {
-      std::unique_ptr<char, decltype(&std::free)> packed(static_cast<char*>(std::malloc(end)),
+    if (count > 1 && (end - start) / count < kPackPageableBelow && end <= kPackPageableMax) {
+      // (zeroed: the padding between the arrays crosses too, and must carry nothing)
+      std::unique_ptr<char, decltype(&std::free)> packed(static_cast<char*>(std::calloc(end, 1)),
                                                          &std::free);
       if (!packed) throw std::bad_alloc();
       pack_to_host(srcs, offsets, packed.get());
