@@ -15,6 +15,11 @@ import tensorbridge as tb
 
 from conftest import Pair, no_warnings
 
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+
 # ------------------------------------------------------------------------- collate
 
 
@@ -866,6 +871,9 @@ _MIXED = [
     ("<i8", "<c8"),
     ("<i2", "<f8"),
     ("u1", "<i8"),
+    ("<i8", "bfloat16"),
+    ("?", "bfloat16"),
+    ("<f4", "bfloat16"),
 ]
 
 
@@ -875,13 +883,16 @@ _MIXED = [
 def test_collate_promotes_mixed_dtypes_as_default_collate(backend, dtypes, as_tensors, packed):
     """Samples of different dtypes stack in torch's promoted dtype (default_collate's
     torch.stack), not NumPy's: int64 with float32 is float32, not float64."""
+    if "bfloat16" in dtypes and ml_dtypes is None:
+        pytest.skip("needs ml_dtypes")
     rng = np.random.default_rng(sum(map(ord, "".join(dtypes))))
-    arrays = [rng.integers(0, 100, (3, 2)).astype(dtypes[k % 2]) for k in range(4)]
-    samples = [torch.from_numpy(a) for a in arrays] if as_tensors else arrays
+    kinds = [ml_dtypes.bfloat16 if d == "bfloat16" else d for d in dtypes]
+    arrays = [rng.integers(0, 100, (3, 2)).astype(kinds[k % 2]) for k in range(4)]
+    samples = [tb.from_numpy(a) for a in arrays] if as_tensors else arrays
     got = tb.collate(samples, packed=packed)
     if packed:
         got = got.to("cpu")
-    want = torch.utils.data.default_collate(samples)
+    want = torch.utils.data.default_collate([tb.from_numpy(a) for a in arrays])
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
@@ -889,7 +900,7 @@ def test_collate_promotes_mixed_dtypes_as_default_collate(backend, dtypes, as_te
 def test_collate_refuses_unsigned_with_signed_that_torch_does_not_promote(backend, pair):
     """NumPy would make float64 of uint64 with int64 (losing digits past 2**53)."""
     samples = [np.array([2**31 + 1], pair[0]), np.array([3], pair[1])]
-    with pytest.raises(TypeError, match=r"batch: the samples are .*no common dtype.*convert"):
+    with pytest.raises(TypeError, match=r"batch: the samples are .*no\s+common dtype.*convert"):
         tb.collate(samples)
     with pytest.raises(RuntimeError):
         torch.utils.data.default_collate(samples)  # (torch refuses it too)
@@ -905,3 +916,15 @@ def test_collate_refuses_packed_batches_in_samples(packed):
         tb.collate(samples, packed=packed)
     with pytest.raises(TypeError, match=r"batch\[1\]: sample 0 is a PackedBatch"):
         tb.collate([(1, inner), (2, inner)], packed=packed)
+
+
+def test_collate_pads_mixed_dtypes_in_the_promoted_dtype(backend):
+    if ml_dtypes is None:
+        pytest.skip("needs ml_dtypes")
+    samples = [{"t": np.arange(3)}, {"t": np.array([1.5, 2.5], ml_dtypes.bfloat16)}]
+    got = tb.collate(samples, pad={"t": 0})
+    want = torch.nn.utils.rnn.pad_sequence(
+        [tb.from_numpy(s["t"]).to(torch.bfloat16) for s in samples], batch_first=True
+    )
+    assert got["t"].dtype == torch.bfloat16 and torch.equal(got["t"], want)
+    assert got["t_lengths"].tolist() == [3, 2]

@@ -439,7 +439,7 @@ def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
     _, t_dtype = _common_dtype(arrays, path)
     out_t = _empty(shape, t_dtype)
     out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
-    np.stack(arrays, out=out, casting="same_kind" if out.dtype.kind != "V" else "no")
+    np.stack(arrays, out=out, casting="same_kind")
     return out_t
 
 
@@ -456,11 +456,12 @@ def _common_dtype(arrays: Sequence[np.ndarray], path: Path) -> tuple[np.dtype, t
         return _dtypes.numpy_dtype(t_dtype), t_dtype
     except TypeError as exc:  # no torch dtype (strings, objects)
         raise TypeError(f"collate: {_where(path)}: {exc}") from None
-    except RuntimeError:  # none common to all (torch promotes no uint64 with a signed type)
+    except RuntimeError:  # none common to all (torch does not promote uint16-uint64 with
+        # other integers, or float8 with anything)
         names = ", ".join(sorted({str(a.dtype) for a in arrays}))
         raise TypeError(
-            f"collate: {_where(path)}: the samples are {names}, which have no common dtype "
-            "(torch promotes uint64 with no signed type): convert them to one in the dataset."
+            f"collate: {_where(path)}: the samples are {names}, which torch promotes to no "
+            "common dtype: convert them to one in the dataset."
         ) from None
 
 
@@ -524,9 +525,8 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
     lengths = [len(a) for a in arrays]
     out_t = _empty((len(arrays), max(lengths), *inner), t_dtype)
     out = to_numpy(out_t)
-    casting: Any = "same_kind" if out.dtype.kind != "V" else "no"
     for row, a, n in zip(out, arrays, lengths, strict=True):
-        np.copyto(row[:n], a, casting=casting)
+        np.copyto(row[:n], a, casting="same_kind")
         row[n:] = fill
     lengths_t = _empty((len(arrays),), torch.int64)
     to_numpy(lengths_t)[:] = lengths
