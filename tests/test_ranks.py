@@ -111,7 +111,7 @@ def test_malformed_launcher_values_are_not_used_and_the_problem_names_the_fix(en
     "raw, value",
     [("0", 0), ("268435456", 256 * MIB), ("256M", 256 * MIB), ("256MiB", 256 * MIB),
      ("2g", 2 << 30), (" 1 GB ", 1 << 30), ("512k", 512 << 10), ("1T", 1 << 40),
-     ("512b", 512), ("1KiB", 1 << 10)],
+     ("512b", 512), ("1KiB", 1 << 10), ("+2G", 2 << 30)],
 )  # fmt: skip
 def test_parse_budget(raw, value):
     assert _ranks.parse_budget(raw) == value

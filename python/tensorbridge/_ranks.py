@@ -170,7 +170,7 @@ def parse_budget(raw: str, name: str = BUDGET_ENV) -> int:
     Raises:
         ValueError: anything else, naming the variable and the fix.
     """
-    m = re.fullmatch(r"\s*([0-9]{1,19})\s*(?:([kmgtKMGT])(?:i?[bB])?|[bB])?\s*", raw)
+    m = re.fullmatch(r"\s*[+]?([0-9]{1,19})\s*(?:([kmgtKMGT])(?:i?[bB])?|[bB])?\s*", raw)
     value = int(m[1]) * _UNITS[(m[2] or "").lower()] if m else -1
     if not 0 <= value <= 2**62:
         raise ValueError(
