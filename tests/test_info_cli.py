@@ -322,6 +322,54 @@ def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
     assert "needs a GPU" in capsys.readouterr().err
 
 
+def test_gpu_benchmark_saves_each_section_and_survives_a_failed_one(tmp_path, monkeypatch):
+    """bench-gpu runs its sections in the order given and rewrites its files after each,
+    so a run stopped by a time limit keeps what it measured; a section that raises is
+    reported, the others still run, and the exit status is 1. (The device is faked: the
+    sections' own measurements need a GPU.)"""
+    fake = {"gpu": "Fake GPU 80GB", "torch_cuda": "13.0", "driver": "1.0", "pcie": "gen 5 x16"}
+    host = machine()  # (before torch is told it has a device)
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu, "gpu_machine", lambda: {**host, **fake})
+    monkeypatch.setattr(gpu, "pinned_peak", lambda repeats: (50.0, 40.0))
+    monkeypatch.setattr(gpu, "host_ceiling", lambda repeats: (20.0, 30.0))
+    seen: list[tuple[str, list[str]]] = []
+    results = tmp_path / "results"
+
+    def saved_sections() -> list[str]:
+        files = list(results.glob("*.json")) if results.exists() else []
+        if not files:
+            return []
+        assert len(files) == 1, files  # rewritten in place, never a second file
+        return [row["section"] for row in json.loads(files[0].read_text())["rows"]]
+
+    def section(name: str, fail: bool = False):
+        def run(r, *rest):
+            seen.append((name, saved_sections()))
+            if fail:
+                raise RuntimeError(f"{name} broke")
+            r.rows.append(Row(name, "case", 4096, "tb", False, 1e-5, 9e-6, 2e-5, 3, 40.0, "h2d"))
+
+        return run
+
+    monkeypatch.setattr(gpu, "bench_h2d", section("h2d"))
+    monkeypatch.setattr(gpu, "bench_d2h", section("d2h", fail=True))
+    monkeypatch.setattr(gpu, "bench_registered", section("registered"))
+    order = ["h2d", "d2h", "registered"]
+    code = gpu.main(["--repeats", "2", "--quiet", "--save", str(results), "--sections", *order])
+    assert code == 1
+    # in the order given; each section found the previous ones' rows already on disk
+    assert seen == [("h2d", []), ("d2h", ["h2d"]), ("registered", ["h2d"])]
+    assert saved_sections() == ["h2d", "registered"]
+    (json_file,) = results.glob("*.json")
+    data = json.loads(json_file.read_text())
+    assert list(data["machine"]["section_seconds"]) == ["h2d", "d2h", "registered"]
+    assert data["machine"]["failed_sections"] == ["d2h"]
+    assert (data["P_d2h"], data["H_h2d"]) == (50.0, 30.0)
+    text = json_file.with_suffix(".txt").read_text()
+    assert "failed: d2h" in text and "sections run, in order: h2d (" in text
+
+
 def test_missing_extension_falls_back_with_a_reason():
     code = (
         "import sys, json; sys.modules['tensorbridge._C'] = None\n"

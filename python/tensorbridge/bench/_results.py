@@ -26,11 +26,22 @@ def write_json(
     path: str,
     machine: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]],
-    limits: Mapping[str, float] | None = None,
+    limits: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes ``{"machine": machine, **limits, "rows": rows}`` to path (one-space indent)."""
-    with open(path, "w") as f:
-        json.dump({"machine": dict(machine), **(limits or {}), "rows": list(rows)}, f, indent=1)
+    """Writes ``{"machine": machine, **limits, "rows": rows}`` to path (one-space indent);
+    limits holds the run's top-level fields (its limits, a sweep's recommendation)."""
+    _replace(
+        path, json.dumps({"machine": dict(machine), **(limits or {}), "rows": list(rows)}, indent=1)
+    )
+
+
+def _replace(path: str, text: str) -> None:
+    """Writes text to path through a temporary file, so that a run killed while saving
+    leaves the previous file whole, never a truncated one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def row_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -47,20 +58,28 @@ def row_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return records
 
 
-def save(report: Report, text: str, directory: str, basename: str) -> str:
-    """Writes directory/basename.txt (text) and .json (the report); returns the path stem.
-
-    Never overwrites an earlier run: when basename is taken (the same machine, the same
-    day), the new files get -2, -3, ... appended.
-    """
-    os.makedirs(directory, exist_ok=True)
+def unused_base(directory: str, basename: str) -> str:
+    """directory/basename, or with -2, -3, ... appended where a .txt or .json of that name
+    is there already (the same machine, the same day): the path stem of a new run's files."""
     base = os.path.join(directory, basename)
     n = 1
     while os.path.exists(base + ".txt") or os.path.exists(base + ".json"):
         n += 1
         base = os.path.join(directory, f"{basename}-{n}")
-    with open(base + ".txt", "w") as f:
-        f.write(text + "\n")
+    return base
+
+
+def save(report: Report, text: str, directory: str, basename: str, base: str | None = None) -> str:
+    """Writes directory/basename.txt (text) and .json (the report); returns the path stem.
+
+    Never overwrites an earlier run: when basename is taken (the same machine, the same
+    day), the new files get -2, -3, ... appended. A run that saves as it goes passes the
+    stem its first save returned as ``base``: its files are rewritten in place.
+    """
+    os.makedirs(directory, exist_ok=True)
+    if base is None:
+        base = unused_base(directory, basename)
+    _replace(base + ".txt", text + "\n")
     write_json(base + ".json", report.machine, row_records(report.rows), report.limits)
     return base
 

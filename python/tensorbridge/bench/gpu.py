@@ -15,6 +15,8 @@ import dataclasses
 import statistics
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -493,13 +495,53 @@ def plot(report: Report, path: str) -> None:
     _plot.plot(report, path, title, sections=sections)
 
 
+def _text(report: Report, limits: Limits) -> str:
+    """The printed report: the tables, then the machine's GPU, the limits and the pool."""
+    m = report.machine
+    done = ", ".join(
+        f"{name} ({seconds:.0f} s)" for name, seconds in m.get("section_seconds", {}).items()
+    )
+    failed = m.get("failed_sections") or []
+    return "\n".join(
+        [
+            format_report(report, title="tensorbridge GPU benchmark"),
+            "",
+            f"GPU {m['gpu']}, driver {m.get('driver')}, PCIe {m.get('pcie')}, torch CUDA "
+            f"{m['torch_cuda']}; transfers through the {m['engine']}.",
+            f"P (pinned peak, 256 MiB): device->host {limits.P_d2h:.2f} GB/s, host->device "
+            f"{limits.P_h2d:.2f} GB/s; H (host copy ceiling, 256 MiB): device->host "
+            f"{limits.H_d2h:.2f} GB/s, host->device {limits.H_h2d:.2f} GB/s. 'of lim' is each "
+            "transfer row's GB/s over P (pinned) or min(P, H) (pageable) of its direction "
+            "(both: over the sum).",
+            f"sections run, in order: {done or 'none'}"
+            + (f"; failed: {', '.join(failed)} (see the run's log)" if failed else ""),
+            f"pinned pool after the run: {_pinned.pinned_stats()}",
+        ]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tensorbridge bench-gpu [options]``; returns the exit status."""
+    """``python -m tensorbridge bench-gpu [options]``; returns the exit status.
+
+    Sections run in the order given. With --save, the files are rewritten after every
+    section, so a run stopped part-way (a time limit) keeps what it measured; a section
+    that fails is reported and the run goes on with the next (exit status 1).
+    """
     p = argparse.ArgumentParser(prog="python -m tensorbridge bench-gpu", description=__doc__)
     p.add_argument("--sizes", type=parse_size, nargs="+", default=DEFAULT_SIZES)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-gpu-<name>.txt and .json")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(SECTIONS),
+        choices=SECTIONS,
+        help="measured in the order given (default: %(default)s)",
+    )
+    p.add_argument(
+        "--save",
+        metavar="DIR",
+        help="also write DIR/<date>-gpu-<name>.txt and .json, rewritten after each section",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="draw GB/s against size (needs matplotlib)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -520,39 +562,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = Limits(p_d2h, p_h2d, h_d2h, h_h2d)
     report.limits = dataclasses.asdict(limits)
     report.machine["pinned_peak_gbs"] = {"d2h": round(p_d2h, 2), "h2d": round(p_h2d, 2)}
-    if "d2h" in args.sections:
-        bench_d2h(r, args.sizes, limits)
-    if "h2d" in args.sections:
-        bench_h2d(r, args.sizes, limits)
-    if "both" in args.sections:
-        bench_both(r, args.sizes, limits)
-    if "batch" in args.sections:
+    seconds: dict[str, float] = {}
+    failed: list[str] = []
+    report.machine["section_seconds"] = seconds
+    report.machine["failed_sections"] = failed
+
+    def batch() -> None:
         bench_batches(r, p_h2d)
         # Sized so that the host-to-device copies matter: 38.5 MB batches, a 5 ms step,
         # samples that cost no more than indexing (the workers keep up).
         bench_loader(r, "cuda", images=4096, batch=256, size=224, workers=8, step_s=5e-3)
-    if "registered" in args.sections:
-        bench_registered(r, args.sizes, limits)
-    report.rows = r.rows
-    m = report.machine
-    text = "\n".join(
-        [
-            format_report(report, title="tensorbridge GPU benchmark"),
-            "",
-            f"GPU {m['gpu']}, driver {m.get('driver')}, PCIe {m.get('pcie')}, torch CUDA "
-            f"{m['torch_cuda']}; transfers through the {m['engine']}.",
-            f"P (pinned peak, 256 MiB): device->host {p_d2h:.2f} GB/s, host->device "
-            f"{p_h2d:.2f} GB/s; H (host copy ceiling, 256 MiB): device->host {h_d2h:.2f} GB/s, "
-            f"host->device {h_h2d:.2f} GB/s. 'of lim' is each transfer row's GB/s over P "
-            "(pinned) or min(P, H) (pageable) of its direction (both: over the sum).",
-            f"pinned pool after the run: {_pinned.pinned_stats()}",
-        ]
-    )
+
+    sections: dict[str, Callable[[], None]] = {
+        "d2h": lambda: bench_d2h(r, args.sizes, limits),
+        "h2d": lambda: bench_h2d(r, args.sizes, limits),
+        "both": lambda: bench_both(r, args.sizes, limits),
+        "batch": batch,
+        "registered": lambda: bench_registered(r, args.sizes, limits),
+    }
+    base = None
+    for name in dict.fromkeys(args.sections):
+        started = time.perf_counter()
+        try:
+            sections[name]()
+        except Exception:  # one broken section costs that section, not the others' results
+            traceback.print_exc()
+            print(f"bench-gpu: section {name!r} failed (above); going on", file=sys.stderr)
+            failed.append(name)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        report.rows = r.rows
+        if args.save:
+            base = save(
+                report,
+                _text(report, limits),
+                args.save,
+                f"{report.machine['date'][:10]}-gpu-{slug(report.machine['gpu'])}",
+                base,
+            )
+    text = _text(report, limits)
     print(text)
     if args.save:
-        base = save(report, text, args.save, f"{m['date'][:10]}-gpu-{slug(m['gpu'])}")
         print(f"\nsaved {base}.txt and {base}.json", file=sys.stderr)
     if args.plot:
         plot(report, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
