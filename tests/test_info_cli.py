@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import tensorbridge as tb
-from tensorbridge import _backend
+from tensorbridge import _backend, _cuda
 from tensorbridge.bench import _plot, cpu, gpu, load, measure, save, tune
 from tensorbridge.bench._report import format_report, machine, summary
 from tensorbridge.bench._rows import Report, Row
@@ -368,6 +368,44 @@ def test_gpu_benchmark_saves_each_section_and_survives_a_failed_one(tmp_path, mo
     assert (data["P_d2h"], data["H_h2d"]) == (50.0, 30.0)
     text = json_file.with_suffix(".txt").read_text()
     assert "failed: d2h" in text and "sections run, in order: h2d (" in text
+
+
+def test_tune_recommends_torch_up_to_the_largest_size_it_won():
+    def small(direction: str, nbytes: int, torch_gbs: float, engine_gbs: float) -> dict:
+        return {
+            "part": "small",
+            "direction": direction,
+            "bytes": nbytes,
+            "torch_gbs": torch_gbs,
+            "engine_gbs": engine_gbs,
+        }
+
+    rows = [
+        small("d2h", 4096, 1.0, 0.5),
+        small("d2h", 65536, 1.0, 2.0),
+        small("d2h", 524288, 3.0, 2.0),  # lost again: torch keeps everything up to here
+        small("d2h", 1 << 20, 3.0, 4.0),
+        small("h2d", 4096, 1.0, 1.5),  # never lost
+        {"part": "pipeline", "direction": "h2d", "bytes": 1 << 24, "gbs": 9.0},
+    ]
+    assert tune.recommended_routing(rows) == {"small_d2h": 524288, "small_h2d": 0}
+
+
+def test_routing_defaults_are_the_newest_committed_sweep():
+    """The size routing in _cuda.Routing is what the newest committed bench-tune sweep
+    with small copies measured: changing one without the other fails here."""
+    sweeps = []
+    for path in sorted(RESULTS.glob("*-tune-*.json")):
+        rows = json.loads(path.read_text())["rows"]
+        if any(row["part"] == "small" for row in rows):
+            sweeps.append((path.name[:10], path.name, rows))
+    assert sweeps, "no committed bench-tune sweep with small copies"
+    _, name, rows = max(sweeps)
+    defaults = _cuda.Routing()
+    assert tune.recommended_routing(rows) == {
+        "small_d2h": defaults.small_d2h,
+        "small_h2d": defaults.small_h2d,
+    }, name
 
 
 def test_missing_extension_falls_back_with_a_reason():

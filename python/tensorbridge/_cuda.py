@@ -60,11 +60,13 @@ class Routing:
     Blocking copies of at most ``small_d2h`` / ``small_h2d`` bytes between a CUDA tensor
     and a plain NumPy array take torch's path (one cudaMemcpy through the driver's
     staging): below that, the pipeline's fixed costs (pool lease, events, host copies on
-    the thread pool) outweigh what it saves. From the bench-tune sweep on an H100
-    (benchmarks/results/*-tune-*): the engine overtook torch's copy at 1 MiB device->host
-    and at 4 MiB host->device. Host-to-host copies of at least ``host_torch_bytes`` between
-    contiguous arrays run on torch's intra-op threads (the threads the caller's own tensor
-    ops use, so two pools do not fight over the cores).
+    the thread pool) outweigh what it saves. The values are the largest sizes at which
+    torch's copy won in the newest committed bench-tune sweep with small copies
+    (benchmarks/results/*-tune-*; ``tune.recommended_routing``, and a test holds the two
+    together): on an H100, 512 KiB device->host and 1 MiB host->device. Host-to-host
+    copies of at least ``host_torch_bytes`` between contiguous arrays run on torch's
+    intra-op threads (the threads the caller's own tensor ops use, so two pools do not
+    fight over the cores).
     """
 
     small_d2h: int = 512 << 10

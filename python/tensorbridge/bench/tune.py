@@ -92,6 +92,23 @@ def small_copies(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def recommended_routing(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """The size routing that part 1 measured: per direction (``small_d2h``, ``small_h2d``
+    as in ``_cuda.Routing``), the largest size at which torch's copy beat the engine, so
+    that the engine takes only sizes above every one it lost at (0: it never lost)."""
+    routing = {}
+    for direction in ("d2h", "h2d"):
+        lost = [
+            r["bytes"]
+            for r in rows
+            if r["part"] == "small"
+            and r["direction"] == direction
+            and r["engine_gbs"] < r["torch_gbs"]
+        ]
+        routing[f"small_{direction}"] = max(lost, default=0)
+    return routing
+
+
 def _config_call(
     direction: str, c: int, b: int, t: torch.Tensor, out: np.ndarray, a: np.ndarray
 ) -> Call:
@@ -183,9 +200,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _backend.set_num_threads(saved_threads)
     print(f"sweep took {time.time() - t0:.0f} s")
+    top: dict[str, Any] = {}
+    if not args.skip_small:
+        current = {"small_d2h": _cuda.ROUTING.small_d2h, "small_h2d": _cuda.ROUTING.small_h2d}
+        top = {"routing": current, "recommended_routing": recommended_routing(rows)}
+        print(
+            "routing (torch's copy at or below these sizes, the engine above): now "
+            + ", ".join(f"{k} {v // KiB} KiB" for k, v in current.items())
+            + "; measured here "
+            + ", ".join(f"{k} {v // KiB} KiB" for k, v in top["recommended_routing"].items())
+        )
     if args.save:
         os.makedirs(args.save, exist_ok=True)
         path = os.path.join(args.save, f"{time.strftime('%Y-%m-%d')}-tune-{slug(m['gpu'])}.json")
-        write_json(path, m, rows)
+        write_json(path, m, rows, top)
         print(f"saved {path}")
     return 0
