@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from .. import _backend, _pinned
 from .._batch import to_device
 from .._convert import to_numpy, to_tensor
-from .._loader import images_to_tensor
+from .._loader import collate, images_to_tensor
 from .._registry import registration_options
 from . import _plot
 from ._report import format_report, machine
@@ -356,6 +357,60 @@ def bench_batches(r: Runner, peak: float) -> None:
                 lambda i: synced(images_to_tensor(images, "cuda", mean=mean, std=std)),
             ),
         ],
+        peak_gbs=peak,
+    )
+    _images_from_collate(r, peak, mean, std)
+
+
+def _images_from_collate(r: Runner, peak: float, mean: list[float], std: list[float]) -> None:
+    """A batch of image samples collated in the main process, then normalized on the
+    device: the loader's idioms from the samples on, beside tb.collate (which stacks into
+    page-locked memory) + images_to_tensor. A third tensorbridge row stacks on the core's
+    copy threads instead of np.stack's one thread: whether collate should do so."""
+    samples = [
+        np.random.default_rng(i).integers(0, 256, (224, 224, 3), dtype=np.uint8) for i in range(64)
+    ]
+    m = torch.tensor(mean, device="cuda")
+    sd = torch.tensor(std, device="cuda")
+    C = _backend.ENGINE.C
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return x.float().div(255).sub(m).div(sd).permute(0, 3, 1, 2).contiguous()
+
+    methods: list[Method] = [
+        (
+            "default_collate(s).cuda() + float().div(255).sub(m).div(s).permute().contiguous()",
+            True,
+            lambda i: synced(normalize(default_collate(samples).cuda())),
+        ),
+        (
+            "default_collate(s).pin_memory().cuda(non_blocking=True) + the same",
+            True,
+            lambda i: synced(
+                normalize(default_collate(samples).pin_memory().cuda(non_blocking=True))
+            ),
+        ),
+        (
+            "tb.images_to_tensor(tb.collate(s), 'cuda', mean=m, std=s)",
+            False,
+            lambda i: synced(images_to_tensor(collate(samples), "cuda", mean=mean, std=std)),
+        ),
+    ]
+    if C is not None:
+        pack = C.PackedArrays
+
+        def on_copy_threads(i: int) -> object:
+            pinned = torch.empty((len(samples), 224, 224, 3), dtype=torch.uint8, pin_memory=True)
+            pack(samples, 1).pack_into(pinned.numpy().reshape(-1))
+            return synced(images_to_tensor(pinned, "cuda", mean=mean, std=std))
+
+        name = "the same, stacked on the copy threads (not what collate does yet)"
+        methods.append((name, False, on_copy_threads))
+    r.group(
+        "uint8 images -> normalized float NCHW on the device",
+        "64 samples of 224x224x3, collated in the main process",
+        len(samples) * samples[0].nbytes,
+        methods,
         peak_gbs=peak,
     )
 
