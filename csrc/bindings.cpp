@@ -483,6 +483,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("to_host"), py::arg("keepalive"),
       "One async copy (page-locked host memory); keepalive is held until it completes.");
   m.def(
+      "cuda_copy_pinned",
+      [](int device, uintptr_t stream, py::array host, uintptr_t device_ptr, size_t nbytes,
+         bool to_host) {
+        if (!(host.flags() & py::array::c_style) || static_cast<size_t>(host.nbytes()) != nbytes)
+          throw py::value_error("cuda_copy_pinned: host must be C-contiguous, of nbytes bytes");
+        if (to_host && !host.writeable())
+          throw py::value_error("cuda_copy_pinned: host is read-only");
+        void* h = to_host ? host.mutable_data() : const_cast<void*>(host.data());
+        auto* dev = reinterpret_cast<void*>(device_ptr);
+        ReleaseGil release;
+        return to_host ? tb::cuda::copy_pinned(device, stream, h, dev, nbytes, true)
+                       : tb::cuda::copy_pinned(device, stream, dev, h, nbytes, false);
+      },
+      py::arg("device"), py::arg("stream"), py::arg("host"), py::arg("device_ptr"),
+      py::arg("nbytes"), py::arg("to_host"),
+      "One blocking copy between the device and host (C-contiguous) if host is page-locked\n"
+      "and not registered here; False, with nothing queued, otherwise.");
+  m.def(
       "cuda_host_ceiling",
       [](int device, size_t nbytes, bool to_pinned, int repeats) {
         ReleaseGil release;

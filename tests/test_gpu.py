@@ -17,6 +17,8 @@ import tensorbridge as tb
 from conftest import (
     ALL_DTYPES,
     LAYOUTS,
+    NATIVE_DTYPES,
+    POISON,
     TESTING,
     assert_holes_poisoned,
     assert_same,
@@ -126,6 +128,70 @@ def test_non_blocking_into_pinned(gen):
     handle = tb.to_numpy(x, out=out, non_blocking=True)
     assert handle.wait() is out
     assert_same(out, x.cpu().numpy())
+
+
+# Above the routing's torch sizes, a page-locked host side is one DMA with no Python steps.
+DIRECT = (3 << 20) + 8
+
+
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in NATIVE_DTYPES])
+@pytest.mark.parametrize("memory", ["torch-pinned", "empty_pinned"])
+def test_blocking_copy_into_a_pinned_out(dtype, memory, gen):
+    n = DIRECT // torch.empty(0, dtype=dtype).element_size()
+    x = random_tensor((n,), dtype, gen).cuda()
+    expected = x.cpu().numpy()
+    if memory == "torch-pinned":
+        out = torch.empty(n, dtype=dtype, pin_memory=True).numpy()
+    else:
+        out = tb.empty_pinned((n,), expected.dtype)
+    out.view(np.uint8).fill(POISON)
+    assert tb.to_numpy(x, out=out) is out
+    assert_same(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in NATIVE_DTYPES])
+def test_blocking_copy_from_a_pinned_array(dtype, gen):
+    n = DIRECT // torch.empty(0, dtype=dtype).element_size()
+    expected = random_tensor((n,), dtype, gen)
+    a = tb.empty_pinned((n,), expected.numpy().dtype)
+    a[:] = expected.numpy()
+    t = tb.to_tensor(a, "cuda")
+    a.view(np.uint8).fill(POISON)  # free to reuse once to_tensor returns
+    torch.cuda.synchronize()
+    assert t.device.type == "cuda" and t.dtype == dtype and t.shape == (n,)
+    assert_same(t.cpu().numpy(), expected.numpy())
+
+
+def test_direct_pinned_copies_follow_the_current_stream():
+    """Blocking copies to and from page-locked memory wait for the work queued before
+    them on the current stream, a side stream included."""
+    side = torch.cuda.Stream()
+    out = tb.empty_pinned((DIRECT // 4,), np.float32)
+    with torch.cuda.stream(side):
+        x = torch.ones(DIRECT // 4, device="cuda")
+        torch.cuda._sleep(50_000_000)  # keep the stream busy
+        x.mul_(3)  # queued before the copy: must be visible
+        assert tb.to_numpy(x, out=out) is out
+        assert (out == 3).all()
+        out[:] = 7
+        t = tb.to_tensor(out, "cuda")
+        t.add_(1)  # after the upload, on the same stream
+    side.synchronize()
+    assert (t.cpu() == 8).all()
+
+
+def test_a_view_of_a_registered_array_goes_through_the_registration_cache(gen):
+    """Memory the registration cache page-locked is not taken for someone else's pinned
+    memory: its transfers still count as the cache's hits (its eviction order)."""
+    x = random_tensor((N8,), torch.float32, gen).cuda()
+    out = np.empty(N8, np.float32)
+    tb.to_numpy(x, out=out)
+    tb.to_numpy(x, out=out)  # registered here
+    before = tb.pinned_stats()["registered_hits"]
+    out.fill(0)
+    assert tb.to_numpy(x, out=out) is out
+    assert_same(out, x.cpu().numpy())
+    assert tb.pinned_stats()["registered_hits"] == before + 1
 
 
 def test_non_blocking_sees_only_work_queued_before_it(gen):

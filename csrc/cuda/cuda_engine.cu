@@ -280,6 +280,41 @@ Event copy_async(int d, StreamHandle stream, void* dst, const void* src, size_t 
   return done;
 }
 
+namespace {
+
+// Whether [ptr, ptr + n) overlaps a range registered here; the caller holds
+// g_register_mutex. (Registered ranges never overlap one another: the driver refuses
+// to page-lock memory twice.)
+bool overlaps_registered_locked(const void* ptr, size_t n) {
+  const auto begin = reinterpret_cast<uintptr_t>(ptr);
+  auto it = g_registered->lower_bound(std::make_pair(begin, size_t{0}));
+  if (it != g_registered->end() && it->first.first < begin + n) return true;
+  if (it == g_registered->begin()) return false;
+  --it;
+  return it->first.first + it->first.second > begin;
+}
+
+}  // namespace
+
+bool copy_pinned(int d, StreamHandle stream, void* dst, const void* src, size_t n, bool to_host) {
+  if (n == 0) return false;
+  const void* host = to_host ? dst : src;
+  DeviceGuard guard(d);
+  Device& dev = device(d);
+  {
+    // Under the registration lock: a range seen here as page-locked and not registered
+    // here is someone else's, which the registration cache never registers or drops.
+    std::lock_guard<std::mutex> lock(g_register_mutex);
+    if (overlaps_registered_locked(host, n) || !is_host_range_pinned(host, n)) return false;
+  }
+  if (to_host)
+    dev.engine.copy_to_host_async(dst, src, n, stream);
+  else
+    dev.engine.copy_to_device_async(dst, src, n, stream);
+  dev.engine.synchronize_stream(stream);
+  return true;
+}
+
 std::vector<double> host_copy_seconds(int d, size_t nbytes, bool to_pinned, int repeats) {
   DeviceGuard guard(d);
   return tb::host_copy_seconds(device(d).engine, nbytes, to_pinned, repeats);

@@ -48,6 +48,13 @@ PipelineReport copy_many_to_device(int device, StreamHandle stream,
 /// recorded after it (owned by the caller; neither side may be touched until it is done).
 Event copy_async(int device, StreamHandle stream, void* dst, const void* src, size_t n,
                  bool to_host);
+/// A blocking copy between the device and page-locked host memory that this module did
+/// not register (torch's pinned tensors, empty_pinned arrays): queued on `stream`, then
+/// the stream is waited for, as torch's blocking copy does. Returns false, having queued
+/// nothing, when the host side is not page-locked or overlaps a range registered here
+/// (those go through the registration cache, which keeps their use order for eviction).
+bool copy_pinned(int device, StreamHandle stream, void* dst, const void* src, size_t n,
+                 bool to_host);
 /// Seconds per copy between pageable memory and the device's page-locked memory with
 /// the thread pool (the host ceiling H; see core/host_ceiling.h).
 std::vector<double> host_copy_seconds(int device, size_t nbytes, bool to_pinned, int repeats);

@@ -195,24 +195,36 @@ def to_numpy(
                     except RuntimeError:
                         pass
         elif entry is not None and entry[1] is None and x.is_cuda:
-            # Small GPU tensors: torch's own synchronous copy, with no Python steps between
-            # (the staging pipeline only pays off from about 1 MiB: _cuda.ROUTING).
+            np_dtype = entry[0]
+            plain_out = (
+                out
+                if type(out) is np.ndarray
+                and out.dtype == np_dtype
+                and out.shape == x.shape
+                and out.flags.c_contiguous
+                and out.flags.writeable
+                else None
+            )
             if _cuda.ROUTING.torch_d2h(x.numel() * x.element_size()):
-                np_dtype = entry[0]
+                # Small GPU tensors: torch's own synchronous copy, with no Python steps
+                # between (the staging pipeline only pays off from about 1 MiB).
                 if out is None:
                     return x.numpy(force=True)  # detach, cpu, resolve conj/neg: one C++ call
-                if (
-                    type(out) is np.ndarray
-                    and out.dtype == np_dtype
-                    and out.shape == x.shape
-                    and out.flags.c_contiguous
-                    and out.flags.writeable
-                ):
-                    dst = _cuda.torch_view(out)
+                if plain_out is not None:
+                    dst = _cuda.torch_view(plain_out)
                     if dst is not None:  # (else the full path copes)
                         # copy_ resolves conj/neg bits itself
                         dst.copy_(x.detach() if x.requires_grad else x)
                         return out
+            elif (
+                plain_out is not None
+                and x.is_contiguous()
+                and not x.is_conj()
+                and not x.is_neg()
+                and _backend.ENGINE.cuda_engine
+                and _cuda.copy_pinned(x.get_device(), plain_out, x.data_ptr(), True)
+            ):
+                return plain_out  # a page-locked out (torch's pinned memory): one DMA, no steps
     if not non_blocking:
         return _to_numpy(x, out, dtype, copy)
     try:
@@ -504,17 +516,24 @@ def to_tensor(
         and dtype is None
         and out is None
         and not non_blocking
-        and _cuda.ROUTING.torch_h2d(a.nbytes)
         and a.dtype.isnative
         and a.flags.c_contiguous
-        and a.flags.writeable  # (torch.from_numpy warns on read-only arrays)
         and a.dtype in _NATIVE_NUMPY
     ):
-        # Small arrays: torch's own copy with no Python steps between (the staging pipeline
-        # pays off from about 1 MiB); on the CPU, a tensor sharing the array's memory.
-        src = _cuda.torch_view(a)
-        if src is not None:  # (else the full path copes)
-            return src.to(device)
+        if _cuda.ROUTING.torch_h2d(a.nbytes):
+            # Small arrays: torch's own copy with no Python steps between (the staging
+            # pipeline pays off from about 1 MiB); on the CPU, a tensor sharing the array.
+            src = _cuda.torch_view(a) if a.flags.writeable else None  # (from_numpy warns
+            if src is not None:  # on read-only arrays; the full path copes with those)
+                return src.to(device)
+        elif device.type == "cuda" and _backend.ENGINE.cuda_engine:
+            # A page-locked source (torch's pinned memory, empty_pinned): one DMA with no
+            # Python steps between; any other is staged into the same new tensor.
+            index = _cuda._device_index(device)
+            dst = torch.empty(a.shape, dtype=_dtypes.torch_dtype(a.dtype), device=f"cuda:{index}")
+            if not _cuda.copy_pinned(index, a, dst.data_ptr(), False):
+                _cuda.to_device(a, device, None, False, dst)
+            return dst
     if not isinstance(a, (np.ndarray, torch.Tensor)):
         a = _interop.import_array(a, "to_tensor", numpy_first=False)
     if isinstance(a, np.ndarray):

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -147,6 +148,28 @@ def _background() -> ThreadPoolExecutor:
 
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+# torch's own handle of a device's current stream, without a Stream object (where this
+# torch has it; torch.cuda.current_stream otherwise).
+_raw_stream: Callable[[int], int] | None = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def stream_handle(index: int) -> int:
+    """The current stream of GPU ``index``, as the driver's handle (cudaStream_t)."""
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def copy_pinned(index: int, host: np.ndarray, device_ptr: int, to_host: bool) -> bool:
+    """One blocking DMA between GPU ``index`` (``device_ptr``, as many bytes as ``host``)
+    and ``host`` (C-contiguous, native byte order) on the current stream, when ``host``
+    lies in page-locked memory that the registration cache does not manage (torch's
+    pinned tensors, ``empty_pinned`` arrays): the direct path with no Python steps
+    between. False, with nothing queued, otherwise (the full path takes it from there)."""
+    C = _backend.ENGINE.core
+    return C.cuda_copy_pinned(index, stream_handle(index), host, device_ptr, host.nbytes, to_host)
 
 
 def _dense_order(a: np.ndarray) -> tuple[int, ...] | None:
