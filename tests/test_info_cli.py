@@ -16,6 +16,7 @@ from tensorbridge import _backend, _cuda
 from tensorbridge.bench import _plot, cpu, gpu, load, measure, save, tune
 from tensorbridge.bench._report import format_report, machine, summary
 from tensorbridge.bench._rows import Report, Row
+from tensorbridge.bench._runner import measure_group
 
 from conftest import HAS_CUDA, forced_fallback
 
@@ -191,6 +192,14 @@ def test_measure_reports_spread():
     med, p10, p90, number = measure(lambda i: None, repeats=5, min_sample_s=1e-4)
     assert 0 <= p10 <= med <= p90
     assert number >= 1
+
+
+def test_measure_rotates_across_samples():
+    """The call index counts on from one sample to the next, so a method slow enough to
+    run once per sample still rotates through its buffers."""
+    seen: list[int] = []
+    measure_group([seen.append], repeats=5, min_sample_s=0, warmup=0)
+    assert seen[-5:] == [0, 1, 2, 3, 4]
 
 
 def test_benchmark_results_round_trip(tmp_path):

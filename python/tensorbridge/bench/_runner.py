@@ -34,9 +34,9 @@ def _calibrate(fn: Call, min_sample_s: float, warmup: int) -> int:
         number *= 2 if elapsed == 0 else max(2, min(10, int(min_sample_s / elapsed) + 1))
 
 
-def _sample(fn: Call, number: int) -> float:
+def _sample(fn: Call, number: int, first: int = 0) -> float:
     t0 = time.perf_counter()
-    for i in range(number):
+    for i in range(first, first + number):
         fn(i)
     return (time.perf_counter() - t0) / number
 
@@ -64,13 +64,15 @@ def measure_group(
     Samples are taken round-robin (a sample of each method, then the next round), so a
     machine that speeds up or slows down during the run affects every method alike.
     Each sample runs fn enough times to last about min_sample_s, so per-call times of a
-    few hundred nanoseconds are resolved; fn gets the call index to rotate buffers.
+    few hundred nanoseconds are resolved; fn gets the call index to rotate buffers (it
+    counts on across a method's samples, so even one call per sample rotates).
     """
     numbers = [_calibrate(fn, min_sample_s, warmup) for fn in fns]
     samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+    for r in range(repeats):
         for k, fn in enumerate(fns):
-            samples[k].append(_sample(fn, numbers[k]))
+            # the call index runs on from sample to sample, so rotation reaches every buffer
+            samples[k].append(_sample(fn, numbers[k], r * numbers[k]))
     return [(*_summary(s), n) for s, n in zip(samples, numbers, strict=True)]
 
 
