@@ -152,8 +152,15 @@ def _group(
 
 
 def _d2h_methods(
-    ts: list[torch.Tensor], out: np.ndarray, pinned_t: torch.Tensor, pinned_out: np.ndarray
+    ts: list[torch.Tensor],
+    out: np.ndarray,
+    torch_out: np.ndarray,
+    pinned_t: torch.Tensor,
+    pinned_out: np.ndarray,
 ) -> list[TransferMethod]:
+    """``out`` is tensorbridge's reused array (which its registration cache page-locks
+    once it comes back), ``torch_out`` the baselines' own: torch never copies into
+    memory that tensorbridge page-locked."""
     k = len(ts)
     return [
         ("t.cpu().numpy()", True, lambda i: ts[i % k].cpu().numpy(), FRESH),
@@ -161,13 +168,13 @@ def _d2h_methods(
         (
             "np.copyto(out, t.cpu().numpy())",
             True,
-            lambda i: np.copyto(out, ts[i % k].cpu().numpy()),
+            lambda i: np.copyto(torch_out, ts[i % k].cpu().numpy()),
             REUSED,
         ),
         (
             "torch.from_numpy(out).copy_(t)",
             True,
-            lambda i: torch.from_numpy(out).copy_(ts[i % k]),
+            lambda i: torch.from_numpy(torch_out).copy_(ts[i % k]),
             REUSED,
         ),
         (
@@ -196,26 +203,33 @@ def bench_d2h(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
     for nbytes in sizes:
         n = nbytes // 4
         ts = [torch.rand(n, device="cuda") for _ in range(buffers_to_rotate(nbytes, 256 * MiB))]
-        out = np.ones(n, np.float32)  # pages touched before timing
+        out, torch_out = np.ones(n, np.float32), np.ones(n, np.float32)  # pages touched
         pinned_out = _pinned.empty_pinned((n,), np.float32)
         pinned_out.fill(1)
-        methods = _d2h_methods(ts, out, torch.ones(n, pin_memory=True), pinned_out)
+        methods = _d2h_methods(ts, out, torch_out, torch.ones(n, pin_memory=True), pinned_out)
         _group(r, "device -> host, float32", "to an array", nbytes, methods, "d2h", limits)
 
 
-def _h2d_methods(arrs: list[np.ndarray], pinned_a: np.ndarray) -> list[TransferMethod]:
+def _h2d_methods(
+    arrs: list[np.ndarray], torch_arrs: list[np.ndarray], pinned_a: np.ndarray
+) -> list[TransferMethod]:
+    """``arrs`` are tensorbridge's reused sources (page-locked by its registration cache
+    once they come back), ``torch_arrs`` the baselines' own copies: pin_memory() of a
+    page-locked array would skip its copy."""
     k = len(arrs)
     return [
         (
             "torch.from_numpy(a).cuda()",
             True,
-            lambda i: synced(torch.from_numpy(arrs[i % k]).cuda()),
+            lambda i: synced(torch.from_numpy(torch_arrs[i % k]).cuda()),
             REUSED,
         ),
         (
             "torch.from_numpy(a).pin_memory().cuda(non_blocking=True)",
             True,
-            lambda i: synced(torch.from_numpy(arrs[i % k]).pin_memory().cuda(non_blocking=True)),
+            lambda i: synced(
+                torch.from_numpy(torch_arrs[i % k]).pin_memory().cuda(non_blocking=True)
+            ),
             REUSED,
         ),
         (
@@ -243,31 +257,50 @@ def bench_h2d(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
     """Host to device from an array: pageable (the same arrays coming back) and pinned."""
     for nbytes in sizes:
         n = nbytes // 4
+        rng = np.random.default_rng(nbytes)
         arrs = [
-            np.random.rand(n).astype(np.float32)
-            for _ in range(buffers_to_rotate(nbytes, 256 * MiB))
+            rng.random(n, dtype=np.float32) for _ in range(buffers_to_rotate(nbytes, 256 * MiB))
         ]
+        torch_arrs = [a.copy() for a in arrs]
         pinned_a = _pinned.empty_pinned((n,), np.float32)
         pinned_a[:] = arrs[0]
-        methods = _h2d_methods(arrs, pinned_a)
+        methods = _h2d_methods(arrs, torch_arrs, pinned_a)
         _group(r, "host -> device, float32", "from an array", nbytes, methods, "h2d", limits)
 
 
 def _both_methods(
-    t: torch.Tensor, out: np.ndarray, a: np.ndarray, pool: concurrent.futures.ThreadPoolExecutor
+    t: torch.Tensor,
+    outs: tuple[np.ndarray, np.ndarray],
+    arrs: tuple[np.ndarray, np.ndarray],
+    pool: concurrent.futures.ThreadPoolExecutor,
 ) -> list[TransferMethod]:
+    """The download and the upload from two threads, each on its own stream (two copy
+    engines; on one stream the GPU would run them one after the other). ``outs`` and
+    ``arrs``: (tensorbridge's, torch's) reused arrays, apart so that torch never moves
+    memory tensorbridge's registration cache page-locked."""
+    streams = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def on(stream: torch.cuda.Stream, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.cuda.stream(stream):
+                return fn()
+
+        return run
+
     def pair(down: Callable[[], object], up: Callable[[], object]) -> None:
-        f1, f2 = pool.submit(down), pool.submit(up)
+        f1, f2 = pool.submit(on(streams[0], down)), pool.submit(on(streams[1], up))
         f1.result()
         f2.result()
         torch.cuda.synchronize()
 
+    (out, torch_out), (a, torch_a) = outs, arrs
     return [
         (
             "torch: from_numpy(out).copy_(t) + from_numpy(a).cuda()",
             True,
             lambda i: pair(
-                lambda: torch.from_numpy(out).copy_(t), lambda: torch.from_numpy(a).cuda()
+                lambda: torch.from_numpy(torch_out).copy_(t),
+                lambda: torch.from_numpy(torch_a).cuda(),
             ),
             REUSED,
         ),
@@ -281,14 +314,16 @@ def _both_methods(
 
 
 def bench_both(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
-    """Both directions at once, from two threads (a loader uploading while results come back)."""
+    """Both directions at once, from two threads (a loader uploading while results come
+    back), each on its own stream."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for nbytes in [s for s in sizes if s >= 16 * MiB]:
             n = nbytes // 4
+            a = np.random.default_rng(n).random(n, dtype=np.float32)
             methods = _both_methods(
                 torch.rand(n, device="cuda"),
-                np.ones(n, np.float32),
-                np.random.rand(n).astype(np.float32),
+                (np.ones(n, np.float32), np.ones(n, np.float32)),
+                (a, a.copy()),
                 pool,
             )
             section = "both directions at once, float32"
@@ -319,7 +354,8 @@ def bench_batches(r: Runner, peak: float) -> None:
         for n in (10, 100, 1000, 10000):
             if n * size > 1 * GiB // 2:
                 continue
-            arrays = [np.random.rand(size // 4).astype(np.float32) for _ in range(n)]
+            rng = np.random.default_rng(n)
+            arrays = [rng.random(size // 4, dtype=np.float32) for _ in range(n)]
             r.group(
                 "batches of small arrays -> device",
                 f"{n} x {size // KiB} KiB",
@@ -329,6 +365,7 @@ def bench_batches(r: Runner, peak: float) -> None:
             )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
+    torch_images = images.copy()  # (never page-locked by tensorbridge's registration cache)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     m = torch.tensor(mean, device="cuda")
     sd = torch.tensor(std, device="cuda")
@@ -341,7 +378,7 @@ def bench_batches(r: Runner, peak: float) -> None:
                 "from_numpy(x).cuda().float().div(255).sub(m).div(s).permute().contiguous()",
                 True,
                 lambda i: synced(
-                    torch.from_numpy(images)
+                    torch.from_numpy(torch_images)
                     .cuda()
                     .float()
                     .div(255)
@@ -499,6 +536,10 @@ def _registering_methods(t: torch.Tensor, a: np.ndarray) -> tuple[list[Method], 
     return d2h, h2d
 
 
+#: The largest fresh array the registration section page-locks per call.
+_MAX_FRESH = 256 * MiB
+
+
 def _bench_registered_size(r: Runner, nbytes: int, limits: Limits) -> None:
     n = nbytes // 4
     t = torch.rand(n, device="cuda")
@@ -514,6 +555,8 @@ def _bench_registered_size(r: Runner, nbytes: int, limits: Limits) -> None:
             ("reused array", reused[k], REUSED),
             ("registering a fresh array", registering[k], FRESH),
         ):
+            if memory == FRESH and nbytes > _MAX_FRESH:
+                continue  # (seconds a call: page faults of a fresh array, then its page-locking)
             r.group(section, case, nbytes, methods)
             _tag(r.rows[-len(methods) :], direction, memory, limits)
 
@@ -530,7 +573,7 @@ def bench_registered(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
       cache cannot register: a bytearray's);
     - registering a fresh array: a new array every call, registered on that sighting and
       unregistered when it is freed (what a reused array pays once), beside the same call
-      as a first sighting (staged) and torch's copy with a fresh array.
+      as a first sighting (staged) and torch's copy with a fresh array; up to 256 MiB.
     """
     saved = registration_options()
     try:
@@ -603,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = output_problem(args.save, args.plot)
     if problem:
         p.error(problem)  # before the run, not after minutes of measuring
+    if args.plot and not _plot.available():
+        p.error(_plot.MISSING)
     if not torch.cuda.is_available():
         print("bench-gpu: no CUDA device is available to torch", file=sys.stderr)
         return 2
