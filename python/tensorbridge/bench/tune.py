@@ -28,6 +28,7 @@ import torch
 
 from .. import _backend, _cuda
 from .._convert import to_numpy, to_tensor
+from .._registry import registration_options
 from ._results import write_json
 from ._rows import KiB, MiB, slug
 from ._runner import Call, buffers_to_rotate, measure_group
@@ -53,7 +54,8 @@ def _small_pair(nbytes: int, repeats: int) -> tuple[Measured, Measured]:
     k = buffers_to_rotate(nbytes)
     ts = [torch.rand(n, device="cuda") for _ in range(k)]
     out = np.ones(n, np.float32)
-    arrays = [np.random.rand(n).astype(np.float32) for _ in range(k)]
+    rng = np.random.default_rng(nbytes)
+    arrays = [rng.random(n, dtype=np.float32) for _ in range(k)]
 
     def engine_d2h(i: int) -> None:
         with _engine_only():
@@ -133,7 +135,7 @@ def pipeline(
             n = nbytes // 4
             t = torch.rand(n, device="cuda")
             out = np.ones(n, np.float32)
-            a = np.random.rand(n).astype(np.float32)
+            a = np.random.default_rng(n).random(n, dtype=np.float32)
             for nthreads in threads:
                 _backend.set_num_threads(nthreads)
                 for direction in ("d2h", "h2d"):
@@ -176,12 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, nargs="+", default=None)
     p.add_argument("--chunks-mib", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--buffers", type=int, nargs="+", default=[2, 3, 4])
+    # (the copy threads a transfer uses are at most buffers // 2: the grid reaches them)
+    p.add_argument("--buffers", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 256])
     p.add_argument("--skip-small", action="store_true")
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-tune-<gpu>.json")
     args = p.parse_args(argv)
-    if not (torch.cuda.is_available() and _backend.info()["cuda"]):
+    if not (torch.cuda.is_available() and _backend.ENGINE.cuda_engine):
         print("needs a GPU and the compiled CUDA engine", file=sys.stderr)
         return 2
     cores = os.cpu_count() or 1
@@ -190,15 +193,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = gpu_machine()
     print(f"GPU {m['gpu']}, driver {m['driver']}, PCIe {m['pcie']}, {cores} cores", flush=True)
     t0 = time.time()
-    rows = [] if args.skip_small else small_copies(args.repeats)
-    rows += pipeline(
-        args.repeats,
-        threads,
-        [c * MiB for c in args.chunks_mib],
-        args.buffers,
-        [s * MiB for s in args.sizes_mib],
-    )
-    _backend.set_num_threads(saved_threads)
+    # The sweep reuses its arrays: the registration cache would page-lock them, and torch
+    # and every setting would time the same direct DMA.
+    saved_registration = registration_options()
+    registration_options(enabled=False)
+    try:
+        rows = [] if args.skip_small else small_copies(args.repeats)
+        rows += pipeline(
+            args.repeats,
+            threads,
+            [c * MiB for c in args.chunks_mib],
+            args.buffers,
+            [s * MiB for s in args.sizes_mib],
+        )
+    finally:
+        registration_options(**saved_registration)
+        _backend.set_num_threads(saved_threads)
     print(f"sweep took {time.time() - t0:.0f} s")
     top: dict[str, Any] = {}
     if not args.skip_small:
