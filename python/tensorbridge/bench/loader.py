@@ -206,6 +206,19 @@ class _Idle:
             self.per_step.append(sum(gaps) / len(gaps) / 1e3)
 
 
+def _sleep_cycles_per_second() -> float:
+    """The rate of the GPU's clock that ``torch.cuda._sleep`` counts, measured with CUDA
+    events (the clock differs between GPUs and with their load)."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # (the first call pays for loading the kernel)
+    cycles = 20_000_000
+    begin.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (begin.elapsed_time(end) / 1e3)
+
+
 def _loader_methods(
     device: str,
     images: int,
@@ -221,9 +234,11 @@ def _loader_methods(
     cuda = device.startswith("cuda")
     data = _Images(images, size)
 
+    cycles = int(step_s * _sleep_cycles_per_second()) if cuda else 0
+
     def model_step(x: torch.Tensor) -> None:  # a model step of fixed cost
         if cuda:
-            torch.cuda._sleep(int(step_s * 1.4e9))
+            torch.cuda._sleep(cycles)
         else:
             time.sleep(step_s)
 
@@ -305,7 +320,9 @@ def bench_loader(
     if not device.startswith("cuda"):
         return
     for (name, baseline, _), key in zip(methods, ("stock", "ours", "packed"), strict=True):
-        values = sorted(idle[key].per_step)
+        # the timed epochs only (an epoch lasts one sample): not the warm-up's, whose first
+        # one starts the workers
+        values = sorted(idle[key].per_step[-r.repeats :])
         if not values:
             continue
         r.rows.append(
