@@ -39,18 +39,19 @@ deadline=$(($(date +%s) + budget))
 export PYTHONUNBUFFERED=1
 failed=()
 
-# stage NAME MIN_SECONDS COMMAND...: runs COMMAND under what is left of the budget, or
-# skips it when less than MIN_SECONDS is left; a failure, a timeout or a skip is recorded.
+# stage NAME MIN_SECONDS LEAVE_SECONDS COMMAND...: runs COMMAND under what is left of the
+# budget less LEAVE_SECONDS (kept for the stages after it), or skips it when less than
+# MIN_SECONDS would be left for it; a failure, a timeout or a skip is recorded.
 stage() {
-  local name="$1" min="$2"
-  shift 2
-  local left=$((deadline - $(date +%s)))
+  local name="$1" min="$2" leave="$3"
+  shift 3
+  local left=$((deadline - $(date +%s) - leave))
   if [ "$left" -lt "$min" ]; then
-    echo "== $name: skipped, ${left} s of the budget left (it needs ${min} s)"
+    echo "== $name: skipped, ${left} s of the budget left for it (it needs ${min} s)"
     failed+=("$name (skipped)")
     return
   fi
-  echo "== $name (${left} s of the budget left)"
+  echo "== $name (${left} s of the budget left for it)"
   local began status=0
   began=$(date +%s)
   timeout --signal=TERM --kill-after=10 "$left" "$@" || status=$?
@@ -69,24 +70,27 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current,memory.total \
     --format=csv || true
   lscpu 2>/dev/null | grep -E "^(Model name|Socket|NUMA node\(s\)|CPU\(s\))" || true
+  df -h /dev/shm || true # DataLoader workers hand batches over in shared memory
   "$py" -c "import torch, numpy; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'numpy', numpy.__version__)"
 
-  stage "build in place (csrc -> python/tensorbridge/_C)" 30 \
+  stage "build in place (csrc -> python/tensorbridge/_C)" 30 0 \
     env TENSORBRIDGE_EXTENSION=on "$py" setup.py -q build_ext --inplace -j "$(nproc)"
   [ "${#failed[@]}" -eq 0 ] || return 1
   export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
   "$py" -m tensorbridge info
 
-  stage "GPU tests (-m gpu)" 30 "${pytest[@]}" --junitxml="$logs/$stamp-gpu-tests.xml" -m gpu tests
+  stage "GPU tests (-m gpu)" 30 300 "${pytest[@]}" --junitxml="$logs/$stamp-gpu-tests.xml" -m gpu tests
   # Engine transfers first (the limits P and H are measured at its start), then batches,
   # images and the epoch, then both directions and the registration cache.
-  stage "GPU benchmark" 60 "$py" -m tensorbridge bench-gpu --save "$out" \
-    --plot "$out/$stamp-gpu-bench.png" --sections d2h h2d batch both registered
-  stage "routing sweep (bench-tune)" 30 "$py" -m tensorbridge bench-tune --save "$out"
-  stage "the rest of the test suite (-m 'not gpu')" 60 \
+  local plot=()  # (the plot can be drawn later from the JSON where matplotlib is missing)
+  if "$py" -c "import matplotlib" 2>/dev/null; then plot=(--plot "$out/$stamp-gpu-bench.png"); fi
+  stage "GPU benchmark" 60 120 "$py" -m tensorbridge bench-gpu --save "$out" "${plot[@]}" \
+    --sections d2h h2d batch both registered
+  stage "routing sweep (bench-tune)" 30 60 "$py" -m tensorbridge bench-tune --save "$out"
+  stage "the rest of the test suite (-m 'not gpu')" 60 0 \
     "${pytest[@]}" --junitxml="$logs/$stamp-cpu-tests.xml" -m "not gpu" tests
-  stage "the pipeline over a simulated link on this host's cores" 30 \
+  stage "the pipeline over a simulated link on this host's cores" 30 0 \
     "$py" -m tensorbridge bench --sections link --quiet --save "$out"
 
   if [ "${#failed[@]}" -ne 0 ]; then
