@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
+from tensorbridge import _cuda
 
 from conftest import (
     ALL_DTYPES,
@@ -134,9 +135,23 @@ def test_non_blocking_into_pinned(gen):
 DIRECT = (3 << 20) + 8
 
 
+@pytest.fixture
+def direct(monkeypatch):
+    """What each _cuda.copy_pinned call answered: True where the fast path moved the data."""
+    answers: list[bool] = []
+    real = _cuda.copy_pinned
+
+    def spy(*args):
+        answers.append(real(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(_cuda, "copy_pinned", spy)
+    return answers
+
+
 @pytest.mark.parametrize("dtype", [dtype_param(d) for d in NATIVE_DTYPES])
 @pytest.mark.parametrize("memory", ["torch-pinned", "empty_pinned"])
-def test_blocking_copy_into_a_pinned_out(dtype, memory, gen):
+def test_blocking_copy_into_a_pinned_out(dtype, memory, gen, direct):
     n = DIRECT // torch.empty(0, dtype=dtype).element_size()
     x = random_tensor((n,), dtype, gen).cuda()
     expected = x.cpu().numpy()
@@ -147,10 +162,11 @@ def test_blocking_copy_into_a_pinned_out(dtype, memory, gen):
     out.view(np.uint8).fill(POISON)
     assert tb.to_numpy(x, out=out) is out
     assert_same(out, expected)
+    assert direct == [True]
 
 
 @pytest.mark.parametrize("dtype", [dtype_param(d) for d in NATIVE_DTYPES])
-def test_blocking_copy_from_a_pinned_array(dtype, gen):
+def test_blocking_copy_from_a_pinned_array(dtype, gen, direct):
     n = DIRECT // torch.empty(0, dtype=dtype).element_size()
     expected = random_tensor((n,), dtype, gen)
     a = tb.empty_pinned((n,), expected.numpy().dtype)
@@ -160,11 +176,22 @@ def test_blocking_copy_from_a_pinned_array(dtype, gen):
     torch.cuda.synchronize()
     assert t.device.type == "cuda" and t.dtype == dtype and t.shape == (n,)
     assert_same(t.cpu().numpy(), expected.numpy())
+    assert direct == [True]
 
 
-def test_direct_pinned_copies_follow_the_current_stream():
+def test_pageable_memory_is_not_taken_for_pinned(gen, direct, no_registration):
+    x = random_tensor((DIRECT // 4,), torch.float32, gen).cuda()
+    out = poisoned((DIRECT // 4,), np.float32)
+    assert tb.to_numpy(x, out=out) is out
+    assert_same(out, x.cpu().numpy())
+    t = tb.to_tensor(out, "cuda")
+    assert torch.equal(t, x)
+    assert direct == [False, False]  # (staged by the full path instead)
+
+
+def test_direct_pinned_copies_follow_the_current_stream(direct):
     """Blocking copies to and from page-locked memory wait for the work queued before
-    them on the current stream, a side stream included."""
+    them on the current stream, a side stream included, and are complete on return."""
     side = torch.cuda.Stream()
     out = tb.empty_pinned((DIRECT // 4,), np.float32)
     with torch.cuda.stream(side):
@@ -174,24 +201,31 @@ def test_direct_pinned_copies_follow_the_current_stream():
         assert tb.to_numpy(x, out=out) is out
         assert (out == 3).all()
         out[:] = 7
+        torch.cuda._sleep(50_000_000)  # busy again: the upload must wait for it, then finish
         t = tb.to_tensor(out, "cuda")
-        t.add_(1)  # after the upload, on the same stream
+        assert side.query()  # nothing left on the stream: the upload is complete
+        out[:] = -1  # free to reuse
     side.synchronize()
-    assert (t.cpu() == 8).all()
+    assert (t.cpu() == 7).all()
+    assert direct == [True, True]
 
 
-def test_a_view_of_a_registered_array_goes_through_the_registration_cache(gen):
-    """Memory the registration cache page-locked is not taken for someone else's pinned
-    memory: its transfers still count as the cache's hits (its eviction order)."""
+def test_a_view_of_a_registered_array_goes_through_the_registration_cache(gen, direct):
+    """Memory the registration cache page-locked, seen through a view at an offset into
+    it, is not taken for someone else's pinned memory: its transfers still count as the
+    cache's hits (its eviction order), both ways."""
+    owner = np.empty(N8 + 64, np.float32)
+    out = owner[64:]  # (the cache registers the owner's whole buffer)
     x = random_tensor((N8,), torch.float32, gen).cuda()
-    out = np.empty(N8, np.float32)
     tb.to_numpy(x, out=out)
     tb.to_numpy(x, out=out)  # registered here
     before = tb.pinned_stats()["registered_hits"]
     out.fill(0)
     assert tb.to_numpy(x, out=out) is out
     assert_same(out, x.cpu().numpy())
-    assert tb.pinned_stats()["registered_hits"] == before + 1
+    assert torch.equal(tb.to_tensor(out, "cuda"), x)
+    assert tb.pinned_stats()["registered_hits"] == before + 2
+    assert not any(direct)
 
 
 def test_non_blocking_sees_only_work_queued_before_it(gen):

@@ -416,6 +416,24 @@ def test_strided_nested_tensor_gets_a_type_error(backend):
             call()
 
 
+@pytest.mark.parametrize("kind", ["sparse-csr", "sparse-coo", "nested"])
+@pytest.mark.parametrize("elements", [64, 1 << 19], ids=["small", "2MiB"])
+def test_sparse_and_nested_tensors_with_an_out_get_a_type_error(backend, kind, elements):
+    """At every size: the fast paths for large copies (torch's threads on the host, one
+    DMA on a GPU) ask for sizes and contiguity, which these layouts raise RuntimeErrors
+    for; the refusal must be the full path's TypeError, before anything is written."""
+    dense = torch.rand(2, elements)
+    x = {
+        "sparse-csr": lambda: dense.to_sparse_csr(),
+        "sparse-coo": lambda: dense.to_sparse(),
+        "nested": lambda: torch.nested.nested_tensor(list(dense), layout=torch.strided),
+    }[kind]()
+    out = np.full((2, elements), 7, np.float32)
+    with pytest.raises(TypeError, match=r"to_dense|unbind"):
+        tb.to_numpy(x, out=out)
+    assert (out == 7).all()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, "float32", torch.float32, np.dtype("float32")])
 def test_images_to_tensor_takes_any_dtype_spelling(backend, rng, dtype):
     x = rng.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)

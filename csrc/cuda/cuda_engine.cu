@@ -301,6 +301,9 @@ bool copy_pinned(int d, StreamHandle stream, void* dst, const void* src, size_t 
   const void* host = to_host ? dst : src;
   DeviceGuard guard(d);
   Device& dev = device(d);
+  // Pageable memory (the common refusal) is told apart without the registration lock,
+  // which host_register and host_unregister hold across slow driver calls.
+  if (!is_host_range_pinned(host, n)) return false;
   {
     // Under the registration lock: a range seen here as page-locked and not registered
     // here is someone else's, which the registration cache never registers or drops.

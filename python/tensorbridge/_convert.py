@@ -194,7 +194,13 @@ def to_numpy(
                             return out
                     except RuntimeError:
                         pass
-        elif entry is not None and entry[1] is None and x.is_cuda:
+        elif (
+            entry is not None
+            and entry[1] is None
+            and x.is_cuda
+            and x.layout is torch.strided  # (sparse and nested tensors: the full path's
+            and not x.is_nested  # refusal, not an error from their sizes or strides)
+        ):
             np_dtype = entry[0]
             plain_out = (
                 out
@@ -263,7 +269,9 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
     if _IN_FORKED_CHILD[0]:
         return False  # torch's OpenMP pool hangs in a child forked after the parent used it
     if not (
-        type(out) is np.ndarray
+        x.layout is torch.strided  # (sparse and nested tensors have no strides or sizes:
+        and not x.is_nested  # the full path refuses them with a fix)
+        and type(out) is np.ndarray
         and out.dtype == np_dtype
         and out.flags.c_contiguous
         and out.flags.writeable
