@@ -670,6 +670,7 @@ class FakeCore:
         self.pinned: set[int] = set()  # addresses page-locked by the user
         self.pendings: list[_Pending] = []
         self.asked: list[int] = []  # the device each is_host_pinned call named
+        self.registered = dict  # (the fixture hands it the driver's registrations)
 
     def is_host_pinned(self, a: np.ndarray, device: int = -1) -> bool:
         self.asked.append(device)
@@ -680,6 +681,19 @@ class FakeCore:
         self.log.append("dma")
         self.pendings.append(_Pending(self.log))
         return self.pendings[-1]
+
+    def cuda_copy_pinned(self, device, stream, host, device_ptr, nbytes, to_host):
+        """The core's check: the user's page-locked memory, not a range the cache
+        registered (those keep the cache's use order)."""
+        assert nbytes == host.nbytes and host.flags.c_contiguous
+        if addr(host) not in self.pinned or addr(host) in self.registered():
+            return False
+        if to_host:
+            ctypes.memmove(addr(host), device_ptr, nbytes)
+        else:
+            ctypes.memmove(device_ptr, addr(host), nbytes)
+        self.log.append("direct")
+        return True
 
     def cuda_copy_to_host(self, device, stream, src, dst, chunk, buffers, swap):
         ctypes.memmove(addr(dst), src, dst.nbytes)
@@ -695,8 +709,11 @@ def fake_gpu(monkeypatch):
     """_cuda's GPU paths over host memory, with a fresh cache over a FakeDriver."""
     core = FakeCore()
     cache, drv = make()
+    core.registered = lambda: drv.registered
     added: list[_Pending] = []
-    monkeypatch.setattr(_backend, "ENGINE", types.SimpleNamespace(core=core, C=None))
+    monkeypatch.setattr(
+        _backend, "ENGINE", types.SimpleNamespace(core=core, C=None, cuda_engine=True)
+    )
     monkeypatch.setattr(_registry, "CACHE", cache)
     monkeypatch.setattr(_cuda, "_completions", types.SimpleNamespace(add=added.append))
     monkeypatch.setattr(
@@ -753,6 +770,48 @@ def test_wiring_a_reused_out_is_registered_and_behaves_as_a_pinned_one(fake_gpu,
         assert got is out and np.array_equal(out, x.numpy())
         assert fake_gpu.core.log == (["staged"] if k == 0 else ["dma", "waited"])
     assert fake_gpu.driver.registered == {addr(out): out.nbytes}
+
+
+@pytest.fixture
+def cuda_looking(fake_gpu, monkeypatch):
+    """fake_gpu, with CPU tensors passing for CUDA ones in the public calls' fast paths
+    (``to_numpy``/``to_tensor`` ask ``is_cuda``, resolve the device, allocate on it)."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    monkeypatch.setattr(_backend, "resolve_device", lambda device, fn: torch.device(device))
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: empty(*a, **k))
+    return fake_gpu
+
+
+def test_wiring_the_direct_pinned_path_of_the_public_calls(cuda_looking):
+    """A page-locked out or source of the user's takes one direct copy, in the right
+    direction and size; pageable memory, a registered array or a strided tensor take
+    the full paths (staged, or the cache's DMA)."""
+    core = cuda_looking.core
+    x = torch.from_numpy(np.random.default_rng(0).random(N, dtype=np.float32))
+    out = np.zeros(N, np.float32)
+    core.pinned.add(addr(out))
+    cuda_looking.driver.refuse.add(addr(out))  # (pinned elsewhere: the cache leaves it)
+    assert tb.to_numpy(x, out=out) is out
+    assert np.array_equal(out, x.numpy()) and core.log == ["direct"]
+    core.log.clear()
+    t = tb.to_tensor(out, "cuda")
+    assert torch.equal(t, x) and core.log == ["direct"]
+    core.log.clear()
+    # a strided tensor: the full path, which reads the permuted copy (still one DMA)
+    x2 = torch.from_numpy(np.random.default_rng(1).random((N // 2, 2), dtype=np.float32))
+    out2 = out.reshape(2, N // 2)
+    assert tb.to_numpy(x2.t(), out=out2) is out2
+    assert np.array_equal(out2, x2.t().numpy()) and core.log == ["dma", "waited"]
+    # pageable memory: staged the first time, then registered and DMA'd by the cache
+    core.log.clear()
+    a = np.random.default_rng(2).random(N, dtype=np.float32)
+    for _ in range(3):
+        t = tb.to_tensor(a, "cuda")
+        assert torch.equal(t, torch.from_numpy(a))
+    assert core.log == ["staged", "dma", "waited", "dma", "waited"]
+    assert addr(a) in cuda_looking.driver.registered
 
 
 def test_wiring_registers_and_asks_with_the_transfers_device(fake_gpu, monkeypatch):
