@@ -501,6 +501,25 @@ PYBIND11_MODULE(_C, m) {
       "One blocking copy between the device and host (C-contiguous) if host is page-locked\n"
       "and not registered here; False, with nothing queued, otherwise.");
   m.def(
+      "cuda_copy_small",
+      [](int device, uintptr_t stream, py::array host, uintptr_t device_ptr, size_t nbytes,
+         bool to_host) {
+        if (!(host.flags() & py::array::c_style) || static_cast<size_t>(host.nbytes()) != nbytes)
+          throw py::value_error("cuda_copy_small: host must be C-contiguous, of nbytes bytes");
+        if (to_host && !host.writeable())
+          throw py::value_error("cuda_copy_small: host is read-only");
+        void* h = to_host ? host.mutable_data() : const_cast<void*>(host.data());
+        auto* dev = reinterpret_cast<void*>(device_ptr);
+        ReleaseGil release;
+        if (to_host)
+          tb::cuda::copy_small(device, stream, h, dev, nbytes, true);
+        else
+          tb::cuda::copy_small(device, stream, dev, h, nbytes, false);
+      },
+      py::arg("device"), py::arg("stream"), py::arg("host"), py::arg("device_ptr"),
+      py::arg("nbytes"), py::arg("to_host"),
+      "One blocking copy between the device and host (C-contiguous, any memory).");
+  m.def(
       "cuda_host_ceiling",
       [](int device, size_t nbytes, bool to_pinned, int repeats) {
         ReleaseGil release;

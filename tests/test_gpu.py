@@ -228,6 +228,56 @@ def test_a_view_of_a_registered_array_goes_through_the_registration_cache(gen, d
     assert not any(direct)
 
 
+@pytest.fixture
+def small_direct(monkeypatch):
+    """ROUTING.small_direct on: small copies take one compiled call, not torch's copy_."""
+    monkeypatch.setattr(_cuda.ROUTING, "small_direct", True)
+    calls: list[bool] = []
+    real = _cuda.copy_small
+
+    def spy(index, host, device_ptr, to_host):
+        calls.append(to_host)
+        return real(index, host, device_ptr, to_host)
+
+    monkeypatch.setattr(_cuda, "copy_small", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in NATIVE_DTYPES])
+@pytest.mark.parametrize("nbytes", [0, 8, 4096 + 8, 300 << 10])
+def test_small_direct_copies_both_ways(dtype, nbytes, gen, small_direct):
+    n = nbytes // torch.empty(0, dtype=dtype).element_size()
+    x = random_tensor((n,), dtype, gen).cuda()
+    expected = x.cpu().numpy()
+    out = poisoned((n,), expected.dtype)
+    assert tb.to_numpy(x, out=out) is out
+    assert_same(out, expected)
+    assert_same(tb.to_numpy(x), expected)
+    a = expected.copy()
+    t = tb.to_tensor(a, "cuda")
+    a.view(np.uint8).fill(POISON)  # free to reuse once to_tensor returns
+    torch.cuda.synchronize()
+    assert t.dtype == dtype and t.device.type == "cuda" and torch.equal(t.cpu(), x.cpu())
+    assert small_direct == [True, True, False]
+
+
+def test_small_direct_copies_follow_the_current_stream(small_direct):
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.ones(1024, device="cuda")
+        torch.cuda._sleep(50_000_000)  # keep the stream busy
+        x.mul_(3)  # queued before the copy: must be visible
+        assert (tb.to_numpy(x) == 3).all()
+        a = np.full(1024, 7, np.float32)
+        torch.cuda._sleep(50_000_000)
+        t = tb.to_tensor(a, "cuda")
+        assert side.query()  # the upload waited for the stream and is complete
+        a[:] = -1
+    side.synchronize()
+    assert (t.cpu() == 7).all()
+    assert small_direct == [True, False]
+
+
 def test_non_blocking_sees_only_work_queued_before_it(gen):
     x = torch.ones(1 << 22, device="cuda")
     torch.cuda._sleep(50_000_000)  # keep the stream busy

@@ -695,6 +695,14 @@ class FakeCore:
         self.log.append("direct")
         return True
 
+    def cuda_copy_small(self, device, stream, host, device_ptr, nbytes, to_host):
+        assert nbytes == host.nbytes and host.flags.c_contiguous
+        if to_host:
+            ctypes.memmove(addr(host), device_ptr, nbytes)
+        else:
+            ctypes.memmove(device_ptr, addr(host), nbytes)
+        self.log.append("small")
+
     def cuda_copy_to_host(self, device, stream, src, dst, chunk, buffers, swap):
         ctypes.memmove(addr(dst), src, dst.nbytes)
         self.log.append("staged")
@@ -812,6 +820,26 @@ def test_wiring_the_direct_pinned_path_of_the_public_calls(cuda_looking):
         assert torch.equal(t, torch.from_numpy(a))
     assert core.log == ["staged", "dma", "waited", "dma", "waited"]
     assert addr(a) in cuda_looking.driver.registered
+
+
+def test_wiring_small_copies_take_the_direct_call_where_the_routing_says(cuda_looking, monkeypatch):
+    core = cuda_looking.core
+    x = torch.from_numpy(np.random.default_rng(3).random(1000, dtype=np.float32))
+    out = np.zeros(1000, np.float32)
+    assert tb.to_numpy(x, out=out) is out and np.array_equal(out, x.numpy())
+    assert core.log == []  # torch's copy_, by default
+    monkeypatch.setattr(_cuda.ROUTING, "small_direct", True)
+    out = np.zeros(1000, np.float32)
+    assert tb.to_numpy(x, out=out) is out and np.array_equal(out, x.numpy())
+    fresh = tb.to_numpy(x)
+    assert np.array_equal(fresh, x.numpy()) and not np.shares_memory(fresh, x.numpy())
+    t = tb.to_tensor(out, "cuda")
+    assert torch.equal(t, x) and not np.shares_memory(t.numpy(), out)
+    assert core.log == ["small"] * 3
+    # what the direct call cannot take (a conjugate view) still goes through torch
+    z = torch.from_numpy(np.ones(8, np.complex64) * 1j).conj()
+    assert np.array_equal(tb.to_numpy(z, out=np.empty(8, np.complex64)), np.full(8, -1j))
+    assert core.log == ["small"] * 3
 
 
 def test_wiring_registers_and_asks_with_the_transfers_device(fake_gpu, monkeypatch):

@@ -318,6 +318,17 @@ bool copy_pinned(int d, StreamHandle stream, void* dst, const void* src, size_t 
   return true;
 }
 
+void copy_small(int d, StreamHandle stream, void* dst, const void* src, size_t n, bool to_host) {
+  if (n == 0) return;
+  DeviceGuard guard(d);
+  Device& dev = device(d);
+  if (to_host)
+    dev.engine.copy_to_host_async(dst, src, n, stream);
+  else
+    dev.engine.copy_to_device_async(dst, src, n, stream);
+  dev.engine.synchronize_stream(stream);
+}
+
 std::vector<double> host_copy_seconds(int d, size_t nbytes, bool to_pinned, int repeats) {
   DeviceGuard guard(d);
   return tb::host_copy_seconds(device(d).engine, nbytes, to_pinned, repeats);

@@ -55,6 +55,11 @@ Event copy_async(int device, StreamHandle stream, void* dst, const void* src, si
 /// (those go through the registration cache, which keeps their use order for eviction).
 bool copy_pinned(int device, StreamHandle stream, void* dst, const void* src, size_t n,
                  bool to_host);
+/// A blocking copy between the device and any host memory: one cudaMemcpyAsync on
+/// `stream` (the driver stages pageable memory itself), then the stream is waited for,
+/// as torch's blocking copy does, without its dispatch. For small copies.
+void copy_small(int device, StreamHandle stream, void* dst, const void* src, size_t n,
+                bool to_host);
 /// Seconds per copy between pageable memory and the device's page-locked memory with
 /// the thread pool (the host ceiling H; see core/host_ceiling.h).
 std::vector<double> host_copy_seconds(int device, size_t nbytes, bool to_pinned, int repeats);

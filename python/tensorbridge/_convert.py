@@ -213,7 +213,19 @@ def to_numpy(
             )
             if _cuda.ROUTING.torch_d2h(x.numel() * x.element_size()):
                 # Small GPU tensors: torch's own synchronous copy, with no Python steps
-                # between (the staging pipeline only pays off from about 1 MiB).
+                # between (the staging pipeline only pays off from about 1 MiB), or one
+                # compiled call where the routing says so.
+                if (
+                    _cuda.ROUTING.small_direct
+                    and (out is None or plain_out is not None)
+                    and x.is_contiguous()
+                    and not x.is_conj()
+                    and not x.is_neg()
+                    and _backend.ENGINE.cuda_engine
+                ):
+                    host = np.empty(tuple(x.shape), np_dtype) if plain_out is None else plain_out
+                    _cuda.copy_small(x.get_device(), host, x.data_ptr(), True)
+                    return host
                 if out is None:
                     return x.numpy(force=True)  # detach, cpu, resolve conj/neg: one C++ call
                 if plain_out is not None:
@@ -530,7 +542,15 @@ def to_tensor(
     ):
         if _cuda.ROUTING.torch_h2d(a.nbytes):
             # Small arrays: torch's own copy with no Python steps between (the staging
-            # pipeline pays off from about 1 MiB); on the CPU, a tensor sharing the array.
+            # pipeline pays off from about 1 MiB), or one compiled call where the routing
+            # says so; on the CPU, a tensor sharing the array.
+            if _cuda.ROUTING.small_direct and device.type == "cuda" and _backend.ENGINE.cuda_engine:
+                index = _cuda._device_index(device)
+                dst = torch.empty(
+                    a.shape, dtype=_dtypes.torch_dtype(a.dtype), device=f"cuda:{index}"
+                )
+                _cuda.copy_small(index, a, dst.data_ptr(), False)
+                return dst
             src = _cuda.torch_view(a) if a.flags.writeable else None  # (from_numpy warns
             if src is not None:  # on read-only arrays; the full path copes with those)
                 return src.to(device)

@@ -73,6 +73,11 @@ class Routing:
     small_d2h: int = 512 << 10
     small_h2d: int = 1 << 20
     host_torch_bytes: int = 1 << 20
+    #: Small copies between a contiguous CUDA tensor and a C-contiguous native-order array
+    #: take one compiled call (``copy_small``: cudaMemcpyAsync and a wait on the stream,
+    #: as torch's copy does, without its dispatch) instead of torch's ``copy_``. Off until
+    #: a GPU sweep measures it ahead of torch's copy (bench-tune times both).
+    small_direct: bool = False
 
     def torch_d2h(self, nbytes: int) -> bool:
         """A blocking device-to-host copy of nbytes goes through torch's own copy."""
@@ -160,6 +165,14 @@ def stream_handle(index: int) -> int:
     if _raw_stream is not None:
         return _raw_stream(index)
     return torch.cuda.current_stream(index).cuda_stream
+
+
+def copy_small(index: int, host: np.ndarray, device_ptr: int, to_host: bool) -> None:
+    """One blocking copy between GPU ``index`` (``device_ptr``, as many bytes as ``host``)
+    and ``host`` (C-contiguous, native byte order, any memory) on the current stream:
+    ``ROUTING.small_direct``'s path."""
+    C = _backend.ENGINE.core
+    C.cuda_copy_small(index, stream_handle(index), host, device_ptr, host.nbytes, to_host)
 
 
 def copy_pinned(index: int, host: np.ndarray, device_ptr: int, to_host: bool) -> bool:
