@@ -380,14 +380,15 @@ def test_gpu_benchmark_saves_each_section_and_survives_a_failed_one(tmp_path, mo
 
 
 def test_tune_recommends_torch_up_to_the_largest_size_it_won():
-    def small(direction: str, nbytes: int, torch_gbs: float, engine_gbs: float) -> dict:
-        return {
+    def small(direction: str, nbytes: int, torch_gbs: float, engine_gbs: float, direct=None):
+        row = {
             "part": "small",
             "direction": direction,
             "bytes": nbytes,
             "torch_gbs": torch_gbs,
             "engine_gbs": engine_gbs,
         }
+        return row if direct is None else {**row, "direct_gbs": direct}
 
     rows = [
         small("d2h", 4096, 1.0, 0.5),
@@ -397,7 +398,15 @@ def test_tune_recommends_torch_up_to_the_largest_size_it_won():
         small("h2d", 4096, 1.0, 1.5),  # never lost
         {"part": "pipeline", "direction": "h2d", "bytes": 1 << 24, "gbs": 9.0},
     ]
-    assert tune.recommended_routing(rows) == {"small_d2h": 524288, "small_h2d": 0}
+    expected = {"small_d2h": 524288, "small_h2d": 0, "small_direct": False}
+    assert tune.recommended_routing(rows) == expected  # (no direct call timed)
+    # the direct call replaces torch's copy where it was at least as fast at every size
+    # torch's copy takes (sizes above those do not count)
+    timed = [{**r, "direct_gbs": r["torch_gbs"] * 1.2} for r in rows[:5]]
+    timed[3]["direct_gbs"] = 1.0  # 1 MiB: the engine's anyway
+    assert tune.recommended_routing(timed) == {**expected, "small_direct": True}
+    timed[2]["direct_gbs"] = 2.9  # slower than torch at 512 KiB
+    assert tune.recommended_routing(timed) == expected
 
 
 def test_routing_defaults_are_the_newest_committed_sweep():
@@ -414,6 +423,7 @@ def test_routing_defaults_are_the_newest_committed_sweep():
     assert tune.recommended_routing(rows) == {
         "small_d2h": defaults.small_d2h,
         "small_h2d": defaults.small_h2d,
+        "small_direct": defaults.small_direct,
     }, name
 
 

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,8 +48,21 @@ def _engine_only() -> Iterator[None]:
         _cuda.ROUTING.small_d2h, _cuda.ROUTING.small_h2d = saved
 
 
+@contextmanager
+def _direct_small() -> Iterator[None]:
+    """Every size through ``copy_small`` (one compiled call, no staging, no torch)."""
+    r = _cuda.ROUTING
+    saved = r.small_d2h, r.small_h2d, r.small_direct
+    r.small_d2h = r.small_h2d = 1 << 62
+    r.small_direct = True
+    try:
+        yield
+    finally:
+        r.small_d2h, r.small_h2d, r.small_direct = saved
+
+
 def _small_pair(nbytes: int, repeats: int) -> tuple[Measured, Measured]:
-    """(d2h, h2d) measurements of [torch's copy, the engine] at one size."""
+    """(d2h, h2d) measurements of [torch's copy, the direct call, the engine] at one size."""
     n = nbytes // 4
     k = buffers_to_rotate(nbytes)
     ts = [torch.rand(n, device="cuda") for _ in range(k)]
@@ -57,58 +70,93 @@ def _small_pair(nbytes: int, repeats: int) -> tuple[Measured, Measured]:
     rng = np.random.default_rng(nbytes)
     arrays = [rng.random(n, dtype=np.float32) for _ in range(k)]
 
-    def engine_d2h(i: int) -> None:
-        with _engine_only():
-            to_numpy(ts[i % k], out=out)
+    def through(context: Callable[[], Any], fn: Callable[[int], object]) -> Call:
+        def call(i: int) -> None:
+            with context():
+                fn(i)
 
-    def engine_h2d(i: int) -> None:
-        with _engine_only():
-            to_tensor(arrays[i % k], "cuda")
+        return call
 
-    d2h = measure_group([lambda i: torch.from_numpy(out).copy_(ts[i % k]), engine_d2h], repeats)
-    h2d = measure_group([lambda i: torch.from_numpy(arrays[i % k]).cuda(), engine_h2d], repeats)
-    return d2h, h2d
+    def d2h(i: int) -> object:
+        return to_numpy(ts[i % k], out=out)
+
+    def h2d(i: int) -> object:
+        return to_tensor(arrays[i % k], "cuda")
+
+    return (
+        measure_group(
+            [
+                lambda i: torch.from_numpy(out).copy_(ts[i % k]),
+                through(_direct_small, d2h),
+                through(_engine_only, d2h),
+            ],
+            repeats,
+        ),
+        measure_group(
+            [
+                lambda i: torch.from_numpy(arrays[i % k]).cuda(),
+                through(_direct_small, h2d),
+                through(_engine_only, h2d),
+            ],
+            repeats,
+        ),
+    )
 
 
 def small_copies(repeats: int) -> list[dict[str, Any]]:
-    """Part 1: torch's copy against the engine from 4 KiB to 4 MiB, both directions."""
+    """Part 1: torch's copy, the direct call and the engine from 4 KiB to 4 MiB, both
+    directions."""
     rows: list[dict[str, Any]] = []
     for nbytes in [4 * KiB, 16 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, 1 * MiB, 4 * MiB]:
         d2h, h2d = _small_pair(nbytes, repeats)
         for direction, res in (("d2h", d2h), ("h2d", h2d)):
-            torch_gbs, engine_gbs = nbytes / res[0][0] / 1e9, nbytes / res[1][0] / 1e9
+            torch_gbs, direct_gbs, engine_gbs = (nbytes / m[0] / 1e9 for m in res)
             rows.append(
                 {
                     "part": "small",
                     "direction": direction,
                     "bytes": nbytes,
                     "torch_gbs": torch_gbs,
+                    "direct_gbs": direct_gbs,
                     "engine_gbs": engine_gbs,
                 }
             )
             print(
                 f"small {direction} {nbytes // KiB:>6} KiB  torch {torch_gbs:7.2f} GB/s"
-                f"  engine {engine_gbs:7.2f} GB/s  engine/torch {engine_gbs / torch_gbs:.2f}",
+                f"  direct {direct_gbs:7.2f} GB/s  engine {engine_gbs:7.2f} GB/s"
+                f"  direct/torch {direct_gbs / torch_gbs:.2f}  engine/torch "
+                f"{engine_gbs / torch_gbs:.2f}",
                 flush=True,
             )
     return rows
 
 
-def recommended_routing(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """The size routing that part 1 measured: per direction (``small_d2h``, ``small_h2d``
-    as in ``_cuda.Routing``), the largest size at which torch's copy beat the engine, so
-    that the engine takes only sizes above every one it lost at (0: it never lost)."""
-    routing = {}
+def recommended_routing(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The size routing that part 1 measured, as ``_cuda.Routing``'s fields: per
+    direction (``small_d2h``, ``small_h2d``), the largest size at which torch's copy beat
+    the engine, so that the engine takes only sizes above every one it lost at (0: it
+    never lost); and ``small_direct``, whether the direct call was at least as fast as
+    torch's copy at every size below those (False where the sweep did not time it)."""
+    small = [r for r in rows if r["part"] == "small"]
+    routing: dict[str, Any] = {}
     for direction in ("d2h", "h2d"):
         lost = [
             r["bytes"]
-            for r in rows
-            if r["part"] == "small"
-            and r["direction"] == direction
-            and r["engine_gbs"] < r["torch_gbs"]
+            for r in small
+            if r["direction"] == direction and r["engine_gbs"] < r["torch_gbs"]
         ]
         routing[f"small_{direction}"] = max(lost, default=0)
+    routed = [r for r in small if r["bytes"] <= routing[f"small_{r['direction']}"]]
+    routing["small_direct"] = bool(routed) and all(
+        "direct_gbs" in r and r["direct_gbs"] >= r["torch_gbs"] for r in routed
+    )
     return routing
+
+
+def _routing_text(routing: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v}" if isinstance(v, bool) else f"{k} {v // KiB} KiB" for k, v in routing.items()
+    )
 
 
 def _config_call(
@@ -212,13 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sweep took {time.time() - t0:.0f} s")
     top: dict[str, Any] = {}
     if not args.skip_small:
-        current = {"small_d2h": _cuda.ROUTING.small_d2h, "small_h2d": _cuda.ROUTING.small_h2d}
+        current = {
+            "small_d2h": _cuda.ROUTING.small_d2h,
+            "small_h2d": _cuda.ROUTING.small_h2d,
+            "small_direct": _cuda.ROUTING.small_direct,
+        }
         top = {"routing": current, "recommended_routing": recommended_routing(rows)}
         print(
-            "routing (torch's copy at or below these sizes, the engine above): now "
-            + ", ".join(f"{k} {v // KiB} KiB" for k, v in current.items())
-            + "; measured here "
-            + ", ".join(f"{k} {v // KiB} KiB" for k, v in top["recommended_routing"].items())
+            "routing (torch's copy, or the direct call where small_direct, at or below these "
+            f"sizes, the engine above): now {_routing_text(current)}; measured here "
+            f"{_routing_text(top['recommended_routing'])}"
         )
     if args.save:
         os.makedirs(args.save, exist_ok=True)
