@@ -13,7 +13,9 @@ torch and tensorbridge in this process only; run it as a script, never import it
 
 Rows: ``to_numpy(t, out=pinned)`` (a page-locked out: the direct path) and
 ``to_tensor(pinned_a, 'cuda')`` (a page-locked source), each at --size (default 2 MiB,
-above the size routing's torch copies).
+above the size routing's torch copies); then a 4 KiB ``to_numpy(t, out=out)`` through
+torch's ``copy_`` (which really copies here: a CPU copy stands in for the GPU's) and
+through the direct call that ``ROUTING.small_direct`` selects.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def _stub_the_device() -> None:
         def cuda_copy_pinned(self, *args: object) -> bool:
             return True
 
+        def cuda_copy_small(self, *args: object) -> None:
+            pass
+
     _backend.ENGINE.C = Core()
     type(_backend.ENGINE).cuda_engine = property(lambda self: True)  # type: ignore[method-assign]
     _backend.resolve_device = lambda device, fn: device  # type: ignore[assignment]
@@ -84,6 +89,12 @@ def main() -> None:
     out = np.empty(n, np.float32)
     a = np.random.default_rng(0).random(n, dtype=np.float32)
     one, one_dst = torch.ones(1), torch.empty(1)
+    small_t, small_out = torch.rand(1024), np.empty(1024, np.float32)
+
+    def small(direct: bool) -> object:
+        _cuda.ROUTING.small_direct = direct
+        return tb.to_numpy(small_t, out=small_out)
+
     scale = measure(lambda i: one_dst.copy_(one), args.repeats)
     _stub_the_device()
     cuda = torch.device("cuda", 0)
@@ -96,6 +107,14 @@ def main() -> None:
         (
             f"tb.to_tensor(pinned_a, 'cuda'), {args.size >> 20} MiB",
             measure(lambda i: tb.to_tensor(a, cuda), args.repeats),
+        ),
+        (
+            "tb.to_numpy(t, out=out), 4 KiB, torch's copy_ (copies 4 KiB here)",
+            measure(lambda i: small(False), args.repeats),
+        ),
+        (
+            "tb.to_numpy(t, out=out), 4 KiB, ROUTING.small_direct",
+            measure(lambda i: small(True), args.repeats),
         ),
     ]
     print(
