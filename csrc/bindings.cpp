@@ -371,6 +371,23 @@ py::dict cuda_copy_packed(int device, uintptr_t stream, const PackedArrays& layo
   return report_dict(r);
 }
 
+// The two ends of a blocking copy between `host` (C-contiguous, nbytes bytes; writable
+// when written) and device memory, checked with the GIL held.
+struct HostAndDevice {
+  void* dst;
+  const void* src;
+};
+
+HostAndDevice blocking_copy_ends(const char* fn, py::array& host, uintptr_t device_ptr,
+                                 size_t nbytes, bool to_host) {
+  if (!(host.flags() & py::array::c_style) || static_cast<size_t>(host.nbytes()) != nbytes)
+    throw py::value_error(std::string(fn) + ": host must be C-contiguous, of nbytes bytes");
+  auto* dev = reinterpret_cast<void*>(device_ptr);
+  if (!to_host) return {dev, host.data()};
+  if (!host.writeable()) throw py::value_error(std::string(fn) + ": host is read-only");
+  return {host.mutable_data(), dev};
+}
+
 // A 1-D uint8 array over freshly page-locked memory; freed when the array's base dies.
 py::array empty_pinned_bytes(size_t nbytes) {
   const auto free = [](void* p) { tb::cuda::host_free(p); };
@@ -486,15 +503,10 @@ PYBIND11_MODULE(_C, m) {
       "cuda_copy_pinned",
       [](int device, uintptr_t stream, py::array host, uintptr_t device_ptr, size_t nbytes,
          bool to_host) {
-        if (!(host.flags() & py::array::c_style) || static_cast<size_t>(host.nbytes()) != nbytes)
-          throw py::value_error("cuda_copy_pinned: host must be C-contiguous, of nbytes bytes");
-        if (to_host && !host.writeable())
-          throw py::value_error("cuda_copy_pinned: host is read-only");
-        void* h = to_host ? host.mutable_data() : const_cast<void*>(host.data());
-        auto* dev = reinterpret_cast<void*>(device_ptr);
+        const HostAndDevice p =
+            blocking_copy_ends("cuda_copy_pinned", host, device_ptr, nbytes, to_host);
         ReleaseGil release;
-        return to_host ? tb::cuda::copy_pinned(device, stream, h, dev, nbytes, true)
-                       : tb::cuda::copy_pinned(device, stream, dev, h, nbytes, false);
+        return tb::cuda::copy_pinned(device, stream, p.dst, p.src, nbytes, to_host);
       },
       py::arg("device"), py::arg("stream"), py::arg("host"), py::arg("device_ptr"),
       py::arg("nbytes"), py::arg("to_host"),
@@ -504,17 +516,10 @@ PYBIND11_MODULE(_C, m) {
       "cuda_copy_small",
       [](int device, uintptr_t stream, py::array host, uintptr_t device_ptr, size_t nbytes,
          bool to_host) {
-        if (!(host.flags() & py::array::c_style) || static_cast<size_t>(host.nbytes()) != nbytes)
-          throw py::value_error("cuda_copy_small: host must be C-contiguous, of nbytes bytes");
-        if (to_host && !host.writeable())
-          throw py::value_error("cuda_copy_small: host is read-only");
-        void* h = to_host ? host.mutable_data() : const_cast<void*>(host.data());
-        auto* dev = reinterpret_cast<void*>(device_ptr);
+        const HostAndDevice p =
+            blocking_copy_ends("cuda_copy_small", host, device_ptr, nbytes, to_host);
         ReleaseGil release;
-        if (to_host)
-          tb::cuda::copy_small(device, stream, h, dev, nbytes, true);
-        else
-          tb::cuda::copy_small(device, stream, dev, h, nbytes, false);
+        tb::cuda::copy_small(device, stream, p.dst, p.src, nbytes, to_host);
       },
       py::arg("device"), py::arg("stream"), py::arg("host"), py::arg("device_ptr"),
       py::arg("nbytes"), py::arg("to_host"),

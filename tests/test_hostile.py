@@ -416,6 +416,26 @@ def test_strided_nested_tensor_gets_a_type_error(backend):
             call()
 
 
+@pytest.mark.skipif(
+    _backend.ENGINE.C is None or not _backend.ENGINE.C.cuda_compiled, reason="no CUDA build"
+)
+@pytest.mark.parametrize("name", ["cuda_copy_pinned", "cuda_copy_small"])
+def test_blocking_copy_bindings_check_the_host_side_before_any_driver_call(name):
+    """Refused with the GIL held, before the device is touched (so on any machine)."""
+    call = getattr(_backend.ENGINE.C, name)
+    a = np.full(64, 7, np.float32)
+    read_only = a.copy()
+    read_only.flags.writeable = False
+    for host, nbytes, to_host in (
+        (a[::2], a[::2].nbytes, True),  # not C-contiguous
+        (a, a.nbytes - 4, True),  # not the size it says
+        (read_only, read_only.nbytes, True),  # written into
+    ):
+        with pytest.raises(ValueError, match=name):
+            call(0, 0, host, 0, nbytes, to_host)
+    assert (a == 7).all()
+
+
 @pytest.mark.parametrize("kind", ["sparse-csr", "sparse-coo", "nested"])
 @pytest.mark.parametrize("elements", [64, 1 << 19], ids=["small", "2MiB"])
 def test_sparse_and_nested_tensors_with_an_out_get_a_type_error(backend, kind, elements):

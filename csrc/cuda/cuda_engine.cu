@@ -296,28 +296,6 @@ bool overlaps_registered_locked(const void* ptr, size_t n) {
 
 }  // namespace
 
-bool copy_pinned(int d, StreamHandle stream, void* dst, const void* src, size_t n, bool to_host) {
-  if (n == 0) return false;
-  const void* host = to_host ? dst : src;
-  DeviceGuard guard(d);
-  Device& dev = device(d);
-  // Pageable memory (the common refusal) is told apart without the registration lock,
-  // which host_register and host_unregister hold across slow driver calls.
-  if (!is_host_range_pinned(host, n)) return false;
-  {
-    // Under the registration lock: a range seen here as page-locked and not registered
-    // here is someone else's, which the registration cache never registers or drops.
-    std::lock_guard<std::mutex> lock(g_register_mutex);
-    if (overlaps_registered_locked(host, n) || !is_host_range_pinned(host, n)) return false;
-  }
-  if (to_host)
-    dev.engine.copy_to_host_async(dst, src, n, stream);
-  else
-    dev.engine.copy_to_device_async(dst, src, n, stream);
-  dev.engine.synchronize_stream(stream);
-  return true;
-}
-
 void copy_small(int d, StreamHandle stream, void* dst, const void* src, size_t n, bool to_host) {
   if (n == 0) return;
   DeviceGuard guard(d);
@@ -327,6 +305,23 @@ void copy_small(int d, StreamHandle stream, void* dst, const void* src, size_t n
   else
     dev.engine.copy_to_device_async(dst, src, n, stream);
   dev.engine.synchronize_stream(stream);
+}
+
+bool copy_pinned(int d, StreamHandle stream, void* dst, const void* src, size_t n, bool to_host) {
+  if (n == 0) return false;
+  const void* host = to_host ? dst : src;
+  DeviceGuard guard(d);
+  // Pageable memory (the common refusal) is told apart without the registration lock,
+  // which host_register and host_unregister hold across slow driver calls.
+  if (!is_host_range_pinned(host, n)) return false;
+  {
+    // Under the registration lock: a range seen here as page-locked and not registered
+    // here is someone else's, which the registration cache never registers or drops.
+    std::lock_guard<std::mutex> lock(g_register_mutex);
+    if (overlaps_registered_locked(host, n) || !is_host_range_pinned(host, n)) return false;
+  }
+  copy_small(d, stream, dst, src, n, to_host);
+  return true;
 }
 
 std::vector<double> host_copy_seconds(int d, size_t nbytes, bool to_pinned, int repeats) {
