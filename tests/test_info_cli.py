@@ -427,6 +427,44 @@ def test_routing_defaults_are_the_newest_committed_sweep():
     }, name
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--repeats", "0"], ["--buffers", "0"], ["--sizes-mib", "-1"], ["--save", "FILE"]],
+)
+def test_tune_refuses_bad_arguments_before_measuring(argv, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    argv = [str(afile) if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        tune.main(argv)
+    assert exc.value.code == 2 and "needs a GPU" not in capsys.readouterr().err
+
+
+def test_gpu_benchmark_refuses_a_zero_size_before_measuring(capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu.main(["--sizes", "0"])
+    assert exc.value.code == 2 and "at least 4 bytes" in capsys.readouterr().err
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A write that fails (a full disk) leaves neither a truncated file nor its temporary."""
+    from tensorbridge.bench import _results
+
+    real_open = open
+
+    def failing_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode:
+            f.write = lambda text: (_ for _ in ()).throw(OSError("disk full"))
+        return f
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(OSError, match="disk full"):
+        _results.write_json(str(tmp_path / "r.json"), {}, [])
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_extension_falls_back_with_a_reason():
     code = (
         "import sys, json; sys.modules['tensorbridge._C'] = None\n"

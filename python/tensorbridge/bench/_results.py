@@ -12,6 +12,7 @@ best'; None for baselines); and ``of_limit``, ``gbs`` over the limit the row is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,9 +40,14 @@ def _replace(path: str, text: str) -> None:
     """Writes text to path through a temporary file, so that a run killed while saving
     leaves the previous file whole, never a truncated one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def row_records(rows: Sequence[Row]) -> list[dict[str, Any]]:

@@ -646,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = output_problem(args.save, args.plot)
     if problem:
         p.error(problem)  # before the run, not after minutes of measuring
+    if min(args.sizes) < 4:
+        p.error("--sizes: each size must be at least 4 bytes (one float32)")
     if args.plot and not _plot.available():
         p.error(_plot.MISSING)
     if not torch.cuda.is_available():

@@ -29,7 +29,7 @@ import torch
 from .. import _backend, _cuda
 from .._convert import to_numpy, to_tensor
 from .._registry import registration_options
-from ._results import write_json
+from ._results import output_problem, write_json
 from ._rows import KiB, MiB, slug
 from ._runner import Call, buffers_to_rotate, measure_group
 from .gpu import gpu_machine
@@ -232,6 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-small", action="store_true")
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-tune-<gpu>.json")
     args = p.parse_args(argv)
+    if args.repeats < 2:
+        p.error("--repeats must be at least 2")
+    knobs = (args.threads or [1]) + args.chunks_mib + args.buffers + args.sizes_mib
+    if min(knobs) < 1:
+        p.error("--threads, --chunks-mib, --buffers and --sizes-mib take numbers from 1 up")
+    problem = output_problem(args.save, None)
+    if problem:
+        p.error(problem)  # before the sweep, not after minutes of measuring
     if not (torch.cuda.is_available() and _backend.ENGINE.cuda_engine):
         print("needs a GPU and the compiled CUDA engine", file=sys.stderr)
         return 2
