@@ -301,6 +301,73 @@ def test_many_small_arrays_sent_packed_in_few_copies(rng, chunk):
     assert sender.link.stats()["bytes_in_use"] == 0
 
 
+def _same_shape_arrays(rng, n=60):
+    """One group: equal dtype and shape, reached through contiguous, transposed and
+    reversed views."""
+    out = []
+    for i in range(n):
+        a = rng.standard_normal((4, 3)).astype(np.float32)
+        out.append(a if i % 3 == 0 else np.ascontiguousarray(a.T).T if i % 3 == 1 else a[::-1])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["one group", "groups", "dict", "nested", "with a tensor"])
+def test_batches_of_host_arrays_sent_packed_as_torch_makes_them(rng, kind):
+    """Batches of host arrays only (most batches: the packed path takes them without
+    sorting leaf by leaf), and one with a tensor among them: every leaf a view of the one
+    poisoned buffer, with the dtype, shape and bytes of torch.from_numpy's tensor."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    same = _same_shape_arrays(rng)
+    mixed = _host_arrays(_mixed_host_arrays(rng, n=60))[:-1]  # (no array of its own block)
+    batch = {
+        "one group": same,
+        "groups": mixed,
+        "dict": {f"k{i}": a for i, a in enumerate(mixed)},
+        "nested": {"a": same[:20], "b": (mixed[0], [mixed[1], {"c": mixed[2]}]), "d": mixed[3]},
+        "with a tensor": [*same[:5], torch.arange(6.0).reshape(2, 3).T, *mixed[:5]],
+    }[kind]
+    sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0), chunk_bytes=1 << 16, buffers=4)
+    poison = []
+
+    def empty(nbytes):
+        poison.append(torch.full((nbytes,), 0xAB, dtype=torch.uint8))
+        return poison[-1]
+
+    sender.empty = empty
+    out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
+    got, got_keys, got_spec = tb._tree.flatten(out)
+    leaves, keys, spec = tb._tree.flatten(batch)
+    assert (got_spec, got_keys) == (spec, keys) and len(got) == len(leaves)
+    assert len(poison) == 1
+    for a, t in zip(leaves, got, strict=True):
+        expected = (a if isinstance(a, torch.Tensor) else tb.from_numpy(a)).contiguous()
+        assert (t.dtype, t.shape) == (expected.dtype, expected.shape)
+        assert _tensor_bytes(t) == _tensor_bytes(expected)
+        assert t.untyped_storage().data_ptr() == poison[0].data_ptr()  # views of one buffer
+    assert sender.link.stats()["bytes_in_use"] == 0
+
+
+def test_flatten_and_unflatten_keep_order_and_count_the_leaves():
+    batch = {"a": [1, 2.5, "x"], "b": ({"c": None, "d": 3}, [[4, 5], 6]), "e": {"f": 7, "g": [8]}}
+    leaves, keys, spec = tb._tree.flatten(batch)
+    assert leaves == [1, 2.5, "x", None, 3, 4, 5, 6, 7, 8]
+    assert keys == ["a", "a", "a", "c", "d", "b", "b", "b", "f", "g"]
+    assert tb._tree.unflatten(spec, leaves) == batch
+    swapped = tb._tree.unflatten(spec, list(range(10)))
+    assert swapped == {
+        "a": [0, 1, 2],
+        "b": ({"c": 3, "d": 4}, [[5, 6], 7]),
+        "e": {"f": 8, "g": [9]},
+    }
+    with pytest.raises(ValueError, match="fewer leaves"):
+        tb._tree.unflatten(spec, leaves[:-1])
+    with pytest.raises(ValueError, match="fewer leaves"):
+        tb._tree.unflatten(spec, leaves[:2])  # (short inside a list of leaves)
+    with pytest.raises(ValueError, match="more leaves"):
+        tb._tree.unflatten(spec, [*leaves, 0])
+
+
 @needs_testing_module
 def test_a_packed_send_that_fails_leaves_no_block_in_use(rng):
     if tb.info()["extension"] is False:

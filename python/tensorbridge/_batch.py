@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import heapq
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, overload
 
 import numpy as np
@@ -251,7 +251,11 @@ def send_batch(
     core), the host arrays of the batch cross packed in one buffer; other leaves move
     one by one."""
     originals, keys, spec = flatten(batch)
-    leaves = [leaf if type(leaf) in _PLAIN else _foreign_as_tensor(leaf) for leaf in originals]
+    types = set(map(type, originals))  # (per-leaf work in C: a batch has thousands)
+    if _PLAIN.issuperset(types):
+        leaves = originals
+    else:
+        leaves = [leaf if type(leaf) in _PLAIN else _foreign_as_tensor(leaf) for leaf in originals]
     out: list[Any] = list(leaves)
     packed: list[int] = []  # leaf positions of the arrays that cross packed
     arrays: list[np.ndarray] = []
@@ -259,7 +263,8 @@ def send_batch(
     nested: list[int] = []  # positions of PackedBatches inside the batch (one copy each)
     pack = sender is not None and _backend.ENGINE.C is not None
     packed_batch = _packed_batch()
-    for i, leaf in enumerate(leaves):  # (the hot loop: one exact type test per leaf)
+    all_packed = pack and len(leaves) > 1 and types == {np.ndarray}  # (most batches)
+    for i, leaf in enumerate(() if all_packed else leaves):  # (one exact type test each)
         if type(leaf) is np.ndarray and pack:
             packed.append(i)
             arrays.append(leaf)
@@ -272,24 +277,27 @@ def send_batch(
                 arrays.append(a)
         elif isinstance(leaf, packed_batch):
             nested.append(i)
+    if len(arrays) == 1:
+        alone.append(packed.pop())
+    positions: Sequence[int] = packed
+    if all_packed:
+        positions, arrays = range(len(leaves)), leaves
     if rule is not None and rule.by_key:  # (before anything moves)
-        present = {keys[i] for i in (*packed, *alone)}
+        present = {keys[i] for i in (*positions, *alone)}
         present.update(*(leaves[i].keys() for i in nested))
         check_names(rule, present, "to_device")
     for i in nested:
         out[i] = leaves[i]._to(dev, rule, non_blocking, False, checked=True)
-    if len(arrays) == 1:
-        alone.append(packed.pop())
-    if arrays and packed:
+    if positions:
         assert sender is not None
         plan = _pack.layout(arrays)  # every array checked before anything moves
         buffer = sender.empty(plan.nbytes)
         sender.send(plan, buffer)
-        _pack.views_into(buffer, plan, out, packed)
+        _pack.views_into(buffer, plan, out, positions)
     for i in alone:
         out[i] = to_tensor(leaves[i], dev, non_blocking=non_blocking)
     if rule is not None:
-        for i in (*packed, *alone):
+        for i in (*positions, *alone):
             target = _target_dtype(rule, keys[i], _source_dtype(leaves[i]))
             if target is not None and target != out[i].dtype:
                 out[i] = out[i].to(target)

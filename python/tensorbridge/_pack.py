@@ -140,6 +140,7 @@ def views_into(
     buffer: torch.Tensor, plan: Layout, out: list[Any], positions: Sequence[int]
 ) -> None:
     """As :func:`views`, writing array ``i``'s tensor to ``out[positions[i]]``."""
+    whole = isinstance(positions, range) and positions == range(len(out))
     typed: dict[torch.dtype, torch.Tensor] = {}
     for t_dtype, shape, first, stride, members in plan.groups:
         flat = typed.get(t_dtype)
@@ -152,5 +153,8 @@ def views_into(
             (stride // item, *_contiguous_strides(shape)),
             flat.storage_offset() + first // item,  # (as_strided counts from the storage)
         )
+        if whole and len(members) == len(out):  # one group, all arrays in order
+            out[:] = group.unbind(0)
+            continue
         for m, v in zip(members, group.unbind(0), strict=True):
             out[positions[m]] = v

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -134,8 +135,16 @@ def _flatten(obj: Any, key: Any, leaves: list[Any], keys: list[Any]) -> Spec:
         keys.append(key)
         return None
     if cls is list:
+        if _LEAF_TYPES.issuperset(map(type, obj)):  # a list of leaves: no call per leaf
+            leaves.extend(obj)
+            keys.extend([key] * len(obj))
+            return ("list", None, [None] * len(obj))
         return ("list", None, [_flatten(v, key, leaves, keys) for v in obj])
     if cls is dict:
+        if _LEAF_TYPES.issuperset(map(type, obj.values())):
+            leaves.extend(obj.values())
+            keys.extend(obj)
+            return ("dict", list(obj), [None] * len(obj))
         return ("dict", list(obj), [_flatten(v, k, leaves, keys) for k, v in obj.items()])
     if isinstance(obj, Mapping):
         return ("mapping", obj, [_flatten(v, k, leaves, keys) for k, v in obj.items()])
@@ -173,7 +182,12 @@ def _unflatten(spec: Spec, it: Any) -> Any:
         except StopIteration:
             raise ValueError("unflatten: fewer leaves than the structure holds") from None
     kind, meta, children = spec
-    values = [_unflatten(c, it) for c in children]
+    if any(children):  # (a leaf's spec is None, a container's a tuple)
+        values = [_unflatten(c, it) for c in children]
+    else:  # only leaves below: taken in one slice
+        values = list(itertools.islice(it, len(children)))
+        if len(values) != len(children):
+            raise ValueError("unflatten: fewer leaves than the structure holds")
     if kind == "list":
         return values
     if kind == "dict":
