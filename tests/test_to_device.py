@@ -348,6 +348,34 @@ def test_batches_of_host_arrays_sent_packed_as_torch_makes_them(rng, kind):
     assert sender.link.stats()["bytes_in_use"] == 0
 
 
+def test_packed_tensors_are_tensors_of_their_own_to_autograd(rng):
+    """Each packed tensor behaves as the per-array idiom's does: in-place ops with an
+    operand that requires grad, and requires_grad_() with a backward, work (outputs of one
+    unbind would refuse the first), and the gradient is the idiom's."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = [rng.standard_normal(3).astype(np.float32) for _ in range(4)]
+    sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0))
+    moved = _batch.send_batch(arrays, torch.device("cpu"), sender, None, False)
+    idiom = [torch.from_numpy(a).to("cpu", copy=True) for a in arrays]
+    w = torch.ones(3, requires_grad=True)
+    for got, want in zip(moved, idiom, strict=True):
+        assert not got.requires_grad
+        got.mul_(w)
+        want.mul_(w)
+        assert torch.equal(got, want) and got.requires_grad
+    (torch.stack(moved) * 2).sum().backward()
+    grad = w.grad.clone()
+    w.grad = None
+    (torch.stack(idiom) * 2).sum().backward()
+    assert torch.equal(grad, w.grad)
+    packed = tb.PackedBatch.pack([a.copy() for a in arrays])
+    for t in packed.unpack():
+        t.requires_grad_()
+        (t * 3).sum().backward()
+        assert torch.equal(t.grad, torch.full((3,), 3.0))
+
+
 def test_flatten_and_unflatten_keep_order_and_count_the_leaves():
     batch = {"a": [1, 2.5, "x"], "b": ({"c": None, "d": 3}, [[4, 5], 6]), "e": {"f": 7, "g": [8]}}
     leaves, keys, spec = tb._tree.flatten(batch)

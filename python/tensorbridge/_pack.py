@@ -13,6 +13,7 @@ Used by :func:`tensorbridge.to_device` (the packed host-to-device path) and by
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -136,10 +137,25 @@ def views(buffer: torch.Tensor, plan: Layout) -> list[torch.Tensor]:
     return out
 
 
+# Makes views as tensors of their own to autograd (no view tracking): what the per-array
+# idiom gives (one tensor per array, not outputs of one unbind, which autograd forbids to
+# modify in place with an operand that requires grad), at 0.1 us less per array.
+_UNTRACKED_VIEWS = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", contextlib.nullcontext)
+
+
 def views_into(
     buffer: torch.Tensor, plan: Layout, out: list[Any], positions: Sequence[int]
 ) -> None:
-    """As :func:`views`, writing array ``i``'s tensor to ``out[positions[i]]``."""
+    """As :func:`views`, writing array ``i``'s tensor to ``out[positions[i]]``. The
+    tensors share ``buffer``'s memory but are not views of it to autograd: each behaves
+    as a tensor of its own (``buffer`` must not require grad)."""
+    with _UNTRACKED_VIEWS():
+        _views_into(buffer, plan, out, positions)
+
+
+def _views_into(
+    buffer: torch.Tensor, plan: Layout, out: list[Any], positions: Sequence[int]
+) -> None:
     whole = isinstance(positions, range) and positions == range(len(out))
     typed: dict[torch.dtype, torch.Tensor] = {}
     for t_dtype, shape, first, stride, members in plan.groups:
