@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,7 +176,13 @@ def test_benchmark_smoke(tmp_path, capsys, fallback):
         "vs best",
     ):
         assert needle in text
-    assert text.splitlines()[-1].startswith("summary, geometric mean of 'vs best' per section")
+    lines = text.splitlines()
+    if fallback or _backend.ENGINE.C is None:  # (no packed path to sum up)
+        assert lines[-1].startswith("summary, geometric mean of 'vs best' per section")
+    else:  # the summary, then the packed path's host side per array
+        assert lines[-3].startswith("summary, geometric mean of 'vs best' per section")
+        assert lines[-2] == ""
+        assert re.fullmatch(r"batch: the packed path's host side costs \d+\.\d\d us .*", lines[-1])
     bf16_view = [ln for ln in text.splitlines() if "[ml_dtypes view]" in ln]
     if bf16_view:  # (with ml_dtypes) a view moves no bytes: no GB/s, no ratio
         assert bf16_view[0].split("[ml_dtypes view]")[1].split() == ["view"], bf16_view
@@ -276,6 +283,30 @@ def test_the_summary_is_each_sections_geometric_mean_of_vs_best():
     )
     assert summary(rows[-1:]).endswith("no row has a baseline to compare with")
     assert format_report(Report(machine(), rows)).splitlines()[-1] == summary(rows)
+
+
+def test_the_batch_summary_is_the_host_side_slope_per_array():
+    from tensorbridge.bench import loader
+
+    host = loader.HOST_SIDE
+    rows = [
+        _row("batches", "10 arrays of 4 KiB over a simulated 25 GB/s link", 0, host, False, 30e-6),
+        _row("batches", "1000 arrays of 4 KiB over a simulated 25 GB/s link", 0, "loop", True, 1),
+        _row(
+            "batches",
+            "1000 arrays of 4 KiB over a simulated 25 GB/s link",
+            0,
+            host,
+            False,
+            1.515e-3,
+        ),
+        _row("batches", "100 arrays of 4 KiB over a simulated 25 GB/s link", 0, host, False, 1e-3),
+    ]
+    assert loader.summary(rows) == (
+        "batch: the packed path's host side costs 1.50 us per array (from 10 to 1000 "
+        "arrays of 4 KiB: layout, staging copy, views; target 1 us)"
+    )
+    assert loader.summary(rows[1:3]) == ""  # one host-side row: no slope
 
 
 def test_table_columns_fit_the_longest_case_and_method():

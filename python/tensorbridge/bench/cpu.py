@@ -317,9 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.link_latency_us,
     )
     text = format_report(report)
-    line = link.summary(report)
-    if line:
-        text += "\n\n" + line
+    lines = [line for line in (link.summary(report), loader.summary(report.rows)) if line]
+    if lines:
+        text += "\n\n" + "\n".join(lines)
     print(text)
     if args.save:
         base = save(report, text, args.save, result_basename(report))

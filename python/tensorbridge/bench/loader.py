@@ -121,6 +121,25 @@ class _LinkSender(_ReusedBuffer, LinkSender):
         LinkSender.__init__(self, link)
 
 
+HOST_SIDE = "the same, host side alone (packed into memory, no link)"
+
+
+def summary(rows: list[Row]) -> str:
+    """One line: the packed path's host-side cost per array (the slope from the fewest to
+    the most arrays of its rows), against the target of 1 us; empty without those rows."""
+    points = sorted(
+        (int(r.case.split()[0]), r.median_s) for r in rows if r.method == HOST_SIDE and r.samples
+    )
+    if len(points) < 2:
+        return ""
+    (n0, t0), (n1, t1) = points[0], points[-1]
+    per_array = (t1 - t0) / (n1 - n0) * 1e6
+    return (
+        f"batch: the packed path's host side costs {per_array:.2f} us per array (from {n0} "
+        f"to {n1} arrays of 4 KiB: layout, staging copy, views; target 1 us)"
+    )
+
+
 class _HostSide(_ReusedBuffer):
     """A sender that only packs (layout, staging copy by the copy threads): what the
     packed path costs the host before the link."""
@@ -161,7 +180,7 @@ def _packed_over_link(r: Runner, sec: str) -> None:
             [
                 ("for a in batch: one pipeline transfer", True, per_array),
                 ("tb.to_device's packed path", False, packed),
-                ("the same, host side alone (packed into memory, no link)", False, host_side),
+                (HOST_SIDE, False, host_side),
             ],
         )
 
