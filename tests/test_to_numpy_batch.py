@@ -140,6 +140,10 @@ def test_a_batch_of_cpu_leaves_converts_as_the_idiom_per_leaf(backend):
     assert got["half"][1] is batch["half"][1]
     assert got["n"] == 7 and got["s"] == "keep"
     assert isinstance(got["half"], list) and list(got) == list(batch)
+    # memory shared where x.numpy() would share it (conj/neg bits are resolved: copies)
+    shared = {"x": True, "grad": True, "p": True, "conj": False, "neg": False}
+    for key, expected in shared.items():
+        assert (got[key].ctypes.data == batch[key].data_ptr()) is expected, key
 
 
 # ------------------------------------------------------------------------- fuzzing batches

@@ -515,6 +515,11 @@ def _host_leaf(leaf: Any, key: Any) -> Any:
     if cls is torch.Tensor:
         if not leaf.is_cpu:
             raise _NotOnHost
+        if leaf.dtype in _dtypes.NATIVE:  # (what to_numpy's fast path does, one call less)
+            try:
+                return leaf.numpy(force=True)
+            except (RuntimeError, TypeError):
+                pass  # e.g. a sparse layout: to_numpy explains the refusal
         try:
             return to_numpy(leaf)
         except (TypeError, ValueError):  # (the refusal, in this function's name)

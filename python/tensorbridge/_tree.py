@@ -255,8 +255,12 @@ def _map(fn: Callable[[Any, Any], Any], obj: Any, key: Any) -> Any:
     if cls in _LEAF_TYPES:
         return fn(obj, key)
     if cls is list:
+        if _LEAF_TYPES.issuperset(map(type, obj)):  # a list of leaves: one call per leaf
+            return [fn(v, key) for v in obj]
         return [_map(fn, v, key) for v in obj]
     if cls is dict:
+        if _LEAF_TYPES.issuperset(map(type, obj.values())):
+            return {k: fn(v, k) for k, v in obj.items()}
         return {k: _map(fn, v, k) for k, v in obj.items()}
     leaves: list[Any] = []
     keys: list[Any] = []
