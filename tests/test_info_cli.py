@@ -410,6 +410,112 @@ def test_gpu_benchmark_saves_each_section_and_survives_a_failed_one(tmp_path, mo
     assert "failed: d2h" in text and "sections run, in order: h2d (" in text
 
 
+def test_gpu_targets_are_judged_from_the_runs_own_rows():
+    """bench-gpu's closing lines: each target from the rows it names (the worst row where
+    it holds at every size), 'not measured' without its rows, never a pass by default."""
+    from tensorbridge.bench import targets
+
+    KiB_, MiB_ = 1 << 10, 1 << 20
+
+    def row(section, case, size, method, baseline, seconds, direction=None, memory=None, peak=None):
+        return Row(
+            section,
+            case,
+            size,
+            method,
+            baseline,
+            seconds,
+            seconds,
+            seconds,
+            5,
+            peak,
+            direction,
+            memory,
+        )
+
+    d2h, h2d = "device -> host, float32", "host -> device, float32"
+    reg = "registration cache, host -> device, float32"
+    rows = [
+        row(d2h, "to an array", 4 * KiB_, "pinned.copy_", True, 10e-6, "d2h", "pinned"),
+        row(d2h, "to an array", 4 * KiB_, "tb [pinned out]", False, 12e-6, "d2h", "pinned"),
+        row(h2d, "from an array", MiB_, "torch", True, 80e-6, "h2d", "pageable-reused"),
+        row(h2d, "from an array", MiB_, "tb [pageable]", False, 100e-6, "h2d", "pageable-reused"),
+        row(h2d, "from an array", MiB_, "torch pinned", True, 20e-6, "h2d", "pinned"),
+        row(h2d, "from an array", MiB_, "tb [pinned a]", False, 24e-6, "h2d", "pinned"),
+        # 16 MiB registered at 0.95 P (P_h2d = 40 GB/s) and 64 MiB at 0.85 P
+        row(reg, "reused array", 16 * MiB_, "tb  [registered]", False, 16 * MiB_ / 38e9, "h2d"),
+        row(reg, "reused array", 64 * MiB_, "tb  [registered]", False, 64 * MiB_ / 34e9, "h2d"),
+        row(reg, "reused array", 4 * MiB_, "tb  [registered]", False, 1.0, "h2d"),  # < 16 MiB
+        row(
+            reg,
+            "reused array",
+            16 * MiB_,
+            "tb  [staged: ...]",
+            False,
+            16 * MiB_ / 27e9,
+            "h2d",
+            "pageable-reused",
+            30.0,
+        ),
+        row(
+            "both directions at once, float32",
+            "down + up",
+            32 * MiB_,
+            "tb",
+            False,
+            32 * MiB_ / 72e9,
+            "both",
+        ),
+        row(
+            "batches of small arrays -> device",
+            "1000 x 4 KiB",
+            4000 * KiB_,
+            targets.LOOP,
+            True,
+            15e-3,
+        ),
+        row(
+            "batches of small arrays -> device",
+            "1000 x 4 KiB",
+            4000 * KiB_,
+            "per-leaf pin",
+            True,
+            40e-3,
+        ),
+        row("batches of small arrays -> device", "1000 x 4 KiB", 4000 * KiB_, "tb", False, 1e-3),
+        row(
+            "batches of small arrays -> device", "10 x 4 KiB", 40 * KiB_, targets.LOOP, True, 150e-6
+        ),
+        row("batches of small arrays -> device", "10 x 4 KiB", 40 * KiB_, "tb", False, 160e-6),
+    ]
+    report = Report(machine(), rows, {"P_d2h": 50.0, "P_h2d": 40.0, "H_d2h": 20.0, "H_h2d": 30.0})
+    found = {v.target.split(":")[0]: v for v in targets.verdicts(report)}
+    never = found["never slower than torch"]
+    assert (never.met, never.measured) == (False, "worst 0.80x (tb [pageable], 1 MiB, h2d)")
+    reg_v = found["a reused pageable array (registered) >= 0.9 P from 16 MiB, both ways"]
+    assert (reg_v.met, reg_v.measured) == (False, "worst 0.85 P (h2d, 64 MiB)")
+    staged = found["a pageable array staged (not registered) >= 0.8 min(P, H) from 16 MiB"]
+    assert staged.met is True and staged.measured.startswith("worst 0.90 ")
+    call = found["pinned memory"]
+    assert (call.met, call.measured) == (False, "worst +4.0 us (h2d, 1 MiB)")
+    both = found["both directions at once >= 1.6 P in total, reused buffers"]
+    assert both.met is True and both.measured.startswith("worst 1.60 P (72.0 GB/s")
+    assert found["1000 arrays of 4 KiB"].measured == "15.00x"  # the loop's, not per-leaf pinning
+    assert found["1000 arrays of 4 KiB"].met is True
+    assert (found["10 arrays of 4 KiB"].met, found["10 arrays of 4 KiB"].measured) == (
+        False,
+        "0.94x",
+    )
+    assert found["images from tb.collate, normalized"].met is None
+    assert found["one DataLoader epoch"].met is None
+    text = targets.lines(targets.verdicts(report))
+    assert text[0] == "targets (3 of 9 met in this run):"
+    assert "  [not measured] one DataLoader epoch" in "\n".join(text)
+    # a run with no rows at all passes nothing
+    empty = targets.verdicts(Report(machine(), [], {}))
+    assert all(v.met is None for v in empty)
+
+
 def test_tune_recommends_torch_up_to_the_largest_size_it_won():
     def small(direction: str, nbytes: int, torch_gbs: float, engine_gbs: float, direct=None):
         row = {

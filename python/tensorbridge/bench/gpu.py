@@ -29,7 +29,7 @@ from .._batch import to_device
 from .._convert import to_numpy, to_tensor
 from .._loader import collate, images_to_tensor
 from .._registry import registration_options
-from . import _plot
+from . import _plot, targets
 from ._report import format_report, machine
 from ._results import output_problem, save
 from ._rows import GiB, KiB, MiB, Report, Row, parse_size, slug
@@ -614,6 +614,8 @@ def _text(report: Report, limits: Limits) -> str:
             f"sections run, in order: {done or 'none'}"
             + (f"; failed: {', '.join(failed)} (see the run's log)" if failed else ""),
             f"pinned pool after the run: {_pinned.pinned_stats()}",
+            "",
+            *targets.lines(targets.verdicts(report)),
         ]
     )
 
