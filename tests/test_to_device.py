@@ -374,6 +374,27 @@ def test_packed_tensors_are_tensors_of_their_own_to_autograd(rng):
         t.requires_grad_()
         (t * 3).sum().backward()
         assert torch.equal(t.grad, torch.full((3,), 3.0))
+    for t in packed.to("cpu", copy=True):  # (a buffer of their own: as the idiom's)
+        t.mul_(w)
+
+
+@pytest.mark.parametrize("write", ["buffer", "another unpack", "to cpu"])
+def test_a_write_through_a_packed_batchs_buffer_is_seen_by_autograd(write):
+    """unpack() gives views of the PackedBatch's buffer, which its owner can reach: a
+    tensor saved for backward and then changed through the buffer (or another view of
+    it) makes the backward refuse, as with views of any tensor, not give a wrong grad."""
+    p = tb.PackedBatch.pack({"x": np.arange(4, dtype=np.float32), "y": np.ones(2)})
+    x = p.unpack()["x"]
+    w = torch.ones(4, requires_grad=True)
+    loss = (w * x).sum()
+    if write == "buffer":
+        p.buffer.zero_()
+    elif write == "another unpack":
+        p.unpack()["x"].zero_()
+    else:
+        p.to("cpu")["x"].zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_flatten_and_unflatten_keep_order_and_count_the_leaves():

@@ -293,7 +293,7 @@ def send_batch(
         plan = _pack.layout(arrays)  # every array checked before anything moves
         buffer = sender.empty(plan.nbytes)
         sender.send(plan, buffer)
-        _pack.views_into(buffer, plan, out, positions)
+        _pack.views_into(buffer, plan, out, positions, private=True)
     for i in alone:
         out[i] = to_tensor(leaves[i], dev, non_blocking=non_blocking)
     if rule is not None:

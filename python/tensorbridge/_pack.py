@@ -144,12 +144,24 @@ _UNTRACKED_VIEWS = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", contex
 
 
 def views_into(
-    buffer: torch.Tensor, plan: Layout, out: list[Any], positions: Sequence[int]
+    buffer: torch.Tensor,
+    plan: Layout,
+    out: list[Any],
+    positions: Sequence[int],
+    private: bool = False,
 ) -> None:
-    """As :func:`views`, writing array ``i``'s tensor to ``out[positions[i]]``. The
-    tensors share ``buffer``'s memory but are not views of it to autograd: each behaves
-    as a tensor of its own (``buffer`` must not require grad)."""
-    with _UNTRACKED_VIEWS():
+    """As :func:`views`, writing array ``i``'s tensor to ``out[positions[i]]``.
+
+    ``private``: no one else holds ``buffer`` (it was made for these tensors), so each
+    tensor is made a tensor of its own to autograd rather than a view of it, as the
+    per-array idiom's are. A buffer the caller can reach (a PackedBatch's) keeps real
+    views: autograd then sees a write through the buffer or another view of it, and
+    refuses a backward through a tensor it changed.
+    """
+    if private:
+        with _UNTRACKED_VIEWS():
+            _views_into(buffer, plan, out, positions)
+    else:
         _views_into(buffer, plan, out, positions)
 
 

@@ -260,7 +260,8 @@ class PackedBatch:
     def _rebuild(self, buffer: torch.Tensor, rule: DTypeRule | None) -> Any:
         out = list(self._leaves)
         plan = _pack.Layout(buffer.numel(), self._groups, len(self._positions), None, ())
-        _pack.views_into(buffer, plan, out, self._positions)
+        private = buffer is not self._buffer  # (a copy: on another device, or copy=True)
+        _pack.views_into(buffer, plan, out, self._positions, private)
         if rule is not None:
             for i in self._positions:
                 target = _target_dtype(rule, self._keys[i], _source_dtype(out[i]))
