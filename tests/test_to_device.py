@@ -311,7 +311,9 @@ def _same_shape_arrays(rng, n=60):
     return out
 
 
-@pytest.mark.parametrize("kind", ["one group", "groups", "dict", "nested", "with a tensor"])
+@pytest.mark.parametrize(
+    "kind", ["one group", "groups", "ragged", "dict", "nested", "with a tensor"]
+)
 def test_batches_of_host_arrays_sent_packed_as_torch_makes_them(rng, kind):
     """Batches of host arrays only (most batches: the packed path takes them without
     sorting leaf by leaf), and one with a tensor among them: every leaf a view of the one
@@ -323,6 +325,12 @@ def test_batches_of_host_arrays_sent_packed_as_torch_makes_them(rng, kind):
     batch = {
         "one group": same,
         "groups": mixed,
+        "ragged": [  # a group each: token ids and boxes of every length, some reversed
+            (rng.integers(0, 9, (n,)) if n % 2 else rng.standard_normal((n, 4)))[::-1].astype(
+                ["<i4", ">f8", "u1", "<f2"][n % 4]
+            )
+            for n in range(40)
+        ],
         "dict": {f"k{i}": a for i, a in enumerate(mixed)},
         "nested": {"a": same[:20], "b": (mixed[0], [mixed[1], {"c": mixed[2]}]), "d": mixed[3]},
         "with a tensor": [*same[:5], torch.arange(6.0).reshape(2, 3).T, *mixed[:5]],

@@ -168,19 +168,24 @@ def views_into(
 def _views_into(
     buffer: torch.Tensor, plan: Layout, out: list[Any], positions: Sequence[int]
 ) -> None:
+    as_strided = torch.as_strided
     whole = isinstance(positions, range) and positions == range(len(out))
-    typed: dict[torch.dtype, torch.Tensor] = {}
+    typed: dict[torch.dtype, tuple[torch.Tensor, int, int]] = {}
     for t_dtype, shape, first, stride, members in plan.groups:
-        flat = typed.get(t_dtype)
-        if flat is None:
-            flat = typed[t_dtype] = buffer.view(t_dtype)
-        item = flat.element_size()
-        group = torch.as_strided(
-            flat,
-            (len(members), *shape),
-            (stride // item, *_contiguous_strides(shape)),
-            flat.storage_offset() + first // item,  # (as_strided counts from the storage)
-        )
+        entry = typed.get(t_dtype)
+        if entry is None:
+            flat = buffer.view(t_dtype)
+            # (as_strided counts from the storage, not from the view)
+            entry = typed[t_dtype] = (flat, flat.element_size(), flat.storage_offset())
+        flat, item, base = entry
+        strides = (1,) if len(shape) == 1 else _contiguous_strides(shape)
+        start = base + first // item
+        if len(members) <= 2:  # (ragged arrays: groups of one or two) a view each
+            step = stride // item
+            for k, m in enumerate(members):
+                out[positions[m]] = as_strided(flat, shape, strides, start + k * step)
+            continue
+        group = as_strided(flat, (len(members), *shape), (stride // item, *strides), start)
         if whole and len(members) == len(out):  # one group, all arrays in order
             out[:] = group.unbind(0)
             continue
