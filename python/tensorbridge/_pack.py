@@ -3,9 +3,12 @@
 Arrays of one dtype and shape sit next to each other, each padded to 256 bytes, so a
 group's tensors come from one strided view and one ``unbind`` (not a slice and two views
 per array): with thousands of small arrays, per-array work and not the copy is what a
-batch costs. With the compiled core, the layout is computed in one call that checks every
-array once (``_C.PackedArrays``) and the copies run on the copy threads with the GIL
-released; without it, the same layout is computed here and filled with NumPy.
+batch costs. Groups of one or two arrays (arrays of every length) take one
+``as_strided`` each, which is cheaper than a group view and its ``unbind``.
+
+With the compiled core, the layout is computed in one call that checks every array once
+(``_C.PackedArrays``) and the copies run on the copy threads with the GIL released;
+without it, the same layout is computed here and filled with NumPy.
 
 Used by :func:`tensorbridge.to_device` (the packed host-to-device path) and by
 :class:`tensorbridge.PackedBatch`.
@@ -131,7 +134,8 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def views(buffer: torch.Tensor, plan: Layout) -> list[torch.Tensor]:
     """The packed arrays as tensors over ``buffer`` (uint8, ``plan.nbytes``, any device),
-    in the order of the arrays given to :func:`layout`: one strided view per group."""
+    in the order of the arrays given to :func:`layout`: one strided view and ``unbind``
+    per group of three or more, one ``as_strided`` per array of smaller groups."""
     out: list[Any] = [None] * plan.narrays
     views_into(buffer, plan, out, range(plan.narrays))
     return out
