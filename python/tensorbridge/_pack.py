@@ -180,7 +180,7 @@ def _views_into(
         if entry is None:
             flat = buffer.view(t_dtype)
             # (as_strided counts from the storage, not from the view)
-            entry = typed[t_dtype] = (flat, flat.element_size(), flat.storage_offset())
+            entry = typed[t_dtype] = (flat, flat.element_size(), int(flat.storage_offset()))
         flat, item, base = entry
         strides = (1,) if len(shape) == 1 else _contiguous_strides(shape)
         start = base + first // item
