@@ -301,6 +301,8 @@ def test_the_batch_summary_is_the_host_side_slope_per_array():
             1.515e-3,
         ),
         _row("batches", "100 arrays of 4 KiB over a simulated 25 GB/s link", 0, host, False, 1e-3),
+        # the ragged row is not one of the 4 KiB points (its 1000 would tie with theirs)
+        _row("batches", f"{loader.RAGGED_CASE} over a simulated link", 0, host, False, 9e-3),
     ]
     assert loader.summary(rows) == (
         "batch: the packed path's host side costs 1.50 us per array (from 10 to 1000 "

@@ -34,7 +34,7 @@ from ._report import format_report, machine
 from ._results import output_problem, save
 from ._rows import GiB, KiB, MiB, Report, Row, parse_size, slug
 from ._runner import Call, Method, Runner, buffers_to_rotate, measure_group
-from .loader import bench_loader
+from .loader import RAGGED_CASE, bench_loader, ragged_arrays
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB]
 SECTIONS = ("d2h", "h2d", "both", "batch", "registered")
@@ -363,6 +363,14 @@ def bench_batches(r: Runner, peak: float) -> None:
                 _gpu_batch_methods(arrays),
                 peak_gbs=peak,
             )
+    ragged = ragged_arrays(1000)
+    r.group(
+        "batches of small arrays -> device",
+        RAGGED_CASE,
+        sum(a.nbytes for a in ragged),
+        _gpu_batch_methods(ragged),
+        peak_gbs=peak,
+    )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
     torch_images = images.copy()  # (never page-locked by tensorbridge's registration cache)
