@@ -266,14 +266,9 @@ def test_pack_refuses_objects_and_non_arrays_before_writing():
         _pack.pack_into(_pack.layout([src[:8], np.ones(2)]), src)
 
 
-@pytest.mark.parametrize("chunk", [4096, 1 << 16])
-def test_many_small_arrays_sent_packed_in_few_copies(rng, chunk):
-    """The whole to_device batch path (flatten, one native layout, staging by the copy
-    threads, one view per group) over the simulated link; equal to torch.from_numpy."""
-    if tb.info()["extension"] is False:
-        pytest.skip("needs the compiled extension")
-    arrays = _mixed_host_arrays(rng)
-    batch = {"arrays": arrays, "id": 7, "name": "x"}
+def _poisoned_sender(chunk):
+    """A sender over a fast simulated link whose device buffers start as 0xAB bytes (so
+    unwritten bytes show), and the list of the buffers it made."""
     sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0), chunk_bytes=chunk, buffers=4)
     poison = []
 
@@ -282,6 +277,18 @@ def test_many_small_arrays_sent_packed_in_few_copies(rng, chunk):
         return poison[-1]
 
     sender.empty = empty
+    return sender, poison
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 16])
+def test_many_small_arrays_sent_packed_in_few_copies(rng, chunk):
+    """The whole to_device batch path (flatten, one native layout, staging by the copy
+    threads, one view per group) over the simulated link; equal to torch.from_numpy."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = _mixed_host_arrays(rng)
+    batch = {"arrays": arrays, "id": 7, "name": "x"}
+    sender, poison = _poisoned_sender(chunk)
     out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
     assert (out["id"], out["name"]) == (7, "x")
     for a, got in zip(arrays, out["arrays"], strict=True):
@@ -335,14 +342,7 @@ def test_batches_of_host_arrays_sent_packed_as_torch_makes_them(rng, kind):
         "nested": {"a": same[:20], "b": (mixed[0], [mixed[1], {"c": mixed[2]}]), "d": mixed[3]},
         "with a tensor": [*same[:5], torch.arange(6.0).reshape(2, 3).T, *mixed[:5]],
     }[kind]
-    sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0), chunk_bytes=1 << 16, buffers=4)
-    poison = []
-
-    def empty(nbytes):
-        poison.append(torch.full((nbytes,), 0xAB, dtype=torch.uint8))
-        return poison[-1]
-
-    sender.empty = empty
+    sender, poison = _poisoned_sender(1 << 16)
     out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
     got, got_keys, got_spec = tb._tree.flatten(out)
     leaves, keys, spec = tb._tree.flatten(batch)

@@ -73,6 +73,17 @@ def _fraction_of_p(report: Report, row: Row) -> float | None:
     return row.value() / p if p else None
 
 
+def _worst_fraction(
+    target: str, rows: list[tuple[Row, float]], bound: float, what: str, unit: str = ""
+) -> Verdict:
+    """The verdict of a target every row must meet: the lowest fraction, and its row."""
+    if not rows:
+        return Verdict(target, f"no {what} rows from 16 MiB", None)
+    row, frac = min(rows, key=lambda rf: rf[1])
+    where = f"{row.direction}, {fmt_size(row.size)}"
+    return Verdict(target, f"worst {frac:.2f}{unit} ({where})", frac >= bound)
+
+
 def registered(report: Report) -> Verdict:
     target = "a reused pageable array (registered) >= 0.9 P from 16 MiB, both ways"
     rows: list[tuple[Row, float]] = []
@@ -80,37 +91,16 @@ def registered(report: Report) -> Verdict:
         frac = _fraction_of_p(report, row)
         if row.method.endswith("[registered]") and row.size >= 16 * MiB and frac is not None:
             rows.append((row, frac))
-    if not rows:
-        return Verdict(target, "no registered rows from 16 MiB", None)
-    row, frac = min(rows, key=lambda rf: rf[1])
-    return Verdict(
-        target, f"worst {frac:.2f} P ({row.direction}, {fmt_size(row.size)})", frac >= 0.9
-    )
+    return _worst_fraction(target, rows, 0.9, "registered", " P")
 
 
 def staged(report: Report) -> Verdict:
     target = "a pageable array staged (not registered) >= 0.8 min(P, H) from 16 MiB"
-    rows = [
-        (row, row.value() / (row.peak_gbs or 1.0))
-        for row, _ in _rows(
-            report,
-            lambda r: (
-                _tb(r)
-                and r.section.startswith(REGISTRATION)
-                and "staged" in r.method
-                and r.size >= 16 * MiB
-                and bool(r.peak_gbs)
-            ),
-        )
-    ]
-    if not rows:
-        return Verdict(target, "no staged rows from 16 MiB", None)
-    row, frac = min(rows, key=lambda rf: rf[1])
-    return Verdict(
-        target,
-        f"worst {frac:.2f} ({row.method}, {row.direction}, {fmt_size(row.size)})",
-        frac >= 0.8,
-    )
+    rows: list[tuple[Row, float]] = []
+    for row, _ in _rows(report, lambda r: _tb(r) and r.section.startswith(REGISTRATION)):
+        if "staged" in row.method and row.size >= 16 * MiB and row.peak_gbs:
+            rows.append((row, row.value() / row.peak_gbs))
+    return _worst_fraction(target, rows, 0.8, "staged")
 
 
 def per_call(report: Report) -> Verdict:
