@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import pytest
 import tensorbridge as tb
 from tensorbridge import _backend, _cuda
 from tensorbridge.bench import _plot, cpu, gpu, load, measure, save, tune
-from tensorbridge.bench._report import format_report, machine, summary
+from tensorbridge.bench._report import format_report, machine, summary, vs_best
 from tensorbridge.bench._rows import Report, Row
 from tensorbridge.bench._runner import measure_group
 
@@ -516,6 +517,21 @@ def test_gpu_targets_are_judged_from_the_runs_own_rows():
     # a run with no rows at all passes nothing
     empty = targets.verdicts(Report(machine(), [], {}))
     assert all(v.met is None for v in empty)
+    # a zero, negative or NaN median (a hand-edited JSON file) is a row not measured: no
+    # division by it, no verdict from it alone, and no 'vs best' for it or against it
+    for bad in (0.0, -1e-6, float("nan")):
+        broken = [
+            row(d2h, "to an array", 4 * KiB_, "pinned.copy_", True, bad, "d2h", "pinned"),
+            row(d2h, "to an array", 4 * KiB_, "tb [pinned out]", False, 12e-6, "d2h", "pinned"),
+            row("batches of small arrays -> device", "10 x 4 KiB", 0, targets.LOOP, True, 1e-4),
+            row("batches of small arrays -> device", "10 x 4 KiB", 0, "tb", False, bad),
+        ]
+        judged = {v.target.split(":")[0]: v for v in targets.verdicts(Report(machine(), broken))}
+        assert judged["never slower than torch"].met is None
+        assert judged["pinned memory"].met is None
+        assert judged["10 arrays of 4 KiB"].met is None
+        assert vs_best(broken) == [None, None, None, None]
+        assert math.isnan(broken[3].value())
 
 
 def test_tune_recommends_torch_up_to_the_largest_size_it_won():

@@ -91,7 +91,7 @@ def format_report(report: Report, title: str = "tensorbridge CPU benchmark") -> 
 def vs_best(rows: Sequence[Row]) -> list[float | None]:
     """Each row's 'vs best': the fastest baseline's median over its own, among the rows of
     its group (same section, case, size and memory kind); None for baselines, views, and
-    rows with no baseline to compare with."""
+    rows with no baseline to compare with, and rows not measured() (a zero or NaN median)."""
 
     def key(row: Row) -> tuple[str, str, int, str | None]:
         # (transfer rows compare with baselines moving the same kind of memory)
@@ -99,11 +99,11 @@ def vs_best(rows: Sequence[Row]) -> list[float | None]:
 
     best: dict[tuple[str, str, int, str | None], float] = {}
     for row in rows:
-        if row.baseline:
+        if row.baseline and row.measured():
             best[key(row)] = min(best.get(key(row), math.inf), row.median_s)
     return [
         None
-        if row.baseline or row.is_view() or key(row) not in best
+        if row.baseline or row.is_view() or not row.measured() or key(row) not in best
         else best[key(row)] / row.median_s
         for row in rows
     ]

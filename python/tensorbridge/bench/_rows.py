@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,16 @@ class Row:
     memory: str | None = None  # transfer rows: "pinned", "pageable-reused", "pageable-fresh",
     # "simulated"
 
+    def measured(self) -> bool:
+        """Whether the median is a positive, finite time: a row loaded from a hand-edited
+        JSON file may hold 0, a negative number or NaN, which no ratio can be taken of."""
+        return 0.0 < self.median_s < math.inf
+
     def value(self) -> float:
-        """GB/s for copies, microseconds per call for overhead rows."""
+        """GB/s for copies, microseconds per call for overhead rows (NaN for a row that
+        was not measured())."""
+        if not self.measured():
+            return math.nan
         return self.size / self.median_s / 1e9 if self.size else self.median_s * 1e6
 
     def is_view(self) -> bool:

@@ -39,11 +39,12 @@ class Verdict:
 
 
 def _rows(report: Report, keep: Callable[[Row], bool]) -> list[tuple[Row, float | None]]:
-    """The rows keep() selects, each with its 'vs best'."""
+    """The measured rows keep() selects, each with its 'vs best' (a row with a zero or
+    NaN median counts as not measured, so a target it alone would judge says so)."""
     return [
         (row, ratio)
         for row, ratio in zip(report.rows, vs_best(report.rows), strict=True)
-        if keep(row)
+        if row.measured() and keep(row)
     ]
 
 
