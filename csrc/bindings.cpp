@@ -430,13 +430,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
   bind_pending_copy(m);
   py::class_<PackedArrays>(m, "PackedArrays",
-                           "Host arrays checked, grouped by (dtype, shape) and laid out in one "
-                           "buffer, for one packed copy. Holds the arrays.")
+                           "Host arrays checked, grouped by dtype and shape and laid out in "
+                           "one buffer, for one packed copy. Holds the arrays.")
       .def(py::init<const py::list&, size_t>(), py::arg("arrays"), py::arg("align") = 256)
       .def_property_readonly("nbytes", &PackedArrays::nbytes, "The buffer's size in bytes.")
       .def_property_readonly(
           "groups", &PackedArrays::groups,
-          "[(dtype, shape, first byte, bytes per array, member indices)] in buffer order.")
+          "[(dtype, shape, first byte, bytes per array, member indices, None)] in buffer "
+          "order; a ragged group (shapes that differ in the first dimension only, back to "
+          "back): (dtype, shape after the first dimension, first byte, bytes per row, member "
+          "indices, rows per member).")
       .def("pack_into", &pack_into, py::arg("out"),
            "Copy every array into out (uint8, C-contiguous) at its offset; GIL released.");
   py::class_<LinkSimulator>(m, "LinkSimulator",

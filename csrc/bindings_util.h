@@ -125,10 +125,11 @@ inline py::dict stats_dict(const PoolStats& s) {
 }
 
 /// A batch's host arrays laid out for one packed copy (tensorbridge._C.PackedArrays):
-/// each array checked once, grouped by (dtype, shape) and given its offset in one
-/// buffer, by core/pack.h. Holds the arrays (so the views stay valid) until it dies.
-/// `groups` is what the Python layer builds the packed tensors from: per group, the
-/// dtype, shape, first byte, bytes per array and the members (indices into `arrays`).
+/// each array checked once, grouped and given its offset in one buffer by core/pack.h.
+/// Holds the arrays (so the views stay valid) until it dies. `groups` is what the Python
+/// layer builds the packed tensors from: per group, the dtype, shape, first byte, bytes
+/// per array, the members (indices into `arrays`) and None; for a ragged group, the shape
+/// after the first dimension, bytes per row and each member's rows in place of None.
 class PackedArrays {
  public:
   PackedArrays(const py::list& arrays, size_t align) {
@@ -165,7 +166,13 @@ class PackedArrays {
       for (size_t d = 0; d < g.shape.size(); ++d) shape[d] = py::int_(g.shape[d]);
       py::list members(g.members.size());
       for (size_t k = 0; k < g.members.size(); ++k) members[k] = py::int_(g.members[k]);
-      groups_.append(py::make_tuple(first.dtype(), shape, g.first, g.stride, members));
+      py::object rows = py::none();
+      if (g.ragged) {
+        py::list counts(g.rows.size());
+        for (size_t k = 0; k < g.rows.size(); ++k) counts[k] = py::int_(g.rows[k]);
+        rows = std::move(counts);
+      }
+      groups_.append(py::make_tuple(first.dtype(), shape, g.first, g.stride, members, rows));
     }
     offsets_ = std::move(layout.offsets);
     views_.reserve(n);

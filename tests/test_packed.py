@@ -126,8 +126,11 @@ def _padding(packed):
     """The bytes of a packed batch's buffer that hold no array."""
     buf = packed.buffer.numpy()
     free = np.ones(buf.size, bool)
-    for dtype, shape, first, stride, members in packed._groups:
+    for dtype, shape, first, stride, members, rows in packed._groups:
         n = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if rows is not None:  # (ragged: back to back, rows of n bytes)
+            free[first : first + n * sum(rows)] = False
+            continue
         for k in range(len(members)):
             free[first + k * stride : first + k * stride + n] = False
     return buf[free]
@@ -144,7 +147,9 @@ def test_the_padding_is_zeroed_not_left_from_the_allocation(backend, rng, how, m
     if how == "pack":
         batch = {"a": rng.integers(0, 9, 3).astype(np.uint8), "b": [rng.standard_normal(5)[::-1]]}
         batch["c"] = [rng.integers(0, 9, (2, 3)).astype(">i2").T, np.zeros((0, 2))]
+        batch["d"] = [rng.standard_normal(n).astype(np.float32) for n in (3, 5, 7)]  # ragged
         packed = tb.PackedBatch.pack(batch)
+        assert any(rows for *_, rows in packed._groups)
         _assert_same_values(packed.unpack(), {"a": batch["a"]})
     else:
         packed = tb.collate(_samples(rng), packed=True, pad={"tokens": -1})
@@ -192,6 +197,19 @@ def test_pickle_round_trips_and_keeps_one_buffer(rng):
     shared = pickle.loads(buf.getvalue())
     _assert_same(shared.unpack(), batch)
     assert shared.buffer.is_shared()
+
+
+def test_a_batch_pickled_with_five_fields_per_group_still_loads(rng):
+    """Groups gained a sixth field (a ragged group's rows); a uniform batch pickled by an
+    earlier tensorbridge, with five, unpickles the same."""
+    batch = {"x": [rng.standard_normal(9000) for _ in range(3)], "y": rng.integers(0, 9, (2, 2))}
+    packed = tb.PackedBatch.pack(batch)
+    rebuild, (buffer, groups, *rest) = packed.__reduce__()
+    assert all(g[5] is None for g in groups)
+    old = [g[:5] for g in groups]
+    back = rebuild(buffer, old, *rest).unpack()
+    assert torch.equal(back["y"], tb.from_numpy(batch["y"]))
+    assert all(torch.equal(g, tb.from_numpy(a)) for g, a in zip(back["x"], batch["x"], strict=True))
 
 
 def test_pin_memory_is_what_the_loader_thread_calls(rng):

@@ -3,6 +3,7 @@ by source dtype; many small arrays packed into few copies (checked on the host e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import zlib
@@ -189,6 +190,13 @@ def _mixed_host_arrays(rng, n=200):
     arrays.append(torch.from_numpy(rng.standard_normal((3, 5))).T)  # a strided CPU tensor
     arrays.append(np.zeros((0, 4), np.float32))  # empty
     arrays.append(rng.standard_normal(50000))  # larger than a block: its own pipeline
+    for i in range(60):  # ragged: boxes and token ids of every length, some empty
+        kind = ["<f4", ">i8", "u1", "<f2"][i % 4]
+        boxes = rng.integers(0, 100, (int(rng.integers(0, 9)), 4)).astype(kind)
+        tokens = rng.integers(0, 100, int(rng.integers(1, 600))).astype(kind)
+        arrays += [boxes, tokens[::2] if i % 5 == 0 else tokens]
+    # either side of the largest ragged size (64 KiB), and a lone array of its shape
+    arrays += [np.ones(16383, np.float32), np.ones(16384, np.float32), np.ones((2, 7), ">f8")]
     return arrays
 
 
@@ -211,21 +219,55 @@ def test_pack_layout_is_aligned_grouped_and_ordered(rng, path):
     plan = _pack.layout(arrays)
     assert (plan.native is None) == (path == "python")
     assert plan.nbytes % 256 == 0 and plan.nbytes >= max(a.nbytes for a in arrays)
-    spans = []
-    for t_dtype, shape, first, stride, members in plan.groups:
-        assert first % 256 == 0 and stride % 256 == 0
+
+    def dtype_of(a):
+        return tb.from_numpy(a).dtype
+
+    def ragged_key(a):  # (what may share a ragged group: 1 byte to 64 KiB, one dim or more)
+        return (a.dtype, a.shape[1:]) if a.ndim and 0 < a.nbytes < 64 << 10 else None
+
+    may_be_ragged = collections.Counter(ragged_key(a) for a in arrays)
+    spans, seen = [], set()
+    for t_dtype, shape, first, stride, members, rows in plan.groups:
+        assert first % 256 == 0
+        at = first
         for k, m in enumerate(members):
             a = arrays[m]
-            assert (tuple(a.shape), tb.from_numpy(a).dtype) == (shape, t_dtype)
-            assert stride >= a.nbytes
-            spans.append((first + k * stride, first + k * stride + a.nbytes))
+            assert dtype_of(a) == t_dtype
+            if rows is None:  # uniform: one shape, each array padded to 256 bytes
+                assert tuple(a.shape) == shape and stride % 256 == 0 and stride >= a.nbytes
+                key = ragged_key(a)
+                assert key is None or may_be_ragged[key] < 3  # (else it would be ragged)
+                seen.add((False, a.dtype, a.shape))
+                step = stride
+            else:  # ragged: back to back, rows of one shape
+                assert len(members) >= 3 and ragged_key(a) is not None
+                assert (a.shape[0], a.shape[1:]) == (rows[k], shape)
+                assert stride * rows[k] == a.nbytes
+                seen.add((True, a.dtype, shape))
+                step = a.nbytes
+            spans.append((at, at + a.nbytes))
+            at += step
+    assert len(seen) == len(plan.groups)  # one group per key
+    assert any(g[5] is None for g in plan.groups) and any(g[5] for g in plan.groups)
     spans.sort()
     assert all(hi <= lo2 for (_, hi), (lo2, _) in itertools.pairwise(spans))
     assert spans[-1][1] <= plan.nbytes
     assert sorted(m for g in plan.groups for m in g[4]) == list(range(len(arrays)))
-    # one group per (dtype, shape): arrays that share both share one as_strided/unbind
-    kinds = {(a.dtype, a.shape) for a in arrays}  # (byte order included)
-    assert len(plan.groups) == len(kinds) < len(arrays) // 2
+
+
+def test_the_compiled_layout_and_its_numpy_twin_agree(rng, monkeypatch):
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    for _ in range(20):
+        arrays = _host_arrays(_mixed_host_arrays(rng, n=int(rng.integers(0, 60))))
+        arrays = [arrays[i] for i in rng.permutation(len(arrays))[: int(rng.integers(1, 300))]]
+        native = _pack.layout(arrays)
+        with monkeypatch.context() as m:
+            m.setattr(_backend.ENGINE, "C", None, raising=False)
+            python = _pack.layout(arrays)
+        assert native.native is not None and python.native is None
+        assert (native.nbytes, native.groups) == (python.nbytes, python.groups)
 
 
 def test_pack_into_writes_each_array_at_its_place(rng, path):
@@ -278,6 +320,35 @@ def _poisoned_sender(chunk):
 
     sender.empty = empty
     return sender, poison
+
+
+def test_ragged_arrays_come_back_back_to_back_from_one_group(rng):
+    """Token ids of every length (and boxes): one ragged group each, their tensors back to
+    back in the buffer, equal to torch.from_numpy, through the whole packed path."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    for arrays in (
+        [rng.integers(0, 1000, int(n)).astype(">i4") for n in rng.integers(1, 900, 300)],
+        [rng.standard_normal((int(n), 4)).astype(np.float32) for n in rng.integers(0, 30, 50)],
+    ):
+        plan = _pack.layout(arrays)
+        (group,) = [g for g in plan.groups if g[5] is not None]
+        assert len(group[4]) == sum(a.nbytes > 0 for a in arrays)
+        sender, poison = _poisoned_sender(1 << 16)
+        out = _batch.send_batch(arrays, torch.device("cpu"), sender, None, False)
+        starts = []
+        for a, got in zip(arrays, out, strict=True):
+            expected = tb.from_numpy(a)
+            assert (got.dtype, got.shape, got.is_contiguous()) == (
+                expected.dtype,
+                expected.shape,
+                True,
+            )
+            assert _tensor_bytes(got) == _tensor_bytes(expected)
+            if a.nbytes:
+                starts.append((got.data_ptr() - poison[0].data_ptr(), a.nbytes))
+        assert starts[0][0] == group[2]
+        assert all(s + n == s2 for (s, n), (s2, _) in itertools.pairwise(starts))
 
 
 @pytest.mark.parametrize("chunk", [4096, 1 << 16])

@@ -1,5 +1,6 @@
 #include "core/pack.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <stdexcept>
@@ -7,23 +8,45 @@
 
 namespace tb {
 namespace {
-using Key = std::pair<uint64_t, const std::vector<int64_t>*>;  // (kind, the shape of a view)
+// (kind, dims): a whole shape, or the dimensions after the first
+struct Key {
+  uint64_t kind;
+  const int64_t* dims;
+  size_t ndim;
+};
 struct KeyLess {
   bool operator()(const Key& a, const Key& b) const {
-    return a.first != b.first ? a.first < b.first : *a.second < *b.second;
+    if (a.kind != b.kind) return a.kind < b.kind;
+    return std::lexicographical_compare(a.dims, a.dims + a.ndim, b.dims, b.dims + b.ndim);
   }
 };
-}  // namespace
+// Arrays sharing a key: how many (of those that may be ragged), and their group once made
+struct Seen {
+  size_t count = 0;
+  size_t group = SIZE_MAX;
+};
 
-size_t view_bytes(const HostView& v) {
-  if (v.itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
-  size_t n = static_cast<size_t>(v.itemsize);
-  for (int64_t d : v.shape) {
+size_t add(size_t a, size_t b) {
+  if (a > SIZE_MAX - b) throw std::invalid_argument("pack: the batch's size overflows");
+  return a + b;
+}
+size_t round_up(size_t n, size_t align) { return add(n, align - 1) & ~(align - 1); }
+
+size_t elements_bytes(int64_t itemsize, const int64_t* dims, size_t ndim) {
+  if (itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
+  size_t n = static_cast<size_t>(itemsize);
+  for (size_t k = 0; k < ndim; ++k) {
+    const int64_t d = dims[k];
     if (d < 0 || (d && n > SIZE_MAX / static_cast<size_t>(d)))
       throw std::invalid_argument("transfer: an array's size is out of range");
     n *= static_cast<size_t>(d);
   }
   return n;
+}
+}  // namespace
+
+size_t view_bytes(const HostView& v) {
+  return elements_bytes(v.itemsize, v.shape.data(), v.shape.size());
 }
 
 PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint64_t>& kinds,
@@ -32,34 +55,50 @@ PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint6
     throw std::invalid_argument("pack: one kind per array is needed");
   if (align == 0 || (align & (align - 1)))
     throw std::invalid_argument("pack: the alignment must be a power of two");
+  const size_t n = views.size();
+  // Arrays that may share a ragged group (core/pack.h), counted per (kind, shape after the
+  // first dimension); each array's entry.
+  std::vector<size_t> bytes(n);
+  std::map<Key, Seen, KeyLess> by_rest, by_shape;
+  std::vector<Seen*> rest_of(n, nullptr);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& s = views[i].shape;
+    bytes[i] = view_bytes(views[i]);
+    if (!s.empty() && bytes[i] > 0 && bytes[i] < kRaggedBytes) {
+      rest_of[i] = &by_rest[Key{kinds[i], s.data() + 1, s.size() - 1}];
+      ++rest_of[i]->count;
+    }
+  }
   PackLayout out;
-  // (kind, shape) -> group index; groups come in order of first appearance
-  std::map<Key, size_t, KeyLess> index;
-  for (size_t i = 0; i < views.size(); ++i) {
-    auto [it, added] = index.emplace(std::make_pair(kinds[i], &views[i].shape), out.groups.size());
-    if (added) {
+  for (size_t i = 0; i < n; ++i) {
+    const HostView& v = views[i];
+    const bool ragged = rest_of[i] != nullptr && rest_of[i]->count >= kRagged;
+    Seen& seen = ragged ? *rest_of[i] : by_shape[Key{kinds[i], v.shape.data(), v.shape.size()}];
+    if (seen.group == SIZE_MAX) {  // groups come in order of first appearance
+      seen.group = out.groups.size();
       PackGroup g;
       g.kind = kinds[i];
-      g.shape = views[i].shape;
-      const size_t n = view_bytes(views[i]);
-      if (n > SIZE_MAX - align) throw std::invalid_argument("pack: an array's size overflows");
-      g.stride = (n + align - 1) & ~(align - 1);
+      g.ragged = ragged;
+      g.shape.assign(v.shape.begin() + (ragged ? 1 : 0), v.shape.end());
+      g.stride = ragged ? elements_bytes(v.itemsize, g.shape.data(), g.shape.size())
+                        : round_up(bytes[i], align);
       out.groups.push_back(std::move(g));
     }
-    out.groups[it->second].members.push_back(i);
+    PackGroup& g = out.groups[seen.group];
+    g.members.push_back(i);
+    if (ragged) g.rows.push_back(v.shape[0]);
   }
-  out.order.reserve(views.size());
-  out.offsets.reserve(views.size());
+  out.order.reserve(n);
+  out.offsets.reserve(n);
   size_t end = 0;
   for (PackGroup& g : out.groups) {
     g.first = end;
-    for (size_t i : g.members) {
-      out.order.push_back(i);
+    for (size_t k = 0; k < g.members.size(); ++k) {
+      out.order.push_back(g.members[k]);
       out.offsets.push_back(end);
-      if (end > SIZE_MAX - g.stride)
-        throw std::invalid_argument("pack: the batch's size overflows");
-      end += g.stride;
+      end = add(end, g.ragged ? bytes[g.members[k]] : g.stride);
     }
+    end = round_up(end, align);
   }
   out.nbytes = end > align ? end : align;
   return out;

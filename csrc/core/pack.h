@@ -2,9 +2,12 @@
 // it are pipeline.h's pack_to_host (a host buffer) and copy_many_to_device (device memory).
 //
 // Arrays of one element kind and shape sit next to each other, each padded to `align`
-// bytes, so the Python layer builds a whole group's views with one strided view (not one
-// slice and two views per array): with thousands of small arrays, per-array work and not
-// the copy is what a batch costs.
+// bytes, so the Python layer builds a whole group's views with one strided view and one
+// unbind (not one slice and two views per array): with thousands of small arrays,
+// per-array work and not the copy is what a batch costs. Small arrays (under
+// kRaggedBytes) are grouped by their shape after the first dimension instead, so that
+// arrays of every length (token ids, boxes) share a group too: back to back without
+// padding, their views come from one view and one split.
 #pragma once
 
 #include <cstddef>
@@ -15,14 +18,25 @@
 
 namespace tb {
 
-/// Arrays of one kind and shape, laid out at `first`, `first + stride`, ...
+/// Arrays of one kind laid out from `first`. Uniform groups: arrays of one shape at
+/// `first`, `first + stride`, ... Ragged groups: arrays whose shapes differ only in the
+/// first dimension, back to back (`rows[k]` rows of `stride` bytes each).
 struct PackGroup {
   uint64_t kind = 0;  // opaque: equal kinds share a group (the bindings use the dtype)
-  std::vector<int64_t> shape;
-  size_t first = 0;             // byte offset of the group's first array
-  size_t stride = 0;            // bytes from one array to the next (its size, padded)
+  bool ragged = false;
+  std::vector<int64_t> shape;   // uniform: the arrays' shape; ragged: the dims after the first
+  size_t first = 0;             // byte offset of the group's first array (a multiple of align)
+  size_t stride = 0;            // uniform: bytes per array, padded; ragged: bytes per row
   std::vector<size_t> members;  // indices into the caller's array list, in packed order
+  std::vector<int64_t> rows;    // ragged: each member's first dimension; uniform: empty
 };
+
+/// Arrays of at least one dimension and 1 to kRaggedBytes - 1 bytes go to the ragged
+/// group of their kind and shape after the first dimension, when at least kRagged such
+/// arrays share it (fewer take a uniform group: a view each is cheaper than a split). Larger
+/// arrays, whose per-array cost the copy hides, keep uniform groups: each starts on `align`.
+constexpr size_t kRagged = 3;
+constexpr size_t kRaggedBytes = size_t{64} << 10;
 
 struct PackLayout {
   std::vector<PackGroup> groups;
@@ -31,7 +45,8 @@ struct PackLayout {
   size_t nbytes = 0;            // the buffer's size: a multiple of `align`, at least `align`
 };
 
-/// Groups `views` by (kinds[i], shape) in order of first appearance and lays them out.
+/// Groups `views` (uniform or ragged, as PackGroup says) in order of first appearance and
+/// lays them out.
 /// `align` must be a power of two. Throws std::invalid_argument on a size overflow.
 PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint64_t>& kinds,
                      size_t align);

@@ -3,8 +3,11 @@
 Arrays of one dtype and shape sit next to each other, each padded to 256 bytes, so a
 group's tensors come from one strided view and one ``unbind`` (not a slice and two views
 per array): with thousands of small arrays, per-array work and not the copy is what a
-batch costs. Groups of one or two arrays (arrays of every length) take one
-``as_strided`` each, which is cheaper than a group view and its ``unbind``.
+batch costs. Arrays whose shape few others share (token ids or boxes of every length)
+form ragged groups instead: those of one dtype and one shape after the first dimension
+sit back to back (unpadded, so only their group starts on 256 bytes), and one
+``split_with_sizes`` makes their tensors. What is left, groups of one or two arrays,
+takes one ``as_strided`` per array.
 
 With the compiled core, the layout is computed in one call that checks every array once
 (``_C.PackedArrays``) and the copies run on the copy threads with the GIL released;
@@ -27,8 +30,16 @@ from . import _backend, _dtypes
 
 ALIGN = 256  # offsets of packed arrays: enough for any dtype and for vector loads
 
-# (torch dtype, shape, first byte, bytes per array, member indices) per group
-Group = tuple[torch.dtype, tuple[int, ...], int, int, list[int]]
+# Per group: (torch dtype, shape, first byte, bytes per array, member indices, None); for a
+# ragged group (arrays back to back whose shapes differ in the first dimension only):
+# (torch dtype, shape after the first dimension, first byte, bytes per row, member
+# indices, each member's rows).
+Group = tuple[torch.dtype, tuple[int, ...], int, int, list[int], list[int] | None]
+
+# Arrays of at least one dimension and 1 to RAGGED_BYTES - 1 bytes go to the ragged group
+# of their dtype and shape after the first dimension, when at least RAGGED such arrays
+# share it (core/pack.h's kRagged and kRaggedBytes).
+RAGGED, RAGGED_BYTES = 3, 64 << 10
 
 
 class Layout(NamedTuple):
@@ -62,8 +73,8 @@ def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
         if C is not None:
             native = C.PackedArrays(arrays if isinstance(arrays, list) else list(arrays), ALIGN)
             groups: list[Group] = [
-                (_torch_dtype(dt), shape, first, stride, members)
-                for dt, shape, first, stride, members in native.groups
+                (_torch_dtype(dt), shape, first, stride, members, rows)
+                for dt, shape, first, stride, members, rows in native.groups
             ]
             return Layout(native.nbytes, groups, len(arrays), native, arrays)
         return _python_layout(arrays)
@@ -74,8 +85,14 @@ def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
         raise type(exc)(f"{fn}: {message}") from None
 
 
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
 def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
-    by_key: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
+    """The compiled layout's twin (core/pack.cpp's plan_pack), byte for byte."""
+    rest: list[tuple[np.dtype, tuple[int, ...]] | None] = []  # (a ragged group's key)
+    count: dict[tuple[np.dtype, tuple[int, ...]], int] = {}
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
             raise TypeError(f"pack: item {i} is not a numpy.ndarray")
@@ -84,14 +101,30 @@ def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
                 "transfer: arrays holding Python references cannot be moved as bytes; convert "
                 "them to a numeric dtype first"
             )
-        by_key.setdefault((a.dtype, a.shape), []).append(i)
+        key = (a.dtype, a.shape[1:]) if a.ndim and 0 < a.nbytes < RAGGED_BYTES else None
+        rest.append(key)
+        if key is not None:
+            count[key] = count.get(key, 0) + 1
+    # (ragged, dtype, shape or shape after the first dimension) -> (members, rows)
+    by_key: dict[tuple[bool, np.dtype, tuple[int, ...]], tuple[list[int], list[int]]] = {}
+    for i, (a, key) in enumerate(zip(arrays, rest, strict=True)):
+        ragged = key is not None and count[key] >= RAGGED
+        members, rows = by_key.setdefault(
+            (True, *key) if ragged and key is not None else (False, a.dtype, a.shape), ([], [])
+        )
+        members.append(i)
+        if ragged:
+            rows.append(a.shape[0])
     groups: list[Group] = []
     end = 0
-    for (np_dtype, shape), members in by_key.items():
+    for (ragged, np_dtype, shape), (members, rows) in by_key.items():
         size = np_dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        stride = -(-size // ALIGN) * ALIGN
-        groups.append((_torch_dtype(np_dtype), shape, end, stride, members))
-        end += stride * len(members)
+        if ragged:
+            groups.append((_torch_dtype(np_dtype), shape, end, size, members, rows))
+            end += _round_up(size * sum(rows))
+        else:
+            groups.append((_torch_dtype(np_dtype), shape, end, _round_up(size), members, None))
+            end += _round_up(size) * len(members)
     return Layout(max(end, ALIGN), groups, len(arrays), None, arrays)
 
 
@@ -111,16 +144,17 @@ def pack_into(plan: Layout, out: np.ndarray) -> None:
     if any(np.may_share_memory(out, a) for a in plan.arrays):
         raise ValueError("pack: the destination overlaps one of the packed arrays")
     end = 0  # (groups, and the arrays in each, come in buffer order)
-    for _, shape, first, stride, members in plan.groups:
+    for _, _, first, stride, members, rows in plan.groups:
+        start = first
         for k, m in enumerate(members):
             a = plan.arrays[m]
+            at, start = start, start + (stride if rows is None else stride * rows[k])
             if not a.size:
                 continue
-            start = first + k * stride
-            out[end:start] = 0
-            dst = out[start : start + a.nbytes].view(a.dtype.newbyteorder("=")).reshape(shape)
+            out[end:at] = 0
+            dst = out[at : at + a.nbytes].view(a.dtype.newbyteorder("=")).reshape(a.shape)
             np.copyto(dst, a, casting="equiv")
-            end = start + a.nbytes
+            end = at + a.nbytes
     out[end : plan.nbytes] = 0
 
 
@@ -135,7 +169,8 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def views(buffer: torch.Tensor, plan: Layout) -> list[torch.Tensor]:
     """The packed arrays as tensors over ``buffer`` (uint8, ``plan.nbytes``, any device),
     in the order of the arrays given to :func:`layout`: one strided view and ``unbind``
-    per group of three or more, one ``as_strided`` per array of smaller groups."""
+    per group of three or more, one view and ``split_with_sizes`` per ragged group, one
+    ``as_strided`` per array of smaller groups."""
     out: list[Any] = [None] * plan.narrays
     views_into(buffer, plan, out, range(plan.narrays))
     return out
@@ -175,7 +210,7 @@ def _views_into(
     as_strided = torch.as_strided
     whole = isinstance(positions, range) and positions == range(len(out))
     typed: dict[torch.dtype, tuple[torch.Tensor, int, int]] = {}
-    for t_dtype, shape, first, stride, members in plan.groups:
+    for t_dtype, shape, first, stride, members, rows in plan.groups:
         entry = typed.get(t_dtype)
         if entry is None:
             flat = buffer.view(t_dtype)
@@ -184,14 +219,20 @@ def _views_into(
         flat, item, base = entry
         strides = (1,) if len(shape) == 1 else _contiguous_strides(shape)
         start = base + first // item
-        if len(members) <= 2:  # (ragged arrays: groups of one or two) a view each
+        if rows is not None:  # a ragged group: back to back, one view split by rows
+            total = sum(rows)
+            view = as_strided(flat, (total, *shape), (stride // item, *strides), start)
+            parts = view.split_with_sizes(rows)
+        elif len(members) <= 2:  # (a view each: cheaper than a group view and its unbind)
             step = stride // item
             for k, m in enumerate(members):
                 out[positions[m]] = as_strided(flat, shape, strides, start + k * step)
             continue
-        group = as_strided(flat, (len(members), *shape), (stride // item, *strides), start)
+        else:
+            view = as_strided(flat, (len(members), *shape), (stride // item, *strides), start)
+            parts = view.unbind(0)
         if whole and len(members) == len(out):  # one group, all arrays in order
-            out[:] = group.unbind(0)
+            out[:] = parts
             continue
-        for m, v in zip(members, group.unbind(0), strict=True):
+        for m, v in zip(members, parts, strict=True):
             out[positions[m]] = v

@@ -270,8 +270,10 @@ class PackedBatch:
         return unflatten(self._spec, out)
 
 
-def _rebuild_packed(*parts: Any) -> PackedBatch:
-    return PackedBatch._make(*parts)
+def _rebuild_packed(buffer: torch.Tensor, groups: list[Any], *parts: Any) -> PackedBatch:
+    # (a batch pickled before ragged groups came has five fields per group)
+    groups = [g if len(g) == 6 else (*g, None) for g in groups]
+    return PackedBatch._make(buffer, groups, *parts)
 
 
 def _host_array(leaf: Any, key: Any) -> np.ndarray | None:
@@ -354,7 +356,7 @@ class Arena:
             slot = self.made.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
             if slot is None or slot[0] is not leaf:
                 continue  # (a value, or what a fields= list holds: kept as it is)
-            groups.append((leaf.dtype, tuple(leaf.shape), slot[1], slot[2], [len(positions)]))
+            groups.append((leaf.dtype, tuple(leaf.shape), slot[1], slot[2], [len(positions)], None))
             positions.append(i)
             leaves[i] = None
         if self.spilled:
