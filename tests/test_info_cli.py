@@ -183,7 +183,11 @@ def test_benchmark_smoke(tmp_path, capsys, fallback):
     else:  # the summary, then the packed path's host side per array
         assert lines[-3].startswith("summary, geometric mean of 'vs best' per section")
         assert lines[-2] == ""
-        assert re.fullmatch(r"batch: the packed path's host side costs \d+\.\d\d us .*", lines[-1])
+        assert re.fullmatch(
+            r"batch: the packed path's host side costs \d+\.\d\d us .*; "
+            r"\d+\.\d\d us of it with arrays of 16 B \(no copy to speak of\)",
+            lines[-1],
+        )
     bf16_view = [ln for ln in text.splitlines() if "[ml_dtypes view]" in ln]
     if bf16_view:  # (with ml_dtypes) a view moves no bytes: no GB/s, no ratio
         assert bf16_view[0].split("[ml_dtypes view]")[1].split() == ["view"], bf16_view
