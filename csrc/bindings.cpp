@@ -439,7 +439,7 @@ PYBIND11_MODULE(_C, m) {
           "[(dtype, shape, first byte, bytes per array, member indices, None)] in buffer "
           "order; a ragged group (shapes that differ in the first dimension only, back to "
           "back): (dtype, shape after the first dimension, first byte, bytes per row, member "
-          "indices, rows per member).")
+          "indices, (rows of each piece of its split, the member pieces or None for all)).")
       .def("pack_into", &pack_into, py::arg("out"),
            "Copy every array into out (uint8, C-contiguous) at its offset; GIL released.");
   py::class_<LinkSimulator>(m, "LinkSimulator",

@@ -129,7 +129,8 @@ inline py::dict stats_dict(const PoolStats& s) {
 /// Holds the arrays (so the views stay valid) until it dies. `groups` is what the Python
 /// layer builds the packed tensors from: per group, the dtype, shape, first byte, bytes
 /// per array, the members (indices into `arrays`) and None; for a ragged group, the shape
-/// after the first dimension, bytes per row and each member's rows in place of None.
+/// after the first dimension, bytes per row, and (pieces, take) in place of None: the
+/// rows of a split of the group, and which pieces are the members (None: all of them).
 class PackedArrays {
  public:
   PackedArrays(const py::list& arrays, size_t align) {
@@ -166,13 +167,19 @@ class PackedArrays {
       for (size_t d = 0; d < g.shape.size(); ++d) shape[d] = py::int_(g.shape[d]);
       py::list members(g.members.size());
       for (size_t k = 0; k < g.members.size(); ++k) members[k] = py::int_(g.members[k]);
-      py::object rows = py::none();
+      py::object split = py::none();
       if (g.ragged) {
-        py::list counts(g.rows.size());
-        for (size_t k = 0; k < g.rows.size(); ++k) counts[k] = py::int_(g.rows[k]);
-        rows = std::move(counts);
+        py::list pieces(g.pieces.size());
+        for (size_t k = 0; k < g.pieces.size(); ++k) pieces[k] = py::int_(g.pieces[k]);
+        py::object take = py::none();
+        if (!g.take.empty()) {
+          py::list which(g.take.size());
+          for (size_t k = 0; k < g.take.size(); ++k) which[k] = py::int_(g.take[k]);
+          take = std::move(which);
+        }
+        split = py::make_tuple(pieces, take);
       }
-      groups_.append(py::make_tuple(first.dtype(), shape, g.first, g.stride, members, rows));
+      groups_.append(py::make_tuple(first.dtype(), shape, g.first, g.stride, members, split));
     }
     offsets_ = std::move(layout.offsets);
     views_.reserve(n);
@@ -205,16 +212,20 @@ class PackedArrays {
 
  private:
   // Equal for arrays of the same element type and byte order, whichever dtype object
-  // they carry (NumPy makes a new one for each non-native dtype): the builtin and
-  // registered (ml_dtypes) types by number, structured ones by object.
+  // they carry (NumPy makes a new one for each non-native dtype), as NumPy's dtype
+  // equality has it: the builtin types by kind and size (so int64 and longlong, two
+  // type numbers, are one kind), registered (ml_dtypes) types by number, structured
+  // ones by object.
   static uint64_t kind_of(const py::dtype& dt, bool swapped) {
     constexpr int kUserTypes = 256;  // NPY_USERDEF: ml_dtypes and other registered types
-    const bool numeric =
-        dt.num() >= kUserTypes ? !dt.has_fields() : std::strchr("biufc", dt.kind()) != nullptr;
+    const bool user = dt.num() >= kUserTypes;
+    const bool numeric = user ? !dt.has_fields() : std::strchr("biufc", dt.kind()) != nullptr;
     if (!numeric || dt.itemsize() <= 0 || dt.itemsize() >= (int64_t{1} << 20))
       return reinterpret_cast<uintptr_t>(dt.ptr());  // (an address: bit 63 clear)
-    return (uint64_t{1} << 63) | (static_cast<uint64_t>(dt.num()) << 21) |
-           (static_cast<uint64_t>(dt.itemsize()) << 1) | (swapped ? 1 : 0);
+    const uint64_t type = user ? (uint64_t{1} << 20) | static_cast<uint64_t>(dt.num())
+                               : static_cast<unsigned char>(dt.kind());
+    return (uint64_t{1} << 63) | (type << 21) | (static_cast<uint64_t>(dt.itemsize()) << 1) |
+           (swapped ? 1 : 0);
   }
   // The dtype's byte-swap unit for the core (0: native order), after refusing what no
   // copy can move as bytes.

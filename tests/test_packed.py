@@ -126,10 +126,13 @@ def _padding(packed):
     """The bytes of a packed batch's buffer that hold no array."""
     buf = packed.buffer.numpy()
     free = np.ones(buf.size, bool)
-    for dtype, shape, first, stride, members, rows in packed._groups:
+    for dtype, shape, first, stride, members, split in packed._groups:
         n = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if rows is not None:  # (ragged: back to back, rows of n bytes)
-            free[first : first + n * sum(rows)] = False
+        if split is not None:  # (ragged: pieces of rows of n bytes, some of them gaps)
+            pieces, take = split
+            starts = np.cumsum([0, *pieces]) * n + first
+            for j in range(len(pieces)) if take is None else take:
+                free[starts[j] : starts[j + 1]] = False
             continue
         for k in range(len(members)):
             free[first + k * stride : first + k * stride + n] = False
@@ -149,7 +152,7 @@ def test_the_padding_is_zeroed_not_left_from_the_allocation(backend, rng, how, m
         batch["c"] = [rng.integers(0, 9, (2, 3)).astype(">i2").T, np.zeros((0, 2))]
         batch["d"] = [rng.standard_normal(n).astype(np.float32) for n in (3, 5, 7)]  # ragged
         packed = tb.PackedBatch.pack(batch)
-        assert any(rows for *_, rows in packed._groups)
+        assert any(split and split[1] for *_, split in packed._groups)  # (gaps too)
         _assert_same_values(packed.unpack(), {"a": batch["a"]})
     else:
         packed = tb.collate(_samples(rng), packed=True, pad={"tokens": -1})
@@ -200,7 +203,7 @@ def test_pickle_round_trips_and_keeps_one_buffer(rng):
 
 
 def test_a_batch_pickled_with_five_fields_per_group_still_loads(rng):
-    """Groups gained a sixth field (a ragged group's rows); a uniform batch pickled by an
+    """Groups gained a sixth field (a ragged group's split); a uniform batch pickled by an
     earlier tensorbridge, with five, unpickles the same."""
     batch = {"x": [rng.standard_normal(9000) for _ in range(3)], "y": rng.integers(0, 9, (2, 2))}
     packed = tb.PackedBatch.pack(batch)

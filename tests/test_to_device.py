@@ -197,6 +197,9 @@ def _mixed_host_arrays(rng, n=200):
         arrays += [boxes, tokens[::2] if i % 5 == 0 else tokens]
     # either side of the largest ragged size (64 KiB), and a lone array of its shape
     arrays += [np.ones(16383, np.float32), np.ones(16384, np.float32), np.ones((2, 7), ">f8")]
+    # rows of 17 bytes align within 255 bytes of gap (ragged), rows of 33 do not (uniform)
+    for n in (1, 2, 3, 5, 8):
+        arrays += [np.full((n, 17), n, np.uint8), np.full((n, 33), n, np.uint8)]
     return arrays
 
 
@@ -223,31 +226,50 @@ def test_pack_layout_is_aligned_grouped_and_ordered(rng, path):
     def dtype_of(a):
         return tb.from_numpy(a).dtype
 
-    def ragged_key(a):  # (what may share a ragged group: 1 byte to 64 KiB, one dim or more)
-        return (a.dtype, a.shape[1:]) if a.ndim and 0 < a.nbytes < 64 << 10 else None
+    def ragged_key(a):
+        """What may share a ragged group: 1 byte to 64 KiB, a dimension or more, and rows
+        that a gap of under 256 bytes aligns to 16 bytes from any multiple of them."""
+        if not (a.ndim and 0 < a.nbytes < 64 << 10):
+            return None
+        row, worst = a.nbytes // a.shape[0], 0
+        for k in range(16):  # (a member may start at any multiple of row from 16 bytes)
+            gap = next(g for g in range(16) if (k + g) * row % 16 == 0)
+            worst = max(worst, gap * row)
+        return (a.dtype, a.shape[1:]) if worst < 256 else None
 
     may_be_ragged = collections.Counter(ragged_key(a) for a in arrays)
     spans, seen = [], set()
-    for t_dtype, shape, first, stride, members, rows in plan.groups:
+    for t_dtype, shape, first, stride, members, split in plan.groups:
         assert first % 256 == 0
-        at = first
-        for k, m in enumerate(members):
-            a = arrays[m]
-            assert dtype_of(a) == t_dtype
-            if rows is None:  # uniform: one shape, each array padded to 256 bytes
-                assert tuple(a.shape) == shape and stride % 256 == 0 and stride >= a.nbytes
+        if split is None:  # uniform: one shape, each array padded to 256 bytes
+            assert stride % 256 == 0
+            for k, m in enumerate(members):
+                a = arrays[m]
+                assert (dtype_of(a), tuple(a.shape)) == (t_dtype, shape) and stride >= a.nbytes
                 key = ragged_key(a)
                 assert key is None or may_be_ragged[key] < 3  # (else it would be ragged)
                 seen.add((False, a.dtype, a.shape))
-                step = stride
-            else:  # ragged: back to back, rows of one shape
-                assert len(members) >= 3 and ragged_key(a) is not None
-                assert (a.shape[0], a.shape[1:]) == (rows[k], shape)
-                assert stride * rows[k] == a.nbytes
-                seen.add((True, a.dtype, shape))
-                step = a.nbytes
+                spans.append((first + k * stride, first + k * stride + a.nbytes))
+            continue
+        # ragged: rows of one shape, back to back but for the fewest rows that start each
+        # member on 16 bytes
+        assert len(members) >= 3
+        pieces, take = split
+        take = range(len(pieces)) if take is None else take
+        assert len(take) == len(members)
+        at, pos = first, 0
+        for m, j in zip(members, take, strict=True):
+            a = arrays[m]
+            assert dtype_of(a) == t_dtype and ragged_key(a) == (a.dtype, shape)
+            gap = sum(pieces[pos:j])  # (the pieces between two members: one gap at most)
+            assert j - pos <= 1 and (j == pos) == (at % 16 == 0)
+            at += gap * stride
+            assert at % 16 == 0 and (gap == 0 or (at - stride) % 16 != 0)
+            assert (pieces[j], stride * pieces[j]) == (a.shape[0], a.nbytes)
+            seen.add((True, a.dtype, shape))
             spans.append((at, at + a.nbytes))
-            at += step
+            at, pos = at + a.nbytes, j + 1
+        assert pos == len(pieces)
     assert len(seen) == len(plan.groups)  # one group per key
     assert any(g[5] is None for g in plan.groups) and any(g[5] for g in plan.groups)
     spans.sort()
@@ -324,7 +346,8 @@ def _poisoned_sender(chunk):
 
 def test_ragged_arrays_come_back_back_to_back_from_one_group(rng):
     """Token ids of every length (and boxes): one ragged group each, their tensors back to
-    back in the buffer, equal to torch.from_numpy, through the whole packed path."""
+    back in the buffer but each on 16 bytes, equal to torch.from_numpy, through the whole
+    packed path."""
     if tb.info()["extension"] is False:
         pytest.skip("needs the compiled extension")
     for arrays in (
@@ -348,7 +371,38 @@ def test_ragged_arrays_come_back_back_to_back_from_one_group(rng):
             if a.nbytes:
                 starts.append((got.data_ptr() - poison[0].data_ptr(), a.nbytes))
         assert starts[0][0] == group[2]
-        assert all(s + n == s2 for (s, n), (s2, _) in itertools.pairwise(starts))
+        assert all(s % 16 == 0 for s, _ in starts)  # (a view as any dtype works, as on its own)
+        assert all(s + n <= s2 < s + n + 16 for (s, n), (s2, _) in itertools.pairwise(starts))
+
+
+def test_packed_tensors_view_as_any_dtype_where_the_idiom_does(rng):
+    """Each packed tensor starts on 16 bytes, as a tensor of its own starts on more: a view
+    as a wider dtype works wherever it works on torch.from_numpy's."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    arrays = [rng.integers(0, 255, int(n), dtype=np.uint8) for n in rng.integers(1, 99, 200)]
+    arrays += [np.arange(n, dtype=np.uint8) for n in (5, 8, 16, 24, 48)]
+    sender, _ = _poisoned_sender(1 << 16)
+    out = _batch.send_batch(arrays, torch.device("cpu"), sender, None, False)
+    viewed = 0
+    for a, got in zip(arrays, out, strict=True):
+        for wide in (torch.int16, torch.int32, torch.int64, torch.complex128):
+            if a.nbytes % wide.itemsize:
+                continue
+            # (compared as int64 where wider: NaN bits would not compare equal as floats)
+            back = torch.int64 if wide == torch.complex128 else wide
+            idiom = torch.from_numpy(a).view(wide).view(back)
+            assert torch.equal(got.view(wide).view(back), idiom)
+            viewed += 1
+    assert viewed > 100
+
+
+def test_int64_and_longlong_share_a_group_in_both_layouts(path):
+    """NumPy has two type numbers for int64 on LP64 systems ('l', 'q'), but one dtype."""
+    arrays = [np.zeros(3, np.int64), np.zeros(4, "q"), np.zeros(5, np.int64), np.ones(6, "Q")]
+    arrays += [np.ones(7, np.uint64), np.ones(8, "Q")]
+    plan = _pack.layout(arrays)
+    assert [g[4] for g in plan.groups] == [[0, 1, 2], [3, 4, 5]]
 
 
 @pytest.mark.parametrize("chunk", [4096, 1 << 16])

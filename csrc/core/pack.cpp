@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <numeric>
 #include <stdexcept>
 #include <utility>
 
@@ -32,6 +33,10 @@ size_t add(size_t a, size_t b) {
 }
 size_t round_up(size_t n, size_t align) { return add(n, align - 1) & ~(align - 1); }
 
+// The most bytes of whole rows of `row` bytes that aligning a member to kMemberAlign takes
+// (a ragged group starts aligned, so its members start at multiples of `row` from there).
+size_t worst_gap(size_t row) { return (kMemberAlign / std::gcd(row, kMemberAlign) - 1) * row; }
+
 size_t elements_bytes(int64_t itemsize, const int64_t* dims, size_t ndim) {
   if (itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
   size_t n = static_cast<size_t>(itemsize);
@@ -53,8 +58,8 @@ PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint6
                      size_t align) {
   if (views.size() != kinds.size())
     throw std::invalid_argument("pack: one kind per array is needed");
-  if (align == 0 || (align & (align - 1)))
-    throw std::invalid_argument("pack: the alignment must be a power of two");
+  if (align < kMemberAlign || (align & (align - 1)))
+    throw std::invalid_argument("pack: the alignment must be a power of two, 16 or more");
   const size_t n = views.size();
   // Arrays that may share a ragged group (core/pack.h), counted per (kind, shape after the
   // first dimension); each array's entry.
@@ -64,7 +69,8 @@ PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint6
   for (size_t i = 0; i < n; ++i) {
     const auto& s = views[i].shape;
     bytes[i] = view_bytes(views[i]);
-    if (!s.empty() && bytes[i] > 0 && bytes[i] < kRaggedBytes) {
+    if (!s.empty() && bytes[i] > 0 && bytes[i] < kRaggedBytes &&
+        worst_gap(bytes[i] / static_cast<size_t>(s[0])) < align) {
       rest_of[i] = &by_rest[Key{kinds[i], s.data() + 1, s.size() - 1}];
       ++rest_of[i]->count;
     }
@@ -84,20 +90,32 @@ PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint6
                         : round_up(bytes[i], align);
       out.groups.push_back(std::move(g));
     }
-    PackGroup& g = out.groups[seen.group];
-    g.members.push_back(i);
-    if (ragged) g.rows.push_back(v.shape[0]);
+    out.groups[seen.group].members.push_back(i);
   }
   out.order.reserve(n);
   out.offsets.reserve(n);
   size_t end = 0;
   for (PackGroup& g : out.groups) {
     g.first = end;
+    bool gaps = false;
     for (size_t k = 0; k < g.members.size(); ++k) {
-      out.order.push_back(g.members[k]);
+      const size_t i = g.members[k];
+      if (g.ragged) {
+        int64_t gap = 0;  // rows (bounded by worst_gap)
+        while ((end + static_cast<size_t>(gap) * g.stride) % kMemberAlign) ++gap;
+        if (gap) {
+          g.pieces.push_back(gap);
+          end += static_cast<size_t>(gap) * g.stride;
+          gaps = true;
+        }
+        g.take.push_back(g.pieces.size());
+        g.pieces.push_back(views[i].shape[0]);
+      }
+      out.order.push_back(i);
       out.offsets.push_back(end);
-      end = add(end, g.ragged ? bytes[g.members[k]] : g.stride);
+      end = add(end, g.ragged ? bytes[i] : g.stride);
     }
+    if (!gaps) g.take.clear();
     end = round_up(end, align);
   }
   out.nbytes = end > align ? end : align;

@@ -6,8 +6,8 @@
 // unbind (not one slice and two views per array): with thousands of small arrays,
 // per-array work and not the copy is what a batch costs. Small arrays (under
 // kRaggedBytes) are grouped by their shape after the first dimension instead, so that
-// arrays of every length (token ids, boxes) share a group too: back to back without
-// padding, their views come from one view and one split.
+// arrays of every length (token ids, boxes) share a group too: back to back, each on 16
+// bytes rather than 256, their views come from one view and one split.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +20,9 @@ namespace tb {
 
 /// Arrays of one kind laid out from `first`. Uniform groups: arrays of one shape at
 /// `first`, `first + stride`, ... Ragged groups: arrays whose shapes differ only in the
-/// first dimension, back to back (`rows[k]` rows of `stride` bytes each).
+/// first dimension, back to back, each starting on kMemberAlign bytes: rows of `stride`
+/// bytes, split into `pieces` (each member's rows, after a gap of a few rows where one is
+/// needed to align it).
 struct PackGroup {
   uint64_t kind = 0;  // opaque: equal kinds share a group (the bindings use the dtype)
   bool ragged = false;
@@ -28,15 +30,20 @@ struct PackGroup {
   size_t first = 0;             // byte offset of the group's first array (a multiple of align)
   size_t stride = 0;            // uniform: bytes per array, padded; ragged: bytes per row
   std::vector<size_t> members;  // indices into the caller's array list, in packed order
-  std::vector<int64_t> rows;    // ragged: each member's first dimension; uniform: empty
+  std::vector<int64_t> pieces;  // ragged: the rows of each piece, gaps included
+  std::vector<size_t> take;     // ragged: which pieces are the members; empty: all of them
 };
 
 /// Arrays of at least one dimension and 1 to kRaggedBytes - 1 bytes go to the ragged
 /// group of their kind and shape after the first dimension, when at least kRagged such
-/// arrays share it (fewer take a uniform group: a view each is cheaper than a split). Larger
-/// arrays, whose per-array cost the copy hides, keep uniform groups: each starts on `align`.
+/// arrays share it (fewer take a uniform group: a view each is cheaper than a split) and
+/// aligning a member never takes `align` bytes or more of gap. Larger arrays, whose
+/// per-array cost the copy hides, keep uniform groups: each starts on `align`.
 constexpr size_t kRagged = 3;
 constexpr size_t kRaggedBytes = size_t{64} << 10;
+/// Where a ragged group's members start: enough for a view as any dtype (complex128 is
+/// 16 bytes) and for 16-byte vector loads.
+constexpr size_t kMemberAlign = 16;
 
 struct PackLayout {
   std::vector<PackGroup> groups;
@@ -47,7 +54,8 @@ struct PackLayout {
 
 /// Groups `views` (uniform or ragged, as PackGroup says) in order of first appearance and
 /// lays them out.
-/// `align` must be a power of two. Throws std::invalid_argument on a size overflow.
+/// `align` must be a power of two, at least kMemberAlign. Throws std::invalid_argument
+/// on a size overflow.
 PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint64_t>& kinds,
                      size_t align);
 

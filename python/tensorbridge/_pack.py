@@ -3,11 +3,11 @@
 Arrays of one dtype and shape sit next to each other, each padded to 256 bytes, so a
 group's tensors come from one strided view and one ``unbind`` (not a slice and two views
 per array): with thousands of small arrays, per-array work and not the copy is what a
-batch costs. Arrays whose shape few others share (token ids or boxes of every length)
-form ragged groups instead: those of one dtype and one shape after the first dimension
-sit back to back (unpadded, so only their group starts on 256 bytes), and one
-``split_with_sizes`` makes their tensors. What is left, groups of one or two arrays,
-takes one ``as_strided`` per array.
+batch costs. Small arrays (under 64 KiB) form ragged groups instead, so that arrays of
+every length (token ids, boxes) share one too: those of one dtype and one shape after
+the first dimension sit back to back, each on a 16-byte boundary (enough to view it as
+any dtype), and one ``split_with_sizes`` makes their tensors. What is left, groups of
+one or two arrays, takes one ``as_strided`` per array.
 
 With the compiled core, the layout is computed in one call that checks every array once
 (``_C.PackedArrays``) and the copies run on the copy threads with the GIL released;
@@ -20,6 +20,7 @@ Used by :func:`tensorbridge.to_device` (the packed host-to-device path) and by
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -28,18 +29,23 @@ import torch
 
 from . import _backend, _dtypes
 
-ALIGN = 256  # offsets of packed arrays: enough for any dtype and for vector loads
+ALIGN = 256  # where groups start, and the arrays of uniform groups
+
+# A ragged group's split: the rows of each piece (each member's, and gaps of a few rows
+# that align the next member), and which pieces are the members (None: all of them).
+Split = tuple[list[int], list[int] | None]
 
 # Per group: (torch dtype, shape, first byte, bytes per array, member indices, None); for a
 # ragged group (arrays back to back whose shapes differ in the first dimension only):
 # (torch dtype, shape after the first dimension, first byte, bytes per row, member
-# indices, each member's rows).
-Group = tuple[torch.dtype, tuple[int, ...], int, int, list[int], list[int] | None]
+# indices, its split).
+Group = tuple[torch.dtype, tuple[int, ...], int, int, list[int], Split | None]
 
 # Arrays of at least one dimension and 1 to RAGGED_BYTES - 1 bytes go to the ragged group
 # of their dtype and shape after the first dimension, when at least RAGGED such arrays
-# share it (core/pack.h's kRagged and kRaggedBytes).
-RAGGED, RAGGED_BYTES = 3, 64 << 10
+# share it and aligning one to MEMBER_ALIGN never takes ALIGN bytes of gap or more
+# (core/pack.h's kRagged, kRaggedBytes and kMemberAlign).
+RAGGED, RAGGED_BYTES, MEMBER_ALIGN = 3, 64 << 10, 16
 
 
 class Layout(NamedTuple):
@@ -73,8 +79,8 @@ def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
         if C is not None:
             native = C.PackedArrays(arrays if isinstance(arrays, list) else list(arrays), ALIGN)
             groups: list[Group] = [
-                (_torch_dtype(dt), shape, first, stride, members, rows)
-                for dt, shape, first, stride, members, rows in native.groups
+                (_torch_dtype(dt), shape, first, stride, members, split)
+                for dt, shape, first, stride, members, split in native.groups
             ]
             return Layout(native.nbytes, groups, len(arrays), native, arrays)
         return _python_layout(arrays)
@@ -89,6 +95,11 @@ def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _worst_gap(row: int) -> int:
+    """The most bytes of whole rows that aligning a ragged member takes (core/pack.cpp)."""
+    return (MEMBER_ALIGN // math.gcd(row, MEMBER_ALIGN) - 1) * row
+
+
 def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
     """The compiled layout's twin (core/pack.cpp's plan_pack), byte for byte."""
     rest: list[tuple[np.dtype, tuple[int, ...]] | None] = []  # (a ragged group's key)
@@ -101,31 +112,54 @@ def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
                 "transfer: arrays holding Python references cannot be moved as bytes; convert "
                 "them to a numeric dtype first"
             )
-        key = (a.dtype, a.shape[1:]) if a.ndim and 0 < a.nbytes < RAGGED_BYTES else None
-        rest.append(key)
-        if key is not None:
+        if a.ndim and 0 < a.nbytes < RAGGED_BYTES and _worst_gap(a.nbytes // a.shape[0]) < ALIGN:
+            key = (a.dtype, a.shape[1:])
+            rest.append(key)
             count[key] = count.get(key, 0) + 1
-    # (ragged, dtype, shape or shape after the first dimension) -> (members, rows)
-    by_key: dict[tuple[bool, np.dtype, tuple[int, ...]], tuple[list[int], list[int]]] = {}
-    for i, (a, key) in enumerate(zip(arrays, rest, strict=True)):
-        ragged = key is not None and count[key] >= RAGGED
-        members, rows = by_key.setdefault(
-            (True, *key) if ragged and key is not None else (False, a.dtype, a.shape), ([], [])
-        )
-        members.append(i)
-        if ragged:
-            rows.append(a.shape[0])
+        else:
+            rest.append(None)
+    # (ragged, dtype, shape or shape after the first dimension) -> members
+    by_key: dict[tuple[bool, np.dtype, tuple[int, ...]], list[int]] = {}
+    for i, (a, ragged_key) in enumerate(zip(arrays, rest, strict=True)):
+        if ragged_key is not None and count[ragged_key] >= RAGGED:
+            by_key.setdefault((True, *ragged_key), []).append(i)
+        else:
+            by_key.setdefault((False, a.dtype, a.shape), []).append(i)
     groups: list[Group] = []
     end = 0
-    for (ragged, np_dtype, shape), (members, rows) in by_key.items():
+    for (ragged, np_dtype, shape), members in by_key.items():
         size = np_dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if ragged:
-            groups.append((_torch_dtype(np_dtype), shape, end, size, members, rows))
-            end += _round_up(size * sum(rows))
-        else:
+        if not ragged:
             groups.append((_torch_dtype(np_dtype), shape, end, _round_up(size), members, None))
             end += _round_up(size) * len(members)
+            continue
+        first, pieces, take = end, [], []
+        for m in members:
+            gap = 0
+            while (end + gap * size) % MEMBER_ALIGN:
+                gap += 1
+            if gap:
+                pieces.append(gap)
+                end += gap * size
+            take.append(len(pieces))
+            pieces.append(arrays[m].shape[0])
+            end += arrays[m].nbytes
+        split = (pieces, take if len(take) < len(pieces) else None)
+        groups.append((_torch_dtype(np_dtype), shape, first, size, members, split))
+        end = _round_up(end)
     return Layout(max(end, ALIGN), groups, len(arrays), None, arrays)
+
+
+def _member_starts(first: int, stride: int, count: int, split: Split | None) -> list[int]:
+    """The first byte of each member of a group."""
+    if split is None:
+        return [first + k * stride for k in range(count)]
+    pieces, take = split
+    starts, at = [], first
+    for rows in pieces:
+        starts.append(at)
+        at += rows * stride
+    return starts if take is None else [starts[j] for j in take]
 
 
 def pack_into(plan: Layout, out: np.ndarray) -> None:
@@ -144,11 +178,9 @@ def pack_into(plan: Layout, out: np.ndarray) -> None:
     if any(np.may_share_memory(out, a) for a in plan.arrays):
         raise ValueError("pack: the destination overlaps one of the packed arrays")
     end = 0  # (groups, and the arrays in each, come in buffer order)
-    for _, _, first, stride, members, rows in plan.groups:
-        start = first
-        for k, m in enumerate(members):
+    for _, _, first, stride, members, split in plan.groups:
+        for m, at in zip(members, _member_starts(first, stride, len(members), split), strict=True):
             a = plan.arrays[m]
-            at, start = start, start + (stride if rows is None else stride * rows[k])
             if not a.size:
                 continue
             out[end:at] = 0
@@ -210,7 +242,7 @@ def _views_into(
     as_strided = torch.as_strided
     whole = isinstance(positions, range) and positions == range(len(out))
     typed: dict[torch.dtype, tuple[torch.Tensor, int, int]] = {}
-    for t_dtype, shape, first, stride, members, rows in plan.groups:
+    for t_dtype, shape, first, stride, members, split in plan.groups:
         entry = typed.get(t_dtype)
         if entry is None:
             flat = buffer.view(t_dtype)
@@ -219,10 +251,12 @@ def _views_into(
         flat, item, base = entry
         strides = (1,) if len(shape) == 1 else _contiguous_strides(shape)
         start = base + first // item
-        if rows is not None:  # a ragged group: back to back, one view split by rows
-            total = sum(rows)
-            view = as_strided(flat, (total, *shape), (stride // item, *strides), start)
-            parts = view.split_with_sizes(rows)
+        if split is not None:  # a ragged group: back to back, one view split by rows
+            pieces, take = split
+            view = as_strided(flat, (sum(pieces), *shape), (stride // item, *strides), start)
+            parts = view.split_with_sizes(pieces)
+            if take is not None:  # (without the gaps that align the members)
+                parts = tuple([parts[j] for j in take])
         elif len(members) <= 2:  # (a view each: cheaper than a group view and its unbind)
             step = stride // item
             for k, m in enumerate(members):

@@ -54,8 +54,9 @@ class PackedBatch:
     Make one with :meth:`pack` or ``tb.collate(samples, packed=True)``. The arrays and
     tensors of the batch (dicts, lists, tuples, namedtuples and dataclasses of them, as
     :func:`tensorbridge.to_device` takes) are copied into one uint8 buffer, grouped by
-    dtype and shape, each at a 256-byte boundary; numbers, strings and other values stay
-    in the structure as they are.
+    dtype and shape, each at a 16-byte boundary at least (small arrays of every length
+    share a group, one after the other; larger ones are each on 256 bytes); numbers,
+    strings and other values stay in the structure as they are.
 
     - ``.to(device=None, dtype=None, non_blocking=False, copy=False)`` returns the batch in its own
       structure with every array a tensor on ``device``: the whole buffer crosses in one
