@@ -51,7 +51,16 @@ class PackedArrays:
     @property
     def groups(
         self,
-    ) -> list[tuple[np.dtype[Any], tuple[int, ...], int, int, list[int], list[int] | None]]: ...
+    ) -> list[
+        tuple[
+            np.dtype[Any],
+            tuple[int, ...],
+            int,
+            int,
+            list[int],
+            tuple[list[int], list[int] | None] | None,
+        ]
+    ]: ...
     def pack_into(self, out: np.ndarray) -> None: ...
 
 def copy(
