@@ -227,15 +227,13 @@ def test_pack_layout_is_aligned_grouped_and_ordered(rng, path):
         return tb.from_numpy(a).dtype
 
     def ragged_key(a):
-        """What may share a ragged group: 1 byte to 64 KiB, a dimension or more, and rows
-        that a gap of under 256 bytes aligns to 16 bytes from any multiple of them."""
+        """What may share a ragged group: 1 byte to 64 KiB, a dimension or more, and no
+        larger with the rows that realign what follows it to 16 bytes than padded to 256."""
         if not (a.ndim and 0 < a.nbytes < 64 << 10):
             return None
-        row, worst = a.nbytes // a.shape[0], 0
-        for k in range(16):  # (a member may start at any multiple of row from 16 bytes)
-            gap = next(g for g in range(16) if (k + g) * row % 16 == 0)
-            worst = max(worst, gap * row)
-        return (a.dtype, a.shape[1:]) if worst < 256 else None
+        row = a.nbytes // a.shape[0]
+        gap = next(g for g in range(16) if (a.nbytes + g * row) % 16 == 0)
+        return (a.dtype, a.shape[1:]) if a.nbytes + gap * row <= -(-a.nbytes // 256) * 256 else None
 
     may_be_ragged = collections.Counter(ragged_key(a) for a in arrays)
     spans, seen = [], set()
@@ -276,6 +274,19 @@ def test_pack_layout_is_aligned_grouped_and_ordered(rng, path):
     assert all(hi <= lo2 for (_, hi), (lo2, _) in itertools.pairwise(spans))
     assert spans[-1][1] <= plan.nbytes
     assert sorted(m for g in plan.groups for m in g[4]) == list(range(len(arrays)))
+    # never larger than every array padded to 256 bytes on its own
+    assert plan.nbytes <= max(256, sum(-(-a.nbytes // 256) * 256 for a in arrays))
+
+
+def test_ragged_groups_never_take_more_bytes_than_padding_each_array(path):
+    """Single rows of 248 bytes would need a gap of one row after each: padded to 256
+    bytes each, they take half the room."""
+    for shape in [(1, 62), (1, 17), (15, 17), (1, 58)]:
+        plan = _pack.layout([np.zeros(shape, np.float32 if shape[1] > 50 else np.uint8)] * 100)
+        padded = 100 * -(-int(np.prod(shape)) * (4 if shape[1] > 50 else 1) // 256) * 256
+        assert plan.nbytes <= padded, shape
+    tokens = [np.zeros(n, np.float32) for n in range(1, 200)]  # (1-D: always ragged)
+    assert [g[5] is not None for g in _pack.layout(tokens).groups] == [True]
 
 
 def test_the_compiled_layout_and_its_numpy_twin_agree(rng, monkeypatch):

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
-#include <numeric>
 #include <stdexcept>
 #include <utility>
 
@@ -33,9 +32,13 @@ size_t add(size_t a, size_t b) {
 }
 size_t round_up(size_t n, size_t align) { return add(n, align - 1) & ~(align - 1); }
 
-// The most bytes of whole rows of `row` bytes that aligning a member to kMemberAlign takes
-// (a ragged group starts aligned, so its members start at multiples of `row` from there).
-size_t worst_gap(size_t row) { return (kMemberAlign / std::gcd(row, kMemberAlign) - 1) * row; }
+// The rows of `row` bytes that realign what follows a member of `bytes` (a multiple of
+// `row`) that starts on kMemberAlign bytes: fewer than kMemberAlign.
+int64_t gap_after(size_t bytes, size_t row) {
+  int64_t gap = 0;
+  while ((bytes + static_cast<size_t>(gap) * row) % kMemberAlign) ++gap;
+  return gap;
+}
 
 size_t elements_bytes(int64_t itemsize, const int64_t* dims, size_t ndim) {
   if (itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
@@ -69,8 +72,10 @@ PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint6
   for (size_t i = 0; i < n; ++i) {
     const auto& s = views[i].shape;
     bytes[i] = view_bytes(views[i]);
-    if (!s.empty() && bytes[i] > 0 && bytes[i] < kRaggedBytes &&
-        worst_gap(bytes[i] / static_cast<size_t>(s[0])) < align) {
+    if (s.empty() || bytes[i] == 0 || bytes[i] >= kRaggedBytes) continue;
+    const size_t row = bytes[i] / static_cast<size_t>(s[0]);
+    if (bytes[i] + static_cast<size_t>(gap_after(bytes[i], row)) * row <=
+        round_up(bytes[i], align)) {
       rest_of[i] = &by_rest[Key{kinds[i], s.data() + 1, s.size() - 1}];
       ++rest_of[i]->count;
     }
@@ -101,8 +106,8 @@ PackLayout plan_pack(const std::vector<HostView>& views, const std::vector<uint6
     for (size_t k = 0; k < g.members.size(); ++k) {
       const size_t i = g.members[k];
       if (g.ragged) {
-        int64_t gap = 0;  // rows (bounded by worst_gap)
-        while ((end + static_cast<size_t>(gap) * g.stride) % kMemberAlign) ++gap;
+        // (the group starts aligned: this is the gap after the member before)
+        const int64_t gap = gap_after(end - g.first, g.stride);
         if (gap) {
           g.pieces.push_back(gap);
           end += static_cast<size_t>(gap) * g.stride;

@@ -37,8 +37,10 @@ struct PackGroup {
 /// Arrays of at least one dimension and 1 to kRaggedBytes - 1 bytes go to the ragged
 /// group of their kind and shape after the first dimension, when at least kRagged such
 /// arrays share it (fewer take a uniform group: a view each is cheaper than a split) and
-/// aligning a member never takes `align` bytes or more of gap. Larger arrays, whose
-/// per-array cost the copy hides, keep uniform groups: each starts on `align`.
+/// the array with the gap that realigns what follows it takes no more bytes than it would
+/// padded to `align` (so a ragged group is never larger than uniform ones). Larger
+/// arrays, whose per-array cost the copy hides, keep uniform groups: each starts on
+/// `align`.
 constexpr size_t kRagged = 3;
 constexpr size_t kRaggedBytes = size_t{64} << 10;
 /// Where a ragged group's members start: enough for a view as any dtype (complex128 is

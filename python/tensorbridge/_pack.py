@@ -20,7 +20,6 @@ Used by :func:`tensorbridge.to_device` (the packed host-to-device path) and by
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -43,8 +42,9 @@ Group = tuple[torch.dtype, tuple[int, ...], int, int, list[int], Split | None]
 
 # Arrays of at least one dimension and 1 to RAGGED_BYTES - 1 bytes go to the ragged group
 # of their dtype and shape after the first dimension, when at least RAGGED such arrays
-# share it and aligning one to MEMBER_ALIGN never takes ALIGN bytes of gap or more
-# (core/pack.h's kRagged, kRaggedBytes and kMemberAlign).
+# share it and the array with the gap that realigns what follows it (to MEMBER_ALIGN)
+# takes no more bytes than it would padded to ALIGN (core/pack.h's kRagged, kRaggedBytes
+# and kMemberAlign).
 RAGGED, RAGGED_BYTES, MEMBER_ALIGN = 3, 64 << 10, 16
 
 
@@ -95,9 +95,13 @@ def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _worst_gap(row: int) -> int:
-    """The most bytes of whole rows that aligning a ragged member takes (core/pack.cpp)."""
-    return (MEMBER_ALIGN // math.gcd(row, MEMBER_ALIGN) - 1) * row
+def _gap_after(nbytes: int, row: int) -> int:
+    """The rows of ``row`` bytes that realign what follows a ragged member of ``nbytes``
+    (core/pack.cpp's gap_after)."""
+    gap = 0
+    while (nbytes + gap * row) % MEMBER_ALIGN:
+        gap += 1
+    return gap
 
 
 def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
@@ -112,7 +116,9 @@ def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
                 "transfer: arrays holding Python references cannot be moved as bytes; convert "
                 "them to a numeric dtype first"
             )
-        if a.ndim and 0 < a.nbytes < RAGGED_BYTES and _worst_gap(a.nbytes // a.shape[0]) < ALIGN:
+        n = a.nbytes
+        row = n // a.shape[0] if a.ndim and a.shape[0] else 0  # (0: no bytes)
+        if row and n < RAGGED_BYTES and n + _gap_after(n, row) * row <= _round_up(n):
             key = (a.dtype, a.shape[1:])
             rest.append(key)
             count[key] = count.get(key, 0) + 1
@@ -135,9 +141,7 @@ def _python_layout(arrays: Sequence[np.ndarray]) -> Layout:
             continue
         first, pieces, take = end, [], []
         for m in members:
-            gap = 0
-            while (end + gap * size) % MEMBER_ALIGN:
-                gap += 1
+            gap = _gap_after(end - first, size)  # (after the member before)
             if gap:
                 pieces.append(gap)
                 end += gap * size
