@@ -54,14 +54,16 @@ class PackedBatch:
     Make one with :meth:`pack` or ``tb.collate(samples, packed=True)``. The arrays and
     tensors of the batch (dicts, lists, tuples, namedtuples and dataclasses of them, as
     :func:`tensorbridge.to_device` takes) are copied into one uint8 buffer, grouped by
-    dtype and shape, each at a 16-byte boundary at least (small arrays of every length
-    share a group, one after the other; larger ones are each on 256 bytes); numbers,
-    strings and other values stay in the structure as they are.
+    dtype and shape, each at a 16-byte boundary at least (three or more small arrays of
+    one dtype and of every length share a group, one after the other; larger ones are
+    each on 256 bytes); numbers, strings and other values stay in the structure as they
+    are.
 
     - ``.to(device=None, dtype=None, non_blocking=False, copy=False)`` returns the batch in its own
       structure with every array a tensor on ``device``: the whole buffer crosses in one
       copy (asynchronous from pinned memory with ``non_blocking=True``), and the tensors
-      are views of it (one strided view per dtype and shape). ``dtype`` is
+      are views of it (a view and a split or ``unbind`` per group of arrays). On the host
+      they are views of this batch's own buffer, unless ``copy=True``. ``dtype`` is
       :func:`tensorbridge.to_device`'s. Lightning, accelerate and anything else that
       calls ``.to()`` on a batch move it this way.
     - ``.pin_memory()`` returns a packed batch in page-locked memory (itself when it
