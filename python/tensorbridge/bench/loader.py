@@ -157,7 +157,8 @@ class _HostSide(_ReusedBuffer):
         plan.native.pack_into(buffer.numpy())
 
 
-#: Token ids or boxes of every length: a group (dtype, shape) per array or two.
+#: Token ids or boxes of every length: one ragged group, most members after a few rows of
+#: padding that start them on 16 bytes.
 RAGGED_CASE = "1000 ragged arrays (256-1791 float32)"
 
 
@@ -174,7 +175,7 @@ def _same_size(n: int) -> list[np.ndarray]:
 
 def _packed_over_link(r: Runner, sec: str) -> None:
     """The GPU batch path of to_device (one native layout, staging by the copy threads, a
-    few copies, one view per dtype and shape) over a simulated 25 GB/s link, against one
+    few copies, a view and a split per group of arrays) over a simulated 25 GB/s link, against one
     pipeline transfer per array over the same link: the host-side cost per array of
     each, on a machine without a GPU."""
     C = _backend.ENGINE.C
