@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tensorbridge as tb
@@ -367,6 +368,25 @@ def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
     assert "bench-gpu: no CUDA device is available to torch" in capsys.readouterr().err
     assert tune.main([]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((224, 224, 3), np.uint8), ((16, 16, 3), np.uint8), ((8, 8), np.float32)],
+    ids=["images (uniform group)", "small images (ragged group)", "float32"],
+)
+def test_gpu_benchmark_stacks_samples_on_the_copy_threads_like_numpy(shape, dtype):
+    """The image row that stacks on the copy threads (it runs only on a GPU) gives
+    np.stack's bytes, and refuses samples it cannot stack in order without gaps."""
+    if _backend.ENGINE.C is None:
+        pytest.skip("needs the compiled core")
+    rng = np.random.default_rng(0)
+    samples = [rng.integers(0, 256, shape).astype(dtype) for _ in range(5)]
+    out = np.full((5, *shape), 77, dtype)  # (poisoned: unwritten bytes show)
+    assert gpu.stack_on_copy_threads(samples, out) is out
+    np.testing.assert_array_equal(out, np.stack(samples))
+    with pytest.raises(ValueError, match=r"numpy\.stack"):
+        gpu.stack_on_copy_threads([*samples, samples[0][:1]], out)
 
 
 def test_gpu_benchmark_saves_each_section_and_survives_a_failed_one(tmp_path, monkeypatch):
