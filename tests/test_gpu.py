@@ -626,6 +626,7 @@ def test_prefetcher_sees_work_queued_before_and_overwrites_nothing_in_use():
     assert seen == [float(i) for i in range(6)]
 
 
+@needs_ml
 def test_to_numpy_batch_brings_gpu_tensors_back_in_one_pass(gen):
     batch = {
         "a": random_tensor((33, 7), torch.float32, gen).cuda(),
