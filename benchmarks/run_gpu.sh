@@ -16,9 +16,10 @@
 # it measured. To bring the results back from a machine that returns a few files, wrap it:
 #   timeout 570 bash benchmarks/run_gpu.sh /tmp/r; tar czf results.tgz -C /tmp/r .
 #
-# Needs no network: python3 with torch (CUDA), numpy, pybind11, setuptools, CMake and
-# ninja; matplotlib for the plot, ml_dtypes for the bfloat16/float8 tests; CuPy, JAX and
-# Numba for the interop tests (each skipped when missing). On an H100 machine (16 cores),
+# Needs no network: python3 with torch (CUDA), numpy, pybind11, setuptools, pytest,
+# hypothesis, CMake, ninja and nvcc (on PATH, as CUDACXX, or in /usr/local/cuda/bin),
+# checked before the build; matplotlib for the plot, ml_dtypes for the bfloat16/float8
+# tests; CuPy, JAX and Numba for the interop tests (each skipped when missing). On an H100 machine (16 cores),
 # an earlier form of this script, GPU and engine tests only, ran in 178 and 222 s, and the
 # whole suite alone in 91 s.
 set -uo pipefail
@@ -63,7 +64,9 @@ stage() {
   fi
 }
 
-pytest=("$py" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers --strict-config -rfE")
+# (faulthandler: a test that hangs prints every thread's stack before the stage's timeout)
+pytest=("$py" -m pytest -q -p no:cacheprovider -o faulthandler_timeout=120
+  -o addopts="--strict-markers --strict-config -rfE")
 
 run() {
   echo "== machine (budget ${budget} s)"
@@ -74,11 +77,29 @@ run() {
   "$py" -c "import torch, numpy; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'numpy', numpy.__version__)"
 
+  # What every stage needs, checked before the budget goes to a build that cannot serve.
+  if ! "$py" -c "import numpy, torch, pybind11, pytest, hypothesis"; then
+    echo "== not clean: needs numpy, torch, pybind11, pytest and hypothesis (see above)"
+    return 1
+  fi
+  if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "== not clean: torch sees no CUDA device (torch.cuda.is_available() is False)"
+    return 1
+  fi
+  if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export CUDACXX=/usr/local/cuda/bin/nvcc # (CMake compiles the CUDA sources only with nvcc)
+  fi
   stage "build in place (csrc -> python/tensorbridge/_C)" 30 0 \
     env TENSORBRIDGE_EXTENSION=on "$py" setup.py -q build_ext --inplace -j "$(nproc)"
   [ "${#failed[@]}" -eq 0 ] || return 1
   export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
   "$py" -m tensorbridge info
+  # A build without nvcc is a CPU build: every GPU row would time torch's fallback.
+  if ! "$py" -c "import sys, tensorbridge as tb; sys.exit(0 if tb.info()['cuda'] else 1)"; then
+    echo "== not clean: the build has no working CUDA engine (see 'cuda_reason' above;" \
+      "put nvcc on PATH or set CUDACXX, and rebuild)"
+    return 1
+  fi
 
   stage "GPU tests (-m gpu)" 30 300 "${pytest[@]}" --junitxml="$logs/$stamp-gpu-tests.xml" -m gpu tests
   # Engine transfers first (the limits P and H are measured at its start), then batches,
