@@ -504,6 +504,17 @@ def test_gpu_targets_are_judged_from_the_runs_own_rows():
             "pageable-reused",
             30.0,
         ),
+        row(  # a first sighting stages too, but what it times is mostly page faults
+            reg,
+            "registering a fresh array",
+            16 * MiB_,
+            "tb  [first sighting: staged]",
+            False,
+            16 * MiB_ / 6e9,
+            "h2d",
+            "pageable-fresh",
+            30.0,
+        ),
         row(
             "both directions at once, float32",
             "down + up",
