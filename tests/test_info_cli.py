@@ -639,7 +639,16 @@ def test_routing_defaults_are_the_newest_committed_sweep():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--repeats", "0"], ["--buffers", "0"], ["--sizes-mib", "-1"], ["--save", "FILE"]],
+    [
+        ["--repeats", "0"],
+        ["--buffers", "0"],
+        ["--buffers", "1"],  # (the engine's range: 2 to 64)
+        ["--buffers", "65"],
+        ["--threads", "257"],
+        ["--chunks-mib", str((1 << 20) + 1)],
+        ["--sizes-mib", "-1"],
+        ["--save", "FILE"],
+    ],
 )
 def test_tune_refuses_bad_arguments_before_measuring(argv, tmp_path, capsys):
     afile = tmp_path / "afile"

@@ -237,6 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     knobs = (args.threads or [1]) + args.chunks_mib + args.buffers + args.sizes_mib
     if min(knobs) < 1:
         p.error("--threads, --chunks-mib, --buffers and --sizes-mib take numbers from 1 up")
+    # (what the engine accepts, checked here: not after minutes of measuring)
+    if max(args.threads or [1]) > _backend.MAX_THREADS:
+        p.error(f"--threads takes numbers up to {_backend.MAX_THREADS}")
+    if min(args.buffers) < 2 or max(args.buffers) > 64:
+        p.error("--buffers takes numbers from 2 to 64 (staging blocks per transfer)")
+    if max(args.chunks_mib) > 1 << 20:
+        p.error("--chunks-mib takes numbers up to 1048576 (1 TiB)")
     problem = output_problem(args.save, None)
     if problem:
         p.error(problem)  # before the sweep, not after minutes of measuring
@@ -244,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("needs a GPU and the compiled CUDA engine", file=sys.stderr)
         return 2
     cores = os.cpu_count() or 1
-    threads = args.threads or sorted({max(1, cores // 4), max(1, cores // 2), cores})
+    most = min(cores, _backend.MAX_THREADS)
+    threads = args.threads or sorted({max(1, most // 4), max(1, most // 2), most})
     saved_threads = _backend.get_num_threads()
     m = gpu_machine()
     print(f"GPU {m['gpu']}, driver {m['driver']}, PCIe {m['pcie']}, {cores} cores", flush=True)
