@@ -309,6 +309,15 @@ def test_the_summary_is_each_sections_geometric_mean_of_vs_best():
     )
     assert summary(rows[-1:]).endswith("no row has a baseline to compare with")
     assert format_report(Report(machine(), rows)).splitlines()[-1] == summary(rows)
+    # sections whose short titles coincide (one per direction) keep their whole titles
+    per_direction = [
+        _row(f"cache, {d}, float32", "a", 4096, m, m == "base", t)
+        for d in ("d2h", "h2d")
+        for m, t in (("tb", 1e-6), ("base", 2e-6))
+    ]
+    assert summary(per_direction).endswith(
+        "cache, d2h, float32 2.00x (1); cache, h2d, float32 2.00x (1)"
+    )
 
 
 def test_the_batch_summary_is_the_host_side_slope_per_array():

@@ -127,11 +127,14 @@ def summary(rows: Sequence[Row]) -> str:
         found = by_section.setdefault(row.section, [])
         if ratio is not None:
             found.append(ratio)
-    parts = [
-        f"{_short(sec)} {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x ({len(ratios)})"
-        for sec, ratios in by_section.items()
-        if ratios
-    ]
+    shown = {sec: ratios for sec, ratios in by_section.items() if ratios}
+    shorts = [_short(sec) for sec in shown]
+    parts = []
+    for sec, ratios in shown.items():
+        # (sections whose short titles coincide, a section per direction, keep theirs)
+        label = _short(sec) if shorts.count(_short(sec)) == 1 else sec
+        mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        parts.append(f"{label} {mean:.2f}x ({len(ratios)})")
     return "summary, geometric mean of 'vs best' per section (rows): " + (
         "; ".join(parts) if parts else "no row has a baseline to compare with"
     )
