@@ -19,6 +19,7 @@ class _Probe(TypedDict):
 class _Report(TypedDict):
     chunks: int
     staged: bool
+    threads: int
 
 class _PoolStats(TypedDict):
     bytes_held: int
@@ -62,6 +63,50 @@ class PackedArrays:
         ]
     ]: ...
     def pack_into(self, out: np.ndarray) -> None: ...
+
+class LinkSimulator:
+    """The transfer pipeline and a pinned pool over a simulated link, for benchmarks on
+    machines without a GPU; "device memory" is a C-contiguous array (uint8 for packed)."""
+
+    def __init__(
+        self, bandwidth_gbs: float, latency_us: float = 0.0, budget: int = 1 << 30
+    ) -> None: ...
+    def to_host(
+        self,
+        device: np.ndarray,
+        dst: np.ndarray,
+        chunk_bytes: int = 0,
+        buffers: int = 0,
+        threads: int = 0,
+        stream: int = 0,
+    ) -> _Report: ...
+    def to_device(
+        self,
+        src: np.ndarray,
+        device: np.ndarray,
+        chunk_bytes: int = 0,
+        buffers: int = 0,
+        threads: int = 0,
+        stream: int = 0,
+    ) -> _Report: ...
+    def to_device_packed(
+        self,
+        layout: PackedArrays,
+        device: np.ndarray,
+        chunk_bytes: int = 0,
+        buffers: int = 0,
+        threads: int = 0,
+        stream: int = 0,
+    ) -> _Report: ...
+    def copy(
+        self, device: np.ndarray, host: np.ndarray, to_host: bool, stream: int = 0
+    ) -> None: ...
+    def host_ceiling(self, nbytes: int, to_pinned: bool, repeats: int = 5) -> list[float]: ...
+    def stats(self) -> _PoolStats: ...
+    @property
+    def bandwidth_gbs(self) -> float: ...
+    @property
+    def latency_us(self) -> float: ...
 
 def copy(
     dst: np.ndarray, src: np.ndarray, swap_unit: int = 0, min_parallel_bytes: int = 0
@@ -118,6 +163,9 @@ def cuda_copy_pinned(
 def cuda_copy_small(
     device: int, stream: int, host: np.ndarray, device_ptr: int, nbytes: int, to_host: bool
 ) -> None: ...
+def cuda_host_ceiling(
+    device: int, nbytes: int, to_pinned: bool, repeats: int = 5
+) -> list[float]: ...
 def cuda_pinned_stats() -> _PoolStats: ...
 def cuda_set_pinned_budget(bytes: int) -> None: ...
 def cuda_set_numa_nodes(nodes: list[int]) -> None: ...
