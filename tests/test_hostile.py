@@ -186,6 +186,21 @@ def test_misaligned_arrays_become_aligned_tensors(backend, rng):
         assert torch.equal(tb.to_tensor(a, out=out), torch.from_numpy(ref))
 
 
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_arrays_aligned_to_their_parts_only_become_aligned_tensors(backend, rng, dtype):
+    # NumPy calls a complex array aligned when its parts are; torch's complex numbers are
+    # aligned to their whole size, as they are in a tensor of their own.
+    dtype = np.dtype(dtype)
+    raw = np.empty(1001 * dtype.itemsize, np.uint8)
+    start = (-raw.ctypes.data) % dtype.itemsize + dtype.itemsize // 2
+    a = raw[start : start + 1000 * dtype.itemsize].view(dtype)
+    a[...] = rng.standard_normal(1000) + 1j * rng.standard_normal(1000)
+    assert a.flags.aligned and a.ctypes.data % dtype.itemsize
+    t = tb.from_numpy(a)
+    assert t.data_ptr() % t.element_size() == 0
+    assert t.numpy().tobytes() == a.tobytes()
+
+
 def test_to_tensor_refuses_a_misaligned_out_tensor(backend):
     out = torch.from_numpy(misaligned(100, np.complex128))
     with pytest.raises(ValueError, match="multiple of its element size"):

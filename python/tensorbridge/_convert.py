@@ -406,14 +406,17 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     """
     # (not for a read-only array: torch warns that it would share one before it refuses it,
     # negative strides say, and the copy made below then shares nothing)
-    if type(a) is np.ndarray and a.flags.writeable:
-        try:  # the common case: exactly torch.from_numpy
-            t = torch.from_numpy(a)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-        else:
-            if not t.data_ptr() % t.element_size():
-                return t
+    if type(a) is np.ndarray:
+        flags = a.flags
+        if flags.writeable and flags.aligned:
+            try:  # the common case: exactly torch.from_numpy
+                t = torch.from_numpy(a)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+            else:
+                # (NumPy aligns complex numbers to their parts, torch to their whole size)
+                if a.dtype.kind != "c" or not t.data_ptr() % t.element_size():
+                    return t
     elif not isinstance(a, np.ndarray):
         raise TypeError(
             f"from_numpy expects a numpy.ndarray, got {type(a).__name__}: use "
