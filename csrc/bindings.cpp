@@ -536,7 +536,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), py::arg("nbytes"), py::arg("to_pinned"), py::arg("repeats") = 5,
       "Seconds per pageable<->page-locked copy of nbytes with the thread pool (H).");
   m.def("cuda_pinned_stats", [] { return stats_dict(tb::cuda::pinned_stats()); });
-  m.def("cuda_set_pinned_budget", &tb::cuda::set_pinned_budget, py::arg("bytes"));
+  m.def(
+      "cuda_set_pinned_budget",
+      [](size_t bytes) {
+        ReleaseGil release;  // (a smaller budget frees idle staging blocks: cudaFreeHost)
+        tb::cuda::set_pinned_budget(bytes);
+      },
+      py::arg("bytes"), "The staging pools' byte budget; frees idle blocks above it.");
   m.def("cuda_set_numa_nodes", &tb::cuda::set_numa_nodes, py::arg("nodes"),
         "The NUMA node per device that staging blocks pinned from now on prefer (-1: none).");
   m.def(
