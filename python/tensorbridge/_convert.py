@@ -278,16 +278,16 @@ def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool
     oversubscribing the cores (with two thread pools, one pool's idle-spinning threads
     delay the other's). Returns False, having written nothing, when it does not apply.
     """
+    if type(out) is not np.ndarray or not _cuda.ROUTING.torch_host(out.nbytes):
+        return False  # (first: most copies are small, and this is the cheapest test)
     if _IN_FORKED_CHILD[0]:
         return False  # torch's OpenMP pool hangs in a child forked after the parent used it
     if not (
         x.layout is torch.strided  # (sparse and nested tensors have no strides or sizes:
         and not x.is_nested  # the full path refuses them with a fix)
-        and type(out) is np.ndarray
         and out.dtype == np_dtype
         and out.flags.c_contiguous
         and out.flags.writeable
-        and _cuda.ROUTING.torch_host(out.nbytes)
         and out.shape == x.shape
         and x.is_contiguous()
     ):
