@@ -172,8 +172,17 @@ class CMakeBuild(build_ext):
 
         # One directory per configuration: CMake cannot switch generators (or reliably
         # drop options) in a configured directory, and a stale cache must never decide
-        # what is built.
-        key = hashlib.sha256("\0".join([ext.sourcedir, *args]).encode()).hexdigest()[:12]
+        # what is built. The configuration includes what CMake finds once and caches for
+        # good: the CUDA compiler (CUDACXX, nvcc on PATH), the architectures (CUDAARCHS),
+        # and CMakeLists.txt itself, whose defaults a configured cache would keep.
+        cmake_lists = (Path(ext.sourcedir) / "CMakeLists.txt").read_bytes()
+        found = [
+            os.environ.get("CUDACXX", ""),
+            shutil.which("nvcc") or "",
+            os.environ.get("CUDAARCHS", ""),
+            hashlib.sha256(cmake_lists).hexdigest(),
+        ]
+        key = hashlib.sha256("\0".join([ext.sourcedir, *args, *found]).encode()).hexdigest()[:12]
         build_temp = Path(self.build_temp) / f"cmake-{key}"
         build_temp.mkdir(parents=True, exist_ok=True)
         jobs = [f"-j{self.parallel}"] if self.parallel else []
