@@ -242,23 +242,28 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def committed(pattern: str) -> list[Path]:
-    """The files in benchmarks/results matching pattern that git tracks, sorted: a
-    benchmark run's own fresh output there (bench-gpu and bench-tune save before the
-    CPU tests run in benchmarks/run_gpu.sh) is not what these tests judge. Outside a git
-    checkout, every matching file."""
+    """The files in benchmarks/results matching pattern as the last commit has them, sorted:
+    a benchmark run's own fresh output there (bench-gpu and bench-tune save before the CPU
+    tests run in benchmarks/run_gpu.sh) is not what these tests judge. Outside a git
+    checkout of this project (a copy of the files alone), every matching file."""
     found = sorted(RESULTS.glob(pattern))
-    try:
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "--", "."],
-            cwd=RESULTS,
-            capture_output=True,
-            timeout=60,
-            check=True,
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=RESULTS, capture_output=True, text=True, timeout=60, check=True
         ).stdout
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel").strip()).resolve()
+        if top != RESULTS.parent.parent.resolve():
+            return found  # (a copy inside some other repository)
+        listed = git("ls-tree", "-r", "--name-only", "HEAD", "--", ".").splitlines()
+        modified = git("diff", "--name-only", "--relative", "HEAD", "--", ".").splitlines()
     except (OSError, subprocess.SubprocessError):
         return found
-    tracked = {RESULTS / name for name in listed.decode().split("\0") if name}
-    return [path for path in found if path in tracked]
+    committed = {RESULTS / Path(name).name for name in listed}
+    changed = {RESULTS / Path(name).name for name in modified}
+    return [path for path in found if path in committed and path not in changed]
 
 
 @pytest.mark.parametrize("path", committed("*-[cg]pu-*.json"), ids=lambda p: p.name)

@@ -29,7 +29,7 @@ import torch
 from .. import _backend, _cuda
 from .._convert import to_numpy, to_tensor
 from .._registry import registration_options
-from ._results import output_problem, write_json
+from ._results import output_problem, unused_base, write_json
 from ._rows import KiB, MiB, slug
 from ._runner import Call, buffers_to_rotate, measure_group
 from .gpu import gpu_machine
@@ -289,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.save:
         os.makedirs(args.save, exist_ok=True)
-        path = os.path.join(args.save, f"{time.strftime('%Y-%m-%d')}-tune-{slug(m['gpu'])}.json")
+        # (never over an earlier sweep: the same GPU the same day gets -2, -3, ...)
+        base = unused_base(args.save, f"{time.strftime('%Y-%m-%d')}-tune-{slug(m['gpu'])}")
+        path = base + ".json"
         write_json(path, m, rows, top)
         print(f"saved {path}")
     return 0
