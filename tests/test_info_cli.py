@@ -419,8 +419,13 @@ def test_gpu_benchmark_stacks_samples_on_the_copy_threads_like_numpy(shape, dtyp
     out = np.full((5, *shape), 77, dtype)  # (poisoned: unwritten bytes show)
     assert gpu.stack_on_copy_threads(samples, out) is out
     np.testing.assert_array_equal(out, np.stack(samples))
-    with pytest.raises(ValueError, match=r"numpy\.stack"):
-        gpu.stack_on_copy_threads([*samples, samples[0][:1]], out)
+    for wrong in (
+        [*samples, samples[0][:1]],  # two groups
+        [s.view(np.uint8).reshape(-1) for s in samples],  # the bytes, but another dtype and shape
+    ):
+        with pytest.raises(ValueError, match=r"numpy\.stack"):
+            gpu.stack_on_copy_threads(wrong, out)
+    np.testing.assert_array_equal(out, np.stack(samples))  # (refused before writing)
 
 
 def test_gpu_benchmark_saves_each_section_and_survives_a_failed_one(tmp_path, monkeypatch):

@@ -468,11 +468,18 @@ def stack_on_copy_threads(samples: list[np.ndarray], out: np.ndarray) -> np.ndar
     if C is None:
         raise RuntimeError("stacking on the copy threads needs the compiled core")
     layout = C.PackedArrays(samples)
-    if len(layout.groups) != 1 or not out.flags.c_contiguous or layout.nbytes != out.nbytes:
+    stacked = (len(samples), *samples[0].shape) if samples else (0,)
+    if (
+        len(layout.groups) != 1
+        or out.shape != stacked
+        or out.dtype != samples[0].dtype
+        or not out.flags.c_contiguous
+        or layout.nbytes != out.nbytes
+    ):
         raise ValueError(
-            f"out ({out.nbytes} bytes, C-contiguous: {out.flags.c_contiguous}) does not hold "
-            f"the samples' packed layout ({layout.nbytes} bytes in {len(layout.groups)} "
-            "groups) in order and without gaps: use numpy.stack(samples, out=out)"
+            f"out ({out.shape} {out.dtype}, C-contiguous: {out.flags.c_contiguous}) is not the "
+            f"samples stacked, or their packed layout ({layout.nbytes} bytes in "
+            f"{len(layout.groups)} groups) has gaps: use numpy.stack(samples, out=out)"
         )
     layout.pack_into(out.reshape(-1).view(np.uint8))
     return out
