@@ -174,6 +174,10 @@ int engine_device() {
 }  // namespace
 
 void set_pinned_budget(size_t bytes) {
+  // One call at a time from start to end (the GIL is released): two calls interleaved
+  // could leave the pools at one budget and g_budget, which new pools take, at the other.
+  static auto* setting = new std::mutex();  // (leaked, like the engine's other state)
+  std::lock_guard<std::mutex> one_at_a_time(*setting);
   std::vector<Device*> devs;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
