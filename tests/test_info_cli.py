@@ -426,6 +426,8 @@ def test_gpu_benchmark_stacks_samples_on_the_copy_threads_like_numpy(shape, dtyp
         with pytest.raises(ValueError, match=r"numpy\.stack"):
             gpu.stack_on_copy_threads(wrong, out)
     np.testing.assert_array_equal(out, np.stack(samples))  # (refused before writing)
+    with pytest.raises(TypeError, match=r"numpy\.stack"):
+        gpu.stack_on_copy_threads(samples, out.tolist())
 
 
 def test_gpu_benchmark_saves_each_section_and_survives_a_failed_one(tmp_path, monkeypatch):

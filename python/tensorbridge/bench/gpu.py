@@ -467,6 +467,11 @@ def stack_on_copy_threads(samples: list[np.ndarray], out: np.ndarray) -> np.ndar
     C = _backend.ENGINE.C
     if C is None:
         raise RuntimeError("stacking on the copy threads needs the compiled core")
+    if not isinstance(out, np.ndarray) or not isinstance(samples, list):
+        raise TypeError(
+            f"stack_on_copy_threads takes a list of arrays and an ndarray out, got "
+            f"{type(samples).__name__} and {type(out).__name__}: use numpy.stack(samples, out=out)"
+        )
     layout = C.PackedArrays(samples)
     stacked = (len(samples), *samples[0].shape) if samples else (0,)
     if (
