@@ -88,8 +88,8 @@ inline HostView host_view(const py::array& a, bool writeable) {
   check_movable(a);
   HostView v;
   v.data = static_cast<char*>(const_cast<void*>(a.data()));
-  v.shape = shape_of(a);
-  v.strides = strides_of(a);
+  v.shape.assign(a.shape(), a.shape() + a.ndim());
+  v.strides.assign(a.strides(), a.strides() + a.ndim());
   v.itemsize = a.itemsize();
   return v;
 }

@@ -182,7 +182,9 @@ def test_size_classes_are_not_powers_of_two():
 # ------------------------------------------------------------------------- device -> host
 
 
-SHAPES = [(), (0,), (1,), (7,), (13, 17), (5, 1, 9), (3, 4, 5, 6), (257, 129)]
+# (the core holds up to six dimensions in place, more on the heap)
+SHAPES = [(), (0,), (1,), (7,), (13, 17), (5, 1, 9), (3, 4, 5, 6), (257, 129), (3, 2, 1, 2, 3, 2)]
+SHAPES += [(2, 3, 1, 2, 2, 1, 3), (2,) * 10]
 CHUNKS = [1, 64, 1000, 4096, 1 << 20]
 # (buffers, threads): one copy thread with two blocks; four copy threads with two blocks
 # each (more threads than this machine may have cores: they then take turns).

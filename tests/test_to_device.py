@@ -200,6 +200,11 @@ def _mixed_host_arrays(rng, n=200):
     # rows of 17 bytes align within 255 bytes of gap (ragged), rows of 33 do not (uniform)
     for n in (1, 2, 3, 5, 8):
         arrays += [np.full((n, 17), n, np.uint8), np.full((n, 33), n, np.uint8)]
+    # many dimensions: the core holds up to six in place and more on the heap
+    for shape in [(2, 1, 3, 1, 2, 2), (1, 2, 1, 3, 1, 2, 2), (2,) * 12, (1,) * 31 + (5,)]:
+        for k in range(3):  # (three alike: a group of their own)
+            a = rng.integers(0, 100, shape).astype(">i2" if len(shape) == 12 else "<f4")
+            arrays.append(a[::-1] if k == 2 else a)
     return arrays
 
 

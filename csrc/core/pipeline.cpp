@@ -18,13 +18,13 @@
 namespace tb {
 namespace {
 
-int64_t product(const std::vector<int64_t>& v, size_t from) {
+int64_t product(const Dims& v, size_t from) {
   int64_t p = 1;
   for (size_t i = from; i < v.size(); ++i) p *= v[i];
   return p;
 }
 
-void plan(const std::vector<int64_t>& shape, int64_t itemsize, size_t chunk_bytes, int depth,
+void plan(const Dims& shape, int64_t itemsize, size_t chunk_bytes, int depth,
           std::vector<int64_t>& prefix, size_t& offset, std::vector<Chunk>& out) {
   const int64_t slice = product(shape, depth + 1) * itemsize;  // bytes per index of `depth`
   const int64_t n = shape[depth];
@@ -52,13 +52,13 @@ void plan(const std::vector<int64_t>& shape, int64_t itemsize, size_t chunk_byte
 
 // The host side of one chunk: the user's sub-array, and its dense twin in staging.
 struct ChunkViews {
-  std::vector<int64_t> shape, host_strides, dense_strides;
+  Dims shape, host_strides, dense_strides;
   char* host = nullptr;
 };
 
 // Byte strides of a dense C-order array of `shape`.
-std::vector<int64_t> c_strides(const std::vector<int64_t>& shape, int64_t itemsize) {
-  std::vector<int64_t> s(shape.size());
+Dims c_strides(const Dims& shape, int64_t itemsize) {
+  Dims s(shape.size());
   int64_t acc = itemsize;
   for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
     s[d] = acc;
@@ -82,9 +82,8 @@ ChunkViews chunk_views(const HostView& v, const Chunk& c) {
 
 // One chunk's host copy. `parallel`: split it across the thread pool (when a single
 // copy thread runs); several copy threads each copy their own chunk on their own core.
-void host_copy(char* dst, const std::vector<int64_t>& ds, const char* src,
-               const std::vector<int64_t>& ss, const std::vector<int64_t>& shape, int64_t itemsize,
-               int swap_unit, bool parallel = true) {
+void host_copy(char* dst, const Dims& ds, const char* src, const Dims& ss, const Dims& shape,
+               int64_t itemsize, int swap_unit, bool parallel = true) {
   CopyOptions opt;
   opt.swap_unit = swap_unit;
   if (!parallel) opt.min_parallel_bytes = INT64_MAX;
@@ -205,12 +204,11 @@ void copy_and_wait(TransferEngine& engine, StreamHandle stream, Queue&& queue) {
   }
 }
 
-std::vector<int64_t> dense_strides(const HostView& v) { return c_strides(v.shape, v.itemsize); }
+Dims dense_strides(const HostView& v) { return c_strides(v.shape, v.itemsize); }
 
 }  // namespace
 
-std::vector<Chunk> plan_chunks(const std::vector<int64_t>& shape, int64_t itemsize,
-                               size_t chunk_bytes) {
+std::vector<Chunk> plan_chunks(const Dims& shape, int64_t itemsize, size_t chunk_bytes) {
   if (itemsize <= 0) throw std::invalid_argument("transfer: elements of zero bytes");
   // (as an int64 below: a larger chunk would turn negative)
   chunk_bytes = std::min<size_t>(chunk_bytes, static_cast<size_t>(INT64_MAX));

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/dims.h"
 #include "core/pinned_pool.h"
 #include "core/transfer_engine.h"
 
@@ -25,8 +26,8 @@ namespace tb {
 /// A host array: data, shape and byte strides (any layout, negative strides too).
 struct HostView {
   char* data = nullptr;
-  std::vector<int64_t> shape;
-  std::vector<int64_t> strides;
+  Dims shape;
+  Dims strides;
   int64_t itemsize = 1;
   // Byte-swap unit of this array's elements (0: none). Read by the many-array copies
   // (pack_to_host, copy_many_to_device), where each array has its own dtype; the
@@ -62,8 +63,7 @@ struct Chunk {
 
 /// Splits a dense array of `shape` into chunks of at most chunk_bytes (at least one
 /// element each), in device order.
-std::vector<Chunk> plan_chunks(const std::vector<int64_t>& shape, int64_t itemsize,
-                               size_t chunk_bytes);
+std::vector<Chunk> plan_chunks(const Dims& shape, int64_t itemsize, size_t chunk_bytes);
 
 /// Device (dense, C order) -> host view. Returns once every byte is in `dst`.
 PipelineReport copy_to_host(TransferEngine& engine, PinnedPool& pool, StreamHandle stream,

@@ -196,7 +196,7 @@ py::list plan_chunks(std::vector<int64_t> shape, int64_t itemsize, size_t chunk_
     total *= n;
   }
   py::list out;
-  for (const auto& c : tb::plan_chunks(shape, itemsize, chunk_bytes))
+  for (const auto& c : tb::plan_chunks(tb::Dims(shape.begin(), shape.end()), itemsize, chunk_bytes))
     out.append(py::make_tuple(c.offset, c.bytes, c.depth, c.prefix, c.begin, c.end));
   return out;
 }
