@@ -165,19 +165,12 @@ class PackedArrays {
       const py::array& first = arrays_[g.members.front()];
       py::tuple shape(g.shape.size());
       for (size_t d = 0; d < g.shape.size(); ++d) shape[d] = py::int_(g.shape[d]);
-      py::list members(g.members.size());
-      for (size_t k = 0; k < g.members.size(); ++k) members[k] = py::int_(g.members[k]);
+      py::list members = int_list(g.members);
       py::object split = py::none();
       if (g.ragged) {
-        py::list pieces(g.pieces.size());
-        for (size_t k = 0; k < g.pieces.size(); ++k) pieces[k] = py::int_(g.pieces[k]);
         py::object take = py::none();
-        if (!g.take.empty()) {
-          py::list which(g.take.size());
-          for (size_t k = 0; k < g.take.size(); ++k) which[k] = py::int_(g.take[k]);
-          take = std::move(which);
-        }
-        split = py::make_tuple(pieces, take);
+        if (!g.take.empty()) take = int_list(g.take);
+        split = py::make_tuple(int_list(g.pieces), take);
       }
       groups_.append(py::make_tuple(first.dtype(), shape, g.first, g.stride, members, split));
     }
@@ -211,6 +204,19 @@ class PackedArrays {
   }
 
  private:
+  // A list of Python ints, made with the C API (a batch has thousands of members), each
+  // run of equal values sharing one int object (the pieces of a ragged group mostly are).
+  template <class T>
+  static py::list int_list(const std::vector<T>& values) {
+    py::list out(values.size());
+    py::object last;
+    for (size_t k = 0; k < values.size(); ++k) {
+      if (k == 0 || values[k] != values[k - 1]) last = py::int_(values[k]);
+      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(k), last.inc_ref().ptr());
+    }
+    return out;
+  }
+
   // Equal for arrays of the same element type and byte order, whichever dtype object
   // they carry (NumPy makes a new one for each non-native dtype), as NumPy's dtype
   // equality has it: the builtin types by kind and size (so int64 and longlong, two
