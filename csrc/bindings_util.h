@@ -204,8 +204,9 @@ class PackedArrays {
   }
 
  private:
-  // A list of Python ints, made with the C API (a batch has thousands of members), each
-  // run of equal values sharing one int object (the pieces of a ragged group mostly are).
+  // A list of Python ints, made with the C API (a batch has thousands of members), equal
+  // neighbours sharing one int object (the pieces of a ragged group of arrays of one
+  // length whose bytes are a multiple of 16, say).
   template <class T>
   static py::list int_list(const std::vector<T>& values) {
     py::list out(values.size());

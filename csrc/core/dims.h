@@ -24,9 +24,15 @@ class Dims {
   Dims(It first, It last) {
     assign(first, last);
   }
-  explicit Dims(size_t n) { resize(n); }
+  explicit Dims(size_t n) { set_size(n); }
   Dims(const Dims&) = default;
-  Dims& operator=(const Dims&) = default;
+  Dims& operator=(const Dims& o) {
+    if (this == &o) return *this;
+    heap_ = o.heap_;  // (first: if it throws, this is left as it was)
+    inline_ = o.inline_;
+    n_ = o.n_;
+    return *this;
+  }
   Dims(Dims&& o) noexcept : n_(o.n_), inline_(o.inline_), heap_(std::move(o.heap_)) { o.n_ = 0; }
   Dims& operator=(Dims&& o) noexcept {
     if (this == &o) return *this;
@@ -40,12 +46,13 @@ class Dims {
 
   template <class It>
   void assign(It first, It last) {
-    resize(static_cast<size_t>(last - first));
+    set_size(static_cast<size_t>(last - first));
     int64_t* out = data();
     for (; first != last; ++first) *out++ = static_cast<int64_t>(*first);
   }
-  /// n dimensions; the values are unspecified until written.
-  void resize(size_t n) {
+  /// n dimensions, whose values are unspecified until written (unlike std::vector's
+  /// resize, none is kept).
+  void set_size(size_t n) {
     if (n > kInline)
       heap_.resize(n);
     else
