@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import functools
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -836,6 +837,17 @@ def test_collate_refuses_a_mixed_field_whichever_sample_comes_first(a, b):
 def test_collate_keeps_strings_and_none_as_a_list_in_any_order():
     for values in (["a", None], [None, "a"], [None, None]):
         assert tb.collate([{"x": v} for v in values]) == {"x": values}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [">U2", ">M8[s]", "<U2"])
+def test_collate_names_a_dtype_torch_lacks_as_the_samples_have_it(packed, dtype):
+    a = np.zeros(2, dtype)
+    name = str(np.dtype(dtype))
+    with pytest.raises(
+        TypeError, match=rf'batch\["s"\]: numpy dtype {re.escape(name)} has no torch'
+    ):
+        tb.collate([{"s": a}, {"s": a}], packed=packed)
 
 
 def test_collate_names_numbers_no_tensor_dtype_holds():

@@ -232,6 +232,10 @@ def test_pin_memory_is_what_the_loader_thread_calls(rng):
         (torch.ones(2).to_sparse(), TypeError, r"^PackedBatch\.pack \(at key 'bad'\) needs a"),
         (np.array([object()]), TypeError, "Python references"),
         (np.array(["a", "b"]), TypeError, "no torch equivalent: encode or tokenize"),
+        # (named as the user has it, not as its native-order twin)
+        (np.zeros(2, ">U2"), TypeError, r"numpy dtype >U2 has no torch equivalent"),
+        # (zero-byte elements: refused as a dtype torch lacks, as everywhere else)
+        (np.zeros(3, "V0"), TypeError, r"numpy dtype \|V0 has no torch equivalent"),
     ],
 )
 def test_pack_refuses_what_it_cannot_hold_before_copying(leaf, error, match, monkeypatch):

@@ -110,7 +110,8 @@ def storage_dtypes(itemsize: int) -> tuple[torch.dtype, np.dtype]:
     return _STORAGE[itemsize]
 
 
-def _unsupported_numpy(np_dtype: np.dtype) -> TypeError:
+def unsupported_numpy(np_dtype: np.dtype) -> TypeError:
+    """The refusal of a NumPy dtype torch lacks, naming the fix."""
     kind = np_dtype.kind
     if kind in "US":
         fix = "encode or tokenize the strings into an integer array first"
@@ -135,7 +136,7 @@ def torch_dtype(np_dtype: np.dtype) -> torch.dtype:
     if t is None and np_dtype.byteorder not in "=|":
         t = _NP_TO_TORCH.get(np_dtype.newbyteorder("="))
     if t is None:
-        raise _unsupported_numpy(np_dtype)
+        raise unsupported_numpy(np_dtype)
     return t
 
 

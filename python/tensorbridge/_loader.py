@@ -447,15 +447,16 @@ def _common_dtype(arrays: Sequence[np.ndarray], path: Path) -> tuple[np.dtype, t
     """The dtype the samples stack as. Samples of different dtypes promote by torch's rules,
     as default_collate's torch.stack does, not NumPy's (which make float64 of int64 with
     float32, and of int64 with uint64, losing digits)."""
-    try:
-        dtypes = {a.dtype.newbyteorder("=") for a in arrays}
-        if len(dtypes) == 1:
-            dtype = dtypes.pop()
-            return dtype, _dtypes.torch_dtype(dtype)
-        t_dtype = functools.reduce(torch.promote_types, map(_dtypes.torch_dtype, dtypes))
-        return _dtypes.numpy_dtype(t_dtype), t_dtype
+    originals = {a.dtype for a in arrays}
+    try:  # (either byte order: a refusal names the dtype as the samples have it)
+        t_dtypes = {_dtypes.torch_dtype(d) for d in originals}
     except TypeError as exc:  # no torch dtype (strings, objects)
         raise TypeError(f"collate: {_where(path)}: {exc}") from None
+    if len(t_dtypes) == 1:  # (one dtype, in one byte order or both: stacked in native order)
+        return next(iter(originals)).newbyteorder("="), t_dtypes.pop()
+    try:
+        t_dtype = functools.reduce(torch.promote_types, t_dtypes)
+        return _dtypes.numpy_dtype(t_dtype), t_dtype
     except RuntimeError:  # none common to all (torch does not promote uint16-uint64 with
         # other integers, or float8 with anything)
         names = ", ".join(sorted({str(a.dtype) for a in arrays}))

@@ -62,11 +62,11 @@ _TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
 
 
 def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
-    """The torch dtype a packed array becomes (its native-order twin: the copy swaps)."""
+    """The torch dtype a packed array becomes (that of its native-order twin: the copy
+    swaps); refuses, naming ``np_dtype`` itself, a dtype torch lacks."""
     t = _TORCH_DTYPES.get(np_dtype)
     if t is None:
-        native = np_dtype if np_dtype.isnative else np_dtype.newbyteorder("=")
-        t = _TORCH_DTYPES[np_dtype] = _dtypes.torch_dtype(native)  # refuses what it must
+        t = _TORCH_DTYPES[np_dtype] = _dtypes.torch_dtype(np_dtype)  # (either byte order)
     return t
 
 
@@ -85,6 +85,13 @@ def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
             return Layout(native.nbytes, groups, len(arrays), native, arrays)
         return _python_layout(arrays)
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValueError):
+            # The core refuses elements of zero bytes (dtype 'V0') as a transfer does, with
+            # a ValueError; every other entry point refuses that dtype as one torch lacks.
+            for a in arrays:
+                if isinstance(a, np.ndarray) and a.dtype.itemsize == 0:
+                    exc = _dtypes.unsupported_numpy(a.dtype)
+                    break
         message = str(exc)
         for prefix in ("transfer: ", "pack: "):
             message = message.removeprefix(prefix)
