@@ -850,6 +850,40 @@ def test_collate_names_a_dtype_torch_lacks_as_the_samples_have_it(packed, dtype)
         tb.collate([{"s": a}, {"s": a}], packed=packed)
 
 
+def _numpy_max_dims() -> int:
+    """32 in NumPy 1, 64 in NumPy 2."""
+    try:
+        np.empty((0,) * 64)
+    except ValueError:
+        return 32
+    return 64
+
+
+@pytest.mark.parametrize("how", ["stack", "packed", "pad"])
+def test_collate_refuses_samples_that_stack_beyond_numpys_dimensions(how):
+    n = _numpy_max_dims()
+    rng = np.random.default_rng(n)
+    kwargs = {"pad": {"x": 0}} if how == "pad" else {"packed": how == "packed"}
+    rows = [2, 2] if how != "pad" else [2, 1]
+    # one dimension fewer stacks, as default_collate does
+    fits = [{"x": rng.standard_normal((r,) + (1,) * (n - 3) + (2,))} for r in rows]
+    got = tb.collate(fits, **kwargs)
+    got = got.unpack() if how == "packed" else got
+    if how == "pad":
+        assert torch.equal(got["x"][0], torch.from_numpy(fits[0]["x"]))
+        assert torch.equal(got["x"][1, :1], torch.from_numpy(fits[1]["x"]))
+        assert not got["x"][1, 1:].any() and got["x_lengths"].tolist() == rows
+    else:
+        assert torch.equal(got["x"], torch.utils.data.default_collate(fits)["x"])
+    beyond = [{"x": np.zeros((r,) + (1,) * (n - 1))} for r in rows]
+    with pytest.raises(
+        ValueError,
+        match=rf'batch\["x"\]: samples of {n} dimensions stack to {n + 1}, more than a NumPy '
+        r"array holds: merge some of their dimensions",
+    ):
+        tb.collate(beyond, **kwargs)
+
+
 def test_collate_names_numbers_no_tensor_dtype_holds():
     with pytest.raises(TypeError, match=r'batch\["y"\]\["x"\]: these numbers fit no tensor dtype'):
         tb.collate([{"y": {"x": 2**70}}, {"y": {"x": 1}}])

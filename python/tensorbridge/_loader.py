@@ -426,6 +426,21 @@ def _ragged_fix(path: Path, paddable: bool) -> str:
     )
 
 
+def _check_stacked_ndim(ndim: int, path: Path) -> None:
+    """Refuses samples that stack to more dimensions than a NumPy array holds (32 in
+    NumPy 1, 64 in NumPy 2), which collate stacks into."""
+    if ndim <= 32:
+        return
+    try:
+        np.empty((0,) * ndim)
+    except ValueError:
+        raise ValueError(
+            f"collate: {_where(path)}: samples of {ndim - 1} dimensions stack to {ndim}, more "
+            "than a NumPy array holds: merge some of their dimensions in the dataset (with "
+            f"reshape){_list_fix(path)}."
+        ) from None
+
+
 def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
     arrays = [to_numpy(s) if isinstance(s, torch.Tensor) else s for s in samples]
     shape = (len(arrays), *arrays[0].shape)
@@ -436,6 +451,7 @@ def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
                 f"collate: {_where(path)}: sample {i} has shape {a.shape}, sample 0 has "
                 f"{shape[1:]}; samples must have equal shapes: {_ragged_fix(path, paddable)}."
             )
+    _check_stacked_ndim(len(shape), path)
     _, t_dtype = _common_dtype(arrays, path)
     out_t = _empty(shape, t_dtype)
     out = to_numpy(out_t)  # a view: the stack lands in the tensor's memory, in one copy
@@ -524,6 +540,7 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
     for i in empty_lists:
         arrays[i] = np.empty((0, *inner), dtype)
     lengths = [len(a) for a in arrays]
+    _check_stacked_ndim(len(inner) + 2, path)
     out_t = _empty((len(arrays), max(lengths), *inner), t_dtype)
     out = to_numpy(out_t)
     for row, a, n in zip(out, arrays, lengths, strict=True):
