@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorbridge as tb
-from tensorbridge import _backend
+from tensorbridge import _backend, _cuda
 
 from conftest import (
     ALL_DTYPES,
@@ -75,6 +75,76 @@ def test_out_any_layout(backend, gen, dtype, layout):
     assert tb.to_numpy(x, out=view) is view
     assert_same(view, expected)
     assert_holes_poisoned(view, big)
+
+
+@pytest.fixture
+def routing(monkeypatch):
+    """A fresh size routing for one test, recording which pool ran each large host copy
+    it routed (True: torch's threads)."""
+    fresh = _cuda.Routing()
+    fresh.routes = []
+    took = fresh.host_copy_took
+
+    def recording(nbytes, seconds, on_torch):
+        fresh.routes.append(on_torch)
+        return took(nbytes, seconds, on_torch)
+
+    monkeypatch.setattr(fresh, "host_copy_took", recording)
+    monkeypatch.setattr(_cuda, "ROUTING", fresh)
+    return fresh
+
+
+@pytest.mark.parametrize(
+    "dtype", [dtype_param(d) for d in (torch.float32, torch.int8, torch.bool, torch.complex128)]
+)
+def test_large_out_copies_leave_torch_threads_after_a_stall(backend, gen, routing, dtype):
+    """Copies of at least host_torch_bytes into a contiguous out: the first on the calling
+    thread, then on torch's threads until one stalls, then on the calling thread again;
+    every one of them bit for bit the idiom's."""
+    shape = (routing.host_torch_bytes // torch.empty((), dtype=dtype).element_size() + 7,)
+    for step in range(4):
+        if step == 2:  # the next torch copy counts as a stall, whatever it takes
+            routing.host_stall_factor, routing.host_stall_slack_s = 0.0, -1.0
+        x = random_tensor(shape, dtype, gen)
+        expected = reference_numpy(x)
+        out = poisoned(shape, expected.dtype)
+        assert tb.to_numpy(x, out=out) is out
+        assert_same(out, expected)
+    assert routing.routes == [False, True, True, False]
+
+
+def test_large_out_copies_of_conjugate_views_are_resolved_on_either_pool(backend, gen, routing):
+    shape = (routing.host_torch_bytes // 8 + 3,)
+    for step in range(3):
+        x = random_tensor(shape, torch.complex64, gen).conj()
+        expected = x.resolve_conj().numpy()
+        out = poisoned(shape, expected.dtype)
+        tb.to_numpy(x, out=out)
+        assert_same(out, expected)
+        if step == 0:  # (the calling thread leaves conjugate views to the full path)
+            tb.to_numpy(x.resolve_conj(), out=poisoned(shape, expected.dtype))
+    assert routing.routes == [False, True, True]
+
+
+def test_routing_judges_torch_host_copies_by_the_fastest_copy_seen():
+    MiB = 1 << 20
+    r = _cuda.Routing()
+    assert not r.torch_host(MiB)  # nothing seen yet: the first copy runs on this thread
+    assert not r.host_copy_took(MiB, 2e-4, on_torch=False)  # 0.2 ms per MiB
+    assert r.torch_host(MiB) and r.torch_host(64 * MiB) and not r.torch_host(MiB - 1)
+    # 3x the fastest copy seen, plus 1 ms, is no stall; more than that is one
+    assert not r.host_copy_took(4 * MiB, 3 * 8e-4 + 0.9e-3, on_torch=True)
+    assert r.torch_host(MiB)
+    assert r.host_copy_took(4 * MiB, 3 * 8e-4 + 1.1e-3, on_torch=True)
+    assert not r.torch_host(64 * MiB)  # for host_backoff_s: on the calling thread
+    # a slow copy on the calling thread is no stall; a fast one lowers the reference
+    assert not r.host_copy_took(MiB, 1.0, on_torch=False)
+    assert not r.host_copy_took(MiB, 1e-4, on_torch=False)
+    assert r.host_copy_took(MiB, 3 * 1e-4 + 1.01e-3, on_torch=True)
+    r.host_backoff_s = 0.0  # after the backoff, torch's threads get another try
+    assert r.host_copy_took(MiB, 1.0, on_torch=True)
+    assert r.torch_host(MiB)
+    assert "_host_best" not in repr(r) and _cuda.Routing() == _cuda.Routing()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "holes", "expanded", "scalar-0d"])

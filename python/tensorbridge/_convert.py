@@ -9,6 +9,7 @@ ml_dtypes, negative strides and foreign byte orders are copied once.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -183,7 +184,7 @@ def to_numpy(
                     return x.detach().view(storage).numpy().view(np_dtype)
             else:
                 C = _backend.ENGINE.C
-                if storage is None and _torch_copy_if_better(x, out, np_dtype):
+                if storage is None and _large_host_copy(x, out, np_dtype):
                     return out
                 if C is not None and not x.is_neg() and (np_dtype.kind != "c" or not x.is_conj()):
                     try:  # (a sparse tensor has no strides: the full path refuses it)
@@ -270,39 +271,50 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _torch_copy_if_better(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
-    """Large contiguous-to-contiguous copies: let torch's copy_ do them.
+def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
+    """Large contiguous-to-contiguous copies: on torch's intra-op threads or on this
+    thread alone, as ``_cuda.Routing.torch_host`` says (and why), timed for it.
 
     A plain memcpy is the one layout where the core has no edge, and torch's intra-op
     threads are the same ones the caller's own tensor ops use: copying on them avoids
     oversubscribing the cores (with two thread pools, one pool's idle-spinning threads
-    delay the other's). Returns False, having written nothing, when it does not apply.
+    delay the other's), unless busy cores stall them. Returns False, having written
+    nothing, when it does not apply.
     """
-    if type(out) is not np.ndarray or not _cuda.ROUTING.torch_host(out.nbytes):
+    routing = _cuda.ROUTING
+    if type(out) is not np.ndarray or out.nbytes < routing.host_torch_bytes:
         return False  # (first: most copies are small, and this is the cheapest test)
     if _IN_FORKED_CHILD[0]:
         return False  # torch's OpenMP pool hangs in a child forked after the parent used it
+    flags = out.flags
     if not (
         x.layout is torch.strided  # (sparse and nested tensors have no strides or sizes:
         and not x.is_nested  # the full path refuses them with a fix)
         and out.dtype == np_dtype
-        and out.flags.c_contiguous
-        and out.flags.writeable
+        and flags.c_contiguous
+        and flags.writeable
         and out.shape == x.shape
         and x.is_contiguous()
     ):
         return False
-    lo, hi = out.ctypes.data, out.ctypes.data + out.nbytes
-    src = x.data_ptr()
-    if lo % out.itemsize or src % out.itemsize:
-        return False  # torch's kernels may assume aligned elements; the core does not
-    if lo < src + out.nbytes and src < hi:
-        return False  # overlapping: the full path refuses it with a clear message
     try:
         dst = torch.from_numpy(out)  # (refuses e.g. a negative stride on a size-1 dim)
     except (TypeError, ValueError):
         return False
-    dst.copy_(x)  # resolves conj/neg bits itself
+    lo, src, nbytes = dst.data_ptr(), x.data_ptr(), out.nbytes  # (faster than out.ctypes)
+    if lo % out.itemsize or src % out.itemsize:
+        return False  # torch's kernels may assume aligned elements; the core does not
+    if lo < src + nbytes and src < lo + nbytes:
+        return False  # overlapping: the full path refuses it with a clear message
+    on_torch = routing.torch_host(nbytes)
+    if not on_torch and (x.is_neg() or x.is_conj()):
+        return False  # (the full path resolves them)
+    start = time.perf_counter()
+    if on_torch:
+        dst.copy_(x)  # resolves conj/neg bits itself
+    else:
+        np.copyto(out, x.detach().numpy(), casting="no")  # one memcpy on this thread
+    routing.host_copy_took(nbytes, time.perf_counter() - start, on_torch)
     return True
 
 

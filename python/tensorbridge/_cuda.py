@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -64,15 +66,29 @@ class Routing:
     the thread pool) outweigh what it saves. The values are the largest sizes at which
     torch's copy won in the newest committed bench-tune sweep with small copies
     (benchmarks/results/*-tune-*; ``tune.recommended_routing``, and a test holds the two
-    together): on an H100, 512 KiB device->host and 1 MiB host->device. Host-to-host
-    copies of at least ``host_torch_bytes`` between contiguous arrays run on torch's
-    intra-op threads (the threads the caller's own tensor ops use, so two pools do not
-    fight over the cores).
+    together): on an H100, 512 KiB device->host and 1 MiB host->device.
+
+    Host-to-host copies of at least ``host_torch_bytes`` between contiguous arrays run on
+    torch's intra-op threads, the threads the caller's own tensor ops use: right after a
+    parallel torch op, torch's idle threads still spin, and the core's pool copying beside
+    them ran 1.3-1.8x slower than torch's copy (2-core AMD EPYC, 1-64 MiB). But torch
+    gives each thread a fixed share and waits for all of them: when other processes (a
+    data loader's workers) keep the cores busy, a share whose thread is not scheduled
+    stalls the copy for a scheduler slice, about 8 ms there against 0.05-0.2 ms for the
+    copy at 1 MiB. Any pool waits for its threads; a copy on the calling thread alone
+    waits for none. So these copies are timed, the first on the calling thread: a torch
+    copy that takes ``host_stall_factor`` times as long as the fastest copy seen, plus
+    ``host_stall_slack_s``, sends them to the calling thread for ``host_backoff_s``
+    seconds; then torch's threads get another try.
+    ``python -m tensorbridge bench --sections contended`` measures both sides.
     """
 
     small_d2h: int = 512 << 10
     small_h2d: int = 1 << 20
     host_torch_bytes: int = 1 << 20
+    host_stall_factor: float = 3.0
+    host_stall_slack_s: float = 1e-3
+    host_backoff_s: float = 1.0
     #: Small copies between a contiguous CUDA tensor and a C-contiguous native-order array
     #: take one compiled call (``copy_small``: cudaMemcpyAsync and a wait on the stream,
     #: as torch's copy does, without its dispatch) instead of torch's ``copy_``. Off until
@@ -87,9 +103,35 @@ class Routing:
         """A blocking host-to-device copy of nbytes goes through torch's own copy."""
         return nbytes <= self.small_h2d
 
+    # The fastest host copy seen on the torch_host path (either way), in seconds per byte,
+    # and until when (time.monotonic()) its copies stay on the calling thread after a stall.
+    _host_best: float = dataclasses.field(default=math.inf, init=False, repr=False)
+    _host_core_until: float = dataclasses.field(default=-math.inf, init=False, repr=False)
+
     def torch_host(self, nbytes: int) -> bool:
-        """A contiguous host-to-host copy of nbytes runs on torch's threads."""
-        return nbytes >= self.host_torch_bytes
+        """A contiguous host-to-host copy of nbytes runs on torch's threads, not on the
+        calling thread alone. Not the first such copy: it runs on the calling thread and
+        sets the reference the later ones are judged by (report each with
+        ``host_copy_took``)."""
+        return (
+            nbytes >= self.host_torch_bytes
+            and self._host_best != math.inf
+            and time.monotonic() >= self._host_core_until
+        )
+
+    def host_copy_took(self, nbytes: int, seconds: float, on_torch: bool) -> bool:
+        """Records a host copy that ``torch_host`` routed and that took ``seconds``; True
+        when it ran on torch's threads and stalled, so that the next ``host_backoff_s``
+        seconds' copies run on the calling thread."""
+        best = self._host_best
+        if nbytes > 0:
+            self._host_best = min(best, seconds / nbytes)
+        if not on_torch or seconds <= self.host_stall_factor * best * nbytes + (
+            self.host_stall_slack_s
+        ):
+            return False
+        self._host_core_until = time.monotonic() + self.host_backoff_s
+        return True
 
 
 ROUTING = Routing()
