@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -111,9 +112,10 @@ bool clearly_disjoint_elements(const int64_t* shape, const int64_t* byte_strides
 // element strides) into `out`. Checks first and writes nothing unless all pass:
 // returns 0 when copied, 1 when `out` is not a writeable ndarray of `dtype` and `shape`
 // (the Python layer then raises the right error), 2 when the byte ranges of `out` and
-// the source intersect (the Python layer decides exactly).
+// the source intersect (the Python layer decides exactly). `serial` keeps the copy on
+// the calling thread, with no pool thread to wait for.
 int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handle shape,
-                      py::handle strides, int swap_unit) {
+                      py::handle strides, int swap_unit, bool serial) {
   if (!py::isinstance<py::array>(out)) return 1;
   auto dst = py::reinterpret_borrow<py::array>(out);
   if (!dst.dtype().equal(py::reinterpret_borrow<py::dtype>(dtype)) || !dst.writeable()) return 1;
@@ -135,6 +137,7 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
     return 1;  // elements may share memory: the Python layer decides exactly
   tb::CopyOptions opt;
   opt.swap_unit = swap_unit;
+  if (serial) opt.min_parallel_bytes = std::numeric_limits<int64_t>::max();
   void* dp = dst.mutable_data();
   const auto run = [&] {
     return tb::strided_copy({dp, ds.data()}, {reinterpret_cast<void*>(src), ss.data()}, shp.data(),
@@ -419,9 +422,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("swap_unit") = 0, py::arg("min_parallel_bytes") = 0,
         "Strided copy of src into dst (same shape and itemsize), GIL released.");
   m.def("copy_from_address", &copy_from_address, py::arg("out"), py::arg("dtype"), py::arg("src"),
-        py::arg("shape"), py::arg("strides"), py::arg("swap_unit") = 0,
-        "Copy a host tensor (address, shape, element strides) into out; 0 = copied, "
-        "1 = out does not match, 2 = the memory may overlap (nothing written unless 0).");
+        py::arg("shape"), py::arg("strides"), py::arg("swap_unit") = 0, py::arg("serial") = false,
+        "Copy a host tensor (address, shape, element strides) into out, on the calling "
+        "thread alone if serial; 0 = copied, 1 = out does not match, 2 = the memory may "
+        "overlap (nothing written unless 0).");
   m.def("get_num_threads", &tb::get_num_threads, "Threads used for large host copies.");
   m.def("set_num_threads", &tb::set_num_threads, py::arg("n"),
         "Set the threads used for large host copies.");

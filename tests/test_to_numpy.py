@@ -102,6 +102,7 @@ def test_large_out_copies_leave_torch_threads_after_a_stall(backend, gen, routin
     thread, then on torch's threads until one stalls, then on the calling thread again;
     every one of them bit for bit the idiom's."""
     shape = (routing.host_torch_bytes // torch.empty((), dtype=dtype).element_size() + 7,)
+    # (the sizes of all four copies lie in one size class, so share a reference)
     for step in range(4):
         if step == 2:  # the next torch copy counts as a stall, whatever it takes
             routing.host_stall_factor, routing.host_stall_slack_s = 0.0, -1.0
@@ -110,7 +111,8 @@ def test_large_out_copies_leave_torch_threads_after_a_stall(backend, gen, routin
         out = poisoned(shape, expected.dtype)
         assert tb.to_numpy(x, out=out) is out
         assert_same(out, expected)
-    assert routing.routes == [False, True, True, False]
+    # (the pure-Python path has torch's copy only)
+    assert routing.routes == ([False, True, True, False] if backend == "extension" else [True] * 4)
 
 
 def test_large_out_copies_of_conjugate_views_are_resolved_on_either_pool(backend, gen, routing):
@@ -123,27 +125,54 @@ def test_large_out_copies_of_conjugate_views_are_resolved_on_either_pool(backend
         assert_same(out, expected)
         if step == 0:  # (the calling thread leaves conjugate views to the full path)
             tb.to_numpy(x.resolve_conj(), out=poisoned(shape, expected.dtype))
-    assert routing.routes == [False, True, True]
+    assert routing.routes == ([False, True, True] if backend == "extension" else [True] * 4)
 
 
-def test_routing_judges_torch_host_copies_by_the_fastest_copy_seen():
+def test_routing_judges_torch_host_copies_by_the_fastest_copy_of_their_size_seen():
     MiB = 1 << 20
     r = _cuda.Routing()
     assert not r.torch_host(MiB)  # nothing seen yet: the first copy runs on this thread
-    assert not r.host_copy_took(MiB, 2e-4, on_torch=False)  # 0.2 ms per MiB
-    assert r.torch_host(MiB) and r.torch_host(64 * MiB) and not r.torch_host(MiB - 1)
+    assert not r.host_copy_took(4 * MiB, 8e-4, on_torch=False)  # 0.2 ms per MiB
+    # (the reference holds for sizes within a factor of two: 4 MiB to 8 MiB - 1)
+    assert r.torch_host(4 * MiB) and r.torch_host(8 * MiB - 1)
+    assert not r.torch_host(4 * MiB - 1) and not r.torch_host(8 * MiB)
     # 3x the fastest copy seen, plus 1 ms, is no stall; more than that is one
-    assert not r.host_copy_took(4 * MiB, 3 * 8e-4 + 0.9e-3, on_torch=True)
-    assert r.torch_host(MiB)
-    assert r.host_copy_took(4 * MiB, 3 * 8e-4 + 1.1e-3, on_torch=True)
-    assert not r.torch_host(64 * MiB)  # for host_backoff_s: on the calling thread
+    assert not r.host_copy_took(6 * MiB, 3 * 12e-4 + 0.9e-3, on_torch=True)
+    assert r.torch_host(4 * MiB)
+    assert r.host_copy_took(6 * MiB, 3 * 12e-4 + 1.1e-3, on_torch=True)
+    assert not r.torch_host(4 * MiB)  # for host_backoff_s: on the calling thread
     # a slow copy on the calling thread is no stall; a fast one lowers the reference
     assert not r.host_copy_took(MiB, 1.0, on_torch=False)
     assert not r.host_copy_took(MiB, 1e-4, on_torch=False)
     assert r.host_copy_took(MiB, 3 * 1e-4 + 1.01e-3, on_torch=True)
+    # the reference of one size class is not another's
+    assert not r.host_copy_took(4 * MiB, 3 * 4e-4 + 1.1e-3, on_torch=True)
     r.host_backoff_s = 0.0  # after the backoff, torch's threads get another try
     assert r.host_copy_took(MiB, 1.0, on_torch=True)
-    assert r.torch_host(MiB)
+    assert r.torch_host(MiB) and not r.torch_host(MiB - 1)  # (under host_torch_bytes)
+    assert "_host_best" not in repr(r) and _cuda.Routing() == _cuda.Routing()
+
+
+def test_routing_waits_longer_for_torch_threads_that_stall_again(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(_cuda, "monotonic", lambda: clock[0])
+    r = _cuda.Routing()
+    r.host_copy_took(1 << 20, 1e-4, on_torch=False)
+    waits = []
+    for _ in range(8):  # each stall right after the last wait ended
+        assert r.host_copy_took(1 << 20, 1.0, on_torch=True)
+        start = clock[0]
+        while not r.torch_host(1 << 20):
+            clock[0] += 0.25
+        waits.append(clock[0] - start)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 32.0, 32.0]
+    clock[0] += 1.0  # a stall a backoff's length after torch's threads got another try
+    assert r.host_copy_took(1 << 20, 1.0, on_torch=True)
+    assert not r.torch_host(1 << 20)
+    clock[0] += 0.99
+    assert not r.torch_host(1 << 20)
+    clock[0] += 0.01
+    assert r.torch_host(1 << 20)  # waited 1 s again
     assert "_host_best" not in repr(r) and _cuda.Routing() == _cuda.Routing()
 
 

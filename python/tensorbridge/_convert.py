@@ -290,31 +290,35 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
     if not (
         x.layout is torch.strided  # (sparse and nested tensors have no strides or sizes:
         and not x.is_nested  # the full path refuses them with a fix)
-        and out.dtype == np_dtype
         and flags.c_contiguous
-        and flags.writeable
-        and out.shape == x.shape
         and x.is_contiguous()
     ):
+        return False
+    nbytes = out.nbytes
+    C = _backend.ENGINE.C
+    if not routing.torch_host(nbytes) and C is not None:
+        if x.is_neg() or x.is_conj():
+            return False  # (the full path resolves them)
+        start = time.perf_counter()
+        # (checks out's dtype, shape, flags and overlap itself; 0 when it copied)
+        if C.copy_from_address(out, np_dtype, x.data_ptr(), x.shape, x.stride(), serial=True):
+            return False
+        routing.host_copy_took(nbytes, time.perf_counter() - start, False)
+        return True
+    if not (out.dtype == np_dtype and flags.writeable and out.shape == x.shape):
         return False
     try:
         dst = torch.from_numpy(out)  # (refuses e.g. a negative stride on a size-1 dim)
     except (TypeError, ValueError):
         return False
-    lo, src, nbytes = dst.data_ptr(), x.data_ptr(), out.nbytes  # (faster than out.ctypes)
+    lo, src = dst.data_ptr(), x.data_ptr()  # (faster than out.ctypes)
     if lo % out.itemsize or src % out.itemsize:
         return False  # torch's kernels may assume aligned elements; the core does not
     if lo < src + nbytes and src < lo + nbytes:
         return False  # overlapping: the full path refuses it with a clear message
-    on_torch = routing.torch_host(nbytes)
-    if not on_torch and (x.is_neg() or x.is_conj()):
-        return False  # (the full path resolves them)
     start = time.perf_counter()
-    if on_torch:
-        dst.copy_(x)  # resolves conj/neg bits itself
-    else:
-        np.copyto(out, x.detach().numpy(), casting="no")  # one memcpy on this thread
-    routing.host_copy_took(nbytes, time.perf_counter() - start, on_torch)
+    dst.copy_(x)  # resolves conj/neg bits itself
+    routing.host_copy_took(nbytes, time.perf_counter() - start, True)
     return True
 
 

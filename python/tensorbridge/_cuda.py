@@ -14,9 +14,9 @@ import dataclasses
 import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from time import monotonic
 from typing import Protocol
 
 import numpy as np
@@ -76,10 +76,12 @@ class Routing:
     data loader's workers) keep the cores busy, a share whose thread is not scheduled
     stalls the copy for a scheduler slice, about 8 ms there against 0.05-0.2 ms for the
     copy at 1 MiB. Any pool waits for its threads; a copy on the calling thread alone
-    waits for none. So these copies are timed, the first on the calling thread: a torch
-    copy that takes ``host_stall_factor`` times as long as the fastest copy seen, plus
-    ``host_stall_slack_s``, sends them to the calling thread for ``host_backoff_s``
-    seconds; then torch's threads get another try.
+    waits for none. So these copies are timed, the first of each size on the calling
+    thread: a torch copy that takes ``host_stall_factor`` times as long as the fastest
+    copy of its size seen (within a factor of two), plus ``host_stall_slack_s``, sends
+    them all to the calling thread for ``host_backoff_s``
+    seconds; then torch's threads get another try (a stall soon after that doubles the
+    wait, up to 32 times).
     ``python -m tensorbridge bench --sections contended`` measures both sides.
     """
 
@@ -104,33 +106,44 @@ class Routing:
         return nbytes <= self.small_h2d
 
     # The fastest host copy seen on the torch_host path (either way), in seconds per byte,
-    # and until when (time.monotonic()) its copies stay on the calling thread after a stall.
-    _host_best: float = dataclasses.field(default=math.inf, init=False, repr=False)
+    # per size class (nbytes.bit_length(): copies within a factor of two share one; a
+    # small copy in cache runs faster than a large one can); until when (monotonic()) the
+    # copies stay on the calling thread after a stall, and for how long they did last.
+    _host_best: dict[int, float] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
     _host_core_until: float = dataclasses.field(default=-math.inf, init=False, repr=False)
+    _host_backoff: float = dataclasses.field(default=0.0, init=False, repr=False)
 
     def torch_host(self, nbytes: int) -> bool:
         """A contiguous host-to-host copy of nbytes runs on torch's threads, not on the
-        calling thread alone. Not the first such copy: it runs on the calling thread and
-        sets the reference the later ones are judged by (report each with
-        ``host_copy_took``)."""
+        calling thread alone. Not the first such copy of its size class: that one runs
+        on the calling thread and sets the reference the later ones are judged by
+        (report each with ``host_copy_took``)."""
         return (
             nbytes >= self.host_torch_bytes
-            and self._host_best != math.inf
-            and time.monotonic() >= self._host_core_until
+            and nbytes.bit_length() in self._host_best
+            and monotonic() >= self._host_core_until
         )
 
     def host_copy_took(self, nbytes: int, seconds: float, on_torch: bool) -> bool:
         """Records a host copy that ``torch_host`` routed and that took ``seconds``; True
         when it ran on torch's threads and stalled, so that the next ``host_backoff_s``
-        seconds' copies run on the calling thread."""
-        best = self._host_best
+        seconds' copies run on the calling thread: twice as long as the last time if
+        that ended less than ``host_backoff_s`` ago, up to 32 times."""
+        size_class = nbytes.bit_length()
+        best = self._host_best.get(size_class, math.inf)
         if nbytes > 0:
-            self._host_best = min(best, seconds / nbytes)
+            self._host_best[size_class] = min(best, seconds / nbytes)
         if not on_torch or seconds <= self.host_stall_factor * best * nbytes + (
             self.host_stall_slack_s
         ):
             return False
-        self._host_core_until = time.monotonic() + self.host_backoff_s
+        now = monotonic()
+        base = self.host_backoff_s
+        again = now - self._host_core_until < base  # (stalled soon after the last backoff)
+        self._host_backoff = min(2 * self._host_backoff, 32 * base) if again else base
+        self._host_core_until = now + self._host_backoff
         return True
 
 
