@@ -373,6 +373,30 @@ def test_table_columns_fit_the_longest_case_and_method():
     assert len(table[1]) == len(table[0]) and set(table[1]) == {"-"}
 
 
+def test_contended_section_measures_beside_busy_processes_and_stops_them(monkeypatch, capsys):
+    """bench --sections contended: the out= rows beside busy processes, which are gone
+    when it returns."""
+    started = []
+    popen = subprocess.Popen
+
+    def recording(cmd, *args, **kwargs):
+        proc = popen(cmd, *args, **kwargs)
+        if cmd[-1] == cpu.SPIN:
+            started.append(proc)
+        return proc
+
+    monkeypatch.setattr(cpu.subprocess, "Popen", recording)
+    assert cpu.main(["--sections", "contended", "--sizes", "64K", "2M", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    busy = cpu.busy_process_count()
+    assert len(started) == busy >= 1 and all(p.poll() is not None for p in started)
+    assert f"beside {busy} busy process" in out
+    cases = [line[:22].split() for line in out.splitlines() if line.startswith(("back", "2 ms"))]
+    # (of the sizes given, only those the routing decides on)
+    assert cases == [["back", "to", "back", "2", "MiB"], ["2", "ms", "apart", "2", "MiB"]], out
+    assert "np.copyto(out, x.numpy())" in out and "torch.from_numpy(out).copy_(x)" in out
+
+
 @pytest.mark.skipif(not _plot.available(), reason="needs matplotlib (the plot extra)")
 def test_benchmark_plot(tmp_path):
     """--plot draws the CPU run; the GPU plot, through the same code, draws a committed run."""

@@ -76,6 +76,28 @@ def measure_group(
     return [(*_summary(s), n) for s, n in zip(samples, numbers, strict=True)]
 
 
+def measure_paced(
+    fns: Sequence[Call], repeats: int, pause_s: float, calls: int = 10, warmup: int = 3
+) -> list[tuple[float, float, float, int]]:
+    """Like measure_group, but every call follows a pause of pause_s that is not timed, as
+    a training loop's copies follow its steps (threads that sleep in between must wake):
+    a sample is the mean of ``calls`` such calls, so occasional slow ones count in it."""
+    for fn in fns:
+        for i in range(warmup):
+            fn(i)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for k, fn in enumerate(fns):
+            total = 0.0
+            for i in range(r * calls, (r + 1) * calls):
+                time.sleep(pause_s)
+                t0 = time.perf_counter()
+                fn(i)
+                total += time.perf_counter() - t0
+            samples[k].append(total / calls)
+    return [(*_summary(s), calls) for s in samples]
+
+
 def measure(
     fn: Call, repeats: int, min_sample_s: float = 2e-3, warmup: int = 3
 ) -> tuple[float, float, float, int]:
@@ -103,12 +125,20 @@ class Runner:
         size: int,
         methods: Sequence[Method],
         peak_gbs: float | None = None,
+        min_sample_s: float = 2e-3,
+        pause_s: float = 0.0,
     ) -> None:
-        """Measures the methods of one row group together (see measure_group)."""
+        """Measures the methods of one row group together: samples of about min_sample_s
+        (see measure_group), or, with a pause_s, of calls that each follow such a pause
+        (see measure_paced)."""
         if self.progress:
             label = f"{section}: {case}" + (f" {fmt_size(size)}" if size else "")
             print(f"  measuring {label} ...", file=sys.stderr, flush=True)
-        results = measure_group([fn for _, _, fn in methods], self.repeats)
+        fns = [fn for _, _, fn in methods]
+        if pause_s > 0:
+            results = measure_paced(fns, self.repeats, pause_s)
+        else:
+            results = measure_group(fns, self.repeats, min_sample_s)
         for (name, baseline, _), (med, p10, p90, _) in zip(methods, results, strict=True):
             self.rows.append(
                 Row(section, case, size, name, baseline, med, p10, p90, self.repeats, peak_gbs)

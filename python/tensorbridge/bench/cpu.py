@@ -28,10 +28,11 @@ from ._rows import KiB, MiB, Report, fmt_size, parse_size, slug
 from ._runner import Method, Runner, buffers_to_rotate
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
-SECTIONS = ("overhead", "out", "refused", "batch", "loader", "link", "integrations")
-#: What runs without --sections: all but the simulated link and the integrations (which need
-#: the hf, accelerate and lightning extras): opt in with --sections link or integrations.
-DEFAULT_SECTIONS = SECTIONS[:-2]
+SECTIONS = ("overhead", "out", "refused", "batch", "loader", "contended", "link", "integrations")
+#: What runs without --sections: all but the copies beside busy processes, the simulated
+#: link and the integrations (which need the hf, accelerate and lightning extras): opt in
+#: with --sections contended, link or integrations.
+DEFAULT_SECTIONS = SECTIONS[:-3]
 
 
 def bench_overhead(r: Runner) -> None:
@@ -104,6 +105,52 @@ def bench_out(r: Runner, sizes: Sequence[int]) -> None:
             out = np.empty(tuple(xs[0].shape), np.float32)
             out.fill(0)  # touch the pages before timing
             r.group(sec, layout, xs[0].numel() * 4, _out_methods(xs, out))
+
+
+#: What each busy process of the contended section runs.
+SPIN = "while True: pass"
+
+
+def busy_process_count() -> int:
+    """The busy processes of the contended section: half the cores this process may use
+    (at least one), as a data loader's workers might keep busy."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on macOS)
+        cores = os.cpu_count() or 2
+    return max(1, cores // 2)
+
+
+def bench_contended(r: Runner, sizes: Sequence[int]) -> None:
+    """to_numpy(x, out=...) of contiguous tensors while other processes keep half the
+    cores busy: where a copy split into fixed per-thread shares waits for a thread that is
+    not scheduled (see ``_cuda.Routing``). Back to back, in samples of 50 ms so that each
+    holds the occasional stall; and 2 ms apart, as a training loop's copies follow its
+    steps, each sample the mean of 10 copies."""
+    busy = busy_process_count()
+    sec = f"to_numpy(x, out=...) float32 beside {busy} busy process{'es' * (busy > 1)}, GB/s"
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(busy)]
+    try:
+        for nbytes in sizes:
+            n = max(nbytes // 4, 1)
+            xs = [torch.rand(n) for _ in range(buffers_to_rotate(nbytes))]
+            out = np.empty(n, np.float32)
+            out.fill(0)  # touch the pages before timing
+            methods = _out_methods(xs, out)
+            r.group(sec, "back to back", n * 4, methods, min_sample_s=0.05)
+            r.group(sec, "2 ms apart", n * 4, methods, pause_s=2e-3)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def contended_sizes(sizes: Sequence[int]) -> list[int]:
+    """The sizes of --sizes that the host-copy routing decides on (1-16 MiB), or 1 MiB."""
+    from .._cuda import ROUTING
+
+    chosen = [s for s in sizes if ROUTING.host_torch_bytes <= s <= 16 * MiB]
+    return chosen or [max(ROUTING.host_torch_bytes, 1 * MiB)]
 
 
 def bench_refused(r: Runner, nbytes: int) -> None:
@@ -183,6 +230,8 @@ def run(
         loader.bench_batches(r)
     if "loader" in sections:
         loader.bench_loader(r)
+    if "contended" in sections:
+        bench_contended(r, contended_sizes(sizes))
     if "link" in sections:
         limits = link.bench_link(r, sizes, link_gbs, link_latency_us)
         if limits:
@@ -251,8 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=list(DEFAULT_SECTIONS),
         choices=SECTIONS,
-        help="default: all but link (the pipeline over a simulated link, by --link-gbs) and "
-        "integrations (datasets, accelerate, Lightning beside their default paths)",
+        help="default: all but contended (out= copies beside busy processes), link (the "
+        "pipeline over a simulated link, by --link-gbs) and integrations (datasets, "
+        "accelerate, Lightning beside their default paths)",
     )
     p.add_argument(
         "--link-gbs",
