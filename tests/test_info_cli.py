@@ -391,7 +391,7 @@ def test_contended_section_measures_beside_busy_processes_and_stops_them(monkeyp
     busy = cpu.busy_process_count()
     assert len(started) == busy >= 1 and all(p.poll() is not None for p in started)
     assert f"beside {busy} busy process" in out
-    cases = [line[:22].split() for line in out.splitlines() if line.startswith(("back", "2 ms"))]
+    cases = [line.split()[:5] for line in out.splitlines() if line.startswith(("back", "2 ms"))]
     # (of the sizes given, only those the routing decides on)
     assert cases == [["back", "to", "back", "2", "MiB"], ["2", "ms", "apart", "2", "MiB"]], out
     assert "np.copyto(out, x.numpy())" in out and "torch.from_numpy(out).copy_(x)" in out
