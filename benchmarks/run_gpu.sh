@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU machine's one command: build tensorbridge in place, run the GPU tests, the GPU
 # benchmark and the routing sweep, then the rest of the test suite and the simulated-link
-# benchmark, inside a time budget, and write the results to OUTDIR: the benchmark's table,
-# JSON and plot, the sweep's JSON, the link section's table and JSON; the run log and the
-# test reports (junit XML) go to OUTDIR/logs, which .gitignore keeps out of commits.
+# benchmark (with the contended host copies), inside a time budget, and write the results
+# to OUTDIR: the benchmark's table, JSON and plot, the sweep's JSON, the CPU sections'
+# table and JSON; the run log and the test reports (junit XML) go to OUTDIR/logs, which
+# .gitignore keeps out of commits.
 #
 #   bash benchmarks/run_gpu.sh [OUTDIR]        # from the repository root; default OUTDIR:
 #                                              # benchmarks/results
@@ -148,8 +149,9 @@ if not _backend.ENGINE.cuda_engine:
     "$py" -m tensorbridge bench-tune --save "$out"
   stage_if "$no_tests" "the rest of the test suite (-m 'not gpu')" 60 0 \
     "${pytest[@]}" --junitxml="$logs/$stamp-cpu-tests.xml" -m "not gpu" tests
-  stage "the pipeline over a simulated link on this host's cores" 30 0 \
-    "$py" -m tensorbridge bench --sections link --quiet --save "$out"
+  # (and out= copies beside busy processes: the host-copy routing on this host's cores)
+  stage "the pipeline over a simulated link on this host's cores; contended copies" 30 0 \
+    "$py" -m tensorbridge bench --sections link contended --quiet --save "$out"
 
   if [ "${#failed[@]}" -ne 0 ]; then
     printf '== not clean: %s\n' "${failed[@]}"
