@@ -83,15 +83,20 @@ inline std::vector<py::array> array_list(const py::list& items) {
   return out;
 }
 
-inline HostView host_view(const py::array& a, bool writeable) {
-  if (writeable && !a.writeable()) throw py::value_error("transfer: the host array is read-only");
-  check_movable(a);
+// An array's memory, shape, byte strides and item size, unchecked (swap_unit left 0).
+inline HostView view_of(const py::array& a) {
   HostView v;
   v.data = static_cast<char*>(const_cast<void*>(a.data()));
   v.shape.assign(a.shape(), a.shape() + a.ndim());
   v.strides.assign(a.strides(), a.strides() + a.ndim());
   v.itemsize = a.itemsize();
   return v;
+}
+
+inline HostView host_view(const py::array& a, bool writeable) {
+  if (writeable && !a.writeable()) throw py::value_error("transfer: the host array is read-only");
+  check_movable(a);
+  return view_of(a);
 }
 
 inline PipelineOptions pipeline_options(size_t chunk_bytes, int buffers, int swap_unit) {
@@ -149,11 +154,7 @@ class PackedArrays {
       py::dtype dt = a.dtype();
       auto it = swap_of.find(dt.ptr());
       if (it == swap_of.end()) it = swap_of.emplace(dt.ptr(), swap_unit(a)).first;
-      HostView v;
-      v.data = static_cast<char*>(const_cast<void*>(a.data()));
-      v.shape.assign(a.shape(), a.shape() + a.ndim());
-      v.strides.assign(a.strides(), a.strides() + a.ndim());
-      v.itemsize = a.itemsize();
+      HostView v = view_of(a);  // (the dtype was checked once per dtype, above)
       v.swap_unit = it->second;
       kinds.push_back(kind_of(dt, it->second != 0));
       views.push_back(std::move(v));
