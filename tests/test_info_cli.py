@@ -7,8 +7,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -381,7 +383,7 @@ def test_contended_section_measures_beside_busy_processes_and_stops_them(monkeyp
 
     def recording(cmd, *args, **kwargs):
         proc = popen(cmd, *args, **kwargs)
-        if cmd[-1] == cpu.SPIN:
+        if cpu.SPIN in cmd:
             started.append(proc)
         return proc
 
@@ -395,6 +397,26 @@ def test_contended_section_measures_beside_busy_processes_and_stops_them(monkeyp
     # (of the sizes given, only those the routing decides on)
     assert cases == [["back", "to", "back", "2", "MiB"], ["2", "ms", "apart", "2", "MiB"]], out
     assert "np.copyto(out, x.numpy())" in out and "torch.from_numpy(out).copy_(x)" in out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a parent's end reparents on POSIX")
+def test_contended_section_busy_processes_end_with_their_parent():
+    """A benchmark killed outright (SIGKILL) leaves no busy process spinning."""
+    code = (
+        "import os, subprocess, sys; "
+        f"p = subprocess.Popen([sys.executable, '-c', {cpu.SPIN!r}, str(os.getpid())], "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)"
+    )  # (the parent prints its child's pid and ends at once, maybe before the child starts)
+    pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"busy process {pid} outlived its parent")
 
 
 @pytest.mark.skipif(not _plot.available(), reason="needs matplotlib (the plot extra)")

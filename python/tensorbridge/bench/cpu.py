@@ -107,8 +107,15 @@ def bench_out(r: Runner, sizes: Sequence[int]) -> None:
             r.group(sec, layout, xs[0].numel() * 4, _out_methods(xs, out))
 
 
-#: What each busy process of the contended section runs.
-SPIN = "while True: pass"
+#: What each busy process of the contended section runs: a loop that ends when its parent
+#: does, however that ends (a killed benchmark leaves no process spinning).
+#: Run as ``python -c SPIN <parent pid>`` (given, since the parent may be gone already).
+SPIN = (
+    "import os, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(100000): pass"
+)
 
 
 def busy_process_count() -> int:
@@ -129,7 +136,8 @@ def bench_contended(r: Runner, sizes: Sequence[int]) -> None:
     steps, each sample the mean of 10 copies."""
     busy = busy_process_count()
     sec = f"to_numpy(x, out=...) float32 beside {busy} busy process{'es' * (busy > 1)}, GB/s"
-    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(busy)]
+    spin = [sys.executable, "-c", SPIN, str(os.getpid())]
+    procs = [subprocess.Popen(spin) for _ in range(busy)]
     try:
         for nbytes in sizes:
             n = max(nbytes // 4, 1)
