@@ -292,7 +292,8 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
         and not x.is_nested  # the full path refuses them with a fix)
         and flags.c_contiguous
         and x.is_contiguous()
-    ):
+        and x.dtype is not torch.bool  # (torch's copy makes every non-zero byte 1: the
+    ):  # full path keeps the bytes, as x.numpy() does)
         return False
     nbytes = out.nbytes
     C = _backend.ENGINE.C

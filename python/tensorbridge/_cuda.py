@@ -58,7 +58,8 @@ def _chunk_bytes(nbytes: int) -> int:
 @dataclasses.dataclass
 class Routing:
     """The one size-routing policy: which copies take torch's own copy instead of the
-    engine. Every call site asks it; ``python -m tensorbridge bench-tune`` calibrates it.
+    engine. Every call site asks it; ``python -m tensorbridge bench-tune`` calibrates the
+    device copies' part.
 
     Blocking copies of at most ``small_d2h`` / ``small_h2d`` bytes between a CUDA tensor
     and a plain NumPy array take torch's path (one cudaMemcpy through the driver's
@@ -68,21 +69,32 @@ class Routing:
     (benchmarks/results/*-tune-*; ``tune.recommended_routing``, and a test holds the two
     together): on an H100, 512 KiB device->host and 1 MiB host->device.
 
-    Host-to-host copies of at least ``host_torch_bytes`` between contiguous arrays run on
-    torch's intra-op threads, the threads the caller's own tensor ops use: right after a
-    parallel torch op, torch's idle threads still spin, and the core's pool copying beside
-    them ran 1.3-1.8x slower than torch's copy (2-core AMD EPYC, 1-64 MiB). But torch
-    gives each thread a fixed share and waits for all of them: when other processes (a
-    data loader's workers) keep the cores busy, a share whose thread is not scheduled
-    stalls the copy for a scheduler slice, about 8 ms there against 0.05-0.2 ms for the
-    copy at 1 MiB. Any pool waits for its threads; a copy on the calling thread alone
-    waits for none. So these copies are timed, the first of each size on the calling
+    ``to_numpy(x, out=out)`` of a contiguous tensor into a C-contiguous ndarray of at
+    least ``host_torch_bytes`` runs on torch's intra-op threads (``copy_``), the threads
+    the caller's own tensor ops use: right after a parallel torch op, torch's idle
+    threads still spin, and the core's pool copying beside them ran 1.3-1.8x slower than
+    torch's copy (2-core AMD EPYC, 1-64 MiB). But torch gives each thread a fixed share
+    and waits for all of them: when other processes (a data loader's workers) keep the
+    cores busy, a share whose thread is not scheduled stalls the copy for a scheduler
+    slice, about 8 ms there against 0.05-0.2 ms for the copy at 1 MiB. Any pool waits for
+    its threads; a copy on the calling thread alone waits for none. So these copies are
+    timed, the first of each size class (sizes within a factor of two) on the calling
     thread: a torch copy that takes ``host_stall_factor`` times as long as the fastest
-    copy of its size seen (within a factor of two), plus ``host_stall_slack_s``, sends
-    them all to the calling thread for ``host_backoff_s``
-    seconds; then torch's threads get another try (a stall soon after that doubles the
-    wait, up to 32 times).
-    ``python -m tensorbridge bench --sections contended`` measures both sides.
+    copy of its class seen, plus ``host_stall_slack_s``, sends them all to the calling
+    thread for ``host_backoff_s`` seconds; then torch's threads get another try, and a
+    stall within ``host_backoff_s`` of that doubles the wait, up to 32 x
+    ``host_backoff_s``. Anything else that makes a torch copy that slow counts too (first
+    touches of a freshly allocated ``out``, waiting for the GIL): the calling thread
+    copies no slower then. bool tensors always take the core's copy, which keeps their
+    bytes as ``x.numpy()`` does (torch's copy makes any non-zero byte 1).
+
+    These values were set by hand from ``python -m tensorbridge bench --sections
+    contended`` (busy processes beside, back to back and 2 ms apart) and the quiet
+    ``out`` section; ``bench-tune`` calibrates the ``small_*`` fields only. To keep these
+    copies on torch's threads (all but the first of each size class), set
+    ``ROUTING.host_stall_factor = math.inf``; to keep them off torch's threads,
+    ``ROUTING.host_torch_bytes = 1 << 62`` (they then run on the core's pool like every
+    other host copy).
     """
 
     small_d2h: int = 512 << 10
@@ -130,7 +142,7 @@ class Routing:
         """Records a host copy that ``torch_host`` routed and that took ``seconds``; True
         when it ran on torch's threads and stalled, so that the next ``host_backoff_s``
         seconds' copies run on the calling thread: twice as long as the last time if
-        that ended less than ``host_backoff_s`` ago, up to 32 times."""
+        that ended less than ``host_backoff_s`` ago, up to 32 x ``host_backoff_s``."""
         size_class = nbytes.bit_length()
         best = self._host_best.get(size_class, math.inf)
         if nbytes > 0:
@@ -140,6 +152,8 @@ class Routing:
         ):
             return False
         now = monotonic()
+        if now < self._host_core_until:
+            return True  # (another thread's copy stalled with it: one backoff for both)
         base = self.host_backoff_s
         again = now - self._host_core_until < base  # (stalled soon after the last backoff)
         self._host_backoff = min(2 * self._host_backoff, 32 * base) if again else base
