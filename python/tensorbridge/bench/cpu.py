@@ -137,7 +137,8 @@ def bench_contended(r: Runner, sizes: Sequence[int]) -> None:
     busy = busy_process_count()
     sec = f"to_numpy(x, out=...) float32 beside {busy} busy process{'es' * (busy > 1)}, GB/s"
     spin = [sys.executable, "-c", SPIN, str(os.getpid())]
-    procs = [subprocess.Popen(spin) for _ in range(busy)]
+    quiet = subprocess.DEVNULL
+    procs = [subprocess.Popen(spin, stdin=quiet, stdout=quiet, stderr=quiet) for _ in range(busy)]
     try:
         for nbytes in sizes:
             n = max(nbytes // 4, 1)
