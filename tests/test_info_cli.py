@@ -397,6 +397,9 @@ def test_contended_section_measures_beside_busy_processes_and_stops_them(monkeyp
     # (of the sizes given, only those the routing decides on)
     assert cases == [["back", "to", "back", "2", "MiB"], ["2", "ms", "apart", "2", "MiB"]], out
     assert "np.copyto(out, x.numpy())" in out and "torch.from_numpy(out).copy_(x)" in out
+    # (whatever the routing is set to: with it off, the section shows what that costs)
+    monkeypatch.setattr(_cuda.ROUTING, "host_torch_bytes", 1 << 62)
+    assert cpu.contended_sizes([64 << 10, 32 << 20]) == [1 << 20]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a parent's end reparents on POSIX")

@@ -155,11 +155,9 @@ def bench_contended(r: Runner, sizes: Sequence[int]) -> None:
 
 
 def contended_sizes(sizes: Sequence[int]) -> list[int]:
-    """The sizes of --sizes that the host-copy routing decides on (1-16 MiB), or 1 MiB."""
-    from .._cuda import ROUTING
-
-    chosen = [s for s in sizes if ROUTING.host_torch_bytes <= s <= 16 * MiB]
-    return chosen or [max(ROUTING.host_torch_bytes, 1 * MiB)]
+    """The sizes of --sizes from 1 MiB (the host-copy routing's default threshold) to
+    16 MiB, or 1 MiB."""
+    return [s for s in sizes if 1 * MiB <= s <= 16 * MiB] or [1 * MiB]
 
 
 def bench_refused(r: Runner, nbytes: int) -> None:
