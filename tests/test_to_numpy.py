@@ -4,7 +4,6 @@ random as_strided views (hypothesis)."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 import pytest
@@ -80,41 +79,54 @@ def test_out_any_layout(backend, gen, dtype, layout):
 
 @pytest.fixture
 def routing(monkeypatch):
-    """A fresh size routing for one test, recording which pool ran each large host copy
-    it routed (True: torch's threads)."""
+    """A fresh size routing for one test, recording the route of each large host copy it
+    routed (True: torch's threads)."""
     fresh = _cuda.Routing()
     fresh.routes = []
     took = fresh.host_copy_took
 
     def recording(nbytes, seconds, on_torch):
         fresh.routes.append(on_torch)
-        return took(nbytes, seconds, on_torch)
+        took(nbytes, seconds, on_torch)
 
     monkeypatch.setattr(fresh, "host_copy_took", recording)
     monkeypatch.setattr(_cuda, "ROUTING", fresh)
     return fresh
 
 
+@pytest.fixture
+def clock(monkeypatch):
+    """The routing's clock, moved by hand (seconds)."""
+    now = [100.0]
+    monkeypatch.setattr(_cuda, "monotonic", lambda: now[0])
+    return now
+
+
+MiB = 1 << 20
+
+
 @pytest.mark.parametrize(
     "dtype", [dtype_param(d) for d in (torch.float32, torch.int8, torch.float16, torch.complex128)]
 )
-def test_large_out_copies_leave_torch_threads_after_a_stall(backend, gen, routing, dtype):
-    """Copies of at least host_torch_bytes into a contiguous out: the first on the calling
-    thread, then on torch's threads until one stalls, then on the calling thread again;
-    every one of them bit for bit the idiom's."""
+@pytest.mark.parametrize("route", ["fastest", "torch", "caller"])
+def test_large_out_copies_match_the_idiom_on_every_route(backend, gen, routing, dtype, route):
+    """Copies of at least host_torch_bytes into a contiguous out, on the route asked for
+    (measured: the first on the calling thread, the second on torch's threads), every
+    one of them bit for bit the idiom's."""
     shape = (routing.host_torch_bytes // torch.empty((), dtype=dtype).element_size() + 7,)
-    # (the sizes of all four copies lie in one size class, so share a reference)
-    routing.host_stall_factor = math.inf  # no stall until step 2, however busy the machine
-    for step in range(4):
-        if step == 2:  # the next torch copy counts as a stall, whatever it takes
-            routing.host_stall_factor, routing.host_stall_slack_s = 0.0, -1.0
+    routing.host_route = route
+    for _ in range(3):
         x = random_tensor(shape, dtype, gen)
         expected = reference_numpy(x)
         out = poisoned(shape, expected.dtype)
         assert tb.to_numpy(x, out=out) is out
         assert_same(out, expected)
-    # (the pure-Python path has torch's copy only)
-    assert routing.routes == ([False, True, True, False] if backend == "extension" else [True] * 4)
+    if backend != "extension":
+        assert routing.routes == [True] * 3  # (the pure-Python path has torch's copy only)
+    elif route == "fastest":
+        assert routing.routes[:2] == [False, True]
+    else:
+        assert routing.routes == [route == "torch"] * 3
 
 
 def test_large_out_copies_of_bool_keep_their_bytes_as_the_idiom(backend, routing):
@@ -123,6 +135,7 @@ def test_large_out_copies_of_bool_keep_their_bytes_as_the_idiom(backend, routing
     x = (torch.arange(routing.host_torch_bytes + 5) % 7).to(torch.uint8).view(torch.bool)
     expected = x.numpy()
     assert set(np.unique(expected.view(np.uint8))) == set(range(7))
+    routing.host_route = "torch"
     for _ in range(3):
         out = poisoned(tuple(x.shape), np.bool_)
         tb.to_numpy(x, out=out)
@@ -130,72 +143,149 @@ def test_large_out_copies_of_bool_keep_their_bytes_as_the_idiom(backend, routing
     assert routing.routes == []  # never routed
 
 
-def test_routing_one_backoff_for_stalls_reported_together():
-    r = _cuda.Routing()
-    r.host_copy_took(1 << 20, 1e-4, on_torch=False)
-    # (threads whose torch copies stalled together report one after the other)
-    assert [r.host_copy_took(1 << 20, 1.0, on_torch=True) for _ in range(3)] == [True] * 3
-    assert r._host_backoff == r.host_backoff_s
-
-
-def test_large_out_copies_of_conjugate_views_are_resolved_on_either_pool(backend, gen, routing):
+@pytest.mark.parametrize("route", ["torch", "caller"])
+def test_large_out_copies_of_conjugate_views_are_resolved_on_either_route(
+    backend, gen, routing, route
+):
     shape = (routing.host_torch_bytes // 8 + 3,)
-    routing.host_stall_factor = math.inf  # (however busy the machine)
-    for step in range(3):
+    routing.host_route = route
+    for _ in range(2):
         x = random_tensor(shape, torch.complex64, gen).conj()
         expected = x.resolve_conj().numpy()
         out = poisoned(shape, expected.dtype)
         tb.to_numpy(x, out=out)
         assert_same(out, expected)
-        if step == 0:  # (the calling thread leaves conjugate views to the full path)
-            tb.to_numpy(x.resolve_conj(), out=poisoned(shape, expected.dtype))
-    assert routing.routes == ([False, True, True] if backend == "extension" else [True] * 4)
+    # (the calling thread leaves conjugate views to the full path)
+    on_torch = route == "torch" or backend != "extension"
+    assert routing.routes == ([True] * 2 if on_torch else [])
 
 
-def test_routing_judges_torch_host_copies_by_the_fastest_copy_of_their_size_seen():
-    MiB = 1 << 20
+def measured(r, sizes, costs):
+    """Copies of these sizes, each on the route the routing says, at costs[on_torch]
+    seconds per MiB."""
+    for nbytes in sizes:
+        on_torch = r.torch_host(nbytes)
+        r.host_copy_took(nbytes, costs[on_torch] * nbytes / MiB, on_torch)
+
+
+def test_routing_measures_both_routes_then_takes_the_cheaper_per_size_class(clock):
     r = _cuda.Routing()
-    assert not r.torch_host(MiB)  # nothing seen yet: the first copy runs on this thread
-    assert not r.host_copy_took(4 * MiB, 8e-4, on_torch=False)  # 0.2 ms per MiB
-    # (the reference holds for sizes within a factor of two: 4 MiB to 8 MiB - 1)
-    assert r.torch_host(4 * MiB) and r.torch_host(8 * MiB - 1)
-    assert not r.torch_host(4 * MiB - 1) and not r.torch_host(8 * MiB)
-    # 3x the fastest copy seen, plus 1 ms, is no stall; more than that is one
-    assert not r.host_copy_took(6 * MiB, 3 * 12e-4 + 0.9e-3, on_torch=True)
-    assert r.torch_host(4 * MiB)
-    assert r.host_copy_took(6 * MiB, 3 * 12e-4 + 1.1e-3, on_torch=True)
-    assert not r.torch_host(4 * MiB)  # for host_backoff_s: on the calling thread
-    # a slow copy on the calling thread is no stall; a fast one lowers the reference
-    assert not r.host_copy_took(MiB, 1.0, on_torch=False)
-    assert not r.host_copy_took(MiB, 1e-4, on_torch=False)
-    assert r.host_copy_took(MiB, 3 * 1e-4 + 1.01e-3, on_torch=True)
-    # the reference of one size class is not another's
-    assert not r.host_copy_took(4 * MiB, 3 * 4e-4 + 1.1e-3, on_torch=True)
+    assert not r.torch_host(MiB)  # the first copy of a class: the calling thread
+    r.host_copy_took(MiB, 100e-6, on_torch=False)
+    # then host_try_copies on torch's threads, judged together: the first, which wakes
+    # them, may take longer (sizes within a factor of two share what was measured)
+    for nbytes, seconds in [(MiB + 5, 200e-6), (2 * MiB - 1, 100e-6), (MiB, 50e-6), (MiB, 50e-6)]:
+        assert r.torch_host(nbytes)
+        r.host_copy_took(nbytes, seconds, on_torch=True)
+    assert r.torch_host(MiB)  # cheaper per byte
+    assert not r.torch_host(2 * MiB)  # another class starts afresh
+    measured(r, [4 * MiB] * 5, {False: 1e-4, True: 3e-4})
+    assert not r.torch_host(4 * MiB) and not r.torch_host(7 * MiB)
+    assert r.torch_host(MiB)
     assert not r.torch_host(MiB - 1)  # (under host_torch_bytes: never)
-    assert "_host_best" not in repr(r) and _cuda.Routing() == _cuda.Routing()
+    assert not r.torch_host(0)
+    r.host_copy_took(0, 1.0, on_torch=True)  # (nothing to learn from)
+    assert "_host" not in repr(r) and _cuda.Routing() == _cuda.Routing()
 
 
-def test_routing_waits_longer_for_torch_threads_that_stall_again(monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(_cuda, "monotonic", lambda: clock[0])
+def test_routing_weighs_a_rare_stall_against_the_whole_window(clock):
+    """A stall now and then in a long run of fast torch copies keeps them on torch's
+    threads; stalls that cost more than the calling thread would move them."""
     r = _cuda.Routing()
-    r.host_copy_took(1 << 20, 1e-4, on_torch=False)
+    measured(r, [MiB] * 5, {False: 150e-6, True: 100e-6})
+    for _ in range(2000):
+        measured(r, [MiB], {True: 100e-6})
+    # one stall of 20 ms: 20 µs more per copy over the 1024 copies of the window
+    r.host_copy_took(MiB, 20e-3, on_torch=True)
+    assert r.torch_host(MiB)
+    for _ in range(100):
+        measured(r, [MiB], {True: 100e-6})
+    r.host_copy_took(MiB, 20e-3, on_torch=True)
+    assert r.torch_host(MiB)  # (2 stalls: about 0.04 ms more per copy)
+    r.host_copy_took(MiB, 20e-3, on_torch=True)  # 3: about 0.07 ms more
+    assert not r.torch_host(MiB)
+
+
+def test_routing_tries_the_other_route_and_puts_off_tries_that_lose(clock):
+    r = _cuda.Routing()
+    measured(r, [MiB] * 5, {False: 100e-6, True: 8e-3})  # torch's first copy stalled
+    assert not r.torch_host(MiB)
     waits = []
-    for _ in range(8):  # each stall right after the last wait ended
-        assert r.host_copy_took(1 << 20, 1.0, on_torch=True)
+    for _ in range(8):  # every try of torch's threads stalls at once: one copy
         start = clock[0]
-        while not r.torch_host(1 << 20):
+        while not r.torch_host(MiB) and clock[0] < start + 100:
+            r.host_copy_took(MiB, 100e-6, on_torch=False)
             clock[0] += 0.25
         waits.append(clock[0] - start)
+        r.host_copy_took(MiB, 8e-3, on_torch=True)
+        assert not r.torch_host(MiB)
     assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 32.0, 32.0]
-    clock[0] += 1.0  # a stall a backoff's length after torch's threads got another try
-    assert r.host_copy_took(1 << 20, 1.0, on_torch=True)
-    assert not r.torch_host(1 << 20)
-    clock[0] += 0.99
-    assert not r.torch_host(1 << 20)
+    # the busy processes have gone: the next try's copies win, and the copies move
+    clock[0] += 32
+    assert [r.torch_host(MiB) for _ in range(4)] == [True] * 4  # (asked before reported)
+    for _ in range(4):
+        r.host_copy_took(MiB, 60e-6, on_torch=True)
+    assert r.torch_host(MiB)
+    # a won try keeps the wait it had (a try that won by luck brings back no short
+    # waits): the calling thread is tried 32 s later, and loses after 3 copies, once
+    # they have cost more than 4 on torch's threads
+    clock[0] += 31.9
+    assert r.torch_host(MiB)
+    clock[0] += 0.1
+    for _ in range(3):
+        assert not r.torch_host(MiB)
+        r.host_copy_took(MiB, 100e-6, on_torch=False)
+    assert r.torch_host(MiB)
+
+
+def stalls_until_moved(r, limit=20):
+    """Stalls of 8 ms on torch's threads until the copies leave them: how many. (Read
+    from the state, since asking torch_host may start a try.)"""
+    for count in range(1, limit + 1):
+        r.host_copy_took(MiB, 8e-3, on_torch=True)
+        if not r._host[MiB.bit_length()].on_torch:
+            return count
+    return None
+
+
+def test_routing_puts_off_tries_whose_route_soon_loses_again(clock):
+    """A try that came out cheaper by luck, then stalls within the wait: the next try
+    waits twice as long; a route that held longer than the wait resets it."""
+    r = _cuda.Routing()
+    measured(r, [MiB] * 5, {False: 100e-6, True: 8e-3})
+    clock[0] += 1.0
+    for _ in range(4):
+        assert r.torch_host(MiB)
+        r.host_copy_took(MiB, 60e-6, on_torch=True)  # a lucky try
+    # the try stands for a window of 1024 such copies: 40 µs less each, so the stalls
+    # move the copies back once they cost more than 41 ms, not at the first
+    assert stalls_until_moved(r) == 6
+    clock[0] += 1.99
+    assert not r.torch_host(MiB)
     clock[0] += 0.01
-    assert r.torch_host(1 << 20)  # waited 1 s again
-    assert "_host_best" not in repr(r) and _cuda.Routing() == _cuda.Routing()
+    assert r.torch_host(MiB)  # after 2 s, not 1
+    for _ in range(4):
+        r.host_copy_took(MiB, 60e-6, on_torch=True)
+    clock[0] += 5.0  # holds for longer than the wait
+    assert stalls_until_moved(r) == 6
+    clock[0] += 0.99
+    assert not r.torch_host(MiB)
+    clock[0] += 0.01
+    assert r.torch_host(MiB)  # 1 s again
+
+
+def test_routing_ends_a_losing_try_at_once_and_follows_a_forced_route(clock):
+    r = _cuda.Routing()
+    measured(r, [MiB] * 5, {False: 100e-6, True: 60e-6})
+    clock[0] += 1.0
+    assert not r.torch_host(MiB)  # a try of the calling thread...
+    r.host_copy_took(MiB, 1e-3, on_torch=False)  # ...that has cost more than 4 torch copies
+    assert r.torch_host(MiB)  # is over
+    r.host_route = "caller"
+    assert not r.torch_host(MiB) and not r.torch_host(64 * MiB)
+    r.host_route = "torch"
+    assert r.torch_host(MiB) and r.torch_host(64 * MiB)
+    assert not r.torch_host(MiB - 1)  # (under host_torch_bytes: never)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "holes", "expanded", "scalar-0d"])

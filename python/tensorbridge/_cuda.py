@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -70,39 +70,48 @@ class Routing:
     together): on an H100, 512 KiB device->host and 1 MiB host->device.
 
     ``to_numpy(x, out=out)`` of a contiguous tensor into a C-contiguous ndarray of at
-    least ``host_torch_bytes`` runs on torch's intra-op threads (``copy_``), the threads
-    the caller's own tensor ops use: right after a parallel torch op, torch's idle
-    threads still spin, and the core's pool copying beside them ran 1.3-1.8x slower than
+    least ``host_torch_bytes`` runs either on torch's intra-op threads (``copy_``) or on
+    the calling thread alone, whichever has been cheaper. Neither wins everywhere. torch's
+    threads are the ones the caller's own tensor ops use: right after a parallel torch op
+    they still spin, and another pool copying beside them ran 1.3-1.8x slower than
     torch's copy (2-core AMD EPYC, 1-64 MiB). But torch gives each thread a fixed share
     and waits for all of them: when other processes (a data loader's workers) keep the
     cores busy, a share whose thread is not scheduled stalls the copy for a scheduler
-    slice, about 8 ms there against 0.05-0.2 ms for the copy at 1 MiB. Any pool waits for
-    its threads; a copy on the calling thread alone waits for none. So these copies are
-    timed, the first of each size class (sizes within a factor of two) on the calling
-    thread: a torch copy that takes ``host_stall_factor`` times as long as the fastest
-    copy of its class seen, plus ``host_stall_slack_s``, sends them all to the calling
-    thread for ``host_backoff_s`` seconds; then torch's threads get another try, and a
-    stall within ``host_backoff_s`` of that doubles the wait, up to 32 x
-    ``host_backoff_s``. Anything else that makes a torch copy that slow counts too (first
-    touches of a freshly allocated ``out``, waiting for the GIL): the calling thread
-    copies no slower then. bool tensors always take the core's copy, which keeps their
-    bytes as ``x.numpy()`` does (torch's copy makes any non-zero byte 1).
+    slice, about 8 ms there against 0.05-0.2 ms for the copy at 1 MiB. A copy on the
+    calling thread alone waits for no other thread.
+
+    So each such copy is timed, and each size class (sizes within a factor of two) keeps
+    the cost per byte of each route: its recent copies, older ones weighing less, so that
+    ``host_window_bytes`` of copies make up most of it (a route's first copies, or a
+    try's, count as a whole window of such copies). A stall now and then in a long run of
+    fast copies moves the mean a little; once the stalls in a window cost more than the
+    other route would, the copies move. The first copy of a class runs on the calling thread,
+    the next ``host_try_copies`` on torch's threads (as a try: see below); then the
+    cheaper route. ``host_try_s`` seconds after
+    the copies last moved, the other route is tried again, for ``host_try_copies``
+    copies (or until they have cost more than that many on the cheaper route: one stall
+    ends a try), and the copies move if the try comes out cheaper. A try that loses, or
+    a route that a try chose and that loses again within the wait, doubles the wait
+    until the next try, up to 32 x ``host_try_s``. Whatever else makes a route's copies
+    slow counts against it too (first touches of a freshly allocated ``out``, waiting for
+    the GIL). bool tensors always take the core's copy, which keeps their bytes as
+    ``x.numpy()`` does (torch's copy makes any non-zero byte 1).
 
     These values were set by hand from ``python -m tensorbridge bench --sections
     contended`` (busy processes beside, back to back and 2 ms apart) and the quiet
     ``out`` section; ``bench-tune`` calibrates the ``small_*`` fields only. To keep these
-    copies on torch's threads (all but the first of each size class), set
-    ``ROUTING.host_stall_factor = math.inf``; to keep them off torch's threads,
-    ``ROUTING.host_torch_bytes = 1 << 62`` (they then run on the core's pool like every
-    other host copy).
+    copies on one route, set ``ROUTING.host_route`` to ``"torch"`` or ``"caller"``
+    (``"fastest"`` measures); ``ROUTING.host_torch_bytes = 1 << 62`` sends them to the
+    core's pool like every other host copy.
     """
 
     small_d2h: int = 512 << 10
     small_h2d: int = 1 << 20
     host_torch_bytes: int = 1 << 20
-    host_stall_factor: float = 3.0
-    host_stall_slack_s: float = 1e-3
-    host_backoff_s: float = 1.0
+    host_route: Literal["fastest", "torch", "caller"] = "fastest"
+    host_window_bytes: int = 1 << 30
+    host_try_copies: int = 4
+    host_try_s: float = 1.0
     #: Small copies between a contiguous CUDA tensor and a C-contiguous native-order array
     #: take one compiled call (``copy_small``: cudaMemcpyAsync and a wait on the stream,
     #: as torch's copy does, without its dispatch) instead of torch's ``copy_``. Off until
@@ -117,48 +126,114 @@ class Routing:
         """A blocking host-to-device copy of nbytes goes through torch's own copy."""
         return nbytes <= self.small_h2d
 
-    # The fastest host copy seen on the torch_host path (either way), in seconds per byte,
-    # per size class (nbytes.bit_length(): copies within a factor of two share one; a
-    # small copy in cache runs faster than a large one can); until when (monotonic()) the
-    # copies stay on the calling thread after a stall, and for how long they did last.
-    _host_best: dict[int, float] = dataclasses.field(
+    # What the torch_host copies of each size class (nbytes.bit_length()) have measured.
+    _host: dict[int, _HostRoutes] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _host_core_until: float = dataclasses.field(default=-math.inf, init=False, repr=False)
-    _host_backoff: float = dataclasses.field(default=0.0, init=False, repr=False)
 
     def torch_host(self, nbytes: int) -> bool:
         """A contiguous host-to-host copy of nbytes runs on torch's threads, not on the
-        calling thread alone. Not the first such copy of its size class: that one runs
-        on the calling thread and sets the reference the later ones are judged by
-        (report each with ``host_copy_took``)."""
-        return (
-            nbytes >= self.host_torch_bytes
-            and nbytes.bit_length() in self._host_best
-            and monotonic() >= self._host_core_until
-        )
-
-    def host_copy_took(self, nbytes: int, seconds: float, on_torch: bool) -> bool:
-        """Records a host copy that ``torch_host`` routed and that took ``seconds``; True
-        when it ran on torch's threads and stalled, so that the next ``host_backoff_s``
-        seconds' copies run on the calling thread: twice as long as the last time if
-        that ended less than ``host_backoff_s`` ago, up to 32 x ``host_backoff_s``."""
-        size_class = nbytes.bit_length()
-        best = self._host_best.get(size_class, math.inf)
-        if nbytes > 0:
-            self._host_best[size_class] = min(best, seconds / nbytes)
-        if not on_torch or seconds <= self.host_stall_factor * best * nbytes + (
-            self.host_stall_slack_s
-        ):
+        calling thread alone (report how long it took with ``host_copy_took``)."""
+        if nbytes < self.host_torch_bytes or nbytes <= 0:
             return False
-        now = monotonic()
-        if now < self._host_core_until:
-            return True  # (another thread's copy stalled with it: one backoff for both)
-        base = self.host_backoff_s
-        again = now - self._host_core_until < base  # (stalled soon after the last backoff)
-        self._host_backoff = min(2 * self._host_backoff, 32 * base) if again else base
-        self._host_core_until = now + self._host_backoff
-        return True
+        if self.host_route != "fastest":
+            return self.host_route == "torch"
+        routes = self._host.get(nbytes.bit_length())
+        if routes is None:
+            return False  # the first copy of its class
+        if not routes.nbytes[0]:
+            return False  # (only torch's threads measured, as host_route="torch" leaves it)
+        if not routes.trying and (not routes.nbytes[1] or monotonic() >= routes.try_at):
+            # (torch's threads not measured yet: their first copies are a try too, since
+            # the first may wake them)
+            routes.trying, routes.tried_s, routes.tried_bytes = self.host_try_copies, 0.0, 0.0
+        return routes.on_torch != (routes.trying > 0)
+
+    def host_copy_took(self, nbytes: int, seconds: float, on_torch: bool) -> None:
+        """Records a host copy that ``torch_host`` routed and that took ``seconds``."""
+        if nbytes <= 0:
+            return
+        size_class = nbytes.bit_length()
+        routes = self._host.get(size_class)
+        if routes is None:
+            routes = self._host[size_class] = _HostRoutes(self.host_try_s)
+        route, current = int(on_torch), int(routes.on_torch)
+        if routes.trying and route != current:
+            routes.tried_s += seconds
+            routes.tried_bytes += nbytes
+            routes.trying -= 1
+            bar = routes.cost(current)
+            if routes.trying and routes.tried_s <= self.host_try_copies * bar * nbytes:
+                return  # (the try goes on)
+            routes.trying = 0  # its copies stand for the route from now on
+            first = not routes.nbytes[route]
+            routes.start(route, routes.tried_s, routes.tried_bytes, self.host_window_bytes)
+            now = monotonic()
+            if routes.cost(route) < bar:
+                routes.on_torch, routes.won_at = on_torch, now
+            elif not first:
+                routes.wait = min(2 * routes.wait, 32 * self.host_try_s)
+            routes.try_at = now + routes.wait
+            return
+        window = self.host_window_bytes
+        if not routes.nbytes[route]:
+            routes.start(route, seconds, nbytes, window)
+        else:
+            keep = 1.0 - nbytes / window if window > nbytes else 0.0
+            routes.seconds[route] = routes.seconds[route] * keep + seconds
+            routes.nbytes[route] = routes.nbytes[route] * keep + nbytes
+        if not routes.nbytes[1 - route]:
+            return
+        cheaper = routes.cost(1) < routes.cost(0)
+        if cheaper != routes.on_torch or routes.try_at == math.inf:
+            now = monotonic()
+            if cheaper != routes.on_torch and now - routes.won_at < routes.wait:
+                routes.wait = min(2 * routes.wait, 32 * self.host_try_s)  # (a try misled)
+            elif cheaper != routes.on_torch:
+                routes.wait = self.host_try_s
+            routes.on_torch, routes.trying = cheaper, 0
+            routes.try_at = now + routes.wait
+
+
+class _HostRoutes:
+    """One size class of ``Routing.torch_host`` copies: per route (0: the calling thread,
+    1: torch's threads) the seconds and bytes of its copies, older ones weighing less; the
+    route taken; and when the other one is tried again, for how long it was last put off,
+    and how far a try under way has got."""
+
+    __slots__ = (
+        "nbytes",
+        "on_torch",
+        "seconds",
+        "tried_bytes",
+        "tried_s",
+        "try_at",
+        "trying",
+        "wait",
+        "won_at",
+    )
+
+    def __init__(self, wait: float) -> None:
+        self.seconds = [0.0, 0.0]
+        self.nbytes = [0.0, 0.0]
+        self.on_torch = False
+        self.try_at = math.inf  # (set once both routes are measured)
+        self.wait = wait
+        self.won_at = -math.inf  # when a try last moved the copies
+        self.trying = 0  # copies left in the try under way
+        self.tried_s = 0.0
+        self.tried_bytes = 0.0
+
+    def start(self, route: int, seconds: float, nbytes: float, window: int) -> None:
+        """A route's first copies, or a try's, stand for a whole window of copies like
+        them: a stall right after weighs no more than one later."""
+        scale = max(1.0, window / nbytes)
+        self.seconds[route], self.nbytes[route] = seconds * scale, nbytes * scale
+
+    def cost(self, route: int) -> float:
+        """Seconds per byte on route (0 or 1); infinite before its first copy."""
+        n = self.nbytes[route]
+        return self.seconds[route] / n if n > 0 else math.inf
 
 
 ROUTING = Routing()
