@@ -82,17 +82,18 @@ class Routing:
 
     So each such copy is timed, and each size class (sizes within a factor of two) keeps
     the cost per byte of each route: its recent copies, older ones weighing less, so that
-    ``host_window_bytes`` of copies make up most of it (a route's first copies, or a
-    try's, count as a whole window of such copies). A stall now and then in a long run of
-    fast copies moves the mean a little; once the stalls in a window cost more than the
-    other route would, the copies move. The first copy of a class runs on the calling thread,
+    ``host_window_bytes`` of copies make up most of it (a route's first copies count as a
+    whole window of such copies). A stall now and then in a long run of fast copies moves
+    the mean a little; once the stalls in a window cost more than the other route would,
+    the copies move. The first copy of a class runs on the calling thread,
     the next ``host_try_copies`` on torch's threads (as a try: see below); then the
     cheaper route. ``host_try_s`` seconds after
     the copies last moved, the other route is tried again, for ``host_try_copies``
     copies (or until they have cost more than that many on the cheaper route: one stall
-    ends a try), and the copies move if the try comes out cheaper. A try that loses, or
-    a route that a try chose and that loses again within the wait, doubles the wait
-    until the next try, up to 32 x ``host_try_s``. Whatever else makes a route's copies
+    ends a try), and the copies move if the try comes out cheaper; the try's copies are
+    then all that is known of the route, so a stall soon after moves them back. A try
+    that loses, or a route that a try chose and that loses again within the wait, doubles
+    the wait until the next try, up to 32 x ``host_try_s``. Whatever else makes a route's copies
     slow counts against it too (first touches of a freshly allocated ``out``, waiting for
     the GIL). bool tensors always take the core's copy, which keeps their bytes as
     ``x.numpy()`` does (torch's copy makes any non-zero byte 1).
@@ -167,7 +168,10 @@ class Routing:
                 return  # (the try goes on)
             routes.trying = 0  # its copies stand for the route from now on
             first = not routes.nbytes[route]
-            routes.start(route, routes.tried_s, routes.tried_bytes, self.host_window_bytes)
+            if first:
+                routes.start(route, routes.tried_s, routes.tried_bytes, self.host_window_bytes)
+            else:  # (a try that won by luck counts for little: a stall soon after ends it)
+                routes.seconds[route], routes.nbytes[route] = routes.tried_s, routes.tried_bytes
             now = monotonic()
             if routes.cost(route) < bar:
                 routes.on_torch, routes.won_at = on_torch, now
@@ -225,8 +229,8 @@ class _HostRoutes:
         self.tried_bytes = 0.0
 
     def start(self, route: int, seconds: float, nbytes: float, window: int) -> None:
-        """A route's first copies, or a try's, stand for a whole window of copies like
-        them: a stall right after weighs no more than one later."""
+        """A route's first copies stand for a whole window of copies like them: a stall
+        right after weighs no more than one later."""
         scale = max(1.0, window / nbytes)
         self.seconds[route], self.nbytes[route] = seconds * scale, nbytes * scale
 
