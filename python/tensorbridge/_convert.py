@@ -277,9 +277,9 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
 
     A plain memcpy is the one layout where the core has no edge, and torch's intra-op
     threads are the same ones the caller's own tensor ops use: copying on them avoids
-    oversubscribing the cores (with two thread pools, one pool's idle-spinning threads
-    delay the other's), unless busy cores stall them. Returns False, having written
-    nothing, when it does not apply.
+    oversubscribing the cores, unless busy cores stall them. Returns False, having
+    written nothing, when it does not apply; every check comes before the routing is
+    asked, so a copy it routes runs on the route it was given.
     """
     routing = _cuda.ROUTING
     if type(out) is not np.ndarray or out.nbytes < routing.host_torch_bytes:
@@ -293,33 +293,30 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
         and flags.c_contiguous
         and x.is_contiguous()
         and x.dtype is not torch.bool  # (torch's copy makes every non-zero byte 1: the
-    ):  # full path keeps the bytes, as x.numpy() does)
-        return False
-    nbytes = out.nbytes
-    C = _backend.ENGINE.C
-    if not routing.torch_host(nbytes) and C is not None:
-        if x.is_neg() or x.is_conj():
-            return False  # (the full path resolves them)
-        start = time.perf_counter()
-        # (checks out's dtype, shape, flags and overlap itself; 0 when it copied)
-        if C.copy_from_address(out, np_dtype, x.data_ptr(), x.shape, x.stride(), serial=True):
-            return False
-        routing.host_copy_took(nbytes, time.perf_counter() - start, False)
-        return True
-    if not (out.dtype == np_dtype and flags.writeable and out.shape == x.shape):
+        and out.dtype == np_dtype  # full path keeps the bytes, as x.numpy() does)
+        and flags.writeable
+        and out.shape == x.shape
+    ):
         return False
     try:
         dst = torch.from_numpy(out)  # (refuses e.g. a negative stride on a size-1 dim)
     except (TypeError, ValueError):
         return False
+    nbytes = out.nbytes
     lo, src = dst.data_ptr(), x.data_ptr()  # (faster than out.ctypes)
     if lo % out.itemsize or src % out.itemsize:
         return False  # torch's kernels may assume aligned elements; the core does not
     if lo < src + nbytes and src < lo + nbytes:
         return False  # overlapping: the full path refuses it with a clear message
+    C = _backend.ENGINE.C
+    if C is None or x.is_neg() or x.is_conj():
+        dst.copy_(x)  # (resolves conj/neg bits itself; the pure-Python path's one copy)
+        return True
+    on_torch = routing.torch_host(nbytes)
     start = time.perf_counter()
-    dst.copy_(x)  # resolves conj/neg bits itself
-    routing.host_copy_took(nbytes, time.perf_counter() - start, True)
+    if on_torch or C.copy_from_address(out, np_dtype, src, x.shape, x.stride(), serial=True):
+        dst.copy_(x)  # (the core refuses nothing the checks above let through)
+    routing.host_copy_took(nbytes, time.perf_counter() - start, on_torch)
     return True
 
 

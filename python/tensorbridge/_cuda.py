@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -70,40 +70,44 @@ class Routing:
     together): on an H100, 512 KiB device->host and 1 MiB host->device.
 
     ``to_numpy(x, out=out)`` of a contiguous tensor into a C-contiguous ndarray of at
-    least ``host_torch_bytes`` runs either on torch's intra-op threads (``copy_``) or on
-    the calling thread alone, whichever has been cheaper. Neither wins everywhere. torch's
-    threads are the ones the caller's own tensor ops use: right after a parallel torch op
-    they still spin, and another pool copying beside them ran 1.3-1.8x slower than
-    torch's copy (2-core AMD EPYC, 1-64 MiB). But torch gives each thread a fixed share
-    and waits for all of them: when other processes (a data loader's workers) keep the
-    cores busy, a share whose thread is not scheduled stalls the copy for a scheduler
-    slice, about 8 ms there against 0.05-0.2 ms for the copy at 1 MiB. A copy on the
-    calling thread alone waits for no other thread.
+    least ``host_torch_bytes``, of its dtype, aligned and apart from ``x``, runs either on
+    torch's intra-op threads (``copy_``) or on the calling thread alone, whichever has
+    been cheaper. Neither wins everywhere. torch's threads are the ones the caller's own
+    tensor ops use, and on a quiet machine they copy faster. But torch gives each thread
+    a fixed share and waits for all of them: when other processes (a data loader's
+    workers) keep the cores busy, a share whose thread is not scheduled stalls the copy
+    for a scheduler slice (torch's copy of 1 MiB took about 8 ms 2 ms apart beside one
+    busy process, 0.13 GB/s in benchmarks/results/2026-12-07-*-contended-2.txt). A copy
+    on the calling thread alone waits for no other thread. Not routed, on torch's
+    threads: conjugate and negative views (torch's copy resolves them), and every such
+    copy on the pure-Python path or in a forked child (where the core's copy is not
+    used); bool, bfloat16 and float8 tensors take the core's copy, which keeps their bytes.
 
-    So each such copy is timed, and each size class (sizes within a factor of two) keeps
-    the cost per byte of each route: its recent copies, older ones weighing less, so that
-    ``host_window_bytes`` of copies make up most of it (a route's first copies count as a
-    whole window of such copies). A stall now and then in a long run of fast copies moves
-    the mean a little; once the stalls in a window cost more than the other route would,
-    the copies move. The first copy of a class runs on the calling thread,
-    the next ``host_try_copies`` on torch's threads (as a try: see below); then the
-    cheaper route. ``host_try_s`` seconds after
-    the copies last moved, the other route is tried again, for ``host_try_copies``
-    copies (or until they have cost more than that many on the cheaper route: one stall
-    ends a try), and the copies move if the try comes out cheaper; the try's copies are
-    then all that is known of the route, so a stall soon after moves them back. A try
-    that loses, or a route that a try chose and that loses again within the wait, doubles
-    the wait until the next try, up to 32 x ``host_try_s``. Whatever else makes a route's copies
-    slow counts against it too (first touches of a freshly allocated ``out``, waiting for
-    the GIL). bool tensors always take the core's copy, which keeps their bytes as
-    ``x.numpy()`` does (torch's copy makes any non-zero byte 1).
+    So each routed copy is timed, and each size class (sizes from 2**k to 2**(k+1) - 1)
+    keeps the cost per byte of each route: its recent copies, older ones weighing less,
+    so that ``host_window_bytes`` of copies make up most of it. A stall now and then in
+    a long run of fast copies moves the mean a little; once the stalls in a window cost
+    more than the other route would, the copies move. A class starts on the calling
+    thread: its first copy warms up (first touches of ``out``) and is not counted, the
+    second counts as a whole window of such copies; then torch's threads get a try.
 
-    These values were set by hand from ``python -m tensorbridge bench --sections
-    contended`` (busy processes beside, back to back and 2 ms apart) and the quiet
-    ``out`` section; ``bench-tune`` calibrates the ``small_*`` fields only. To keep these
-    copies on one route, set ``ROUTING.host_route`` to ``"torch"`` or ``"caller"``
-    (``"fastest"`` measures); ``ROUTING.host_torch_bytes = 1 << 62`` sends them to the
-    core's pool like every other host copy.
+    A try runs one copy on the other route that is not counted (it may wake torch's
+    threads, about 0.1-0.4 ms), then up to ``host_try_copies`` that are: it ends early
+    once they cost more than as many on the current route would (one stall ends it), and
+    the copies move if it comes out cheaper. Either way the try's copies become all that
+    is known of its route, so a stall soon after a try that won moves the copies back.
+    The next try comes a wait after the last one ended: ``host_try_s`` at first, doubled
+    (up to 32x) by each try that loses after the first and by each route a try chose
+    that loses again on its averages within the wait; the wait falls back to
+    ``host_try_s`` when the copies move on their averages later than that. Whatever
+    else makes a route's copies slow counts against it too (waiting for the GIL).
+
+    The values were set by hand on a 2-core VM, from ``benchmarks/host_routing.py`` and
+    ``python -m tensorbridge bench --sections out contended``; ``bench-tune`` calibrates
+    the ``small_*`` fields only. To keep these copies on one route, set
+    ``ROUTING.host_route`` to ``"torch"`` or ``"caller"`` (``"fastest"`` measures);
+    ``ROUTING.host_torch_bytes = 1 << 62`` sends them to the core's pool like every other
+    host copy. Each knob is checked when set (TypeError, ValueError).
     """
 
     small_d2h: int = 512 << 10
@@ -119,6 +123,20 @@ class Routing:
     #: a GPU sweep measures it ahead of torch's copy (bench-tune times both).
     small_direct: bool = False
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Checks the host-copy knobs when they are set, so a typo fails there and then."""
+        if name == "host_route" and value not in _HOST_ROUTES:
+            raise ValueError(f"host_route must be one of {_HOST_ROUTES}, got {value!r}")
+        if name in ("host_torch_bytes", "host_window_bytes", "host_try_copies"):
+            value = _backend.int_arg(value, name, 0 if name == "host_torch_bytes" else 1)
+        if name == "host_try_s":
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+                raise TypeError(f"host_try_s must be a number of seconds, got {value!r}")
+            if not 0 < value < math.inf:
+                raise ValueError(f"host_try_s must be finite and above 0, got {value!r}")
+            value = float(value)
+        super().__setattr__(name, value)
+
     def torch_d2h(self, nbytes: int) -> bool:
         """A blocking device-to-host copy of nbytes goes through torch's own copy."""
         return nbytes <= self.small_d2h
@@ -133,44 +151,47 @@ class Routing:
     )
 
     def torch_host(self, nbytes: int) -> bool:
-        """A contiguous host-to-host copy of nbytes runs on torch's threads, not on the
+        """A routed host-to-host copy of nbytes runs on torch's threads, not on the
         calling thread alone (report how long it took with ``host_copy_took``)."""
         if nbytes < self.host_torch_bytes or nbytes <= 0:
             return False
         if self.host_route != "fastest":
             return self.host_route == "torch"
         routes = self._host.get(nbytes.bit_length())
-        if routes is None:
-            return False  # the first copy of its class
-        if not routes.nbytes[0]:
-            return False  # (only torch's threads measured, as host_route="torch" leaves it)
+        if routes is None or not routes.nbytes[0]:
+            return False  # (a class starts on the calling thread)
         if not routes.trying and (not routes.nbytes[1] or monotonic() >= routes.try_at):
-            # (torch's threads not measured yet: their first copies are a try too, since
-            # the first may wake them)
-            routes.trying, routes.tried_s, routes.tried_bytes = self.host_try_copies, 0.0, 0.0
+            routes.trying, routes.warming = self.host_try_copies + 1, True
+            routes.tried_s, routes.tried_bytes, routes.tried = 0.0, 0.0, 0
         return routes.on_torch != (routes.trying > 0)
 
     def host_copy_took(self, nbytes: int, seconds: float, on_torch: bool) -> None:
-        """Records a host copy that ``torch_host`` routed and that took ``seconds``."""
+        """Records a copy that ``torch_host`` routed and that took ``seconds``."""
         if nbytes <= 0:
             return
         size_class = nbytes.bit_length()
         routes = self._host.get(size_class)
-        if routes is None:
-            routes = self._host[size_class] = _HostRoutes(self.host_try_s)
+        if routes is None:  # (the first copy of a class warms up: not counted)
+            self._host[size_class] = _HostRoutes(self.host_try_s)
+            return
         route, current = int(on_torch), int(routes.on_torch)
         if routes.trying and route != current:
+            routes.trying -= 1
+            if routes.warming:  # (the try's first copy is not counted)
+                routes.warming = False
+                return
             routes.tried_s += seconds
             routes.tried_bytes += nbytes
-            routes.trying -= 1
+            routes.tried += 1
             bar = routes.cost(current)
-            if routes.trying and routes.tried_s <= self.host_try_copies * bar * nbytes:
+            per_copy = routes.tried_bytes / routes.tried
+            if routes.trying and routes.tried_s <= self.host_try_copies * bar * per_copy:
                 return  # (the try goes on)
-            routes.trying = 0  # its copies stand for the route from now on
+            routes.trying = 0  # its copies are all that is known of the route from now on
             first = not routes.nbytes[route]
             if first:
                 routes.start(route, routes.tried_s, routes.tried_bytes, self.host_window_bytes)
-            else:  # (a try that won by luck counts for little: a stall soon after ends it)
+            else:
                 routes.seconds[route], routes.nbytes[route] = routes.tried_s, routes.tried_bytes
             now = monotonic()
             if routes.cost(route) < bar:
@@ -199,21 +220,26 @@ class Routing:
             routes.try_at = now + routes.wait
 
 
+_HOST_ROUTES = ("fastest", "torch", "caller")
+
+
 class _HostRoutes:
     """One size class of ``Routing.torch_host`` copies: per route (0: the calling thread,
     1: torch's threads) the seconds and bytes of its copies, older ones weighing less; the
-    route taken; and when the other one is tried again, for how long it was last put off,
-    and how far a try under way has got."""
+    route taken; when the other one is tried next, how long the wait is, and when a try
+    last moved the copies; and how far a try under way has got."""
 
     __slots__ = (
         "nbytes",
         "on_torch",
         "seconds",
+        "tried",
         "tried_bytes",
         "tried_s",
         "try_at",
         "trying",
         "wait",
+        "warming",
         "won_at",
     )
 
@@ -223,10 +249,12 @@ class _HostRoutes:
         self.on_torch = False
         self.try_at = math.inf  # (set once both routes are measured)
         self.wait = wait
-        self.won_at = -math.inf  # when a try last moved the copies
-        self.trying = 0  # copies left in the try under way
+        self.won_at = -math.inf
+        self.trying = 0  # copies left in the try under way, its first included
+        self.warming = False  # the try's first copy (not counted) is still to come
         self.tried_s = 0.0
         self.tried_bytes = 0.0
+        self.tried = 0
 
     def start(self, route: int, seconds: float, nbytes: float, window: int) -> None:
         """A route's first copies stand for a whole window of copies like them: a stall
