@@ -76,8 +76,8 @@ class Routing:
     tensor ops use, and on a quiet machine they copy faster. But torch gives each thread
     a fixed share and waits for all of them: when other processes (a data loader's
     workers) keep the cores busy, a share whose thread is not scheduled stalls the copy
-    for a scheduler slice (torch's copy of 1 MiB took about 8 ms 2 ms apart beside one
-    busy process, 0.13 GB/s in benchmarks/results/2026-12-07-*-contended-2.txt). A copy
+    for a scheduler slice (torch's copies of 1 MiB ran at 0.13-0.15 GB/s, 7-8 ms, beside
+    one busy process in benchmarks/results/2026-12-07-*-contended-2.txt). A copy
     on the calling thread alone waits for no other thread. Not routed, on torch's
     threads: conjugate and negative views (torch's copy resolves them), and every such
     copy on the pure-Python path or in a forked child (where the core's copy is not
