@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -34,10 +33,11 @@ import torch
 
 import tensorbridge as tb
 from tensorbridge import _cuda
-from tensorbridge.bench._report import _cpu_model
+from tensorbridge.bench._report import machine
 from tensorbridge.bench.cpu import SPIN, busy_process_count
 
 MiB = 1 << 20
+NAMES = ("tb (fastest)", "tb (torch)", "tb (caller)", "np.copyto", "torch copy_")
 
 
 def methods(nbytes: int) -> dict[str, Callable[[], object]]:
@@ -55,13 +55,15 @@ def methods(nbytes: int) -> dict[str, Callable[[], object]]:
 
         return copy
 
-    return {
+    fns: dict[str, Callable[[], object]] = {
         "tb (fastest)": routed("fastest"),
         "tb (torch)": routed("torch"),
         "tb (caller)": routed("caller"),
         "np.copyto": lambda: np.copyto(out, xn),
         "torch copy_": lambda: torch.from_numpy(out).copy_(x),
     }
+    assert tuple(fns) == NAMES
+    return fns
 
 
 def run_case(nbytes: int, step: str, seconds: float) -> dict[str, list[float]]:
@@ -88,15 +90,33 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="per case (default 8)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16], help="MiB")
     args = p.parse_args()
+    if args.seconds <= 0:
+        p.error("--seconds must be above 0")
+    m = machine()
+    if m["path"] != "extension":
+        print(
+            "the host-copy routing needs the compiled core (the pure-Python path has",
+            file=sys.stderr,
+        )
+        print("torch's copy only): nothing to compare", file=sys.stderr)
+        return 1
     busy = busy_process_count()
     print("tensorbridge host-copy routing against its routes")
-    print(f"  machine   {_cpu_model()}, {os.cpu_count()} cores, {platform.platform()}")
-    print(f"  software  python {platform.python_version()}, torch {torch.__version__}")
-    info = tb.info()
-    path = "extension" if info["extension"] else "pure Python (the routing has no caller route)"
-    print(f"  path      {path} (threads: {info['threads']})")
+    print(f"  date      {m['date']}")
+    print(f"  machine   {m['cpu']}, {m['cores']} cores, {m['platform']}")
+    print(
+        f"  software  python {m['python']}, numpy {m['numpy']}, torch {m['torch']},"
+        f" tensorbridge {m['tensorbridge']}"
+    )
+    print(f"  threads   torch {torch.get_num_threads()}, tensorbridge {m['threads']}")
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # (not on macOS)
+        cores = os.cpu_count() or 1
+    if busy >= cores:
+        print("  (one core: the busy process takes all of it, not half)")
     print(f"  method    one copy of each in turn, {args.seconds:g} s per case; mean (median) µs")
-    names = list(methods(MiB))
+    names = list(NAMES)
     header = f"{'load':8s} {'step':12s} {'size':>6s}  " + "  ".join(f"{n:>16s}" for n in names)
     header += f"  {'vs routes':>11s}  {'vs idioms':>11s}"
     print(f"\n{header}\n" + "-" * len(header))

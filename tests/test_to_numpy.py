@@ -538,3 +538,5 @@ def test_routing_knobs_are_checked_when_set(knob, value, error):
     with pytest.raises(error, match=knob):
         _cuda.Routing(**{knob: value})
     setattr(r, knob, before)  # (valid values pass)
+    r.host_try_s, r.host_try_copies = np.int64(2), np.int32(3)  # (NumPy numbers too)
+    assert (r.host_try_s, r.host_try_copies) == (2.0, 3) and type(r.host_try_s) is float

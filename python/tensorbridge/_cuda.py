@@ -57,8 +57,9 @@ def _chunk_bytes(nbytes: int) -> int:
 
 @dataclasses.dataclass
 class Routing:
-    """The one size-routing policy: which copies take torch's own copy instead of the
-    engine. Every call site asks it; ``python -m tensorbridge bench-tune`` calibrates the
+    """The one routing policy: which device copies take torch's own copy instead of the
+    engine, and which large host copies run on torch's threads instead of the calling
+    thread. Every call site asks it; ``python -m tensorbridge bench-tune`` calibrates the
     device copies' part.
 
     Blocking copies of at most ``small_d2h`` / ``small_h2d`` bytes between a CUDA tensor
@@ -69,19 +70,23 @@ class Routing:
     (benchmarks/results/*-tune-*; ``tune.recommended_routing``, and a test holds the two
     together): on an H100, 512 KiB device->host and 1 MiB host->device.
 
-    ``to_numpy(x, out=out)`` of a contiguous tensor into a C-contiguous ndarray of at
-    least ``host_torch_bytes``, of its dtype, aligned and apart from ``x``, runs either on
-    torch's intra-op threads (``copy_``) or on the calling thread alone, whichever has
-    been cheaper. Neither wins everywhere. torch's threads are the ones the caller's own
-    tensor ops use, and on a quiet machine they copy faster. But torch gives each thread
+    ``to_numpy(x, out=out)`` of a contiguous CPU ``torch.Tensor`` (not a subclass, and
+    with no ``dtype``, ``copy`` or ``non_blocking`` given) into a C-contiguous ndarray of
+    at least ``host_torch_bytes``, of its dtype, aligned and apart from ``x``, runs either
+    on torch's intra-op threads (``copy_``) or on the calling thread alone, whichever has
+    been cheaper; smaller copies, and every other layout, run on the core's pool.
+    Neither wins everywhere. torch's threads are the ones the caller's own tensor ops
+    use, and on a quiet machine they copy faster. But torch gives each thread
     a fixed share and waits for all of them: when other processes (a data loader's
     workers) keep the cores busy, a share whose thread is not scheduled stalls the copy
-    for a scheduler slice (torch's copies of 1 MiB ran at 0.13-0.15 GB/s, 7-8 ms, beside
-    one busy process in benchmarks/results/2026-12-07-*-contended-2.txt). A copy
-    on the calling thread alone waits for no other thread. Not routed, on torch's
-    threads: conjugate and negative views (torch's copy resolves them), and every such
-    copy on the pure-Python path or in a forked child (where the core's copy is not
-    used); bool, bfloat16 and float8 tensors take the core's copy, which keeps their bytes.
+    for a scheduler slice (beside one busy process, samples of torch's 1 MiB copies had a
+    median of 0.15 GB/s, about 7 ms a copy, in
+    benchmarks/results/2026-12-07-*-contended-2.txt). A copy on the calling thread alone
+    waits for no other thread. Not routed: conjugate and negative views, and every such
+    copy on the pure-Python path, run on torch's threads (its copy resolves the bits);
+    in a forked child (a DataLoader worker: torch's OpenMP pool can hang after a fork)
+    and for bool, bfloat16 and float8 tensors (whose bytes torch's copy would not keep,
+    or cannot view) the core copies.
 
     So each routed copy is timed, and each size class (sizes from 2**k to 2**(k+1) - 1)
     keeps the cost per byte of each route: its recent copies, older ones weighing less,
@@ -92,22 +97,25 @@ class Routing:
     second counts as a whole window of such copies; then torch's threads get a try.
 
     A try runs one copy on the other route that is not counted (it may wake torch's
-    threads, about 0.1-0.4 ms), then up to ``host_try_copies`` that are: it ends early
-    once they cost more than as many on the current route would (one stall ends it), and
+    threads), then up to ``host_try_copies`` that are: it ends early once they cost more
+    than ``host_try_copies`` copies on the current route would (one stall ends it), and
     the copies move if it comes out cheaper. Either way the try's copies become all that
     is known of its route, so a stall soon after a try that won moves the copies back.
     The next try comes a wait after the last one ended: ``host_try_s`` at first, doubled
     (up to 32x) by each try that loses after the first and by each route a try chose
     that loses again on its averages within the wait; the wait falls back to
     ``host_try_s`` when the copies move on their averages later than that. Whatever
-    else makes a route's copies slow counts against it too (waiting for the GIL).
+    else makes a route's copies slow counts against it too (waiting for the GIL). The
+    state is shared by every thread and every ``out``, without a lock: a race can cost a
+    try or a misplaced copy, never a wrong byte.
 
-    The values were set by hand on a 2-core VM, from ``benchmarks/host_routing.py`` and
+    The values were chosen by hand, not swept, on a 2-core VM, from
+    ``benchmarks/host_routing.py`` and
     ``python -m tensorbridge bench --sections out contended``; ``bench-tune`` calibrates
     the ``small_*`` fields only. To keep these copies on one route, set
     ``ROUTING.host_route`` to ``"torch"`` or ``"caller"`` (``"fastest"`` measures);
     ``ROUTING.host_torch_bytes = 1 << 62`` sends them to the core's pool like every other
-    host copy. Each knob is checked when set (TypeError, ValueError).
+    host copy. Each ``host_*`` knob is checked when set (TypeError, ValueError).
     """
 
     small_d2h: int = 512 << 10
@@ -130,7 +138,9 @@ class Routing:
         if name in ("host_torch_bytes", "host_window_bytes", "host_try_copies"):
             value = _backend.int_arg(value, name, 0 if name == "host_torch_bytes" else 1)
         if name == "host_try_s":
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+            if isinstance(value, bool) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
                 raise TypeError(f"host_try_s must be a number of seconds, got {value!r}")
             if not 0 < value < math.inf:
                 raise ValueError(f"host_try_s must be finite and above 0, got {value!r}")
@@ -160,7 +170,7 @@ class Routing:
         routes = self._host.get(nbytes.bit_length())
         if routes is None or not routes.nbytes[0]:
             return False  # (a class starts on the calling thread)
-        if not routes.trying and (not routes.nbytes[1] or monotonic() >= routes.try_at):
+        if routes.trying <= 0 and (not routes.nbytes[1] or monotonic() >= routes.try_at):
             routes.trying, routes.warming = self.host_try_copies + 1, True
             routes.tried_s, routes.tried_bytes, routes.tried = 0.0, 0.0, 0
         return routes.on_torch != (routes.trying > 0)
@@ -175,7 +185,7 @@ class Routing:
             self._host[size_class] = _HostRoutes(self.host_try_s)
             return
         route, current = int(on_torch), int(routes.on_torch)
-        if routes.trying and route != current:
+        if routes.trying > 0 and route != current:
             routes.trying -= 1
             if routes.warming:  # (the try's first copy is not counted)
                 routes.warming = False
@@ -185,7 +195,7 @@ class Routing:
             routes.tried += 1
             bar = routes.cost(current)
             per_copy = routes.tried_bytes / routes.tried
-            if routes.trying and routes.tried_s <= self.host_try_copies * bar * per_copy:
+            if routes.trying > 0 and routes.tried_s <= self.host_try_copies * bar * per_copy:
                 return  # (the try goes on)
             routes.trying = 0  # its copies are all that is known of the route from now on
             first = not routes.nbytes[route]
