@@ -23,7 +23,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import torch
 import tensorbridge as tb
 from tensorbridge import _cuda
 from tensorbridge.bench._report import machine
-from tensorbridge.bench.cpu import SPIN, busy_process_count
+from tensorbridge.bench.cpu import busy_process_count, busy_processes
 
 MiB = 1 << 20
 NAMES = ("tb (fastest)", "tb (torch)", "tb (caller)", "np.copyto", "torch copy_")
@@ -116,20 +115,13 @@ def main() -> int:
     if busy >= cores:
         print("  (one core: the busy process takes all of it, not half)")
     print(f"  method    one copy of each in turn, {args.seconds:g} s per case; mean (median) µs")
-    names = list(NAMES)
-    header = f"{'load':8s} {'step':12s} {'size':>6s}  " + "  ".join(f"{n:>16s}" for n in names)
+    header = f"{'load':8s} {'step':12s} {'size':>6s}  " + "  ".join(f"{n:>16s}" for n in NAMES)
     header += f"  {'vs routes':>11s}  {'vs idioms':>11s}"
     print(f"\n{header}\n" + "-" * len(header))
     saved = _cuda.ROUTING
     try:
         for load in ("quiet", f"{busy} busy"):
-            spin = [sys.executable, "-c", SPIN, str(os.getpid())]
-            quiet = subprocess.DEVNULL
-            procs = [
-                subprocess.Popen(spin, stdin=quiet, stdout=quiet, stderr=quiet)
-                for _ in range(busy if load != "quiet" else 0)
-            ]
-            try:
+            with busy_processes(busy if load != "quiet" else 0):
                 for step in ("back to back", "2 ms sleep", "matmul"):
                     for mib in args.sizes:
                         times = run_case(mib * MiB, step, args.seconds)
@@ -139,14 +131,10 @@ def main() -> int:
                         routes = min(means["tb (torch)"], means["tb (caller)"]) / fastest
                         idioms = min(means["np.copyto"], means["torch copy_"]) / fastest
                         cells = "  ".join(
-                            f"{f'{means[n]:.0f} ({medians[n]:.0f})':>16s}" for n in names
+                            f"{f'{means[n]:.0f} ({medians[n]:.0f})':>16s}" for n in NAMES
                         )
                         row = f"{load:8s} {step:12s} {mib:>2d} MiB  {cells}"
                         print(f"{row}  {routes:>10.2f}x  {idioms:>10.2f}x", flush=True)
-            finally:
-                for proc in procs:
-                    proc.kill()
-                    proc.wait()
     finally:
         _cuda.ROUTING = saved
     return 0

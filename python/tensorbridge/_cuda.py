@@ -207,7 +207,7 @@ class Routing:
             if routes.cost(route) < bar:
                 routes.on_torch, routes.won_at = on_torch, now
             elif not first:
-                routes.wait = min(2 * routes.wait, 32 * self.host_try_s)
+                routes.put_off(self.host_try_s)
             routes.try_at = now + routes.wait
             return
         window = self.host_window_bytes
@@ -223,7 +223,7 @@ class Routing:
         if cheaper != routes.on_torch or routes.try_at == math.inf:
             now = monotonic()
             if cheaper != routes.on_torch and now - routes.won_at < routes.wait:
-                routes.wait = min(2 * routes.wait, 32 * self.host_try_s)  # (a try misled)
+                routes.put_off(self.host_try_s)  # (a try misled)
             elif cheaper != routes.on_torch:
                 routes.wait = self.host_try_s
             routes.on_torch, routes.trying = cheaper, 0
@@ -271,6 +271,10 @@ class _HostRoutes:
         right after weighs no more than one later."""
         scale = max(1.0, window / nbytes)
         self.seconds[route], self.nbytes[route] = seconds * scale, nbytes * scale
+
+    def put_off(self, base: float) -> None:
+        """The next try waits twice as long, up to 32 x base."""
+        self.wait = min(2 * self.wait, 32 * base)
 
     def cost(self, route: int) -> float:
         """Seconds per byte on route (0 or 1); infinite before its first copy."""

@@ -13,7 +13,8 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import IO
 
 import numpy as np
@@ -128,6 +129,21 @@ def busy_process_count() -> int:
     return max(1, cores // 2)
 
 
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """count processes spinning (``SPIN``) for the length of the block; killed at its end,
+    and ending by themselves with this process however it ends."""
+    spin = [sys.executable, "-c", SPIN, str(os.getpid())]
+    quiet = subprocess.DEVNULL
+    procs = [subprocess.Popen(spin, stdin=quiet, stdout=quiet, stderr=quiet) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def bench_contended(r: Runner, sizes: Sequence[int]) -> None:
     """to_numpy(x, out=...) of contiguous tensors while other processes keep half the
     cores busy: where a copy split into fixed per-thread shares waits for a thread that is
@@ -136,10 +152,7 @@ def bench_contended(r: Runner, sizes: Sequence[int]) -> None:
     steps, each sample the mean of 10 copies."""
     busy = busy_process_count()
     sec = f"to_numpy(x, out=...) float32 beside {busy} busy process{'es' * (busy > 1)}, GB/s"
-    spin = [sys.executable, "-c", SPIN, str(os.getpid())]
-    quiet = subprocess.DEVNULL
-    procs = [subprocess.Popen(spin, stdin=quiet, stdout=quiet, stderr=quiet) for _ in range(busy)]
-    try:
+    with busy_processes(busy):
         for nbytes in sizes:
             n = max(nbytes // 4, 1)
             xs = [torch.rand(n) for _ in range(buffers_to_rotate(nbytes))]
@@ -148,10 +161,6 @@ def bench_contended(r: Runner, sizes: Sequence[int]) -> None:
             methods = _out_methods(xs, out)
             r.group(sec, "back to back", n * 4, methods, min_sample_s=0.05)
             r.group(sec, "2 ms apart", n * 4, methods, pause_s=2e-3)
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 def contended_sizes(sizes: Sequence[int]) -> list[int]:
