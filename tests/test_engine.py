@@ -99,6 +99,35 @@ def test_copy_matches_numpy(src, dst_perm, dst_reverse, dtype, seed):
     assert big[mask].tobytes() == before[mask].tobytes()  # nothing written outside out
 
 
+def _at_page_offset(nbytes: int, offset: int, fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """(view, whole): nbytes of a filled buffer starting `offset` bytes past a 4 KiB
+    boundary, with at least 64 bytes of the buffer on either side."""
+    whole = np.full(nbytes + 3 * 4096, fill, np.uint8)
+    start = -whole.ctypes.data % 4096 + 4096 + offset
+    return whole[start : start + nbytes], whole
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "nbytes", [2047, 2049, 3001, 8197, 65539, 300_001, 524_287, 524_288, 524_417]
+)
+@pytest.mark.parametrize("gap", [0, 1, 15, 16, 31, 32, 63, 64, 100, 4032, 4095])
+@pytest.mark.parametrize("min_parallel_bytes", [1, 1 << 40])
+def test_contiguous_copies_at_every_distance_modulo_a_page(nbytes, gap, min_parallel_bytes):
+    """Contiguous copies take memcpy or the core's own loop by size and by how far the
+    destination lies past the source modulo 4 KiB: every branch, split over the pool or
+    not, writes every byte of out and nothing around it."""
+    rng = np.random.default_rng(nbytes * 4096 + gap)
+    src, _ = _at_page_offset(nbytes, 48, 0)
+    src[:] = rng.integers(0, 256, nbytes, np.uint8)
+    out, whole = _at_page_offset(nbytes, (48 + gap) % 4096, POISON)
+    _backend.ENGINE.C.copy(out, src, 0, min_parallel_bytes)
+    assert (out.ctypes.data - src.ctypes.data) % 4096 == gap
+    assert out.tobytes() == src.tobytes()
+    start = out.ctypes.data - whole.ctypes.data
+    assert not np.any(whole[:start] != POISON) and not np.any(whole[start + nbytes :] != POISON)
+
+
 @needs_extension
 @pytest.mark.parametrize("dtype", ["<u2", "<i4", "<f8", "<c8", "<c16"])
 @pytest.mark.parametrize("layout", ["contiguous", "reversed", "transposed"])

@@ -534,7 +534,7 @@ void fill_piece(char* dst, const Piece& p, const std::vector<HostView>& srcs,
     char* to = dst + (offsets[i] - p.start);
     if (sizes[i] == 0) continue;
     if (v.swap_unit == 0 && is_dense(v)) {
-      std::memcpy(to, v.data, sizes[i]);
+      copy_bytes(to, v.data, sizes[i]);
     } else {
       const HostView w = at_least_1d(v);
       host_copy(to, dense_strides(w), w.data, w.strides, w.shape, w.itemsize, w.swap_unit,

@@ -66,26 +66,20 @@ struct Plan {
 
 using Kernel = decltype(Plan::kernel);
 
-// Large contiguous copies with ordinary (cached) vector stores. glibc's memcpy switches
-// to non-temporal stores above a size threshold, which measured about 20% slower with
-// two threads copying at once (64-256 MiB, 2-core AMD EPYC); below it memcpy is best.
-__attribute__((target_clones("avx2", "default"))) void copy_large(char* __restrict d,
-                                                                  const char* __restrict s,
-                                                                  size_t n) {
+constexpr size_t kLargeCopyBytes = size_t{1} << 19;
+
+// Contiguous copies with ordinary (cached) vector stores, never `rep movsb`.
+__attribute__((target_clones("avx2", "default"))) void copy_loop(char* __restrict d,
+                                                                 const char* __restrict s,
+                                                                 size_t n) {
   size_t i = 0;
   for (; i + 128 <= n; i += 128) __builtin_memcpy(d + i, s + i, 128);
   std::memcpy(d + i, s + i, n - i);
 }
 
-constexpr size_t kLargeCopyBytes = size_t{1} << 19;
-
 void k_memcpy_rows(const Plan& p, char* d, const char* s, const int64_t* shape, const int64_t*,
                    const int64_t*) {
-  const size_t n = static_cast<size_t>(shape[0] * p.itemsize);
-  if (n >= kLargeCopyBytes)
-    copy_large(d, s, n);
-  else
-    std::memcpy(d, s, n);
+  copy_bytes(d, s, static_cast<size_t>(shape[0] * p.itemsize));
 }
 
 // Contiguous byte swaps are common (big-endian files) and vectorize well with AVX2;
@@ -137,7 +131,7 @@ void k_elem(const Plan&, char* d, const char* s, const int64_t* shape, const int
 void k_elem_generic(const Plan& p, char* d, const char* s, const int64_t* shape, const int64_t* ds,
                     const int64_t* ss) {
   const size_t n = static_cast<size_t>(p.itemsize);
-  for (int64_t i = 0; i < shape[0]; ++i) std::memcpy(d + i * ds[0], s + i * ss[0], n);
+  for (int64_t i = 0; i < shape[0]; ++i) copy_bytes(d + i * ds[0], s + i * ss[0], n);
 }
 
 // Two dimensions (a outer, b inner) where dst is contiguous along b and src along a.
@@ -261,6 +255,23 @@ void run_range(const Plan& p, int64_t begin, int64_t end) {
 }
 
 }  // namespace
+
+void copy_bytes(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  // Two cases where glibc's memcpy is slow, measured on a 2-core AMD EPYC (glibc 2.36):
+  // - from 2 KiB to 512 KiB it uses `rep movsb`, which ran 15-25x slower (2-3 GB/s
+  //   against 30-50) when dst was 1 to 31 bytes past src modulo 4 KiB. glibc avoids this
+  //   on Intel CPUs (a distance of at most 63 bytes), not on AMD. NumPy arrays allocated
+  //   one after another are often 16 bytes apart modulo 4 KiB;
+  // - above about 512 KiB it switches to non-temporal stores, which measured about 20%
+  //   slower with two threads copying at once (64-256 MiB).
+  const uintptr_t gap = (reinterpret_cast<uintptr_t>(d) - reinterpret_cast<uintptr_t>(s)) & 4095;
+  if (n >= kLargeCopyBytes || (n > 2048 && gap != 0 && gap < 64))
+    copy_loop(d, s, n);
+  else
+    std::memcpy(d, s, n);
+}
 
 bool strided_copy(StridedPtr dst, StridedPtr src, const int64_t* shape, int ndim, int64_t itemsize,
                   const CopyOptions& options) {

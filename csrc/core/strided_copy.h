@@ -30,6 +30,10 @@ struct CopyOptions {
   int64_t min_parallel_bytes = int64_t{1} << 18;
 };
 
+/// Copies n bytes between regions that do not overlap: memcpy, except where memcpy is
+/// measured slow (see strided_copy.cpp).
+void copy_bytes(void* dst, const void* src, size_t n);
+
 /// Copies `shape` elements of `itemsize` bytes from src to dst. The two regions must
 /// not overlap. Runs on the calling thread, plus the pool's threads for large copies.
 /// Returns false (and copies nothing) if the arguments are invalid.

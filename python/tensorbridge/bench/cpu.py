@@ -91,19 +91,47 @@ def _out_methods(xs: list[torch.Tensor], out: np.ndarray) -> list[Method]:
     ]
 
 
+#: How far `out` lies past the source, modulo 4 KiB, in the out section's "16 B apart"
+#: rows: where NumPy arrays allocated one after another often lie (their heap blocks
+#: are 16 bytes larger than the data), and where glibc's memcpy, from 2 KiB to 512 KiB on
+#: AMD CPUs, is many times slower than at other distances.
+OUT_GAP = 16
+
+
+def _page_apart(nbytes: int, k: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    """k random float32 sources of nbytes at one offset within a 4 KiB page, and an `out`
+    OUT_GAP bytes past them modulo 4 KiB."""
+    n = max(nbytes // 4, 1)
+    pitch = -(-n * 4 // 4096) * 4096
+    pool = np.empty(k * pitch + 2 * 4096, np.uint8)
+    first = -pool.ctypes.data % 4096
+    xs = [torch.from_numpy(pool[first + i * pitch :][: n * 4].view(np.float32)) for i in range(k)]
+    for x in xs:
+        x.copy_(torch.rand(n))
+    spare = np.empty(n * 4 + 2 * 4096, np.uint8)
+    start = (OUT_GAP - spare.ctypes.data) % 4096
+    out = spare[start:][: n * 4].view(np.float32)
+    return xs, out
+
+
 def bench_out(r: Runner, sizes: Sequence[int]) -> None:
-    """to_numpy(x, out=...) into a preallocated array, contiguous and transposed."""
+    """to_numpy(x, out=...) into a preallocated array, contiguous and transposed; below
+    1 MiB also contiguous with `out` OUT_GAP bytes past the source modulo 4 KiB."""
     sec = "to_numpy(x, out=...) float32, GB/s"
     for nbytes in sizes:
         n = max(nbytes // 4, 1)
         side = int(np.sqrt(n))
-        for layout in ("contiguous", "transposed"):
+        layouts = ["contiguous", "transposed"] + [f"{OUT_GAP} B apart"] * (nbytes < MiB)
+        for layout in layouts:
             k = buffers_to_rotate(nbytes)
             if layout == "contiguous":
                 xs = [torch.rand(n) for _ in range(k)]
-            else:
+                out = np.empty(n, np.float32)
+            elif layout == "transposed":
                 xs = [torch.rand(side, n // side).t() for _ in range(k)]
-            out = np.empty(tuple(xs[0].shape), np.float32)
+                out = np.empty(tuple(xs[0].shape), np.float32)
+            else:
+                xs, out = _page_apart(nbytes, k)
             out.fill(0)  # touch the pages before timing
             r.group(sec, layout, xs[0].numel() * 4, _out_methods(xs, out))
 
