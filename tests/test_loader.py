@@ -597,6 +597,33 @@ def test_images_to_tensor_matches_the_torch_idiom(norm, dtype, atol):
     assert torch.allclose(got.float(), ref, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_images_to_tensor_rounds_narrow_floats_once(dtype, channels_first):
+    """float16 and bfloat16 results are the float32 result rounded once, as the idiom's
+    .float()... then .to(dtype) gives, not computed in the narrow type."""
+    x = np.random.default_rng(12).integers(0, 256, (4, 17, 13, 3), dtype=np.uint8)
+    kw = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    got = tb.images_to_tensor(x, dtype=dtype, channels_first=channels_first, **kw)
+    wide = tb.images_to_tensor(x, channels_first=channels_first, **kw)
+    assert got.dtype == dtype and torch.equal(got, wide.to(dtype))
+
+
+@pytest.mark.parametrize("channels_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_images_to_tensor_keeps_the_graph_of_images_that_require_grad(channels_first, dtype):
+    """As the idiom does: the result requires grad, and gradients reach the images."""
+    x = torch.rand(2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    kw = {"scale": 1, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.5], "dtype": dtype}
+    got = tb.images_to_tensor(x, channels_first=channels_first, **kw)
+    plain = tb.images_to_tensor(x.detach(), channels_first=channels_first, **kw)
+    assert got.requires_grad and got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got.detach(), plain)
+    got.float().sum().backward()
+    expected = torch.tensor([1 / 0.2, 1 / 0.25, 1 / 0.5], dtype=torch.float64).expand(x.shape)
+    assert torch.allclose(x.grad, expected, rtol=1e-3)
+
+
 @pytest.mark.parametrize("shape", [(7, 5, 1), (2, 7, 5, 4), (2, 2, 3, 4, 3), (0, 3, 3, 3)])
 def test_images_to_tensor_channels_and_leading_dims(shape):
     x = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
@@ -782,6 +809,12 @@ IMAGE_REFUSALS = [
         lambda: tb.images_to_tensor(_X, std=[0.2, np.nan, 0.2]),
         ValueError,
         r"std must be finite",
+    ),
+    (
+        "std on 0-255",
+        lambda: tb.images_to_tensor(_X, mean=[0.485, 0.456, 0.406], std=[58.4, 57.1, 57.4]),
+        ValueError,
+        r"std=\[58.4, 57.1, 57.4\] is above 1.*looks like 0-255 scale: divide mean and std",
     ),
     ("std 0", lambda: tb.images_to_tensor(_X, std=0), ValueError, r"std must be above 0"),
     (

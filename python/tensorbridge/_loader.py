@@ -776,16 +776,17 @@ def images_to_tensor(
     Args:
         images: a NumPy array, a tensor or another framework's array of shape
             (..., H, W, C): channels last, C is 1, 3 or 4. Grayscale images need their
-            channel axis (``x[..., None]``: (N, H, W) -> (N, H, W, 1)); a (N, H, W) array
-            is refused, not guessed at.
+            channel axis (``x[..., None]``: (N, H, W) -> (N, H, W, 1)). A 3-D array is one
+            (H, W, C) image: an (N, H, W) array is refused when W is not 1, 3 or 4, and
+            read as one image when it is.
         device: where the result goes (default: where the images are).
         dtype: the floating output dtype: torch, NumPy or a string (``"float16"``).
         scale: maps the pixel values to 0-1. uint8 images default to 1/255; any other
             integer or floating dtype must say it (``scale=1/65535`` for uint16,
             ``scale=1`` for floats already in 0-1).
         mean, std: a number or C numbers (a list, tuple, NumPy array or tensor), finite,
-            on the 0-1 scale of ``x * scale``; std > 0. A mean above 1 is refused: it
-            looks like the 0-255 scale (divide mean and std by 255).
+            on the 0-1 scale of ``x * scale``; 0 < std <= 1. A mean or std above 1 is
+            refused: it looks like the 0-255 scale (divide mean and std by 255).
         channels_first: write (..., C, H, W) instead of (..., H, W, C).
         non_blocking: an asynchronous host-to-device copy.
 
@@ -859,6 +860,12 @@ def images_to_tensor(
             f"images_to_tensor: mean={mean!r} is above 1, but mean and std apply to x * scale, "
             f"which is on a 0-1 scale: {how}."
         )
+    if (s > 1).any():
+        raise ValueError(
+            f"images_to_tensor: std={std!r} is above 1, but mean and std apply to x * scale, "
+            "which is on a 0-1 scale (where no standard deviation exceeds 0.5): it looks like "
+            "0-255 scale: divide mean and std by 255 (e.g. std=[s / 255 for s in std])."
+        )
     if isinstance(images, torch.Tensor):
         x = images if device is None else images.to(device, non_blocking=non_blocking)
     else:
@@ -869,8 +876,14 @@ def images_to_tensor(
         x = to_tensor(src, device, non_blocking=non_blocking)
     if x.dtype not in _ADDCMUL_DTYPES:  # (uint16 and wider unsigned: few torch kernels)
         x = x.to(dtype)
-    weight = torch.from_numpy(scale / s).to(dtype=dtype, device=x.device)
-    bias = torch.from_numpy(-m / s).to(dtype=dtype, device=x.device)
+    # float32 (or float64) coefficients: the kernel computes in that type and rounds once
+    # into a float16 or bfloat16 out, as the idiom's .float()...then .half() does
+    coef = torch.promote_types(dtype, torch.float32)
+    weight = torch.from_numpy(scale / s).to(dtype=coef, device=x.device)
+    bias = torch.from_numpy(-m / s).to(dtype=coef, device=x.device)
+    if x.requires_grad:  # autograd records no out= kernel: the idiom's ops, graph kept
+        y = torch.addcmul(bias, x, weight).to(dtype)
+        return y.movedim(-1, -3).contiguous() if channels_first else y.contiguous()
     if channels_first:
         out_shape = (*x.shape[:-3], channels, *x.shape[-3:-1])
         out = torch.empty(out_shape, dtype=dtype, device=x.device).movedim(-3, -1)
