@@ -818,6 +818,12 @@ IMAGE_REFUSALS = [
     ),
     ("std 0", lambda: tb.images_to_tensor(_X, std=0), ValueError, r"std must be above 0"),
     (
+        "nested lists",
+        lambda: tb.images_to_tensor([[[[1, 2, 3]]]]),
+        TypeError,
+        r"^images_to_tensor expects .*got list of numbers: .*numpy\.asarray\(x, numpy\.uint8\)",
+    ),
+    (
         "std negative",
         lambda: tb.images_to_tensor(_X, std=[0.2, -0.1, 0.3]),
         ValueError,
@@ -881,6 +887,22 @@ def test_collate_names_a_dtype_torch_lacks_as_the_samples_have_it(packed, dtype)
         TypeError, match=rf'batch\["s"\]: numpy dtype {re.escape(name)} has no torch'
     ):
         tb.collate([{"s": a}, {"s": a}], packed=packed)
+
+
+@pytest.mark.parametrize("how", ["plain", "packed", "padded"])
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda: torch.ones(2).to_sparse(), r"dense \(strided\) tensor.*x\.to_dense\(\)"),
+        (lambda: torch.empty(2, device="meta"), r"cannot convert a meta tensor"),
+    ],
+    ids=["sparse", "meta"],
+)
+def test_collate_names_the_field_of_a_tensor_it_cannot_read(how, make, says):
+    samples = [{"id": 1, "x": make()}, {"id": 2, "x": make()}]
+    kwargs = {"packed": {"packed": True}, "padded": {"pad": {"x": 0}}}.get(how, {})
+    with pytest.raises(TypeError, match=rf'^collate: batch\["x"\]: .*{says}'):
+        tb.collate(samples, **kwargs)
 
 
 def _numpy_max_dims() -> int:

@@ -263,13 +263,17 @@ def test_a_list_of_numbers_is_pointed_to_as_tensor(backend, numbers):
 
 
 def test_to_tensor_refuses_non_arrays(backend):
-    for batch in ([np.zeros(2), np.ones(2)], (torch.ones(1), 3), [[1, 2], ["a"]], {"a": 1}):
+    batches = ([np.zeros(2), np.ones(2)], (torch.ones(1), 3), [[1, 2], [np.ones(1)]])
+    for batch in (*batches, {"a": {"b": [torch.ones(1)]}}):
         with pytest.raises(TypeError, match=r"to_tensor expects a torch.Tensor.*use to_device\(\)"):
             tb.to_tensor(batch)
     cyclic: list = [1]
     cyclic.append(cyclic)
-    with pytest.raises(TypeError, match=r"got list: for a batch"):
-        tb.to_tensor(cyclic)
+    # no arrays: to_device would hand them back, so the fix is an array
+    for plain in ([[1, 2], ["a"]], {"a": 1}, [1, "a"], [None], cyclic):
+        with pytest.raises(TypeError, match=r"holds no arrays or tensors.*numpy\.asarray") as info:
+            tb.to_tensor(plain)
+        assert "to_device" not in str(info.value)
     with pytest.raises(TypeError, match=r"exposing __dlpack__.*got object.*numpy.asarray"):
         tb.to_tensor(object())
     with pytest.raises(ValueError, match=r"refused to export.*BufferError"):
@@ -323,6 +327,22 @@ OTHER_REFUSALS = [
     ("to_tensor", "no array protocol", lambda: tb.to_tensor(object())),
     ("to_tensor", "a list of numbers", lambda: tb.to_tensor([1, 2, 3])),
     ("to_tensor", "a list of arrays", lambda: tb.to_tensor([np.zeros(2), np.ones(2)])),
+    ("to_tensor", "a list holding no arrays", lambda: tb.to_tensor([1, "a"])),
+    (
+        "to_device",
+        "an object array in a batch",
+        lambda: tb.to_device({"x": np.zeros(2), "meta": np.array([1, "a"], object)}, "cpu"),
+    ),
+    (
+        "to_device",
+        "a source dtype named by a string",
+        lambda: tb.to_device({"x": np.arange(2)}, "cpu", dtype={"int64": torch.int32}),
+    ),
+    (
+        "images_to_tensor",
+        "nested lists",
+        lambda: tb.images_to_tensor([[[[0, 0, 0]]]]),
+    ),
     ("to_tensor", "export refused", lambda: tb.to_tensor(_RefusingProducer())),
     ("collate", "no samples", lambda: tb.collate([])),
     (

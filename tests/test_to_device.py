@@ -677,3 +677,45 @@ def test_a_dtype_mapping_that_names_no_leaf_is_refused():
     # dtype keys are rules for any batch: one that matches nothing is no error
     out = tb.to_device(batch, "cpu", dtype={torch.int16: torch.int8, "labels": torch.int32})
     assert out["labels"].dtype == torch.int32 and out["image"].dtype == torch.float32
+    # a string in a mapping is a key name; one that names a dtype gets the dtype's spelling
+    with pytest.raises(ValueError, match=r"names 'int64'.*use a dtype object.*\{torch\.int64: "):
+        tb.to_device(batch, "cpu", dtype={"int64": torch.int32})
+
+
+# (leaf, what the refusal says after the key)
+_BAD_LEAVES = {
+    "object": (lambda: np.array([1, "x"], object), r"object has no torch equivalent"),
+    "strings": (lambda: np.array(["x"]), r"<U1 has no torch equivalent"),
+    "meta": (lambda: torch.empty(2, device="meta"), r"cannot convert a meta tensor"),
+    "sparse": (lambda: torch.ones(2).to_sparse(), r"dense \(strided\) tensor"),
+}
+
+
+def _link_send(batch):
+    sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0))
+    return _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
+
+
+@pytest.mark.parametrize("bad", list(_BAD_LEAVES))
+@pytest.mark.parametrize(
+    "route",
+    ["cpu", "cpu with dtype", "prefetcher", "packed"],
+)
+def test_a_leaf_refused_in_a_batch_is_named_by_its_key(backend, bad, route):
+    """On every route a refusal names to_device and the key of the leaf, and is a
+    TypeError or ValueError (torch's NotImplementedError for a meta tensor is not)."""
+    if route == "packed" and tb._C is None:
+        pytest.skip("needs the compiled extension")
+    make, says = _BAD_LEAVES[bad]
+    batch = {"image": np.ones((2, 3), np.float32), "meta": {"tokens": [np.arange(3), make()]}}
+    if bad == "sparse" and route in ("cpu", "prefetcher"):
+        assert tb.to_device(batch, "cpu")["meta"]["tokens"][1].is_sparse  # (moves as it is)
+        return
+    move = {
+        "cpu": lambda: tb.to_device(batch, "cpu"),
+        "cpu with dtype": lambda: tb.to_device(batch, "cpu", dtype=torch.float16),
+        "prefetcher": lambda: list(tb.Prefetcher([batch], "cpu")),
+        "packed": lambda: _link_send(batch),
+    }[route]
+    with pytest.raises((TypeError, ValueError), match=rf"^to_device \(at key 'tokens'\).*{says}"):
+        move()

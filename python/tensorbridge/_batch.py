@@ -71,11 +71,26 @@ def check_names(rule: DTypeRule, present: set[Any], fn: str) -> None:
     ]
     if missing:
         have = sorted((repr(k) for k in present if k is not None), key=str)
+        dtypes = [k for k in missing if isinstance(k, str) and _dtype_name(k)]
+        also = (
+            f"; to name a source dtype use a dtype object, not a string: "
+            f"{{{_dtype_name(dtypes[0])}: ...}}"
+            if dtypes
+            else ""
+        )
         raise ValueError(
             f"{fn}: dtype= names {', '.join(map(repr, missing))}, which no array or tensor of "
             f"the batch has (their keys: {', '.join(have) or 'none'}): fix the name, or "
-            "drop it from the mapping."
+            f"drop it from the mapping{also}."
         )
+
+
+def _dtype_name(text: str) -> str | None:
+    """``"torch.int64"`` for a string that names a dtype (``"int64"``), else None."""
+    try:
+        return str(_dtypes.as_torch_dtype(text))
+    except (TypeError, ValueError):
+        return None
 
 
 def _target_dtype(rule: DTypeRule, key: Any, source: torch.dtype) -> torch.dtype | None:
@@ -88,6 +103,21 @@ def _target_dtype(rule: DTypeRule, key: Any, source: torch.dtype) -> torch.dtype
 
 def _source_dtype(leaf: Any) -> torch.dtype:
     return leaf.dtype if isinstance(leaf, torch.Tensor) else _dtypes.torch_dtype(leaf.dtype)
+
+
+def leaf_refusal(exc: TypeError | ValueError, fn: str, key: Any) -> TypeError | ValueError:
+    """A leaf's refusal in the name of the batch function ``fn``, with the leaf's key (the
+    nearest dict key or dataclass field): ``to_tensor cannot convert a meta tensor...``
+    becomes ``to_device (at key 'a') cannot convert a meta tensor...``. Other exception
+    types are returned as they are."""
+    if type(exc) not in (TypeError, ValueError):
+        return exc
+    where = fn if key is None else f"{fn} (at key {key!r})"
+    message = str(exc)
+    for name in (fn, "to_tensor", "to_numpy", "from_numpy"):
+        if message.startswith((f"{name} ", f"{name}:")):
+            return type(exc)(where + message[len(name) :])
+    return type(exc)(f"{where}: {message}")
 
 
 # --------------------------------------------------------------------------- to_device
@@ -290,18 +320,37 @@ def send_batch(
         out[i] = leaves[i]._to(dev, rule, non_blocking, False, checked=True)
     if positions:
         assert sender is not None
-        plan = _pack.layout(arrays)  # every array checked before anything moves
+        try:
+            plan = _pack.layout(arrays)  # every array checked before anything moves
+        except (TypeError, ValueError) as exc:
+            raise _packed_refusal(exc, arrays, [keys[i] for i in positions]) from None
         buffer = sender.empty(plan.nbytes)
         sender.send(plan, buffer)
         _pack.views_into(buffer, plan, out, positions, private=True)
     for i in alone:
-        out[i] = to_tensor(leaves[i], dev, non_blocking=non_blocking)
+        try:
+            out[i] = to_tensor(leaves[i], dev, non_blocking=non_blocking)
+        except (TypeError, ValueError) as exc:
+            raise leaf_refusal(exc, "to_device", keys[i]) from None
     if rule is not None:
         for i in (*positions, *alone):
             target = _target_dtype(rule, keys[i], _source_dtype(leaves[i]))
             if target is not None and target != out[i].dtype:
                 out[i] = out[i].to(target)
     return unflatten(spec, out)
+
+
+def _packed_refusal(
+    exc: TypeError | ValueError, arrays: Sequence[np.ndarray], keys: Sequence[Any]
+) -> TypeError | ValueError:
+    """The layout's refusal of a batch's arrays, naming the first array refused alone
+    (the refusal as it is where none is)."""
+    for a, key in zip(arrays, keys, strict=True):
+        try:
+            _pack.layout([a])
+        except (TypeError, ValueError) as alone:
+            return leaf_refusal(alone, "to_device", key)
+    return exc
 
 
 def _packable(leaf: np.ndarray | torch.Tensor) -> np.ndarray | None:
@@ -346,18 +395,23 @@ def _foreign_as_tensor(leaf: Any) -> Any:
 
 
 def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
-    if type(leaf) is np.ndarray:
-        return from_numpy(leaf)
-    if isinstance(leaf, _packed_batch()):
-        return leaf.to("cpu")
-    if _interop.is_foreign_array(leaf):
-        t = _foreign_as_tensor(leaf)
-        return t.cpu() if isinstance(t, torch.Tensor) else t
-    if isinstance(leaf, torch.Tensor):
-        return leaf if leaf.is_cpu else leaf.cpu()
-    if isinstance(leaf, np.ndarray):
-        return from_numpy(leaf)
-    return leaf
+    try:
+        if type(leaf) is np.ndarray:
+            return from_numpy(leaf)
+        if isinstance(leaf, _packed_batch()):
+            return leaf.to("cpu")
+        if _interop.is_foreign_array(leaf):
+            t = _foreign_as_tensor(leaf)
+            return t.cpu() if isinstance(t, torch.Tensor) else t
+        if isinstance(leaf, torch.Tensor):
+            if leaf.is_meta:  # (its .cpu() fails with torch's NotImplementedError)
+                _check_tensor(leaf, "to_device")
+            return leaf if leaf.is_cpu else leaf.cpu()
+        if isinstance(leaf, np.ndarray):
+            return from_numpy(leaf)
+        return leaf
+    except (TypeError, ValueError) as exc:
+        raise leaf_refusal(exc, "to_device", key) from None
 
 
 # --------------------------------------------------------------------------- to_numpy_batch
@@ -425,11 +479,11 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
             return tree_map(_host_leaf, batch, "to_numpy_batch")
         except _NotOnHost:
             pass
-    originals, _, spec = flatten(batch)
+    originals, keys, spec = flatten(batch)
     nested = _packed_batch()
     if any(isinstance(leaf, nested) for leaf in originals):  # their tensors, over the buffer
         batch = unflatten(spec, [x.unpack() if isinstance(x, nested) else x for x in originals])
-        originals, _, spec = flatten(batch)
+        originals, keys, spec = flatten(batch)
     paths: list[str] = []  # (each out's, for messages)
     outs = [None] * len(originals)
     if out is not None:
@@ -445,9 +499,12 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         else _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
         for leaf in originals
     ]
-    for leaf in leaves:  # every leaf refused now, before any out is written
+    for leaf, key in zip(leaves, keys, strict=True):  # every refusal before any out is written
         if isinstance(leaf, torch.Tensor):
-            _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
+            try:
+                _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
+            except (TypeError, ValueError) as exc:
+                raise leaf_refusal(exc, "to_numpy_batch", key) from None
     if any(o is not None for o in outs):
         for leaf, o, where in zip(leaves, outs, paths, strict=True):
             if o is None:
@@ -522,9 +579,13 @@ def _host_leaf(leaf: Any, key: Any) -> Any:
                 pass  # e.g. a sparse layout: to_numpy explains the refusal
         try:
             return to_numpy(leaf)
-        except (TypeError, ValueError):  # (the refusal, in this function's name)
-            _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
-            raise
+        except (TypeError, ValueError) as exc:  # (the refusal, in this function's name)
+            refusal: TypeError | ValueError = exc
+            try:
+                _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
+            except (TypeError, ValueError) as named:
+                refusal = named
+            raise leaf_refusal(refusal, "to_numpy_batch", key) from None
     if cls is np.ndarray:
         return to_numpy(leaf)
     if cls in _PLAIN:  # (numbers, strings, None)

@@ -43,6 +43,12 @@ def is_foreign_array(obj: Any) -> bool:
     return hasattr(type(obj), "__dlpack__") or hasattr(type(obj), "__cuda_array_interface__")
 
 
+def exposes_array(obj: Any) -> bool:
+    """True for an object exposing one of :data:`PROTOCOLS` (what ``import_array``
+    takes), torch tensors and NumPy arrays aside."""
+    return is_foreign_array(obj) or _has_numpy_protocol(obj)
+
+
 def _dlpack_device(obj: Any) -> tuple[int, int] | None:
     try:
         kind, index = obj.__dlpack_device__()
@@ -249,6 +255,19 @@ def _numbers_only(obj: list[Any] | tuple[Any, ...]) -> bool:
     return True
 
 
+def _holds_arrays(obj: Any, depth: int = 4) -> bool:
+    """Whether a list, tuple or dict holds an array or tensor (of NumPy, torch or another
+    framework), looking ``depth`` levels deep; for a refusal's hint only."""
+    items = obj.values() if isinstance(obj, dict) else obj
+    for item in items:
+        if isinstance(item, (np.ndarray, torch.Tensor)) or is_foreign_array(item):
+            return True
+        if depth > 1 and isinstance(item, (list, tuple, dict)) and item is not obj:
+            if _holds_arrays(item, depth - 1):
+                return True
+    return False
+
+
 def _describe(obj: Any) -> str:
     kind = type(obj)
     module = kind.__module__.split(".")[0]
@@ -263,6 +282,12 @@ def no_protocol_error(obj: Any, fn: str) -> TypeError:
         hint = "use torch.as_tensor(x) for a tensor (torch.as_tensor(x, device=...) on a GPU)"
         if fn == "to_numpy":
             hint = "use numpy.asarray(x) for an array (or torch.as_tensor(x) for a tensor)"
+    elif isinstance(obj, (list, tuple, dict)) and not _holds_arrays(obj):
+        # to_device and to_numpy_batch would hand it back untouched
+        hint = (
+            "it holds no arrays or tensors to convert: make an array of it first, e.g. "
+            "numpy.asarray(x, dtype=...)"
+        )
     elif isinstance(obj, (list, tuple, dict)):
         hint = "for a batch (a list, tuple or dict of arrays) use to_numpy_batch() or to_device()"
         if fn == "to_tensor":
@@ -272,6 +297,8 @@ def no_protocol_error(obj: Any, fn: str) -> TypeError:
         hint = "wrap it first with numpy.asarray(x) (or torch.as_tensor(x))"
     else:
         hint = "wrap it first with numpy.asarray(x) or torch.as_tensor(x)"
+    if fn == "images_to_tensor":
+        hint = "make an array of the pixels first, e.g. numpy.asarray(x, numpy.uint8)"
     return TypeError(
         f"{fn} expects a torch.Tensor, a numpy.ndarray or an array exposing {PROTOCOLS} "
         f"(JAX, TensorFlow, CuPy, Numba, pandas...); got {kind}: {hint}."

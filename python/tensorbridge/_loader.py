@@ -13,7 +13,7 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar, cast, overload
 import numpy as np
 import torch
 
-from . import _backend, _dtypes
+from . import _backend, _dtypes, _interop
 from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, to_device
 from ._convert import Device, readable, to_numpy, to_tensor
 from ._packed import ARENA, PackedBatch, arena, estimate_nbytes
@@ -441,8 +441,18 @@ def _check_stacked_ndim(ndim: int, path: Path) -> None:
         ) from None
 
 
+def _host_array(x: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
+    """A sample's array or tensor as a NumPy array; a refusal names the field."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    try:
+        return to_numpy(x)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"collate: {_where(path)}: {exc}") from None
+
+
 def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
-    arrays = [to_numpy(s) if isinstance(s, torch.Tensor) else s for s in samples]
+    arrays = [_host_array(s, path) for s in samples]
     shape = (len(arrays), *arrays[0].shape)
     for i, a in enumerate(arrays):
         if a.shape != shape[1:]:
@@ -488,10 +498,8 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
     arrays: list[np.ndarray] = []
     empty_lists = []  # [] has no dtype or inner shape of its own: it takes the others'
     for i, v in enumerate(values):
-        if isinstance(v, torch.Tensor):
-            a = to_numpy(v)
-        elif isinstance(v, np.ndarray):
-            a = v
+        if isinstance(v, (torch.Tensor, np.ndarray)):
+            a = _host_array(v, path)
         elif isinstance(v, (list, tuple)):
             try:
                 a = np.asarray(v)
@@ -808,7 +816,12 @@ def images_to_tensor(
     if device is not None:
         device = _backend.resolve_device(device, "images_to_tensor")
     # another framework's array: a tensor over the same memory, where it is, to look at
-    src = images if isinstance(images, (np.ndarray, torch.Tensor)) else to_tensor(images)
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        src = images
+    elif isinstance(images, (list, tuple, dict, np.generic)) or not _interop.exposes_array(images):
+        raise _interop.no_protocol_error(images, "images_to_tensor")
+    else:
+        src = to_tensor(images)
     shape, pixels = tuple(src.shape), _pixel_dtype(src)
     if len(shape) < 3 or shape[-1] not in (1, 3, 4):
         raise ValueError(

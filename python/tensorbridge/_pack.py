@@ -85,17 +85,18 @@ def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
             return Layout(native.nbytes, groups, len(arrays), native, arrays)
         return _python_layout(arrays)
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, ValueError):
-            # The core refuses elements of zero bytes (dtype 'V0') as a transfer does, with
-            # a ValueError; every other entry point refuses that dtype as one torch lacks.
-            for a in arrays:
-                if isinstance(a, np.ndarray) and a.dtype.itemsize == 0:
-                    exc = _dtypes.unsupported_numpy(a.dtype)
-                    break
-        message = str(exc)
+        # The core refuses elements of zero bytes (dtype 'V0') and Python objects as a
+        # transfer does; every other entry point refuses those dtypes as ones torch lacks,
+        # naming the fix.
+        refusal: TypeError | ValueError = exc
+        for a in arrays:
+            if isinstance(a, np.ndarray) and (a.dtype.itemsize == 0 or a.dtype.hasobject):
+                refusal = _dtypes.unsupported_numpy(a.dtype)
+                break
+        message = str(refusal)
         for prefix in ("transfer: ", "pack: "):
             message = message.removeprefix(prefix)
-        raise type(exc)(f"{fn}: {message}") from None
+        raise type(refusal)(f"{fn}: {message}") from None
 
 
 def _round_up(n: int) -> int:
