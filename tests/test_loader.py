@@ -524,6 +524,20 @@ def test_prefetcher_validates_arguments():
         tb.Prefetcher([], "cpu", depth=0)
     with pytest.raises(TypeError, match="no len"):
         len(tb.Prefetcher(iter([]), "cpu"))
+    for not_batches in (5, None, object()):
+        with pytest.raises(TypeError, match=r"Prefetcher wraps an iterable.*Prefetcher\(loader"):
+            tb.Prefetcher(not_batches, "cpu")
+
+
+@pytest.mark.parametrize("how", ["plain", "packed", "padded"])
+def test_collate_refuses_tensors_that_require_grad_instead_of_dropping_the_graph(how):
+    x = torch.ones(3, requires_grad=True)
+    samples = [{"id": 0, "x": x}, {"id": 1, "x": x[:2] if how == "padded" else x * 2}]
+    kwargs = {"packed": {"packed": True}, "padded": {"pad": {"x": 0}}}.get(how, {})
+    with pytest.raises(ValueError, match=r'^collate: batch\["x"\]: .*requires grad.*\.detach\(\)'):
+        tb.collate(samples, **kwargs)
+    detached = [{k: v.detach() if k == "x" else v for k, v in s.items()} for s in samples]
+    assert tb.collate(detached, **kwargs) is not None
 
 
 # ------------------------------------------------------------------------- images

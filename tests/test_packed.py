@@ -444,6 +444,10 @@ def test_pack_names_itself_and_the_fix_in_refusals():
     if not tb.info()["cuda"]:
         with pytest.raises(ValueError, match=r"pin=True needs a usable GPU.*pin=None"):
             tb.PackedBatch.pack({"x": np.ones(2)}, pin=True)
+    for pin in ("yes", 1, [True]):
+        with pytest.raises(TypeError, match=r"pin= must be True, False or None"):
+            tb.PackedBatch.pack({"x": np.ones(2)}, pin=pin)
+    assert tb.PackedBatch.pack({"x": np.ones(2)}, pin=np.False_).unpack()["x"].sum() == 2
 
 
 def test_a_batch_of_values_only_is_still_true():

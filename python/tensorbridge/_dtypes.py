@@ -122,7 +122,7 @@ def unsupported_numpy(np_dtype: np.dtype) -> TypeError:
     elif kind in "fc" and np_dtype.itemsize > 8 + 8 * (kind == "c"):
         fix = "convert it with a.astype(numpy.float64) (or numpy.complex128) first"
     elif kind == "V" and np_dtype.names:
-        fix = "pass one field at a time, e.g. a['x']"
+        fix = f"pass one field at a time, e.g. a[{np_dtype.names[0]!r}]"
     elif kind == "V" and _ml is None:
         fix = "install ml_dtypes (pip install ml_dtypes) for bfloat16/float8 arrays"
     else:

@@ -65,7 +65,12 @@ def collate(
     In the main process with a usable GPU the stacked tensors are pinned (torch's
     caching host allocator reuses the memory); in worker processes (CUDA must not be
     touched in a forked child) and without a GPU they are ordinary tensors. Structures,
-    numbers and strings are collated like ``default_collate``.
+    numbers and strings are collated like ``default_collate``, with one difference:
+    numbers of mixed types become one array as ``numpy.asarray`` makes it, whatever the
+    order: ``[1, 2.5]`` gives float64 where ``default_collate`` follows sample 0 and
+    gives float32, and ``np.int64`` with ``np.float32`` gives float64 where it gives
+    float32. A tensor that requires grad is refused (the batch is a copy, which would
+    drop the graph).
 
     Samples that do not fit together are refused with a ValueError or TypeError naming
     the field as a path into the batch (``batch["a"][0]["b"]``) and the sample that
@@ -445,6 +450,12 @@ def _host_array(x: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
     """A sample's array or tensor as a NumPy array; a refusal names the field."""
     if not isinstance(x, torch.Tensor):
         return x
+    if x.requires_grad:  # (to_numpy would detach it, silently)
+        raise ValueError(
+            f"collate: {_where(path)}: a sample's tensor requires grad, which collating would "
+            "drop (the batch is a copy): pass it with .detach() from the dataset, or stack "
+            "that field with torch.stack."
+        )
     try:
         return to_numpy(x)
     except (TypeError, ValueError) as exc:
@@ -686,6 +697,12 @@ class Prefetcher(Generic[_B]):
             "2 or 3 hide the copy time of a batch behind the compute of the one before.",
         )
         dtype_rule(dtype, "Prefetcher")  # refused here, not at the first batch
+        if not isinstance(iterable, Iterable) and not hasattr(type(iterable), "__getitem__"):
+            raise TypeError(
+                f"Prefetcher wraps an iterable of batches (a DataLoader, a list, a "
+                f"generator), got {_kind(iterable)}: pass the loader itself, e.g. "
+                "Prefetcher(loader, 'cuda')."
+            )
         self.iterable = iterable
         self.device = _backend.resolve_device(device, "Prefetcher")
         self.depth = depth
