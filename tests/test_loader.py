@@ -835,7 +835,7 @@ IMAGE_REFUSALS = [
         "nested lists",
         lambda: tb.images_to_tensor([[[[1, 2, 3]]]]),
         TypeError,
-        r"^images_to_tensor expects .*got list of numbers: .*numpy\.asarray\(x, numpy\.uint8\)",
+        r"^images_to_tensor expects .*got list: make an array of the pixels first.*asarray\(x\)",
     ),
     (
         "std negative",

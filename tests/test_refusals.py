@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
+from tensorbridge import _interop
 
 from conftest import is_poisoned, poisoned
 
@@ -262,7 +263,7 @@ def test_a_list_of_numbers_is_pointed_to_as_tensor(backend, numbers):
     assert torch.as_tensor(numbers).shape == np.asarray(numbers).shape  # the named fix works
 
 
-def test_to_tensor_refuses_non_arrays(backend):
+def test_to_tensor_refuses_non_arrays(backend, monkeypatch):
     batches = ([np.zeros(2), np.ones(2)], (torch.ones(1), 3), [[1, 2], [np.ones(1)]])
     for batch in (*batches, {"a": {"b": [torch.ones(1)]}}):
         with pytest.raises(TypeError, match=r"to_tensor expects a torch.Tensor.*use to_device\(\)"):
@@ -274,6 +275,18 @@ def test_to_tensor_refuses_non_arrays(backend):
         with pytest.raises(TypeError, match=r"holds no arrays or tensors.*numpy\.asarray") as info:
             tb.to_tensor(plain)
         assert "to_device" not in str(info.value)
+    # the look for arrays is bounded: each container once, 256 items in all
+    looked: list = []
+    real = _interop.is_foreign_array
+    monkeypatch.setattr(_interop, "is_foreign_array", lambda x: looked.append(x) or real(x))
+    shared: list = [[[[object()] * 64] * 64] * 64] * 64
+    cycle: list = []
+    cycle.extend([[cycle] * 100] * 100)
+    for plain in (shared, cycle, [object()] * 10_000_000):
+        looked.clear()
+        with pytest.raises(TypeError, match=r"holds no arrays"):
+            tb.to_tensor(plain)
+        assert len(looked) <= 256
     with pytest.raises(TypeError, match=r"exposing __dlpack__.*got object.*numpy.asarray"):
         tb.to_tensor(object())
     with pytest.raises(ValueError, match=r"refused to export.*BufferError"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import warnings
 import zlib
 
 import numpy as np
@@ -680,6 +681,13 @@ def test_a_dtype_mapping_that_names_no_leaf_is_refused():
     # a string in a mapping is a key name; one that names a dtype gets the dtype's spelling
     with pytest.raises(ValueError, match=r"names 'int64'.*use a dtype object.*\{torch\.int64: "):
         tb.to_device(batch, "cpu", dtype={"int64": torch.int32})
+    # (a one-letter type code is more likely a key: no dtype hint, and no NumPy warning)
+    for key in ("f", "a", "float", "half"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=rf"names '{key}'") as info:
+                tb.to_device(batch, "cpu", dtype={key: torch.int32})
+        assert "dtype object" not in str(info.value)
 
 
 # (leaf, what the refusal says after the key)

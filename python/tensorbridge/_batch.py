@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import heapq
 import re
+import reprlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, overload
 
@@ -86,11 +88,16 @@ def check_names(rule: DTypeRule, present: set[Any], fn: str) -> None:
 
 
 def _dtype_name(text: str) -> str | None:
-    """``"torch.int64"`` for a string that names a dtype (``"int64"``), else None."""
+    """``"torch.int64"`` for a string that is a dtype's own name (``"int64"``), else None
+    (a one-letter code such as ``"f"`` is more likely a key)."""
     try:
-        return str(_dtypes.as_torch_dtype(text))
+        with warnings.catch_warnings():  # (NumPy warns of some codes, e.g. "a")
+            warnings.simplefilter("ignore")
+            dtype = _dtypes.as_torch_dtype(text)
     except (TypeError, ValueError):
         return None
+    name = str(dtype)
+    return name if name.removeprefix("torch.") == text else None
 
 
 def _target_dtype(rule: DTypeRule, key: Any, source: torch.dtype) -> torch.dtype | None:
@@ -105,6 +112,14 @@ def _source_dtype(leaf: Any) -> torch.dtype:
     return leaf.dtype if isinstance(leaf, torch.Tensor) else _dtypes.torch_dtype(leaf.dtype)
 
 
+def _key_repr(key: Any) -> str:
+    """A key as a refusal shows it: its repr, shortened, or its type where repr fails."""
+    try:
+        return reprlib.repr(key)
+    except Exception:  # (a key whose __repr__ raises must not hide the refusal)
+        return f"<{type(key).__name__}>"
+
+
 def leaf_refusal(exc: TypeError | ValueError, fn: str, key: Any) -> TypeError | ValueError:
     """A leaf's refusal in the name of the batch function ``fn``, with the leaf's key (the
     nearest dict key or dataclass field): ``to_tensor cannot convert a meta tensor...``
@@ -112,7 +127,7 @@ def leaf_refusal(exc: TypeError | ValueError, fn: str, key: Any) -> TypeError | 
     types are returned as they are."""
     if type(exc) not in (TypeError, ValueError):
         return exc
-    where = fn if key is None else f"{fn} (at key {key!r})"
+    where = fn if key is None else f"{fn} (at key {_key_repr(key)})"
     message = str(exc)
     for name in (fn, "to_tensor", "to_numpy", "from_numpy"):
         if message.startswith((f"{name} ", f"{name}:")):
@@ -404,9 +419,11 @@ def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
             t = _foreign_as_tensor(leaf)
             return t.cpu() if isinstance(t, torch.Tensor) else t
         if isinstance(leaf, torch.Tensor):
+            if leaf.is_cpu:
+                return leaf
             if leaf.is_meta:  # (its .cpu() fails with torch's NotImplementedError)
                 _check_tensor(leaf, "to_device")
-            return leaf if leaf.is_cpu else leaf.cpu()
+            return leaf.cpu()
         if isinstance(leaf, np.ndarray):
             return from_numpy(leaf)
         return leaf
@@ -496,8 +513,8 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     leaves = [
         leaf
         if type(leaf) in _PLAIN or not _interop.is_foreign_array(leaf)
-        else _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
-        for leaf in originals
+        else _imported(leaf, key)
+        for leaf, key in zip(originals, keys, strict=True)
     ]
     for leaf, key in zip(leaves, keys, strict=True):  # every refusal before any out is written
         if isinstance(leaf, torch.Tensor):
@@ -543,6 +560,14 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         return unflatten(spec, [v.wait() if isinstance(v, Transfer) else v for v in converted])
 
     return Transfer.gather(handles, unwrap)
+
+
+def _imported(leaf: Any, key: Any) -> torch.Tensor | np.ndarray:
+    """Another framework's array of a to_numpy_batch batch; a refusal names its key."""
+    try:
+        return _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
+    except (TypeError, ValueError) as exc:
+        raise leaf_refusal(exc, "to_numpy_batch", key) from None
 
 
 def _check_dtype(leaf: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ protocols): never upcast.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -255,15 +256,22 @@ def _numbers_only(obj: list[Any] | tuple[Any, ...]) -> bool:
     return True
 
 
-def _holds_arrays(obj: Any, depth: int = 4) -> bool:
+def _holds_arrays(obj: Any) -> bool:
     """Whether a list, tuple or dict holds an array or tensor (of NumPy, torch or another
-    framework), looking ``depth`` levels deep; for a refusal's hint only."""
-    items = obj.values() if isinstance(obj, dict) else obj
-    for item in items:
-        if isinstance(item, (np.ndarray, torch.Tensor)) or is_foreign_array(item):
-            return True
-        if depth > 1 and isinstance(item, (list, tuple, dict)) and item is not obj:
-            if _holds_arrays(item, depth - 1):
+    framework) among its first 256 items, nested ones included, each container looked
+    at once; for a refusal's hint only."""
+    todo, seen, budget = [obj], {id(obj)}, 256
+    while todo and budget > 0:
+        items = todo.pop()
+        for item in itertools.islice(items.values() if isinstance(items, dict) else items, budget):
+            budget -= 1
+            if isinstance(item, (np.ndarray, torch.Tensor)):
+                return True
+            if isinstance(item, (list, tuple, dict)):
+                if id(item) not in seen:
+                    seen.add(id(item))
+                    todo.append(item)
+            elif not isinstance(item, _dtypes.NUMBERS) and is_foreign_array(item):
                 return True
     return False
 
@@ -276,7 +284,9 @@ def _describe(obj: Any) -> str:
 
 def no_protocol_error(obj: Any, fn: str) -> TypeError:
     kind = type(obj).__name__
-    if isinstance(obj, (list, tuple)) and _numbers_only(obj):
+    if fn == "images_to_tensor":  # (pixels: an array of them, in the dtype they have)
+        hint = "make an array of the pixels first, e.g. numpy.asarray(x)"
+    elif isinstance(obj, (list, tuple)) and _numbers_only(obj):
         # data, not a batch: to_device would hand the numbers back untouched
         kind += " of numbers"
         hint = "use torch.as_tensor(x) for a tensor (torch.as_tensor(x, device=...) on a GPU)"
@@ -297,8 +307,6 @@ def no_protocol_error(obj: Any, fn: str) -> TypeError:
         hint = "wrap it first with numpy.asarray(x) (or torch.as_tensor(x))"
     else:
         hint = "wrap it first with numpy.asarray(x) or torch.as_tensor(x)"
-    if fn == "images_to_tensor":
-        hint = "make an array of the pixels first, e.g. numpy.asarray(x, numpy.uint8)"
     return TypeError(
         f"{fn} expects a torch.Tensor, a numpy.ndarray or an array exposing {PROTOCOLS} "
         f"(JAX, TensorFlow, CuPy, Numba, pandas...); got {kind}: {hint}."
