@@ -270,6 +270,30 @@ def test_routing_tries_the_other_route_and_puts_off_tries_that_lose(clock):
     assert r.torch_host(MiB)
 
 
+def test_routing_moves_on_averages_only_to_a_route_cheaper_by_a_margin(clock):
+    """Two routes about as fast: jitter of a few percent moves nothing; a route 10%
+    slower than the other's average loses the copies, once."""
+    r = _cuda.Routing()
+    measured(r, [MiB] * 8, {False: 100e-6, True: 99e-6})
+    assert r.torch_host(MiB)
+    rng = np.random.default_rng(5)
+    routes = []
+    for _ in range(3000):  # (within the wait: no try starts)
+        on_torch = r.torch_host(MiB)
+        routes.append(on_torch)
+        r.host_copy_took(MiB, 100e-6 * (1 + rng.uniform(0.0, 0.06)), on_torch)
+    assert all(routes)  # (up to 4% dearer than the calling thread's 100 µs, on average)
+    for _ in range(2000):
+        r.host_copy_took(MiB, 110e-6, on_torch=True)
+    assert not r.torch_host(MiB)
+    moves = 0
+    for _ in range(300):
+        on_torch = r.torch_host(MiB)
+        r.host_copy_took(MiB, 100e-6, on_torch)
+        moves += on_torch
+    assert moves == 0
+
+
 def stalls_until_moved(r, limit=20):
     """Stalls of 8 ms on torch's threads until the copies leave them: how many. (Read
     from the state, since asking torch_host may start a try.)"""

@@ -104,7 +104,9 @@ class Routing:
     The next try comes a wait after the last one ended: ``host_try_s`` at first, doubled
     (up to 32x) by each try that loses after the first and by each route a try chose
     that loses again on its averages within the wait; the wait falls back to
-    ``host_try_s`` when the copies move on their averages later than that. Whatever
+    ``host_try_s`` when the copies move on their averages later than that. On their
+    averages the copies move only to a route at least 5% cheaper, so two routes about as
+    fast do not trade places copy after copy. Whatever
     else makes a route's copies slow counts against it too (waiting for the GIL). The
     state is shared by every thread and every ``out``, without a lock: a race can cost a
     try or a misplaced copy, never a wrong byte.
@@ -220,6 +222,12 @@ class Routing:
         if not routes.nbytes[1 - route]:
             return
         cheaper = routes.cost(1) < routes.cost(0)
+        if cheaper != routes.on_torch and routes.try_at != math.inf:
+            # on the averages, the copies move only to a route cheaper by a margin: two
+            # routes about as fast would otherwise trade places copy after copy, and a
+            # move may cost a wake-up of torch's threads
+            ahead = routes.cost(int(cheaper)) < routes.cost(int(routes.on_torch)) * (1 - _MARGIN)
+            cheaper = cheaper if ahead else routes.on_torch
         if cheaper != routes.on_torch or routes.try_at == math.inf:
             now = monotonic()
             if cheaper != routes.on_torch and now - routes.won_at < routes.wait:
@@ -231,6 +239,9 @@ class Routing:
 
 
 _HOST_ROUTES = ("fastest", "torch", "caller")
+#: How much cheaper per byte the other route must be for the copies to move to it on
+#: their averages (a try's result moves them at any margin).
+_MARGIN = 0.05
 
 
 class _HostRoutes:
