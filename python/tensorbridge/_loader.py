@@ -815,6 +815,9 @@ def images_to_tensor(
         channels_first: write (..., C, H, W) instead of (..., H, W, C).
         non_blocking: an asynchronous host-to-device copy.
 
+    Images that require grad keep their graph: they take torch's separate ops (the
+    idiom's) instead of the one kernel, which autograd cannot record.
+
     Every argument is checked before anything is copied; a refusal is a TypeError (a
     wrong type) or ValueError (a wrong value) that names the fix.
 
