@@ -537,7 +537,14 @@ def test_collate_refuses_tensors_that_require_grad_instead_of_dropping_the_graph
     with pytest.raises(ValueError, match=r'^collate: batch\["x"\]: .*requires grad.*\.detach\(\)'):
         tb.collate(samples, **kwargs)
     detached = [{k: v.detach() if k == "x" else v for k, v in s.items()} for s in samples]
-    assert tb.collate(detached, **kwargs) is not None
+    got = tb.collate(detached, **kwargs)
+    got = got.unpack() if how == "packed" else got
+    if how == "padded":  # (the second sample padded with 0 to the first's length)
+        expected = torch.stack([x.detach(), torch.cat([x.detach()[:2], torch.zeros(1)])])
+        assert got["x_lengths"].tolist() == [3, 2]
+    else:
+        expected = torch.stack([x.detach(), x.detach() * 2])
+    assert torch.equal(got["x"], expected) and not got["x"].requires_grad
 
 
 # ------------------------------------------------------------------------- images
