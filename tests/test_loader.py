@@ -811,7 +811,7 @@ IMAGE_REFUSALS = [
         "one mean above 1",
         lambda: tb.images_to_tensor(_X, mean=[0.5, 1.5, 0.5]),
         ValueError,
-        r"looks like 0-255 scale",
+        r"looks like 0-255 scale: divide mean by 255",  # (std, the default 1, is fine)
     ),
     (
         "mean inf",
@@ -835,7 +835,8 @@ IMAGE_REFUSALS = [
         "std on 0-255",
         lambda: tb.images_to_tensor(_X, mean=[0.485, 0.456, 0.406], std=[58.4, 57.1, 57.4]),
         ValueError,
-        r"std=\[58.4, 57.1, 57.4\] is above 1.*looks like 0-255 scale: divide mean and std",
+        r"std=\[58.4, 57.1, 57.4\] is above 1.*looks like 0-255 scale: divide std by 255 .*mean "
+        r"is on the 0-1 scale already",
     ),
     ("std 0", lambda: tb.images_to_tensor(_X, std=0), ValueError, r"std must be above 0"),
     (

@@ -781,14 +781,19 @@ def _close(it: Any) -> None:
 # --------------------------------------------------------------------------- images
 
 
+#: images_to_tensor's mean and std: one number, or one per channel (numbers, an array or a
+#: tensor).
+PerChannel = float | Sequence[float] | np.ndarray | torch.Tensor | None
+
+
 def images_to_tensor(
     images: Any,
     device: Device | None = None,
     *,
     dtype: _dtypes.DTypeLike = torch.float32,
     scale: float | None = None,
-    mean: Sequence[float] | float | None = None,
-    std: Sequence[float] | float | None = None,
+    mean: PerChannel = None,
+    std: PerChannel = None,
     channels_first: bool = True,
     non_blocking: bool = False,
 ) -> torch.Tensor:
@@ -811,7 +816,7 @@ def images_to_tensor(
             ``scale=1`` for floats already in 0-1).
         mean, std: a number or C numbers (a list, tuple, NumPy array or tensor), finite,
             on the 0-1 scale of ``x * scale``; 0 < std <= 1. A mean or std above 1 is
-            refused: it looks like the 0-255 scale (divide mean and std by 255).
+            refused: it looks like the 0-255 scale (divide it by 255).
         channels_first: write (..., C, H, W) instead of (..., H, W, C).
         non_blocking: an asynchronous host-to-device copy.
 
@@ -883,11 +888,13 @@ def images_to_tensor(
             "per-channel standard deviations of the data, e.g. std=[0.229, 0.224, 0.225]."
         )
     if (m > 1).any():
+        # (name only what is off the scale: a std already on 0-1 must stay as it is)
+        which = "mean and std" if (s > 1).any() else "mean"
         how = (
-            "it looks like 0-255 scale: divide mean and std by 255 (e.g. mean=[m / 255 for m "
+            f"it looks like 0-255 scale: divide {which} by 255 (e.g. mean=[m / 255 for m "
             "in mean])"
             if (m <= 255).all()
-            else "divide mean and std by the largest pixel value"
+            else f"divide {which} by the largest pixel value"
         )
         raise ValueError(
             f"images_to_tensor: mean={mean!r} is above 1, but mean and std apply to x * scale, "
@@ -897,7 +904,8 @@ def images_to_tensor(
         raise ValueError(
             f"images_to_tensor: std={std!r} is above 1, but mean and std apply to x * scale, "
             "which is on a 0-1 scale (where no standard deviation exceeds 0.5): it looks like "
-            "0-255 scale: divide mean and std by 255 (e.g. std=[s / 255 for s in std])."
+            "0-255 scale: divide std by 255 (e.g. std=[s / 255 for s in std]); mean is on "
+            "the 0-1 scale already."
         )
     if isinstance(images, torch.Tensor):
         x = images if device is None else images.to(device, non_blocking=non_blocking)

@@ -34,6 +34,7 @@ def main() -> None:
     pixels = np.zeros((2, 4, 4, 3), np.uint8)
     images: torch.Tensor = tb.images_to_tensor(pixels, mean=[0.5] * 3, std=0.25, dtype="float16")
     wide: torch.Tensor = tb.images_to_tensor(pixels.astype(np.uint16), scale=1 / 65535)
+    tb.images_to_tensor(pixels, mean=np.full(3, 0.5), std=torch.full((3,), 0.25))
     stats: dict[str, object] = dict(tb.pinned_stats())
     info: dict[str, object] = dict(tb.info())
     tb.set_num_threads(tb.get_num_threads())
