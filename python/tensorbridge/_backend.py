@@ -318,8 +318,12 @@ def resolve_device(device: Any, fn: str) -> torch.device:
         try:
             torch.empty(0, device=dev)
         except Exception as exc:
+            # (torch's message can run to thousands of characters, its dispatcher's whole
+            # table: its first sentence says what is wrong)
+            said = str(exc).strip().split("\n", 1)[0]
+            said = said.split(". ", 1)[0][:200] if said else type(exc).__name__
             raise ValueError(
-                f"{fn}: device={device!r} is not usable here ({type(exc).__name__}: {exc}): "
+                f"{fn}: device={device!r} is not usable here ({type(exc).__name__}: {said}): "
                 "pass device='cpu', or a device this torch build supports."
             ) from None
     _DEVICES[device] = dev
