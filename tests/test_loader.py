@@ -466,6 +466,20 @@ def test_collate_pad_and_fields_refusals(samples, kwargs, exc, pattern):
         tb.collate(samples, **kwargs)
 
 
+def test_collate_called_without_samples_points_to_partial():
+    # collate_fn=tb.collate(pad=...) is an easy slip for functools.partial(tb.collate, pad=...)
+    with pytest.raises(
+        TypeError,
+        match=r"got no samples.*functools\.partial\(tb\.collate, "
+        r"pad=\{\.\.\.\}\)",
+    ):
+        tb.collate(pad={"tokens": 0})
+    with pytest.raises(TypeError, match=r"partial\(tb\.collate, fields=\{\.\.\.\}, packed=True\)"):
+        tb.collate(fields={"meta": list}, packed=True)
+    collate_fn = functools.partial(tb.collate, pad={"tokens": 0})  # the fix named works
+    assert collate_fn(_TOKENS)["tokens_lengths"].tolist() == [3, 2]
+
+
 def test_ragged_refusals_point_to_pad_and_fields():
     with pytest.raises(ValueError, match=r'pass pad=\{"tokens": 0\}.*"tokens_lengths"') as info:
         tb.collate(_TOKENS)
@@ -475,6 +489,22 @@ def test_ragged_refusals_point_to_pad_and_fields():
     with pytest.raises(ValueError, match=r"pad or crop") as info:  # not paddable: other width
         tb.collate([{"t": np.zeros((2, 3))}, {"t": np.zeros((2, 4))}])
     assert "pad=" not in str(info.value)
+    # lists of boxes (lists of 4 numbers), 1 and 2 per sample: pad= takes them too
+    boxes = [{"boxes": [[1, 2, 3, 4]] * n} for n in (1, 2)]
+    with pytest.raises(ValueError, match=r'pass pad=\{"boxes": 0\}.*"boxes_lengths"'):
+        tb.collate(boxes)
+    fixed = tb.collate(boxes, pad={"boxes": 0})
+    assert fixed["boxes"].tolist() == [[[1, 2, 3, 4], [0, 0, 0, 0]], [[1, 2, 3, 4]] * 2]
+    for unpaddable in (
+        [{"b": [[1, 2, 3, 4]] * 2}, {"b": [[1, 2]]}],  # other widths
+        [{"b": [[1], [2, 3]]}, {"b": [[1]]}],  # nested unevenly
+        [{"b": ["a", "b"]}, {"b": ["c"]}],  # strings
+    ):
+        with pytest.raises(ValueError, match=r"pad or crop") as info:
+            tb.collate(unpaddable)
+        assert "pad=" not in str(info.value)
+        with pytest.raises((TypeError, ValueError)):  # (and pad= refuses them indeed)
+            tb.collate(unpaddable, pad={"b": 0})
 
 
 # ------------------------------------------------------------------------- prefetcher

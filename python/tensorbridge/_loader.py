@@ -27,6 +27,11 @@ def _in_worker() -> bool:
     return info is not None
 
 
+#: collate's samples when none are given: ``collate(pad=...)`` is a slip for
+#: ``functools.partial(collate, pad=...)``, refused with that fix.
+_NO_SAMPLES: Any = object()
+
+
 @overload
 def collate(
     samples: Sequence[Any],
@@ -52,7 +57,7 @@ def collate(
     packed: bool,
 ) -> Any: ...
 def collate(
-    samples: Sequence[Any],
+    samples: Sequence[Any] = _NO_SAMPLES,
     *,
     pad: Mapping[str, float] | None = None,
     fields: Mapping[str, type[list[Any]]] | None = None,
@@ -113,6 +118,15 @@ def collate(
         (tensor([[ 5,  6,  7],
                 [ 8, -1, -1]]), tensor([3, 1]), ['a', {}])
     """
+    if samples is _NO_SAMPLES:  # (the overloads require samples: mypy says so first)
+        given = [f"{k}={{...}}" for k, v in (("pad", pad), ("fields", fields)) if v]
+        given += [f"packed={packed!r}"] if packed else []
+        options = ", ".join(given) or "pad={...}"
+        raise TypeError(
+            "collate() got no samples: it is the collate_fn itself, which the DataLoader "
+            f"calls with each batch's samples: pass collate_fn=functools.partial(tb.collate, "
+            f"{options})."
+        )
     if isinstance(samples, Mapping) or not isinstance(
         samples, (Sequence, np.ndarray, torch.Tensor)
     ):
@@ -243,7 +257,7 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
                 raise ValueError(
                     f"collate: {_where(path)}: sample {i} has {_items(len(s))}, sample 0 has "
                     f"{_items(len(first))}; sequences are collated item by item and need equal "
-                    f"lengths: {_ragged_fix(path, all(isinstance(x, _NUMBERS) for x in first))}."
+                    f"lengths: {_ragged_fix(path, _paddable_lists(samples))}."
                 )
         return [
             _collate(list(field), (*path, ("[", j)), depth + 1)
@@ -419,6 +433,27 @@ def _list_fix(path: Path) -> str:
     if key is None:
         return ""
     return f", or keep the field as a list with fields={{{_key_text(key)}: list}}"
+
+
+def _paddable_lists(samples: Sequence[Any]) -> bool:
+    """Whether pad= would take these list samples of different lengths: each numbers, or
+    lists of numbers nested evenly, alike beyond the first dimension (an error path only:
+    it converts every sample)."""
+    inner = None
+    for s in samples:
+        if not s:
+            continue  # ([] takes the others' inner shape)
+        try:
+            a = np.asarray(s)
+        except (ValueError, TypeError):  # lists nested unevenly
+            return False
+        if a.ndim == 0 or a.dtype.kind not in "biufc":
+            return False
+        if inner is None:
+            inner = a.shape[1:]
+        elif a.shape[1:] != inner:
+            return False
+    return True
 
 
 def _ragged_fix(path: Path, paddable: bool) -> str:
@@ -891,8 +926,7 @@ def images_to_tensor(
         # (name only what is off the scale: a std already on 0-1 must stay as it is)
         which = "mean and std" if (s > 1).any() else "mean"
         how = (
-            f"it looks like 0-255 scale: divide {which} by 255 (e.g. mean=[m / 255 for m "
-            "in mean])"
+            f"it looks like 0-255 scale: divide {which} by 255 (e.g. mean=[m / 255 for m in mean])"
             if (m <= 255).all()
             else f"divide {which} by the largest pixel value"
         )
