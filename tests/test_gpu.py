@@ -626,6 +626,16 @@ def test_prefetcher_sees_work_queued_before_and_overwrites_nothing_in_use():
     assert seen == [float(i) for i in range(6)]
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetcher_raises_a_refused_batch_after_the_batches_before_it(depth):
+    batches = [{"x": np.full(4, 0.0)}, {"x": np.full(4, 1.0)}, {"x": np.array(["s"])}, {"x": 3}]
+    seen = []
+    with pytest.raises(TypeError, match=r"to_device \(at key 'x'\)"):
+        for b in tb.Prefetcher(batches, "cuda", depth=depth):
+            seen.append(float(b["x"][0]))
+    assert seen == [0.0, 1.0]
+
+
 @needs_ml
 def test_to_numpy_batch_brings_gpu_tensors_back_in_one_pass(gen):
     batch = {

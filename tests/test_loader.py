@@ -4,6 +4,7 @@ Prefetcher, images_to_tensor, and the example training script that uses all thre
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import pickle
 import re
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
+from tensorbridge import _loader
 
 from conftest import Pair, no_warnings
 
@@ -531,6 +533,33 @@ def test_prefetcher_raises_errors_in_order():
         for b in tb.Prefetcher(gen(), "cpu"):
             seen.append(float(b["x"][0]))
     assert seen == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_prefetcher_stream_path_yields_the_batches_before_a_refused_one(monkeypatch, depth):
+    """The GPU path (a side stream, batches moved ahead) run here with torch's stream calls
+    faked and to_device moving to the CPU: a batch to_device refuses (strings) is raised
+    after the batches before it, as on the CPU path, and none of them is lost."""
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    real = _loader.to_device
+    monkeypatch.setattr(_loader, "to_device", lambda b, device, **kw: real(b, "cpu", **kw))
+    batches = [{"x": np.full(2, 0)}, {"x": np.full(2, 1)}, {"x": np.array(["bad"])}, {"x": 3}]
+    for path in ("cpu", "stream"):
+        pf = tb.Prefetcher(batches, "cpu", depth=depth)
+        if path == "stream":
+            pf.device = torch.device("cuda", 0)  # (what Prefetcher(batches, "cuda") holds)
+        seen = []
+        with pytest.raises(TypeError, match=r"to_device \(at key 'x'\)"):
+            for b in pf:
+                seen.append(int(b["x"][0]))
+        assert seen == [0, 1], path
 
 
 def test_prefetcher_early_break_closes_the_source():

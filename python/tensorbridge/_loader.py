@@ -775,16 +775,18 @@ class Prefetcher(Generic[_B]):
             nonlocal exhausted
             try:
                 batch = next(it)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    moved = to_device(batch, self.device, non_blocking=True, dtype=self.dtype)
             except StopIteration:
                 exhausted = True
                 return
-            except Exception as exc:  # raised when the loop gets there, not earlier
+            except Exception as exc:
+                # the source's error or a refused batch: raised when the loop gets there,
+                # after the batches before it, as the CPU path raises it
                 queue.append(("error", exc))
                 exhausted = True
                 return
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                moved = to_device(batch, self.device, non_blocking=True, dtype=self.dtype)
             queue.append(("batch", moved))
 
         try:
