@@ -456,6 +456,108 @@ def test_a_failed_eviction_fails_that_transfer_and_leaves_the_cache_consistent()
     assert drv.registered == {addr(b): MIN} and drv.reserved == MIN and drv.errors == []
 
 
+def test_an_interrupt_while_registering_gives_back_what_it_took():
+    """A KeyboardInterrupt (not an Exception) that lands after the driver page-locked the
+    array, before its call returned: the registration is undone and its budget given
+    back, so the memory is not left pinned and the share is whole for later arrays."""
+    cache, drv = make(FakeDriver(budget=4 * MIN), sightings=1)  # a share of 2 arrays
+    real = drv.register
+
+    def interrupted(owner, device):
+        real(owner, device)
+        raise KeyboardInterrupt
+
+    drv.register = interrupted
+    a = np.zeros(MIN, np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        used(cache, a)
+    drv.register = real
+    assert drv.registered == {} and drv.reserved == 0 and cache._reserved == 0
+    assert cache.stats()["registered_bytes"] == 0
+    b, c = np.zeros(MIN, np.uint8), np.zeros(MIN, np.uint8)
+    assert used(cache, b) and used(cache, c)  # both fit: nothing of a's is held
+    assert used(cache, a)  # a itself registers normally afterwards
+    assert drv.errors == []
+
+
+def test_an_unregistration_failing_at_the_owners_death_still_settles_the_books():
+    cache, drv = make(FakeDriver(budget=4 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    fail_next_unregister(drv)
+    unraisable = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append  # (the callback's error is printed, not raised)
+    try:
+        del a
+    finally:
+        sys.unraisablehook = old_hook
+    assert len(unraisable) == 1 and "LaunchFailure" in str(unraisable[0].exc_value)
+    s = cache.stats()
+    assert (s["registered_bytes"], s["registered_arrays"], s["releases"]) == (0, 0, 1)
+    assert drv.reserved == 0 and cache._reserved == 0
+    b, c = np.zeros(MIN, np.uint8), np.zeros(MIN, np.uint8)
+    assert used(cache, b) and used(cache, c)  # the whole share is there
+
+
+def test_a_budget_lowered_while_an_array_registers_holds_for_it_too():
+    """set_pinned_budget's trim runs while another thread is inside the driver's
+    register call: that registration, counted after the trim, must fit the new budget."""
+    drv = FakeDriver(budget=8 * MIN)
+    cache, _ = make(drv, sightings=1)
+    a = np.zeros(2 * MIN, np.uint8)
+    real = drv.register
+
+    def lowered_meanwhile(owner, device):
+        ok = real(owner, device)
+        drv.budget = 2 * MIN  # a share of one MIN: a no longer fits
+        cache.trim()
+        return ok
+
+    drv.register = lowered_meanwhile
+    assert not used(cache, a)  # staged: it does not fit the budget it would be counted in
+    drv.register = real
+    assert drv.registered == {} and drv.reserved == 0 and cache._reserved == 0
+    assert cache.stats()["registered_bytes"] == 0 and cache.stats()["budget_refusals"] == 1
+    assert drv.errors == []
+
+
+def test_a_finalizer_inside_the_cache_that_uses_it_neither_hangs_nor_corrupts_it():
+    """Garbage collection can run a user's __del__ on a thread that holds the cache's lock;
+    a __del__ that transfers an array (what to_tensor(a, "cuda") does) must not wait for
+    itself: its transfer is staged. Reading the stats works there; changing the options
+    is refused clearly. (The finalizer is run at the point the collector could run it.)"""
+    cache, drv = make(sightings=1)
+    keep = np.zeros(MIN, np.uint8)
+    assert used(cache, keep)  # registered before: the finalizer's transfer finds it
+    inside = []
+    real = cache._drop_freed_locked
+
+    def finalizer_runs_here():
+        real()
+        if not inside:
+            inside.append("running")
+            inside.append(used(cache, keep))  # staged, not a hit: the cache is mid-call
+            inside.append(used(cache, np.zeros(MIN, np.uint8)))
+            inside.append(cache.stats()["registered_bytes"])
+            with pytest.raises(RuntimeError, match=r"finalizer.*outside the finalizer"):
+                cache.configure(sightings=3)
+            with pytest.raises(RuntimeError, match="finalizer"):
+                cache.trim(0)
+
+    cache._drop_freed_locked = finalizer_runs_here
+    fresh = np.zeros(MIN, np.uint8)
+    t = threading.Thread(target=lambda: inside.append(used(cache, fresh)), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "a finalizer's transfer waited for the lock its thread holds"
+    assert inside == ["running", False, False, MIN, True]  # then the outer call went on
+    cache._drop_freed_locked = real
+    assert cache.configure()["sightings"] == 1  # the refused change left nothing behind
+    assert drv.registered == {addr(keep): MIN, addr(fresh): MIN} and drv.errors == []
+    assert used(cache, keep)  # hits again
+
+
 # ------------------------------------------------------------------------- switches
 
 

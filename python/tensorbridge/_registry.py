@@ -51,19 +51,26 @@ popping it from a dict (one atomic step), unregisters, and leaves the bookkeepin
 next locked call. Whoever claims a registration unregisters it, and holds the owner alive
 until it has; a transfer holds a lease on the registration it uses until its DMA is
 queued, and leased registrations are never claimed (the unregistration's device
-synchronization then waits for that DMA). A forked child forgets the parent's
-registrations without unregistering them: they belong to the parent's CUDA context.
+synchronization then waits for that DMA). A user's finalizer (``__del__``) that the
+collector runs on a thread inside the cache finds the lock held by its own thread: a
+transfer it makes takes the staged path, the stats read as they stand, and a change of
+options or budget is refused (RuntimeError) rather than waiting for itself. Anything that
+ends a registration early (a KeyboardInterrupt included) gives back what it took. A
+forked child forgets the parent's registrations without unregistering them: they belong
+to the parent's CUDA context.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import functools
 import itertools
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Protocol, TypedDict
 
 import numpy as np
@@ -184,6 +191,40 @@ def trackable(a: np.ndarray, min_bytes: int) -> tuple[np.ndarray, int, int, int,
     return owner, address, nbytes, owner_address, owner_nbytes
 
 
+class _Reentered(Exception):
+    """The cache's lock was asked for by the thread that holds it."""
+
+
+class _CacheLock:
+    """The cache's lock. Garbage collection can run a finalizer (a ``__del__``) on a
+    thread inside the cache, and one that transfers an array would wait for itself on a
+    plain lock: here the thread that holds the lock gets :class:`_Reentered` at once
+    instead, before the inner call has changed anything (its first step takes the lock)."""
+
+    __slots__ = ("_depth", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0  # 1 while held (read only by the thread that holds the RLock)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if self._depth:  # (held, so by this very thread)
+            self._lock.release()
+            raise _Reentered
+        self._depth = 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth = 0
+        self._lock.release()
+
+
+_IN_FINALIZER = (
+    "called from a finalizer (__del__ or a weakref callback) that garbage collection ran "
+    "inside tensorbridge's registration cache: call it outside the finalizer"
+)
+
+
 class _Lease:
     """``with cache.lease(a) as registered:``; the registration stays until the block ends."""
 
@@ -229,7 +270,7 @@ class RegistrationCache:
         self._reset()
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = _CacheLock()
         # id(owner) -> its registration, least recently used first
         self._owners: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         # token -> registration whose memory is registered; whoever pops it unregisters it
@@ -258,6 +299,16 @@ class RegistrationCache:
 
     # ------------------------------------------------------------------ options, stats
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _refusing_finalizers() -> Iterator[None]:
+        """Around the calls that change the cache: one that a finalizer makes inside the
+        cache is refused with a RuntimeError (a transfer's is staged instead)."""
+        try:
+            yield
+        except _Reentered:
+            raise RuntimeError(f"tensorbridge's registration cache was {_IN_FINALIZER}.") from None
+
     def configure(
         self,
         enabled: bool | None = None,
@@ -265,7 +316,7 @@ class RegistrationCache:
         sightings: int | None = None,
     ) -> RegistrationOptions:
         """Sets (when given) and returns the options; turning it off drops everything."""
-        with self._lock:
+        with self._refusing_finalizers(), self._lock:
             if min_bytes is not None:
                 self._min_bytes = min_bytes
             if sightings is not None:
@@ -286,10 +337,18 @@ class RegistrationCache:
         array lived: to make room, a lower budget, registration turned off, moved
         memory), releases (dropped when their array was freed), register_failures (the
         driver refused) and budget_refusals (no room that could be made)."""
-        with self._lock:
-            self._drop_freed_locked()
+        try:
+            with self._lock:
+                self._drop_freed_locked()
+                return {
+                    "registered_bytes": self._registered,
+                    "registered_arrays": len(self._live),
+                    **self._counts,
+                }
+        except _Reentered:  # (read by a finalizer inside the cache: as it stands, unlocked)
+            freed = sum(entry.nbytes for entry in list(self._freed))
             return {
-                "registered_bytes": self._registered,
+                "registered_bytes": self._registered - freed,
                 "registered_arrays": len(self._live),
                 **self._counts,
             }
@@ -299,7 +358,10 @@ class RegistrationCache:
     def lease(self, a: np.ndarray, device: int = -1) -> _Lease:
         """``with cache.lease(a, device) as registered:`` (see the class); ``device``: the
         GPU index of the transfer, whose context registers ``a`` (-1: one the engine uses)."""
-        return _Lease(self, self._acquire(a, device) if self._enabled else None)
+        try:
+            return _Lease(self, self._acquire(a, device) if self._enabled else None)
+        except _Reentered:  # (a finalizer's transfer inside the cache: staged, unchanged)
+            return _Lease(self, None)
 
     def _acquire(self, a: np.ndarray, device: int) -> _Entry | None:
         found = trackable(a, self._min_bytes)
@@ -370,29 +432,32 @@ class RegistrationCache:
     def _register(
         self, entry: _Entry, owner: np.ndarray, key: tuple[int, int, int], device: int
     ) -> _Entry | None:
-        """Makes room for a pending registration and registers it (no lock held)."""
-        committed = False
+        """Makes room for a pending registration and registers it (no lock held). Whatever
+        ends it early (a KeyboardInterrupt included) gives back what it took."""
+        committed = reserved = False
+        locked: bool | None = False  # None: interrupted in the driver's call, not knowing
         try:
             why = self._make_room(entry)  # None: its bytes are reserved (share and pool)
             if why is None:
+                reserved, locked = True, None
                 try:
-                    registered = self._ops.register(owner, device)
+                    locked = bool(self._ops.register(owner, device))
                 except Exception:
-                    registered = False  # (an optimization: the transfer is staged instead)
-                if registered:
+                    locked = False  # (an optimization: the transfer is staged instead)
+                why = "register_failures"
+                if locked:
+                    limit = self._ops.limit()
                     with self._lock:
-                        if not entry.doomed and not self._closed:
+                        why = "off" if entry.doomed or self._closed else "budget_refusals"
+                        # (the budget lowered while it registered: trim() ran before it
+                        # counted, so it must fit the new one)
+                        if why != "off" and self._registered + entry.nbytes <= limit:
                             self._live[entry.token] = entry
                             self._registered += entry.nbytes
                             self._counts["registrations"] += 1
                             entry.last_used = self._clock
                             committed = True
                             return entry
-                    self._ops.unregister(entry.address, entry.nbytes)  # turned off meanwhile
-                self._ops.unreserve(entry.nbytes)
-                with self._lock:
-                    self._reserved -= entry.nbytes
-                why = "off" if registered else "register_failures"
             if why != "off":
                 with self._lock:
                     self._counts[why] += 1
@@ -404,9 +469,28 @@ class RegistrationCache:
             return None
         finally:
             if not committed:
-                with self._lock:
-                    if self._owners.get(entry.oid) is entry:
-                        del self._owners[entry.oid]
+                try:
+                    if reserved:
+                        self._give_back(entry, locked)
+                finally:
+                    with self._lock:
+                        if self._owners.get(entry.oid) is entry:
+                            del self._owners[entry.oid]
+
+    def _give_back(self, entry: _Entry, locked: bool | None) -> None:
+        """Undoes a registration that did not count: unregisters it (``locked``: it was
+        registered; None: the driver's call was interrupted, so it may have been), then
+        gives its reservation back."""
+        if locked:
+            self._ops.unregister(entry.address, entry.nbytes)  # (raises: it stays reserved)
+        elif locked is None:
+            try:
+                self._ops.unregister(entry.address, entry.nbytes)
+            except Exception:
+                pass  # (it had not been registered)
+        self._ops.unreserve(entry.nbytes)
+        with self._lock:
+            self._reserved -= entry.nbytes
 
     def _make_room(self, entry: _Entry) -> str | None:
         """Reserves entry.nbytes within the share and from the pool, evicting registrations
@@ -502,9 +586,15 @@ class RegistrationCache:
         entry = self._live.pop(token, None)
         if entry is None:
             return  # claimed by someone else, or forgotten (a forked child, exit)
-        self._ops.unregister(entry.address, entry.nbytes)
-        self._ops.unreserve(entry.nbytes)  # (only once unregistered: else it stays pinned)
-        self._freed.append(entry)
+        try:
+            self._ops.unregister(entry.address, entry.nbytes)
+        finally:
+            # (even when the driver raised: the array is going, and its share of the
+            # budget must not go with it; the error is printed as the callback's)
+            try:
+                self._ops.unreserve(entry.nbytes)
+            finally:
+                self._freed.append(entry)
 
     def _drop_freed_locked(self) -> None:
         while self._freed:
@@ -523,6 +613,10 @@ class RegistrationCache:
         their transfer ends."""
         if limit is None:
             limit = self._ops.limit()
+        with self._refusing_finalizers():
+            self._trim(limit)
+
+    def _trim(self, limit: float) -> None:
         while True:
             with self._lock:
                 self._drop_freed_locked()
@@ -543,7 +637,7 @@ class RegistrationCache:
 
     def clear(self) -> None:
         """Drops every registration (one in use when its transfer ends) and sighting."""
-        with self._lock:
+        with self._refusing_finalizers(), self._lock:
             self._seen.clear()
             for entry in self._owners.values():
                 entry.doomed = True  # (pending ones give up, leased ones go at release)
