@@ -83,7 +83,7 @@ def routing(monkeypatch):
     """A fresh size routing for one test, recording the route of each large host copy it
     routed (True: torch's threads)."""
     fresh = _cuda.Routing()
-    fresh.routes = []
+    object.__setattr__(fresh, "routes", [])  # (not a knob: Routing refuses unknown names)
     took = fresh.host_copy_took
 
     def recording(nbytes, seconds, on_torch):
@@ -551,6 +551,11 @@ def test_to_numpy_properties(path, x, order, copy):
         ("host_window_bytes", math.inf, TypeError),
         ("host_torch_bytes", -5, ValueError),
         ("host_torch_bytes", True, TypeError),
+        ("small_d2h", "512K", TypeError),
+        ("small_d2h", -1, ValueError),
+        ("small_h2d", math.nan, TypeError),
+        ("small_direct", "no", TypeError),
+        ("small_direct", 1, TypeError),
     ],
 )
 def test_routing_knobs_are_checked_when_set(knob, value, error):
@@ -564,3 +569,12 @@ def test_routing_knobs_are_checked_when_set(knob, value, error):
     setattr(r, knob, before)  # (valid values pass)
     r.host_try_s, r.host_try_copies = np.int64(2), np.int32(3)  # (NumPy numbers too)
     assert (r.host_try_s, r.host_try_copies) == (2.0, 3) and type(r.host_try_s) is float
+
+
+def test_a_misspelled_routing_knob_is_refused_naming_the_knob():
+    r = _cuda.Routing()
+    with pytest.raises(AttributeError, match=r"no knob 'host_rout': did you mean 'host_route'"):
+        r.host_rout = "caller"
+    with pytest.raises(AttributeError, match=r"no knob 'speed'; its knobs: \('small_d2h'"):
+        r.speed = 1
+    assert not hasattr(r, "host_rout") and r.host_route == "fastest"

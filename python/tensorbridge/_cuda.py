@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import difflib
 import math
 import os
 import threading
@@ -117,7 +118,8 @@ class Routing:
     the ``small_*`` fields only. To keep these copies on one route, set
     ``ROUTING.host_route`` to ``"torch"`` or ``"caller"`` (``"fastest"`` measures);
     ``ROUTING.host_torch_bytes = 1 << 62`` sends them to the core's pool like every other
-    host copy. Each ``host_*`` knob is checked when set (TypeError, ValueError).
+    host copy. Each knob is checked when set (TypeError, ValueError; AttributeError for
+    a name that is not one).
     """
 
     small_d2h: int = 512 << 10
@@ -134,7 +136,19 @@ class Routing:
     small_direct: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Checks the host-copy knobs when they are set, so a typo fails there and then."""
+        """Checks every knob when it is set, so a typo or a wrong value fails there and
+        then, not at the first copy it routes."""
+        if not name.startswith("_") and not hasattr(type(self), name):
+            knobs = tuple(f.name for f in dataclasses.fields(self) if f.init)
+            near = difflib.get_close_matches(name, knobs, n=1)
+            raise AttributeError(
+                f"Routing has no knob {name!r}"
+                + (f": did you mean {near[0]!r}?" if near else f"; its knobs: {knobs}")
+            )
+        if name in ("small_d2h", "small_h2d"):
+            value = _backend.int_arg(value, name, 0)
+        if name == "small_direct" and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"small_direct must be True or False, got {value!r}")
         if name == "host_route" and value not in _HOST_ROUTES:
             raise ValueError(f"host_route must be one of {_HOST_ROUTES}, got {value!r}")
         if name in ("host_torch_bytes", "host_window_bytes", "host_try_copies"):
