@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses as dataclass_module
 import gc
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -739,3 +740,40 @@ def test_cyclic_and_very_deep_batches_are_value_errors(backend):
         for call in (lambda b: tb.to_device(b, "cpu"), tb.to_numpy_batch):
             with pytest.raises(ValueError, match="nested too deeply or contains itself"):
                 call(batch)
+
+
+_FLAGS = [
+    ("to_numpy: copy", lambda v: tb.to_numpy(torch.ones(2), copy=v)),
+    ("to_numpy: non_blocking", lambda v: tb.to_numpy(torch.ones(2), non_blocking=v)),
+    ("to_tensor: non_blocking", lambda v: tb.to_tensor(np.ones(2), non_blocking=v)),
+    ("to_device: non_blocking", lambda v: tb.to_device({"x": np.ones(2)}, "cpu", non_blocking=v)),
+    ("to_numpy_batch: non_blocking", lambda v: tb.to_numpy_batch([torch.ones(2)], non_blocking=v)),
+    ("Prefetcher: non_blocking", lambda v: tb.Prefetcher([np.ones(2)], "cpu", non_blocking=v)),
+    (
+        "images_to_tensor: channels_first",
+        lambda v: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), channels_first=v),
+    ),
+    (
+        "images_to_tensor: non_blocking",
+        lambda v: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), non_blocking=v),
+    ),
+    (
+        "PackedBatch.to: non_blocking",
+        lambda v: tb.PackedBatch.pack({"x": np.ones(2)}, pin=False).to("cpu", non_blocking=v),
+    ),
+    (
+        "PackedBatch.to: copy",
+        lambda v: tb.PackedBatch.pack({"x": np.ones(2)}, pin=False).to("cpu", copy=v),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), _FLAGS, ids=[f[0] for f in _FLAGS])
+def test_flags_take_true_or_false_not_truthy_strings(backend, name, call):
+    """copy="no" made a copy, non_blocking="no" a Transfer, channels_first="False"
+    channels-first output: flags are True or False (NumPy's too), as torch's are."""
+    for wrong in ("no", "False", 1, None):
+        with pytest.raises(TypeError, match=rf"^{re.escape(name)} must be True or False, got"):
+            call(wrong)
+    for right in (True, False, np.bool_(True)):
+        call(right)

@@ -350,6 +350,20 @@ def int_arg(value: Any, what: str, lo: int, hi: int | None = None, hint: str = "
     return n
 
 
+def bool_arg(value: Any, what: str) -> bool:
+    """``value`` as a bool: True or False (NumPy's too), as torch's own flags take them; a
+    truthy string such as ``"no"`` would otherwise mean True.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{what} must be True or False, got {type(value).__name__}: {value!r}")
+
+
 #: The most copy threads set_num_threads accepts, on every machine and both paths.
 MAX_THREADS = 256
 

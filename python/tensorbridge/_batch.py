@@ -216,6 +216,7 @@ def to_device(
     """
     dev = _backend.resolve_device(device, "to_device")
     rule = dtype_rule(dtype, "to_device")
+    non_blocking = _backend.bool_arg(non_blocking, "to_device: non_blocking")
     if isinstance(batch, _packed_batch()):
         return batch._to(dev, rule, non_blocking, False)
     if dev.type == "cpu" and rule is None:
@@ -491,6 +492,7 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
         >>> tb.to_numpy_batch({"a": torch.ones(2), "n": 3})
         {'a': array([1., 1.], dtype=float32), 'n': 3}
     """
+    non_blocking = _backend.bool_arg(non_blocking, "to_numpy_batch: non_blocking")
     if out is None and not non_blocking:
         try:
             return tree_map(_host_leaf, batch, "to_numpy_batch")

@@ -166,7 +166,7 @@ def to_numpy(
         >>> tb.to_numpy(torch.ones(2, requires_grad=True))
         array([1., 1.], dtype=float32)
     """
-    if type(x) is torch.Tensor and dtype is None and not copy and not non_blocking:
+    if type(x) is torch.Tensor and dtype is None and copy is False and non_blocking is False:
         # The common cases, in as few Python-level steps as possible. Anything unusual
         # (or wrong) falls through to the full path, which also explains refusals.
         entry = _FAST_GET(x.dtype)
@@ -244,7 +244,8 @@ def to_numpy(
                 and _cuda.copy_pinned(x.get_device(), plain_out, x.data_ptr(), True)
             ):
                 return plain_out  # a page-locked out (torch's pinned memory): one DMA, no steps
-    if not non_blocking:
+    copy = _backend.bool_arg(copy, "to_numpy: copy")
+    if not _backend.bool_arg(non_blocking, "to_numpy: non_blocking"):
         return _to_numpy(x, out, dtype, copy)
     try:
         result = _to_numpy(x, out, dtype, copy, non_blocking=True)
@@ -579,6 +580,7 @@ def to_tensor(
             if not _cuda.copy_pinned(index, a, dst.data_ptr(), False):
                 _cuda.to_device(a, device, None, False, dst)
             return dst
+    non_blocking = _backend.bool_arg(non_blocking, "to_tensor: non_blocking")
     if not isinstance(a, (np.ndarray, torch.Tensor)):
         a = _interop.import_array(a, "to_tensor", numpy_first=False)
     if isinstance(a, np.ndarray):

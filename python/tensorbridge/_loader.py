@@ -742,7 +742,7 @@ class Prefetcher(Generic[_B]):
         self.device = _backend.resolve_device(device, "Prefetcher")
         self.depth = depth
         self.dtype = dtype
-        self.non_blocking = non_blocking
+        self.non_blocking = _backend.bool_arg(non_blocking, "Prefetcher: non_blocking")
 
     def __len__(self) -> int:
         try:
@@ -917,6 +917,8 @@ def images_to_tensor(
             f"images_to_tensor: scale must be a finite number above 0, got {scale!r}: pass "
             "what maps the pixels to 0-1, e.g. scale=1/255."
         )
+    channels_first = _backend.bool_arg(channels_first, "images_to_tensor: channels_first")
+    non_blocking = _backend.bool_arg(non_blocking, "images_to_tensor: non_blocking")
     m = _per_channel(mean, 0.0, "mean", channels)
     s = _per_channel(std, 1.0, "std", channels)
     if (s <= 0).any():

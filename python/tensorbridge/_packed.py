@@ -178,7 +178,8 @@ class PackedBatch:
             device, dtype = None, device
         rule = dtype_rule(dtype, "PackedBatch.to")
         dev = None if device is None else _backend.resolve_device(device, "PackedBatch.to")
-        return self._to(dev, rule, non_blocking, copy)
+        non_blocking = _backend.bool_arg(non_blocking, "PackedBatch.to: non_blocking")
+        return self._to(dev, rule, non_blocking, _backend.bool_arg(copy, "PackedBatch.to: copy"))
 
     def pin_memory(self, device: Any = None) -> PackedBatch:
         """This batch with its buffer page-locked (itself when it already is, or when no
