@@ -781,3 +781,30 @@ def test_bench_refuses_an_unwritable_output_before_measuring(option, tmp_path, c
     err = capsys.readouterr().err
     assert "is not a directory this process can write to" in err
     assert "measuring" not in err  # refused before the first row group
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--threads", "0"], "--threads must be an int from 1 to"),
+        (["--threads", "-1"], "--threads must be an int from 1 to"),
+        (["--sizes", "0"], "at least 4 bytes"),
+        (["--sizes", "0.5"], "at least 4 bytes"),
+        (["--refused-size", "0"], "at least 4 bytes"),
+        (["--sizes", "4K", "100000G"], "GiB of memory with its baselines, and this machine has"),
+        (["--plot", "DIR"], "is a directory: name a file, e.g."),
+        (["--plot", "DIR/p.jpeg2"], "'.jpeg2' is not an image format matplotlib writes"),
+        (["--plot", "DIR/p"], "the file has no extension: end it with .png"),
+    ],
+)
+def test_bench_refuses_bad_arguments_before_measuring(argv, says, tmp_path, capsys):
+    """A usage error is argparse's (exit 2, one line naming the option), before a run,
+    not a traceback after it (or a plot written under another name)."""
+    from tensorbridge.bench import cpu
+
+    argv = [a.replace("DIR", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        cpu.main(["--sections", "overhead", "--repeats", "2", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and says in err, err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -97,13 +98,40 @@ def output_problem(save_dir: str | None, plot_path: str | None) -> str | None:
         existing = os.path.abspath(save_dir)
         while not os.path.exists(existing):  # (save() creates the missing directories)
             existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        if not os.path.isdir(existing) or not _can_write_in(existing):
             return f"--save {save_dir}: {existing} is not a directory this process can write to"
     if plot_path is not None:
+        if os.path.isdir(plot_path):
+            return f"--plot {plot_path} is a directory: name a file, e.g. {plot_path}/bench.png"
+        suffix = os.path.splitext(plot_path)[1].lower().lstrip(".")
+        if suffix not in PLOT_FORMATS:
+            return (
+                f"--plot {plot_path}: "
+                + (
+                    f"'.{suffix}' is not an image format matplotlib writes"
+                    if suffix
+                    else "the file has no extension"
+                )
+                + f": end it with .png (or .{', .'.join(PLOT_FORMATS[1:])})"
+            )
         parent = os.path.dirname(os.path.abspath(plot_path))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        if not os.path.isdir(parent) or not _can_write_in(parent):
             return f"--plot {plot_path}: {parent} is not a directory this process can write to"
     return None
+
+
+#: The file formats --plot takes (matplotlib's savefig, from the file's extension).
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
+
+
+def _can_write_in(directory: str) -> bool:
+    """Whether a file can be made in directory: made and removed, since permission bits
+    alone do not say (root passes os.access on read-only file systems such as /proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
 
 
 _ROW_FIELDS = [f.name for f in dataclasses.fields(Row)]

@@ -327,6 +327,14 @@ def _rerun_on_fallback(argv: Sequence[str]) -> int:
         return proc.wait()
 
 
+def _memory_bytes() -> int:
+    """This machine's physical memory in bytes (unbounded where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tensorbridge bench [options]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -385,6 +393,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 2:
         p.error("--repeats must be at least 2")
+    if min(args.sizes) < 4 or args.refused_size < 4:
+        p.error("--sizes and --refused-size: each size must be at least 4 bytes (one float32)")
+    if (need := 3 * max(*args.sizes, args.refused_size)) > (have := _memory_bytes()):
+        # (a source, an out and the baselines' temporaries: more than memory fails late)
+        p.error(
+            f"--sizes/--refused-size: the largest size needs about {need / 2**30:.1f} GiB of "
+            f"memory with its baselines, and this machine has {have / 2**30:.1f} GiB"
+        )
+    if args.threads is not None:
+        try:
+            _backend.int_arg(args.threads, "--threads", 1, _backend.MAX_THREADS)
+        except (TypeError, ValueError) as exc:
+            p.error(str(exc))
     problem = output_problem(args.save, args.plot)
     if problem:
         p.error(problem)  # before the run, not after minutes of measuring
