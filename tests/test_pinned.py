@@ -31,6 +31,12 @@ def test_empty_pinned_refuses_bad_shapes():
         tb.empty_pinned((2, -1))
     with pytest.raises(TypeError, match="ints"):
         tb.empty_pinned((2.5,))
+    for shape in (3.0, "3", True, None):  # (a float was "'float' object is not iterable")
+        with pytest.raises(TypeError, match=r"shape must be an int or a tuple of ints, got"):
+            tb.empty_pinned(shape)
+    with pytest.raises(TypeError, match=r"dtype=None: pass a dtype"):  # (NumPy's float64)
+        tb.empty_pinned((3,), None)
+    assert tb.empty_pinned(np.array([2, 3])).shape == (2, 3)  # (any sequence of ints)
     with pytest.raises(TypeError, match=r"numpy\.ndarray"):
         tb.is_pinned([1, 2])
 

@@ -23,10 +23,22 @@ ShapeLike = int | tuple[int, ...] | list[int]
 
 
 def _normalize_shape(shape: ShapeLike) -> tuple[int, ...]:
-    dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    refused = TypeError(
+        f"shape must be an int or a tuple of ints, got {type(shape).__name__}: {shape!r}: "
+        "pass e.g. (2, 3)."
+    )
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        dims: tuple[Any, ...] = (shape,)
+    elif isinstance(shape, (str, bytes, bool)):
+        raise refused
+    else:
+        try:
+            dims = tuple(shape)
+        except TypeError:  # (a float, None...)
+            raise refused from None
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
-            raise TypeError(f"shape must hold ints, got {shape!r}")
+            raise TypeError(f"shape must hold ints, got {shape!r}: pass e.g. (2, 3).")
         if d < 0:
             raise ValueError(f"shape must not be negative, got {shape!r}")
     return tuple(int(d) for d in dims)
@@ -46,6 +58,8 @@ def empty_pinned(shape: ShapeLike, dtype: DTypeLike = np.float32) -> np.ndarray:
         ((2, 3), dtype('float32'), True)
     """
     dims = _normalize_shape(shape)
+    if dtype is None:  # (NumPy's np.dtype(None) is float64: not this function's default)
+        raise TypeError("empty_pinned: dtype=None: pass a dtype, e.g. numpy.float32 (the default).")
     np_dtype = as_numpy_dtype(dtype)
     if np_dtype.hasobject:
         raise TypeError(
