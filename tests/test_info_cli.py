@@ -92,6 +92,12 @@ def test_environment_variable_forces_the_fallback():
     info = json.loads(proc.stdout)
     assert info["extension"] is False
     assert "TENSORBRIDGE_DISABLE_EXTENSION=1" in info["fallback_reason"]
+    # the README's other spellings, and the reason quotes the one that is set
+    proc = run_python(
+        "import tensorbridge as tb; print(tb.info()['fallback_reason'])",
+        TENSORBRIDGE_DISABLE_EXTENSION="yes",
+    )
+    assert proc.returncode == 0 and "TENSORBRIDGE_DISABLE_EXTENSION=yes is set" in proc.stdout
     proc = run_python(
         "import torch, numpy as np, tensorbridge as tb;"
         "o = np.empty((3, 2), np.float32);"

@@ -97,7 +97,11 @@ def _load_failure(exc: ImportError) -> str:
 
 def _load(mode: str) -> tuple[ModuleType | None, str | None]:
     if mode == "off":
-        how = f"{MODE_ENV}=off" if os.environ.get(MODE_ENV, "").strip() else f"{DISABLE_ENV}=1"
+        how = (
+            f"{MODE_ENV}=off"
+            if os.environ.get(MODE_ENV, "").strip()
+            else f"{DISABLE_ENV}={os.environ.get(DISABLE_ENV, '').strip()}"
+        )
         return None, f"{how} is set, so the pure-Python path is used."
     try:
         return importlib.import_module(f"{__package__}._C"), None
