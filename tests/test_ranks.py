@@ -39,7 +39,8 @@ REPORT = (
     "threads = C.get_num_threads() if C is not None else None\n"
     "print(json.dumps({'ranks': info['ranks'], 'threads': info['threads'],\n"
     "                  'core_budget': core, 'core_threads': threads,\n"
-    "                  'extension': info['extension']}))\n"
+    "                  'extension': info['extension'],\n"
+    "                  'stats_budget': tb.pinned_stats()['budget']}))\n"
 )
 
 
@@ -272,6 +273,7 @@ def test_the_setters_win_over_the_share():
         "set_pinned_budget()",
     )
     assert (ranks["threads"], ranks["threads_source"]) == (5, "set_num_threads()")
+    assert r["stats_budget"] == 80 << 20  # (pinned_stats agrees, with a GPU or without)
     if r["extension"]:
         assert r["core_threads"] == 5 == r["threads"]
 

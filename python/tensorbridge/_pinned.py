@@ -146,7 +146,8 @@ def pinned_stats() -> dict[str, Any]:
     """The staging pool and the arrays registered in place, in one dict.
 
     The pool: ``budget`` (bytes of page-locked memory it may hold per device, registered
-    arrays included), ``bytes_held`` and ``bytes_in_use``, and the counts of ``hits``
+    arrays included: ``info()["ranks"]["pinned_budget"]``, also where no GPU is usable and
+    ``available`` is False, so nothing is held), ``bytes_held`` and ``bytes_in_use``, and the counts of ``hits``
     (a cached block reused), ``misses`` (a block pinned), ``waits`` (for a busy block),
     ``fallbacks`` (no block: the pageable path), ``pin_failures`` and ``frees``; on a
     machine with more than one NUMA node, ``numa_placed`` (blocks pinned on their GPU's
@@ -170,7 +171,8 @@ def pinned_stats() -> dict[str, Any]:
     if not _backend.ENGINE.cuda_engine:
         return {
             "available": False,
-            "budget": 0,
+            # (the budget a GPU would run under, as info()["ranks"] says; nothing is held)
+            "budget": _ranks.SETTINGS.pinned_budget.value,
             "bytes_held": 0,
             "bytes_in_use": 0,
             "hits": 0,
