@@ -845,7 +845,9 @@ def images_to_tensor(
             (..., H, W, C): channels last, C is 1, 3 or 4. Grayscale images need their
             channel axis (``x[..., None]``: (N, H, W) -> (N, H, W, 1)). A 3-D array is one
             (H, W, C) image: an (N, H, W) array is refused when W is not 1, 3 or 4, and
-            read as one image when it is.
+            read as one image when it is. Likewise a channels-first (N, C, H, W) array is
+            refused unless W is 1, 3 or 4, when it is read as channels-last: pass
+            ``numpy.moveaxis(x, 1, -1)`` (a tensor: ``x.permute(0, 2, 3, 1)``) for such arrays.
         device: where the result goes (default: where the images are).
         dtype: the floating output dtype: torch, NumPy or a string (``"float16"``).
         scale: maps the pixel values to 0-1. uint8 images default to 1/255; any other
