@@ -147,9 +147,10 @@ def pinned_stats() -> dict[str, Any]:
 
     The pool: ``budget`` (bytes of page-locked memory it may hold per device, registered
     arrays included: ``info()["ranks"]["pinned_budget"]``, also where no GPU is usable and
-    ``available`` is False, so nothing is held), ``bytes_held`` and ``bytes_in_use``, and the counts of ``hits``
-    (a cached block reused), ``misses`` (a block pinned), ``waits`` (for a busy block),
-    ``fallbacks`` (no block: the pageable path), ``pin_failures`` and ``frees``; on a
+    ``available`` is False, so nothing is held), ``bytes_held`` and ``bytes_in_use``, and
+    the counts of ``hits`` (a cached block reused), ``misses`` (a block pinned), ``waits``
+    (for a busy block), ``fallbacks`` (no block: the pageable path), ``pin_failures`` and
+    ``frees``; on a
     machine with more than one NUMA node, ``numa_placed`` (blocks pinned on their GPU's
     node) and ``numa_refused`` (blocks pinned without it because the kernel refused the
     memory policy; ``numa_error`` is the last refusal's errno, 1 for EPERM: a container
