@@ -454,7 +454,13 @@ def to_host(
         ):
             # Page-locked destination: one DMA, queued now on the current stream.
             pending = C.cuda_copy_async(
-                index, stream.cuda_stream, dst.ctypes.data, src.data_ptr(), nbytes, True, (src, out)
+                index,
+                stream.cuda_stream,
+                C.array_span(dst)[0],
+                src.data_ptr(),
+                nbytes,
+                True,
+                (src, out),
             )
             if non_blocking:
                 return Transfer(out, poll=pending.done, block=pending.wait)
@@ -611,7 +617,7 @@ def to_device(
         ):
             # (the handle keeps the source alive until the DMA has read it)
             pending = C.cuda_copy_async(
-                index, stream.cuda_stream, dst.data_ptr(), src.ctypes.data, nbytes, False, a
+                index, stream.cuda_stream, dst.data_ptr(), C.array_span(src)[0], nbytes, False, a
             )
             if non_blocking and not registered:
                 _completions.add(pending)  # the caller's own pinned memory: not waited for
