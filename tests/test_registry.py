@@ -942,6 +942,16 @@ def test_wiring_the_direct_pinned_path_of_the_public_calls(cuda_looking):
         assert torch.equal(t, torch.from_numpy(a))
     assert core.log == ["staged", "dma", "waited", "dma", "waited"]
     assert addr(a) in cuda_looking.driver.registered
+    # a pageable out that comes back, from a tensor that requires grad too: the same
+    core.log.clear()
+    back = np.full(N, np.nan, np.float32)
+    for k in range(3):
+        y = torch.from_numpy(np.random.default_rng(3 + k).random(N, dtype=np.float32))
+        back[:] = np.nan  # (poisoned: every byte must be written)
+        assert tb.to_numpy(y.requires_grad_(k == 2), out=back) is back
+        assert np.array_equal(back, y.detach().numpy())
+    assert core.log == ["staged", "dma", "waited", "dma", "waited"]
+    assert addr(back) in cuda_looking.driver.registered
 
 
 def test_wiring_small_copies_take_the_direct_call_where_the_routing_says(cuda_looking, monkeypatch):

@@ -241,9 +241,14 @@ def to_numpy(
                 and not x.is_conj()
                 and not x.is_neg()
                 and _backend.ENGINE.cuda_engine
-                and _cuda.copy_pinned(x.get_device(), plain_out, x.data_ptr(), True)
             ):
-                return plain_out  # a page-locked out (torch's pinned memory): one DMA, no steps
+                if _cuda.copy_pinned(x.get_device(), plain_out, x.data_ptr(), True):
+                    return plain_out  # a page-locked out (torch's pinned memory): one DMA
+                # Pageable (registered by the cache when it comes back, else staged): the
+                # engine's path, without the full path's checks, all made above.
+                return _cuda.to_host(
+                    x.detach() if x.requires_grad else x, plain_out, np_dtype, False
+                )
     copy = _backend.bool_arg(copy, "to_numpy: copy")
     if not _backend.bool_arg(non_blocking, "to_numpy: non_blocking"):
         return _to_numpy(x, out, dtype, copy)

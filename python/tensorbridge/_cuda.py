@@ -402,12 +402,16 @@ def copy_pinned(index: int, host: np.ndarray, device_ptr: int, to_host: bool) ->
 
 def _dense_order(a: np.ndarray) -> tuple[int, ...] | None:
     """A permutation p such that a.transpose(p) is C-contiguous, or None."""
+    if a.flags.c_contiguous:
+        return tuple(range(a.ndim))  # (the common case, without the sort)
     p = tuple(sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]) if a.shape[d] > 1 else 0))
     return p if a.transpose(p).flags.c_contiguous else None
 
 
 def _swap_unit(a: np.ndarray) -> int:
     """The byte-swap unit between a (a torch-mappable dtype) and the device's native order."""
+    if a.dtype.isnative:
+        return 0  # (the common case, without a new dtype)
     return swap_unit(a.dtype, a.dtype.newbyteorder("=")) or 0
 
 
@@ -442,9 +446,8 @@ def to_host(
         if view is not None:
             view.copy_(src)  # small: torch's one synchronous copy is cheaper
             return out
-    device = x.device
-    stream = torch.cuda.current_stream(device)
-    index = _device_index(device)
+    index = _device_index(x.device)
+    stream = stream_handle(index)  # (cheaper than a torch.cuda.Stream object)
 
     # (an `out` that comes back is registered by the cache and DMA'd directly from then on;
     # the lease keeps it registered until the copy is queued)
@@ -455,7 +458,7 @@ def to_host(
             # Page-locked destination: one DMA, queued now on the current stream.
             pending = C.cuda_copy_async(
                 index,
-                stream.cuda_stream,
+                stream,
                 C.array_span(dst)[0],
                 src.data_ptr(),
                 nbytes,
@@ -470,7 +473,7 @@ def to_host(
     def run() -> np.ndarray:
         C.cuda_copy_to_host(
             index,
-            stream.cuda_stream,
+            stream,
             src.data_ptr(),
             dst,
             _chunk_bytes(nbytes),
@@ -610,14 +613,14 @@ def to_device(
         dst = out  # straight into the caller's tensor
     else:
         dst = torch.empty(a.shape, dtype=t_dtype, device=device)
-    stream = torch.cuda.current_stream(device)
+    stream = stream_handle(index)  # (cheaper than a torch.cuda.Stream object)
     with _registry.CACHE.lease(src, index) as registered:  # (a source that comes back: see to_host)
         if registered or (
             swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src, index)
         ):
             # (the handle keeps the source alive until the DMA has read it)
             pending = C.cuda_copy_async(
-                index, stream.cuda_stream, dst.data_ptr(), C.array_span(src)[0], nbytes, False, a
+                index, stream, dst.data_ptr(), C.array_span(src)[0], nbytes, False, a
             )
             if non_blocking and not registered:
                 _completions.add(pending)  # the caller's own pinned memory: not waited for
@@ -630,7 +633,7 @@ def to_device(
             # queued; blocking: it has arrived, so other streams may use the tensor at once).
             C.cuda_copy_to_device(
                 index,
-                stream.cuda_stream,
+                stream,
                 src,
                 dst.data_ptr(),
                 _chunk_bytes(nbytes),
