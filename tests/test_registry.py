@@ -18,9 +18,11 @@ import gc
 import mmap
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 import types
 
@@ -29,7 +31,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _backend, _cuda, _registry
+from tensorbridge import _backend, _convert, _cuda, _registry
 from tensorbridge._registry import RegistrationCache
 
 from conftest import run_in_threads
@@ -175,6 +177,17 @@ def test_the_address_it_tracks_is_where_the_data_starts():
     ):
         assert a.flags.c_contiguous or a.flags.f_contiguous
         assert _registry._address(a) == a.__array_interface__["data"][0]
+
+
+def test_the_cache_works_over_a_core_built_without_cuda(monkeypatch):
+    """A core built with -DTB_ENABLE_CUDA=OFF has no array_span: the address then comes
+    from NumPy, and the policy runs as before."""
+    monkeypatch.setattr(_backend, "_LOADED", types.SimpleNamespace())  # (no GPU calls)
+    cache, drv = make()
+    a = np.zeros(MIN, np.uint8)
+    assert _registry._address(a[8:]) == a.__array_interface__["data"][0] + 8
+    assert [used(cache, a) for _ in range(3)] == [False, True, True]
+    assert drv.registered == {addr(a): MIN} and drv.errors == []
 
 
 def test_a_new_array_at_a_freed_ones_address_is_a_first_sighting():
@@ -536,6 +549,71 @@ def test_a_budget_lowered_while_an_array_registers_holds_for_it_too():
     assert drv.registered == {} and drv.reserved == 0 and cache._reserved == 0
     assert cache.stats()["registered_bytes"] == 0 and cache.stats()["budget_refusals"] == 1
     assert drv.errors == []
+
+
+def test_set_pinned_budget_from_inside_the_cache_changes_nothing():
+    """As from a finalizer the collector ran inside the cache: refused before the budget
+    changes, not half-applied."""
+    before = tb.info()["ranks"]["pinned_budget"]
+    with _registry.CACHE._lock:  # (this thread inside the cache)
+        with pytest.raises(RuntimeError, match="finalizer"):
+            tb.set_pinned_budget(before // 2 + 1)
+    assert tb.info()["ranks"]["pinned_budget"] == before
+
+
+def test_a_keyboard_interrupt_never_leaves_the_cache_locked():
+    """Ctrl-C landing anywhere in the cache's calls (SIGINT sent to this thread every 50 us
+    while it transfers): afterwards the cache's lock is free, for this thread and others."""
+    cache, _ = make(sightings=1)
+    arrays = [np.zeros(MIN, np.uint8) for _ in range(4)]
+    armed = [False]
+
+    def handler(signum, frame):
+        if armed[0]:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    stop = threading.Event()
+
+    def pester():
+        while not stop.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(50e-6)
+
+    t = threading.Thread(target=pester, daemon=True)
+    interrupts = 0
+    try:
+        t.start()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            armed[0] = True
+            try:
+                for a in arrays:
+                    used(cache, a)
+                cache.stats()
+            except KeyboardInterrupt:
+                interrupts += 1
+            finally:
+                armed[0] = False
+    finally:
+        stop.set()
+        t.join()
+        time.sleep(0.05)  # (a signal already sent is handled by the disarmed handler)
+        signal.signal(signal.SIGINT, previous)
+    assert interrupts > 10  # (the signals did land inside the cache's calls)
+    assert not cache._lock._is_owned()
+    got = []
+
+    def take_and_give_back():
+        got.append(cache._lock.acquire(timeout=5))
+        if got[-1]:
+            cache._lock.release()
+
+    other = threading.Thread(target=take_and_give_back)
+    other.start()
+    other.join()
+    assert got == [True]
+    assert used(cache, np.zeros(MIN, np.uint8)) in (True, False)  # (and it still works)
 
 
 def test_a_finalizer_inside_the_cache_that_uses_it_neither_hangs_nor_corrupts_it():
@@ -914,7 +992,7 @@ def cuda_looking(fake_gpu, monkeypatch):
     return fake_gpu
 
 
-def test_wiring_the_direct_pinned_path_of_the_public_calls(cuda_looking):
+def test_wiring_the_direct_pinned_path_of_the_public_calls(cuda_looking, monkeypatch):
     """A page-locked out or source of the user's takes one direct copy, in the right
     direction and size; pageable memory, a registered array or a strided tensor take
     the full paths (staged, or the cache's DMA)."""
@@ -942,8 +1020,14 @@ def test_wiring_the_direct_pinned_path_of_the_public_calls(cuda_looking):
         assert torch.equal(t, torch.from_numpy(a))
     assert core.log == ["staged", "dma", "waited", "dma", "waited"]
     assert addr(a) in cuda_looking.driver.registered
-    # a pageable out that comes back, from a tensor that requires grad too: the same
+    # a pageable out that comes back, from a tensor that requires grad too: the same,
+    # straight from to_numpy's fast path to the engine's (not through the full path)
     core.log.clear()
+
+    def full_path(*args, **kwargs):
+        raise AssertionError("a plain out went through the full path's checks")
+
+    monkeypatch.setattr(_convert, "_to_numpy", full_path)
     back = np.full(N, np.nan, np.float32)
     for k in range(3):
         y = torch.from_numpy(np.random.default_rng(3 + k).random(N, dtype=np.float32))

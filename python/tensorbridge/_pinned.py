@@ -199,6 +199,7 @@ def set_pinned_budget(nbytes: int) -> None:
     It wins over the default, which is divided among the ranks of a node under a
     launcher (``info()["ranks"]``), and over ``TENSORBRIDGE_PINNED_BUDGET``."""
     nbytes = _backend.int_arg(nbytes, "set_pinned_budget: nbytes", 0, 2**62)
+    _registry.CACHE.refuse_in_finalizer()  # (before anything changes)
     _ranks.note_pinned_budget(nbytes)
     if _backend.ENGINE.cuda_engine:
         _backend.ENGINE.core.cuda_set_pinned_budget(nbytes)

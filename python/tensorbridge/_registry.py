@@ -54,8 +54,9 @@ queued, and leased registrations are never claimed (the unregistration's device
 synchronization then waits for that DMA). A user's finalizer (``__del__``) that the
 collector runs on a thread inside the cache finds the lock held by its own thread: a
 transfer it makes takes the staged path, the stats read as they stand, and a change of
-options or budget is refused (RuntimeError) rather than waiting for itself. Anything that
-ends a registration early (a KeyboardInterrupt included) gives back what it took. A
+options or budget is refused (RuntimeError) before anything changes, rather than waiting
+for itself. A registration that fails or is interrupted (a KeyboardInterrupt) after the
+driver's register call began is undone and its reservation given back. A
 forked child forgets the parent's registrations without unregistering them: they belong
 to the parent's CUDA context.
 """
@@ -64,13 +65,11 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import functools
 import itertools
 import os
 import threading
 import weakref
-from collections.abc import Iterator
 from typing import Protocol, TypedDict
 
 import numpy as np
@@ -165,9 +164,9 @@ def _address(a: np.ndarray) -> int:
     """The address of a contiguous array's first byte (the only arrays it is asked about).
     The compiled core's array_span takes a tenth of ``__array_interface__``'s microsecond,
     which trackable() pays twice per transfer."""
-    C = _backend._LOADED
-    if C is not None:
-        return int(C.array_span(a)[0])  # (positive strides: where its data starts)
+    span = getattr(_backend._LOADED, "array_span", None)  # (a core built with CUDA has it)
+    if span is not None:
+        return int(span(a)[0])  # (positive strides: where its data starts)
     return int(a.__array_interface__["data"][0])
 
 
@@ -197,32 +196,9 @@ def trackable(a: np.ndarray, min_bytes: int) -> tuple[np.ndarray, int, int, int,
     return owner, address, nbytes, owner_address, owner_nbytes
 
 
-class _Reentered(Exception):
-    """The cache's lock was asked for by the thread that holds it."""
-
-
-class _CacheLock:
-    """The cache's lock. Garbage collection can run a finalizer (a ``__del__``) on a
-    thread inside the cache, and one that transfers an array would wait for itself on a
-    plain lock: here the thread that holds the lock gets :class:`_Reentered` at once
-    instead, before the inner call has changed anything (its first step takes the lock)."""
-
-    __slots__ = ("_depth", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._depth = 0  # 1 while held (read only by the thread that holds the RLock)
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        if self._depth:  # (held, so by this very thread)
-            self._lock.release()
-            raise _Reentered
-        self._depth = 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth = 0
-        self._lock.release()
+def _held_here(lock: threading.RLock) -> bool:
+    """Whether this thread holds ``lock`` (threading.Condition asks RLock the same way)."""
+    return bool(lock._is_owned())  # type: ignore[attr-defined]
 
 
 _IN_FINALIZER = (
@@ -276,7 +252,11 @@ class RegistrationCache:
         self._reset()
 
     def _reset(self) -> None:
-        self._lock = _CacheLock()
+        # Reentrant, so that garbage collection running a finalizer (a __del__) on a thread
+        # inside the cache can never make the thread wait for itself; the public calls
+        # check _held_here first and do not change anything from such a finalizer. (A
+        # C-level lock taken by `with`: a KeyboardInterrupt cannot leave it held.)
+        self._lock = threading.RLock()
         # id(owner) -> its registration, least recently used first
         self._owners: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         # token -> registration whose memory is registered; whoever pops it unregisters it
@@ -305,15 +285,12 @@ class RegistrationCache:
 
     # ------------------------------------------------------------------ options, stats
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _refusing_finalizers() -> Iterator[None]:
-        """Around the calls that change the cache: one that a finalizer makes inside the
-        cache is refused with a RuntimeError (a transfer's is staged instead)."""
-        try:
-            yield
-        except _Reentered:
-            raise RuntimeError(f"tensorbridge's registration cache was {_IN_FINALIZER}.") from None
+    def refuse_in_finalizer(self) -> None:
+        """Raises RuntimeError when this thread is inside the cache already: a finalizer
+        (a ``__del__``) that garbage collection ran there, changing options or budget,
+        which it must not do halfway through the cache's own call."""
+        if _held_here(self._lock):
+            raise RuntimeError(f"tensorbridge's registration cache was {_IN_FINALIZER}.")
 
     def configure(
         self,
@@ -322,7 +299,8 @@ class RegistrationCache:
         sightings: int | None = None,
     ) -> RegistrationOptions:
         """Sets (when given) and returns the options; turning it off drops everything."""
-        with self._refusing_finalizers(), self._lock:
+        self.refuse_in_finalizer()
+        with self._lock:
             if min_bytes is not None:
                 self._min_bytes = min_bytes
             if sightings is not None:
@@ -343,18 +321,17 @@ class RegistrationCache:
         array lived: to make room, a lower budget, registration turned off, moved
         memory), releases (dropped when their array was freed), register_failures (the
         driver refused) and budget_refusals (no room that could be made)."""
-        try:
-            with self._lock:
-                self._drop_freed_locked()
-                return {
-                    "registered_bytes": self._registered,
-                    "registered_arrays": len(self._live),
-                    **self._counts,
-                }
-        except _Reentered:  # (read by a finalizer inside the cache: as it stands, unlocked)
+        if _held_here(self._lock):  # (read by a finalizer inside the cache: as it stands)
             freed = sum(entry.nbytes for entry in list(self._freed))
             return {
                 "registered_bytes": self._registered - freed,
+                "registered_arrays": len(self._live),
+                **self._counts,
+            }
+        with self._lock:
+            self._drop_freed_locked()
+            return {
+                "registered_bytes": self._registered,
                 "registered_arrays": len(self._live),
                 **self._counts,
             }
@@ -364,10 +341,9 @@ class RegistrationCache:
     def lease(self, a: np.ndarray, device: int = -1) -> _Lease:
         """``with cache.lease(a, device) as registered:`` (see the class); ``device``: the
         GPU index of the transfer, whose context registers ``a`` (-1: one the engine uses)."""
-        try:
-            return _Lease(self, self._acquire(a, device) if self._enabled else None)
-        except _Reentered:  # (a finalizer's transfer inside the cache: staged, unchanged)
-            return _Lease(self, None)
+        if not self._enabled or _held_here(self._lock):
+            return _Lease(self, None)  # (a finalizer's transfer inside the cache: staged)
+        return _Lease(self, self._acquire(a, device))
 
     def _acquire(self, a: np.ndarray, device: int) -> _Entry | None:
         found = trackable(a, self._min_bytes)
@@ -452,12 +428,12 @@ class RegistrationCache:
                     locked = False  # (an optimization: the transfer is staged instead)
                 why = "register_failures"
                 if locked:
-                    limit = self._ops.limit()
                     with self._lock:
                         why = "off" if entry.doomed or self._closed else "budget_refusals"
-                        # (the budget lowered while it registered: trim() ran before it
-                        # counted, so it must fit the new one)
-                        if why != "off" and self._registered + entry.nbytes <= limit:
+                        # (the budget lowered while it registered: a trim() may have run
+                        # before it counts, so it must fit the budget as it is now, read
+                        # under the lock a trim takes)
+                        if why != "off" and self._registered + entry.nbytes <= self._ops.limit():
                             self._live[entry.token] = entry
                             self._registered += entry.nbytes
                             self._counts["registrations"] += 1
@@ -619,8 +595,8 @@ class RegistrationCache:
         their transfer ends."""
         if limit is None:
             limit = self._ops.limit()
-        with self._refusing_finalizers():
-            self._trim(limit)
+        self.refuse_in_finalizer()
+        self._trim(limit)
 
     def _trim(self, limit: float) -> None:
         while True:
@@ -643,7 +619,8 @@ class RegistrationCache:
 
     def clear(self) -> None:
         """Drops every registration (one in use when its transfer ends) and sighting."""
-        with self._refusing_finalizers(), self._lock:
+        self.refuse_in_finalizer()
+        with self._lock:
             self._seen.clear()
             for entry in self._owners.values():
                 entry.doomed = True  # (pending ones give up, leased ones go at release)
