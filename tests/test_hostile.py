@@ -746,6 +746,7 @@ _FLAGS = [
     ("to_numpy: copy", lambda v: tb.to_numpy(torch.ones(2), copy=v)),
     ("to_numpy: non_blocking", lambda v: tb.to_numpy(torch.ones(2), non_blocking=v)),
     ("to_tensor: non_blocking", lambda v: tb.to_tensor(np.ones(2), non_blocking=v)),
+    ("to_tensor: non_blocking", lambda v: tb.to_tensor(np.ones(2), "cpu", non_blocking=v)),
     ("to_device: non_blocking", lambda v: tb.to_device({"x": np.ones(2)}, "cpu", non_blocking=v)),
     ("to_numpy_batch: non_blocking", lambda v: tb.to_numpy_batch([torch.ones(2)], non_blocking=v)),
     ("Prefetcher: non_blocking", lambda v: tb.Prefetcher([np.ones(2)], "cpu", non_blocking=v)),
@@ -771,9 +772,9 @@ _FLAGS = [
 @pytest.mark.parametrize(("name", "call"), _FLAGS, ids=[f[0] for f in _FLAGS])
 def test_flags_take_true_or_false_not_truthy_strings(backend, name, call):
     """copy="no" made a copy, non_blocking="no" a Transfer, channels_first="False"
-    channels-first output: flags are True or False (NumPy's too), as torch's are."""
-    for wrong in ("no", "False", 1, None):
+    channels-first output: flags are True or False (NumPy's, and 0 or 1, too)."""
+    for wrong in ("no", "False", 2, -1, 0.0, None):
         with pytest.raises(TypeError, match=rf"^{re.escape(name)} must be True or False, got"):
             call(wrong)
-    for right in (True, False, np.bool_(True)):
+    for right in (True, False, np.bool_(True), 0, 1, np.int64(0)):
         call(right)

@@ -355,15 +355,15 @@ def int_arg(value: Any, what: str, lo: int, hi: int | None = None, hint: str = "
 
 
 def bool_arg(value: Any, what: str) -> bool:
-    """``value`` as a bool: True or False (NumPy's too), as torch's own flags take them; a
-    truthy string such as ``"no"`` would otherwise mean True.
+    """``value`` as a bool: True or False, NumPy's bools, or the ints 0 and 1; anything
+    else is refused, where a truthy string such as ``"no"`` would otherwise mean True.
 
     Raises:
         TypeError: anything else.
     """
     if value is True or value is False:
         return value
-    if isinstance(value, np.bool_):
+    if isinstance(value, np.bool_) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{what} must be True or False, got {type(value).__name__}: {value!r}")
 

@@ -558,7 +558,7 @@ def to_tensor(
         and device is not None
         and dtype is None
         and out is None
-        and not non_blocking
+        and non_blocking is False
         and a.dtype.isnative
         and a.flags.c_contiguous
         and a.dtype in _NATIVE_NUMPY
