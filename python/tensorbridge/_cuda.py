@@ -147,8 +147,10 @@ class Routing:
             )
         if name in ("small_d2h", "small_h2d"):
             value = _backend.int_arg(value, name, 0)
-        if name == "small_direct" and not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"small_direct must be True or False, got {value!r}")
+        if name == "small_direct":
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"small_direct must be True or False, got {value!r}")
+            value = bool(value)
         if name == "host_route" and value not in _HOST_ROUTES:
             raise ValueError(f"host_route must be one of {_HOST_ROUTES}, got {value!r}")
         if name in ("host_torch_bytes", "host_window_bytes", "host_try_copies"):

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Literal, NoReturn, TypeVar, cast, overload
 
@@ -444,7 +445,9 @@ def _paddable_lists(samples: Sequence[Any]) -> bool:
         if not s:
             continue  # ([] takes the others' inner shape)
         try:
-            a = np.asarray(s)
+            with warnings.catch_warnings():  # (NumPy < 1.24 warns on uneven nesting)
+                warnings.simplefilter("ignore")
+                a = np.asarray(s)
         except (ValueError, TypeError):  # lists nested unevenly
             return False
         if a.ndim == 0 or a.dtype.kind not in "biufc":
