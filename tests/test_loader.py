@@ -371,6 +371,14 @@ def test_collate_pad_in_a_dataloader(context):
 # (id, samples, keyword arguments, exception, what the message must say)
 _TOKENS = [{"tokens": np.arange(3), "n": 1}, {"tokens": np.arange(2), "n": 2}]
 PAD_MISFITS = [
+    (
+        "a bool pad value for numbers",  # (True would pad with 1)
+        _TOKENS,
+        {"pad": {"tokens": True}},
+        ValueError,
+        r"pad value True would fill the padded positions of this int64 field with 1: pass "
+        r'the number itself, e\.g\. pad=\{"tokens": 0\}',
+    ),
     ("pad for list samples", [[1], [2]], {"pad": {"a": 0}}, TypeError, r"dict samples.*list"),
     ("pad for an unknown key", _TOKENS, {"pad": {"tokns": 0}}, ValueError, r'"tokns".*"tokens"'),
     ("fields for an unknown key", _TOKENS, {"fields": {"m": list}}, ValueError, r'names "m"'),
@@ -466,6 +474,14 @@ PAD_MISFITS = [
 def test_collate_pad_and_fields_refusals(samples, kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         tb.collate(samples, **kwargs)
+
+
+def test_a_bool_field_pads_with_a_bool():
+    masks = [{"m": np.array([True, False, True])}, {"m": np.array([False])}]
+    got = tb.collate(masks, pad={"m": False})
+    assert got["m"].dtype == torch.bool
+    assert got["m"].tolist() == [[True, False, True], [False, False, False]]
+    assert tb.collate(masks, pad={"m": True})["m"].tolist()[1] == [False, True, True]
 
 
 def test_collate_called_without_samples_points_to_partial():

@@ -589,6 +589,13 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
                 "match: pad or crop them to one size in the dataset."
             )
     dtype, t_dtype = _common_dtype([arrays[i] for i in shaped], path)
+    if isinstance(fill, (bool, np.bool_)) and dtype.kind != "b":
+        # (pad={"tokens": True} reads as "pad it", but would fill with 1)
+        raise ValueError(
+            f"collate: {where}: the pad value {fill!r} would fill the padded positions of "
+            f"this {dtype} field with {int(fill)}: pass the number itself, e.g. "
+            f"pad={{{key}: 0}}."
+        )
     if not _fits(fill, dtype):
         raise ValueError(
             f"collate: {where}: the pad value {fill!r} does not fit the field's dtype {dtype}: "
