@@ -766,6 +766,7 @@ _FLAGS = [
         "PackedBatch.to: copy",
         lambda v: tb.PackedBatch.pack({"x": np.ones(2)}, pin=False).to("cpu", copy=v),
     ),
+    ("collate: packed", lambda v: tb.collate([np.ones(2)], packed=v)),
 ]
 
 

@@ -686,8 +686,12 @@ def test_registration_options_checks_and_round_trips():
         assert got == {"enabled": True, "min_bytes": 8 << 20, "sightings": saved["sightings"]}
         assert type(got["min_bytes"]) is int and type(got["enabled"]) is bool
         assert tb.registration_options(sightings=3)["sightings"] == 3
+        assert tb.registration_options(enabled=0)["enabled"] is False
+        assert tb.registration_options(enabled=1)["enabled"] is True
         for call, exc in (
             (lambda: tb.registration_options(enabled="no"), TypeError),
+            (lambda: tb.registration_options(enabled=2), TypeError),
+            (lambda: tb.registration_options(enabled=1.0), TypeError),
             (lambda: tb.registration_options(min_bytes=1.5), TypeError),
             (lambda: tb.registration_options(sightings=True), TypeError),
             (lambda: tb.registration_options(min_bytes=0), ValueError),

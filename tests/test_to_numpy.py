@@ -90,7 +90,7 @@ def routing(monkeypatch):
         fresh.routes.append(on_torch)
         took(nbytes, seconds, on_torch)
 
-    monkeypatch.setattr(fresh, "host_copy_took", recording)
+    object.__setattr__(fresh, "host_copy_took", recording)  # (this test's instance only)
     monkeypatch.setattr(_cuda, "ROUTING", fresh)
     return fresh
 
@@ -555,7 +555,8 @@ def test_to_numpy_properties(path, x, order, copy):
         ("small_d2h", -1, ValueError),
         ("small_h2d", math.nan, TypeError),
         ("small_direct", "no", TypeError),
-        ("small_direct", 1, TypeError),
+        ("small_direct", 2, TypeError),
+        ("small_direct", 1.0, TypeError),
     ],
 )
 def test_routing_knobs_are_checked_when_set(knob, value, error):
@@ -578,3 +579,13 @@ def test_a_misspelled_routing_knob_is_refused_naming_the_knob():
     with pytest.raises(AttributeError, match=r"no knob 'speed'; its knobs: \('small_d2h'"):
         r.speed = 1
     assert not hasattr(r, "host_rout") and r.host_route == "fastest"
+    with pytest.raises(AttributeError, match=r"no knob 'torch_d2h' \(it is a method\)"):
+        r.torch_d2h = 5
+    assert r.torch_d2h(1) is True  # (still the method)
+
+
+def test_the_small_direct_knob_takes_the_flags_others_take():
+    r = _cuda.Routing()
+    for value, expected in ((1, True), (np.True_, True), (0, False), (np.False_, False)):
+        r.small_direct = value
+        assert r.small_direct is expected

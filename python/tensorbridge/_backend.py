@@ -354,9 +354,10 @@ def int_arg(value: Any, what: str, lo: int, hi: int | None = None, hint: str = "
     return n
 
 
-def bool_arg(value: Any, what: str) -> bool:
+def bool_arg(value: Any, what: str, fix: str = "") -> bool:
     """``value`` as a bool: True or False, NumPy's bools, or the ints 0 and 1; anything
     else is refused, where a truthy string such as ``"no"`` would otherwise mean True.
+    ``fix`` ends the message (a sentence that names the fix).
 
     Raises:
         TypeError: anything else.
@@ -365,7 +366,10 @@ def bool_arg(value: Any, what: str) -> bool:
         return value
     if isinstance(value, np.bool_) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
-    raise TypeError(f"{what} must be True or False, got {type(value).__name__}: {value!r}")
+    raise TypeError(
+        f"{what} must be True or False, got {type(value).__name__}: {value!r}"
+        + (f": {fix}" if fix else "")
+    )
 
 
 #: The most copy threads set_num_threads accepts, on every machine and both paths.

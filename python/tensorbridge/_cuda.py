@@ -138,19 +138,18 @@ class Routing:
     def __setattr__(self, name: str, value: Any) -> None:
         """Checks every knob when it is set, so a typo or a wrong value fails there and
         then, not at the first copy it routes."""
-        if not name.startswith("_") and not hasattr(type(self), name):
-            knobs = tuple(f.name for f in dataclasses.fields(self) if f.init)
+        knobs = tuple(f.name for f in dataclasses.fields(self) if f.init)
+        if not name.startswith("_") and name not in knobs:
             near = difflib.get_close_matches(name, knobs, n=1)
             raise AttributeError(
                 f"Routing has no knob {name!r}"
+                + (" (it is a method)" if hasattr(type(self), name) else "")
                 + (f": did you mean {near[0]!r}?" if near else f"; its knobs: {knobs}")
             )
         if name in ("small_d2h", "small_h2d"):
             value = _backend.int_arg(value, name, 0)
         if name == "small_direct":
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"small_direct must be True or False, got {value!r}")
-            value = bool(value)
+            value = _backend.bool_arg(value, "small_direct")
         if name == "host_route" and value not in _HOST_ROUTES:
             raise ValueError(f"host_route must be one of {_HOST_ROUTES}, got {value!r}")
         if name in ("host_torch_bytes", "host_window_bytes", "host_try_copies"):

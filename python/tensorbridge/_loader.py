@@ -140,8 +140,7 @@ def collate(
             "collate needs at least one sample, got none: pass a non-empty list (a DataLoader "
             "with batch_size >= 1 always does)."
         )
-    if packed not in (True, False):
-        raise TypeError(f"collate: packed= must be True or False, got {packed!r}.")
+    packed = _backend.bool_arg(packed, "collate: packed")
     if packed:
         with arena(estimate_nbytes(samples, pad)) as a:
             return a.packed(collate(samples, pad=pad, fields=fields))

@@ -130,10 +130,11 @@ class PackedBatch:
         PackedBatch inside the batch (``.unpack()`` it). Zero-stride (broadcast) arrays
         are packed in full, like any other.
         """
-        if pin is not None and not isinstance(pin, (bool, np.bool_)):
-            raise TypeError(
-                f"PackedBatch.pack: pin= must be True, False or None, got {type(pin).__name__} "
-                f"{pin!r}: pass pin=None to pin where a GPU is."
+        if pin is not None:
+            pin = _backend.bool_arg(
+                pin,
+                "PackedBatch.pack: pin",
+                "pass True, False or None (None: pinned where a GPU is).",
             )
         if pin and not _backend.ENGINE.cuda_engine:
             raise ValueError(

@@ -716,15 +716,10 @@ def registration_options(
         >>> tb.registration_options()["min_bytes"]
         4194304
     """
-    if enabled is not None and not isinstance(enabled, (bool, np.bool_)):
-        raise TypeError(
-            f"registration_options: enabled must be a bool, got {type(enabled).__name__}: "
-            f"{enabled!r}: pass True or False."
-        )
+    if enabled is not None:
+        enabled = _backend.bool_arg(enabled, "registration_options: enabled")
     if min_bytes is not None:
         min_bytes = _backend.int_arg(min_bytes, "registration_options: min_bytes", 1, 2**62)
     if sightings is not None:
         sightings = _backend.int_arg(sightings, "registration_options: sightings", 1, 1000)
-    return CACHE.configure(
-        None if enabled is None else bool(enabled), min_bytes=min_bytes, sightings=sightings
-    )
+    return CACHE.configure(enabled, min_bytes=min_bytes, sightings=sightings)
