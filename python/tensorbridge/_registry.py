@@ -322,19 +322,17 @@ class RegistrationCache:
         memory), releases (dropped when their array was freed), register_failures (the
         driver refused) and budget_refusals (no room that could be made)."""
         if _held_here(self._lock):  # (read by a finalizer inside the cache: as it stands)
-            freed = sum(entry.nbytes for entry in list(self._freed))
-            return {
-                "registered_bytes": self._registered - freed,
-                "registered_arrays": len(self._live),
-                **self._counts,
-            }
+            return self._snapshot(sum(entry.nbytes for entry in list(self._freed)))
         with self._lock:
             self._drop_freed_locked()
-            return {
-                "registered_bytes": self._registered,
-                "registered_arrays": len(self._live),
-                **self._counts,
-            }
+            return self._snapshot(0)
+
+    def _snapshot(self, freed: int) -> dict[str, int]:
+        return {
+            "registered_bytes": self._registered - freed,
+            "registered_arrays": len(self._live),
+            **self._counts,
+        }
 
     # ------------------------------------------------------------------ transfers
 
