@@ -509,6 +509,76 @@ def test_an_interrupt_while_registering_gives_back_what_it_took():
     assert drv.errors == []
 
 
+def _ctrl_c_after(call):
+    """call, then a Ctrl-C (a real SIGINT) as it returns, where Python raises it."""
+
+    def interrupted(*args):
+        result = call(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    return interrupted
+
+
+def test_a_ctrl_c_as_the_pool_reserves_waits_until_the_registration_counts():
+    """A Ctrl-C landing in the pool's reserve call was raised as the call returned, before
+    the cache knew that it had reserved: those bytes were lost for good. It is raised once
+    the registration is done and counted, and the transfer it interrupted leases nothing."""
+    handler = signal.getsignal(signal.SIGINT)
+    cache, drv = make(FakeDriver(budget=4 * MIN), sightings=1)
+    drv.reserve = _ctrl_c_after(FakeDriver.reserve.__get__(drv))
+    a = np.zeros(MIN, np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        used(cache, a)
+    del drv.reserve
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert drv.registered == {addr(a): MIN} and drv.reserved == cache._reserved == MIN
+    assert cache.stats()["registered_bytes"] == MIN and used(cache, a)  # a hit
+    cache.trim(0)  # (not held by a lease the interrupted transfer never gave back)
+    assert drv.registered == {} and drv.reserved == cache._reserved == 0
+    assert drv.errors == []
+
+
+def test_a_ctrl_c_as_the_driver_unregisters_waits_until_the_books_are_settled():
+    """A Ctrl-C as an eviction's unregister call returned put the registration back as
+    still page-locked (unregistered again at the array's death: a driver error) and kept
+    its reservation. It is raised once the eviction is done."""
+    cache, drv = make(FakeDriver(budget=4 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    drv.unregister = _ctrl_c_after(FakeDriver.unregister.__get__(drv))
+    with pytest.raises(KeyboardInterrupt):
+        cache.trim(0)
+    del drv.unregister
+    assert drv.registered == {} and drv.reserved == cache._reserved == 0
+    assert cache.stats()["registered_bytes"] == 0
+    del a
+    assert drv.errors == [] and len(drv.calls("unregister")) == 1
+
+
+def test_a_ctrl_c_off_the_main_thread_or_under_another_handler_is_left_alone():
+    """Only the main thread holds a Ctrl-C, and only under a Python handler: one that is
+    ignored stays ignored (nothing raised, the handler as it was)."""
+    handler, seen = signal.getsignal(signal.SIGINT), []
+
+    def off_main() -> None:
+        with _registry._interrupts_held():  # (signal.signal would raise ValueError here)
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    t = threading.Thread(target=off_main)
+    t.start()
+    t.join()
+    assert seen == [handler]
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _registry._interrupts_held():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_an_unregistration_failing_at_the_owners_death_still_settles_the_books():
     cache, drv = make(FakeDriver(budget=4 * MIN), sightings=1)
     a = np.zeros(MIN, np.uint8)

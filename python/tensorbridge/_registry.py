@@ -55,8 +55,10 @@ synchronization then waits for that DMA). A user's finalizer (``__del__``) that 
 collector runs on a thread inside the cache finds the lock held by its own thread: a
 transfer it makes takes the staged path, the stats read as they stand, and a change of
 options or budget is refused (RuntimeError) before anything changes, rather than waiting
-for itself. A registration that fails or is interrupted (a KeyboardInterrupt) after the
-driver's register call began is undone and its reservation given back. A
+for itself. A registration that fails, or that a KeyboardInterrupt raised from inside the driver's
+call ends, is undone and its reservation given back. A Ctrl-C (SIGINT) that arrives while
+the main thread registers or unregisters is held until the driver's call and the books of
+its result are both done, then raised: it never parts them. A
 forked child forgets the parent's registrations without unregistering them: they belong
 to the parent's CUDA context.
 """
@@ -65,11 +67,15 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import functools
 import itertools
 import os
+import signal
 import threading
 import weakref
+from collections.abc import Iterator
+from types import FrameType
 from typing import Protocol, TypedDict
 
 import numpy as np
@@ -123,6 +129,30 @@ class RegistrationOptions(TypedDict):
     enabled: bool
     min_bytes: int
     sightings: int
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Holds a Ctrl-C (SIGINT) that arrives inside the block and raises it as the block
+    ends, so that a driver call and the books of its result are never parted by a
+    KeyboardInterrupt (Python raises one between any two calls). Only the main thread
+    receives signals; elsewhere, or where SIGINT's handler is not a Python function
+    (ignored, or the OS default that ends the process), nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    held: list[FrameType | None] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            previous(signal.SIGINT, held[-1])  # (the default handler raises KeyboardInterrupt)
 
 
 class _Entry:
@@ -412,8 +442,22 @@ class RegistrationCache:
     def _register(
         self, entry: _Entry, owner: np.ndarray, key: tuple[int, int, int], device: int
     ) -> _Entry | None:
-        """Makes room for a pending registration and registers it (no lock held). Whatever
-        ends it early (a KeyboardInterrupt included) gives back what it took."""
+        """Makes room for a pending registration and registers it (no lock held), a Ctrl-C
+        held until it is done. Whatever ends it early (an exception from the driver's
+        call, a KeyboardInterrupt included) gives back what it took."""
+        got: _Entry | None = None
+        try:
+            with _interrupts_held():
+                got = self._register_held(entry, owner, key, device)
+        except BaseException:
+            if got is not None:  # (a Ctrl-C held until it counted: no transfer will use it)
+                self._release(got)
+            raise
+        return got
+
+    def _register_held(
+        self, entry: _Entry, owner: np.ndarray, key: tuple[int, int, int], device: int
+    ) -> _Entry | None:
         committed = reserved = False
         locked: bool | None = False  # None: interrupted in the driver's call, not knowing
         try:
@@ -536,17 +580,19 @@ class RegistrationCache:
         self._registered -= entry.nbytes
 
     def _drop(self, entry: _Entry) -> None:
-        """Unregisters a claimed registration (no lock held; its owner is alive)."""
-        try:
-            self._ops.unregister(entry.address, entry.nbytes)
-        except BaseException:
-            with self._lock:  # still registered: back in the table its callback reads
-                self._live[entry.token] = entry
-                self._registered += entry.nbytes
-            raise
-        self._ops.unreserve(entry.nbytes)
-        with self._lock:
-            self._reserved -= entry.nbytes
+        """Unregisters a claimed registration (no lock held; its owner is alive), a Ctrl-C
+        held until it is done."""
+        with _interrupts_held():
+            try:
+                self._ops.unregister(entry.address, entry.nbytes)
+            except BaseException:
+                with self._lock:  # still registered: back in the table its callback reads
+                    self._live[entry.token] = entry
+                    self._registered += entry.nbytes
+                raise
+            self._ops.unreserve(entry.nbytes)
+            with self._lock:
+                self._reserved -= entry.nbytes
 
     def _release(self, entry: _Entry) -> None:
         with self._lock:
