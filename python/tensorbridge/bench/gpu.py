@@ -38,6 +38,10 @@ from .loader import RAGGED_CASE, bench_loader, ragged_arrays
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB]
 SECTIONS = ("d2h", "h2d", "both", "batch", "registered")
+#: Where the transfer sections' device tensors live and go: CUDA. (A test runs the
+#: sections on "cpu", with torch's CUDA calls faked, so that a broken section shows on
+#: any machine before a GPU's time goes to it.)
+DEVICE = "cuda"
 
 
 def gpu_machine() -> dict[str, Any]:
@@ -202,7 +206,7 @@ def bench_d2h(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
     """Device to host: into a fresh array, a reused pageable array and a pinned one."""
     for nbytes in sizes:
         n = nbytes // 4
-        ts = [torch.rand(n, device="cuda") for _ in range(buffers_to_rotate(nbytes, 256 * MiB))]
+        ts = [torch.rand(n, device=DEVICE) for _ in range(buffers_to_rotate(nbytes, 256 * MiB))]
         out, torch_out = np.ones(n, np.float32), np.ones(n, np.float32)  # pages touched
         pinned_out = _pinned.empty_pinned((n,), np.float32)
         pinned_out.fill(1)
@@ -235,7 +239,7 @@ def _h2d_methods(
         (
             "tb.to_tensor(a, 'cuda')  [pageable]",
             False,
-            lambda i: synced(to_tensor(arrs[i % k], "cuda")),
+            lambda i: synced(to_tensor(arrs[i % k], DEVICE)),
             REUSED,
         ),
         (
@@ -247,7 +251,7 @@ def _h2d_methods(
         (
             "tb.to_tensor(a, 'cuda')  [pinned a]",
             False,
-            lambda i: synced(to_tensor(pinned_a, "cuda")),
+            lambda i: synced(to_tensor(pinned_a, DEVICE)),
             PINNED,
         ),
     ]
@@ -307,7 +311,7 @@ def _both_methods(
         (
             "tb: to_numpy(t, out=out) + to_tensor(a, 'cuda')",
             False,
-            lambda i: pair(lambda: to_numpy(t, out=out), lambda: to_tensor(a, "cuda")),
+            lambda i: pair(lambda: to_numpy(t, out=out), lambda: to_tensor(a, DEVICE)),
             REUSED,
         ),
     ]
@@ -321,7 +325,7 @@ def bench_both(r: Runner, sizes: Sequence[int], limits: Limits) -> None:
             n = nbytes // 4
             a = np.random.default_rng(n).random(n, dtype=np.float32)
             methods = _both_methods(
-                torch.rand(n, device="cuda"),
+                torch.rand(n, device=DEVICE),
                 (np.ones(n, np.float32), np.ones(n, np.float32)),
                 (a, a.copy()),
                 pool,
@@ -335,16 +339,16 @@ def _gpu_batch_methods(arrays: list[np.ndarray]) -> list[Method]:
         (
             "for a in batch: torch.from_numpy(a).to(dev, non_blocking=True)",
             True,
-            lambda i: synced([torch.from_numpy(a).to("cuda", non_blocking=True) for a in arrays]),
+            lambda i: synced([torch.from_numpy(a).to(DEVICE, non_blocking=True) for a in arrays]),
         ),
         (
             "per-leaf pinning: from_numpy(a).pin_memory().to(dev, non_blocking=True)",
             True,
             lambda i: synced(
-                [torch.from_numpy(a).pin_memory().to("cuda", non_blocking=True) for a in arrays]
+                [torch.from_numpy(a).pin_memory().to(DEVICE, non_blocking=True) for a in arrays]
             ),
         ),
-        ("tb.to_device(batch, dev)", False, lambda i: synced(to_device(arrays, "cuda"))),
+        ("tb.to_device(batch, dev)", False, lambda i: synced(to_device(arrays, DEVICE))),
     ]
 
 
@@ -375,8 +379,8 @@ def bench_batches(r: Runner, peak: float) -> None:
     images = rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
     torch_images = images.copy()  # (never page-locked by tensorbridge's registration cache)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    m = torch.tensor(mean, device="cuda")
-    sd = torch.tensor(std, device="cuda")
+    m = torch.tensor(mean, device=DEVICE)
+    sd = torch.tensor(std, device=DEVICE)
     r.group(
         "uint8 images -> normalized float NCHW on the device",
         "64 x 224x224x3",
@@ -399,7 +403,7 @@ def bench_batches(r: Runner, peak: float) -> None:
             (
                 "tb.images_to_tensor(x, 'cuda', mean=m, std=s)",
                 False,
-                lambda i: synced(images_to_tensor(images, "cuda", mean=mean, std=std)),
+                lambda i: synced(images_to_tensor(images, DEVICE, mean=mean, std=std)),
             ),
         ],
         peak_gbs=peak,
@@ -415,8 +419,8 @@ def _images_from_collate(r: Runner, peak: float, mean: list[float], std: list[fl
     samples = [
         np.random.default_rng(i).integers(0, 256, (224, 224, 3), dtype=np.uint8) for i in range(64)
     ]
-    m = torch.tensor(mean, device="cuda")
-    sd = torch.tensor(std, device="cuda")
+    m = torch.tensor(mean, device=DEVICE)
+    sd = torch.tensor(std, device=DEVICE)
     C = _backend.ENGINE.C
 
     def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -438,7 +442,7 @@ def _images_from_collate(r: Runner, peak: float, mean: list[float], std: list[fl
         (
             "tb.images_to_tensor(tb.collate(s), 'cuda', mean=m, std=s)",
             False,
-            lambda i: synced(images_to_tensor(collate(samples), "cuda", mean=mean, std=std)),
+            lambda i: synced(images_to_tensor(collate(samples), DEVICE, mean=mean, std=std)),
         ),
     ]
     if C is not None:
@@ -446,7 +450,7 @@ def _images_from_collate(r: Runner, peak: float, mean: list[float], std: list[fl
         def on_copy_threads(i: int) -> object:
             pinned = torch.empty((len(samples), 224, 224, 3), dtype=torch.uint8, pin_memory=True)
             stack_on_copy_threads(samples, pinned.numpy())
-            return synced(images_to_tensor(pinned, "cuda", mean=mean, std=std))
+            return synced(images_to_tensor(pinned, DEVICE, mean=mean, std=std))
 
         name = "the same, stacked on the copy threads (not what collate does yet)"
         methods.append((name, False, on_copy_threads))
@@ -526,9 +530,9 @@ def _reused_methods(
         (
             "tb.to_tensor(a, 'cuda')  [staged: memory it cannot register]",
             False,
-            lambda i: synced(to_tensor(untracked, "cuda")),
+            lambda i: synced(to_tensor(untracked, DEVICE)),
         ),
-        ("tb.to_tensor(a, 'cuda')  [registered]", False, lambda i: synced(to_tensor(a, "cuda"))),
+        ("tb.to_tensor(a, 'cuda')  [registered]", False, lambda i: synced(to_tensor(a, DEVICE))),
     ]
     return d2h, h2d
 
@@ -563,12 +567,12 @@ def _registering_methods(t: torch.Tensor, a: np.ndarray) -> tuple[list[Method], 
         (
             "tb.to_tensor(a.copy(), 'cuda')  [first sighting: staged]",
             False,
-            lambda i: synced(to_tensor(a.copy(), "cuda")),
+            lambda i: synced(to_tensor(a.copy(), DEVICE)),
         ),
         (
             "tb.to_tensor(a.copy(), 'cuda')  [registers; unregisters at free]",
             False,
-            lambda i: _registering(lambda: synced(to_tensor(a.copy(), "cuda"))),
+            lambda i: _registering(lambda: synced(to_tensor(a.copy(), DEVICE))),
         ),
     ]
     return d2h, h2d
@@ -580,7 +584,7 @@ _MAX_FRESH = 256 * MiB
 
 def _bench_registered_size(r: Runner, nbytes: int, limits: Limits) -> None:
     n = nbytes // 4
-    t = torch.rand(n, device="cuda")
+    t = torch.rand(n, device=DEVICE)
     a = np.random.default_rng(0).random(n, dtype=np.float32)
     plain = a.copy()  # given to torch only: never registered
     untracked = np.frombuffer(bytearray(nbytes), np.float32)  # memory the cache cannot track
