@@ -111,9 +111,9 @@ bool clearly_disjoint_elements(const int64_t* shape, const int64_t* byte_strides
 // The hot path of to_numpy(x, out=...): copies a host tensor given as (address, shape,
 // element strides) into `out`. Checks first and writes nothing unless all pass:
 // returns 0 when copied, 1 when `out` is not a writeable ndarray of `dtype` and `shape`
-// (the Python layer then raises the right error), 2 when the byte ranges of `out` and
-// the source intersect (the Python layer decides exactly). `serial` keeps the copy on
-// the calling thread, with no pool thread to wait for.
+// or the source is at address 0 (the Python layer then raises the right error), 2 when
+// the byte ranges of `out` and the source intersect (the Python layer decides exactly).
+// `serial` keeps the copy on the calling thread, with no pool thread to wait for.
 int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handle shape,
                       py::handle strides, int swap_unit, bool serial) {
   if (!py::isinstance<py::array>(out)) return 1;
@@ -132,6 +132,7 @@ int copy_from_address(py::handle out, py::handle dtype, uintptr_t src, py::handl
   const auto d =
       tb::byte_span(reinterpret_cast<uintptr_t>(dst.data()), shp.data(), ds.data(), nd, itemsize);
   const auto r = tb::byte_span(src, shp.data(), ss.data(), nd, itemsize);
+  if (src == 0 && !r.empty()) return 1;  // a freed storage: the Python layer refuses it
   if (d.intersects(r)) return 2;
   if (!d.empty() && !clearly_disjoint_elements(shp.data(), ds.data(), nd, itemsize))
     return 1;  // elements may share memory: the Python layer decides exactly

@@ -779,3 +779,48 @@ def test_flags_take_true_or_false_not_truthy_strings(backend, name, call):
             call(wrong)
     for right in (True, False, np.bool_(True), 0, 1, np.int64(0)):
         call(right)
+
+
+def _freed(n: int, keep: int) -> torch.Tensor:
+    """A tensor whose storage was freed (keep=0, as FSDP frees sharded parameters) or
+    shrunk in place to keep bytes: its elements lie past its memory."""
+    t = torch.arange(float(n))
+    t.untyped_storage().resize_(keep)
+    return t
+
+
+_READS_FREED = [
+    ("to_numpy: out", lambda t: tb.to_numpy(t, out=np.full(t.shape, -7.0, np.float32))),
+    ("to_numpy: copy", lambda t: tb.to_numpy(t, copy=True)),
+    ("to_numpy: dtype", lambda t: tb.to_numpy(t, dtype=np.float64)),
+    ("to_tensor", lambda t: tb.to_tensor(t, dtype=torch.float64)),
+    ("to_device", lambda t: tb.to_device({"a": t}, "cpu", dtype=torch.float16)),
+    (
+        "to_numpy_batch: out",
+        lambda t: tb.to_numpy_batch({"a": t}, out={"a": np.full(t.shape, -7.0, np.float32)}),
+    ),
+    ("PackedBatch.pack", lambda t: tb.PackedBatch.pack({"a": t})),
+    ("collate", lambda t: tb.collate([t, t])),
+]
+
+
+@pytest.mark.parametrize("n", [1000, 1 << 20])  # (the small copies' path and the large ones')
+@pytest.mark.parametrize(("name", "call"), _READS_FREED, ids=[c[0] for c in _READS_FREED])
+def test_a_tensor_whose_storage_was_freed_is_refused_not_read(backend, name, call, n):
+    """A copy from a tensor whose storage was freed read address 0 (a segfault in the
+    compiled core, and in torch's own copy_); one shrunk in place read past its end."""
+    for keep in (0, 40) if "out" not in name else (0,):  # (out=: freed only, see below)
+        with pytest.raises(ValueError, match=r"storage holds \d+ bytes but its elements reach"):
+            call(_freed(n, keep))
+
+
+def test_a_freed_storage_is_refused_before_out_is_written(backend):
+    """(A storage shrunk but not freed is read as torch's own copy_ reads it on the copy
+    into out's fast path: that check would cost every small copy.)"""
+    out = np.full(1000, -7.0, np.float32)
+    with pytest.raises(ValueError, match=r"shrunk in place.*summon_full_params"):
+        tb.to_numpy(_freed(1000, 0), out=out)
+    assert (out == -7.0).all()
+    t = torch.arange(8.0)[2:6]  # (a view inside a whole storage is not refused)
+    assert tb.to_numpy(t, copy=True).tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert tb.to_numpy(torch.zeros(0), copy=True).shape == (0,)

@@ -52,7 +52,29 @@ def _check_tensor(x: Any, fn: str) -> torch.Tensor:
             f"{fn} cannot convert a meta tensor: it has no data. Materialize it "
             "first, e.g. torch.empty_like(x, device='cpu')."
         )
+    _check_storage(x, fn)
     return x
+
+
+def _check_storage(x: torch.Tensor, fn: str) -> None:
+    """Refuses a tensor whose elements lie outside its storage's memory: a storage freed
+    or shrunk in place (``untyped_storage().resize_(0)``, as FSDP does to sharded
+    parameters), which a copy would read from address 0 or past its end."""
+    if x.is_meta or not x.numel():
+        return  # (a meta tensor has no memory to read: refused as one where it matters)
+    try:
+        address, have = x.data_ptr(), x.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return  # (a tensor with no storage of its own, e.g. a subclass: torch's to judge)
+    last = sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True) if s > 0)
+    need = (x.storage_offset() + last + 1) * x.element_size()
+    if address == 0 or need > have:
+        raise ValueError(
+            f"{fn}: the tensor's storage holds {have} bytes but its elements reach byte "
+            f"{need}: the storage was freed or shrunk in place (untyped_storage().resize_(), "
+            "as FSDP does to sharded parameters), so there is nothing to read. Convert it "
+            "while its storage is allocated (e.g. inside FSDP's summon_full_params())."
+        )
 
 
 def _check_out_array(
@@ -310,8 +332,9 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
         return False
     nbytes = out.nbytes
     lo, src = dst.data_ptr(), x.data_ptr()  # (faster than out.ctypes)
-    if lo % out.itemsize or src % out.itemsize:
+    if lo % out.itemsize or src % out.itemsize or not src:
         return False  # torch's kernels may assume aligned elements; the core does not
+        # (and a freed storage, at address 0, is the full path's to refuse)
     if lo < src + nbytes and src < lo + nbytes:
         return False  # overlapping: the full path refuses it with a clear message
     C = _backend.ENGINE.C

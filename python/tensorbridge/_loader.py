@@ -16,7 +16,7 @@ import torch
 
 from . import _backend, _dtypes, _interop
 from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, to_device
-from ._convert import Device, readable, to_numpy, to_tensor
+from ._convert import Device, _check_storage, readable, to_numpy, to_tensor
 from ._packed import ARENA, PackedBatch, arena, estimate_nbytes
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
 
@@ -493,6 +493,7 @@ def _host_array(x: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
             "drop (the batch is a copy): pass it with .detach() from the dataset, or stack "
             "that field with torch.stack."
         )
+    _check_storage(x, f"collate: {_where(path)}")  # (to_numpy's view would not read it)
     try:
         return to_numpy(x)
     except (TypeError, ValueError) as exc:
