@@ -49,6 +49,100 @@ def test_transfer_pending_blocks_then_completes():
     assert handle.done()
 
 
+def _traceback_length(exc: BaseException) -> int:
+    n, tb_ = 0, exc.__traceback__
+    while tb_ is not None:
+        n, tb_ = n + 1, tb_.tb_next
+    return n
+
+
+def test_waiting_again_on_a_failed_transfer_raises_the_same_error_with_its_own_traceback():
+    """Each wait() re-raised the stored error as it stood, adding the waiter's frames to
+    its traceback: it grew by two frames a wait, and kept every waiter's frames alive."""
+
+    def fails():
+        raise RuntimeError("cudaErrorLaunchFailure: boom")
+
+    state = {"calls": 0}
+
+    def block():
+        state["calls"] += 1
+        fails()
+
+    handle = tb.Transfer(None, poll=lambda: False, block=block)
+    lengths, errors = [], []
+    for _ in range(5):
+        with pytest.raises(RuntimeError, match="boom") as info:
+            handle.wait()
+        lengths.append(_traceback_length(info.value))
+        errors.append(info.value)
+    assert state["calls"] == 1 and all(e is errors[0] for e in errors)
+    assert len(set(lengths)) == 1, lengths
+    failed = tb.Transfer.failed(RuntimeError("given"))
+    assert len({_traceback_length(_raised(failed.wait)) for _ in range(5)}) == 1
+
+
+def _raised(call) -> BaseException:
+    try:
+        call()
+    except BaseException as exc:  # (the test looks at what was raised)
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_a_keyboard_interrupt_while_waiting_leaves_the_transfer_pending():
+    """A Ctrl-C in wait() was kept as the transfer's error: every later wait() raised
+    KeyboardInterrupt for a copy that had completed, and its memory was kept for good."""
+    state = {"polls": 0, "done": False}
+
+    def poll():
+        state["polls"] += 1
+        if state["polls"] == 1:
+            raise KeyboardInterrupt
+        return state["done"]
+
+    keep = np.ones(3)
+    ref = weakref.ref(keep)
+    parked = len(_handle._PARKED)
+    handle = tb.Transfer(np.arange(3), poll=poll, keepalive=keep)
+    del keep
+    with pytest.raises(KeyboardInterrupt):
+        handle.wait()
+    assert "pending" in repr(handle) and ref() is not None  # (still in flight)
+    state["done"] = True
+    np.testing.assert_array_equal(handle.wait(), np.arange(3))
+    gc.collect()
+    assert ref() is None and len(_handle._PARKED) == parked  # released, not parked
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(__import__("copy").copy, id="copy"),
+        pytest.param(__import__("copy").deepcopy, id="deepcopy"),
+        pytest.param(lambda h: __import__("pickle").dumps(h), id="pickle"),
+    ],
+)
+def test_a_transfer_is_neither_copied_nor_pickled(how):
+    """A copy of a pending combined handle shared its closure, which wrote the result onto
+    the original (the copy's wait() gave None); pickling failed on a lock."""
+    pending = tb.Transfer.gather([tb.Transfer(1, poll=lambda: False, block=lambda: None)], dict)
+    for handle in (pending, tb.Transfer.completed(np.ones(2))):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*transfer\.wait\(\)"):
+            how(handle)
+
+
+def test_a_combined_transfer_of_a_failed_one_fails_at_wait_not_at_the_call():
+    """gather() combined handles that were all done at once, raising a failed one's
+    error at the call (to_numpy_batch(non_blocking=True) raised there) instead of
+    returning a handle whose wait() raises it, as for any other failure."""
+    handles = [tb.Transfer.completed(1), tb.Transfer.failed(RuntimeError("boom"))]
+    combined = tb.Transfer.gather(handles, lambda: [h.wait() for h in handles])
+    assert combined.done()
+    with pytest.raises(RuntimeError, match="boom"):
+        combined.wait()
+
+
 def test_dropping_sources_and_handles_is_safe(backend, gen):
     x = random_tensor((300, 400), torch.float32, gen)
     expected = x.numpy().copy()

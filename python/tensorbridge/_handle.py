@@ -26,8 +26,11 @@ class Transfer(Generic[T]):
     """A conversion that may still be in flight.
 
     ``wait()`` returns the result once it is complete (and raises the transfer's error,
-    if any); ``done()`` polls without blocking. Waiting twice returns the same result.
-    Until the transfer completes the handle keeps its source and destination alive.
+    if any); ``done()`` polls without blocking. Waiting twice returns the same result
+    (or raises the same error). A KeyboardInterrupt while waiting leaves the transfer
+    pending: a later ``wait()`` finishes it. Until the transfer completes the handle
+    keeps its source and destination alive. A handle is neither copied nor pickled (its
+    result is: ``wait()`` for it first).
 
     Example:
         >>> import torch, tensorbridge as tb
@@ -36,7 +39,16 @@ class Transfer(Generic[T]):
         array([0, 1, 2])
     """
 
-    __slots__ = ("__weakref__", "_block", "_error", "_keepalive", "_lock", "_poll", "_result")
+    __slots__ = (
+        "__weakref__",
+        "_block",
+        "_error",
+        "_keepalive",
+        "_lock",
+        "_poll",
+        "_result",
+        "_traceback",
+    )
 
     def __init__(
         self,
@@ -49,6 +61,9 @@ class Transfer(Generic[T]):
     ) -> None:
         self._result = result
         self._error = error
+        # (each wait() raises the error from here: re-raising it as it stands would add
+        # every waiter's frames to its traceback, and keep them alive)
+        self._traceback = error.__traceback__ if error is not None else None
         self._poll = poll  # None: complete
         self._block = block
         self._keepalive = keepalive
@@ -72,7 +87,10 @@ class Transfer(Generic[T]):
         The way to build a combined handle: no other module writes a handle's fields.
         """
         if all(h.done() for h in handles):
-            return cls.completed(combine())
+            try:
+                return cls.completed(combine())
+            except Exception as exc:  # (a handle's error: raised by wait(), as for one)
+                return cls.failed(exc)
         t: Transfer[T] = cls(None, poll=lambda: all(h.done() for h in handles))
 
         def block() -> None:
@@ -102,14 +120,20 @@ class Transfer(Generic[T]):
                     else:
                         while not self._poll():
                             time.sleep(50e-6)
-                except BaseException as exc:
-                    self._error = exc
+                except Exception as exc:  # (a KeyboardInterrupt leaves it pending)
+                    self._error, self._traceback = exc, exc.__traceback__
                     park(self._keepalive)  # the copy may still be running: never free it
                 self._poll = self._block = None
                 self._keepalive = None
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(self._traceback)
         return self._result  # type: ignore[return-value]
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(
+            "a tensorbridge.Transfer cannot be copied or pickled (it stands for a copy in "
+            "flight): copy or pickle its result, transfer.wait()."
+        )
 
     def __repr__(self) -> str:
         state = "done" if self._poll is None else "pending"
