@@ -84,6 +84,60 @@ def test_to_device_keeps_every_structure(backend):
     assert moved["tokens"].data_ptr() == batch["tokens"].ctypes.data  # CPU: no copy
 
 
+class _Encoding(collections.UserDict):
+    """Shaped like transformers' BatchEncoding: a UserDict with state besides its items."""
+
+    def __init__(self, data=None, encodings=None):
+        super().__init__(data)
+        self._encodings = encodings
+
+
+class _Tagged(dict):
+    pass
+
+
+class _Pair(collections.namedtuple("_Pair", "a b")):
+    def __new__(cls, a):  # (one argument: b is a copy of a)
+        return super().__new__(cls, a, a)
+
+
+_REBUILDS = [
+    ("to_device", lambda b: tb.to_device(b, "cpu", dtype=torch.float64)),
+    ("to_numpy_batch", lambda b: tb.to_numpy_batch(tb.to_device(b, "cpu"))),
+    ("PackedBatch", lambda b: tb.PackedBatch.pack(b, pin=False).to("cpu", dtype=torch.float64)),
+    ("Prefetcher", lambda b: next(iter(tb.Prefetcher([b], "cpu", dtype=torch.float64)))),
+]
+
+
+@pytest.mark.parametrize(("name", "move"), _REBUILDS, ids=[r[0] for r in _REBUILDS])
+def test_mappings_keep_their_state_and_namedtuples_their_own_new(backend, name, move):
+    """A BatchEncoding came back with its encodings None (its word_ids() then failed), a
+    dict subclass without its attributes: rebuilt as type(m)(items). They are copies with
+    the new items now, as torch's default_convert makes, and the originals are unchanged.
+    A namedtuple with a __new__ of its own is rebuilt by _make, not refused."""
+    rng = np.random.default_rng(7)
+    enc = _Encoding({"input_ids": rng.random(4)}, encodings=["word ids"])
+    tagged = _Tagged(x=rng.random(3))
+    tagged.meta = "kept"
+    ordered = collections.OrderedDict([("b", rng.random(2)), ("a", rng.random(2))])
+    counts = collections.defaultdict(list, {"n": rng.random(2)})
+    pair = _Pair(rng.random(2))
+    batch = {"enc": enc, "tagged": tagged, "ordered": ordered, "counts": counts, "pair": pair}
+    originals = {k: dict(v) for k, v in batch.items() if k != "pair"}
+    moved = move(batch)
+    assert type(moved["enc"]) is _Encoding and moved["enc"]._encodings == ["word ids"]
+    assert type(moved["tagged"]) is _Tagged and moved["tagged"].meta == "kept"
+    assert list(moved["ordered"]) == ["b", "a"] and moved["counts"].default_factory is list
+    assert type(moved["pair"]) is _Pair
+    for key, items in originals.items():  # (the caller's mappings: not written)
+        assert batch[key] is not moved[key] and dict(batch[key]) == items
+        for k, v in items.items():
+            got = moved[key][k]
+            assert batch[key][k] is v and got.tolist() == v.tolist()
+            assert isinstance(got, np.ndarray if name == "to_numpy_batch" else torch.Tensor)
+    assert moved["pair"].a.tolist() == pair.a.tolist() == moved["pair"].b.tolist()
+
+
 def test_to_device_dtype_by_key_and_by_source_dtype(backend):
     batch = make_batch(np.random.default_rng(1))
     moved = tb.to_device(batch, "cpu", dtype={"image": torch.float32, np.int16: "int64"})

@@ -194,16 +194,27 @@ def _unflatten(spec: Spec, it: Any) -> Any:
         return dict(zip(meta, values, strict=True))
     if kind == "mapping":
         items = dict(zip(meta.keys(), values, strict=True))
-        if isinstance(meta, collections.defaultdict):
-            out: collections.defaultdict[Any, Any] = collections.defaultdict(meta.default_factory)
-            out.update(items)
-            return out
+        if isinstance(meta, (dict, collections.UserDict)):
+            # A copy with the new items, as torch's default_convert makes: it keeps what
+            # the mapping holds besides its items (a defaultdict's factory, a
+            # BatchEncoding's encodings, a subclass's attributes). (Only these two: their
+            # copies hold their own items; another mapping's copy may share its
+            # storage with the original, which an update would then change.)
+            try:
+                clone = copy.copy(meta)
+                clone.update(items)
+                return clone
+            except TypeError:
+                pass
         try:
             return type(meta)(items)
         except TypeError:  # a mapping type that cannot be built from a dict
             return items
     if kind == "namedtuple":
-        return meta(*values)
+        try:
+            return meta(*values)
+        except TypeError:  # (a __new__ of its own, with other arguments)
+            return meta._make(values)
     if kind == "sequence":
         try:
             return meta(values)
