@@ -742,6 +742,41 @@ def test_cyclic_and_very_deep_batches_are_value_errors(backend):
                 call(batch)
 
 
+def _nested(leaf, depth: int) -> list:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+_DEEP_CALLS = [
+    ("to_device", lambda b: tb.to_device(b, "cpu")),
+    ("to_device", lambda b: tb.to_device(b, "cpu", dtype=torch.float16)),
+    ("to_numpy_batch", tb.to_numpy_batch),
+    ("to_numpy_batch", lambda b: tb.to_numpy_batch(b, non_blocking=True).wait()),
+    ("PackedBatch.pack", lambda b: tb.PackedBatch.pack(b).to("cpu")),
+]
+
+
+@pytest.mark.parametrize("depth", [300, 498, 2000])
+@pytest.mark.parametrize(
+    ("name", "call"), _DEEP_CALLS, ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_a_batch_too_deep_is_refused_naming_the_function_at_every_depth(backend, name, call, depth):
+    """Some paths refused without naming their function; at 498 levels (Python's recursion
+    limit reached while rebuilding, not flattening) a raw RecursionError escaped."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: the batch is nested too deeply"):
+        call(_nested(torch.ones(1), depth))
+    assert call(_nested(torch.ones(1), 50)) is not None  # (deep, but not too deep)
+
+
+def test_a_dtype_key_torch_cannot_cast_from_is_named_as_a_source():
+    """dtype={torch.uint1: ...} was refused as if uint1 were the cast's target."""
+    with pytest.raises(TypeError, match=r"^to_device: dtype= has the key torch\.uint1, a source"):
+        tb.to_device({"a": np.ones(2)}, "cpu", dtype={torch.uint1: torch.float32})
+    with pytest.raises(TypeError, match=r"^to_device: dtype=torch\.qint8 cannot be the target"):
+        tb.to_device({"a": np.ones(2)}, "cpu", dtype={"a": torch.qint8})
+
+
 _FLAGS = [
     ("to_numpy: copy", lambda v: tb.to_numpy(torch.ones(2), copy=v)),
     ("to_numpy: non_blocking", lambda v: tb.to_numpy(torch.ones(2), non_blocking=v)),

@@ -45,7 +45,7 @@ def dtype_rule(spec: DTypeSpec, fn: str) -> DTypeRule | None:
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
-        target = _dtypes.as_torch_dtype(spec)
+        target = _named(_dtypes.as_torch_dtype, spec, fn)
         if not target.is_floating_point:
             raise TypeError(
                 f"{fn}: a single dtype= casts the floating-point leaves only (integer labels "
@@ -54,13 +54,35 @@ def dtype_rule(spec: DTypeSpec, fn: str) -> DTypeRule | None:
                 "dtype={'labels': torch.int32} or dtype={torch.int64: torch.int32}."
             )
         return DTypeRule(target, {}, {})
-    by_key = {k: _dtypes.as_torch_dtype(v) for k, v in spec.items()}
+    by_key = {k: _named(_dtypes.as_torch_dtype, v, fn) for k, v in spec.items()}
     by_source = {  # (other keys, an int say, are key names only)
-        _dtypes.as_torch_dtype(k): v
+        _named(_cast_source, k, fn): v
         for k, v in by_key.items()
         if isinstance(k, (torch.dtype, np.dtype, type))
     }
     return DTypeRule(None, by_key, by_source)
+
+
+def _cast_source(key: Any) -> torch.dtype:
+    """A dtype= mapping's dtype key: a source dtype that torch can cast from."""
+    if isinstance(key, torch.dtype):
+        try:
+            return _dtypes.as_torch_dtype(key)
+        except TypeError:
+            raise TypeError(
+                f"dtype= has the key {key}, a source dtype torch cannot cast from "
+                "(quantized, bit-packed and sub-byte dtypes): leave it out of the mapping; "
+                "such leaves move as they are."
+            ) from None
+    return _dtypes.as_torch_dtype(key)
+
+
+def _named(check: Any, value: Any, fn: str) -> torch.dtype:
+    """check(value), its refusal prefixed with the public function's name."""
+    try:
+        return check(value)
+    except TypeError as exc:
+        raise TypeError(f"{fn}: {exc}") from None
 
 
 def check_names(rule: DTypeRule, present: set[Any], fn: str) -> None:
@@ -296,7 +318,7 @@ def send_batch(
     """to_device after the arguments are checked: with a ``sender`` (and the compiled
     core), the host arrays of the batch cross packed in one buffer; other leaves move
     one by one."""
-    originals, keys, spec = flatten(batch)
+    originals, keys, spec = flatten(batch, "to_device")
     types = set(map(type, originals))  # (per-leaf work in C: a batch has thousands)
     if _PLAIN.issuperset(types):
         leaves = originals
@@ -498,11 +520,11 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
             return tree_map(_host_leaf, batch, "to_numpy_batch")
         except _NotOnHost:
             pass
-    originals, keys, spec = flatten(batch)
+    originals, keys, spec = flatten(batch, "to_numpy_batch")
     nested = _packed_batch()
     if any(isinstance(leaf, nested) for leaf in originals):  # their tensors, over the buffer
         batch = unflatten(spec, [x.unpack() if isinstance(x, nested) else x for x in originals])
-        originals, keys, spec = flatten(batch)
+        originals, keys, spec = flatten(batch, "to_numpy_batch")
     paths: list[str] = []  # (each out's, for messages)
     outs = [None] * len(originals)
     if out is not None:

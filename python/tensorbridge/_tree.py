@@ -44,14 +44,21 @@ def is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
 
+#: The deepest nesting a batch may have: far beyond any real batch, and shallow enough
+#: that rebuilding it (unflatten, from however deep a call stack it runs) never meets
+#: Python's recursion limit where flattening it did not.
+MAX_DEPTH = 200
+
+
 def flatten(obj: Any, fn: str | None = None) -> tuple[list[Any], list[Any], Spec]:
     """(leaves, keys, spec): the leaves in order, each leaf's key (the nearest dict key or
     dataclass field name, None at the top) and what :func:`unflatten` needs to rebuild.
-    ``fn`` names the public function in the refusal of a batch nested too deeply."""
+    ``fn`` names the public function in the refusal of a batch nested too deeply (more
+    than MAX_DEPTH containers, or containing itself)."""
     leaves: list[Any] = []
     keys: list[Any] = []
     try:
-        spec = _flatten(obj, None, leaves, keys)
+        spec = _flatten(obj, None, leaves, keys, 0)
     except RecursionError:
         raise _too_deep(fn) from None
     return leaves, keys, spec
@@ -128,35 +135,40 @@ def _flatten_as(
         _flatten_as(v, c, f"{path}[{i}]", leaves, paths)
 
 
-def _flatten(obj: Any, key: Any, leaves: list[Any], keys: list[Any]) -> Spec:
+def _flatten(obj: Any, key: Any, leaves: list[Any], keys: list[Any], depth: int) -> Spec:
     cls = type(obj)
     if cls in _LEAF_TYPES:
         leaves.append(obj)
         keys.append(key)
         return None
+    if depth > MAX_DEPTH:
+        raise RecursionError  # (flatten refuses it, naming the function)
+    depth += 1
     if cls is list:
         if _LEAF_TYPES.issuperset(map(type, obj)):  # a list of leaves: no call per leaf
             leaves.extend(obj)
             keys.extend([key] * len(obj))
             return ("list", None, [None] * len(obj))
-        return ("list", None, [_flatten(v, key, leaves, keys) for v in obj])
+        return ("list", None, [_flatten(v, key, leaves, keys, depth) for v in obj])
     if cls is dict:
         if _LEAF_TYPES.issuperset(map(type, obj.values())):
             leaves.extend(obj.values())
             keys.extend(obj)
             return ("dict", list(obj), [None] * len(obj))
-        return ("dict", list(obj), [_flatten(v, k, leaves, keys) for k, v in obj.items()])
+        return ("dict", list(obj), [_flatten(v, k, leaves, keys, depth) for k, v in obj.items()])
     if isinstance(obj, Mapping):
-        return ("mapping", obj, [_flatten(v, k, leaves, keys) for k, v in obj.items()])
+        return ("mapping", obj, [_flatten(v, k, leaves, keys, depth) for k, v in obj.items()])
     if is_namedtuple(obj):
-        children = [_flatten(v, f, leaves, keys) for f, v in zip(obj._fields, obj, strict=True)]
+        children = [
+            _flatten(v, f, leaves, keys, depth) for f, v in zip(obj._fields, obj, strict=True)
+        ]
         return ("namedtuple", cls, children)
     if isinstance(obj, (list, tuple)):
-        return ("sequence", cls, [_flatten(v, key, leaves, keys) for v in obj])
+        return ("sequence", cls, [_flatten(v, key, leaves, keys, depth) for v in obj])
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         # every field, init=False ones too (set after construction, they hold data)
         names = [f.name for f in dataclasses.fields(obj) if hasattr(obj, f.name)]
-        children = [_flatten(getattr(obj, n), n, leaves, keys) for n in names]
+        children = [_flatten(getattr(obj, n), n, leaves, keys, depth) for n in names]
         return ("dataclass", (obj, names), children)
     leaves.append(obj)
     keys.append(key)
@@ -254,12 +266,12 @@ def tree_map(fn: Callable[[Any, Any], Any], obj: Any, name: str | None = None) -
     :func:`flatten` gives them). ``name`` is the public function, for the refusal of a
     batch nested too deeply."""
     try:
-        return _map(fn, obj, None)
+        return _map(fn, obj, None, 0)
     except RecursionError:
         raise _too_deep(name) from None
 
 
-def _map(fn: Callable[[Any, Any], Any], obj: Any, key: Any) -> Any:
+def _map(fn: Callable[[Any, Any], Any], obj: Any, key: Any, depth: int) -> Any:
     # Lists and dicts of leaves (most batches) are mapped directly, without a spec: a
     # flatten and unflatten cost more than the per-leaf work of a small batch.
     cls = type(obj)
@@ -268,12 +280,16 @@ def _map(fn: Callable[[Any, Any], Any], obj: Any, key: Any) -> Any:
     if cls is list:
         if _LEAF_TYPES.issuperset(map(type, obj)):  # a list of leaves: one call per leaf
             return [fn(v, key) for v in obj]
-        return [_map(fn, v, key) for v in obj]
+        if depth >= MAX_DEPTH:
+            raise RecursionError  # (as deep as flatten allows: tree_map refuses it)
+        return [_map(fn, v, key, depth + 1) for v in obj]
     if cls is dict:
         if _LEAF_TYPES.issuperset(map(type, obj.values())):
             return {k: fn(v, k) for k, v in obj.items()}
-        return {k: _map(fn, v, k) for k, v in obj.items()}
+        if depth >= MAX_DEPTH:
+            raise RecursionError
+        return {k: _map(fn, v, k, depth + 1) for k, v in obj.items()}
     leaves: list[Any] = []
     keys: list[Any] = []
-    spec = _flatten(obj, key, leaves, keys)
+    spec = _flatten(obj, key, leaves, keys, depth)
     return unflatten(spec, [fn(leaf, k) for leaf, k in zip(leaves, keys, strict=True)])
