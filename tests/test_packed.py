@@ -432,7 +432,9 @@ def test_to_takes_a_dtype_first_as_tensor_to_does(rng):
 
 
 def test_pack_names_itself_and_the_fix_in_refusals():
-    with pytest.raises(TypeError, match=r"^PackedBatch\.pack: numpy dtype object has no torch"):
+    with pytest.raises(
+        TypeError, match=r"^PackedBatch\.pack \(at key .a.\): numpy dtype object has no torch"
+    ):
         tb.PackedBatch.pack({"a": np.array([object()])})
     x = torch.zeros(3, dtype=torch.complex64).to(torch.complex32)
     with pytest.raises(TypeError, match=r"^PackedBatch\.pack: .*complex32.*\.to\("):
@@ -452,6 +454,22 @@ def test_pack_names_itself_and_the_fix_in_refusals():
             tb.PackedBatch.pack({"x": np.ones(2)}, pin=pin)
     for pin in (np.False_, 0, False, None) if not tb.info()["cuda"] else (np.False_, 0):
         assert tb.PackedBatch.pack({"x": np.ones(2)}, pin=pin).unpack()["x"].sum() == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda: np.ones(2, np.longdouble), id="longdouble"),
+        pytest.param(lambda: np.array(["a", 1], dtype=object).astype(str), id="strings"),
+        pytest.param(lambda: np.array([{}, 1], dtype=object), id="objects"),
+    ],
+)
+def test_pack_names_the_key_of_an_array_it_cannot_pack(backend, bad):
+    """The refusal named neither the key nor the column (Ray's Collate packs columns)."""
+    if bad().dtype == np.longdouble and np.dtype(np.longdouble).itemsize == 8:
+        pytest.skip("longdouble is float64 here")
+    with pytest.raises(TypeError, match=r"^PackedBatch\.pack \(at key 'bad'\): numpy dtype"):
+        tb.PackedBatch.pack({"ok": np.ones(2), "bad": bad()})
 
 
 def test_a_batch_of_values_only_is_still_true():

@@ -70,10 +70,12 @@ def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
     return t
 
 
-def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
+def layout(
+    arrays: Sequence[np.ndarray], fn: str = "to_device", keys: Sequence[Any] | None = None
+) -> Layout:
     """Checks every array and lays them out; refuses (TypeError) a dtype torch cannot hold
     or an array of Python objects, before anything is copied. ``fn`` names the public
-    function in refusals."""
+    function in refusals, ``keys`` (each array's batch key) the array refused."""
     try:
         C = _backend.ENGINE.C
         if C is not None:
@@ -89,14 +91,30 @@ def layout(arrays: Sequence[np.ndarray], fn: str = "to_device") -> Layout:
         # transfer does; every other entry point refuses those dtypes as ones torch lacks,
         # naming the fix.
         refusal: TypeError | ValueError = exc
-        for a in arrays:
-            if isinstance(a, np.ndarray) and (a.dtype.itemsize == 0 or a.dtype.hasobject):
-                refusal = _dtypes.unsupported_numpy(a.dtype)
+        where = ""
+        for i, a in enumerate(arrays):
+            found = _refusal(a)
+            if found is not None:
+                refusal = found
+                where = f" (at key {keys[i]!r})" if keys is not None and keys[i] is not None else ""
                 break
         message = str(refusal)
         for prefix in ("transfer: ", "pack: "):
             message = message.removeprefix(prefix)
-        raise type(refusal)(f"{fn}: {message}") from None
+        raise type(refusal)(f"{fn}{where}: {message}") from None
+
+
+def _refusal(a: Any) -> TypeError | None:
+    """Why the layout refuses array ``a`` (its dtype), or None."""
+    if not isinstance(a, np.ndarray):
+        return None
+    if a.dtype.itemsize == 0 or a.dtype.hasobject:
+        return _dtypes.unsupported_numpy(a.dtype)
+    try:
+        _dtypes.torch_dtype(a.dtype)
+    except TypeError as exc:
+        return exc
+    return None
 
 
 def _round_up(n: int) -> int:

@@ -151,7 +151,8 @@ class PackedBatch:
                 positions.append(i)
                 arrays.append(a)
                 leaves[i] = None
-        plan = _pack.layout(arrays, "PackedBatch.pack")  # refuses before anything is copied
+        # (refuses before anything is copied)
+        plan = _pack.layout(arrays, "PackedBatch.pack", [keys[i] for i in positions])
         buffer = new_host_buffer(plan.nbytes, pin)
         _pack.pack_into(plan, buffer.numpy())
         return cls._make(buffer, plan.groups, positions, leaves, keys, hollow(spec))
