@@ -859,3 +859,18 @@ def test_a_freed_storage_is_refused_before_out_is_written(backend):
     t = torch.arange(8.0)[2:6]  # (a view inside a whole storage is not refused)
     assert tb.to_numpy(t, copy=True).tolist() == [2.0, 3.0, 4.0, 5.0]
     assert tb.to_numpy(torch.zeros(0), copy=True).shape == (0,)
+
+
+class _UnprintableKey:
+    def __repr__(self) -> str:
+        raise RuntimeError("a __repr__ that raises")
+
+
+def test_a_key_whose_repr_raises_does_not_hide_the_refusal(backend):
+    """The dtype= name check and the out= structure check raised the key's __repr__
+    error instead of their own ValueError."""
+    key = _UnprintableKey()
+    with pytest.raises(ValueError, match=r"dtype= names 'nope'.*their keys: <_UnprintableKey"):
+        tb.to_device({key: np.ones(2)}, "cpu", dtype={"nope": torch.float16})
+    with pytest.raises(ValueError, match=r"out\[<_UnprintableKey.*\] has shape \(3,\)"):
+        tb.to_numpy_batch({key: np.ones(2)}, out={key: np.ones(3)})

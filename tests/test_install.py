@@ -103,6 +103,19 @@ def test_auto_without_the_extension_warns_once_and_says_why(bare):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("statement", ["import tensorbridge", "from tensorbridge import ray"])
+def test_the_fallback_warning_points_at_the_import_and_reads_as_sentences(bare, statement):
+    """It pointed at tensorbridge's own _backend.py (so a filter by module could not
+    catch it), and a broken module's loader error ran into the next sentence."""
+    (bare / "tensorbridge" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_text("junk")
+    script = bare / "user_script.py"
+    script.write_text(f"import warnings\nwarnings.simplefilter('always')\n{statement}\n")
+    proc = run([str(script)], bare)
+    warning = next(line for line in proc.stderr.splitlines() if "FallbackWarning" in line)
+    assert warning.startswith(f"{script}:3: FallbackWarning: tensorbridge uses its pure-Python")
+    assert re.search(r"failed to load: .*\. Set TENSORBRIDGE_EXTENSION=off to silence", warning)
+
+
 def test_on_without_the_extension_refuses_to_import(bare):
     proc = run(["-c", "import tensorbridge"], bare, TENSORBRIDGE_EXTENSION="on")
     assert proc.returncode != 0

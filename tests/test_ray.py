@@ -47,6 +47,12 @@ def test_import_tensorbridge_does_not_import_ray():
         "import sys, tensorbridge\n"
         "assert 'ray' not in sys.modules and 'tensorbridge.ray' not in sys.modules\n"
         "assert not hasattr(tensorbridge, 'ray')\n"
+        "try:\n"
+        "    tensorbridge.ray\n"
+        "except AttributeError as e:\n"
+        "    assert 'import tensorbridge.ray (it needs Ray)' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('tensorbridge.ray without importing it')\n"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

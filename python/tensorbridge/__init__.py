@@ -6,6 +6,8 @@ Example:
     array([0, 1, 2])
 """
 
+from typing import TYPE_CHECKING
+
 from ._backend import FallbackWarning, get_num_threads, info, set_num_threads
 from ._batch import to_device, to_numpy_batch
 from ._convert import from_numpy, to_numpy, to_tensor
@@ -45,3 +47,13 @@ __all__ = [
     "transfer_options",
     "unpin",
 ]
+
+if not TYPE_CHECKING:  # (type checkers would read any attribute as this function's)
+
+    def __getattr__(name: str) -> object:
+        if name == "ray":
+            raise AttributeError(
+                "module 'tensorbridge' has no attribute 'ray' until it is imported: "
+                "import tensorbridge.ray (it needs Ray)."
+            )
+        raise AttributeError(f"module 'tensorbridge' has no attribute {name!r}")

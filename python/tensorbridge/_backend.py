@@ -20,8 +20,9 @@ import importlib
 import json
 import os
 import platform
+import sys
 import warnings
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 import numpy as np
@@ -92,7 +93,10 @@ def _load_failure(exc: ImportError) -> str:
             "failed); reinstall with 'pip install .' from the source tree, or "
             "'pip install -v .' to see the build's output."
         )
-    return f"the compiled module tensorbridge._C failed to load: {exc}"
+    detail = str(exc).rstrip()
+    return f"the compiled module tensorbridge._C failed to load: {detail}" + (
+        "" if detail.endswith(".") else "."
+    )
 
 
 def _load(mode: str) -> tuple[ModuleType | None, str | None]:
@@ -116,9 +120,25 @@ def _load(mode: str) -> tuple[ModuleType | None, str | None]:
         f"tensorbridge uses its pure-Python path: {reason} Set {MODE_ENV}=off to silence "
         "this warning.",
         FallbackWarning,
-        stacklevel=2,
+        stacklevel=_importer_stacklevel(),
     )
     return None, reason
+
+
+def _importer_stacklevel() -> int:
+    """The stacklevel of the code that imported tensorbridge, for a warning raised while
+    it loads: past tensorbridge's own frames and the import machinery's."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1  # (level 1: the function that warns)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith("<frozen importlib"):  # (warn() skips those itself)
+            if not name.startswith(package):
+                return level
+            level += 1
+        frame = frame.f_back
+    return 2
 
 
 _MODE = extension_mode()  # read once: the switch decides at import

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import heapq
 import re
-import reprlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, overload
@@ -24,7 +23,7 @@ from ._convert import (
 )
 from ._copy import byte_span, shares_memory
 from ._handle import Transfer
-from ._tree import flatten, flatten_as, tree_map, unflatten
+from ._tree import flatten, flatten_as, key_repr, tree_map, unflatten
 
 if TYPE_CHECKING:
     from ._packed import PackedBatch
@@ -94,7 +93,7 @@ def check_names(rule: DTypeRule, present: set[Any], fn: str) -> None:
         if not isinstance(k, (torch.dtype, np.dtype, type)) and k not in present
     ]
     if missing:
-        have = sorted((repr(k) for k in present if k is not None), key=str)
+        have = sorted((key_repr(k) for k in present if k is not None), key=str)
         dtypes = [k for k in missing if isinstance(k, str) and _dtype_name(k)]
         also = (
             f"; to name a source dtype use a dtype object, not a string: "
@@ -103,7 +102,7 @@ def check_names(rule: DTypeRule, present: set[Any], fn: str) -> None:
             else ""
         )
         raise ValueError(
-            f"{fn}: dtype= names {', '.join(map(repr, missing))}, which no array or tensor of "
+            f"{fn}: dtype= names {', '.join(map(key_repr, missing))}, which no array or tensor of "
             f"the batch has (their keys: {', '.join(have) or 'none'}): fix the name, or "
             f"drop it from the mapping{also}."
         )
@@ -134,14 +133,6 @@ def _source_dtype(leaf: Any) -> torch.dtype:
     return leaf.dtype if isinstance(leaf, torch.Tensor) else _dtypes.torch_dtype(leaf.dtype)
 
 
-def _key_repr(key: Any) -> str:
-    """A key as a refusal shows it: its repr, shortened, or its type where repr fails."""
-    try:
-        return reprlib.repr(key)
-    except Exception:  # (a key whose __repr__ raises must not hide the refusal)
-        return f"<{type(key).__name__}>"
-
-
 def leaf_refusal(exc: TypeError | ValueError, fn: str, key: Any) -> TypeError | ValueError:
     """A leaf's refusal in the name of the batch function ``fn``, with the leaf's key (the
     nearest dict key or dataclass field): ``to_tensor cannot convert a meta tensor...``
@@ -149,7 +140,7 @@ def leaf_refusal(exc: TypeError | ValueError, fn: str, key: Any) -> TypeError | 
     types are returned as they are."""
     if type(exc) not in (TypeError, ValueError):
         return exc
-    where = fn if key is None else f"{fn} (at key {_key_repr(key)})"
+    where = fn if key is None else f"{fn} (at key {key_repr(key)})"
     message = str(exc)
     for name in (fn, "to_tensor", "to_numpy", "from_numpy"):
         if message.startswith((f"{name} ", f"{name}:")):

@@ -12,6 +12,7 @@ import collections
 import copy
 import dataclasses
 import itertools
+import reprlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +39,14 @@ _LEAF_TYPES = frozenset(
 
 # A spec node: None for a leaf, else (kind, meta, children specs).
 Spec = Any
+
+
+def key_repr(key: Any) -> str:
+    """A key as a message shows it: its repr, shortened, or its type where repr fails."""
+    try:
+        return reprlib.repr(key)
+    except Exception:  # (a key whose __repr__ raises must not hide the message)
+        return f"<{type(key).__name__}>"
 
 
 def is_namedtuple(obj: Any) -> bool:
@@ -116,7 +125,7 @@ def _flatten_as(
                 "pass a structure of the same shape, with None where a new array is wanted."
             )
         for k, c in zip(keys, children, strict=True):
-            _flatten_as(obj[k], c, f"{path}[{k!r}]", leaves, paths)
+            _flatten_as(obj[k], c, f"{path}[{key_repr(k)}]", leaves, paths)
         return
     if kind == "dataclass":
         names = meta[1]
