@@ -509,6 +509,14 @@ def test_an_interrupt_while_registering_gives_back_what_it_took():
     assert drv.errors == []
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT's handler as in an interactive Python (a test run may inherit it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _ctrl_c_after(call):
     """call, then a Ctrl-C (a real SIGINT) as it returns, where Python raises it."""
 
@@ -520,7 +528,7 @@ def _ctrl_c_after(call):
     return interrupted
 
 
-def test_a_ctrl_c_as_the_pool_reserves_waits_until_the_registration_counts():
+def test_a_ctrl_c_as_the_pool_reserves_waits_until_the_registration_counts(ctrl_c_raises):
     """A Ctrl-C landing in the pool's reserve call was raised as the call returned, before
     the cache knew that it had reserved: those bytes were lost for good. It is raised once
     the registration is done and counted, and the transfer it interrupted leases nothing."""
@@ -539,7 +547,7 @@ def test_a_ctrl_c_as_the_pool_reserves_waits_until_the_registration_counts():
     assert drv.errors == []
 
 
-def test_a_ctrl_c_as_the_driver_unregisters_waits_until_the_books_are_settled():
+def test_a_ctrl_c_as_the_driver_unregisters_waits_until_the_books_are_settled(ctrl_c_raises):
     """A Ctrl-C as an eviction's unregister call returned put the registration back as
     still page-locked (unregistered again at the array's death: a driver error) and kept
     its reservation. It is raised once the eviction is done."""
@@ -554,6 +562,48 @@ def test_a_ctrl_c_as_the_driver_unregisters_waits_until_the_books_are_settled():
     assert cache.stats()["registered_bytes"] == 0
     del a
     assert drv.errors == [] and len(drv.calls("unregister")) == 1
+
+
+def test_a_ctrl_c_while_a_moved_registration_is_dropped_strands_nothing(monkeypatch, ctrl_c_raises):
+    """A Ctrl-C raised as the stale registration of moved memory was dropped (before the
+    new one was made) left the new one pending for good: the array was never registered
+    again while it lived. Its lease gives it back now."""
+    cache, drv = make(sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    real = _registry._address
+    monkeypatch.setattr(_registry, "_address", lambda x: real(x) + (1 << 40))
+    drv.unregister = _ctrl_c_after(FakeDriver.unregister.__get__(drv))
+    with pytest.raises(KeyboardInterrupt):
+        used(cache, a)
+    del drv.unregister
+    assert used(cache, a)  # registered where the memory now is, not "pending elsewhere"
+    assert drv.registered == {addr(a) + (1 << 40): MIN}
+    cache.trim(0)  # (no lease left behind: it can be evicted)
+    assert drv.registered == {} and drv.reserved == cache._reserved == 0
+    assert drv.errors == []
+
+
+def test_the_users_handler_is_put_back_even_when_another_signal_raises_in_the_way(
+    monkeypatch,
+):
+    """A handler of another signal (a timeout's SIGALRM, DataLoader's SIGCHLD) raising
+    inside the call that restores SIGINT's left the cache's holder installed for good:
+    every later Ctrl-C was swallowed."""
+    previous = signal.getsignal(signal.SIGINT)
+    real, calls = signal.signal, []
+
+    def interrupted_once(signum, handler):
+        calls.append(handler)
+        if handler is previous and calls.count(previous) == 1:
+            raise TimeoutError("SIGALRM's handler")  # (before anything changes, as CPython)
+        return real(signum, handler)
+
+    monkeypatch.setattr(_registry.signal, "signal", interrupted_once)
+    with pytest.raises(TimeoutError):
+        with _registry._interrupts_held():
+            pass
+    assert signal.getsignal(signal.SIGINT) is previous and calls.count(previous) == 2
 
 
 def test_a_ctrl_c_off_the_main_thread_or_under_another_handler_is_left_alone():

@@ -146,11 +146,24 @@ def _interrupts_held() -> Iterator[None]:
         yield
         return
     held: list[FrameType | None] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    installed = False
     try:
+        installed = True  # (first: a signal handler may raise as the call returns)
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # Another signal's handler (a timeout, SIGCHLD, SIGTERM) may raise inside the
+        # restoring call, before it changes anything: it is retried until it has, and
+        # that error raised afterwards, so the user's handler is always put back.
+        error: BaseException | None = None
+        while installed:
+            try:
+                signal.signal(signal.SIGINT, previous)
+                installed = False
+            except BaseException as exc:  # (any signal handler's error)
+                error = error or exc
+        if error is not None:
+            raise error
         if held:
             previous(signal.SIGINT, held[-1])  # (the default handler raises KeyboardInterrupt)
 
@@ -238,7 +251,14 @@ _IN_FINALIZER = (
 
 
 class _Lease:
-    """``with cache.lease(a) as registered:``; the registration stays until the block ends."""
+    """``with cache.lease(a) as registered:``; the registration stays until the block ends.
+
+    The lease holds its entry from the moment the entry's lease count is raised (under
+    the cache's lock), and ``lease()`` gives it back if anything (a KeyboardInterrupt)
+    ends it early, so the count is not stranded. (Not a finalizer: Python runs a pending
+    signal's handler as a ``__del__`` starts, and the Ctrl-C would be lost there. A Ctrl-C
+    in the few instructions between ``lease()`` returning and the ``with`` keeps the entry
+    leased, so it is not evicted, until its array is freed.)"""
 
     __slots__ = ("_cache", "_entry")
 
@@ -250,9 +270,9 @@ class _Lease:
         return self._entry is not None
 
     def __exit__(self, *exc: object) -> None:
-        if self._entry is not None:
-            self._cache._release(self._entry)
-            self._entry = None
+        entry, self._entry = self._entry, None  # (first: released once, whatever comes)
+        if entry is not None:
+            self._cache._release(entry)
 
 
 class RegistrationCache:
@@ -369,19 +389,25 @@ class RegistrationCache:
     def lease(self, a: np.ndarray, device: int = -1) -> _Lease:
         """``with cache.lease(a, device) as registered:`` (see the class); ``device``: the
         GPU index of the transfer, whose context registers ``a`` (-1: one the engine uses)."""
-        if not self._enabled or _held_here(self._lock):
-            return _Lease(self, None)  # (a finalizer's transfer inside the cache: staged)
-        return _Lease(self, self._acquire(a, device))
+        lease = _Lease(self, None)
+        if self._enabled and not _held_here(self._lock):  # (else, as for a finalizer's
+            try:  # transfer inside the cache: staged)
+                self._acquire(a, device, lease)
+            except BaseException:  # (a KeyboardInterrupt, say: what the lease holds goes back)
+                lease.__exit__()
+                raise
+        return lease
 
-    def _acquire(self, a: np.ndarray, device: int) -> _Entry | None:
+    def _acquire(self, a: np.ndarray, device: int, lease: _Lease) -> None:
+        """Gives ``lease`` the registration of ``a`` to use, if there is (or now is) one."""
         found = trackable(a, self._min_bytes)
         if found is None:
-            return None
+            return
         owner, address, nbytes, owner_address, owner_nbytes = found
         stale: _Entry | None = None
         with self._lock:
             if not self._enabled or self._closed:
-                return None
+                return
             self._drop_freed_locked()
             self._clock += 1
             entry = self._owners.get(id(owner))
@@ -390,25 +416,30 @@ class RegistrationCache:
                 entry = None
             if entry is not None:
                 if entry.token not in self._live or entry.doomed:
-                    return None  # being registered or dropped elsewhere: staged this time
+                    return  # being registered or dropped elsewhere: staged this time
                 if entry.address == owner_address and entry.nbytes == owner_nbytes:
                     entry.leases += 1
+                    lease._entry = entry  # (at once: the lease gives it back, come what may)
                     entry.last_used = self._clock
                     self._owners.move_to_end(entry.oid)
                     self._counts["registered_hits"] += 1
-                    return entry
+                    return
                 if entry.leases:
-                    return None
+                    return
                 # The owner's memory moved: the registration covers memory it no longer has.
                 self._claim_locked(entry)
                 self._counts["evictions"] += 1
                 stale = entry
-            entry = self._sighted_locked(owner, address, nbytes, owner_address, owner_nbytes)
+            pending = self._sighted_locked(
+                owner, address, nbytes, owner_address, owner_nbytes, lease
+            )
         if stale is not None:
             self._drop(stale)  # (`a` keeps the owner alive meanwhile)
-        if entry is None:
-            return None
-        return self._register(entry, owner, (id(owner), address, nbytes), device)
+        if (
+            pending is not None
+            and self._register(pending, owner, (id(owner), address, nbytes), device) is None
+        ):
+            lease._entry = None  # (not registered: staged; the pending entry is gone)
 
     def _remember_locked(self, key: tuple[int, int, int], seen: _Sighting) -> None:
         self._seen[key] = seen
@@ -416,9 +447,16 @@ class RegistrationCache:
             self._seen.popitem(last=False)
 
     def _sighted_locked(
-        self, owner: np.ndarray, address: int, nbytes: int, owner_address: int, owner_nbytes: int
+        self,
+        owner: np.ndarray,
+        address: int,
+        nbytes: int,
+        owner_address: int,
+        owner_nbytes: int,
+        lease: _Lease,
     ) -> _Entry | None:
-        """Counts a sighting; a new pending registration when this is the one to register."""
+        """Counts a sighting; a new pending registration when this is the one to register,
+        held by ``lease`` (which gives it back should the registration never run)."""
         key = (id(owner), address, nbytes)
         self._counts["sightings"] += 1
         seen = self._seen.pop(key, None)
@@ -436,6 +474,7 @@ class RegistrationCache:
         # (last_used: the previous sighting, so that making room evicts only colder arrays)
         entry = _Entry(token, id(owner), owner_address, owner_nbytes, seen.seen_at, ref)
         entry.leases = 1
+        lease._entry = entry
         self._owners[entry.oid] = entry
         return entry
 
@@ -445,15 +484,8 @@ class RegistrationCache:
         """Makes room for a pending registration and registers it (no lock held), a Ctrl-C
         held until it is done. Whatever ends it early (an exception from the driver's
         call, a KeyboardInterrupt included) gives back what it took."""
-        got: _Entry | None = None
-        try:
-            with _interrupts_held():
-                got = self._register_held(entry, owner, key, device)
-        except BaseException:
-            if got is not None:  # (a Ctrl-C held until it counted: no transfer will use it)
-                self._release(got)
-            raise
-        return got
+        with _interrupts_held():  # (a Ctrl-C raised as it ends: the lease gives it back)
+            return self._register_held(entry, owner, key, device)
 
     def _register_held(
         self, entry: _Entry, owner: np.ndarray, key: tuple[int, int, int], device: int
@@ -597,7 +629,11 @@ class RegistrationCache:
     def _release(self, entry: _Entry) -> None:
         with self._lock:
             entry.leases -= 1
-            if not (entry.doomed and entry.leases == 0 and entry.token in self._live):
+            if entry.token not in self._live:
+                if entry.leases == 0 and self._owners.get(entry.oid) is entry:
+                    del self._owners[entry.oid]  # pending, its registration never run
+                return
+            if not (entry.doomed and entry.leases == 0):
                 return
             owner = entry.ref()
             if owner is None:
