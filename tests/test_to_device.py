@@ -101,6 +101,29 @@ class _Pair(collections.namedtuple("_Pair", "a b")):
         return super().__new__(cls, a, a)
 
 
+class _AttrDict(dict):
+    """The common recipe: its items are its attributes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.__dict__ = self
+
+
+class _Merging(dict):
+    """An update that merges nested dicts (addict's, mmengine's ConfigDict's)."""
+
+    def update(self, other=(), **kw):
+        for k, v in dict(other, **kw).items():
+            if isinstance(self.get(k), dict) and isinstance(v, dict):
+                self[k].update(v)
+            else:
+                self[k] = v
+
+
+class _KeyAttrs(dict):
+    __getattr__ = dict.__getitem__  # (KeyError, not AttributeError, for a missing name)
+
+
 _REBUILDS = [
     ("to_device", lambda b: tb.to_device(b, "cpu", dtype=torch.float64)),
     ("to_numpy_batch", lambda b: tb.to_numpy_batch(tb.to_device(b, "cpu"))),
@@ -136,6 +159,32 @@ def test_mappings_keep_their_state_and_namedtuples_their_own_new(backend, name, 
             assert batch[key][k] is v and got.tolist() == v.tolist()
             assert isinstance(got, np.ndarray if name == "to_numpy_batch" else torch.Tensor)
     assert moved["pair"].a.tolist() == pair.a.tolist() == moved["pair"].b.tolist()
+
+
+@pytest.mark.parametrize(("name", "move"), _REBUILDS, ids=[r[0] for r in _REBUILDS])
+def test_mappings_with_their_own_update_or_init_are_rebuilt_from_their_items(backend, name, move):
+    """A copy plus the subclass's own update doubled a Counter's counts, left an AttrDict's
+    attributes the caller's arrays, and merged into the caller's nested dicts: those
+    mappings are rebuilt from their items, as before, and nothing of the caller's changes."""
+    rng = np.random.default_rng(8)
+    inner = {"img": rng.random(2)}
+    keyattrs = _KeyAttrs(x=rng.random(2))
+    keyattrs.__dict__["tag"] = 1
+    batch = {
+        "counts": collections.Counter(cat=3, dog=1),
+        "attrs": _AttrDict(image=rng.random(2)),
+        "merging": _Merging(inputs=inner),
+        "keyattrs": keyattrs,
+    }
+    image, img = batch["attrs"]["image"], inner["img"]
+    moved = move(batch)
+    assert moved["counts"] == collections.Counter(cat=3, dog=1) == batch["counts"]
+    assert moved["attrs"].image is moved["attrs"]["image"]
+    assert moved["merging"]["inputs"] is not inner and inner == {"img": img}
+    assert batch["attrs"]["image"] is image and batch["attrs"].image is image
+    assert type(moved["keyattrs"]) is _KeyAttrs
+    kind = np.ndarray if name == "to_numpy_batch" else torch.Tensor
+    assert isinstance(moved["attrs"]["image"], kind) and isinstance(moved["keyattrs"]["x"], kind)
 
 
 def test_to_device_dtype_by_key_and_by_source_dtype(backend):

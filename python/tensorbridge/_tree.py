@@ -215,18 +215,13 @@ def _unflatten(spec: Spec, it: Any) -> Any:
         return dict(zip(meta, values, strict=True))
     if kind == "mapping":
         items = dict(zip(meta.keys(), values, strict=True))
-        if isinstance(meta, (dict, collections.UserDict)):
-            # A copy with the new items, as torch's default_convert makes: it keeps what
-            # the mapping holds besides its items (a defaultdict's factory, a
-            # BatchEncoding's encodings, a subclass's attributes). (Only these two: their
-            # copies hold their own items; another mapping's copy may share its
-            # storage with the original, which an update would then change.)
-            try:
-                clone = copy.copy(meta)
-                clone.update(items)
-                return clone
-            except TypeError:
-                pass
+        kept = _copy_with_items(meta, items)
+        if kept is not None:
+            return kept
+        if isinstance(meta, collections.defaultdict):
+            out: collections.defaultdict[Any, Any] = collections.defaultdict(meta.default_factory)
+            out.update(items)
+            return out
         try:
             return type(meta)(items)
         except TypeError:  # a mapping type that cannot be built from a dict
@@ -243,6 +238,55 @@ def _unflatten(spec: Spec, it: Any) -> Any:
             return list(values) if issubclass(meta, list) else tuple(values)
     obj, names = meta  # dataclass: a shallow copy keeps what the fields do not hold
     return rebuild_dataclass(obj, dict(zip(names, values, strict=True)))
+
+
+#: What a dict subclass may not define for its copy to be its items and attributes:
+#: its own construction, item setting, copying or attribute lookup.
+_DICT_HOOKS = frozenset(
+    {
+        "__init__",
+        "__new__",
+        "__setitem__",
+        "update",
+        "__copy__",
+        "__reduce__",
+        "__reduce_ex__",
+        "__setstate__",
+        "__getattr__",
+        "__getattribute__",
+    }
+)
+
+
+def _copy_with_items(m: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
+    """A shallow copy of ``m`` holding ``items`` instead of its own, keeping what else it
+    holds (a BatchEncoding's encodings, a subclass's attributes), as torch's
+    default_convert keeps it; None where that is not known to be safe: then the mapping
+    is rebuilt from its items. Only a ``UserDict`` subclass (whose copy has its own
+    ``data`` dict) or a dict subclass that defines none of ``_DICT_HOOKS`` qualifies, and
+    the items go in without the subclass's code (a Counter's update adds, an addict's
+    merges into the caller's nested dicts, an AttrDict's copy skips its __init__)."""
+    try:
+        if isinstance(m, collections.UserDict):
+            clone = copy.copy(m)
+            data = getattr(clone, "data", None)
+            if clone is m or type(data) is not dict or data is m.data:
+                return None
+            dict.update(data, items)
+            return clone
+        if isinstance(m, dict) and not any(
+            _DICT_HOOKS.intersection(vars(klass))
+            for klass in type(m).__mro__
+            if klass not in (dict, object)
+        ):
+            plain = copy.copy(m)  # (its own name: mypy typed the UserDict branch's)
+            if plain is m:
+                return None
+            dict.update(plain, items)
+            return plain
+    except Exception:  # (any copy that fails: rebuilt from the items instead)
+        return None
+    return None
 
 
 def hollow(spec: Spec) -> Spec:
