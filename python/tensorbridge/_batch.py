@@ -614,7 +614,8 @@ def _host_leaf(leaf: Any, key: Any) -> Any:
             raise _NotOnHost
         if leaf.dtype in _dtypes.NATIVE:  # (what to_numpy's fast path does, one call less)
             try:
-                return leaf.numpy(force=True)
+                if leaf.data_ptr():  # (0: no elements, or a freed storage: to_numpy's)
+                    return leaf.numpy(force=True)
             except (RuntimeError, TypeError):
                 pass  # e.g. a sparse layout: to_numpy explains the refusal
         try:

@@ -60,14 +60,20 @@ def _check_storage(x: torch.Tensor, fn: str) -> None:
     """Refuses a tensor whose elements lie outside its storage's memory: a storage freed
     or shrunk in place (``untyped_storage().resize_(0)``, as FSDP does to sharded
     parameters), which a copy would read from address 0 or past its end."""
-    if x.is_meta or not x.numel():
-        return  # (a meta tensor has no memory to read: refused as one where it matters)
     try:
+        if x.is_meta or not x.numel():
+            return  # (a meta tensor has no memory to read: refused as one where it matters)
         address, have = x.data_ptr(), x.untyped_storage().nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return  # (a tensor with no storage of its own, e.g. a subclass: torch's to judge)
-    last = sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True) if s > 0)
-    need = (x.storage_offset() + last + 1) * x.element_size()
+        if x.is_contiguous():
+            last = x.numel() - 1
+        else:
+            last = 0
+            for n, stride in zip(x.shape, x.stride(), strict=True):
+                if stride > 0:
+                    last += (n - 1) * stride
+        need = (x.storage_offset() + last + 1) * x.element_size()
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return  # (no storage or strides of its own, e.g. a nested tensor: refused elsewhere)
     if address == 0 or need > have:
         raise ValueError(
             f"{fn}: the tensor's storage holds {have} bytes but its elements reach byte "
@@ -199,10 +205,13 @@ def to_numpy(
                     try:
                         # On the CPU, force=True is detach() + resolve_conj() + resolve_neg()
                         # done in C++: it shares memory unless a conj/neg bit must be resolved.
-                        return x.numpy(force=True)
+                        # (Address 0: no elements, or a freed storage, for which torch would
+                        # give a new, unwritten array: the full path refuses it.)
+                        if x.data_ptr():
+                            return x.numpy(force=True)
                     except (RuntimeError, TypeError):
                         pass  # e.g. a sparse layout: the full path explains the refusal
-                elif not x.is_neg() and x.layout is torch.strided:
+                elif not x.is_neg() and x.layout is torch.strided and x.data_ptr():
                     return x.detach().view(storage).numpy().view(np_dtype)
             else:
                 C = _backend.ENGINE.C
@@ -337,6 +346,8 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
         # (and a freed storage, at address 0, is the full path's to refuse)
     if lo < src + nbytes and src < lo + nbytes:
         return False  # overlapping: the full path refuses it with a clear message
+    if x.untyped_storage().nbytes() < (x.storage_offset() + x.numel()) * x.element_size():
+        _check_storage(x, "to_numpy")  # (a storage shrunk in place: refused, not read)
     C = _backend.ENGINE.C
     if C is None or x.is_neg() or x.is_conj():
         dst.copy_(x)  # (resolves conj/neg bits itself; the pure-Python path's one copy)

@@ -493,11 +493,12 @@ def _host_array(x: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
             "drop (the batch is a copy): pass it with .detach() from the dataset, or stack "
             "that field with torch.stack."
         )
-    _check_storage(x, f"collate: {_where(path)}")  # (to_numpy's view would not read it)
     try:
-        return to_numpy(x)
+        a = to_numpy(x)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"collate: {_where(path)}: {exc}") from None
+    _check_storage(x, f"collate: {_where(path)}")  # (shrunk: the view reaches past its end)
+    return a
 
 
 def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
