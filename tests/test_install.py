@@ -103,12 +103,14 @@ def test_auto_without_the_extension_warns_once_and_says_why(bare):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("folder", ["", "tensorbridge_tools"])  # (a name it begins)
 @pytest.mark.parametrize("statement", ["import tensorbridge", "from tensorbridge import ray"])
-def test_the_fallback_warning_points_at_the_import_and_reads_as_sentences(bare, statement):
+def test_the_fallback_warning_points_at_the_import_and_reads_as_sentences(bare, statement, folder):
     """It pointed at tensorbridge's own _backend.py (so a filter by module could not
     catch it), and a broken module's loader error ran into the next sentence."""
     (bare / "tensorbridge" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_text("junk")
-    script = bare / "user_script.py"
+    (bare / folder).mkdir(exist_ok=True)
+    script = bare / folder / "user_script.py"
     script.write_text(f"import warnings\nwarnings.simplefilter('always')\n{statement}\n")
     proc = run([str(script)], bare)
     warning = next(line for line in proc.stderr.splitlines() if "FallbackWarning" in line)

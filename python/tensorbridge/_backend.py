@@ -128,7 +128,7 @@ def _load(mode: str) -> tuple[ModuleType | None, str | None]:
 def _importer_stacklevel() -> int:
     """The stacklevel of the code that imported tensorbridge, for a warning raised while
     it loads: past tensorbridge's own frames and the import machinery's."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep  # (not tensorbridge_x/)
     frame: FrameType | None = sys._getframe(1)
     level = 1  # (level 1: the function that warns)
     while frame is not None:

@@ -62,7 +62,8 @@ class Transfer(Generic[T]):
         self._result = result
         self._error = error
         # (each wait() raises the error from here: re-raising it as it stands would add
-        # every waiter's frames to its traceback, and keep them alive)
+        # every waiter's frames to its traceback, and keep them all alive; the latest
+        # waiter's stay alive with the error, as with any exception kept)
         self._traceback = error.__traceback__ if error is not None else None
         self._poll = poll  # None: complete
         self._block = block

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes
+from ._tree import key_repr
 
 ALIGN = 256  # where groups start, and the arrays of uniform groups
 
@@ -96,7 +97,8 @@ def layout(
             found = _refusal(a)
             if found is not None:
                 refusal = found
-                where = f" (at key {keys[i]!r})" if keys is not None and keys[i] is not None else ""
+                key = None if keys is None else keys[i]
+                where = "" if key is None else f" (at key {key_repr(key)})"
                 break
         message = str(refusal)
         for prefix in ("transfer: ", "pack: "):
