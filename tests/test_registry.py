@@ -584,6 +584,49 @@ def test_a_ctrl_c_while_a_moved_registration_is_dropped_strands_nothing(monkeypa
     assert drv.errors == []
 
 
+class _CtrlCAtEviction(dict):
+    """The cache's counters, sending a real SIGINT as an eviction is counted: right after
+    the registration is claimed, before it is dropped."""
+
+    armed = True
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key == "evictions" and self.armed:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("how", ["trim", "clear", "off", "doomed at release", "moved"])
+def test_a_ctrl_c_between_an_evictions_claim_and_its_drop_strands_nothing(
+    monkeypatch, ctrl_c_raises, how
+):
+    """A Ctrl-C after an eviction claimed a registration, before it was unregistered, left
+    the memory page-locked and reserved for good (its array's death no longer found it)."""
+    cache, drv = make(FakeDriver(budget=8 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    cache._counts = _CtrlCAtEviction(cache._counts)
+    with pytest.raises(KeyboardInterrupt):
+        if how == "trim":
+            cache.trim(0)
+        elif how == "clear":
+            cache.clear()
+        elif how == "off":
+            cache.configure(enabled=False)
+        elif how == "moved":
+            real = _registry._address
+            monkeypatch.setattr(_registry, "_address", lambda x: real(x) + (1 << 40))
+            used(cache, a)
+        else:
+            with cache.lease(a):
+                cache.trim(0)  # (in use: doomed, dropped as its lease ends)
+    cache.configure(enabled=True)
+    cache.trim(0)
+    assert drv.registered == {} and drv.reserved == cache._reserved == 0
+    assert cache.stats()["registered_bytes"] == 0 and drv.errors == []
+
+
 def test_the_users_handler_is_put_back_even_when_another_signal_raises_in_the_way(
     monkeypatch,
 ):

@@ -146,26 +146,39 @@ def _interrupts_held() -> Iterator[None]:
         yield
         return
     held: list[FrameType | None] = []
-    installed = False
+
+    def holder(signum: int, frame: FrameType | None) -> None:
+        held.append(frame)
+
     try:
-        installed = True  # (first: a signal handler may raise as the call returns)
-        signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+        signal.signal(signal.SIGINT, holder)
         yield
     finally:
         # Another signal's handler (a timeout, SIGCHLD, SIGTERM) may raise inside the
-        # restoring call, before it changes anything: it is retried until it has, and
-        # that error raised afterwards, so the user's handler is always put back.
+        # restoring call, before it changes anything: it is retried (a few times: an
+        # error that recurs is raised), and that error raised afterwards, so the user's
+        # handler is put back; a held Ctrl-C is delivered all the same.
         error: BaseException | None = None
-        while installed:
+        for _ in range(_RESTORE_TRIES):
             try:
-                signal.signal(signal.SIGINT, previous)
-                installed = False
+                if signal.getsignal(signal.SIGINT) is holder:
+                    signal.signal(signal.SIGINT, previous)
+                break
             except BaseException as exc:  # (any signal handler's error)
                 error = error or exc
+        if held:
+            try:
+                previous(signal.SIGINT, held[-1])  # (the default handler raises KeyboardInterrupt)
+            except BaseException as interrupt:
+                if error is not None:
+                    raise interrupt from error
+                raise
         if error is not None:
             raise error
-        if held:
-            previous(signal.SIGINT, held[-1])  # (the default handler raises KeyboardInterrupt)
+
+
+#: How often _interrupts_held tries to put SIGINT's handler back.
+_RESTORE_TRIES = 8
 
 
 class _Entry:
@@ -257,8 +270,9 @@ class _Lease:
     the cache's lock), and ``lease()`` gives it back if anything (a KeyboardInterrupt)
     ends it early, so the count is not stranded. (Not a finalizer: Python runs a pending
     signal's handler as a ``__del__`` starts, and the Ctrl-C would be lost there. A Ctrl-C
-    in the few instructions between ``lease()`` returning and the ``with`` keeps the entry
-    leased, so it is not evicted, until its array is freed.)"""
+    in the few instructions between ``lease()`` returning and the ``with``, or as the
+    ``with`` ends before the count is lowered, keeps the entry leased, so it is not
+    evicted, until its array is freed; its registration is dropped then.)"""
 
     __slots__ = ("_cache", "_entry")
 
@@ -405,6 +419,7 @@ class RegistrationCache:
             return
         owner, address, nbytes, owner_address, owner_nbytes = found
         stale: _Entry | None = None
+        pending: _Entry | None = None
         with self._lock:
             if not self._enabled or self._closed:
                 return
@@ -427,14 +442,25 @@ class RegistrationCache:
                 if entry.leases:
                     return
                 # The owner's memory moved: the registration covers memory it no longer has.
-                self._claim_locked(entry)
-                self._counts["evictions"] += 1
                 stale = entry
-            pending = self._sighted_locked(
-                owner, address, nbytes, owner_address, owner_nbytes, lease
-            )
-        if stale is not None:
-            self._drop(stale)  # (`a` keeps the owner alive meanwhile)
+            else:
+                pending = self._sighted_locked(
+                    owner, address, nbytes, owner_address, owner_nbytes, lease
+                )
+        if stale is not None:  # (`a` keeps the owner alive meanwhile)
+            with _interrupts_held():  # (claimed and dropped with a Ctrl-C held)
+                with self._lock:
+                    if stale.leases or stale.token not in self._live:
+                        return  # (claimed, or in use, meanwhile: staged this time)
+                    self._claim_locked(stale)
+                    self._counts["evictions"] += 1
+                self._drop(stale)
+            with self._lock:
+                if not self._enabled or self._closed or id(owner) in self._owners:
+                    return
+                pending = self._sighted_locked(
+                    owner, address, nbytes, owner_address, owner_nbytes, lease
+                )
         if (
             pending is not None
             and self._register(pending, owner, (id(owner), address, nbytes), device) is None
@@ -635,13 +661,20 @@ class RegistrationCache:
                 return
             if not (entry.doomed and entry.leases == 0):
                 return
-            owner = entry.ref()
-            if owner is None:
-                return  # being freed: its callback unregisters it
-            self._claim_locked(entry)
-            self._counts["evictions"] += 1
-        self._drop(entry)
-        del owner
+        # Doomed and free now: claimed and dropped with a Ctrl-C held, so that it cannot
+        # fall between the two (until then the entry stays live: a trim, or its array's
+        # death, drops it).
+        with _interrupts_held():
+            with self._lock:
+                if not (entry.doomed and entry.leases == 0 and entry.token in self._live):
+                    return
+                owner = entry.ref()
+                if owner is None:
+                    return  # being freed: its callback unregisters it
+                self._claim_locked(entry)
+                self._counts["evictions"] += 1
+            self._drop(entry)
+            del owner
 
     def _owner_freed(self, token: int, _ref: object = None) -> None:
         """An owner's weakref callback: NumPy has not freed its memory yet. Takes no lock."""
@@ -679,6 +712,10 @@ class RegistrationCache:
         self._trim(limit)
 
     def _trim(self, limit: float) -> None:
+        with _interrupts_held():  # (a Ctrl-C between a claim and its drop would strand it)
+            self._trim_held(limit)
+
+    def _trim_held(self, limit: float) -> None:
         while True:
             with self._lock:
                 self._drop_freed_locked()
