@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _backend, _cuda, _handle
+from tensorbridge import _backend, _batch, _cuda, _handle
 
 from conftest import HAS_EXTENSION, POISON, TESTING, is_poisoned, needs_testing_module, poisoned
 
@@ -881,3 +881,27 @@ def test_a_key_whose_repr_raises_does_not_hide_the_refusal(backend):
         tb.to_device({key: np.ones(2)}, "cpu", dtype={"nope": torch.float16})
     with pytest.raises(ValueError, match=r"out\[<_UnprintableKey.*\] has shape \(3,\)"):
         tb.to_numpy_batch({key: np.ones(2)}, out={key: np.ones(3)})
+
+
+@pytest.mark.parametrize(
+    "case", ["bfloat16", "not contiguous", "out in Fortran order", "to_device's packer"]
+)
+def test_a_shrunk_storage_is_refused_by_every_large_copy(backend, case):
+    """Only the contiguous float copy into a C-ordered out was checked: these read past
+    the storage's end (segfaults, 16M elements over a 4 KiB storage)."""
+    n = 1 << 22
+    t = torch.ones(n, 2, dtype=torch.bfloat16 if case == "bfloat16" else torch.float32)
+    t = t[:, 0] if case == "not contiguous" else t
+    t.untyped_storage().resize_(4096)
+    dtype = np.float32 if case != "bfloat16" else tb.to_numpy(torch.ones(1, dtype=t.dtype)).dtype
+    out = np.zeros(t.shape, dtype, order="F" if case == "out in Fortran order" else "C")
+    with pytest.raises(ValueError, match=r"storage holds 4096 bytes but its elements reach"):
+        if case == "to_device's packer":
+            if not tb.info()["extension"]:
+                pytest.skip("the packed path needs the compiled core")
+            sender = _batch.LinkSender(tb._C.LinkSimulator(1000.0))
+            batch = {"w": t, "x": np.ones(2)}
+            _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
+        else:
+            tb.to_numpy(t, out=out)
+    assert not out.any()  # (nothing written)

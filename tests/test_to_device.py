@@ -120,6 +120,14 @@ class _Merging(dict):
                 self[k] = v
 
 
+class _MirroringUserDict(collections.UserDict):
+    """A UserDict that keeps its items as attributes too."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        setattr(self, key, value)
+
+
 class _KeyAttrs(dict):
     __getattr__ = dict.__getitem__  # (KeyError, not AttributeError, for a missing name)
 
@@ -175,6 +183,7 @@ def test_mappings_with_their_own_update_or_init_are_rebuilt_from_their_items(bac
         "attrs": _AttrDict(image=rng.random(2)),
         "merging": _Merging(inputs=inner),
         "keyattrs": keyattrs,
+        "mirroring": _MirroringUserDict(x=rng.random(2)),
     }
     image, img = batch["attrs"]["image"], inner["img"]
     moved = move(batch)
@@ -183,6 +192,7 @@ def test_mappings_with_their_own_update_or_init_are_rebuilt_from_their_items(bac
     assert moved["merging"]["inputs"] is not inner and inner == {"img": img}
     assert batch["attrs"]["image"] is image and batch["attrs"].image is image
     assert type(moved["keyattrs"]) is _KeyAttrs
+    assert moved["mirroring"].x is moved["mirroring"]["x"]  # (not the caller's array)
     kind = np.ndarray if name == "to_numpy_batch" else torch.Tensor
     assert isinstance(moved["attrs"]["image"], kind) and isinstance(moved["keyattrs"]["x"], kind)
 

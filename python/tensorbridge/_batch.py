@@ -16,6 +16,7 @@ from . import _backend, _cuda, _dtypes, _interop, _pack
 from ._convert import (
     Device,
     _check_out_array,
+    _check_storage,
     _check_tensor,
     from_numpy,
     to_numpy,
@@ -328,7 +329,10 @@ def send_batch(
             packed.append(i)
             arrays.append(leaf)
         elif isinstance(leaf, (np.ndarray, torch.Tensor)):
-            a = _packable(leaf) if pack else None
+            try:
+                a = _packable(leaf) if pack else None
+            except (TypeError, ValueError) as exc:  # (a freed or shrunk storage)
+                raise leaf_refusal(exc, "to_device", keys[i]) from None
             if a is None:
                 alone.append(i)
             else:
@@ -396,6 +400,7 @@ def _packable(leaf: np.ndarray | torch.Tensor) -> np.ndarray | None:
         and not leaf.is_nested
         and _dtypes.numpy_dtype_or_none(leaf.dtype) is not None
     ):
+        _check_storage(leaf, "to_device")  # (the packer copies the view: it must be whole)
         return to_numpy(leaf)
     return None
 

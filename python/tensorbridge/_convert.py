@@ -60,6 +60,8 @@ def _check_storage(x: torch.Tensor, fn: str) -> None:
     """Refuses a tensor whose elements lie outside its storage's memory: a storage freed
     or shrunk in place (``untyped_storage().resize_(0)``, as FSDP does to sharded
     parameters), which a copy would read from address 0 or past its end."""
+    if type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return  # (a subclass, DTensor's wrappers say, may hold no memory of its own: torch's)
     try:
         if x.is_meta or not x.numel():
             return  # (a meta tensor has no memory to read: refused as one where it matters)
@@ -215,8 +217,10 @@ def to_numpy(
                     return x.detach().view(storage).numpy().view(np_dtype)
             else:
                 C = _backend.ENGINE.C
-                if storage is None and _large_host_copy(x, out, np_dtype):
-                    return out
+                if type(out) is np.ndarray and out.nbytes >= _cuda.ROUTING.host_torch_bytes:
+                    _check_storage(x, "to_numpy")  # (large: a storage shrunk in place refused)
+                    if storage is None and _large_host_copy(x, out, np_dtype):
+                        return out
                 if C is not None and not x.is_neg() and (np_dtype.kind != "c" or not x.is_conj()):
                     try:  # (a sparse tensor has no strides: the full path refuses it)
                         if (
@@ -346,8 +350,6 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
         # (and a freed storage, at address 0, is the full path's to refuse)
     if lo < src + nbytes and src < lo + nbytes:
         return False  # overlapping: the full path refuses it with a clear message
-    if x.untyped_storage().nbytes() < (x.storage_offset() + x.numel()) * x.element_size():
-        _check_storage(x, "to_numpy")  # (a storage shrunk in place: refused, not read)
     C = _backend.ENGINE.C
     if C is None or x.is_neg() or x.is_conj():
         dst.copy_(x)  # (resolves conj/neg bits itself; the pure-Python path's one copy)

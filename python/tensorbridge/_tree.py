@@ -270,7 +270,7 @@ def _copy_with_items(m: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
         if isinstance(m, collections.UserDict):
             clone = copy.copy(m)
             data = getattr(clone, "data", None)
-            if clone is m or type(data) is not dict or data is m.data:
+            if clone is m or type(data) is not dict or data is m.data or _mirrors(clone, m):
                 return None
             dict.update(data, items)
             return clone
@@ -280,13 +280,21 @@ def _copy_with_items(m: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
             if klass not in (dict, object)
         ):
             plain = copy.copy(m)  # (its own name: mypy typed the UserDict branch's)
-            if plain is m:
+            if plain is m or _mirrors(plain, m):
                 return None
             dict.update(plain, items)
             return plain
     except Exception:  # (any copy that fails: rebuilt from the items instead)
         return None
     return None
+
+
+def _mirrors(clone: Any, m: Mapping[Any, Any]) -> bool:
+    """Whether the copy holds one of the mapping's items as an attribute too (a class
+    that mirrors its items as attributes): that copy would keep the caller's values."""
+    values = {id(v) for v in m.values()}
+    state = getattr(clone, "__dict__", None)
+    return isinstance(state, dict) and any(id(v) in values for k, v in state.items() if k != "data")
 
 
 def hollow(spec: Spec) -> Spec:
