@@ -128,6 +128,13 @@ class _MirroringUserDict(collections.UserDict):
         setattr(self, key, value)
 
 
+@dataclasses.dataclass
+class _Record(dict):
+    """A dict made a dataclass for its metadata: its constructor reads a dict as a field."""
+
+    name: str = ""
+
+
 class _KeyAttrs(dict):
     __getattr__ = dict.__getitem__  # (KeyError, not AttributeError, for a missing name)
 
@@ -184,7 +191,9 @@ def test_mappings_with_their_own_update_or_init_are_rebuilt_from_their_items(bac
         "merging": _Merging(inputs=inner),
         "keyattrs": keyattrs,
         "mirroring": _MirroringUserDict(x=rng.random(2)),
+        "record": _Record(name="img-7"),
     }
+    batch["record"]["r"] = rng.random(2)
     image, img = batch["attrs"]["image"], inner["img"]
     moved = move(batch)
     assert moved["counts"] == collections.Counter(cat=3, dog=1) == batch["counts"]
@@ -194,6 +203,8 @@ def test_mappings_with_their_own_update_or_init_are_rebuilt_from_their_items(bac
     assert type(moved["keyattrs"]) is _KeyAttrs
     assert moved["mirroring"].x is moved["mirroring"]["x"]  # (not the caller's array)
     kind = np.ndarray if name == "to_numpy_batch" else torch.Tensor
+    assert isinstance(moved["record"]["r"], kind)  # (a plain dict of its items, not a
+    # record whose field is that dict)
     assert isinstance(moved["attrs"]["image"], kind) and isinstance(moved["keyattrs"]["x"], kind)
 
 

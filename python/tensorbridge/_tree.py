@@ -63,7 +63,7 @@ def flatten(obj: Any, fn: str | None = None) -> tuple[list[Any], list[Any], Spec
     """(leaves, keys, spec): the leaves in order, each leaf's key (the nearest dict key or
     dataclass field name, None at the top) and what :func:`unflatten` needs to rebuild.
     ``fn`` names the public function in the refusal of a batch nested too deeply (more
-    than MAX_DEPTH containers, or containing itself)."""
+    than MAX_DEPTH + 1 containers, or containing itself)."""
     leaves: list[Any] = []
     keys: list[Any] = []
     try:
@@ -223,9 +223,12 @@ def _unflatten(spec: Spec, it: Any) -> Any:
             out.update(items)
             return out
         try:
-            return type(meta)(items)
+            rebuilt = type(meta)(items)
         except TypeError:  # a mapping type that cannot be built from a dict
             return items
+        # (a constructor that reads the dict as something else, a dataclass's first
+        # field say, gives a mapping without these items: a plain dict then)
+        return rebuilt if _holds(rebuilt, items) else items
     if kind == "namedtuple":
         try:
             return meta(*values)
@@ -287,6 +290,18 @@ def _copy_with_items(m: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
     except Exception:  # (any copy that fails: rebuilt from the items instead)
         return None
     return None
+
+
+def _holds(rebuilt: Any, items: dict[Any, Any]) -> bool:
+    """Whether ``rebuilt`` is a mapping of exactly ``items`` (the same objects)."""
+    try:
+        return (
+            isinstance(rebuilt, Mapping)
+            and len(rebuilt) == len(items)
+            and all(k in rebuilt and rebuilt[k] is v for k, v in items.items())
+        )
+    except Exception:  # (a lookup that fails: not one to trust)
+        return False
 
 
 def _mirrors(clone: Any, m: Mapping[Any, Any]) -> bool:
