@@ -628,7 +628,7 @@ def test_a_ctrl_c_between_an_evictions_claim_and_its_drop_strands_nothing(
 
 
 def test_the_users_handler_is_put_back_even_when_another_signal_raises_in_the_way(
-    monkeypatch,
+    monkeypatch, ctrl_c_raises
 ):
     """A handler of another signal (a timeout's SIGALRM, DataLoader's SIGCHLD) raising
     inside the call that restores SIGINT's left the cache's holder installed for good:
