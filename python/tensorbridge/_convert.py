@@ -65,15 +65,12 @@ def _check_storage(x: torch.Tensor, fn: str) -> None:
     try:
         if x.is_meta or not x.numel():
             return  # (a meta tensor has no memory to read: refused as one where it matters)
-        address, have = x.data_ptr(), x.untyped_storage().nbytes()
-        if x.is_contiguous():
-            last = x.numel() - 1
-        else:
-            last = 0
-            for n, stride in zip(x.shape, x.stride(), strict=True):
-                if stride > 0:
-                    last += (n - 1) * stride
-        need = (x.storage_offset() + last + 1) * x.element_size()
+        storage = x.untyped_storage()
+        address, have = x.data_ptr(), storage.nbytes()
+        if x.is_contiguous():  # (most: no walk over the strides)
+            need = (x.storage_offset() + x.numel()) * x.element_size()
+        else:  # (torch's strides are never negative: the span ends where the elements do)
+            need = byte_span(x)[1] - storage.data_ptr()
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):
         return  # (no storage or strides of its own, e.g. a nested tensor: refused elsewhere)
     if address == 0 or need > have:
@@ -345,9 +342,8 @@ def _large_host_copy(x: torch.Tensor, out: Any, np_dtype: np.dtype) -> bool:
         return False
     nbytes = out.nbytes
     lo, src = dst.data_ptr(), x.data_ptr()  # (faster than out.ctypes)
-    if lo % out.itemsize or src % out.itemsize or not src:
+    if lo % out.itemsize or src % out.itemsize:
         return False  # torch's kernels may assume aligned elements; the core does not
-        # (and a freed storage, at address 0, is the full path's to refuse)
     if lo < src + nbytes and src < lo + nbytes:
         return False  # overlapping: the full path refuses it with a clear message
     C = _backend.ENGINE.C
