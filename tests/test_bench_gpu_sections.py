@@ -5,20 +5,24 @@ row without its direction or memory, a verdict that cannot be judged) costs its 
 for that run. Here every section runs through ``bench-gpu``'s own ``main`` with its
 device tensors on the CPU (``gpu.DEVICE``), torch's stream and synchronization calls made
 no-ops and page-locking a copy, so that the rows, the JSON fields, the text, the verdicts
-and the plot are all produced; what it measures means nothing. The epoch benchmark's CUDA
-branch is the one part left out (its CPU branch runs in the CPU benchmark's tests).
+and the plot are all produced; what it measures means nothing. The routing sweep
+(``bench-tune``) and the epoch benchmark's GPU branch (pinned loader, a sleeping kernel as
+the model step, CUDA events timing the GPU's idle gaps) run the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import pytest
 import torch
 
-from tensorbridge.bench import _plot, gpu
+from tensorbridge import _backend, _cuda, _registry
+from tensorbridge.bench import _plot, gpu, loader, tune
 from tensorbridge.bench._report import machine
+from tensorbridge.bench._runner import Runner
 
 #: Every section's row groups, as bench-gpu names them.
 TRANSFER_SECTIONS = {
@@ -110,3 +114,88 @@ def test_every_gpu_benchmark_section_runs_and_reports_its_fields(cuda_on_the_cpu
     ]
     if _plot.available():
         assert plot.stat().st_size > 0
+
+
+def test_the_routing_sweep_runs_and_saves_what_it_recommends(
+    cuda_on_the_cpu, monkeypatch, tmp_path, capsys
+):
+    """bench-tune end to end: both parts, the routing it recommends, the saved sweep, and
+    the settings it changes while measuring put back."""
+    monkeypatch.setattr(_backend.ENGINE, "_cuda_engine", True)  # (the fixture's GPU)
+
+    def settings() -> tuple:
+        routing = _cuda.ROUTING
+        return (
+            _cuda.transfer_options(),
+            (routing.small_d2h, routing.small_h2d, routing.small_direct),
+            _registry.registration_options(),
+            _backend.get_num_threads(),
+        )
+
+    before = settings()
+    argv = ["--repeats", "2", "--threads", "1", "2", "--chunks-mib", "1", "2"]
+    argv += ["--buffers", "4", "--sizes-mib", "1", "--save", str(tmp_path)]
+    assert tune.main(argv) == 0
+    assert settings() == before
+    (saved,) = tmp_path.glob("*-tune-fake-gpu-80gb.json")
+    data = json.loads(saved.read_text())
+    rows = data["rows"]
+    small = [r for r in rows if r["part"] == "small"]
+    assert len(small) == 8 * 2 and {r["direction"] for r in small} == {"d2h", "h2d"}
+    assert all(r[k] > 0 for r in small for k in ("torch_gbs", "direct_gbs", "engine_gbs"))
+    pipeline = [r for r in rows if r["part"] == "pipeline"]
+    assert {(r["threads"], r["chunk_bytes"], r["direction"]) for r in pipeline} == {
+        (t, c << 20, d) for t in (1, 2) for c in (1, 2) for d in ("d2h", "h2d")
+    }
+    assert all(r["bytes"] == 1 << 20 and r["buffers"] == 4 and r["gbs"] > 0 for r in pipeline)
+    assert data["recommended_routing"] == tune.recommended_routing(rows)
+    assert set(data["routing"]) == {"small_d2h", "small_h2d", "small_direct"}
+    out = capsys.readouterr().out
+    assert "measured here small_d2h" in out and f"saved {saved}" in out
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the CPU: the host's clock when recorded."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return (end.at - self.at) * 1e3  # (milliseconds, as CUDA's)
+
+
+# (the stock loader asks for pinned batches, which CPU-only torch warns it cannot give)
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
+def test_the_epoch_benchmark_gpu_branch_reports_the_idle_gaps(monkeypatch):
+    """The epoch benchmark as bench-gpu runs it (pinned stock loader, a kernel of fixed
+    length as the model step, CUDA events around each step), on the CPU: every method's
+    epoch, then one row of GPU idle time per method, from the timed epochs alone."""
+    slept: list[int] = []
+
+    def sleep(cycles: int) -> None:
+        slept.append(cycles)
+        time.sleep(cycles / 1e9)  # (a 1 GHz clock)
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    r = Runner(2, progress=False)
+    loader.bench_loader(r, "cpu", images=48, batch=16, size=16, workers=0, step_s=1e-3, gpu=True)
+
+    epochs = [row for row in r.rows if row.case.startswith("one epoch")]
+    idle = [row for row in r.rows if row.case.startswith("GPU idle")]
+    assert [row.method for row in idle] == [row.method for row in epochs] and len(idle) == 3
+    assert [row.baseline for row in idle] == [True, False, False]
+    for row in epochs + idle:
+        assert row.section == "end to end on cpu" and row.samples == 2 and row.median_s > 0, row
+    for row in idle:
+        assert row.p10_s <= row.median_s <= row.p90_s < 1, row  # (seconds per gap)
+    # the model step: about 1 ms of the measured clock (20M cycles timed it, then 1M warmed it)
+    assert slept[:2] == [1_000_000, 20_000_000]
+    assert all(0.3e6 < c < 3e6 for c in slept[2:]) and len(slept) > 2 * 3 * 3

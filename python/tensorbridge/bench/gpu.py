@@ -38,9 +38,9 @@ from .loader import RAGGED_CASE, bench_loader, ragged_arrays
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB]
 SECTIONS = ("d2h", "h2d", "both", "batch", "registered")
-#: Where the transfer sections' device tensors live and go: CUDA. (A test runs the
-#: sections on "cpu", with torch's CUDA calls faked, so that a broken section shows on
-#: any machine before a GPU's time goes to it.)
+#: Where the transfer sections' (and bench-tune's) device tensors live and go: CUDA. (A
+#: test runs them on "cpu", with torch's CUDA calls faked, so that a broken section shows
+#: on any machine before a GPU's time goes to it.)
 DEVICE = "cuda"
 
 

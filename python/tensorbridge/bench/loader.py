@@ -278,11 +278,11 @@ def _loader_methods(
     workers: int,
     step_s: float,
     idle: dict[str, _Idle],
+    cuda: bool,
 ) -> list[Method]:
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    cuda = device.startswith("cuda")
     data = _Images(images, size)
 
     cycles = int(step_s * _sleep_cycles_per_second()) if cuda else 0
@@ -356,9 +356,17 @@ def bench_loader(
     size: int = 64,
     workers: int = 2,
     step_s: float = 2e-3,
+    gpu: bool | None = None,
 ) -> None:
     """End to end: one epoch through a DataLoader with a model step of fixed cost; on a
-    GPU also the GPU's idle time between model steps, per step."""
+    GPU also the GPU's idle time between model steps, per step.
+
+    ``gpu`` (default: whether ``device`` is a CUDA device) picks the GPU's way: the stock
+    loader pins its batches, the model step is a GPU kernel of fixed length and CUDA
+    events time the gaps between steps. (A test takes it on the CPU, with those calls
+    faked.)
+    """
+    cuda = torch.device(device).type == "cuda" if gpu is None else gpu
     steps = -(-images // batch)
     case = (
         f"one epoch, {images} images of {size}x{size}x3 uint8, batches of {batch}, "
@@ -366,9 +374,9 @@ def bench_loader(
         f"{steps * step_s * 1e3:g} ms)"
     )
     idle: dict[str, _Idle] = {}
-    methods = _loader_methods(device, images, batch, size, workers, step_s, idle)
+    methods = _loader_methods(device, images, batch, size, workers, step_s, idle, cuda)
     r.group(f"end to end on {device}", case, 0, methods)
-    if not device.startswith("cuda"):
+    if not cuda:
         return
     for (name, baseline, _), key in zip(methods, ("stock", "ours", "packed"), strict=True):
         # the timed epochs only (an epoch lasts one sample): not the warm-up's, whose first

@@ -29,10 +29,10 @@ import torch
 from .. import _backend, _cuda
 from .._convert import to_numpy, to_tensor
 from .._registry import registration_options
+from . import gpu
 from ._results import output_problem, unused_base, write_json
 from ._rows import KiB, MiB, slug
 from ._runner import Call, buffers_to_rotate, measure_group
-from .gpu import gpu_machine
 
 Measured = list[tuple[float, float, float, int]]
 
@@ -65,7 +65,7 @@ def _small_pair(nbytes: int, repeats: int) -> tuple[Measured, Measured]:
     """(d2h, h2d) measurements of [torch's copy, the direct call, the engine] at one size."""
     n = nbytes // 4
     k = buffers_to_rotate(nbytes)
-    ts = [torch.rand(n, device="cuda") for _ in range(k)]
+    ts = [torch.rand(n, device=gpu.DEVICE) for _ in range(k)]
     out = np.ones(n, np.float32)
     rng = np.random.default_rng(nbytes)
     arrays = [rng.random(n, dtype=np.float32) for _ in range(k)]
@@ -81,7 +81,7 @@ def _small_pair(nbytes: int, repeats: int) -> tuple[Measured, Measured]:
         return to_numpy(ts[i % k], out=out)
 
     def h2d(i: int) -> object:
-        return to_tensor(arrays[i % k], "cuda")
+        return to_tensor(arrays[i % k], gpu.DEVICE)
 
     return (
         measure_group(
@@ -164,7 +164,7 @@ def _config_call(
 ) -> Call:
     if direction == "d2h":
         return lambda i: (_cuda.transfer_options(c, b), to_numpy(t, out=out))
-    return lambda i: (_cuda.transfer_options(c, b), to_tensor(a, "cuda"))
+    return lambda i: (_cuda.transfer_options(c, b), to_tensor(a, gpu.DEVICE))
 
 
 def pipeline(
@@ -181,7 +181,7 @@ def pipeline(
     try:
         for nbytes in sizes:
             n = nbytes // 4
-            t = torch.rand(n, device="cuda")
+            t = torch.rand(n, device=gpu.DEVICE)
             out = np.ones(n, np.float32)
             a = np.random.default_rng(n).random(n, dtype=np.float32)
             for nthreads in threads:
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     most = min(cores, _backend.MAX_THREADS)
     threads = args.threads or sorted({max(1, most // 4), max(1, most // 2), most})
     saved_threads = _backend.get_num_threads()
-    m = gpu_machine()
+    m = gpu.gpu_machine()
     print(f"GPU {m['gpu']}, driver {m['driver']}, PCIe {m['pcie']}, {cores} cores", flush=True)
     t0 = time.time()
     # The sweep reuses its arrays: the registration cache would page-lock them, and torch
