@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _loader
+from tensorbridge import _backend, _batch, _loader
 
 from conftest import Pair, no_warnings
 
@@ -554,8 +554,9 @@ def test_prefetcher_raises_errors_in_order():
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_prefetcher_stream_path_yields_the_batches_before_a_refused_one(monkeypatch, depth):
     """The GPU path (a side stream, batches moved ahead) run here with torch's stream calls
-    faked and to_device moving to the CPU: a batch to_device refuses (strings) is raised
-    after the batches before it, as on the CPU path, and none of them is lost."""
+    faked and its batches moved to the CPU: a batch it refuses (strings) is raised after
+    the batches before it, as on the CPU path, and none of them is lost; the refusal
+    names the Prefetcher, not the to_device inside it."""
 
     class Stream:
         def wait_stream(self, other):
@@ -564,18 +565,46 @@ def test_prefetcher_stream_path_yields_the_batches_before_a_refused_one(monkeypa
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    real = _loader.to_device
-    monkeypatch.setattr(_loader, "to_device", lambda b, device, **kw: real(b, "cpu", **kw))
+    real = _loader.moved
+    monkeypatch.setattr(_loader, "moved", lambda b, device, *args: real(b, "cpu", *args))
     batches = [{"x": np.full(2, 0)}, {"x": np.full(2, 1)}, {"x": np.array(["bad"])}, {"x": 3}]
     for path in ("cpu", "stream"):
         pf = tb.Prefetcher(batches, "cpu", depth=depth)
         if path == "stream":
             pf.device = torch.device("cuda", 0)  # (what Prefetcher(batches, "cuda") holds)
         seen = []
-        with pytest.raises(TypeError, match=r"to_device \(at key 'x'\)"):
+        with pytest.raises(TypeError, match=r"^Prefetcher \(at key 'x'\)"):
             for b in pf:
                 seen.append(int(b["x"][0]))
         assert seen == [0, 1], path
+
+
+def test_prefetcher_refusals_name_the_prefetcher():
+    """What the user gave a batch to is the Prefetcher: its refusals say so (the batch
+    nested too deeply, a freed storage, a leaf on the packed path), not to_device."""
+    deep: list = [np.ones(2)]
+    for _ in range(300):
+        deep = [deep]
+    freed = torch.ones(4)
+    freed.untyped_storage().resize_(0)
+    cases = [
+        ([deep], "cpu", {}, r"^Prefetcher: the batch is nested too deeply"),
+        ([{"t": freed}], "cpu", {"dtype": torch.float64}, r"^Prefetcher \(at key 't'\): .*freed"),
+        ([{"s": np.array(["x"])}], "cpu", {}, r"^Prefetcher \(at key 's'\): "),
+    ]
+    for batches, device, kw, message in cases:
+        with pytest.raises((TypeError, ValueError), match=message):
+            list(tb.Prefetcher(batches, device, **kw))
+    # the packed path (the one a GPU takes), over a simulated link
+    C = _backend.ENGINE.C
+    if C is not None:
+        link = _batch.LinkSender(C.LinkSimulator(25.0, 0.0))
+        for batch, message in (
+            ({"t": freed, "a": np.ones(3)}, r"^Prefetcher \(at key 't'\): .*freed"),
+            ({"s": np.array(["x"]), "a": np.ones(3)}, r"^Prefetcher \(at key 's'\): "),
+        ):
+            with pytest.raises((TypeError, ValueError), match=message):
+                _batch.send_batch(batch, torch.device("cpu"), link, None, False, "Prefetcher")
 
 
 def test_prefetcher_early_break_closes_the_source():

@@ -834,8 +834,9 @@ def _link_send(batch):
     ["cpu", "cpu with dtype", "prefetcher", "packed"],
 )
 def test_a_leaf_refused_in_a_batch_is_named_by_its_key(backend, bad, route):
-    """On every route a refusal names to_device and the key of the leaf, and is a
-    TypeError or ValueError (torch's NotImplementedError for a meta tensor is not)."""
+    """On every route a refusal names the function (to_device, or the Prefetcher) and
+    the key of the leaf, and is a TypeError or ValueError (torch's NotImplementedError
+    for a meta tensor is not)."""
     if route == "packed" and tb._C is None:
         pytest.skip("needs the compiled extension")
     make, says = _BAD_LEAVES[bad]
@@ -849,5 +850,6 @@ def test_a_leaf_refused_in_a_batch_is_named_by_its_key(backend, bad, route):
         "prefetcher": lambda: list(tb.Prefetcher([batch], "cpu")),
         "packed": lambda: _link_send(batch),
     }[route]
-    with pytest.raises((TypeError, ValueError), match=rf"^to_device \(at key 'tokens'\).*{says}"):
+    fn = "Prefetcher" if route == "prefetcher" else "to_device"
+    with pytest.raises((TypeError, ValueError), match=rf"^{fn} \(at key 'tokens'\).*{says}"):
         move()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import heapq
 import re
 import warnings
@@ -228,19 +229,25 @@ def to_device(
         >>> b["x"].dtype, b["id"]
         (torch.float32, 7)
     """
-    dev = _backend.resolve_device(device, "to_device")
-    rule = dtype_rule(dtype, "to_device")
-    non_blocking = _backend.bool_arg(non_blocking, "to_device: non_blocking")
+    return moved(batch, device, non_blocking, dtype, "to_device")
+
+
+def moved(batch: Any, device: Device, non_blocking: bool, dtype: DTypeSpec, fn: str) -> Any:
+    """:func:`to_device`, its refusals naming ``fn``, the public function the batch was
+    given to (``Prefetcher`` moves its batches here)."""
+    dev = _backend.resolve_device(device, fn)
+    rule = dtype_rule(dtype, fn)
+    non_blocking = _backend.bool_arg(non_blocking, f"{fn}: non_blocking")
     if isinstance(batch, _packed_batch()):
         return batch._to(dev, rule, non_blocking, False)
     if dev.type == "cpu" and rule is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
-        return tree_map(_to_cpu_leaf, batch, "to_device")
+        return tree_map(functools.partial(_to_cpu_leaf, fn=fn), batch, fn)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     cuda = dev.type == "cuda" and _backend.ENGINE.cuda_engine
     sender = _CudaSender(dev, non_blocking) if cuda else None
-    return send_batch(batch, dev, sender, rule, non_blocking)
+    return send_batch(batch, dev, sender, rule, non_blocking, fn)
 
 
 class Sender(Protocol):
@@ -306,11 +313,12 @@ def send_batch(
     sender: Sender | None,
     rule: DTypeRule | None,
     non_blocking: bool,
+    fn: str = "to_device",
 ) -> Any:
     """to_device after the arguments are checked: with a ``sender`` (and the compiled
     core), the host arrays of the batch cross packed in one buffer; other leaves move
-    one by one."""
-    originals, keys, spec = flatten(batch, "to_device")
+    one by one. Refusals name ``fn``."""
+    originals, keys, spec = flatten(batch, fn)
     types = set(map(type, originals))  # (per-leaf work in C: a batch has thousands)
     if _PLAIN.issuperset(types):
         leaves = originals
@@ -330,9 +338,9 @@ def send_batch(
             arrays.append(leaf)
         elif isinstance(leaf, (np.ndarray, torch.Tensor)):
             try:
-                a = _packable(leaf) if pack else None
+                a = _packable(leaf, fn) if pack else None
             except (TypeError, ValueError) as exc:  # (a freed or shrunk storage)
-                raise leaf_refusal(exc, "to_device", keys[i]) from None
+                raise leaf_refusal(exc, fn, keys[i]) from None
             if a is None:
                 alone.append(i)
             else:
@@ -348,7 +356,7 @@ def send_batch(
     if rule is not None and rule.by_key:  # (before anything moves)
         present = {keys[i] for i in (*positions, *alone)}
         present.update(*(leaves[i].keys() for i in nested))
-        check_names(rule, present, "to_device")
+        check_names(rule, present, fn)
     for i in nested:
         out[i] = leaves[i]._to(dev, rule, non_blocking, False, checked=True)
     if positions:
@@ -356,7 +364,7 @@ def send_batch(
         try:
             plan = _pack.layout(arrays)  # every array checked before anything moves
         except (TypeError, ValueError) as exc:
-            raise _packed_refusal(exc, arrays, [keys[i] for i in positions]) from None
+            raise _packed_refusal(exc, arrays, [keys[i] for i in positions], fn) from None
         buffer = sender.empty(plan.nbytes)
         sender.send(plan, buffer)
         _pack.views_into(buffer, plan, out, positions, private=True)
@@ -364,7 +372,7 @@ def send_batch(
         try:
             out[i] = to_tensor(leaves[i], dev, non_blocking=non_blocking)
         except (TypeError, ValueError) as exc:
-            raise leaf_refusal(exc, "to_device", keys[i]) from None
+            raise leaf_refusal(exc, fn, keys[i]) from None
     if rule is not None:
         for i in (*positions, *alone):
             target = _target_dtype(rule, keys[i], _source_dtype(leaves[i]))
@@ -374,7 +382,7 @@ def send_batch(
 
 
 def _packed_refusal(
-    exc: TypeError | ValueError, arrays: Sequence[np.ndarray], keys: Sequence[Any]
+    exc: TypeError | ValueError, arrays: Sequence[np.ndarray], keys: Sequence[Any], fn: str
 ) -> TypeError | ValueError:
     """The layout's refusal of a batch's arrays, naming the first array refused alone
     (the refusal as it is where none is)."""
@@ -382,11 +390,11 @@ def _packed_refusal(
         try:
             _pack.layout([a])
         except (TypeError, ValueError) as alone:
-            return leaf_refusal(alone, "to_device", key)
+            return leaf_refusal(alone, fn, key)
     return exc
 
 
-def _packable(leaf: np.ndarray | torch.Tensor) -> np.ndarray | None:
+def _packable(leaf: np.ndarray | torch.Tensor, fn: str) -> np.ndarray | None:
     """The host array a leaf packs as, or None where it moves on its own (a device tensor,
     a tensor that autograd tracks or that NumPy cannot view, an ndarray subclass)."""
     if type(leaf) is np.ndarray:
@@ -400,7 +408,7 @@ def _packable(leaf: np.ndarray | torch.Tensor) -> np.ndarray | None:
         and not leaf.is_nested
         and _dtypes.numpy_dtype_or_none(leaf.dtype) is not None
     ):
-        _check_storage(leaf, "to_device")  # (the packer copies the view: it must be whole)
+        _check_storage(leaf, fn)  # (the packer copies the view: it must be whole)
         return to_numpy(leaf)
     return None
 
@@ -428,7 +436,7 @@ def _foreign_as_tensor(leaf: Any) -> Any:
         return leaf
 
 
-def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
+def _to_cpu_leaf(leaf: Any, key: Any, fn: str) -> Any:
     try:
         if type(leaf) is np.ndarray:
             return from_numpy(leaf)
@@ -441,13 +449,13 @@ def _to_cpu_leaf(leaf: Any, key: Any) -> Any:
             if leaf.is_cpu:
                 return leaf
             if leaf.is_meta:  # (its .cpu() fails with torch's NotImplementedError)
-                _check_tensor(leaf, "to_device")
+                _check_tensor(leaf, fn)
             return leaf.cpu()
         if isinstance(leaf, np.ndarray):
             return from_numpy(leaf)
         return leaf
     except (TypeError, ValueError) as exc:
-        raise leaf_refusal(exc, "to_device", key) from None
+        raise leaf_refusal(exc, fn, key) from None
 
 
 # --------------------------------------------------------------------------- to_numpy_batch

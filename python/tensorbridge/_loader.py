@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _backend, _dtypes, _interop
-from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, to_device
+from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, moved
 from ._convert import Device, _check_storage, readable, to_numpy, to_tensor
 from ._packed import ARENA, PackedBatch, arena, estimate_nbytes
 from ._tree import flatten, is_namedtuple, rebuild_dataclass
@@ -768,9 +768,7 @@ class Prefetcher(Generic[_B]):
             it = iter(self.iterable)
             try:
                 for batch in it:
-                    yield to_device(
-                        batch, self.device, non_blocking=self.non_blocking, dtype=self.dtype
-                    )
+                    yield moved(batch, self.device, self.non_blocking, self.dtype, "Prefetcher")
             finally:  # an early break closes the source now, not when it is collected
                 _close(it)
             return
@@ -788,7 +786,7 @@ class Prefetcher(Generic[_B]):
                 batch = next(it)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):
-                    moved = to_device(batch, self.device, non_blocking=True, dtype=self.dtype)
+                    on_device = moved(batch, self.device, True, self.dtype, "Prefetcher")
             except StopIteration:
                 exhausted = True
                 return
@@ -798,7 +796,7 @@ class Prefetcher(Generic[_B]):
                 queue.append(("error", exc))
                 exhausted = True
                 return
-            queue.append(("batch", moved))
+            queue.append(("batch", on_device))
 
         try:
             while len(queue) < self.depth and not exhausted:
