@@ -425,6 +425,32 @@ def test_a_registration_in_use_is_never_evicted_to_make_room():
     assert cache.stats()["budget_refusals"] == 1
 
 
+@pytest.mark.parametrize("then", ["make room", "clear"])
+def test_a_lease_cut_short_holds_its_registration_only_while_it_lives(then):
+    """A Ctrl-C between lease() and its ``with``, or as the ``with`` ends before __exit__
+    runs, leaves a lease that never gives its registration back: the registration stays
+    in use while that lease lives (its frame, or the interrupt's traceback), and can be
+    evicted once it is gone."""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a, b = np.zeros(MIN, np.uint8), np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    cut = cache.lease(a)
+    assert cut.__enter__()  # (and its __exit__ never runs)
+
+    def evict() -> None:
+        if then == "make room":
+            used(cache, b)
+        else:
+            cache.clear()
+
+    evict()
+    assert drv.registered == {addr(a): MIN}  # in use: kept
+    del cut
+    evict()
+    assert drv.registered == ({addr(b): MIN} if then == "make room" else {})
+    assert cache.stats()["evictions"] == 1 and drv.errors == []
+
+
 def test_a_driver_refusal_takes_the_staged_path_and_is_not_asked_again():
     drv = FakeDriver()
     cache, _ = make(drv, sightings=1)

@@ -202,8 +202,29 @@ class _Entry:
         self.nbytes = nbytes
         self.last_used = last_used
         self.ref = ref
-        self.leases = 0  # transfers using it now: never claimed while > 0
+        # the leases of the transfers using it now, by weak reference: never claimed while
+        # one lives (a lease whose `with` a Ctrl-C cut short dies with its frame)
+        self.leases: list[weakref.ref[_Lease]] = []
         self.doomed = False  # to be dropped as soon as nothing uses it
+
+    def in_use(self) -> bool:
+        """Whether a lease holds it (the caller holds the cache's lock); forgets the dead."""
+        if self.leases:
+            self.leases = [ref for ref in self.leases if ref() is not None]
+        return bool(self.leases)
+
+    def hold(self, lease: _Lease) -> None:
+        """Gives it to ``lease`` (the caller holds the cache's lock)."""
+        self.leases.append(weakref.ref(lease))
+        lease._entry = self
+
+    def let_go(self, lease: _Lease) -> None:
+        """Takes it back from ``lease`` (the caller holds the cache's lock)."""
+        leases = self.leases  # (the dead ones go in in_use)
+        for i, ref in enumerate(leases):
+            if ref() is lease:
+                del leases[i]
+                return
 
 
 class _Sighting:
@@ -266,15 +287,15 @@ _IN_FINALIZER = (
 class _Lease:
     """``with cache.lease(a) as registered:``; the registration stays until the block ends.
 
-    The lease holds its entry from the moment the entry's lease count is raised (under
-    the cache's lock), and ``lease()`` gives it back if anything (a KeyboardInterrupt)
-    ends it early, so the count is not stranded. (Not a finalizer: Python runs a pending
-    signal's handler as a ``__del__`` starts, and the Ctrl-C would be lost there. A Ctrl-C
-    in the few instructions between ``lease()`` returning and the ``with``, or as the
-    ``with`` ends before the count is lowered, keeps the entry leased, so it is not
-    evicted, until its array is freed; its registration is dropped then.)"""
+    The entry holds the lease by weak reference from the moment it is given (under the
+    cache's lock), and ``lease()`` gives it back if anything (a KeyboardInterrupt) ends it
+    early. A Ctrl-C in the few instructions between ``lease()`` returning and the
+    ``with``, or as the ``with`` ends, before ``__exit__`` has given it back, leaves no
+    count behind: the lease dies with the frame (or the interrupt's traceback) that holds
+    it, and the entry is free to evict from then on. (No finalizer runs: Python runs a
+    pending signal's handler as a ``__del__`` starts, and the Ctrl-C would be lost.)"""
 
-    __slots__ = ("_cache", "_entry")
+    __slots__ = ("__weakref__", "_cache", "_entry")
 
     def __init__(self, cache: RegistrationCache, entry: _Entry | None) -> None:
         self._cache = cache
@@ -286,7 +307,7 @@ class _Lease:
     def __exit__(self, *exc: object) -> None:
         entry, self._entry = self._entry, None  # (first: released once, whatever comes)
         if entry is not None:
-            self._cache._release(entry)
+            self._cache._release(entry, self)
 
 
 class RegistrationCache:
@@ -433,13 +454,12 @@ class RegistrationCache:
                 if entry.token not in self._live or entry.doomed:
                     return  # being registered or dropped elsewhere: staged this time
                 if entry.address == owner_address and entry.nbytes == owner_nbytes:
-                    entry.leases += 1
-                    lease._entry = entry  # (at once: the lease gives it back, come what may)
+                    entry.hold(lease)  # (at once: the lease gives it back, come what may)
                     entry.last_used = self._clock
                     self._owners.move_to_end(entry.oid)
                     self._counts["registered_hits"] += 1
                     return
-                if entry.leases:
+                if entry.in_use():
                     return
                 # The owner's memory moved: the registration covers memory it no longer has.
                 stale = entry
@@ -450,7 +470,7 @@ class RegistrationCache:
         if stale is not None:  # (`a` keeps the owner alive meanwhile)
             with _interrupts_held():  # (claimed and dropped with a Ctrl-C held)
                 with self._lock:
-                    if stale.leases or stale.token not in self._live:
+                    if stale.in_use() or stale.token not in self._live:
                         return  # (claimed, or in use, meanwhile: staged this time)
                     self._claim_locked(stale)
                     self._counts["evictions"] += 1
@@ -499,8 +519,7 @@ class RegistrationCache:
         ref = weakref.ref(owner, functools.partial(self._owner_freed, token))
         # (last_used: the previous sighting, so that making room evicts only colder arrays)
         entry = _Entry(token, id(owner), owner_address, owner_nbytes, seen.seen_at, ref)
-        entry.leases = 1
-        lease._entry = entry
+        entry.hold(lease)
         self._owners[entry.oid] = entry
         return entry
 
@@ -617,7 +636,7 @@ class RegistrationCache:
         if older_than is None:
             older_than = newcomer.last_used if newcomer is not None else _FOREVER
         for entry in self._owners.values():
-            if entry is newcomer or entry.token not in self._live or entry.leases:
+            if entry is newcomer or entry.token not in self._live or entry.in_use():
                 continue
             if entry.last_used >= older_than:
                 break  # (the rest were used more recently)
@@ -652,21 +671,21 @@ class RegistrationCache:
             with self._lock:
                 self._reserved -= entry.nbytes
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: _Entry, lease: _Lease) -> None:
         with self._lock:
-            entry.leases -= 1
+            entry.let_go(lease)
             if entry.token not in self._live:
-                if entry.leases == 0 and self._owners.get(entry.oid) is entry:
+                if not entry.in_use() and self._owners.get(entry.oid) is entry:
                     del self._owners[entry.oid]  # pending, its registration never run
                 return
-            if not (entry.doomed and entry.leases == 0):
+            if not (entry.doomed and not entry.in_use()):
                 return
         # Doomed and free now: claimed and dropped with a Ctrl-C held, so that it cannot
         # fall between the two (until then the entry stays live: a trim, or its array's
         # death, drops it).
         with _interrupts_held():
             with self._lock:
-                if not (entry.doomed and entry.leases == 0 and entry.token in self._live):
+                if not (entry.doomed and not entry.in_use() and entry.token in self._live):
                     return
                 owner = entry.ref()
                 if owner is None:
