@@ -430,6 +430,43 @@ def test_array_protocol_returning_a_non_array_is_refused(backend):
             tb.to_numpy(NotAnArray(value))
 
 
+class _Column:
+    """A pandas-like column: NumPy's protocol hands out a view of its data, read-only
+    where the data is shared (copy-on-write)."""
+
+    def __init__(self, data: np.ndarray, shared: bool) -> None:
+        self.data, self.shared = data, shared
+
+    def __array__(self, dtype=None, copy=None):
+        view = self.data.view()
+        view.flags.writeable = not self.shared
+        return view
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "reversed", "fortran"])
+def test_to_tensor_copies_what_numpys_protocol_hands_out_read_only(backend, layout):
+    """A tensor cannot be read-only: one sharing a pandas column's copy-on-write data
+    would let a write change every Series sharing it (torch.as_tensor copies a Series).
+    Read-only data is copied, with no warning; writeable data is still shared (where
+    torch can share it)."""
+    data = np.random.default_rng(7).random((5, 3))
+    data = {"reversed": data[::-1], "fortran": np.asfortranarray(data)}.get(layout, data)
+    before = data.copy()
+    got = tb.to_tensor(_Column(data, shared=True))  # (a warning fails the test)
+    assert np.array_equal(got.numpy(), before) and got.dtype == torch.float64
+    got[0, 0] = -1.0
+    assert np.array_equal(data, before)  # the owner's data is untouched
+    for kw in ({"dtype": torch.float32}, {"device": "cpu"}):
+        assert np.array_equal(
+            tb.to_tensor(_Column(data, True), **kw).numpy(),
+            before.astype(np.float32 if kw.get("dtype") else np.float64),
+        )
+    if layout != "reversed":  # (negative strides are copied: torch has none)
+        shared = tb.to_tensor(_Column(data, shared=False))
+        shared[0, 0] = -1.0  # (writeable: shared, as numpy.asarray gives it)
+        assert data[0, 0] == -1.0
+
+
 def test_tf_bfloat16_views_are_read_only_like_float32(tf, request, backend):
     host = _random(_rng(request), (4, 3), np.float32)
     for x in (tf.constant(host), tf.cast(tf.constant(host), tf.bfloat16)):

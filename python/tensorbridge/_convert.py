@@ -618,8 +618,13 @@ def to_tensor(
                 _cuda.to_device(a, device, None, False, dst)
             return dst
     non_blocking = _backend.bool_arg(non_blocking, "to_tensor: non_blocking")
+    # Another framework's host data that NumPy's protocol hands over read-only (pandas'
+    # copy-on-write columns, say) is copied, as torch.as_tensor copies a Series: a tensor
+    # cannot be read-only, and one writing into it would change data its owner shares.
+    guarded = False
     if not isinstance(a, (np.ndarray, torch.Tensor)):
         a = _interop.import_array(a, "to_tensor", numpy_first=False)
+        guarded = isinstance(a, np.ndarray) and not a.flags.writeable
     if isinstance(a, np.ndarray):
         shape, source_dtype = a.shape, _dtypes.torch_dtype(a.dtype)  # refuses bad dtypes
     else:
@@ -646,7 +651,9 @@ def to_tensor(
             or (dev is not None and dev.type != "cpu")
             or (target is not None and target != source_dtype)
         )
-        src = from_numpy(readable(a) if copied else a)
+        src = from_numpy(readable(a) if copied or guarded else a)
+        if guarded and not copied:
+            src = src.clone()
     else:
         src = a
     if out is not None:
