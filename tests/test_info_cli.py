@@ -146,6 +146,23 @@ def test_cli_info():
     assert "fallback_reason" in proc.stdout
 
 
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["--help"]])
+def test_cli_piped_into_a_reader_that_leaves_says_nothing(args):
+    """``python -m tensorbridge info | head -1``: the reader closes the pipe before the
+    report is written; no BrokenPipeError traceback follows."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "tensorbridge", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # (gone before the first line)
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_cli_rejects_unknown_command():
     proc = subprocess.run(
         [sys.executable, "-m", "tensorbridge", "frobnicate"],

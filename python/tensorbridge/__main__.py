@@ -72,5 +72,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _run() -> int:
+    """main(), quiet when the reader of its output goes away (``info | head -1``)."""
+    try:
+        status = main()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # (the reader is gone: nothing more can be printed; Python's own flush at exit
+        # would fail again, so stdout goes to /dev/null first)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())
