@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import pickle
 import re
 
@@ -496,6 +497,8 @@ def test_collate_called_without_samples_points_to_partial():
         tb.collate(fields={"meta": list}, packed=True)
     collate_fn = functools.partial(tb.collate, pad={"tokens": 0})  # the fix named works
     assert collate_fn(_TOKENS)["tokens_lengths"].tolist() == [3, 2]
+    # (help() and an IDE show the default that makes the message possible as required)
+    assert "samples: 'Sequence[Any]' = <required>" in str(inspect.signature(tb.collate))
 
 
 def test_ragged_refusals_point_to_pad_and_fields():

@@ -108,6 +108,13 @@ def test_pack_then_to_host_gives_the_same_tensors_as_to_device(rng):
                 assert t.untyped_storage().data_ptr() == packed.buffer.data_ptr()
 
 
+def test_the_repr_counts_arrays_and_groups():
+    one = tb.PackedBatch.pack({"x": np.ones(3, np.float32)}, pin=False)
+    assert repr(one) == f"PackedBatch(1 array in 1 group, {one.nbytes} bytes, unpinned)"
+    two = tb.PackedBatch.pack([np.ones(3, np.float32), np.ones(2, np.int64)], pin=False)
+    assert repr(two).startswith("PackedBatch(2 arrays in 2 groups, ")
+
+
 def test_the_packed_bytes_come_from_the_arrays_not_from_the_buffer(rng, monkeypatch):
     """The buffer is poisoned before packing: every array byte must be overwritten."""
     made = []

@@ -30,7 +30,12 @@ def _in_worker() -> bool:
 
 #: collate's samples when none are given: ``collate(pad=...)`` is a slip for
 #: ``functools.partial(collate, pad=...)``, refused with that fix.
-_NO_SAMPLES: Any = object()
+class _NoSamples:
+    def __repr__(self) -> str:
+        return "<required>"  # (what help() and an IDE show as the default)
+
+
+_NO_SAMPLES: Any = _NoSamples()
 
 
 @overload

@@ -255,9 +255,10 @@ class PackedBatch:
         state = "pinned" if self.is_pinned() else "unpinned"
         if self._buffer.is_shared():
             state = "shared"
+        arrays, groups = len(self), len(self._groups)
         return (
-            f"PackedBatch({len(self)} arrays in {len(self._groups)} groups, {self.nbytes} "
-            f"bytes, {state})"
+            f"PackedBatch({arrays} array{'s' * (arrays != 1)} in {groups} "
+            f"group{'s' * (groups != 1)}, {self.nbytes} bytes, {state})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
