@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tensorbridge as tb
 from tensorbridge import _backend, _cuda
@@ -49,6 +50,8 @@ def test_info_reports_the_live_path():
     assert info["cuda"] == HAS_CUDA or not info["extension"]
     if not info["cuda"]:
         assert isinstance(info["cuda_reason"], str) and info["cuda_reason"].endswith(".")
+        if torch.version.cuda is None and info["cuda_compiled"]:  # (the first thing to fix)
+            assert "is a CPU build (torch.version.cuda is None)" in info["cuda_reason"]
         assert info["devices"] == 0 or not HAS_CUDA
     assert info["threads"] >= 1
 

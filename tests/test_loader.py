@@ -991,6 +991,24 @@ def test_example_trains_and_the_loss_falls():
     assert np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns the brightest channel
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_example_asked_for_cuda_without_it_says_why(monkeypatch):
+    import pathlib
+    import subprocess
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_synthetic.py"
+    proc = subprocess.run(
+        [sys.executable, str(path), "--device", "cuda", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"CUDA is not usable here: {tb.info()['cuda_reason']}" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("a", "b"),
     [(None, np.ones(2)), ("a", 1), (None, 2.5), ("t", torch.ones(2)), (None, {"k": 1})],

@@ -200,13 +200,19 @@ class Engine:
         probe = _cuda_probe()
         if not probe["compiled"]:
             return False, 0, "tensorbridge._C was built without the CUDA toolkit (nvcc not found)."
+        # (torch's CPU build: the first thing to fix, whatever the driver says)
+        cpu_torch = (
+            f"; and torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+            if torch.version.cuda is None
+            else ""
+        )
         if probe["error"] is not None:
-            why = probe["error"]
+            why = probe["error"] + cpu_torch
             if probe["driver_version"] == 0:
                 return False, 0, f"no NVIDIA driver was found ({why})."
             return False, 0, f"the CUDA runtime reports {why}."
         if probe["device_count"] == 0:
-            return False, 0, "the CUDA runtime found no device."
+            return False, 0, f"the CUDA runtime found no device{cpu_torch}."
         if not torch_ok:
             return (
                 False,
