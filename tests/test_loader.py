@@ -332,6 +332,20 @@ def test_collate_pad_of_lists_and_lists_of_rows():
     assert torch.equal(got["t"], expected) and got["t_lengths"].tolist() == [2, 0, 1]
 
 
+@pytest.mark.parametrize(
+    ("fill", "dtype"),
+    [(0, torch.int64), (-1.0, torch.float64), (np.float32(0), torch.float32), (False, torch.bool)],
+)
+def test_collate_pad_of_only_empty_lists_takes_the_pad_values_dtype(fill, dtype):
+    """A batch whose samples are all [] says nothing of its dtype (NumPy makes float64 of
+    it): the pad value's, so a batch of empty token lists is int64 like the others."""
+    batch = tb.collate([{"t": []}, {"t": []}, {"t": []}], pad={"t": fill})
+    assert batch["t"].dtype == dtype and tuple(batch["t"].shape) == (3, 0)
+    assert batch["t_lengths"].tolist() == [0, 0, 0]
+    one = tb.collate([{"t": []}, {"t": [2]}], pad={"t": fill if dtype != torch.bool else 0})
+    assert one["t"].dtype == torch.int64  # (a sample with numbers says it)
+
+
 def test_collate_fields_list_keeps_the_values():
     metas = [{"boxes": [(1, 2)] * i, "name": f"s{i}"} if i else None for i in range(4)]
     samples = [{"x": np.full(2, i), "meta": m} for i, m in enumerate(metas)]
