@@ -36,6 +36,24 @@ def test_to_tensor_cpu_shares_like_as_tensor(backend, gen, np_dtype):
 
 
 @pytest.mark.parametrize(
+    ("short", "name"), [("fp16", "float16"), ("BF16", "bfloat16"), ("fp32", "float32")]
+)
+def test_short_dtype_names_are_refused_with_the_name_to_pass(short, name):
+    """'fp16' and friends are not NumPy's or torch's names: the refusal names the one to
+    pass, and that one works."""
+    calls = [
+        lambda d: tb.to_tensor(np.ones(2), dtype=d),
+        lambda d: tb.to_device({"x": np.ones(2)}, "cpu", dtype=d),
+    ]
+    if name != "bfloat16" or tb.info()["ml_dtypes"]:
+        calls.append(lambda d: tb.to_numpy(torch.ones(2), dtype=d))
+    for call in calls:
+        with pytest.raises(TypeError, match=rf"dtype='{short}'.*pass '{name}' or torch\.{name}$"):
+            call(short)
+        call(getattr(torch, name))  # (the fix works)
+
+
+@pytest.mark.parametrize(
     ("dtype", "torch_dtype"),
     [
         (torch.float32, torch.float32),

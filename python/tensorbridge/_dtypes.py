@@ -140,16 +140,33 @@ def torch_dtype(np_dtype: np.dtype) -> torch.dtype:
     return t
 
 
-def as_numpy_dtype(dtype: Any) -> np.dtype:
-    """Accepts a NumPy dtype-like or a torch.dtype (for ``dtype=`` arguments)."""
+#: Short names of the ML world that NumPy and torch do not know, and the name they do.
+_SHORT_NAMES = {
+    "fp16": "float16",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "f32": "float32",
+    "fp64": "float64",
+    "f64": "float64",
+    "fp8": "float8_e4m3fn",
+}
+
+
+def as_numpy_dtype(dtype: Any, example: str = "numpy.float32") -> np.dtype:
+    """Accepts a NumPy dtype-like or a torch.dtype (for ``dtype=`` arguments); ``example``:
+    the dtype a refusal suggests."""
     if isinstance(dtype, torch.dtype):
         return numpy_dtype(dtype)
     try:
         return np.dtype(dtype)
     except TypeError as exc:
-        raise TypeError(
-            f"dtype={dtype!r} is not a NumPy or torch dtype; pass e.g. numpy.float32"
-        ) from exc
+        name = _SHORT_NAMES.get(dtype.lower()) if isinstance(dtype, str) else None
+        if name is not None:  # (torch has each of them; NumPy's bfloat16 is ml_dtypes')
+            fix = f"pass {name!r} or torch.{name}"
+        else:
+            fix = f"pass e.g. {example}"
+        raise TypeError(f"dtype={dtype!r} is not a NumPy or torch dtype: {fix}") from exc
 
 
 #: The Python and NumPy scalar number types (what a list of numbers may hold).
@@ -177,7 +194,7 @@ def as_torch_dtype(dtype: Any) -> torch.dtype:
                 "torch.float32."
             )
         return dtype
-    return torch_dtype(as_numpy_dtype(dtype))
+    return torch_dtype(as_numpy_dtype(dtype, "torch.float32"))
 
 
 def canonical_numpy_dtype(np_dtype: np.dtype) -> np.dtype:
