@@ -96,8 +96,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--size", type=int, default=32, help="image height and width")
     args = p.parse_args()
-    if torch.device(args.device).type == "cuda" and not tb.info()["cuda"]:
-        p.error(f"--device {args.device}: CUDA is not usable here: {tb.info()['cuda_reason']}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device: {tb.info()['cuda_reason']}")
     train(args.device, args.steps, args.batch_size, args.workers, args.size)
 
 

@@ -50,8 +50,11 @@ def test_info_reports_the_live_path():
     assert info["cuda"] == HAS_CUDA or not info["extension"]
     if not info["cuda"]:
         assert isinstance(info["cuda_reason"], str) and info["cuda_reason"].endswith(".")
-        if torch.version.cuda is None and info["cuda_compiled"]:  # (the first thing to fix)
-            assert "is a CPU build (torch.version.cuda is None)" in info["cuda_reason"]
+        if torch.version.cuda is None and torch.version.hip is None:  # (the first to fix)
+            assert info["cuda_reason"] == (
+                f"torch {torch.__version__} is a CPU build (torch.version.cuda is None): "
+                "install a CUDA build of torch to use a GPU."
+            )
         assert info["devices"] == 0 or not HAS_CUDA
     assert info["threads"] >= 1
 
@@ -164,6 +167,21 @@ def test_cli_piped_into_a_reader_that_leaves_says_nothing(args):
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_cli_raises_a_broken_pipe_that_is_not_its_output(monkeypatch):
+    """Only stdout's reader going away ends the command quietly; another pipe breaking
+    (a benchmark's worker, say) is an error as before. The console script runs the same."""
+    from tensorbridge import __main__ as cli
+
+    def broken(argv=None):
+        raise BrokenPipeError("a worker's pipe")
+
+    monkeypatch.setattr(cli, "main", broken)
+    with pytest.raises(BrokenPipeError, match="a worker's pipe"):
+        cli.run()
+    scripts = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    assert 'tensorbridge = "tensorbridge.__main__:run"' in scripts.read_text()
 
 
 def test_cli_rejects_unknown_command():

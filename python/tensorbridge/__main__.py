@@ -72,13 +72,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _run() -> int:
-    """main(), quiet when the reader of its output goes away (``info | head -1``)."""
+def _stdout_gone() -> bool:
+    """Whether the reader of stdout has gone (a pipe whose other end is closed)."""
+    try:
+        import select
+
+        poll = select.poll()  # (not on Windows: there the error is raised as it came)
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def run() -> int:
+    """main(), quiet when the reader of its output goes away (``info | head -1``): the
+    ``tensorbridge`` command and ``python -m tensorbridge``."""
     try:
         status = main()
-        sys.stdout.flush()
+        if sys.stdout is not None:  # (None: started with stdout closed, `info >&-`)
+            sys.stdout.flush()
         return status
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # (another pipe: a benchmark's worker, say)
         # (the reader is gone: nothing more can be printed; Python's own flush at exit
         # would fail again, so stdout goes to /dev/null first)
         import os
@@ -88,4 +104,4 @@ def _run() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_run())
+    sys.exit(run())

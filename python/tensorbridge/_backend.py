@@ -192,6 +192,14 @@ class Engine:
     def cuda_status(self) -> tuple[bool, int, str | None]:
         """(usable, device count, reason when not usable) for this engine's path."""
         torch_ok = torch.cuda.is_available()
+        if not torch_ok and torch.version.cuda is None and torch.version.hip is None:
+            # (the first thing to fix, whatever the driver and the build say)
+            return (
+                False,
+                0,
+                f"torch {torch.__version__} is a CPU build (torch.version.cuda is None): "
+                "install a CUDA build of torch to use a GPU.",
+            )
         if self.C is None:
             if torch_ok:
                 return True, torch.cuda.device_count(), None
@@ -200,19 +208,13 @@ class Engine:
         probe = _cuda_probe()
         if not probe["compiled"]:
             return False, 0, "tensorbridge._C was built without the CUDA toolkit (nvcc not found)."
-        # (torch's CPU build: the first thing to fix, whatever the driver says)
-        cpu_torch = (
-            f"; and torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
-            if torch.version.cuda is None
-            else ""
-        )
         if probe["error"] is not None:
-            why = probe["error"] + cpu_torch
+            why = probe["error"]
             if probe["driver_version"] == 0:
                 return False, 0, f"no NVIDIA driver was found ({why})."
             return False, 0, f"the CUDA runtime reports {why}."
         if probe["device_count"] == 0:
-            return False, 0, f"the CUDA runtime found no device{cpu_torch}."
+            return False, 0, "the CUDA runtime found no device."
         if not torch_ok:
             return (
                 False,

@@ -362,7 +362,7 @@ def send_batch(
     if positions:
         assert sender is not None
         try:
-            plan = _pack.layout(arrays)  # every array checked before anything moves
+            plan = _pack.layout(arrays, fn)  # every array checked before anything moves
         except (TypeError, ValueError) as exc:
             raise _packed_refusal(exc, arrays, [keys[i] for i in positions], fn) from None
         buffer = sender.empty(plan.nbytes)
@@ -388,7 +388,7 @@ def _packed_refusal(
     (the refusal as it is where none is)."""
     for a, key in zip(arrays, keys, strict=True):
         try:
-            _pack.layout([a])
+            _pack.layout([a], fn)
         except (TypeError, ValueError) as alone:
             return leaf_refusal(alone, fn, key)
     return exc
