@@ -141,16 +141,22 @@ def torch_dtype(np_dtype: np.dtype) -> torch.dtype:
 
 
 #: Short names of the ML world that NumPy and torch do not know, and the name they do.
+#: ("f16" is not one of them: NumPy reads it as a 16-byte float, its longdouble.)
 _SHORT_NAMES = {
     "fp16": "float16",
-    "f16": "float16",
     "bf16": "bfloat16",
     "fp32": "float32",
-    "f32": "float32",
     "fp64": "float64",
-    "f64": "float64",
     "fp8": "float8_e4m3fn",
 }
+
+
+def _numpy_knows(name: str) -> bool:
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
 
 
 def as_numpy_dtype(dtype: Any, example: str = "numpy.float32") -> np.dtype:
@@ -163,7 +169,7 @@ def as_numpy_dtype(dtype: Any, example: str = "numpy.float32") -> np.dtype:
     except TypeError as exc:
         name = _SHORT_NAMES.get(dtype.lower()) if isinstance(dtype, str) else None
         if name is not None:  # (torch has each of them; NumPy's bfloat16 is ml_dtypes')
-            fix = f"pass {name!r} or torch.{name}"
+            fix = f"pass {name!r} or torch.{name}" if _numpy_knows(name) else f"pass torch.{name}"
         else:
             fix = f"pass e.g. {example}"
         raise TypeError(f"dtype={dtype!r} is not a NumPy or torch dtype: {fix}") from exc
