@@ -558,8 +558,10 @@ def to_tensor(
     CuPy, Numba...: anything exposing ``__dlpack__``, ``__cuda_array_interface__`` or
     ``__array__``). Without a device change or a dtype change the tensor shares memory
     with the source, like ``torch.as_tensor(a)`` / ``torch.from_dlpack(a)`` (and converts
-    what torch refuses, see :func:`from_numpy`); a GPU array of another framework stays
-    on its GPU, with the producer's pending work ordered before the current stream's.
+    what torch refuses, see :func:`from_numpy`), except another framework's data that
+    NumPy's protocol hands out read-only (pandas' copy-on-write columns), which is
+    copied; a GPU array of another framework stays on its GPU, with the producer's
+    pending work ordered before the current stream's.
     ``dtype=`` casts; on a GPU the cast runs there, after the transfer, so the narrow type
     crosses the link.
 
@@ -652,8 +654,8 @@ def to_tensor(
             or (target is not None and target != source_dtype)
         )
         src = from_numpy(readable(a) if copied or guarded else a)
-        if guarded and not copied:
-            src = src.clone()
+        if guarded and not copied and src.data_ptr() == a.__array_interface__["data"][0]:
+            src = src.clone()  # (a view: from_numpy copied none of negative strides etc.)
     else:
         src = a
     if out is not None:
