@@ -97,7 +97,10 @@ def collate(
       its first dimension to the longest sample with the given value, into one tensor of
       shape (batch, longest, ...). The lengths before padding come next to it, under
       ``"tokens_lengths"``, as an int64 tensor of shape (batch,). The value must fit the
-      field's dtype; a sample field already named ``"tokens_lengths"`` is refused.
+      field's dtype; a sample field already named ``"tokens_lengths"`` is refused. A
+      batch whose samples are all empty lists says nothing of the field's dtype and
+      takes the value's: give it the field's type (``0`` for token ids, ``0.0`` for a
+      float field).
     - ``fields={"meta": list}``: the field stays a Python list of the samples' values,
       not collated (variable-length boxes, strings, objects). ``list`` is the only
       override accepted.
