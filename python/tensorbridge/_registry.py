@@ -441,6 +441,7 @@ class RegistrationCache:
         owner, address, nbytes, owner_address, owner_nbytes = found
         stale: _Entry | None = None
         pending: _Entry | None = None
+        doomed: _Entry | None = None
         with self._lock:
             if not self._enabled or self._closed:
                 return
@@ -450,8 +451,12 @@ class RegistrationCache:
             if entry is not None and entry.ref() is not owner:
                 del self._owners[id(owner)]  # a freed owner's (its callback unregisters it)
                 entry = None
-            if entry is not None:
-                if entry.token not in self._live or entry.doomed:
+            if entry is not None and entry.doomed and entry.token in self._live:
+                if entry.in_use():
+                    return  # dropped when its last lease ends: staged this time
+                doomed = entry  # (its lease was cut short, by a Ctrl-C: dropped here)
+            elif entry is not None:
+                if entry.token not in self._live:
                     return  # being registered or dropped elsewhere: staged this time
                 if entry.address == owner_address and entry.nbytes == owner_nbytes:
                     entry.hold(lease)  # (at once: the lease gives it back, come what may)
@@ -467,6 +472,9 @@ class RegistrationCache:
                 pending = self._sighted_locked(
                     owner, address, nbytes, owner_address, owner_nbytes, lease
                 )
+        if doomed is not None:
+            self._drop_doomed(doomed)  # (and this transfer is staged)
+            return
         if stale is not None:  # (`a` keeps the owner alive meanwhile)
             with _interrupts_held():  # (claimed and dropped with a Ctrl-C held)
                 with self._lock:
@@ -680,9 +688,13 @@ class RegistrationCache:
                 return
             if not (entry.doomed and not entry.in_use()):
                 return
-        # Doomed and free now: claimed and dropped with a Ctrl-C held, so that it cannot
-        # fall between the two (until then the entry stays live: a trim, or its array's
-        # death, drops it).
+        self._drop_doomed(entry)
+
+    def _drop_doomed(self, entry: _Entry) -> None:
+        """Drops a registration to be dropped once nothing uses it, if nothing does now."""
+        # Claimed and dropped with a Ctrl-C held, so that it cannot fall between the two
+        # (until then the entry stays live: a trim, its next sighting, or its array's
+        # death drops it).
         with _interrupts_held():
             with self._lock:
                 if not (entry.doomed and not entry.in_use() and entry.token in self._live):
