@@ -13,6 +13,7 @@ themselves in test_gpu.py.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import gc
 import mmap
@@ -700,6 +701,60 @@ def test_a_ctrl_c_off_the_main_thread_or_under_another_handler_is_left_alone():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.parametrize("call", ["unregister", "unreserve"])
+def test_a_ctrl_c_as_an_array_dies_settles_the_books_first(ctrl_c_raises, call):
+    """A Ctrl-C as the owner's callback called the driver was raised in that call: the
+    memory stayed registered (or the pool's bytes reserved) for good. It is held until
+    the books are settled, then raised as the callback's error (printed: a finalizer's)."""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    real = getattr(drv, call)
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # (raised at the next call: the driver's own)
+        return real(*args)
+
+    setattr(drv, call, lambda *args: interrupted(*args))
+    unraisable = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        del a
+    finally:
+        sys.unraisablehook = old_hook
+        delattr(drv, call)
+    assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
+    assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
+    s = cache.stats()
+    assert (s["registered_bytes"], s["releases"]) == (0, 1) and cache._reserved == 0
+    b = np.zeros(MIN, np.uint8)
+    assert used(cache, b)  # (the whole share is there)
+
+
+def test_a_ctrl_c_as_the_books_of_a_dead_array_are_settled_loses_nothing(ctrl_c_raises):
+    """The next call settles a dead array's books (its callback takes no lock); a Ctrl-C
+    between taking the entry and counting it lost its bytes from the share for good."""
+
+    class Freed(collections.deque):
+        def popleft(self):
+            entry = super().popleft()
+            os.kill(os.getpid(), signal.SIGINT)  # (raised at the next call)
+            return entry
+
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    cache._freed = Freed()
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    del a
+    with pytest.raises(KeyboardInterrupt):
+        cache.stats()
+    s = cache.stats()
+    assert (s["registered_bytes"], s["releases"]) == (0, 1) and cache._reserved == 0
+    b = np.zeros(MIN, np.uint8)
+    assert used(cache, b) and drv.errors == []
 
 
 def test_an_unregistration_failing_at_the_owners_death_still_settles_the_books():

@@ -708,28 +708,38 @@ class RegistrationCache:
             del owner
 
     def _owner_freed(self, token: int, _ref: object = None) -> None:
-        """An owner's weakref callback: NumPy has not freed its memory yet. Takes no lock."""
-        entry = self._live.pop(token, None)
-        if entry is None:
-            return  # claimed by someone else, or forgotten (a forked child, exit)
-        try:
-            self._ops.unregister(entry.address, entry.nbytes)
-        finally:
-            # (even when the driver raised: the array is going, and its share of the
-            # budget must not go with it; the error is printed as the callback's)
+        """An owner's weakref callback: NumPy has not freed its memory yet. Takes no lock.
+
+        A Ctrl-C is held from the claim to the books (it would part them: the memory left
+        registered, or its reservation never given back) and raised as the callback ends,
+        where Python prints it as the callback's error: a Ctrl-C that lands as an array
+        dies is lost, as in any finalizer. (One in the callback's first few calls, before
+        the hold, still ends it before the claim: that registration outlives the memory.)"""
+        with _interrupts_held():
+            entry = self._live.pop(token, None)
+            if entry is None:
+                return  # claimed by someone else, or forgotten (a forked child, exit)
             try:
-                self._ops.unreserve(entry.nbytes)
+                self._ops.unregister(entry.address, entry.nbytes)
             finally:
-                self._freed.append(entry)
+                # (even when the driver raised: the array is going, and its share of the
+                # budget must not go with it; the error is printed as the callback's)
+                try:
+                    self._ops.unreserve(entry.nbytes)
+                finally:
+                    self._freed.append(entry)
 
     def _drop_freed_locked(self) -> None:
-        while self._freed:
-            entry = self._freed.popleft()
-            if self._owners.get(entry.oid) is entry:
-                del self._owners[entry.oid]
-            self._registered -= entry.nbytes
-            self._reserved -= entry.nbytes
-            self._counts["releases"] += 1
+        if not self._freed:
+            return
+        with _interrupts_held():  # (a Ctrl-C between a pop and its books would part them)
+            while self._freed:
+                entry = self._freed.popleft()
+                if self._owners.get(entry.oid) is entry:
+                    del self._owners[entry.oid]
+                self._registered -= entry.nbytes
+                self._reserved -= entry.nbytes
+                self._counts["releases"] += 1
 
     # ------------------------------------------------------------------ dropping
 
