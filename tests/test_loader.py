@@ -334,7 +334,13 @@ def test_collate_pad_of_lists_and_lists_of_rows():
 
 @pytest.mark.parametrize(
     ("fill", "dtype"),
-    [(0, torch.int64), (-1.0, torch.float64), (np.float32(0), torch.float32), (False, torch.bool)],
+    [
+        (0, torch.int64),
+        (-1.0, torch.float64),
+        (np.float32(0), torch.float32),
+        (False, torch.bool),
+        (np.longdouble(1), torch.float64),  # (torch has no longdouble: NumPy's [] as before)
+    ],
 )
 def test_collate_pad_of_only_empty_lists_takes_the_pad_values_dtype(fill, dtype):
     """A batch whose samples are all [] says nothing of its dtype (NumPy makes float64 of
@@ -342,7 +348,7 @@ def test_collate_pad_of_only_empty_lists_takes_the_pad_values_dtype(fill, dtype)
     batch = tb.collate([{"t": []}, {"t": []}, {"t": []}], pad={"t": fill})
     assert batch["t"].dtype == dtype and tuple(batch["t"].shape) == (3, 0)
     assert batch["t_lengths"].tolist() == [0, 0, 0]
-    one = tb.collate([{"t": []}, {"t": [2]}], pad={"t": fill if dtype != torch.bool else 0})
+    one = tb.collate([{"t": []}, {"t": [2]}], pad={"t": 0 if dtype == torch.bool else fill})
     assert one["t"].dtype == torch.int64  # (a sample with numbers says it)
 
 

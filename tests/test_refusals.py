@@ -419,6 +419,16 @@ OTHER_REFUSALS = [
     ),
     (
         "images_to_tensor",
+        "float8 dtype (torch's arithmetic refuses it)",
+        lambda: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), dtype=torch.float8_e4m3fn),
+    ),
+    (
+        "to_tensor",
+        "dtype= a NumPy dtype torch has none for ('f16' is float128)",
+        lambda: tb.to_tensor(np.ones(2, np.float32), dtype="f16"),
+    ),
+    (
+        "images_to_tensor",
         "grayscale (N, H, W) without a channel axis",
         lambda: tb.images_to_tensor(np.zeros((2, 8, 8), np.uint8)),
     ),

@@ -200,7 +200,14 @@ def as_torch_dtype(dtype: Any) -> torch.dtype:
                 "torch.float32."
             )
         return dtype
-    return torch_dtype(as_numpy_dtype(dtype, "torch.float32"))
+    np_dtype = as_numpy_dtype(dtype, "torch.float32")
+    try:
+        return torch_dtype(np_dtype)
+    except TypeError:  # (the argument's fault, not the array's: say so)
+        raise TypeError(
+            f"dtype={dtype!r} is NumPy's {np_dtype}, which torch has no dtype for: pass a "
+            "torch dtype such as torch.float32."
+        ) from None
 
 
 def canonical_numpy_dtype(np_dtype: np.dtype) -> np.dtype:

@@ -588,7 +588,11 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
             )
         arrays.append(a)
     fill_dtype = np.asarray(fill).dtype
-    if len(empty_lists) == len(arrays) and fill_dtype.kind in "biufc":
+    if (
+        len(empty_lists) == len(arrays)
+        and fill_dtype.kind in "biufc"
+        and _dtypes.maybe_torch_dtype(fill_dtype) is not None  # (not longdouble)
+    ):
         # (nothing in the batch says its dtype, which numpy would make float64 for []:
         # the pad value's, so a batch of empty token lists is int64 like any other)
         arrays = [np.empty((0,), fill_dtype) for _ in arrays]
@@ -895,9 +899,11 @@ def images_to_tensor(
     """
     # torch, NumPy or string dtypes alike (None: the default, float32)
     dtype = torch.float32 if dtype is None else _dtypes.as_torch_dtype(dtype)
-    if not dtype.is_floating_point:
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        # (float8: torch's arithmetic refuses it, with a RuntimeError from deep inside)
         raise TypeError(
-            f"images_to_tensor produces floats: pass e.g. dtype=torch.float32, not {dtype}"
+            f"images_to_tensor produces floats of 16 bits or more: pass e.g. "
+            f"dtype=torch.float32 (or float16, bfloat16), not {dtype}"
         )
     if device is not None:
         device = _backend.resolve_device(device, "images_to_tensor")
