@@ -799,6 +799,11 @@ def test_a_dtype_mapping_that_names_no_leaf_is_refused():
         tb.to_device(batch, "cpu", dtype={"lables": torch.int32})
     with pytest.raises(ValueError, match=r"PackedBatch.to: dtype= names 'id'"):
         tb.PackedBatch.pack(batch).to("cpu", dtype={"id": torch.int32})  # not an array
+    packed = tb.PackedBatch.pack(batch)  # (given to a function: named after it)
+    with pytest.raises(ValueError, match=r"^to_device: dtype= names 'id'"):
+        tb.to_device(packed, "cpu", dtype={"id": torch.int32})
+    with pytest.raises(ValueError, match=r"^Prefetcher: dtype= names 'id'"):
+        list(tb.Prefetcher([packed], "cpu", dtype={"id": torch.int32}))
     # dtype keys are rules for any batch: one that matches nothing is no error
     out = tb.to_device(batch, "cpu", dtype={torch.int16: torch.int8, "labels": torch.int32})
     assert out["labels"].dtype == torch.int32 and out["image"].dtype == torch.float32

@@ -239,7 +239,9 @@ def moved(batch: Any, device: Device, non_blocking: bool, dtype: DTypeSpec, fn: 
     rule = dtype_rule(dtype, fn)
     non_blocking = _backend.bool_arg(non_blocking, f"{fn}: non_blocking")
     if isinstance(batch, _packed_batch()):
-        return batch._to(dev, rule, non_blocking, False)
+        if rule is not None and rule.by_key:
+            check_names(rule, batch.keys(), fn)  # (in the name of the call the user made)
+        return batch._to(dev, rule, non_blocking, False, checked=True)
     if dev.type == "cpu" and rule is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
         return tree_map(functools.partial(_to_cpu_leaf, fn=fn), batch, fn)
