@@ -426,7 +426,9 @@ def test_a_registration_in_use_is_never_evicted_to_make_room():
     assert cache.stats()["budget_refusals"] == 1
 
 
-@pytest.mark.parametrize("then", ["make room", "clear", "clear, then its next sighting"])
+@pytest.mark.parametrize(
+    "then", ["make room", "clear", "clear, then its next sighting", "off, then its next sighting"]
+)
 def test_a_lease_cut_short_holds_its_registration_only_while_it_lives(then):
     """A Ctrl-C between lease() and its ``with``, or as the ``with`` ends before __exit__
     runs, leaves a lease that never gives its registration back: the registration stays
@@ -441,6 +443,8 @@ def test_a_lease_cut_short_holds_its_registration_only_while_it_lives(then):
     def evict() -> None:
         if then == "make room":
             used(cache, b)
+        elif then.startswith("off"):
+            cache.configure(enabled=False)  # (registration_options(enabled=False))
         else:
             cache.clear()
 
@@ -454,6 +458,8 @@ def test_a_lease_cut_short_holds_its_registration_only_while_it_lives(then):
     assert drv.registered == ({addr(b): MIN} if then == "make room" else {})
     assert cache.stats()["evictions"] == 1 and drv.errors == []
     assert drv.reserved == cache._reserved == (MIN if then == "make room" else 0)
+    if then.startswith("off"):
+        assert not used(cache, a) and drv.registered == {}  # (off: not registered again)
 
 
 def test_a_driver_refusal_takes_the_staged_path_and_is_not_asked_again():
@@ -732,6 +738,35 @@ def test_a_ctrl_c_as_an_array_dies_settles_the_books_first(ctrl_c_raises, call):
     assert (s["registered_bytes"], s["releases"]) == (0, 1) and cache._reserved == 0
     b = np.zeros(MIN, np.uint8)
     assert used(cache, b)  # (the whole share is there)
+
+
+def test_a_ctrl_c_as_an_array_dies_before_the_hold_is_set_up_strands_nothing(
+    ctrl_c_raises, monkeypatch
+):
+    """Setting up the hold takes a few calls: a Ctrl-C among them ended the callback
+    before it claimed the registration, which then outlived its memory. The callback
+    settles it on the way out."""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    real = threading.current_thread
+
+    def ctrl_c_lands_now():  # (the hold's first call)
+        monkeypatch.setattr(threading, "current_thread", real)
+        os.kill(os.getpid(), signal.SIGINT)  # (raised at the next call)
+        return real()
+
+    monkeypatch.setattr(threading, "current_thread", ctrl_c_lands_now)
+    unraisable = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        del a
+    finally:
+        sys.unraisablehook = old_hook
+    assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
+    assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
+    assert cache.stats()["registered_bytes"] == 0 and cache._reserved == 0
 
 
 def test_a_ctrl_c_as_the_books_of_a_dead_array_are_settled_loses_nothing(ctrl_c_raises):

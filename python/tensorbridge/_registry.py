@@ -425,8 +425,11 @@ class RegistrationCache:
         """``with cache.lease(a, device) as registered:`` (see the class); ``device``: the
         GPU index of the transfer, whose context registers ``a`` (-1: one the engine uses)."""
         lease = _Lease(self, None)
-        if self._enabled and not _held_here(self._lock):  # (else, as for a finalizer's
-            try:  # transfer inside the cache: staged)
+        # (turned off, it still looks while registrations in use at the time remain, to
+        # drop one whose lease a Ctrl-C cut short; a finalizer's transfer inside the
+        # cache is staged)
+        if (self._enabled or self._owners) and not _held_here(self._lock):
+            try:
                 self._acquire(a, device, lease)
             except BaseException:  # (a KeyboardInterrupt, say: what the lease holds goes back)
                 lease.__exit__()
@@ -443,10 +446,12 @@ class RegistrationCache:
         pending: _Entry | None = None
         doomed: _Entry | None = None
         with self._lock:
-            if not self._enabled or self._closed:
+            if self._closed:
                 return
-            self._drop_freed_locked()
-            self._clock += 1
+            off = not self._enabled  # (then only a doomed registration is looked for)
+            if not off:
+                self._drop_freed_locked()
+                self._clock += 1
             entry = self._owners.get(id(owner))
             if entry is not None and entry.ref() is not owner:
                 del self._owners[id(owner)]  # a freed owner's (its callback unregisters it)
@@ -455,6 +460,8 @@ class RegistrationCache:
                 if entry.in_use():
                     return  # dropped when its last lease ends: staged this time
                 doomed = entry  # (its lease was cut short, by a Ctrl-C: dropped here)
+            elif off:
+                return
             elif entry is not None:
                 if entry.token not in self._live:
                     return  # being registered or dropped elsewhere: staged this time
@@ -713,21 +720,29 @@ class RegistrationCache:
         A Ctrl-C is held from the claim to the books (it would part them: the memory left
         registered, or its reservation never given back) and raised as the callback ends,
         where Python prints it as the callback's error: a Ctrl-C that lands as an array
-        dies is lost, as in any finalizer. (One in the callback's first few calls, before
-        the hold, still ends it before the claim: that registration outlives the memory.)"""
-        with _interrupts_held():
-            entry = self._live.pop(token, None)
-            if entry is None:
-                return  # claimed by someone else, or forgotten (a forked child, exit)
+        dies is lost, as in any finalizer. One that lands while the hold is being set up
+        ends it before the claim: the registration is settled on the way out, unheld.
+        (One on the callback's very first instruction still ends it before anything.)"""
+        try:
+            with _interrupts_held():
+                self._settle_freed(token)
+        finally:
+            if token in self._live:  # (interrupted before the claim)
+                self._settle_freed(token)
+
+    def _settle_freed(self, token: int) -> None:
+        entry = self._live.pop(token, None)
+        if entry is None:
+            return  # claimed by someone else, or forgotten (a forked child, exit)
+        try:
+            self._ops.unregister(entry.address, entry.nbytes)
+        finally:
+            # (even when the driver raised: the array is going, and its share of the
+            # budget must not go with it; the error is printed as the callback's)
             try:
-                self._ops.unregister(entry.address, entry.nbytes)
+                self._ops.unreserve(entry.nbytes)
             finally:
-                # (even when the driver raised: the array is going, and its share of the
-                # budget must not go with it; the error is printed as the callback's)
-                try:
-                    self._ops.unreserve(entry.nbytes)
-                finally:
-                    self._freed.append(entry)
+                self._freed.append(entry)
 
     def _drop_freed_locked(self) -> None:
         if not self._freed:
