@@ -4,6 +4,8 @@ passed through; random NumPy views with and without a cast (hypothesis)."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,6 +35,28 @@ def test_to_tensor_cpu_shares_like_as_tensor(backend, gen, np_dtype):
     ref = torch.as_tensor(a)
     assert t.data_ptr() == ref.data_ptr() and t.stride() == ref.stride()
     assert torch.equal(t, ref)
+
+
+def test_torch_dtype_names_work_as_targets_without_ml_dtypes():
+    """dtype="bfloat16" (as the README shows) names torch's dtype where NumPy has none (no
+    ml_dtypes): a torch target takes it; a NumPy target says what to install."""
+    code = """
+import sys
+sys.modules["ml_dtypes"] = None  # (as where it is not installed)
+import numpy as np, torch, tensorbridge as tb
+x = {"x": np.ones(2, np.float32), "n": np.arange(2)}
+out = tb.to_device(x, "cpu", dtype="bfloat16")
+assert out["x"].dtype == torch.bfloat16 and out["n"].dtype == torch.int64
+assert tb.to_tensor(np.ones(2, np.float32), dtype="bfloat16").dtype == torch.bfloat16
+try:
+    tb.to_numpy(torch.ones(2), dtype="bfloat16")
+except TypeError as e:
+    assert "install ml_dtypes" in str(e), e
+else:
+    raise AssertionError("not refused")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize(

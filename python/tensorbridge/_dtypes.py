@@ -170,9 +170,20 @@ def as_numpy_dtype(dtype: Any, example: str = "numpy.float32") -> np.dtype:
         name = _SHORT_NAMES.get(dtype.lower()) if isinstance(dtype, str) else None
         if name is not None:  # (torch has each of them; NumPy's bfloat16 is ml_dtypes')
             fix = f"pass {name!r} or torch.{name}" if _numpy_knows(name) else f"pass torch.{name}"
+        elif _torch_named(dtype) is not None:  # (NumPy has it with ml_dtypes)
+            raise TypeError(
+                f"dtype={dtype!r} is a torch dtype with no NumPy dtype here: install "
+                "ml_dtypes (pip install ml_dtypes) for NumPy's, or pass another dtype"
+            ) from exc
         else:
             fix = f"pass e.g. {example}"
         raise TypeError(f"dtype={dtype!r} is not a NumPy or torch dtype: {fix}") from exc
+
+
+def _torch_named(name: Any) -> torch.dtype | None:
+    """The torch dtype a string names (``"bfloat16"``), or None."""
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, torch.dtype) else None
 
 
 #: The Python and NumPy scalar number types (what a list of numbers may hold).
@@ -200,6 +211,9 @@ def as_torch_dtype(dtype: Any) -> torch.dtype:
                 "torch.float32."
             )
         return dtype
+    named = _torch_named(dtype)
+    if named is not None and not _numpy_knows(dtype):  # ("bfloat16" without ml_dtypes)
+        return as_torch_dtype(named)
     np_dtype = as_numpy_dtype(dtype, "torch.float32")
     try:
         return torch_dtype(np_dtype)
