@@ -79,7 +79,8 @@ def _stdout_gone() -> bool:
 
         poll = select.poll()  # (not on Windows: there the error is raised as it came)
         poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poll.poll(0))
+        gone = select.POLLERR | select.POLLHUP  # (a pipe: ERR; a socket's peer: HUP)
+        return any(events & gone for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):
         return False
 
@@ -99,7 +100,9 @@ def run() -> int:
         # would fail again, so stdout goes to /dev/null first)
         import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 1
 
 
