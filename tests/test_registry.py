@@ -565,6 +565,19 @@ def _ctrl_c_after(call):
     return interrupted
 
 
+def _errors_printed_as(arrays: list) -> list:
+    """Drops the arrays in ``arrays``: the errors their weakref callbacks raised, which
+    Python prints (unraisable) rather than raises."""
+    unraisable: list = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        arrays.clear()
+    finally:
+        sys.unraisablehook = old_hook
+    return unraisable
+
+
 def test_a_ctrl_c_as_the_pool_reserves_waits_until_the_registration_counts(ctrl_c_raises):
     """A Ctrl-C landing in the pool's reserve call was raised as the call returned, before
     the cache knew that it had reserved: those bytes were lost for good. It is raised once
@@ -724,13 +737,11 @@ def test_a_ctrl_c_as_an_array_dies_settles_the_books_first(ctrl_c_raises, call):
         return real(*args)
 
     setattr(drv, call, lambda *args: interrupted(*args))
-    unraisable = []
-    old_hook = sys.unraisablehook
-    sys.unraisablehook = unraisable.append
+    arrays = [a]
+    del a
     try:
-        del a
+        unraisable = _errors_printed_as(arrays)
     finally:
-        sys.unraisablehook = old_hook
         delattr(drv, call)
     assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
     assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
@@ -757,13 +768,9 @@ def test_a_ctrl_c_as_an_array_dies_before_the_hold_is_set_up_strands_nothing(
         return real()
 
     monkeypatch.setattr(threading, "current_thread", ctrl_c_lands_now)
-    unraisable = []
-    old_hook = sys.unraisablehook
-    sys.unraisablehook = unraisable.append
-    try:
-        del a
-    finally:
-        sys.unraisablehook = old_hook
+    arrays = [a]
+    del a
+    unraisable = _errors_printed_as(arrays)
     assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
     assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
     assert cache.stats()["registered_bytes"] == 0 and cache._reserved == 0
@@ -797,13 +804,9 @@ def test_an_unregistration_failing_at_the_owners_death_still_settles_the_books()
     a = np.zeros(MIN, np.uint8)
     assert used(cache, a)
     fail_next_unregister(drv)
-    unraisable = []
-    old_hook = sys.unraisablehook
-    sys.unraisablehook = unraisable.append  # (the callback's error is printed, not raised)
-    try:
-        del a
-    finally:
-        sys.unraisablehook = old_hook
+    arrays = [a]
+    del a
+    unraisable = _errors_printed_as(arrays)  # (the callback's error is printed, not raised)
     assert len(unraisable) == 1 and "LaunchFailure" in str(unraisable[0].exc_value)
     s = cache.stats()
     assert (s["registered_bytes"], s["registered_arrays"], s["releases"]) == (0, 0, 1)
