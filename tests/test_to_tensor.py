@@ -54,6 +54,12 @@ except TypeError as e:
     assert "install ml_dtypes" in str(e), e
 else:
     raise AssertionError("not refused")
+try:  # (a bfloat16 array that lost its dtype on the way: raw bytes)
+    tb.from_numpy(np.zeros(2, "V2"))
+except TypeError as e:
+    assert "a.view(ml_dtypes.bfloat16)" in str(e) and "pip install ml_dtypes" in str(e), e
+else:
+    raise AssertionError("not refused")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -123,6 +123,22 @@ def unsupported_numpy(np_dtype: np.dtype) -> TypeError:
         fix = "convert it with a.astype(numpy.float64) (or numpy.complex128) first"
     elif kind == "V" and np_dtype.names:
         fix = f"pass one field at a time, e.g. a[{np_dtype.names[0]!r}]"
+    elif np_dtype.type is np.void and np_dtype.subdtype is None and np_dtype.itemsize:
+        # Raw bytes: what a bfloat16 or float8 array becomes when its dtype is lost on the
+        # way (``__array_interface__`` and the buffer protocol carry only '|V2', '|V1').
+        views = {
+            1: "a.view(ml_dtypes.float8_e4m3fn) or a.view(numpy.uint8)",
+            2: "a.view(ml_dtypes.bfloat16) or a.view(numpy.float16)",
+            4: "a.view(numpy.float32)",
+            8: "a.view(numpy.float64)",
+        }
+        fix = (
+            "it is raw bytes (a bfloat16 array's dtype is lost this way through "
+            "__array_interface__ or the buffer protocol): view the array as the numbers it "
+            f"holds, e.g. {views.get(np_dtype.itemsize, 'a.view(numpy.uint8)')}"
+        )
+        if _ml is None and np_dtype.itemsize <= 2:
+            fix += " (pip install ml_dtypes for bfloat16 and float8)"
     elif kind == "V" and _ml is None:
         fix = "install ml_dtypes (pip install ml_dtypes) for bfloat16/float8 arrays"
     else:
