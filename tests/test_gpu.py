@@ -630,7 +630,7 @@ def test_prefetcher_sees_work_queued_before_and_overwrites_nothing_in_use():
 def test_prefetcher_raises_a_refused_batch_after_the_batches_before_it(depth):
     batches = [{"x": np.full(4, 0.0)}, {"x": np.full(4, 1.0)}, {"x": np.array(["s"])}, {"x": 3}]
     seen = []
-    with pytest.raises(TypeError, match=r"^Prefetcher \(at key 'x'\)"):
+    with pytest.raises(TypeError, match=r'^Prefetcher: batch\["x"\]: '):
         for b in tb.Prefetcher(batches, "cuda", depth=depth):
             seen.append(float(b["x"][0]))
     assert seen == [0.0, 1.0]

@@ -596,7 +596,7 @@ def test_prefetcher_stream_path_yields_the_batches_before_a_refused_one(monkeypa
         if path == "stream":
             pf.device = torch.device("cuda", 0)  # (what Prefetcher(batches, "cuda") holds)
         seen = []
-        with pytest.raises(TypeError, match=r"^Prefetcher \(at key 'x'\): (?!.*to_device)"):
+        with pytest.raises(TypeError, match=r'^Prefetcher: batch\["x"\]: (?!.*to_device)'):
             for b in pf:
                 seen.append(int(b["x"][0]))
         assert seen == [0, 1], path
@@ -616,9 +616,9 @@ def test_prefetcher_refusals_name_the_prefetcher():
             [{"t": freed}],
             "cpu",
             {"dtype": torch.float64},
-            r"^Prefetcher \(at key 't'\): (?!.*to_device).*freed",
+            r'^Prefetcher: batch\["t"\]: (?!.*to_device).*freed',
         ),
-        ([{"s": np.array(["x"])}], "cpu", {}, r"^Prefetcher \(at key 's'\): (?!.*to_device)"),
+        ([{"s": np.array(["x"])}], "cpu", {}, r'^Prefetcher: batch\["s"\]: (?!.*to_device)'),
     ]
     for batches, device, kw, message in cases:
         with pytest.raises((TypeError, ValueError), match=message):
@@ -628,10 +628,10 @@ def test_prefetcher_refusals_name_the_prefetcher():
     if C is not None:
         link = _batch.LinkSender(C.LinkSimulator(25.0, 0.0))
         for batch, message in (
-            ({"t": freed, "a": np.ones(3)}, r"^Prefetcher \(at key 't'\): (?!.*to_device).*freed"),
+            ({"t": freed, "a": np.ones(3)}, r'^Prefetcher: batch\["t"\]: (?!.*to_device).*freed'),
             (
                 {"s": np.array(["x"]), "a": np.ones(3)},
-                r"^Prefetcher \(at key 's'\): (?!.*to_device)",
+                r'^Prefetcher: batch\["s"\]: (?!.*to_device)',
             ),
         ):
             with pytest.raises((TypeError, ValueError), match=message):

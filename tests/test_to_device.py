@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import warnings
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -691,6 +692,60 @@ def test_flatten_and_unflatten_keep_order_and_count_the_leaves():
         tb._tree.unflatten(spec, [*leaves, 0])
 
 
+def test_leaf_path_names_the_place_of_every_leaf():
+    """Each leaf's path, read as Python with the batch bound to ``batch``, is that leaf:
+    dict and mapping keys (strings, ints, tuples), list and tuple indices, namedtuple and
+    dataclass fields."""
+
+    @dataclasses.dataclass
+    class Sample:
+        image: Any
+        labels: Any
+
+    Two = collections.namedtuple("Two", "left right")
+    batch = {
+        "a": [np.ones(1), np.ones(2)],
+        7: ({"x": np.ones(3)}, [[np.ones(4), 5], 6]),
+        (1, "t"): collections.OrderedDict(k=np.ones(1)),
+        'say "hi"': Two(np.ones(1), Sample(np.ones(2), [np.ones(3), 4])),
+        "u": collections.UserDict({"v": np.ones(1)}),
+    }
+    leaves, _, spec = tb._tree.flatten(batch)
+    assert len(leaves) == 12
+    for i, leaf in enumerate(leaves):
+        path = tb._tree.leaf_path(spec, i)
+        assert path is not None and path.startswith("batch")
+        assert eval(path, {"batch": batch}) is leaf, path
+    assert tb._tree.leaf_path(tb._tree.flatten(np.ones(1))[2], 0) is None  # (the batch)
+    with pytest.raises(IndexError):
+        tb._tree.leaf_path(spec, len(leaves))
+    deep: Any = np.ones(1)
+    for _ in range(20):
+        deep = [deep]
+    assert tb._tree.leaf_path(tb._tree.flatten(deep)[2], 0) == (
+        "batch[0][0][0][0][0][0]...(11 more)...[0][0][0]"
+    )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda b: tb.to_device(b, "cpu"),
+        lambda b: tb.to_device(b, "cpu", dtype=torch.float16),
+        lambda b: tb.PackedBatch.pack(b),
+        lambda b: tb.to_numpy_batch(b),
+    ],
+    ids=["to_device", "to_device-dtype", "pack", "to_numpy_batch"],
+)
+def test_a_refused_leaf_in_a_list_is_named_by_its_index_too(backend, call):
+    """A refused leaf deep in lists and tuples is named by its whole place in the batch,
+    not only by the nearest dict key (which several leaves share)."""
+    bad = torch.ones(2, device="meta")
+    batch = {"ok": np.ones(2), "x": [np.ones(2), (np.ones(2), [np.ones(1), bad])]}
+    with pytest.raises((TypeError, ValueError), match=r': batch\["x"\]\[1\]\[1\]\[1\]'):
+        call(batch)
+
+
 @needs_testing_module
 def test_a_packed_send_that_fails_leaves_no_block_in_use(rng):
     if tb.info()["extension"] is False:
@@ -838,10 +893,10 @@ def _link_send(batch):
     "route",
     ["cpu", "cpu with dtype", "prefetcher", "packed"],
 )
-def test_a_leaf_refused_in_a_batch_is_named_by_its_key(backend, bad, route):
+def test_a_leaf_refused_in_a_batch_is_named_by_its_place(backend, bad, route):
     """On every route a refusal names the function (to_device, or the Prefetcher) and
-    the key of the leaf, and is a TypeError or ValueError (torch's NotImplementedError
-    for a meta tensor is not)."""
+    where the leaf sits in the batch, and is a TypeError or ValueError (torch's
+    NotImplementedError for a meta tensor is not)."""
     if route == "packed" and tb._C is None:
         pytest.skip("needs the compiled extension")
     make, says = _BAD_LEAVES[bad]
@@ -856,6 +911,6 @@ def test_a_leaf_refused_in_a_batch_is_named_by_its_key(backend, bad, route):
         "packed": lambda: _link_send(batch),
     }[route]
     fn = "Prefetcher" if route == "prefetcher" else "to_device"
-    message = rf"^{fn} \(at key 'tokens'\)(?!.*to_device).*{says}"
+    message = rf'^{fn}: batch\["meta"\]\["tokens"\]\[1\](?!.*to_device).*{says}'
     with pytest.raises((TypeError, ValueError), match=message):
         move()

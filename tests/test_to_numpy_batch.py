@@ -96,7 +96,7 @@ def test_to_numpy_batch_refuses_an_out_for_a_plain_value(backend):
 @pytest.mark.parametrize("with_out", [False, True])
 def test_to_numpy_batch_dtype_refusal_suggests_converting_the_tensor(backend, with_out):
     batch = {"c": torch.zeros(2, dtype=torch.complex64).to(torch.complex32)}
-    pattern = r"^to_numpy_batch \(at key 'c'\): .*x\.to\(torch\.complex64\)"
+    pattern = r'^to_numpy_batch: batch\["c"\]: .*x\.to\(torch\.complex64\)'
     with pytest.raises(TypeError, match=pattern) as info:
         tb.to_numpy_batch(batch, out={"c": None} if with_out else None)
     assert "dtype=" not in str(info.value)
@@ -107,11 +107,11 @@ def test_to_numpy_batch_dtype_refusal_suggests_converting_the_tensor(backend, wi
     [
         (
             lambda: torch.ones(3).to_sparse(),
-            r"^to_numpy_batch \(at key 'bad'\) needs a dense \(strided\) tensor",
+            r'^to_numpy_batch: batch\["bad"\] needs a dense \(strided\) tensor',
         ),
         (
             lambda: torch.ones(3, device="meta"),
-            r"^to_numpy_batch \(at key 'bad'\) cannot convert a meta tensor",
+            r'^to_numpy_batch: batch\["bad"\] cannot convert a meta tensor',
         ),
     ],
     ids=["sparse", "meta"],

@@ -25,7 +25,7 @@ from ._convert import (
 )
 from ._copy import byte_span, shares_memory
 from ._handle import Transfer
-from ._tree import flatten, flatten_as, key_repr, tree_map, unflatten
+from ._tree import Spec, flatten, flatten_as, key_repr, leaf_path, tree_map, unflatten
 
 if TYPE_CHECKING:
     from ._packed import PackedBatch
@@ -135,14 +135,14 @@ def _source_dtype(leaf: Any) -> torch.dtype:
     return leaf.dtype if isinstance(leaf, torch.Tensor) else _dtypes.torch_dtype(leaf.dtype)
 
 
-def leaf_refusal(exc: TypeError | ValueError, fn: str, key: Any) -> TypeError | ValueError:
-    """A leaf's refusal in the name of the batch function ``fn``, with the leaf's key (the
-    nearest dict key or dataclass field): ``to_tensor cannot convert a meta tensor...``
-    becomes ``to_device (at key 'a') cannot convert a meta tensor...``. Other exception
-    types are returned as they are."""
+def leaf_refusal(exc: TypeError | ValueError, fn: str, path: str | None) -> TypeError | ValueError:
+    """A leaf's refusal in the name of the batch function ``fn``, with where the leaf sits
+    in the batch (:func:`~tensorbridge._tree.leaf_path`; None for a batch that is the
+    leaf): ``to_tensor cannot convert a meta tensor...`` becomes ``to_device: batch["a"][1]
+    cannot convert a meta tensor...``. Other exception types are returned as they are."""
     if type(exc) not in (TypeError, ValueError):
         return exc
-    where = fn if key is None else f"{fn} (at key {key_repr(key)})"
+    where = fn if path is None else f"{fn}: {path}"
     message = str(exc)
     for name in (fn, "to_tensor", "to_numpy", "from_numpy"):
         if message.startswith((f"{name} ", f"{name}:")):
@@ -244,7 +244,10 @@ def moved(batch: Any, device: Device, non_blocking: bool, dtype: DTypeSpec, fn: 
         return batch._to(dev, rule, non_blocking, False, checked=True)
     if dev.type == "cpu" and rule is None:
         # Nothing to pack or cast: each array becomes a tensor sharing its memory.
-        return tree_map(functools.partial(_to_cpu_leaf, fn=fn), batch, fn)
+        try:
+            return tree_map(functools.partial(_to_cpu_leaf, fn=fn), batch, fn)
+        except _Refused as refused:
+            raise refused.named(batch, fn) from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     cuda = dev.type == "cuda" and _backend.ENGINE.cuda_engine
@@ -342,7 +345,7 @@ def send_batch(
             try:
                 a = _packable(leaf, fn) if pack else None
             except (TypeError, ValueError) as exc:  # (a freed or shrunk storage)
-                raise leaf_refusal(exc, fn, keys[i]) from None
+                raise leaf_refusal(exc, fn, leaf_path(spec, i)) from None
             if a is None:
                 alone.append(i)
             else:
@@ -366,7 +369,7 @@ def send_batch(
         try:
             plan = _pack.layout(arrays, fn)  # every array checked before anything moves
         except (TypeError, ValueError) as exc:
-            raise _packed_refusal(exc, arrays, [keys[i] for i in positions], fn) from None
+            raise _packed_refusal(exc, arrays, positions, spec, fn) from None
         buffer = sender.empty(plan.nbytes)
         sender.send(plan, buffer)
         _pack.views_into(buffer, plan, out, positions, private=True)
@@ -374,7 +377,7 @@ def send_batch(
         try:
             out[i] = to_tensor(leaves[i], dev, non_blocking=non_blocking)
         except (TypeError, ValueError) as exc:
-            raise leaf_refusal(exc, fn, keys[i]) from None
+            raise leaf_refusal(exc, fn, leaf_path(spec, i)) from None
     if rule is not None:
         for i in (*positions, *alone):
             target = _target_dtype(rule, keys[i], _source_dtype(leaves[i]))
@@ -384,15 +387,19 @@ def send_batch(
 
 
 def _packed_refusal(
-    exc: TypeError | ValueError, arrays: Sequence[np.ndarray], keys: Sequence[Any], fn: str
+    exc: TypeError | ValueError,
+    arrays: Sequence[np.ndarray],
+    positions: Sequence[int],
+    spec: Spec,
+    fn: str,
 ) -> TypeError | ValueError:
-    """The layout's refusal of a batch's arrays, naming the first array refused alone
-    (the refusal as it is where none is)."""
-    for a, key in zip(arrays, keys, strict=True):
+    """The layout's refusal of a batch's arrays (``positions``: their leaf indices), naming
+    the first array refused alone (the refusal as it is where none is)."""
+    for a, i in zip(arrays, positions, strict=True):
         try:
             _pack.layout([a], fn)
         except (TypeError, ValueError) as alone:
-            return leaf_refusal(alone, fn, key)
+            return leaf_refusal(alone, fn, leaf_path(spec, i))
     return exc
 
 
@@ -457,7 +464,22 @@ def _to_cpu_leaf(leaf: Any, key: Any, fn: str) -> Any:
             return from_numpy(leaf)
         return leaf
     except (TypeError, ValueError) as exc:
-        raise leaf_refusal(exc, fn, key) from None
+        raise _Refused(exc, leaf) from None
+
+
+class _Refused(Exception):
+    """A leaf's refusal inside a :func:`tree_map` (which knows the leaf's key, not its
+    place), carried out to where the batch is known, to name the place."""
+
+    def __init__(self, exc: TypeError | ValueError, leaf: Any) -> None:
+        super().__init__(exc)
+        self.exc, self.leaf = exc, leaf
+
+    def named(self, batch: Any, fn: str) -> TypeError | ValueError:
+        """The refusal in ``fn``'s name, saying where in ``batch`` the leaf sits."""
+        leaves, _, spec = flatten(batch, fn)
+        i = next((j for j, leaf in enumerate(leaves) if leaf is self.leaf), None)
+        return leaf_refusal(self.exc, fn, None if i is None else leaf_path(spec, i))
 
 
 # --------------------------------------------------------------------------- to_numpy_batch
@@ -526,11 +548,13 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
             return tree_map(_host_leaf, batch, "to_numpy_batch")
         except _NotOnHost:
             pass
-    originals, keys, spec = flatten(batch, "to_numpy_batch")
+        except _Refused as refused:
+            raise refused.named(batch, "to_numpy_batch") from None
+    originals, _, spec = flatten(batch, "to_numpy_batch")
     nested = _packed_batch()
     if any(isinstance(leaf, nested) for leaf in originals):  # their tensors, over the buffer
         batch = unflatten(spec, [x.unpack() if isinstance(x, nested) else x for x in originals])
-        originals, keys, spec = flatten(batch, "to_numpy_batch")
+        originals, _, spec = flatten(batch, "to_numpy_batch")
     paths: list[str] = []  # (each out's, for messages)
     outs = [None] * len(originals)
     if out is not None:
@@ -543,15 +567,15 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     leaves = [
         leaf
         if type(leaf) in _PLAIN or not _interop.is_foreign_array(leaf)
-        else _imported(leaf, key)
-        for leaf, key in zip(originals, keys, strict=True)
+        else _imported(leaf, spec, i)
+        for i, leaf in enumerate(originals)
     ]
-    for leaf, key in zip(leaves, keys, strict=True):  # every refusal before any out is written
+    for i, leaf in enumerate(leaves):  # every refusal before any out is written
         if isinstance(leaf, torch.Tensor):
             try:
                 _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
             except (TypeError, ValueError) as exc:
-                raise leaf_refusal(exc, "to_numpy_batch", key) from None
+                raise leaf_refusal(exc, "to_numpy_batch", leaf_path(spec, i)) from None
     if any(o is not None for o in outs):
         for leaf, o, where in zip(leaves, outs, paths, strict=True):
             if o is None:
@@ -592,12 +616,13 @@ def to_numpy_batch(batch: Any, *, out: Any = None, non_blocking: bool = False) -
     return Transfer.gather(handles, unwrap)
 
 
-def _imported(leaf: Any, key: Any) -> torch.Tensor | np.ndarray:
-    """Another framework's array of a to_numpy_batch batch; a refusal names its key."""
+def _imported(leaf: Any, spec: Spec, i: int) -> torch.Tensor | np.ndarray:
+    """Another framework's array, leaf ``i`` of a to_numpy_batch batch; a refusal names
+    where it sits."""
     try:
         return _interop.import_array(leaf, "to_numpy_batch", numpy_first=True)
     except (TypeError, ValueError) as exc:
-        raise leaf_refusal(exc, "to_numpy_batch", key) from None
+        raise leaf_refusal(exc, "to_numpy_batch", leaf_path(spec, i)) from None
 
 
 def _check_dtype(leaf: torch.Tensor) -> None:
@@ -641,7 +666,7 @@ def _host_leaf(leaf: Any, key: Any) -> Any:
                 _check_dtype(_check_tensor(leaf, "to_numpy_batch"))
             except (TypeError, ValueError) as named:
                 refusal = named
-            raise leaf_refusal(refusal, "to_numpy_batch", key) from None
+            raise _Refused(refusal, leaf) from None
     if cls is np.ndarray:
         return to_numpy(leaf)
     if cls in _PLAIN:  # (numbers, strings, None)

@@ -18,7 +18,7 @@ from . import _backend, _dtypes, _interop
 from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, moved
 from ._convert import Device, _check_storage, readable, to_numpy, to_tensor
 from ._packed import ARENA, PackedBatch, arena, estimate_nbytes
-from ._tree import flatten, is_namedtuple, rebuild_dataclass
+from ._tree import Path, flatten, is_namedtuple, key_text, path_text, rebuild_dataclass
 
 # --------------------------------------------------------------------------- collate
 
@@ -178,22 +178,22 @@ def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]
         for key, value in arg.items():
             if key not in first:
                 raise ValueError(
-                    f"collate: {name}= names {_key_text(key)}, which the samples do not have "
-                    f"(they have {', '.join(_key_text(k) for k in first)}): pass one of those "
+                    f"collate: {name}= names {key_text(key)}, which the samples do not have "
+                    f"(they have {', '.join(key_text(k) for k in first)}): pass one of those "
                     "keys."
                 )
             if key in rules:
                 raise ValueError(
-                    f"collate: {_key_text(key)} is named in both pad= and fields=: keep it in "
+                    f"collate: {key_text(key)} is named in both pad= and fields=: keep it in "
                     "one (pad= to pad it into a tensor, fields= to keep it as a list)."
                 )
             if name == "fields":
                 if value is not list:
                     shown = getattr(value, "__name__", repr(value))
                     raise TypeError(
-                        f"collate: fields={{{_key_text(key)}: {shown}}}: the only override is "
+                        f"collate: fields={{{key_text(key)}: {shown}}}: the only override is "
                         "list, which keeps the field as a Python list of the samples' values: "
-                        f"pass fields={{{_key_text(key)}: list}} (or pad= to pad a ragged "
+                        f"pass fields={{{key_text(key)}: list}} (or pad= to pad a ragged "
                         "array field)."
                     )
                 rules[key] = ("list", None)
@@ -205,15 +205,15 @@ def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]
                 )
             if not isinstance(value, _NUMBERS):
                 raise TypeError(
-                    f"collate: pad={{{_key_text(key)}: {value!r}}}: the pad value fills the "
+                    f"collate: pad={{{key_text(key)}: {value!r}}}: the pad value fills the "
                     f"padded positions and must be a number, got {_kind(value)}: pass e.g. "
-                    f"pad={{{_key_text(key)}: 0}}."
+                    f"pad={{{key_text(key)}: 0}}."
                 )
             lengths = f"{key}_lengths"
             if lengths in first:
                 raise ValueError(
-                    f"collate: pad={{{_key_text(key)}: ...}} adds the lengths as "
-                    f"{_key_text(lengths)}, but the samples already have that key: rename "
+                    f"collate: pad={{{key_text(key)}: ...}} adds the lengths as "
+                    f"{key_text(lengths)}, but the samples already have that key: rename "
                     "it in the dataset."
                 )
             rules[key] = ("pad", value)
@@ -227,15 +227,13 @@ _NUMBERS = _dtypes.NUMBERS
 # What collate stacks or walks into (the rest it keeps as a list).
 _STACKED = (np.ndarray, torch.Tensor, Mapping, list, tuple, *_NUMBERS)
 
-# A path into the batch, built as the walk descends and formatted only for a message:
-# ("[", key or index) or (".", attribute name) per level.
-Path = tuple[tuple[str, Any], ...]
+# (a Path into the batch is built as the walk descends and formatted only for a message)
 
 
 def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
     if depth > _MAX_DEPTH:
         raise ValueError(
-            f"collate: {_where(path)}: the samples are nested more than {_MAX_DEPTH} levels "
+            f"collate: {path_text(path)}: the samples are nested more than {_MAX_DEPTH} levels "
             "deep, or contain themselves (a list holding itself, say): pass samples of at "
             f"most {_MAX_DEPTH} levels, without cycles."
         )
@@ -263,7 +261,7 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
         for i, s in enumerate(samples):
             if len(s) != len(first):
                 raise ValueError(
-                    f"collate: {_where(path)}: sample {i} has {_items(len(s))}, sample 0 has "
+                    f"collate: {path_text(path)}: sample {i} has {_items(len(s))}, sample 0 has "
                     f"{_items(len(first))}; sequences are collated item by item and need equal "
                     f"lengths: {_ragged_fix(path, _paddable_lists(samples))}."
                 )
@@ -301,7 +299,7 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
     if any(issubclass(t, PackedBatch) for t in types):  # (else a list .to() would not move)
         i = next(i for i, s in enumerate(samples) if isinstance(s, PackedBatch))
         raise TypeError(
-            f"collate: {_where(path)}: sample {i} is a PackedBatch, which collate does not "
+            f"collate: {path_text(path)}: sample {i} is a PackedBatch, which collate does not "
             "stack: return its batch from the dataset (.unpack()) and pack the collated "
             "batch instead (collate(samples, packed=True))."
         )
@@ -311,7 +309,7 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
     for i, s in enumerate(samples if len(types) > 1 else ()):
         if isinstance(s, _STACKED):
             raise TypeError(
-                f"collate: {_where(path)}: sample {i} is {_kind(s)}, sample 0 is "
+                f"collate: {path_text(path)}: sample {i} is {_kind(s)}, sample 0 is "
                 f"{_kind(first)}; every sample must hold the same kind of value here: "
                 f"convert it in the dataset{_list_fix(path)}."
             )
@@ -369,7 +367,7 @@ def _refuse_keys(samples: Sequence[Any], path: Path) -> NoReturn:
         if p
     )
     raise ValueError(
-        f"collate: {_where(path)}: sample {i} {problem} (compared with sample 0); "
+        f"collate: {path_text(path)}: sample {i} {problem} (compared with sample 0); "
         "every sample must have the same keys: return the same keys from the "
         "dataset for every sample (None or an empty array for a missing value)."
     )
@@ -381,7 +379,7 @@ def _beyond_int64(x: Any) -> bool:
 
 def _no_dtype(path: Path, why: str) -> TypeError:
     return TypeError(  # all numbers, but no tensor dtype holds them (an int over 2**63)
-        f"collate: {_where(path)}: these numbers fit no tensor dtype ({why}); convert them "
+        f"collate: {path_text(path)}: these numbers fit no tensor dtype ({why}); convert them "
         f"in the dataset (a float, or an int within int64){_list_fix(path)}."
     )
 
@@ -393,7 +391,7 @@ def _check_kind(samples: Sequence[Any], kind: Any, path: Path) -> None:
     for i, s in enumerate(samples):
         if not isinstance(s, kind):
             raise TypeError(
-                f"collate: {_where(path)}: sample {i} is {_kind(s)}, sample 0 is "
+                f"collate: {path_text(path)}: sample {i} is {_kind(s)}, sample 0 is "
                 f"{_kind(samples[0])}; every sample must hold the same kind of value here: "
                 f"convert it in the dataset (numpy.asarray for numbers meant to stack with "
                 f"arrays){_list_fix(path)}."
@@ -410,23 +408,9 @@ def _items(n: int) -> str:
     return f"{n} item" if n == 1 else f"{n} items"
 
 
-def _key_text(key: Any) -> str:
-    if isinstance(key, str) and '"' not in key and "\\" not in key:
-        return f'"{key}"'
-    return repr(key)
-
-
 def _keys_text(keys: list[Any]) -> str:
     word = "key" if len(keys) == 1 else "keys"
-    return f"{word} {', '.join(_key_text(k) for k in keys)}"
-
-
-def _where(path: Path) -> str:
-    """``batch["a"][0].b``: where a field sits in the batch, for messages."""
-    steps = [f"[{_key_text(v)}]" if kind == "[" else f".{v}" for kind, v in path]
-    if len(steps) > 12:  # a cycle or a deep nest: the start and the end say enough
-        steps = [*steps[:6], f"...({len(steps) - 9} more)...", *steps[-3:]]
-    return "batch" + "".join(steps)
+    return f"{word} {', '.join(key_text(k) for k in keys)}"
 
 
 def _top_key(path: Path) -> Any:
@@ -440,7 +424,7 @@ def _list_fix(path: Path) -> str:
     key = _top_key(path)
     if key is None:
         return ""
-    return f", or keep the field as a list with fields={{{_key_text(key)}: list}}"
+    return f", or keep the field as a list with fields={{{key_text(key)}: list}}"
 
 
 def _paddable_lists(samples: Sequence[Any]) -> bool:
@@ -471,8 +455,8 @@ def _ragged_fix(path: Path, paddable: bool) -> str:
     if key is None or not paddable:
         return f"pad or crop them to one size in the dataset{_list_fix(path)}"
     return (
-        f"pass pad={{{_key_text(key)}: 0}} to pad them to the longest (their lengths come as "
-        f"{_key_text(key + '_lengths')}){_list_fix(path)}"
+        f"pass pad={{{key_text(key)}: 0}} to pad them to the longest (their lengths come as "
+        f"{key_text(key + '_lengths')}){_list_fix(path)}"
     )
 
 
@@ -485,7 +469,7 @@ def _check_stacked_ndim(ndim: int, path: Path) -> None:
         np.empty((0,) * ndim)
     except ValueError:
         raise ValueError(
-            f"collate: {_where(path)}: samples of {ndim - 1} dimensions stack to {ndim}, more "
+            f"collate: {path_text(path)}: samples of {ndim - 1} dimensions stack to {ndim}, more "
             "than a NumPy array holds: merge some of their dimensions in the dataset (with "
             f"reshape){_list_fix(path)}."
         ) from None
@@ -497,15 +481,15 @@ def _host_array(x: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
         return x
     if x.requires_grad:  # (to_numpy would detach it, silently)
         raise ValueError(
-            f"collate: {_where(path)}: a sample's tensor requires grad, which collating would "
+            f"collate: {path_text(path)}: a sample's tensor requires grad, which collating would "
             "drop (the batch is a copy): pass it with .detach() from the dataset, or stack "
             "that field with torch.stack."
         )
     try:
         a = to_numpy(x)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"collate: {_where(path)}: {exc}") from None
-    _check_storage(x, f"collate: {_where(path)}")  # (shrunk: the view reaches past its end)
+        raise type(exc)(f"collate: {path_text(path)}: {exc}") from None
+    _check_storage(x, f"collate: {path_text(path)}")  # (shrunk: the view reaches past its end)
     return a
 
 
@@ -516,7 +500,7 @@ def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
         if a.shape != shape[1:]:
             paddable = a.ndim == len(shape) - 1 > 0 and a.shape[1:] == shape[2:]
             raise ValueError(
-                f"collate: {_where(path)}: sample {i} has shape {a.shape}, sample 0 has "
+                f"collate: {path_text(path)}: sample {i} has shape {a.shape}, sample 0 has "
                 f"{shape[1:]}; samples must have equal shapes: {_ragged_fix(path, paddable)}."
             )
     _check_stacked_ndim(len(shape), path)
@@ -535,7 +519,7 @@ def _common_dtype(arrays: Sequence[np.ndarray], path: Path) -> tuple[np.dtype, t
     try:  # (either byte order: a refusal names the dtype as the samples have it)
         t_dtypes = {_dtypes.torch_dtype(d) for d in originals}
     except TypeError as exc:  # no torch dtype (strings, objects)
-        raise TypeError(f"collate: {_where(path)}: {exc}") from None
+        raise TypeError(f"collate: {path_text(path)}: {exc}") from None
     if len(t_dtypes) == 1:  # (one dtype, in one byte order or both: stacked in native order)
         return next(iter(originals)).newbyteorder("="), t_dtypes.pop()
     try:
@@ -545,14 +529,14 @@ def _common_dtype(arrays: Sequence[np.ndarray], path: Path) -> tuple[np.dtype, t
         # other integers, or float8 with anything)
         names = ", ".join(sorted({str(a.dtype) for a in arrays}))
         raise TypeError(
-            f"collate: {_where(path)}: the samples are {names}, which torch promotes to no "
+            f"collate: {path_text(path)}: the samples are {names}, which torch promotes to no "
             "common dtype: convert them to one in the dataset."
         ) from None
 
 
 def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A ragged field padded along its first dimension, and the lengths before padding."""
-    where, key = _where(path), _key_text(path[-1][1])
+    where, key = path_text(path), key_text(path[-1][1])
     arrays: list[np.ndarray] = []
     empty_lists = []  # [] has no dtype or inner shape of its own: it takes the others'
     for i, v in enumerate(values):

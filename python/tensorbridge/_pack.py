@@ -20,14 +20,13 @@ Used by :func:`tensorbridge.to_device` (the packed host-to-device path) and by
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from . import _backend, _dtypes
-from ._tree import key_repr
 
 ALIGN = 256  # where groups start, and the arrays of uniform groups
 
@@ -72,11 +71,14 @@ def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
 
 
 def layout(
-    arrays: Sequence[np.ndarray], fn: str = "to_device", keys: Sequence[Any] | None = None
+    arrays: Sequence[np.ndarray],
+    fn: str = "to_device",
+    where: Callable[[int], str | None] | None = None,
 ) -> Layout:
     """Checks every array and lays them out; refuses (TypeError) a dtype torch cannot hold
     or an array of Python objects, before anything is copied. ``fn`` names the public
-    function in refusals, ``keys`` (each array's batch key) the array refused."""
+    function in refusals, ``where(i)`` where array ``i`` sits in its batch
+    (``batch["a"][1]``, or None) the array refused."""
     try:
         C = _backend.ENGINE.C
         if C is not None:
@@ -92,18 +94,18 @@ def layout(
         # transfer does; every other entry point refuses those dtypes as ones torch lacks,
         # naming the fix.
         refusal: TypeError | ValueError = exc
-        where = ""
+        at = ""
         for i, a in enumerate(arrays):
             found = _refusal(a)
             if found is not None:
                 refusal = found
-                key = None if keys is None else keys[i]
-                where = "" if key is None else f" (at key {key_repr(key)})"
+                path = None if where is None else where(i)
+                at = "" if path is None else f" {path}:"
                 break
         message = str(refusal)
         for prefix in ("transfer: ", "pack: "):
             message = message.removeprefix(prefix)
-        raise type(refusal)(f"{fn}{where}: {message}") from None
+        raise type(refusal)(f"{fn}:{at} {message}") from None
 
 
 def _refusal(a: Any) -> TypeError | None:

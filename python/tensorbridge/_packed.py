@@ -26,10 +26,11 @@ from ._batch import (
     _target_dtype,
     check_names,
     dtype_rule,
+    leaf_refusal,
 )
 from ._convert import Device, _check_tensor, to_numpy
 from ._copy import copy_into
-from ._tree import Spec, flatten, hollow, unflatten
+from ._tree import Spec, flatten, hollow, leaf_path, unflatten
 
 
 def _in_worker() -> bool:
@@ -146,13 +147,16 @@ class PackedBatch:
         positions: list[int] = []
         arrays: list[np.ndarray] = []
         for i, leaf in enumerate(originals):
-            a = _host_array(leaf, keys[i])
+            try:
+                a = _host_array(leaf)
+            except (TypeError, ValueError) as exc:
+                raise leaf_refusal(exc, "PackedBatch.pack", leaf_path(spec, i)) from None
             if a is not None:
                 positions.append(i)
                 arrays.append(a)
                 leaves[i] = None
         # (refuses before anything is copied)
-        plan = _pack.layout(arrays, "PackedBatch.pack", [keys[i] for i in positions])
+        plan = _pack.layout(arrays, "PackedBatch.pack", lambda j: leaf_path(spec, positions[j]))
         buffer = new_host_buffer(plan.nbytes, pin)
         _pack.pack_into(plan, buffer.numpy())
         return cls._make(buffer, plan.groups, positions, leaves, keys, hollow(spec))
@@ -288,8 +292,9 @@ def _rebuild_packed(buffer: torch.Tensor, groups: list[Any], *parts: Any) -> Pac
     return PackedBatch._make(buffer, groups, *parts)
 
 
-def _host_array(leaf: Any, key: Any) -> np.ndarray | None:
-    """The host array a leaf packs as; None for values that stay in the structure."""
+def _host_array(leaf: Any) -> np.ndarray | None:
+    """The host array a leaf packs as; None for values that stay in the structure. Its
+    refusals name PackedBatch.pack; the caller adds where the leaf sits."""
     if type(leaf) is np.ndarray:
         return leaf
     if isinstance(leaf, PackedBatch):
@@ -303,21 +308,20 @@ def _host_array(leaf: Any, key: Any) -> np.ndarray | None:
         return np.asarray(leaf)
     if not isinstance(leaf, torch.Tensor):
         return None
-    where = "" if key is None else f" (at key {key!r})"
-    _check_tensor(leaf, f"PackedBatch.pack{where}")  # (sparse, meta, quantized, nested)
+    _check_tensor(leaf, "PackedBatch.pack")  # (sparse, meta, quantized, nested)
     if leaf.device.type != "cpu":
         raise ValueError(
-            f"PackedBatch.pack: a tensor{where} is on {leaf.device}; a packed batch holds host "
+            f"PackedBatch.pack: a tensor is on {leaf.device}; a packed batch holds host "
             "arrays: pass it with .cpu(), or move the whole batch with tb.to_device()."
         )
     if leaf.requires_grad:
         raise ValueError(
-            f"PackedBatch.pack: a tensor{where} requires grad, which packing would drop: "
+            "PackedBatch.pack: a tensor requires grad, which packing would drop: "
             "pass it with .detach()."
         )
     if _dtypes.numpy_dtype_or_none(leaf.dtype) is None:
         raise TypeError(
-            f"PackedBatch.pack: a tensor{where} is {leaf.dtype}, which has no NumPy dtype to "
+            f"PackedBatch.pack: a tensor is {leaf.dtype}, which has no NumPy dtype to "
             "pack as: convert it first, e.g. .to(torch.complex64) for complex32."
         )
     return to_numpy(leaf)

@@ -49,6 +49,56 @@ def key_repr(key: Any) -> str:
         return f"<{type(key).__name__}>"
 
 
+#: A leaf's place in a batch, for messages: ("[", key or index) or (".", field name) steps.
+Path = tuple[tuple[str, Any], ...]
+
+
+def key_text(key: Any) -> str:
+    """A key as a path shows it: a string in double quotes (``"tokens"``), else its repr."""
+    if isinstance(key, str) and '"' not in key and "\\" not in key:
+        return f'"{key}"'
+    return key_repr(key)
+
+
+def path_text(path: Path) -> str:
+    """``batch["a"][0].b``: where a leaf sits in the batch, for messages."""
+    steps = [f"[{key_text(v)}]" if kind == "[" else f".{v}" for kind, v in path]
+    if len(steps) > 12:  # a cycle or a deep nest: the start and the end say enough
+        steps = [*steps[:6], f"...({len(steps) - 9} more)...", *steps[-3:]]
+    return "batch" + "".join(steps)
+
+
+def leaf_path(spec: Spec, index: int) -> str | None:
+    """Where leaf ``index`` of a batch that :func:`flatten` gave ``spec`` sits
+    (``batch["a"][1]``), or None for a batch that is itself the leaf. Walks the spec:
+    for messages, not for the per-leaf path."""
+    if spec is None:
+        return None
+    path: list[tuple[str, Any]] = []
+    while spec is not None:
+        kind, meta, children = spec
+        if kind == "dict":
+            steps = [("[", k) for k in meta]
+        elif kind == "mapping":
+            steps = [("[", k) for k in meta.keys()]
+        elif kind == "namedtuple":
+            steps = [(".", f) for f in meta._fields]
+        elif kind == "dataclass":
+            steps = [(".", n) for n in meta[1]]
+        else:  # list, sequence
+            steps = [("[", i) for i in range(len(children))]
+        for step, child in zip(steps, children, strict=True):
+            n = _count(child)
+            if index < n:
+                path.append(step)
+                spec = child
+                break
+            index -= n
+        else:
+            raise IndexError("leaf_path: no such leaf")
+    return path_text(tuple(path))
+
+
 def is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
