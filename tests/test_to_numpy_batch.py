@@ -57,15 +57,15 @@ def test_to_numpy_batch_refuses_mismatched_keys_naming_them_plainly(backend):
 @pytest.mark.parametrize(
     ("bad_out", "exc", "match"),
     [
-        (lambda: np.empty(4, np.float32), ValueError, r"out\['b'\]\[1\] has shape \(4,\)"),
+        (lambda: np.empty(4, np.float32), ValueError, r'out\["b"\]\[1\] has shape \(4,\)'),
         (
             lambda: np.empty(5, np.float64),
             TypeError,
-            r"out\['b'\]\[1\] has dtype float64 .*: pass an out\['b'\]\[1\] of dtype float32\.$",
+            r'out\["b"\]\[1\] has dtype float64 .*: pass an out\["b"\]\[1\] of dtype float32\.$',
         ),
-        (lambda: np.empty(5, np.float32)[:0:-1][::-1].copy()[:0], ValueError, r"out\['b'\]\[1\]"),
-        (lambda: np.broadcast_to(np.empty(1, np.float32), (5,)), ValueError, r"out\['b'\]\[1\]"),
-        (lambda: [0.0] * 5, TypeError, r"out\['b'\]\[1\] must be a numpy.ndarray"),
+        (lambda: np.empty(5, np.float32)[:0:-1][::-1].copy()[:0], ValueError, r'out\["b"\]\[1\]'),
+        (lambda: np.broadcast_to(np.empty(1, np.float32), (5,)), ValueError, r'out\["b"\]\[1\]'),
+        (lambda: [0.0] * 5, TypeError, r'out\["b"\]\[1\] must be a numpy.ndarray'),
     ],
     ids=["shape", "dtype", "empty", "read-only", "list"],
 )

@@ -137,7 +137,7 @@ def flatten_as(
     """The leaves of ``obj`` in the order of another structure's ``spec``: dict entries by
     key (not by position), sequences by index, namedtuple and dataclass fields by name.
     None where a container is expected stands for None at every leaf below it. ``paths``,
-    when given, gets each leaf's path (``out['a'][1]``) for messages."""
+    when given, gets each leaf's path (``out["a"][1]``) for messages."""
     leaves: list[Any] = []
     _flatten_as(obj, spec, what, leaves, paths)
     return leaves
@@ -175,7 +175,7 @@ def _flatten_as(
                 "pass a structure of the same shape, with None where a new array is wanted."
             )
         for k, c in zip(keys, children, strict=True):
-            _flatten_as(obj[k], c, f"{path}[{key_repr(k)}]", leaves, paths)
+            _flatten_as(obj[k], c, f"{path}[{key_text(k)}]", leaves, paths)
         return
     if kind == "dataclass":
         names = meta[1]
