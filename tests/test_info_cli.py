@@ -169,6 +169,37 @@ def test_cli_piped_into_a_reader_that_leaves_says_nothing(args):
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
+def test_cli_onto_a_full_disk_says_so_in_one_line(args):
+    """``python -m tensorbridge info > /dev/full``: one line naming the write error and a
+    failing status, no traceback (and no 'Exception ignored' from the flush at exit)."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tensorbridge", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr == "tensorbridge: write error: No space left on device\n", proc.stderr
+
+
+def test_cli_raises_other_os_errors_as_they_are(monkeypatch):
+    """Only errors that say the output has nowhere to go are shortened to a line."""
+    from tensorbridge import __main__ as cli
+
+    def denied(argv=None):
+        raise PermissionError(13, "Permission denied", "/some/file")
+
+    monkeypatch.setattr(cli, "main", denied)
+    with pytest.raises(PermissionError):
+        cli.run()
+
+
 def test_cli_raises_a_broken_pipe_that_is_not_its_output(monkeypatch):
     """Only stdout's reader going away ends the command quietly; another pipe breaking
     (a benchmark's worker, say) is an error as before. The console script runs the same."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -96,14 +98,35 @@ def run() -> int:
     except BrokenPipeError:
         if not _stdout_gone():
             raise  # (another pipe: a benchmark's worker, say)
-        # (the reader is gone: nothing more can be printed; Python's own flush at exit
-        # would fail again, so stdout goes to /dev/null first)
-        import os
+        # (the reader is gone: nothing more can be printed)
+        _silence_stdout()
+        return 1
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        # A full disk (`info > /dev/full`): one line, as other command-line tools say it,
+        # not a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"tensorbridge: write error{where}: {exc.strerror}", file=sys.stderr)
+        _silence_stdout()
+        return 1
 
+
+#: Write errors that say the output has nowhere to go: no space, over quota, an I/O error.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null: Python's own flush at exit would fail again on what
+    is left in its buffer, with an 'Exception ignored' message."""
+    if sys.stdout is None:
+        return
+    try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 1
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":
