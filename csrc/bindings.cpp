@@ -406,6 +406,31 @@ py::array empty_pinned_bytes(size_t nbytes) {
 }
 #endif
 
+// A finalizer's body run to its end through Ctrl-C: fn(arg), called again whenever it
+// raises KeyboardInterrupt (at most kFinalizerTries times in all), the Ctrl-C then
+// delivered again (PyErr_SetInterrupt) to the next instruction the main thread runs. A
+// weakref callback written in Python can be ended by a Ctrl-C pending as it starts, on
+// its very first instruction, before it has done anything (and Python prints what a
+// finalizer raises rather than raising it): called through this, which runs no Python
+// code of its own, it is not. fn must be safe to call again once it has done its work.
+constexpr int kFinalizerTries = 100;
+
+py::object call_through_interrupts(const py::object& fn, const py::object& arg) {
+  bool interrupted = false;
+  for (int tries = 1;; ++tries) {
+    PyObject* result = PyObject_CallOneArg(fn.ptr(), arg.ptr());
+    if (result == nullptr &&
+        (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) || tries == kFinalizerTries))
+      throw py::error_already_set();
+    if (result != nullptr) {
+      if (interrupted) PyErr_SetInterrupt();
+      return py::reinterpret_steal<py::object>(result);
+    }
+    PyErr_Clear();
+    interrupted = true;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -433,6 +458,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("default_pinned_budget", &tb::default_pinned_budget,
         "The pinned budget per device when none is set: an eighth of RAM, 256 MiB to 8 GiB.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
+  m.def("call_through_interrupts", &call_through_interrupts, py::arg("fn"), py::arg("arg"),
+        "fn(arg), called again when it raises KeyboardInterrupt, the Ctrl-C then delivered "
+        "again: a weakref callback that a Ctrl-C pending as it starts cannot end early.");
   bind_pending_copy(m);
   py::class_<PackedArrays>(m, "PackedArrays",
                            "Host arrays checked, grouped by dtype and shape and laid out in "

@@ -17,6 +17,7 @@ import collections
 import ctypes
 import gc
 import mmap
+import operator
 import os
 import random
 import signal
@@ -565,6 +566,29 @@ def _ctrl_c_after(call):
     return interrupted
 
 
+#: Whether owners' weakref callbacks run through the compiled core, where a Ctrl-C that
+#: ends one is delivered to the program afterwards (without it, Python prints it).
+THROUGH_CORE = hasattr(_backend._LOADED, "call_through_interrupts")
+
+
+def _ctrl_c_as_dropped(arrays: list) -> None:
+    """Drops the arrays in ``arrays``, whose callbacks meet a Ctrl-C: through the core it
+    reaches the program (raised here, after the callbacks), not printed; without it,
+    Python prints it as the callback's error."""
+    if THROUGH_CORE:
+        with pytest.raises(KeyboardInterrupt):
+            unraisable = _errors_printed_as(arrays)
+            _next_instruction()
+        assert arrays == []
+    else:
+        unraisable = _errors_printed_as(arrays)
+        assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
+
+
+def _next_instruction() -> None:
+    """A call: where Python raises a Ctrl-C that is pending."""
+
+
 def _errors_printed_as(arrays: list) -> list:
     """Drops the arrays in ``arrays``: the errors their weakref callbacks raised, which
     Python prints (unraisable) rather than raises."""
@@ -740,10 +764,9 @@ def test_a_ctrl_c_as_an_array_dies_settles_the_books_first(ctrl_c_raises, call):
     arrays = [a]
     del a
     try:
-        unraisable = _errors_printed_as(arrays)
+        _ctrl_c_as_dropped(arrays)
     finally:
         delattr(drv, call)
-    assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
     assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
     s = cache.stats()
     assert (s["registered_bytes"], s["releases"]) == (0, 1) and cache._reserved == 0
@@ -770,10 +793,48 @@ def test_a_ctrl_c_as_an_array_dies_before_the_hold_is_set_up_strands_nothing(
     monkeypatch.setattr(threading, "current_thread", ctrl_c_lands_now)
     arrays = [a]
     del a
-    unraisable = _errors_printed_as(arrays)
-    assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
+    _ctrl_c_as_dropped(arrays)
     assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
     assert cache.stats()["registered_bytes"] == 0 and cache._reserved == 0
+
+
+@pytest.mark.skipif(not THROUGH_CORE, reason="needs the compiled core")
+@pytest.mark.parametrize("times", [1, 3])
+def test_a_ctrl_c_pending_as_an_array_dies_strands_nothing(ctrl_c_raises, times):
+    """A Ctrl-C pending as the owner's callback starts is raised on its first instruction,
+    before it has done anything: the registration outlived its memory. Through the core
+    the callback is called again and the Ctrl-C delivered after it. (``times``: Ctrl-Cs
+    in all, each after the first landing as the callback is called again.)"""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    set_interrupt = ctypes.pythonapi.PyErr_SetInterrupt  # (a Ctrl-C pending from its return)
+    real, left, calls = cache._owner_freed, [times - 1], []
+
+    def freed(*args):
+        calls.append(args)
+        if left[0]:
+            left[0] -= 1
+            set_interrupt()  # (raised on the next instruction: before the real callback)
+        return real(*args)
+
+    cache._owner_freed = freed  # (before the registration takes it as its callback)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    arrays = [a]
+    del a
+    unraisable: list = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # C calls only, so nothing meets the Ctrl-C before the callback's first line
+            list(map(operator.methodcaller("__call__"), [set_interrupt, arrays.clear]))
+            _next_instruction()
+    finally:
+        sys.unraisablehook = old_hook
+    assert unraisable == [] and arrays == [] and len(calls) == times
+    assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
+    s = cache.stats()
+    assert (s["registered_bytes"], s["releases"]) == (0, 1) and cache._reserved == 0
 
 
 def test_a_ctrl_c_as_the_books_of_a_dead_array_are_settled_loses_nothing(ctrl_c_raises):

@@ -74,7 +74,7 @@ import os
 import signal
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Protocol, TypedDict
 
@@ -235,6 +235,17 @@ class _Sighting:
         self.count = count
         self.seen_at = seen_at
         self.refused = False  # the driver refused it: not asked again while remembered
+
+
+def _finalizer(callback: Callable[[object], None]) -> Callable[[object], object]:
+    """``callback`` as an owner's weakref callback: through the compiled core, which runs
+    no Python code before it, so that a Ctrl-C pending as the array dies cannot end the
+    callback on its first instruction, before it has claimed anything (it is called
+    again, and the Ctrl-C delivered after it); as it is without the core."""
+    through = getattr(_backend._LOADED, "call_through_interrupts", None)
+    if through is None:
+        return callback
+    return functools.partial(through, callback)
 
 
 def _address(a: np.ndarray) -> int:
@@ -531,7 +542,7 @@ class RegistrationCache:
             self._remember_locked(key, seen)
             return None
         token = next(self._tokens)
-        ref = weakref.ref(owner, functools.partial(self._owner_freed, token))
+        ref = weakref.ref(owner, _finalizer(functools.partial(self._owner_freed, token)))
         # (last_used: the previous sighting, so that making room evicts only colder arrays)
         entry = _Entry(token, id(owner), owner_address, owner_nbytes, seen.seen_at, ref)
         entry.hold(lease)
@@ -718,11 +729,14 @@ class RegistrationCache:
         """An owner's weakref callback: NumPy has not freed its memory yet. Takes no lock.
 
         A Ctrl-C is held from the claim to the books (it would part them: the memory left
-        registered, or its reservation never given back) and raised as the callback ends,
-        where Python prints it as the callback's error: a Ctrl-C that lands as an array
-        dies is lost, as in any finalizer. One that lands while the hold is being set up
-        ends it before the claim: the registration is settled on the way out, unheld.
-        (One on the callback's very first instruction still ends it before anything.)"""
+        registered, or its reservation never given back) and raised as the callback ends.
+        One that lands while the hold is being set up ends it before the claim: the
+        registration is settled on the way out, unheld. Through the compiled core
+        (:func:`_finalizer`), a Ctrl-C that ends the callback, on its very first
+        instruction too, calls it again (settling what is left, or nothing) and is then
+        delivered to the program, not lost; without the core, Python prints it as the
+        callback's error, as for any finalizer, and one on the first instruction ends the
+        callback before anything (that registration then outlives its memory)."""
         try:
             with _interrupts_held():
                 self._settle_freed(token)
