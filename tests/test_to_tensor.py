@@ -37,6 +37,38 @@ def test_to_tensor_cpu_shares_like_as_tensor(backend, gen, np_dtype):
     assert torch.equal(t, ref)
 
 
+_TENSOR_TARGETS = {
+    "to_tensor": lambda d: tb.to_tensor(np.ones(2, np.float32), dtype=d),
+    "to_device": lambda d: tb.to_device({"x": np.ones(2, np.float32)}, "cpu", dtype=d),
+    "images_to_tensor": lambda d: tb.images_to_tensor(np.zeros((1, 2, 2, 3), np.uint8), dtype=d),
+}
+
+
+@pytest.mark.parametrize("fn", list(_TENSOR_TARGETS))
+@pytest.mark.parametrize("name", ["float", "int"])
+def test_a_name_numpy_and_torch_read_differently_is_refused_for_tensors(fn, name):
+    """dtype="float" is float64 to NumPy and float32 to torch (torch.float): a tensor
+    target refuses it, naming both, rather than pick NumPy's silently."""
+    with pytest.raises(TypeError, match=rf"'{name}' is {name}64 to NumPy but {name}32 to torch"):
+        _TENSOR_TARGETS[fn](name)
+
+
+def test_numpy_targets_read_strings_as_numpy_then_as_torch_names():
+    x = torch.from_numpy(np.random.default_rng().standard_normal(5).astype(np.float32))
+    got = tb.to_numpy(x, dtype="float")  # (NumPy's float: a NumPy target reads it as NumPy)
+    np.testing.assert_array_equal(got, x.numpy().astype(np.float64))
+    assert got.dtype == np.float64
+    try:  # (NumPy 1 reads "cfloat" as complex128; NumPy 2 has no such name: torch's then)
+        expected = np.dtype("cfloat")
+    except TypeError:
+        expected = np.dtype(np.complex64)
+    got = tb.to_numpy(x, dtype="cfloat")
+    np.testing.assert_array_equal(got, x.numpy().astype(expected))
+    assert got.dtype == expected
+    with pytest.raises(TypeError, match=r"torch's complex32: .*numpy\.complex64"):
+        tb.to_numpy(x, dtype="chalf")
+
+
 def test_torch_dtype_names_work_as_targets_without_ml_dtypes():
     """dtype="bfloat16" (as the README shows) names torch's dtype where NumPy has none (no
     ml_dtypes): a torch target takes it; a NumPy target says what to install."""
@@ -51,7 +83,7 @@ assert tb.to_tensor(np.ones(2, np.float32), dtype="bfloat16").dtype == torch.bfl
 try:
     tb.to_numpy(torch.ones(2), dtype="bfloat16")
 except TypeError as e:
-    assert "install ml_dtypes" in str(e), e
+    assert "pip install ml_dtypes" in str(e), e
 else:
     raise AssertionError("not refused")
 try:  # (a bfloat16 array that lost its dtype on the way: raw bytes)

@@ -176,8 +176,9 @@ def _numpy_knows(name: str) -> bool:
 
 
 def as_numpy_dtype(dtype: Any, example: str = "numpy.float32") -> np.dtype:
-    """Accepts a NumPy dtype-like or a torch.dtype (for ``dtype=`` arguments); ``example``:
-    the dtype a refusal suggests."""
+    """Accepts a NumPy dtype-like or a torch.dtype (for ``dtype=`` arguments); a string
+    NumPy does not know may be torch's name for a dtype NumPy has (``"cfloat"``).
+    ``example``: the dtype a refusal suggests."""
     if isinstance(dtype, torch.dtype):
         return numpy_dtype(dtype)
     try:
@@ -186,14 +187,21 @@ def as_numpy_dtype(dtype: Any, example: str = "numpy.float32") -> np.dtype:
         name = _SHORT_NAMES.get(dtype.lower()) if isinstance(dtype, str) else None
         if name is not None:  # (torch has each of them; NumPy's bfloat16 is ml_dtypes')
             fix = f"pass {name!r} or torch.{name}" if _numpy_knows(name) else f"pass torch.{name}"
-        elif _torch_named(dtype) is not None:  # (NumPy has it with ml_dtypes)
-            raise TypeError(
-                f"dtype={dtype!r} is a torch dtype with no NumPy dtype here: install "
-                "ml_dtypes (pip install ml_dtypes) for NumPy's, or pass another dtype"
-            ) from exc
+        elif (named := _torch_named(dtype)) is not None:  # torch's name ("cfloat")
+            try:
+                return numpy_dtype(named)
+            except TypeError as none:  # ("chalf"; "bfloat16" without ml_dtypes)
+                raise TypeError(
+                    f"dtype={dtype!r} is torch's {str(named).removeprefix('torch.')}: {none}"
+                ) from exc
         else:
             fix = f"pass e.g. {example}"
         raise TypeError(f"dtype={dtype!r} is not a NumPy or torch dtype: {fix}") from exc
+
+
+#: Names NumPy and torch both know, for different dtypes (NumPy's, torch's): a torch
+#: target refuses them rather than guess which one a user of both meant.
+_TWO_MEANINGS = {"float": ("float64", "float32"), "int": ("int64", "int32")}
 
 
 def _torch_named(name: Any) -> torch.dtype | None:
@@ -230,6 +238,12 @@ def as_torch_dtype(dtype: Any) -> torch.dtype:
     named = _torch_named(dtype)
     if named is not None and not _numpy_knows(dtype):  # ("bfloat16" without ml_dtypes)
         return as_torch_dtype(named)
+    if isinstance(dtype, str) and dtype in _TWO_MEANINGS:
+        np_name, torch_name = _TWO_MEANINGS[dtype]
+        raise TypeError(
+            f"dtype={dtype!r} is {np_name} to NumPy but {torch_name} to torch (torch.{dtype}): "
+            f"pass the one meant, e.g. dtype=torch.{torch_name} or dtype={np_name!r}."
+        )
     np_dtype = as_numpy_dtype(dtype, "torch.float32")
     try:
         return torch_dtype(np_dtype)
