@@ -46,13 +46,16 @@ def extension_mode() -> str:
         raise SystemExit(f"TENSORBRIDGE_EXTENSION={mode!r} is not understood: use auto, on or off.")
     if os.environ.get("TENSORBRIDGE_REQUIRE_EXTENSION") == "1":
         return "on"
-    if os.environ.get("TENSORBRIDGE_DISABLE_EXTENSION", "").strip().lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    ):
-        return "off"  # (the older spelling of off, as at run time)
+    legacy = os.environ.get("TENSORBRIDGE_DISABLE_EXTENSION", "").strip().lower()
+    if legacy in ("1", "true", "yes", "on"):
+        return "off"  # (the older spelling of off, read as at run time)
+    if legacy not in ("", "0", "false", "no", "off"):
+        # (refused, as import refuses it: a build that guessed would install a package
+        # that then fails to import)
+        raise SystemExit(
+            f"TENSORBRIDGE_DISABLE_EXTENSION={legacy!r} is not understood: set it to 1 or 0, "
+            "or use TENSORBRIDGE_EXTENSION=off (or auto) instead."
+        )
     return "auto"
 
 

@@ -325,7 +325,7 @@ def _setup_function(name: str):
     """One function of setup.py, without running setup() (which importing it would)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace: dict = {"re": re}
+    namespace: dict = {"re": re, "os": os}
     exec(compile(ast.Module([node], []), "setup.py", "exec"), namespace)
     return namespace[name]
 
@@ -364,3 +364,34 @@ def test_a_stale_or_corrupt_build_record_is_ignored(bare, record):
     assert proc.returncode == 0, proc.stderr[-2000:]
     reason = json.loads(proc.stdout)["fallback_reason"]
     assert "tensorbridge._C is not installed" in reason and "last month" not in reason
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"TENSORBRIDGE_EXTENSION": "on"},
+        {"TENSORBRIDGE_EXTENSION": " Off "},
+        {"TENSORBRIDGE_EXTENSION": "maybe"},
+        {"TENSORBRIDGE_DISABLE_EXTENSION": "1"},
+        {"TENSORBRIDGE_DISABLE_EXTENSION": "no"},
+        {"TENSORBRIDGE_DISABLE_EXTENSION": "maybe"},
+        {"TENSORBRIDGE_EXTENSION": "auto", "TENSORBRIDGE_DISABLE_EXTENSION": "1"},
+    ],
+)
+def test_setup_reads_the_switch_as_import_does(monkeypatch, env):
+    """The build and the import read TENSORBRIDGE_EXTENSION (and its older spelling) alike:
+    a value one refuses, the other refuses too (a build that guessed installed a package
+    whose import then failed)."""
+    for name in (_backend.MODE_ENV, _backend.DISABLE_ENV, "TENSORBRIDGE_REQUIRE_EXTENSION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from_setup = _setup_function("extension_mode")
+    try:
+        at_import = _backend.extension_mode()
+    except ValueError:
+        with pytest.raises(SystemExit, match="is not understood"):
+            from_setup()
+    else:
+        assert from_setup() == at_import
