@@ -1,5 +1,7 @@
-// pybind11 glue only: argument conversion, GIL release, error translation.
-// The logic lives in core/ (plain C++) and cuda/ (CUDA runtime).
+// The pybind11 layer of tensorbridge._C: argument conversion, GIL release, error
+// translation, the checks that must run before raw memory is touched, and two pieces of
+// its own (LinkSimulator, call_through_interrupts). The transfer logic lives in core/
+// (plain C++) and cuda/ (CUDA runtime).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

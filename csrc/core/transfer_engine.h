@@ -1,9 +1,10 @@
 // The copy/event interface the transfer pipeline runs on.
 //
 // The CUDA implementation (csrc/cuda/cuda_engine.cu) maps it onto cudaMemcpyAsync,
-// events and cudaHostAlloc; the host implementation (host_engine.h) runs the same
-// "asynchronous" copies on a worker thread, so the scheduling logic - chunking,
-// buffer rotation, completion tracking, the pinned pool - is tested without a GPU.
+// events and cudaHostAlloc; the simulated link (core/sim_link.h, which
+// testing/host_engine.h extends with fault switches) runs the same "asynchronous" copies
+// on threads of its own, so the scheduling logic - chunking, buffer rotation, completion
+// tracking, the pinned pool - is tested without a GPU.
 #pragma once
 
 #include <cstddef>

@@ -609,7 +609,7 @@ def to_tensor(
                 _cuda.copy_small(index, a, dst.data_ptr(), False)
                 return dst
             src = _cuda.torch_view(a) if a.flags.writeable else None  # (from_numpy warns
-            if src is not None:  # on read-only arrays; the full path copes with those)
+            if src is not None:  # on read-only arrays: those take the full path below)
                 return src.to(device)
         elif device.type == "cuda" and _backend.ENGINE.cuda_engine:
             # A page-locked source (torch's pinned memory, empty_pinned): one DMA with no

@@ -130,9 +130,11 @@ class Routing:
     host_try_copies: int = 4
     host_try_s: float = 1.0
     #: Small copies between a contiguous CUDA tensor and a C-contiguous native-order array
-    #: take one compiled call (``copy_small``: cudaMemcpyAsync and a wait on the stream,
-    #: as torch's copy does, without its dispatch) instead of torch's ``copy_``. Off until
-    #: a GPU sweep measures it ahead of torch's copy (bench-tune times both).
+    #: on ``to_numpy``'s and ``to_tensor``'s fast paths take one compiled call
+    #: (``copy_small``: cudaMemcpyAsync and a wait on the stream, as torch's copy does,
+    #: without its dispatch) instead of torch's ``copy_``; ``to_host`` and ``to_device``
+    #: (the full paths) always use torch's copy below the routing's sizes. Off until a
+    #: GPU sweep measures it ahead of torch's copy (bench-tune times both).
     small_direct: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
