@@ -211,6 +211,22 @@ def test_collate_refuses_what_no_tensor_holds_naming_the_column_and_the_fix(tbra
         tbray.Collate(device="cpu")({"ok": np.arange(len(column)), "c": column})
 
 
+@pytest.mark.parametrize(
+    ("column", "error", "match"),
+    [
+        (torch.ones(3, requires_grad=True), ValueError, r"column 'c': a tensor requires grad"),
+        (torch.ones(3).to_sparse(), TypeError, r"column 'c' needs a dense \(strided\) tensor"),
+        ([np.ones(2), np.array(["x"])], TypeError, r"column 'c'\[1\]: numpy dtype <U1"),
+    ],
+    ids=["grad", "sparse", "strings-in-a-list"],
+)
+def test_collate_names_itself_and_the_column_in_what_packing_refuses(tbray, column, error, match):
+    """Columns that are not Ray's arrays (Collate called on a batch of one's own) are
+    refused by the packing: in Collate's name, naming the column as its other refusals do."""
+    with pytest.raises(error, match=rf"^tb\.ray\.Collate: {match}"):
+        tbray.Collate(device="cpu")({"ok": np.arange(3), "c": column})
+
+
 def test_collate_refuses_a_batch_that_is_not_a_dict(tbray):
     with pytest.raises(TypeError, match=r"takes Ray Data's NumPy batches.*got ndarray"):
         tbray.Collate(device="cpu")(np.arange(3))

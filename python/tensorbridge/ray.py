@@ -7,6 +7,7 @@ tensorbridge`` does not, so ``import tensorbridge.ray`` is what makes ``tb.ray``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -142,7 +143,10 @@ class Collate(NumpyBatchCollateFn):
         if self._rule is not None and self._rule.by_key:
             check_names(self._rule, set(arrays), _FN)
         if arrays:
-            packed = PackedBatch.pack(arrays, pin=None if dev.type == "cuda" else False)
+            try:
+                packed = PackedBatch.pack(arrays, pin=None if dev.type == "cuda" else False)
+            except (TypeError, ValueError) as exc:
+                raise _as_collates(exc) from None
             arrays = packed._to(dev, self._rule, True, False)  # (dtype= checked once, above)
             if dev.type == "cuda":
                 # The copy and the casts land before the batch is handed over: Ray collates
@@ -203,6 +207,16 @@ def _auto_device() -> torch.device:
             f'"tensorbridge[ray]", or pass device= ({exc})'
         ) from exc
     return get_device() if _in_ray_train_worker() else torch.device("cpu")
+
+
+def _as_collates(exc: TypeError | ValueError) -> TypeError | ValueError:
+    """PackedBatch.pack's refusal of a column in Collate's name, the column named as
+    Collate's other refusals name it (``column 'b'``, not ``batch["b"]``)."""
+    message = str(exc).removeprefix("PackedBatch.pack")
+    found = re.match(r'^: batch\["([^"\\]*)"\]', message)
+    if found is not None:
+        message = f": column {found.group(1)!r}{message[found.end() :]}"
+    return type(exc)(_FN + message)
 
 
 def _column(name: str, column: Any) -> Any:
