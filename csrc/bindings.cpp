@@ -408,28 +408,88 @@ py::array empty_pinned_bytes(size_t nbytes) {
 }
 #endif
 
-// A finalizer's body run to its end through Ctrl-C: fn(arg), called again whenever it
-// raises KeyboardInterrupt (at most kFinalizerTries times in all), the Ctrl-C then
-// delivered again (PyErr_SetInterrupt) to the next instruction the main thread runs. A
-// weakref callback written in Python can be ended by a Ctrl-C pending as it starts, on
-// its very first instruction, before it has done anything (and Python prints what a
-// finalizer raises rather than raising it): called through this, which runs no Python
-// code of its own, it is not. fn must be safe to call again once it has done its work.
+// The exception being raised, normalized, with its traceback; the error indicator is
+// cleared. (A new reference.)
+PyObject* take_exception() {
+#if PY_VERSION_HEX >= 0x030C0000
+  return PyErr_GetRaisedException();
+#else
+  PyObject *type = nullptr, *value = nullptr, *trace = nullptr;
+  PyErr_Fetch(&type, &value, &trace);
+  PyErr_NormalizeException(&type, &value, &trace);
+  if (trace != nullptr) PyException_SetTraceback(value, trace);
+  Py_XDECREF(type);
+  Py_XDECREF(trace);
+  return value;
+#endif
+}
+
+// Raises `exc` (steals the reference).
+void restore_exception(PyObject* exc) {
+#if PY_VERSION_HEX >= 0x030C0000
+  PyErr_SetRaisedException(exc);
+#else
+  PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(exc));
+  Py_INCREF(type);
+  PyErr_Restore(type, exc, PyException_GetTraceback(exc));
+#endif
+}
+
+// Prints `exc` (stolen) as Python prints a finalizer's error, leaving any error being
+// raised as it was.
+void print_unraisable(PyObject* exc, PyObject* where) {
+  PyObject* raising = PyErr_Occurred() != nullptr ? take_exception() : nullptr;
+  restore_exception(exc);
+  PyErr_WriteUnraisable(where);
+  if (raising != nullptr) restore_exception(raising);
+}
+
+// A pending call (Py_AddPendingCall): raises the held exception `exc` (stolen) in the
+// main thread, at the next instruction it runs.
+int raise_held(void* exc) {
+  restore_exception(static_cast<PyObject*>(exc));
+  return -1;
+}
+
+// A finalizer's body run to its end through Ctrl-C: fn(arg) on the main thread is called
+// again whenever it raises KeyboardInterrupt (at most kFinalizerTries times in all), and
+// the first KeyboardInterrupt, the same object, is then raised in the main thread at its
+// next instruction (a pending call: SIGINT's handler does not run again). A weakref
+// callback written in Python can be ended by a Ctrl-C pending as it starts, on its very
+// first instruction, before it has done anything (and Python prints what a finalizer
+// raises rather than raising it): called through this, which runs no Python code of its
+// own, it is not. An error the Ctrl-C interrupted (its context: a driver's error, say) is
+// printed as a finalizer's error. Elsewhere than on the main thread (`main_thread`, as
+// threading.get_ident() gives it), which alone receives signals, fn is called once, as
+// it is. fn must be safe to call again once it has done its work.
 constexpr int kFinalizerTries = 100;
 
-py::object call_through_interrupts(const py::object& fn, const py::object& arg) {
-  bool interrupted = false;
+py::object call_through_interrupts(const py::object& fn, unsigned long main_thread,
+                                   const py::object& arg) {
+  if (PyThread_get_thread_ident() != main_thread) return fn(arg);
+  PyObject* held = nullptr;  // the first KeyboardInterrupt
   for (int tries = 1;; ++tries) {
     PyObject* result = PyObject_CallOneArg(fn.ptr(), arg.ptr());
-    if (result == nullptr &&
-        (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) || tries == kFinalizerTries))
-      throw py::error_already_set();
-    if (result != nullptr) {
-      if (interrupted) PyErr_SetInterrupt();
-      return py::reinterpret_steal<py::object>(result);
+    if (result == nullptr && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) &&
+        tries < kFinalizerTries) {
+      PyObject* interrupt = take_exception();
+      if (PyObject* cause = PyException_GetContext(interrupt)) {  // (a new reference)
+        PyException_SetContext(interrupt, nullptr);
+        if (PyErr_GivenExceptionMatches(cause, PyExc_KeyboardInterrupt))
+          Py_DECREF(cause);
+        else
+          print_unraisable(cause, fn.ptr());
+      }
+      if (held == nullptr)
+        held = interrupt;
+      else
+        Py_DECREF(interrupt);  // (one Ctrl-C delivered for the presses that came meanwhile)
+      continue;
     }
-    PyErr_Clear();
-    interrupted = true;
+    if (held != nullptr && Py_AddPendingCall(&raise_held, held) != 0)
+      print_unraisable(held, fn.ptr());  // (the queue is full: printed rather than lost)
+    if (result == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(result);
   }
 }
 
@@ -460,9 +520,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("default_pinned_budget", &tb::default_pinned_budget,
         "The pinned budget per device when none is set: an eighth of RAM, 256 MiB to 8 GiB.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
-  m.def("call_through_interrupts", &call_through_interrupts, py::arg("fn"), py::arg("arg"),
-        "fn(arg), called again when it raises KeyboardInterrupt, the Ctrl-C then delivered "
-        "again: a weakref callback that a Ctrl-C pending as it starts cannot end early.");
+  m.def("call_through_interrupts", &call_through_interrupts, py::arg("fn"), py::arg("main_thread"),
+        py::arg("arg"),
+        "fn(arg), on the main thread called again when it raises KeyboardInterrupt, which is "
+        "then raised at the main thread's next instruction: a weakref callback that a Ctrl-C "
+        "pending as it starts cannot end early.");
   bind_pending_copy(m);
   py::class_<PackedArrays>(m, "PackedArrays",
                            "Host arrays checked, grouped by dtype and shape and laid out in "

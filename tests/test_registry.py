@@ -576,10 +576,16 @@ def _ctrl_c_as_dropped(arrays: list) -> None:
     reaches the program (raised here, after the callbacks), not printed; without it,
     Python prints it as the callback's error."""
     if THROUGH_CORE:
-        with pytest.raises(KeyboardInterrupt):
-            unraisable = _errors_printed_as(arrays)
-            _next_instruction()
-        assert arrays == []
+        unraisable: list = []
+        old_hook = sys.unraisablehook
+        sys.unraisablehook = unraisable.append
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                arrays.clear()
+                _next_instruction()
+        finally:
+            sys.unraisablehook = old_hook
+        assert arrays == [] and unraisable == []
     else:
         unraisable = _errors_printed_as(arrays)
         assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
@@ -833,6 +839,168 @@ def test_a_ctrl_c_pending_as_an_array_dies_strands_nothing(ctrl_c_raises, times)
         sys.unraisablehook = old_hook
     assert unraisable == [] and arrays == [] and len(calls) == times
     assert drv.registered == {} and drv.reserved == 0 and drv.errors == []
+    s = cache.stats()
+    assert (s["registered_bytes"], s["releases"]) == (0, 1) and cache._reserved == 0
+
+
+def _dropped(arrays: list) -> tuple[list, list]:
+    """Drops ``arrays`` on the main thread: (the KeyboardInterrupts raised there after,
+    the errors Python printed as callbacks' errors)."""
+    raised: list = []
+    unraisable: list = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        try:
+            arrays.clear()
+            _next_instruction()
+        except KeyboardInterrupt as exc:
+            raised.append(exc)
+        _next_instruction()  # (a second one would be raised here)
+    finally:
+        sys.unraisablehook = old_hook
+    return raised, unraisable
+
+
+@pytest.mark.skipif(not THROUGH_CORE, reason="needs the compiled core")
+def test_a_ctrl_c_reaches_the_program_once_and_through_its_own_handler_once():
+    """One Ctrl-C that lands as an owner's callback unregisters: the program's SIGINT
+    handler runs once, and the KeyboardInterrupt it raised is the one the program gets
+    (re-raised, not a second signal)."""
+    presses: list = []
+
+    def handler(signum, frame):
+        presses.append(signum)
+        raise KeyboardInterrupt(f"press {len(presses)}")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+        a = np.zeros(MIN, np.uint8)
+        assert used(cache, a)
+        real = drv.unregister
+
+        def interrupted(*args):
+            os.kill(os.getpid(), signal.SIGINT)  # (held: raised as the hold ends)
+            return real(*args)
+
+        drv.unregister = interrupted
+        arrays = [a]
+        del a
+        raised, unraisable = _dropped(arrays)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [str(e) for e in raised] == ["press 1"] and len(presses) == 1
+    assert unraisable == [] and drv.registered == {} and drv.reserved == 0
+
+
+@pytest.mark.skipif(not THROUGH_CORE, reason="needs the compiled core")
+@pytest.mark.parametrize("order", ["driver error, then Ctrl-C", "Ctrl-C, then driver error"])
+def test_a_driver_error_beside_a_ctrl_c_is_printed_and_the_ctrl_c_still_comes(ctrl_c_raises, order):
+    """The Ctrl-C must not hide the driver's error (printed, as a finalizer's error), nor
+    the driver's error the Ctrl-C (raised in the program after the callback)."""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    real, calls = drv.unregister, []
+
+    def unregister(*args):
+        calls.append(args)
+        if order == "driver error, then Ctrl-C":
+            os.kill(os.getpid(), signal.SIGINT)  # (held: raised as the hold ends, over the error)
+            real(*args)
+            raise RuntimeError("cudaErrorLaunchFailure: unregister failed")
+        real(*args)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # (the first call; the second finds nothing to do)
+        raise AssertionError("unregistered twice")
+
+    drv.unregister = unregister
+    if order == "Ctrl-C, then driver error":  # the retry fails with another error
+        real_settle = cache._settle_freed
+        settles: list = []
+
+        def settle(token):
+            settles.append(token)
+            if len(settles) == 2:
+                raise RuntimeError("cudaErrorLaunchFailure: the retry failed")
+            return real_settle(token)
+
+        cache._settle_freed = settle
+    arrays = [a]
+    del a
+    raised, unraisable = _dropped(arrays)
+    assert len(raised) == 1 and len(calls) == 1
+    assert [str(u.exc_value) for u in unraisable] == [
+        "cudaErrorLaunchFailure: unregister failed"
+        if order == "driver error, then Ctrl-C"
+        else "cudaErrorLaunchFailure: the retry failed"
+    ]
+    assert raised[0].__context__ is None or order != "driver error, then Ctrl-C"
+    assert drv.registered == {} and drv.reserved == 0
+
+
+@pytest.mark.skipif(not THROUGH_CORE, reason="needs the compiled core")
+def test_a_keyboard_interrupt_off_the_main_thread_is_not_moved_to_it(ctrl_c_raises):
+    """Only the main thread receives Ctrl-C: a KeyboardInterrupt a callback raises on
+    another thread is that callback's error (printed), not one to raise in the main
+    thread nor to call the callback again for."""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    real, calls = cache._settle_freed, []
+
+    def settle(token):
+        calls.append(token)
+        real(token)
+        raise KeyboardInterrupt("raised on a worker")
+
+    cache._settle_freed = settle
+    arrays = [a]
+    del a
+    unraisable: list = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        worker = threading.Thread(target=arrays.clear)
+        worker.start()
+        worker.join()
+        _next_instruction()  # (nothing pending here)
+    finally:
+        sys.unraisablehook = old_hook
+    assert len(calls) == 1 and [str(u.exc_value) for u in unraisable] == ["raised on a worker"]
+    assert drv.registered == {} and drv.reserved == 0
+
+
+@pytest.mark.skipif(not THROUGH_CORE, reason="needs the compiled core")
+def test_two_quick_ctrl_cs_as_an_array_dies_strand_nothing(ctrl_c_raises, monkeypatch):
+    """One Ctrl-C as the hold is set up, a second just after the registration is
+    claimed: the callback, called again, claims it under the hold (nothing claimed
+    outside it to be lost), and the program gets one KeyboardInterrupt."""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    real = threading.current_thread
+
+    def ctrl_c_lands_now():  # (the hold's first call)
+        monkeypatch.setattr(threading, "current_thread", real)
+        os.kill(os.getpid(), signal.SIGINT)  # (raised at the next call)
+        return real()
+
+    class Live(dict):
+        def pop(self, *args):
+            entry = super().pop(*args)
+            if entry is not None:
+                os.kill(os.getpid(), signal.SIGINT)  # (the claim: now under the hold)
+            return entry
+
+    cache._live = Live(cache._live)
+    monkeypatch.setattr(threading, "current_thread", ctrl_c_lands_now)
+    arrays = [a]
+    del a
+    raised, unraisable = _dropped(arrays)
+    assert len(raised) == 1 and unraisable == []
+    assert drv.registered == {} and drv.reserved == 0
     s = cache.stats()
     assert (s["registered_bytes"], s["releases"]) == (0, 1) and cache._reserved == 0
 

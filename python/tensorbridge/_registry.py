@@ -237,17 +237,6 @@ class _Sighting:
         self.refused = False  # the driver refused it: not asked again while remembered
 
 
-def _finalizer(callback: Callable[[object], None]) -> Callable[[object], object]:
-    """``callback`` as an owner's weakref callback: through the compiled core, which runs
-    no Python code before it, so that a Ctrl-C pending as the array dies cannot end the
-    callback on its first instruction, before it has claimed anything (it is called
-    again, and the Ctrl-C delivered after it); as it is without the core."""
-    through = getattr(_backend._LOADED, "call_through_interrupts", None)
-    if through is None:
-        return callback
-    return functools.partial(through, callback)
-
-
 def _address(a: np.ndarray) -> int:
     """The address of a contiguous array's first byte (the only arrays it is asked about).
     The compiled core's array_span takes a tenth of ``__array_interface__``'s microsecond,
@@ -542,7 +531,7 @@ class RegistrationCache:
             self._remember_locked(key, seen)
             return None
         token = next(self._tokens)
-        ref = weakref.ref(owner, _finalizer(functools.partial(self._owner_freed, token)))
+        ref = weakref.ref(owner, self._callback(token))
         # (last_used: the previous sighting, so that making room evicts only colder arrays)
         entry = _Entry(token, id(owner), owner_address, owner_nbytes, seen.seen_at, ref)
         entry.hold(lease)
@@ -725,21 +714,37 @@ class RegistrationCache:
             self._drop(entry)
             del owner
 
+    def _callback(self, token: int) -> Callable[[object], object]:
+        """The weakref callback of registration ``token``'s owner. Through the compiled
+        core (``_C.call_through_interrupts``), which runs no Python code before it, so
+        that a Ctrl-C pending as the array dies cannot end it on its first instruction,
+        before it has claimed anything: it is called again, and the Ctrl-C raised in the
+        main thread after it. Without the core, Python's own call, as for any finalizer."""
+        through = getattr(_backend._LOADED, "call_through_interrupts", None)
+        if through is None:
+            return functools.partial(self._owner_freed_unretried, token)
+        return functools.partial(
+            through, functools.partial(self._owner_freed, token), threading.main_thread().ident
+        )
+
     def _owner_freed(self, token: int, _ref: object = None) -> None:
         """An owner's weakref callback: NumPy has not freed its memory yet. Takes no lock.
 
         A Ctrl-C is held from the claim to the books (it would part them: the memory left
-        registered, or its reservation never given back) and raised as the callback ends.
-        One that lands while the hold is being set up ends it before the claim: the
-        registration is settled on the way out, unheld. Through the compiled core
-        (:func:`_finalizer`), a Ctrl-C that ends the callback, on its very first
-        instruction too, calls it again (settling what is left, or nothing) and is then
-        delivered to the program, not lost; without the core, Python prints it as the
-        callback's error, as for any finalizer, and one on the first instruction ends the
-        callback before anything (that registration then outlives its memory)."""
+        registered, or its reservation never given back) and raised as the callback ends;
+        one that lands before the hold is taken ends the callback before the claim, and
+        the core's wrapper (:meth:`_callback`) calls it again, then raises the Ctrl-C."""
+        with _interrupts_held():
+            self._settle_freed(token)
+
+    def _owner_freed_unretried(self, token: int, _ref: object = None) -> None:
+        """:meth:`_owner_freed` where nothing calls it again (no compiled core, hence no
+        GPU registrations but those of tests): a Ctrl-C as the hold is set up ends it
+        before the claim, so the registration is settled on the way out, unheld. What it
+        raises Python prints as the callback's error, and one on its very first
+        instruction ends it before anything."""
         try:
-            with _interrupts_held():
-                self._settle_freed(token)
+            self._owner_freed(token)
         finally:
             if token in self._live:  # (interrupted before the claim)
                 self._settle_freed(token)
