@@ -172,10 +172,25 @@ FROM_NUMPY_INPUTS = [
     ("datetime", np.array(["2024-01-01"], dtype="datetime64[D]"), TypeError, r"astype\('int64'\)"),
     ("timedelta", np.array([1], dtype="timedelta64[s]"), TypeError, r"astype\('int64'\)"),
     ("structured", np.zeros(2, dtype=[("a", "f4"), ("b", "i4")]), TypeError, r"one field"),
-    ("void", np.zeros(2, dtype="V3"), TypeError, r"raw bytes.*a\.view\(numpy\.uint8\)"),
+    (
+        "void",
+        np.zeros(2, dtype="V3"),
+        TypeError,
+        r"raw bytes.*ascontiguousarray\(a\)\.view\(numpy\.uint8\)",
+    ),
     # (a bfloat16 array whose dtype a producer's __array_interface__ lost)
-    ("void-2", np.zeros(2, dtype="V2"), TypeError, r"raw bytes.*a\.view\(ml_dtypes\.bfloat16\)"),
-    ("void-1", np.zeros(2, dtype="V1"), TypeError, r"a\.view\(ml_dtypes\.float8_e4m3fn\)"),
+    (
+        "void-2",
+        np.zeros(2, dtype="V2"),
+        TypeError,
+        r"raw bytes.*asarray\(a\)\.view\(ml_dtypes\.bfloat16\)",
+    ),
+    (
+        "void-1",
+        np.zeros(2, dtype="V1"),
+        TypeError,
+        r"asarray\(a\)\.view\(ml_dtypes\.float8_e4m3fn\)",
+    ),
     (
         "bad-strides",
         np.zeros(4, dtype=[("a", "u1"), ("b", "f4")])["b"],

@@ -58,15 +58,56 @@ def test_numpy_targets_read_strings_as_numpy_then_as_torch_names():
     got = tb.to_numpy(x, dtype="float")  # (NumPy's float: a NumPy target reads it as NumPy)
     np.testing.assert_array_equal(got, x.numpy().astype(np.float64))
     assert got.dtype == np.float64
-    try:  # (NumPy 1 reads "cfloat" as complex128; NumPy 2 has no such name: torch's then)
-        expected = np.dtype("cfloat")
-    except TypeError:
-        expected = np.dtype(np.complex64)
+    numpy_2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+    # NumPy 1 reads "cfloat" as complex128 (a NumPy target keeps NumPy's reading); NumPy 2
+    # has no such name, so it is torch's: complex64
+    expected = np.dtype(np.complex64 if numpy_2 else np.complex128)
     got = tb.to_numpy(x, dtype="cfloat")
     np.testing.assert_array_equal(got, x.numpy().astype(expected))
     assert got.dtype == expected
+    if numpy_2:  # (for a tensor, torch's reading; refused on NumPy 1, which reads it apart)
+        assert tb.to_tensor(x.numpy(), dtype="cfloat").dtype == torch.cfloat
+    else:
+        with pytest.raises(TypeError, match="complex128 to NumPy but complex64 to torch"):
+            tb.to_tensor(x.numpy(), dtype="cfloat")
     with pytest.raises(TypeError, match=r"torch's complex32: .*numpy\.complex64"):
         tb.to_numpy(x, dtype="chalf")
+
+
+def test_the_view_the_raw_bytes_refusal_names_gives_back_a_bfloat16_array():
+    """A bfloat16 array through a producer's __array_interface__ arrives as raw bytes
+    ('|V2'): the refusal names views that give the numbers back, with ml_dtypes and
+    without it; both, done as written, equal the bfloat16 tensor torch makes itself."""
+    want = torch.randn(5).to(torch.bfloat16)
+
+    class Producer:  # (the interface carries '|V2', not bfloat16)
+        def __init__(self) -> None:
+            self.__array_interface__ = {
+                "data": (want.data_ptr(), False),
+                "shape": (5,),
+                "typestr": "|V2",
+                "version": 3,
+            }
+
+    a = Producer()
+    with pytest.raises(TypeError, match="raw bytes") as info:
+        tb.to_tensor(a)
+    message = str(info.value)
+    without = "torch.from_numpy(numpy.asarray(a).view(numpy.int16)).view(torch.bfloat16)"
+    assert without in message
+    got = eval(without, {"torch": torch, "numpy": np, "a": a})
+    assert got.dtype == torch.bfloat16 and torch.equal(
+        got.view(torch.int16), want.view(torch.int16)
+    )
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert "numpy.asarray(a).view(ml_dtypes.bfloat16)" in message
+    got = tb.to_tensor(
+        eval(
+            "numpy.asarray(a).view(ml_dtypes.bfloat16)",
+            {"numpy": np, "a": a, "ml_dtypes": ml_dtypes},
+        )
+    )
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_torch_dtype_names_work_as_targets_without_ml_dtypes():
@@ -89,7 +130,7 @@ else:
 try:  # (a bfloat16 array that lost its dtype on the way: raw bytes)
     tb.from_numpy(np.zeros(2, "V2"))
 except TypeError as e:
-    assert "a.view(ml_dtypes.bfloat16)" in str(e) and "pip install ml_dtypes" in str(e), e
+    assert "view(ml_dtypes.bfloat16)" in str(e) and "pip install ml_dtypes" in str(e), e
 else:
     raise AssertionError("not refused")
 """

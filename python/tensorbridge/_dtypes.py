@@ -126,19 +126,30 @@ def unsupported_numpy(np_dtype: np.dtype) -> TypeError:
     elif np_dtype.type is np.void and np_dtype.subdtype is None and np_dtype.itemsize:
         # Raw bytes: what a bfloat16 or float8 array becomes when its dtype is lost on the
         # way (``__array_interface__`` and the buffer protocol carry only '|V2', '|V1').
-        views = {
-            1: "a.view(ml_dtypes.float8_e4m3fn) or a.view(numpy.uint8)",
-            2: "a.view(ml_dtypes.bfloat16) or a.view(numpy.float16)",
-            4: "a.view(numpy.float32)",
-            8: "a.view(numpy.float64)",
-        }
-        fix = (
-            "it is raw bytes (a bfloat16 array's dtype is lost this way through "
-            "__array_interface__ or the buffer protocol): view the array as the numbers it "
-            f"holds, e.g. {views.get(np_dtype.itemsize, 'a.view(numpy.uint8)')}"
-        )
-        if _ml is None and np_dtype.itemsize <= 2:
-            fix += " (pip install ml_dtypes for bfloat16 and float8)"
+        size = np_dtype.itemsize
+        if size == 2:
+            fix = (
+                "it is raw bytes, as a bfloat16 array arrives through __array_interface__ or "
+                "the buffer protocol: view them as what they hold, e.g. "
+                "numpy.asarray(a).view(ml_dtypes.bfloat16), or without ml_dtypes "
+                "torch.from_numpy(numpy.asarray(a).view(numpy.int16)).view(torch.bfloat16) "
+                "(numpy.float16 if they held float16)"
+            )
+        elif size == 1:
+            fix = (
+                "it is raw bytes, as a float8 array arrives through __array_interface__ or "
+                "the buffer protocol: view them as what they hold, e.g. "
+                "numpy.asarray(a).view(ml_dtypes.float8_e4m3fn) (the float8 type they "
+                "held), or numpy.uint8 for bytes"
+            )
+        else:
+            number = {4: "numpy.float32", 8: "numpy.float64"}.get(size, "numpy.uint8")
+            fix = (
+                "it is raw bytes: view them as the numbers they hold, e.g. "
+                f"numpy.ascontiguousarray(a).view({number})"
+            )
+        if _ml is None and size <= 2:
+            fix += " (pip install ml_dtypes for NumPy's bfloat16 and float8)"
     elif kind == "V" and _ml is None:
         fix = "install ml_dtypes (pip install ml_dtypes) for bfloat16/float8 arrays"
     else:
@@ -199,11 +210,6 @@ def as_numpy_dtype(dtype: Any, example: str = "numpy.float32") -> np.dtype:
         raise TypeError(f"dtype={dtype!r} is not a NumPy or torch dtype: {fix}") from exc
 
 
-#: Names NumPy and torch both know, for different dtypes (NumPy's, torch's): a torch
-#: target refuses them rather than guess which one a user of both meant.
-_TWO_MEANINGS = {"float": ("float64", "float32"), "int": ("int64", "int32")}
-
-
 def _torch_named(name: Any) -> torch.dtype | None:
     """The torch dtype a string names (``"bfloat16"``), or None."""
     found = getattr(torch, name, None) if isinstance(name, str) else None
@@ -236,14 +242,19 @@ def as_torch_dtype(dtype: Any) -> torch.dtype:
             )
         return dtype
     named = _torch_named(dtype)
-    if named is not None and not _numpy_knows(dtype):  # ("bfloat16" without ml_dtypes)
-        return as_torch_dtype(named)
-    if isinstance(dtype, str) and dtype in _TWO_MEANINGS:
-        np_name, torch_name = _TWO_MEANINGS[dtype]
-        raise TypeError(
-            f"dtype={dtype!r} is {np_name} to NumPy but {torch_name} to torch (torch.{dtype}): "
-            f"pass the one meant, e.g. dtype=torch.{torch_name} or dtype={np_name!r}."
-        )
+    if named is not None:  # a name torch has: NumPy's reading of it must agree
+        try:
+            np_meaning: torch.dtype | None = maybe_torch_dtype(np.dtype(dtype))
+        except TypeError:
+            np_meaning = None
+        if np_meaning is None:  # ("bfloat16" without ml_dtypes; "cfloat" on NumPy 2)
+            return as_torch_dtype(named)
+        if np_meaning != named:  # ("float": float64 to NumPy, float32 to torch)
+            theirs, ours = np.dtype(dtype).name, str(named).removeprefix("torch.")
+            raise TypeError(
+                f"dtype={dtype!r} is {theirs} to NumPy but {ours} to torch (torch.{dtype}): "
+                f"name the width ({ours!r} or {theirs!r})."
+            )
     np_dtype = as_numpy_dtype(dtype, "torch.float32")
     try:
         return torch_dtype(np_dtype)
