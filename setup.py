@@ -44,19 +44,23 @@ def extension_mode() -> str:
         return mode
     if mode:
         raise SystemExit(f"TENSORBRIDGE_EXTENSION={mode!r} is not understood: use auto, on or off.")
-    if os.environ.get("TENSORBRIDGE_REQUIRE_EXTENSION") == "1":
-        return "on"
     legacy = os.environ.get("TENSORBRIDGE_DISABLE_EXTENSION", "").strip().lower()
-    if legacy in ("1", "true", "yes", "on"):
-        return "off"  # (the older spelling of off, read as at run time)
-    if legacy not in ("", "0", "false", "no", "off"):
+    if legacy not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
         # (refused, as import refuses it: a build that guessed would install a package
         # that then fails to import)
         raise SystemExit(
             f"TENSORBRIDGE_DISABLE_EXTENSION={legacy!r} is not understood: set it to 1 or 0, "
             "or use TENSORBRIDGE_EXTENSION=off (or auto) instead."
         )
-    return "auto"
+    disabled = legacy in ("1", "true", "yes", "on")  # (the older spelling of off)
+    if os.environ.get("TENSORBRIDGE_REQUIRE_EXTENSION") == "1":
+        if disabled:
+            raise SystemExit(
+                "TENSORBRIDGE_REQUIRE_EXTENSION=1 and TENSORBRIDGE_DISABLE_EXTENSION="
+                f"{legacy} contradict each other: set TENSORBRIDGE_EXTENSION=on or off instead."
+            )
+        return "on"
+    return "off" if disabled else "auto"
 
 
 class CMakeExtension(Extension):

@@ -188,6 +188,31 @@ def test_cli_onto_a_full_disk_says_so_in_one_line(args):
     assert proc.stderr == "tensorbridge: write error: No space left on device\n", proc.stderr
 
 
+@pytest.mark.parametrize("args", [["info"], ["--help"]])
+def test_cli_over_the_file_size_limit_says_so_in_one_line(tmp_path, args):
+    """``ulimit -f 0; python -m tensorbridge info > file``: Python ignores SIGXFSZ, so the
+    write fails with EFBIG; one line, exit 1, as for a full disk (``--help`` too: its
+    text is written as the parser exits)."""
+    import resource
+
+    def no_file_growth() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tensorbridge", *args],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            timeout=120,
+            check=False,
+            preexec_fn=no_file_growth,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr == "tensorbridge: write error: File too large\n", proc.stderr
+
+
 def test_cli_raises_other_os_errors_as_they_are(monkeypatch):
     """Only errors that say the output has nowhere to go are shortened to a line."""
     from tensorbridge import __main__ as cli

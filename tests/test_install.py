@@ -377,6 +377,9 @@ def test_a_stale_or_corrupt_build_record_is_ignored(bare, record):
         {"TENSORBRIDGE_DISABLE_EXTENSION": "no"},
         {"TENSORBRIDGE_DISABLE_EXTENSION": "maybe"},
         {"TENSORBRIDGE_EXTENSION": "auto", "TENSORBRIDGE_DISABLE_EXTENSION": "1"},
+        {"TENSORBRIDGE_REQUIRE_EXTENSION": "1", "TENSORBRIDGE_DISABLE_EXTENSION": "maybe"},
+        {"TENSORBRIDGE_REQUIRE_EXTENSION": "1", "TENSORBRIDGE_DISABLE_EXTENSION": "1"},
+        {"TENSORBRIDGE_REQUIRE_EXTENSION": "1"},
     ],
 )
 def test_setup_reads_the_switch_as_import_does(monkeypatch, env):
@@ -393,5 +396,11 @@ def test_setup_reads_the_switch_as_import_does(monkeypatch, env):
     except ValueError:
         with pytest.raises(SystemExit, match="is not understood"):
             from_setup()
-    else:
+        return
+    if env.get("TENSORBRIDGE_REQUIRE_EXTENSION") != "1":
         assert from_setup() == at_import
+    elif at_import == "off":  # (a build required, an import that would not use it)
+        with pytest.raises(SystemExit, match="contradict each other"):
+            from_setup()
+    else:  # (a build-time switch only: the import then finds the core built)
+        assert from_setup() == "on" and at_import == "auto"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import re
 import warnings
 import zlib
 from typing import Any
@@ -725,6 +726,23 @@ def test_leaf_path_names_the_place_of_every_leaf():
     assert tb._tree.leaf_path(tb._tree.flatten(deep)[2], 0) == (
         "batch[0][0][0][0][0][0]...(11 more)...[0][0][0]"
     )
+
+
+def test_a_str_subclass_key_is_named_by_its_repr_not_as_the_string_it_formats_as():
+    """A str Enum's member formats as 'Color.RED', which is no key of the batch; a str
+    subclass whose __str__ raises must not turn the refusal into its error."""
+    import enum
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    class Odd(str):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    for key, shown in ((Color.RED, "batch[<Color.RED: 'red'>]"), (Odd("x"), "batch['x']")):
+        with pytest.raises(TypeError, match=rf"^to_device: {re.escape(shown)}: numpy dtype <U1"):
+            tb.to_device({key: np.array(["s"]), "ok": np.ones(1)}, "cpu")
 
 
 @pytest.mark.parametrize(

@@ -91,9 +91,11 @@ def run() -> int:
     """main(), quiet when the reader of its output goes away (``info | head -1``): the
     ``tensorbridge`` command and ``python -m tensorbridge``."""
     try:
-        status = main()
-        if sys.stdout is not None:  # (None: started with stdout closed, `info >&-`)
-            sys.stdout.flush()
+        try:
+            status = main()
+        finally:  # (also as --help exits: its text reaches its reader, or the error says so)
+            if sys.stdout is not None:  # (None: started with stdout closed, `info >&-`)
+                sys.stdout.flush()
         return status
     except BrokenPipeError:
         if not _stdout_gone():
@@ -102,18 +104,19 @@ def run() -> int:
         _silence_stdout()
         return 1
     except OSError as exc:
-        if exc.errno not in _FULL:
+        if exc.errno not in _NOWHERE:
             raise
-        # A full disk (`info > /dev/full`): one line, as other command-line tools say it,
-        # not a traceback.
+        # A full disk (`info > /dev/full`), a file size limit: one line, as other
+        # command-line tools say it, not a traceback.
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"tensorbridge: write error{where}: {exc.strerror}", file=sys.stderr)
         _silence_stdout()
         return 1
 
 
-#: Write errors that say the output has nowhere to go: no space, over quota, an I/O error.
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+#: Write errors that say the output has nowhere to go: no space, over quota, over the
+#: file size limit (`ulimit -f`), no buffer space, an I/O error.
+_NOWHERE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOBUFS, errno.EIO}
 
 
 def _silence_stdout() -> None:

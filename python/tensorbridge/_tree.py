@@ -54,8 +54,9 @@ Path = tuple[tuple[str, Any], ...]
 
 
 def key_text(key: Any) -> str:
-    """A key as a path shows it: a string in double quotes (``"tokens"``), else its repr."""
-    if isinstance(key, str) and '"' not in key and "\\" not in key:
+    """A key as a path shows it: a string in double quotes (``"tokens"``), else its repr
+    (a str subclass too: an Enum's member is not the string it formats as)."""
+    if type(key) is str and '"' not in key and "\\" not in key:
         return f'"{key}"'
     return key_repr(key)
 
