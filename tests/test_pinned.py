@@ -8,6 +8,12 @@ empty_pinned, transfer_options and set_pinned_budget are in test_refusals.py.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import operator
+import signal
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +82,90 @@ def test_transfer_options_changes_nothing_when_one_knob_is_refused():
         assert tb.transfer_options() == saved
     finally:
         tb.transfer_options(**saved)
+
+
+class _FakePinningCore:
+    """The compiled core's pinning calls over a table, as cuda_engine.cu keeps it
+    (reference counted by address and size), with the real Ctrl-C wrapper."""
+
+    def __init__(self) -> None:
+        self.refs: dict[tuple[int, int], int] = {}
+        self.unregistered: list[tuple[int, int]] = []
+        self.call_through_interrupts = tb._C.call_through_interrupts
+
+    @staticmethod
+    def array_span(a: np.ndarray) -> tuple[int, int]:
+        return a.__array_interface__["data"][0], a.nbytes
+
+    def cuda_host_register(self, a: np.ndarray) -> bool:
+        key = self.array_span(a)
+        self.refs[key] = self.refs.get(key, 0) + 1
+        return True
+
+    def cuda_host_unregister(self, address: int, nbytes: int) -> bool:
+        key = (address, nbytes)
+        if key not in self.refs:
+            return False
+        self.unregistered.append(key)
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+        return True
+
+
+@pytest.fixture
+def fake_pinning(monkeypatch):
+    """tb.pin and tb.unpin over _FakePinningCore, as on a machine with a GPU."""
+    if tb._C is None or not hasattr(tb._C, "call_through_interrupts"):
+        pytest.skip("needs the compiled core")
+    from tensorbridge import _backend, _pinned
+
+    core = _FakePinningCore()
+    monkeypatch.setattr(_backend, "ENGINE", types.SimpleNamespace(cuda_engine=True, core=core))
+    monkeypatch.setattr(_backend, "_LOADED", core)
+    monkeypatch.setattr(_pinned, "_PINS", {}, raising=False)
+    return core
+
+
+def test_a_pinned_array_is_unpinned_as_it_dies_once_per_pin(fake_pinning):
+    a = np.zeros(1000)
+    key = fake_pinning.array_span(a)
+    tb.pin(a)
+    tb.pin(a)
+    tb.unpin(a)  # (one of the two pins: its array's death must not unpin it again)
+    assert fake_pinning.refs == {key: 1}
+    del a
+    gc.collect()
+    assert fake_pinning.refs == {} and fake_pinning.unregistered == [key, key]
+    b = np.zeros(1000)
+    tb.pin(b)
+    tb.unpin(b)
+    fake_pinning.cuda_host_register(b)  # (the same memory registered since, by another)
+    del b
+    gc.collect()
+    assert len(fake_pinning.refs) == 1  # b's unpinned pin did not drop the other's
+
+
+def test_a_ctrl_c_pending_as_a_pinned_array_dies_still_unpins_it(fake_pinning):
+    """weakref.finalize's call is Python code: a Ctrl-C pending as the array died ended it
+    before it unpinned (and atexit then unpinned memory freed long before). The pin's
+    callback runs through the core, which calls it again and raises the Ctrl-C after."""
+    from tensorbridge import _pinned
+
+    arrays = [tb.pin(np.zeros(1000))]
+    key = fake_pinning.array_span(arrays[0])
+    set_interrupt = ctypes.pythonapi.PyErr_SetInterrupt
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # C calls only: the callback's first instruction is the first to see it
+            list(map(operator.methodcaller("__call__"), [set_interrupt, arrays.clear]))
+            _nothing()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert fake_pinning.refs == {} and fake_pinning.unregistered == [key]
+    assert _pinned._PINS == {}
+
+
+def _nothing() -> None:
+    """A call: where Python raises a pending Ctrl-C."""

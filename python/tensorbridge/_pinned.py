@@ -6,9 +6,14 @@ compiled engine (csrc/core/pinned_pool.cpp); this module sets its budget and rep
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import functools
+import itertools
 import math
+import os
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -117,8 +122,41 @@ def pin(array: np.ndarray) -> np.ndarray:
     C = _backend.ENGINE.core
     if C.cuda_host_register(array):
         address, nbytes = C.array_span(array)
-        weakref.finalize(array, C.cuda_host_unregister, address, nbytes)
+        token = next(_PIN_TOKENS)
+        callback: Any = functools.partial(_pinned_array_died, token)
+        through = getattr(C, "call_through_interrupts", None)
+        if through is not None:  # (see _registry: a Ctrl-C cannot end it before it claims)
+            callback = functools.partial(through, callback, threading.main_thread().ident)
+        _PINS[token] = (address, nbytes, weakref.ref(array, callback))
     return array
+
+
+#: tb.pin's registrations by token: (address, bytes, the array's weak reference, whose
+#: callback unpins it as the array dies; dropped with the entry by unpin).
+_PINS: dict[int, tuple[int, int, weakref.ref[np.ndarray]]] = {}
+_PIN_TOKENS = itertools.count()
+
+
+def _pinned_array_died(token: int, _ref: object = None) -> None:
+    """A pinned array's weakref callback: its memory is still there (NumPy clears weak
+    references before it frees the data). The claim and the unregistration hold a Ctrl-C
+    between them; one that lands before is handled by the core's wrapper, which calls
+    this again (then it finds the pin claimed or not, never twice)."""
+    with _registry._interrupts_held():
+        entry = _PINS.pop(token, None)
+        if entry is not None and _backend._LOADED is not None:
+            _backend._LOADED.cuda_host_unregister(entry[0], entry[1])
+
+
+def _unpin_all() -> None:
+    """At exit, the pins of arrays still alive, as their callbacks would."""
+    for token in list(_PINS):
+        _pinned_array_died(token)
+
+
+atexit.register(_unpin_all)
+if hasattr(os, "register_at_fork"):  # (a child's pins are its parent's registrations)
+    os.register_at_fork(after_in_child=_PINS.clear)
 
 
 def unpin(array: np.ndarray) -> None:
@@ -129,7 +167,12 @@ def unpin(array: np.ndarray) -> None:
         return
     C = _backend.ENGINE.core
     address, nbytes = C.array_span(array)
-    C.cuda_host_unregister(address, nbytes)
+    if C.cuda_host_unregister(address, nbytes):
+        # (one pin's entry goes with it, so its array's death does not unpin it again:
+        # that would drop a pin made later of the same memory)
+        token = next((t for t, (a, n, _) in _PINS.items() if (a, n) == (address, nbytes)), None)
+        if token is not None:
+            _PINS.pop(token, None)
 
 
 @contextlib.contextmanager
