@@ -444,6 +444,28 @@ void print_unraisable(PyObject* exc, PyObject* where) {
   if (raising != nullptr) restore_exception(raising);
 }
 
+// The exception the calling code is handling (an `except` block), or nullptr; a new
+// reference.
+PyObject* handled_exception() {
+#if PY_VERSION_HEX >= 0x030B0000
+  PyObject* handled = PyErr_GetHandledException();
+#else
+  PyObject *type = nullptr, *handled = nullptr, *trace = nullptr;
+  PyErr_GetExcInfo(&type, &handled, &trace);
+  Py_XDECREF(type);
+  Py_XDECREF(trace);
+#endif
+  if (handled == Py_None) {
+    Py_DECREF(handled);
+    return nullptr;
+  }
+  return handled;
+}
+
+// The main thread's id (threading.get_ident()), set by the package at import and in a
+// forked child; 0 until then.
+unsigned long g_main_thread = 0;
+
 // A pending call (Py_AddPendingCall): raises the held exception `exc` (stolen) in the
 // main thread, at the next instruction it runs.
 int raise_held(void* exc) {
@@ -458,15 +480,16 @@ int raise_held(void* exc) {
 // callback written in Python can be ended by a Ctrl-C pending as it starts, on its very
 // first instruction, before it has done anything (and Python prints what a finalizer
 // raises rather than raising it): called through this, which runs no Python code of its
-// own, it is not. An error the Ctrl-C interrupted (its context: a driver's error, say) is
-// printed as a finalizer's error. Elsewhere than on the main thread (`main_thread`, as
-// threading.get_ident() gives it), which alone receives signals, fn is called once, as
-// it is. fn must be safe to call again once it has done its work.
+// own, it is not. An error the Ctrl-C interrupted inside fn (its context: a driver's
+// error, say; not the exception the caller was handling as the array died) is printed
+// as a finalizer's error. Elsewhere than on the main thread (set_main_thread), which
+// alone receives signals, fn is called once, as it is. fn must be safe to call again
+// once it has done its work.
 constexpr int kFinalizerTries = 100;
 
-py::object call_through_interrupts(const py::object& fn, unsigned long main_thread,
-                                   const py::object& arg) {
-  if (PyThread_get_thread_ident() != main_thread) return fn(arg);
+py::object call_through_interrupts(const py::object& fn, const py::object& arg) {
+  if (g_main_thread == 0 || PyThread_get_thread_ident() != g_main_thread) return fn(arg);
+  const py::object outer = py::reinterpret_steal<py::object>(handled_exception());
   PyObject* held = nullptr;  // the first KeyboardInterrupt
   for (int tries = 1;; ++tries) {
     PyObject* result = PyObject_CallOneArg(fn.ptr(), arg.ptr());
@@ -475,7 +498,7 @@ py::object call_through_interrupts(const py::object& fn, unsigned long main_thre
       PyObject* interrupt = take_exception();
       if (PyObject* cause = PyException_GetContext(interrupt)) {  // (a new reference)
         PyException_SetContext(interrupt, nullptr);
-        if (PyErr_GivenExceptionMatches(cause, PyExc_KeyboardInterrupt))
+        if (cause == outer.ptr() || PyErr_GivenExceptionMatches(cause, PyExc_KeyboardInterrupt))
           Py_DECREF(cause);
         else
           print_unraisable(cause, fn.ptr());
@@ -520,11 +543,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("default_pinned_budget", &tb::default_pinned_budget,
         "The pinned budget per device when none is set: an eighth of RAM, 256 MiB to 8 GiB.");
   m.def("cuda_probe", &cuda_probe, "The CUDA runtime's view of this machine.");
-  m.def("call_through_interrupts", &call_through_interrupts, py::arg("fn"), py::arg("main_thread"),
-        py::arg("arg"),
+  m.def("call_through_interrupts", &call_through_interrupts, py::arg("fn"), py::arg("arg"),
         "fn(arg), on the main thread called again when it raises KeyboardInterrupt, which is "
         "then raised at the main thread's next instruction: a weakref callback that a Ctrl-C "
         "pending as it starts cannot end early.");
+  m.def(
+      "set_main_thread", [](unsigned long ident) { g_main_thread = ident; }, py::arg("ident"),
+      "The main thread's threading.get_ident(), for call_through_interrupts (at import, "
+      "and in a forked child).");
   bind_pending_copy(m);
   py::class_<PackedArrays>(m, "PackedArrays",
                            "Host arrays checked, grouped by dtype and shape and laid out in "

@@ -146,6 +146,23 @@ def test_a_pinned_array_is_unpinned_as_it_dies_once_per_pin(fake_pinning):
     assert len(fake_pinning.refs) == 1  # b's unpinned pin did not drop the other's
 
 
+def test_unpinning_a_view_takes_the_views_pin_not_the_arrays(fake_pinning):
+    """b and a view of all of it are the same memory: unpinning the view drops the
+    view's pin, so the view's death does not unpin b, which still holds its own."""
+    b = np.zeros(1000)
+    v = b[:]
+    key = fake_pinning.array_span(b)
+    tb.pin(b)
+    tb.pin(v)
+    tb.unpin(v)
+    del v
+    gc.collect()
+    assert fake_pinning.refs == {key: 1}  # b's pin stands
+    del b
+    gc.collect()
+    assert fake_pinning.refs == {}
+
+
 def test_a_ctrl_c_pending_as_a_pinned_array_dies_still_unpins_it(fake_pinning):
     """weakref.finalize's call is Python code: a Ctrl-C pending as the array died ended it
     before it unpinned (and atexit then unpinned memory freed long before). The pin's

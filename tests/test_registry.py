@@ -941,6 +941,45 @@ def test_a_driver_error_beside_a_ctrl_c_is_printed_and_the_ctrl_c_still_comes(ct
 
 
 @pytest.mark.skipif(not THROUGH_CORE, reason="needs the compiled core")
+@pytest.mark.parametrize("where", ["first instruction", "held"])
+def test_the_exception_a_program_handles_as_an_array_dies_is_not_printed_as_the_callbacks(
+    ctrl_c_raises, where
+):
+    """An array that dies inside the program's `except` block: the KeyboardInterrupt the
+    callback meets has the program's exception as its context, which is not an error of
+    the callback's to print."""
+    cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
+    a = np.zeros(MIN, np.uint8)
+    assert used(cache, a)
+    if where == "held":
+        real = drv.unregister
+
+        def interrupted(*args):
+            os.kill(os.getpid(), signal.SIGINT)  # (held: raised as the hold ends)
+            return real(*args)
+
+        drv.unregister = interrupted
+    arrays = [a]
+    del a
+    unraisable: list = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                raise ValueError("the program's own")
+            except ValueError:
+                calls = [arrays.clear]
+                if where == "first instruction":
+                    calls.insert(0, ctypes.pythonapi.PyErr_SetInterrupt)
+                list(map(operator.methodcaller("__call__"), calls))
+                _next_instruction()
+    finally:
+        sys.unraisablehook = old_hook
+    assert unraisable == [] and drv.registered == {} and drv.reserved == 0
+
+
+@pytest.mark.skipif(not THROUGH_CORE, reason="needs the compiled core")
 def test_a_keyboard_interrupt_off_the_main_thread_is_not_moved_to_it(ctrl_c_raises):
     """Only the main thread receives Ctrl-C: a KeyboardInterrupt a callback raises on
     another thread is that callback's error (printed), not one to raise in the main

@@ -728,9 +728,10 @@ def test_leaf_path_names_the_place_of_every_leaf():
     )
 
 
-def test_a_str_subclass_key_is_named_by_its_repr_not_as_the_string_it_formats_as():
-    """A str Enum's member formats as 'Color.RED', which is no key of the batch; a str
-    subclass whose __str__ raises must not turn the refusal into its error."""
+def test_a_str_subclass_key_is_named_as_the_string_it_is():
+    """A str Enum's member formats as 'Color.RED', which is no key of the batch (its repr
+    then); a str subclass whose __str__ raises must not turn the refusal into its error;
+    a numpy.str_ is a string like any other."""
     import enum
 
     class Color(str, enum.Enum):
@@ -740,7 +741,12 @@ def test_a_str_subclass_key_is_named_by_its_repr_not_as_the_string_it_formats_as
         def __str__(self) -> str:
             raise RuntimeError("no str")
 
-    for key, shown in ((Color.RED, "batch[<Color.RED: 'red'>]"), (Odd("x"), "batch['x']")):
+    cases = (
+        (Color.RED, "batch[<Color.RED: 'red'>]"),
+        (Odd("x"), 'batch["x"]'),  # (its string, read as str's own)
+        (np.str_("tokens"), 'batch["tokens"]'),  # (names read from an array)
+    )
+    for key, shown in cases:
         with pytest.raises(TypeError, match=rf"^to_device: {re.escape(shown)}: numpy dtype <U1"):
             tb.to_device({key: np.array(["s"]), "ok": np.ones(1)}, "cpu")
 

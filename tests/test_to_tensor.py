@@ -53,6 +53,21 @@ def test_a_name_numpy_and_torch_read_differently_is_refused_for_tensors(fn, name
         _TENSOR_TARGETS[fn](name)
 
 
+def test_any_name_numpy_reads_apart_from_torch_is_refused_for_tensors(monkeypatch):
+    """Not a list of names: a NumPy that read "half" as float64 (as NumPy 1 reads
+    "cfloat" as complex128) makes it refused where the result is a tensor."""
+    real = np.dtype
+
+    def numpy_reading_half_as_float64(spec, *args, **kwargs):
+        return real(np.float64) if spec == "half" else real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(np, "dtype", numpy_reading_half_as_float64)
+    with pytest.raises(TypeError, match=r"'half' is float64 to NumPy but float16 to torch"):
+        tb.to_tensor(np.ones(2, np.float32), dtype="half")
+    monkeypatch.undo()
+    assert tb.to_tensor(np.ones(2, np.float32), dtype="half").dtype == torch.float16
+
+
 def test_numpy_targets_read_strings_as_numpy_then_as_torch_names():
     x = torch.from_numpy(np.random.default_rng().standard_normal(5).astype(np.float32))
     got = tb.to_numpy(x, dtype="float")  # (NumPy's float: a NumPy target reads it as NumPy)

@@ -93,9 +93,10 @@ def run() -> int:
     try:
         try:
             status = main()
-        finally:  # (also as --help exits: its text reaches its reader, or the error says so)
-            if sys.stdout is not None:  # (None: started with stdout closed, `info >&-`)
-                sys.stdout.flush()
+        except SystemExit:  # (--help exits: its text reaches its reader, or the error says so)
+            _flush()
+            raise
+        _flush()  # (not after another error: that one is the error to show)
         return status
     except BrokenPipeError:
         if not _stdout_gone():
@@ -112,6 +113,11 @@ def run() -> int:
         print(f"tensorbridge: write error{where}: {exc.strerror}", file=sys.stderr)
         _silence_stdout()
         return 1
+
+
+def _flush() -> None:
+    if sys.stdout is not None:  # (None: started with stdout closed, `info >&-`)
+        sys.stdout.flush()
 
 
 #: Write errors that say the output has nowhere to go: no space, over quota, over the

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import warnings
 from types import FrameType, ModuleType
 from typing import Any
@@ -262,8 +263,23 @@ class Engine:
 #: swap it to force the pure-Python path).
 ENGINE = Engine(_LOADED, _LOAD_FAILURE)
 
+
+def _note_main_thread(ident: int | None) -> None:
+    """Tells the compiled core which thread is the main one (the only one that receives
+    Ctrl-C), for the finalizers it runs through ``call_through_interrupts``."""
+    note = getattr(_LOADED, "set_main_thread", None)
+    if note is not None:
+        note(threading.main_thread().ident if ident is None else ident)
+
+
+def _after_fork_in_child() -> None:
+    ENGINE.after_fork_in_child()
+    _note_main_thread(threading.get_ident())  # (the thread that forked: the child's only)
+
+
+_note_main_thread(None)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: ENGINE.after_fork_in_child())
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.cache

@@ -13,7 +13,6 @@ import functools
 import itertools
 import math
 import os
-import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -126,7 +125,7 @@ def pin(array: np.ndarray) -> np.ndarray:
         callback: Any = functools.partial(_pinned_array_died, token)
         through = getattr(C, "call_through_interrupts", None)
         if through is not None:  # (see _registry: a Ctrl-C cannot end it before it claims)
-            callback = functools.partial(through, callback, threading.main_thread().ident)
+            callback = functools.partial(through, callback)
         _PINS[token] = (address, nbytes, weakref.ref(array, callback))
     return array
 
@@ -167,12 +166,29 @@ def unpin(array: np.ndarray) -> None:
         return
     C = _backend.ENGINE.core
     address, nbytes = C.array_span(array)
-    if C.cuda_host_unregister(address, nbytes):
-        # (one pin's entry goes with it, so its array's death does not unpin it again:
-        # that would drop a pin made later of the same memory)
-        token = next((t for t, (a, n, _) in _PINS.items() if (a, n) == (address, nbytes)), None)
-        if token is not None:
-            _PINS.pop(token, None)
+    # One pin's entry goes with it, so that its array's death does not unpin it again
+    # (that would drop a pin made later of the same memory): this array's own, else one
+    # of a view of the same memory.
+    token = _pin_of(array, address, nbytes)
+    if C.cuda_host_unregister(address, nbytes) and token is not None:
+        _PINS.pop(token, None)
+
+
+def _pin_of(array: np.ndarray, address: int, nbytes: int) -> int | None:
+    """The token of a pin of ``array`` (else of the same memory), or None."""
+    for _ in range(8):  # (another thread's pin, or a callback the collector runs, may
+        try:  # change the table while it is read: read it again)
+            pins = list(_PINS.items())
+            break
+        except RuntimeError:
+            continue
+    else:
+        return None
+    same = [(t, ref) for t, (a, n, ref) in pins if (a, n) == (address, nbytes)]
+    for t, ref in same:
+        if ref() is array:
+            return t
+    return same[0][0] if same else None
 
 
 @contextlib.contextmanager

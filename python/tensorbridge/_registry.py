@@ -723,9 +723,7 @@ class RegistrationCache:
         through = getattr(_backend._LOADED, "call_through_interrupts", None)
         if through is None:
             return functools.partial(self._owner_freed_unretried, token)
-        return functools.partial(
-            through, functools.partial(self._owner_freed, token), threading.main_thread().ident
-        )
+        return functools.partial(through, functools.partial(self._owner_freed, token))
 
     def _owner_freed(self, token: int, _ref: object = None) -> None:
         """An owner's weakref callback: NumPy has not freed its memory yet. Takes no lock.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import enum
 import itertools
 import reprlib
 from collections.abc import Callable, Mapping
@@ -54,10 +55,13 @@ Path = tuple[tuple[str, Any], ...]
 
 
 def key_text(key: Any) -> str:
-    """A key as a path shows it: a string in double quotes (``"tokens"``), else its repr
-    (a str subclass too: an Enum's member is not the string it formats as)."""
-    if type(key) is str and '"' not in key and "\\" not in key:
-        return f'"{key}"'
+    """A key as a path shows it: a string in double quotes (``"tokens"``, a
+    ``numpy.str_`` too), else its repr (an Enum's member is not the string it formats
+    as). The string is read as str's own, not through a subclass's ``__str__``."""
+    if isinstance(key, str) and not isinstance(key, enum.Enum):
+        text = str.__str__(key)
+        if '"' not in text and "\\" not in text:
+            return f'"{text}"'
     return key_repr(key)
 
 
