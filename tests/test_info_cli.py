@@ -192,24 +192,24 @@ def test_cli_onto_a_full_disk_says_so_in_one_line(args):
 def test_cli_over_the_file_size_limit_says_so_in_one_line(tmp_path, args):
     """``ulimit -f 0; python -m tensorbridge info > file``: Python ignores SIGXFSZ, so the
     write fails with EFBIG; one line, exit 1, as for a full disk (``--help`` too: its
-    text is written as the parser exits)."""
-    import resource
-
-    def no_file_growth() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-
+    text is written as the parser exits). The limit is set once tensorbridge is imported
+    (importing torch may need to write a temporary file)."""
+    code = (
+        "import resource, sys; from tensorbridge import __main__ as cli; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); "
+        f"sys.argv = ['tensorbridge', *{args!r}]; sys.exit(cli.run())"
+    )
     with open(tmp_path / "out.txt", "w") as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "tensorbridge", *args],
+            [sys.executable, "-c", code],
             stdout=out,
             stderr=subprocess.PIPE,
             text=True,
             env=ENV,
             timeout=120,
             check=False,
-            preexec_fn=no_file_growth,
         )
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stderr
     assert proc.stderr == "tensorbridge: write error: File too large\n", proc.stderr
 
 
