@@ -13,6 +13,7 @@ import gc
 import operator
 import signal
 import types
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,10 +89,10 @@ class _FakePinningCore:
     """The compiled core's pinning calls over a table, as cuda_engine.cu keeps it
     (reference counted by address and size), with the real Ctrl-C wrapper."""
 
-    def __init__(self) -> None:
+    def __init__(self, call_through_interrupts: Any) -> None:
         self.refs: dict[tuple[int, int], int] = {}
         self.unregistered: list[tuple[int, int]] = []
-        self.call_through_interrupts = tb._C.call_through_interrupts
+        self.call_through_interrupts = call_through_interrupts
 
     @staticmethod
     def array_span(a: np.ndarray) -> tuple[int, int]:
@@ -115,12 +116,14 @@ class _FakePinningCore:
 
 @pytest.fixture
 def fake_pinning(monkeypatch):
-    """tb.pin and tb.unpin over _FakePinningCore, as on a machine with a GPU."""
-    if tb._C is None or not hasattr(tb._C, "call_through_interrupts"):
-        pytest.skip("needs the compiled core")
+    """tb.pin and tb.unpin over _FakePinningCore, as on a machine with a GPU (the compiled
+    core in use: it runs the finalizers, and knows the main thread)."""
     from tensorbridge import _backend, _pinned
 
-    core = _FakePinningCore()
+    through = getattr(_backend._LOADED, "call_through_interrupts", None)
+    if through is None:
+        pytest.skip("needs the compiled core")
+    core = _FakePinningCore(through)
     monkeypatch.setattr(_backend, "ENGINE", types.SimpleNamespace(cuda_engine=True, core=core))
     monkeypatch.setattr(_backend, "_LOADED", core)
     monkeypatch.setattr(_pinned, "_PINS", {}, raising=False)
