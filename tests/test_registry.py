@@ -595,6 +595,17 @@ def _next_instruction() -> None:
     """A call: where Python raises a Ctrl-C that is pending."""
 
 
+def _ctrl_c_before(call):
+    """A Ctrl-C (a real SIGINT), then call: inside a hold, the Ctrl-C is raised as the
+    hold ends."""
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return call(*args)
+
+    return interrupted
+
+
 def _errors_printed_as(arrays: list) -> list:
     """Drops the arrays in ``arrays``: the errors their weakref callbacks raised, which
     Python prints (unraisable) rather than raises."""
@@ -760,13 +771,7 @@ def test_a_ctrl_c_as_an_array_dies_settles_the_books_first(ctrl_c_raises, call):
     cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
     a = np.zeros(MIN, np.uint8)
     assert used(cache, a)
-    real = getattr(drv, call)
-
-    def interrupted(*args):
-        os.kill(os.getpid(), signal.SIGINT)  # (raised at the next call: the driver's own)
-        return real(*args)
-
-    setattr(drv, call, lambda *args: interrupted(*args))
+    setattr(drv, call, _ctrl_c_before(getattr(drv, call)))  # (raised in the driver's call)
     arrays = [a]
     del a
     try:
@@ -878,13 +883,7 @@ def test_a_ctrl_c_reaches_the_program_once_and_through_its_own_handler_once():
         cache, drv = make(FakeDriver(budget=2 * MIN), sightings=1)
         a = np.zeros(MIN, np.uint8)
         assert used(cache, a)
-        real = drv.unregister
-
-        def interrupted(*args):
-            os.kill(os.getpid(), signal.SIGINT)  # (held: raised as the hold ends)
-            return real(*args)
-
-        drv.unregister = interrupted
+        drv.unregister = _ctrl_c_before(drv.unregister)  # (held: raised as the hold ends)
         arrays = [a]
         del a
         raised, unraisable = _dropped(arrays)
@@ -952,13 +951,7 @@ def test_the_exception_a_program_handles_as_an_array_dies_is_not_printed_as_the_
     a = np.zeros(MIN, np.uint8)
     assert used(cache, a)
     if where == "held":
-        real = drv.unregister
-
-        def interrupted(*args):
-            os.kill(os.getpid(), signal.SIGINT)  # (held: raised as the hold ends)
-            return real(*args)
-
-        drv.unregister = interrupted
+        drv.unregister = _ctrl_c_before(drv.unregister)  # (held: raised as the hold ends)
     arrays = [a]
     del a
     unraisable: list = []
