@@ -170,10 +170,14 @@ def test_cli_piped_into_a_reader_that_leaves_says_nothing(args):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-@pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
+@pytest.mark.parametrize(
+    "args",
+    [["info"], ["info", "--json"], ["bench", "--help"], ["bench-gpu", "-h"], ["bench-tune", "-h"]],
+)
 def test_cli_onto_a_full_disk_says_so_in_one_line(args):
     """``python -m tensorbridge info > /dev/full``: one line naming the write error and a
-    failing status, no traceback (and no 'Exception ignored' from the flush at exit)."""
+    failing status, no traceback (and no 'Exception ignored' from the flush at exit). A
+    benchmark's ``--help`` too: argparse drops a help text it cannot write."""
     with open("/dev/full", "w") as full:
         proc = subprocess.run(
             [sys.executable, "-m", "tensorbridge", *args],

@@ -1,12 +1,17 @@
-"""A measured row, a run's report, and the byte sizes the command lines print and take."""
+"""A measured row, a run's report, the byte sizes the command lines print and take, and
+their parser."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -74,6 +79,14 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4K, 64M, 1G)")
     mult = {"": 1, "K": KiB, "M": MiB, "G": GiB}[m.group(2).upper()]
     return int(float(m.group(1)) * mult)
+
+
+class Parser(argparse.ArgumentParser):
+    """The benchmarks' argument parser: a help text that cannot be written (``--help >
+    /dev/full``) is an error, which argparse's own printing drops (exit 0, no text)."""
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        (file or sys.stdout).write(self.format_help())
 
 
 def slug(text: str) -> str:

@@ -7,7 +7,6 @@ to the best baseline of its row group.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import subprocess
@@ -25,7 +24,7 @@ from .._convert import from_numpy, to_numpy
 from . import _plot, integrations, link, loader
 from ._report import format_report, machine
 from ._results import output_problem, save
-from ._rows import KiB, MiB, Report, fmt_size, parse_size, slug
+from ._rows import KiB, MiB, Parser, Report, fmt_size, parse_size, slug
 from ._runner import Method, Runner, buffers_to_rotate
 
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
@@ -338,7 +337,7 @@ def _memory_bytes() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tensorbridge bench [options]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m tensorbridge bench", description=__doc__)
+    p = Parser(prog="python -m tensorbridge bench", description=__doc__)
     p.add_argument(
         "--sizes",
         type=parse_size,

@@ -9,7 +9,6 @@ same run (torch ``copy_(non_blocking=True)`` between a pinned tensor and the dev
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import statistics
@@ -32,7 +31,7 @@ from .._registry import registration_options
 from . import _plot, targets
 from ._report import format_report, machine
 from ._results import output_problem, save
-from ._rows import GiB, KiB, MiB, Report, Row, parse_size, slug
+from ._rows import GiB, KiB, MiB, Parser, Report, Row, parse_size, slug
 from ._runner import Call, Method, Runner, buffers_to_rotate, measure_group
 from .loader import RAGGED_CASE, bench_loader, ragged_arrays
 
@@ -669,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section, so a run stopped part-way (a time limit) keeps what it measured; a section
     that fails is reported and the run goes on with the next (exit status 1).
     """
-    p = argparse.ArgumentParser(prog="python -m tensorbridge bench-gpu", description=__doc__)
+    p = Parser(prog="python -m tensorbridge bench-gpu", description=__doc__)
     p.add_argument("--sizes", type=parse_size, nargs="+", default=DEFAULT_SIZES)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument(

@@ -15,7 +15,6 @@ Two parts, each measured round-robin within a group (see tensorbridge.bench._run
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from .._convert import to_numpy, to_tensor
 from .._registry import registration_options
 from . import gpu
 from ._results import output_problem, unused_base, write_json
-from ._rows import KiB, MiB, slug
+from ._rows import KiB, MiB, Parser, slug
 from ._runner import Call, buffers_to_rotate, measure_group
 
 Measured = list[tuple[float, float, float, int]]
@@ -219,7 +218,7 @@ def pipeline(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tensorbridge bench-tune [options]``; returns the exit status."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m tensorbridge bench-tune",
         description="Sweeps the GPU engine's knobs and prints median GB/s for each setting.",
     )
