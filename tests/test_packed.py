@@ -231,6 +231,43 @@ def test_pin_memory_is_what_the_loader_thread_calls(rng):
     _assert_same_values(pinned.unpack(), {"x": packed.unpack()["x"].numpy()})
 
 
+@pytest.fixture
+def fake_pinning(monkeypatch):
+    """Page-locked memory can be had (as on a GPU machine, the pure-Python path's too):
+    each host tensor made with ``pin_memory=True`` is recorded (and made pageable: this
+    machine may have no GPU)."""
+    pinned: list[int] = []
+    empty = torch.empty
+
+    def recording_empty(*args, pin_memory=False, **kwargs):
+        t = empty(*args, **kwargs)
+        if pin_memory:
+            pinned.append(t.data_ptr())
+        return t
+
+    monkeypatch.setattr(type(tb._backend.ENGINE), "pinned_memory", property(lambda self: True))
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    return pinned
+
+
+def test_batches_are_pinned_wherever_page_locked_memory_can_be_had(rng, fake_pinning):
+    """collate, PackedBatch.pack and .pin_memory() ask for page-locked memory in the main
+    process wherever it can be had: the pure-Python path on a GPU machine as well, where
+    the DataLoader's pin-memory thread would otherwise hand a packed batch on unpinned."""
+    samples = [{"x": rng.standard_normal(5), "y": i} for i in range(3)]
+    batch = tb.collate(samples)
+    assert batch["x"].data_ptr() in fake_pinning
+    packed = tb.collate(samples, packed=True)
+    assert packed.buffer.data_ptr() in fake_pinning
+    explicit = tb.PackedBatch.pack({"x": rng.standard_normal(4)}, pin=True)  # (not refused)
+    assert explicit.buffer.data_ptr() in fake_pinning
+    unpinned = tb.PackedBatch.pack({"x": rng.standard_normal(4)}, pin=False)
+    assert unpinned.buffer.data_ptr() not in fake_pinning
+    repinned = unpinned.pin_memory()  # (torch's is_pinned is False for the fake: a copy)
+    assert repinned.buffer.data_ptr() in fake_pinning
+    _assert_same_values(repinned.unpack(), {"x": unpinned.unpack()["x"].numpy()})
+
+
 @pytest.mark.parametrize(
     "leaf, error, match",
     [

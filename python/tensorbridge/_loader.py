@@ -641,7 +641,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     packing = ARENA.get()
     if packing is not None:
         return packing.empty(shape, dtype)
-    pin = not _in_worker() and _backend.ENGINE.cuda_engine
+    pin = not _in_worker() and _backend.ENGINE.pinned_memory
     return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 

@@ -45,7 +45,7 @@ def new_host_buffer(nbytes: int, pin: bool | None = None) -> torch.Tensor:
         storage = torch.UntypedStorage._new_shared(nbytes)
         return torch.empty(0, dtype=torch.uint8).set_(storage).view(-1)[:nbytes]
     if pin is None:
-        pin = _backend.ENGINE.cuda_engine
+        pin = _backend.ENGINE.pinned_memory
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=bool(pin))
 
 
@@ -137,7 +137,7 @@ class PackedBatch:
                 "PackedBatch.pack: pin",
                 "pass True, False or None (None: pinned where a GPU is).",
             )
-        if pin and not _backend.ENGINE.cuda_engine:
+        if pin and not _backend.ENGINE.pinned_memory:
             raise ValueError(
                 "PackedBatch.pack: pin=True needs a usable GPU (page-locking is the CUDA "
                 "driver's): pass pin=None to pin only where one is."
@@ -191,7 +191,7 @@ class PackedBatch:
         """This batch with its buffer page-locked (itself when it already is, or when no
         GPU is usable: page-locking needs one). ``device`` is accepted for the
         DataLoader's pin-memory thread and not used: page-locked memory serves every GPU."""
-        if not _backend.ENGINE.cuda_engine or self._buffer.is_pinned():
+        if not _backend.ENGINE.pinned_memory or self._buffer.is_pinned():
             return self
         # torch's caching host allocator (reused blocks), filled by the copy threads
         pinned = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
