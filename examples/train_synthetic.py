@@ -5,7 +5,7 @@
     python examples/train_synthetic.py --device cuda --steps 50 --workers 4
 
 The loader path: a Dataset of uint8 HWC images (as they come from JPEG decoders) ->
-DataLoader workers -> tb.collate (stacks straight into pinned memory on a GPU machine) ->
+DataLoader workers -> tb.collate -> the pin-memory thread (a pinned copy on a GPU machine) ->
 tb.Prefetcher (moves batch i+1 on a side stream while the model runs on batch i) ->
 tb.images_to_tensor (uint8 crosses the link; one kernel scales, normalizes and turns
 HWC into CHW on the device). The same loop runs on the CPU.
@@ -68,7 +68,9 @@ def train(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=tb.collate,
-        pin_memory=False,  # tb.collate already stacks into pinned memory
+        # (the pin-memory thread pins the workers' batches; with num_workers=0, tb.collate
+        # stacks into pinned memory itself and the thread passes its batches on as they are)
+        pin_memory=dev.type == "cuda",
     )
     losses = []
     start = time.perf_counter()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
-from tensorbridge import _backend, _batch, _pack
+from tensorbridge import _backend, _batch, _cuda, _pack
 
 from conftest import TESTING, Pair, needs_testing_module
 
@@ -622,6 +622,44 @@ def test_batches_of_host_arrays_sent_packed_as_torch_makes_them(rng, kind):
         assert _tensor_bytes(t) == _tensor_bytes(expected)
         assert t.untyped_storage().data_ptr() == poison[0].data_ptr()  # views of one buffer
     assert sender.link.stats()["bytes_in_use"] == 0
+
+
+def test_large_page_locked_tensors_cross_on_their_own_not_packed(rng, monkeypatch):
+    """A page-locked CPU tensor of ``Routing.batch_pinned_direct`` bytes or more, and
+    contiguous (tb.collate's in the main process, the pin-memory thread's), crosses on
+    its own in one DMA: copying it into the batch's staging buffer first would be a
+    second host copy. Smaller ones, pageable ones, views that are not contiguous and
+    NumPy arrays are packed as before; every leaf has the idiom's values."""
+    if tb.info()["extension"] is False:
+        pytest.skip("needs the compiled extension")
+    monkeypatch.setattr(_cuda.ROUTING, "batch_pinned_direct", 4096)
+    page_locked: set[int] = set()  # (storages standing for pinned memory)
+
+    def pinned(n, dtype=torch.float32):
+        t = torch.from_numpy(rng.standard_normal(n)).to(dtype)
+        page_locked.add(t.untyped_storage().data_ptr())
+        return t
+
+    batch = {
+        "image": pinned(1024),  # 4096 bytes: alone
+        "image16": pinned(2048, torch.float16),  # 4096 bytes: alone
+        "label": pinned(1023),  # 4092 bytes: packed
+        "mask": torch.from_numpy(rng.standard_normal(4096)),  # pageable: packed
+        "transposed": pinned(4096).reshape(64, 64).T,  # not contiguous: packed
+        "ids": rng.integers(0, 9, 2000),  # NumPy: packed
+    }
+    sender, poison = _poisoned_sender(1 << 16)
+    sender.pinned = lambda t: t.untyped_storage().data_ptr() in page_locked
+    out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
+    assert len(poison) == 1  # (one buffer for the packed leaves)
+    for key, leaf in batch.items():
+        expected = leaf if isinstance(leaf, torch.Tensor) else tb.from_numpy(leaf)
+        assert out[key].dtype == expected.dtype and torch.equal(out[key], expected), key
+        inside = out[key].untyped_storage().data_ptr() == poison[0].data_ptr()
+        assert inside == (key not in ("image", "image16")), key
+    sender.pinned = None  # (the default: nothing is page-locked on a CPU build)
+    out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
+    assert all(t.untyped_storage().data_ptr() == poison[-1].data_ptr() for t in out.values())
 
 
 def test_packed_tensors_are_tensors_of_their_own_to_autograd(rng):

@@ -554,6 +554,8 @@ def test_to_numpy_properties(path, x, order, copy):
         ("small_d2h", "512K", TypeError),
         ("small_d2h", -1, ValueError),
         ("small_h2d", math.nan, TypeError),
+        ("batch_pinned_direct", -1, ValueError),
+        ("batch_pinned_direct", "64K", TypeError),
         ("small_direct", "no", TypeError),
         ("small_direct", 2, TypeError),
         ("small_direct", 1.0, TypeError),

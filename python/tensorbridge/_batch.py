@@ -7,7 +7,7 @@ import functools
 import heapq
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, overload
 
 import numpy as np
@@ -204,8 +204,12 @@ def to_device(
     Dicts, lists, tuples, namedtuples and dataclasses come back as the same types. On a
     GPU with the compiled engine, all host arrays of the batch are packed into pinned
     staging blocks and cross in a few large copies (not one per array), then become views
-    of one device buffer. A :class:`PackedBatch` (the batch itself, or one inside it)
-    moves with its ``.to()``: one copy of its buffer.
+    of one device buffer. A contiguous CPU tensor of 64 KiB or more that is page-locked
+    already (from :func:`collate` in the main process, or the DataLoader's pin-memory
+    thread) crosses on its own in one DMA instead, with no host copy; as with
+    ``Tensor.to(non_blocking=True)``, do not write into it before the current stream has
+    read it. A :class:`PackedBatch` (the batch itself, or one inside it) moves with its
+    ``.to()``: one copy of its buffer.
 
     ``dtype`` casts on the device, after the transfer. A single dtype (torch, NumPy or a
     string such as ``"float16"``) must be a floating one and casts the floating-point
@@ -267,6 +271,11 @@ class Sender(Protocol):
         """Copies the packed arrays of ``plan`` into ``buffer``."""
         ...
 
+    def direct(self, leaf: torch.Tensor) -> bool:
+        """The CPU tensor crosses on its own, in one DMA from its page-locked memory,
+        instead of being copied into the batch's buffer (``Routing.batch_leaf_direct``)."""
+        ...
+
 
 class _CudaSender:
     def __init__(self, dev: torch.device, non_blocking: bool) -> None:
@@ -287,16 +296,28 @@ class _CudaSender:
             self.wait,
         )
 
+    def direct(self, leaf: torch.Tensor) -> bool:
+        return _cuda.ROUTING.batch_leaf_direct(leaf, torch.Tensor.is_pinned)
+
 
 class LinkSender:
     """Sends packed batches over a simulated link (``_C.LinkSimulator``): the CUDA batch
     path with host memory standing in for the device, for tests and benchmarks on a
-    machine without a GPU. The buffer is a CPU tensor; every send waits."""
+    machine without a GPU. The buffer is a CPU tensor; every send waits. ``pinned`` says
+    which CPU tensors stand for page-locked ones (none by default: a CPU build of torch
+    has none)."""
 
-    def __init__(self, link: Any, chunk_bytes: int = 0, buffers: int = 0) -> None:
+    def __init__(
+        self,
+        link: Any,
+        chunk_bytes: int = 0,
+        buffers: int = 0,
+        pinned: Callable[[torch.Tensor], bool] | None = None,
+    ) -> None:
         self.link = link
         self.chunk_bytes = chunk_bytes
         self.buffers = buffers
+        self.pinned = pinned
         self.last_report: dict[str, Any] = {}
 
     def empty(self, nbytes: int) -> torch.Tensor:
@@ -306,6 +327,9 @@ class LinkSender:
         chunk = self.chunk_bytes or _cuda._chunk_bytes(plan.nbytes)
         buffers = self.buffers or _cuda.transfer_options()["buffers"]
         self.last_report = self.link.to_device_packed(plan.native, buffer.numpy(), chunk, buffers)
+
+    def direct(self, leaf: torch.Tensor) -> bool:
+        return self.pinned is not None and _cuda.ROUTING.batch_leaf_direct(leaf, self.pinned)
 
 
 # Leaves that are surely not another framework's array (checked by exact type first).
@@ -342,6 +366,9 @@ def send_batch(
             packed.append(i)
             arrays.append(leaf)
         elif isinstance(leaf, (np.ndarray, torch.Tensor)):
+            if pack and sender is not None and type(leaf) is torch.Tensor and sender.direct(leaf):
+                alone.append(i)  # (page-locked already: one DMA from where it is)
+                continue
             try:
                 a = _packable(leaf, fn) if pack else None
             except (TypeError, ValueError) as exc:  # (a freed or shrunk storage)

@@ -136,6 +136,13 @@ class Routing:
     #: (the full paths) always use torch's copy below the routing's sizes. Off until a
     #: GPU sweep measures it ahead of torch's copy (bench-tune times both).
     small_direct: bool = False
+    #: A page-locked CPU tensor of a batch (``tb.collate``'s in the main process of a GPU
+    #: machine, the DataLoader pin-memory thread's) of at least this many bytes, and
+    #: contiguous, crosses on its own in one DMA from its own memory instead of being
+    #: copied into the batch's staging buffer first: above about 64 KiB that host copy
+    #: (at the ~10 GB/s of a host memcpy) costs more than a DMA's launch. An estimate
+    #: from those two costs, not yet swept on a GPU.
+    batch_pinned_direct: int = 64 << 10
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Checks every knob when it is set, so a typo or a wrong value fails there and
@@ -148,7 +155,7 @@ class Routing:
                 + (" (it is a method)" if hasattr(type(self), name) else "")
                 + (f": did you mean {near[0]!r}?" if near else f"; its knobs: {knobs}")
             )
-        if name in ("small_d2h", "small_h2d"):
+        if name in ("small_d2h", "small_h2d", "batch_pinned_direct"):
             value = _backend.int_arg(value, name, 0)
         if name == "small_direct":
             value = _backend.bool_arg(value, "small_direct")
@@ -173,6 +180,19 @@ class Routing:
     def torch_h2d(self, nbytes: int) -> bool:
         """A blocking host-to-device copy of nbytes goes through torch's own copy."""
         return nbytes <= self.small_h2d
+
+    def batch_leaf_direct(
+        self, leaf: torch.Tensor, is_pinned: Callable[[torch.Tensor], bool]
+    ) -> bool:
+        """A CPU tensor of a batch crosses on its own, in one DMA from its page-locked
+        memory, not packed (``is_pinned``: the sender's test, asked last: it is a driver
+        call)."""
+        return (
+            leaf.nbytes >= self.batch_pinned_direct
+            and leaf.is_cpu
+            and leaf.is_contiguous()
+            and is_pinned(leaf)
+        )
 
     # What the torch_host copies of each size class (nbytes.bit_length()) have measured.
     _host: dict[int, _HostRoutes] = dataclasses.field(

@@ -69,13 +69,16 @@ def collate(
     fields: Mapping[str, type[list[Any]]] | None = None,
     packed: bool = False,
 ) -> Any:
-    """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that stacks straight into
-    page-locked memory: one copy per field instead of default collate's copy plus the
-    pin-memory thread's second one. Use it with ``pin_memory=False``.
+    """A ``collate_fn`` for ``torch.utils.data.DataLoader`` that stacks each field with
+    one copy; in the main process of a GPU machine, straight into page-locked memory,
+    which saves the pin-memory thread's second copy.
 
     In the main process with a usable GPU the stacked tensors are pinned (torch's
     caching host allocator reuses the memory); in worker processes (CUDA must not be
-    touched in a forked child) and without a GPU they are ordinary tensors. Structures,
+    touched in a forked child) and without a GPU they are ordinary tensors. Pass
+    ``pin_memory=torch.cuda.is_available()`` to the DataLoader either way: its pin-memory
+    thread hands a batch that is pinned already on as it is, and pins a worker's batch
+    on its own thread, off the training loop's. Structures,
     numbers and strings are collated like ``default_collate``, with one difference:
     numbers of mixed types become one array as ``numpy.asarray`` makes it, whatever the
     order: ``[1, 2.5]`` gives float64 where ``default_collate`` follows sample 0 and
