@@ -530,6 +530,16 @@ def test_ragged_refusals_point_to_pad_and_fields():
     with pytest.raises(ValueError, match=r"pad or crop") as info:  # not paddable: other width
         tb.collate([{"t": np.zeros((2, 3))}, {"t": np.zeros((2, 4))}])
     assert "pad=" not in str(info.value)
+    # images of another height: a resize or a crop first; pad= only where ragged by design
+    images = [{"image": np.zeros((h, 8, 3), np.uint8)} for h in (8, 9)]
+    with pytest.raises(
+        ValueError,
+        match=r'^collate: batch\["image"\]: sample 1 has shape \(9, 8, 3\), sample 0 has '
+        r"\(8, 8, 3\); samples must have equal shapes: resize or crop them to one size in the "
+        r'dataset, or, where the first dimension is ragged by design, pass pad=\{"image": 0\}',
+    ):
+        tb.collate(images)
+    assert tb.collate(images, pad={"image": 0})["image"].shape == (2, 9, 8, 3)
     # lists of boxes (lists of 4 numbers), 1 and 2 per sample: pad= takes them too
     boxes = [{"boxes": [[1, 2, 3, 4]] * n} for n in (1, 2)]
     with pytest.raises(ValueError, match=r'pass pad=\{"boxes": 0\}.*"boxes_lengths"'):

@@ -88,7 +88,8 @@ def collate(
 
     Samples that do not fit together are refused with a ValueError or TypeError naming
     the field as a path into the batch (``batch["a"][0]["b"]``) and the sample that
-    differs from sample 0: arrays of different shapes, dicts with other keys, sequences
+    differs from sample 0 (``sample i``: the i-th of ``samples``, its place in the batch,
+    not its index in the dataset): arrays of different shapes, dicts with other keys, sequences
     of other lengths, another kind of value (an array in one sample, an int in another),
     or samples nested more than 100 levels deep (or holding themselves).
 
@@ -453,14 +454,20 @@ def _paddable_lists(samples: Sequence[Any]) -> bool:
     return True
 
 
-def _ragged_fix(path: Path, paddable: bool) -> str:
+def _ragged_fix(path: Path, paddable: bool, ndim: int = 1) -> str:
     key = _top_key(path)
     if key is None or not paddable:
         return f"pad or crop them to one size in the dataset{_list_fix(path)}"
-    return (
+    pad = (
         f"pass pad={{{key_text(key)}: 0}} to pad them to the longest (their lengths come as "
-        f"{key_text(key + '_lengths')}){_list_fix(path)}"
+        f"{key_text(key + '_lengths')})"
     )
+    if ndim >= 3:  # (images, say: ragged along their height by accident, not by design)
+        return (
+            f"resize or crop them to one size in the dataset, or, where the first "
+            f"dimension is ragged by design, {pad}{_list_fix(path)}"
+        )
+    return f"{pad}{_list_fix(path)}"
 
 
 def _check_stacked_ndim(ndim: int, path: Path) -> None:
@@ -504,7 +511,8 @@ def _stack(samples: Sequence[Any], path: Path) -> torch.Tensor:
             paddable = a.ndim == len(shape) - 1 > 0 and a.shape[1:] == shape[2:]
             raise ValueError(
                 f"collate: {path_text(path)}: sample {i} has shape {a.shape}, sample 0 has "
-                f"{shape[1:]}; samples must have equal shapes: {_ragged_fix(path, paddable)}."
+                f"{shape[1:]}; samples must have equal shapes: "
+                f"{_ragged_fix(path, paddable, a.ndim)}."
             )
     _check_stacked_ndim(len(shape), path)
     _, t_dtype = _common_dtype(arrays, path)
@@ -661,11 +669,13 @@ class Prefetcher(Generic[_B]):
     On a GPU each batch goes through :func:`to_device` on a dedicated stream; before a
     batch is handed out the current stream waits for its copy (``wait_stream``) and its
     tensors are marked as used there (``record_stream``), so the caching allocator never
-    reuses their memory too early. On the CPU it is a thin pass-through, so one training
-    loop runs everywhere. Errors from the underlying iterator are raised in order, when
-    the loop reaches them; breaking out of the loop early releases everything. ``dtype``
-    is :func:`to_device`'s: a single floating dtype casts the floating-point leaves only,
-    a mapping casts the leaves it names.
+    reuses their memory too early. On the CPU each batch is converted as
+    :func:`to_device` converts it (arrays become tensors sharing their memory, ``dtype``
+    casts), with no side stream, so one training loop runs everywhere. Errors from the
+    underlying iterator are raised in order, when the loop reaches them; breaking out of
+    the loop early releases everything. ``dtype`` is :func:`to_device`'s: a single
+    floating dtype casts the floating-point leaves only, a mapping casts the leaves it
+    names.
 
     Typed as :func:`to_device` types one batch: batches of arrays or tensors come out as
     tensors, of dicts as dicts with the same keys, of lists as lists, of tuples as tuples;
@@ -847,7 +857,8 @@ def images_to_tensor(
     channels_first: bool = True,
     non_blocking: bool = False,
 ) -> torch.Tensor:
-    """uint8 images (..., H, W, C) to normalized floats on ``device``: ship narrow, cast there.
+    """Images (..., H, W, C), uint8 or any dtype with ``scale=``, to normalized floats on
+    ``device``: ship narrow, cast there.
 
     The images cross the link as uint8 (a quarter of float32's bytes); on the device one
     kernel computes ``(x * scale - mean) / std`` and writes it directly in channels-first
