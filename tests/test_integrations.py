@@ -281,10 +281,12 @@ def test_lightning_move_data_to_device_moves_a_packed_batch(lightning, rng, devi
 
 
 @pytest.mark.filterwarnings(LIGHTNING_PYTREE)
-def test_lightning_trainer_fits_from_packed_batches(lightning, rng, tmp_path):
+@pytest.mark.parametrize("hook", ["default", "README's override"])
+def test_lightning_trainer_fits_from_packed_batches(lightning, rng, tmp_path, hook):
     """A Trainer fed by a DataLoader of packed batches (packed in 2 workers): the default
     ``transfer_batch_to_device`` hands ``training_step`` dicts of tensors, never a
-    PackedBatch, with the values of the unpacked batches."""
+    PackedBatch, with the values of the unpacked batches; so does the README's override
+    (``batch.to(device, non_blocking=True)`` on a PackedBatch), which gets every batch."""
     samples = [
         {"x": rng.standard_normal(4).astype(np.float32), "y": i % 2, "id": f"s{i}"}
         for i in range(16)
@@ -303,6 +305,15 @@ def test_lightning_trainer_fits_from_packed_batches(lightning, rng, tmp_path):
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    class Overridden(Tiny):
+        packed = 0
+
+        def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+            if isinstance(batch, tb.PackedBatch):
+                self.packed += 1
+                return batch.to(device, non_blocking=True)
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # (2 workers: fewer make Lightning warn that the loader may be a bottleneck)
     loader = DataLoader(
         samples,
@@ -310,7 +321,7 @@ def test_lightning_trainer_fits_from_packed_batches(lightning, rng, tmp_path):
         num_workers=2,
         collate_fn=functools.partial(tb.collate, packed=True),
     )
-    model = Tiny()
+    model = Tiny() if hook == "default" else Overridden()
     trainer = lightning.pytorch.Trainer(
         accelerator="cpu",
         max_steps=3,
@@ -326,6 +337,7 @@ def test_lightning_trainer_fits_from_packed_batches(lightning, rng, tmp_path):
         assert type(batch) is dict
         assert_same_batch(batch, tb.collate(samples[4 * n : 4 * n + 4]))
         assert batch["x"].dtype == torch.float32 and batch["y"].dtype == torch.int64
+    assert getattr(model, "packed", 3) == 3  # (the override: every batch came packed)
 
 
 @pytest.mark.gpu
