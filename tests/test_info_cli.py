@@ -152,6 +152,29 @@ def test_cli_info():
     assert "fallback_reason" in proc.stdout
 
 
+def test_cli_info_check_fails_where_torch_has_a_gpu_the_engine_cannot_use(monkeypatch, capsys):
+    """``info --check`` on a GPU machine whose core was built without the CUDA toolkit
+    (or cannot use the GPU): exit 1, naming the reason; where torch has no GPU, the
+    check is the compiled core's alone."""
+    from tensorbridge import __main__ as cli
+
+    if tb.info()["cuda"]:
+        pytest.skip("the CUDA engine is in use here")
+    real = tb.info()  # (on the pure-Python path too: the core's check is not this one)
+    monkeypatch.setattr(tb, "info", lambda: {**real, "extension": True})
+    monkeypatch.setattr(cli, "_torch_has_a_gpu", lambda: False)
+    assert cli.main(["info", "--check"]) == 0
+    monkeypatch.setattr(cli, "_torch_has_a_gpu", lambda: True)
+    capsys.readouterr()
+    assert cli.main(["info", "--check"]) == 1
+    err = capsys.readouterr().err
+    reason = real["cuda_reason"]
+    assert (
+        err
+        == f"info --check: torch can use a GPU but tensorbridge's CUDA engine cannot: {reason}\n"
+    )
+
+
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["--help"]])
 def test_cli_piped_into_a_reader_that_leaves_says_nothing(args):
     """``python -m tensorbridge info | head -1``: the reader closes the pipe before the

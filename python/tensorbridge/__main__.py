@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 INFO_USAGE = """usage: python -m tensorbridge info [--json] [--check]
   --json   print the report as JSON (the keys of tensorbridge.info())
-  --check  exit with status 1 when the compiled core is not in use (for CI scripts)"""
+  --check  exit with status 1 when the compiled core is not in use, or when torch can
+           use a GPU and tensorbridge's CUDA engine cannot (for CI scripts)"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,7 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage = (
         "usage: python -m tensorbridge [--version] {info,bench,bench-gpu,bench-tune} [options]\n"
         "  info       which path is live (extension or fallback) and why, CUDA, versions\n"
-        "             (--json, --check: exit 1 on the fallback path)\n"
+        "             (--json, --check: exit 1 on the fallback path or without the CUDA\n"
+        "             engine where torch has a GPU)\n"
         "  bench      the CPU benchmark against the idioms it replaces (--help for options)\n"
         "  bench-gpu  device<->host transfers against torch's idioms (needs a GPU)\n"
         "  bench-tune the sweep of the GPU engine's knobs behind its defaults (needs a GPU)"
@@ -51,12 +53,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             width = max(len(k) for k in data)
             for k, v in data.items():
                 print(f"{k:<{width}}  {v}")
-        if "--check" in rest and not data["extension"]:
-            print(
-                f"info --check: the compiled core is not in use: {data['fallback_reason']}",
-                file=sys.stderr,
-            )
-            return 1
+        if "--check" in rest:
+            if not data["extension"]:
+                print(
+                    f"info --check: the compiled core is not in use: {data['fallback_reason']}",
+                    file=sys.stderr,
+                )
+                return 1
+            if not data["cuda"] and _torch_has_a_gpu():
+                # (a core built without nvcc on a GPU machine: transfers would be torch's)
+                print(
+                    "info --check: torch can use a GPU but tensorbridge's CUDA engine "
+                    f"cannot: {data['cuda_reason']}",
+                    file=sys.stderr,
+                )
+                return 1
         return 0
     if cmd == "bench":
         from .bench import cpu
@@ -72,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tune.main(rest)
     print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
     return 2
+
+
+def _torch_has_a_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _stdout_gone() -> bool:

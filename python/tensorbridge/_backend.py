@@ -483,6 +483,19 @@ def numa_nodes() -> list[int | None]:
 def info() -> dict[str, Any]:
     """Which path is live and why, the CUDA runtime's view, the node, and versions.
 
+    ``extension``: the compiled core is in use (``extension_path`` is its file); else
+    ``fallback_reason`` says why not, and ``extension_mode`` is
+    ``TENSORBRIDGE_EXTENSION`` (``auto``, ``on`` or ``off``). ``cuda``: GPU transfers go
+    through tensorbridge's CUDA engine (on the pure-Python path: torch can use a GPU,
+    whose transfers are then torch's own), ``devices`` how many GPUs it sees, and
+    ``cuda_reason`` why not when it cannot (a CPU build of torch, a core built without
+    the CUDA toolkit, no driver...). ``cuda_compiled``: the core was built with the CUDA
+    toolkit; ``cuda_runtime`` the CUDA runtime it was built against and ``cuda_driver``
+    the driver's CUDA version (``"13.0"``; None when unknown or absent): a driver older
+    than the runtime cannot serve it. ``device_names``: the GPUs' names. ``threads``:
+    the copy threads of large host copies. ``torch_cuda``: the CUDA version torch was
+    built for (None for a CPU build).
+
     ``numa_nodes`` holds each CUDA device's NUMA node (None where unknown; empty without
     a GPU). ``ranks`` is this process's place on the node and its share of it:
     ``local_rank`` and ``local_world_size`` (from ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``;
