@@ -819,6 +819,23 @@ def test_images_to_tensor_other_dtypes_with_scale(images, scale):
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("pixels", "scale"), [(np.uint16, 1 / 65535), (np.uint32, 1 / 200000), (np.int32, 1 / 70000)]
+)
+def test_wide_pixels_into_narrow_floats_round_once_as_the_idiom(pixels, scale, out_dtype):
+    """16-bit and wider pixels into float16 or bfloat16: scaled in float32 and rounded
+    once, the bits of the idiom's ``(x.float() * scale).to(dtype)``; cast to the output
+    dtype first, 65535 was inf in float16 before any scaling."""
+    top = min(np.iinfo(pixels).max, int(1 / scale))
+    values = np.random.default_rng(12).integers(0, top + 1, 4095, dtype=np.int64)
+    x = np.concatenate([values, [0, top, top - 1]]).astype(pixels).reshape(-1, 1, 2, 3)
+    got = tb.images_to_tensor(x, dtype=out_dtype, scale=scale)
+    idiom = (torch.from_numpy(x.astype(np.int64)).float() * scale).to(out_dtype)
+    assert torch.equal(got, idiom.permute(0, 3, 1, 2))
+    assert torch.isfinite(got).all()
+
+
 _X = np.zeros((2, 4, 4, 3), np.uint8)
 
 # (id, call, exception, what the message must say)

@@ -981,11 +981,12 @@ def images_to_tensor(
             # read-only array need not make torch warn (to_tensor handles other devices)
             src = readable(src)
         x = to_tensor(src, device, non_blocking=non_blocking)
-    if x.dtype not in _ADDCMUL_DTYPES:  # (uint16 and wider unsigned: few torch kernels)
-        x = x.to(dtype)
     # float32 (or float64) coefficients: the kernel computes in that type and rounds once
     # into a float16 or bfloat16 out, as the idiom's .float()...then .half() does
     coef = torch.promote_types(dtype, torch.float32)
+    if x.dtype not in _ADDCMUL_DTYPES:  # (uint16 and wider unsigned: few torch kernels)
+        # (to the computing type, not the output's: 65535 is inf in float16 before scaling)
+        x = x.to(coef)
     weight = torch.from_numpy(scale / s).to(dtype=coef, device=x.device)
     bias = torch.from_numpy(-m / s).to(dtype=coef, device=x.device)
     if x.requires_grad:  # autograd records no out= kernel: the idiom's ops, graph kept
