@@ -130,8 +130,11 @@ def test_the_packed_bytes_come_from_the_arrays_not_from_the_buffer(rng, monkeypa
 
 
 def _padding(packed):
-    """The bytes of a packed batch's buffer that hold no array."""
-    buf = packed.buffer.numpy()
+    """The bytes of a packed batch's buffer that hold no array, and those of its storage
+    past the buffer (pickled with it)."""
+    storage = packed.buffer.untyped_storage()
+    buf = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+    buf = buf[packed.buffer.storage_offset() :]
     free = np.ones(buf.size, bool)
     for dtype, shape, first, stride, members, split in packed._groups:
         n = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -153,7 +156,7 @@ def test_the_padding_is_zeroed_not_left_from_the_allocation(backend, rng, how, m
     real = _packed.new_host_buffer
     monkeypatch.setattr(_packed, "new_host_buffer", lambda n, pin=None: real(n, pin).fill_(0xAB))
     if how == "collate-spilled":
-        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda samples, pad=None: 0)
+        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda *args: 0)
     if how == "pack":
         batch = {"a": rng.integers(0, 9, 3).astype(np.uint8), "b": [rng.standard_normal(5)[::-1]]}
         batch["c"] = [rng.integers(0, 9, (2, 3)).astype(">i2").T, np.zeros((0, 2))]
@@ -165,6 +168,33 @@ def test_the_padding_is_zeroed_not_left_from_the_allocation(backend, rng, how, m
         packed = tb.collate(_samples(rng), packed=True, pad={"tokens": -1})
     pad = _padding(packed)
     assert pad.size and (pad == 0).all()
+
+
+def test_collate_sizes_its_buffer_without_the_fields_kept_as_lists(rng, monkeypatch):
+    """The packed buffer of ``collate(packed=True)`` is sized before collating: a field
+    kept as a list (``fields=``) takes none of it (its arrays stay outside), and a size
+    that cannot be had (a ragged sample 0 of many bytes) falls back to collating first,
+    so collate's own refusal is what the user meets, as without ``packed=True``."""
+    samples = [{"raw": rng.standard_normal(1 << 16), "y": i} for i in range(8)]
+    packed = tb.collate(samples, packed=True, fields={"raw": list})
+    assert packed.buffer.untyped_storage().nbytes() < 4096  # (8 labels, not 4 MiB of raw)
+    assert all(r is s["raw"] for r, s in zip(packed.unpack()["raw"], samples, strict=True))
+    real = _packed.new_host_buffer
+
+    def limited(nbytes, pin=None):
+        if nbytes > 1 << 20:
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: {nbytes} bytes")
+        return real(nbytes, pin)
+
+    monkeypatch.setattr(_packed, "new_host_buffer", limited)
+    ragged = [{"x": np.zeros(1 << 20)}, {"x": np.zeros(3)}]
+    with pytest.raises(ValueError, match=r'^collate: batch\["x"\]: sample 1 has shape \(3,\)'):
+        tb.collate(ragged, packed=True)
+    fits = [{"x": np.full(4, float(i))} for i in range(2)]
+    monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda *args: 1 << 30)  # (far over)
+    got = tb.collate(fits, packed=True)
+    assert torch.equal(got.unpack()["x"], tb.collate(fits)["x"])
+    assert got.buffer.untyped_storage().nbytes() < 4096
 
 
 def _assert_same_values(got, batch):
@@ -314,8 +344,8 @@ def _samples(rng, n=6):
 @pytest.mark.parametrize("spill", [False, True])
 def test_collate_packed_equals_collate(rng, spill, monkeypatch):
     if spill:  # the size estimate falls short: the batch is packed after collating
-        monkeypatch.setattr(_packed, "estimate_nbytes", lambda samples, every=True: 0)
-        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda samples, every=True: 0)
+        monkeypatch.setattr(_packed, "estimate_nbytes", lambda *args: 0)
+        monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda *args: 0)
     samples = _samples(rng)
     kwargs = {"pad": {"tokens": -1}}
     packed = tb.collate(samples, packed=True, **kwargs)

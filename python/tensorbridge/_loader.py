@@ -154,7 +154,7 @@ def collate(
         )
     packed = _backend.bool_arg(packed, "collate: packed")
     if packed:
-        with arena(estimate_nbytes(samples, pad)) as a:
+        with arena(estimate_nbytes(samples, pad, fields)) as a:
             return a.packed(collate(samples, pad=pad, fields=fields))
     if pad is None and fields is None:
         return _collate(samples, (), 0)

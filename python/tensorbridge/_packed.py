@@ -338,7 +338,12 @@ class Arena:
     collate made is packed: the values of a ``fields={...: list}`` field stay as they are."""
 
     def __init__(self, nbytes: int) -> None:
-        self.buffer = new_host_buffer(max(nbytes, _pack.ALIGN))
+        try:
+            self.buffer = new_host_buffer(max(nbytes, _pack.ALIGN))
+        except RuntimeError:
+            # (more than can be had: samples collate refuses, a ragged sample 0 say, or a
+            # batch that spills; its own tensors then fail with their own sizes)
+            self.buffer = new_host_buffer(_pack.ALIGN)
         self.bytes = self.buffer.numpy()  # (to zero the padding: the buffer is pickled whole)
         self.used = 0
         self.spilled = False
@@ -375,14 +380,18 @@ class Arena:
             groups.append((leaf.dtype, tuple(leaf.shape), slot[1], slot[2], [len(positions)], None))
             positions.append(i)
             leaves[i] = None
-        if self.spilled:
+        # The buffer's whole storage is pickled, not only the slice the batch uses: the
+        # bytes past it are zeroed (they held whatever the allocator had there), or, where
+        # the estimate was far over, the batch is packed into a buffer of its own size.
+        slack = self.buffer.numel() - self.used
+        if self.spilled or slack > max(self.used, 1 << 20):
             plan = _pack.layout([to_numpy(originals[i]) for i in positions], "collate")
             buffer = new_host_buffer(plan.nbytes)
             _pack.pack_into(plan, buffer.numpy())
             groups = plan.groups
         else:
             end = max(-(-self.used // _pack.ALIGN) * _pack.ALIGN, _pack.ALIGN)
-            self.bytes[self.used : end] = 0
+            self.bytes[self.used :] = 0
             buffer = self.buffer[:end]
         return PackedBatch._make(buffer, groups, positions, leaves, keys, hollow(spec))
 
@@ -390,21 +399,25 @@ class Arena:
 ARENA: contextvars.ContextVar[Arena | None] = contextvars.ContextVar("arena", default=None)
 
 
-def estimate_nbytes(samples: Any, pad: Any = None) -> int:
+def estimate_nbytes(samples: Any, pad: Any = None, fields: Any = None) -> int:
     """The packed size of a collated batch, from sample 0 times the number of samples
     (collate refuses samples whose structure or shapes differ from sample 0's, so each
-    takes as many bytes); a padded field (``pad=``) by its longest sample. Short for an
-    array whose dtype widens in a later sample (that field spills). Samples collate will
-    refuse are sized 0: the refusal is collate's to make."""
+    takes as many bytes); a padded field (``pad=``) by its longest sample; a field kept
+    as a list (``fields=``) takes nothing. Short for an array whose dtype widens in a
+    later sample (that field spills). Samples collate will refuse are sized 0: the
+    refusal is collate's to make."""
     try:
         first = samples[0]
         n = len(samples)
-        padded = dict(first) if pad and isinstance(first, Mapping) else {}
+        named = (pad or fields) and isinstance(first, Mapping)
+        padded = dict(first) if named else {}
+        for key in fields or ():
+            padded.pop(key, None)  # (its values stay as they are, outside the buffer)
         for key in pad or ():
             if key in padded:
                 padded[key] = None  # (sized below, not as sample 0)
         total, leaves = 0, 0
-        for leaf in flatten(padded or first)[0]:
+        for leaf in flatten(padded if named else first)[0]:
             leaves += 1
             total += _leaf_nbytes(leaf) * n
         for key in pad or ():
