@@ -1160,6 +1160,24 @@ def test_collate_refuses_ints_beyond_int64_instead_of_losing_digits(samples):
     assert torch.equal(tb.collate([2**63 - 1, -(2**63)]), torch.tensor([2**63 - 1, -(2**63)]))
 
 
+def test_collate_refuses_uint64_scalars_that_a_signed_int_makes_float64():
+    """NumPy makes float64 of a uint64 with a signed int: beyond 2**63 the low digits go.
+    Refused, as the same values are as arrays or Python ints; within int64, or uint64
+    scalars alone, they stack exactly."""
+    big = np.uint64(2**63 + 1)
+    for samples in ([big, np.int64(-1)], [np.int8(-1), np.uint64(2**64 - 1)]):
+        with pytest.raises(TypeError, match=r"fit no tensor dtype \(a uint64 beyond int64"):
+            tb.collate(samples)
+    with pytest.raises(TypeError, match=r'^collate: batch\["t"\]: sample 0 holds an int beyond'):
+        tb.collate([{"t": [2**63 + 1, -1]}, {"t": [5]}], pad={"t": 0})
+    with pytest.raises(TypeError, match=r"sample 1 holds an int beyond int64"):
+        tb.collate([{"b": [[1.0, 2.0]]}, {"b": [[3, 2**63 + 5], [-1, 0]]}], pad={"b": 0})
+    assert tb.collate([big, np.uint64(3)]).tolist() == [2**63 + 1, 3]  # (uint64 holds them)
+    assert tb.collate([np.uint64(5), np.int64(-1)]).tolist() == [5.0, -1.0]  # (NumPy's rule)
+    padded = tb.collate([{"t": [1e19, -1.0]}, {"t": [2.0]}], pad={"t": 0})  # (floats: as given)
+    assert padded["t"].tolist() == [[1e19, -1.0], [2.0, 0.0]]
+
+
 def test_collate_refuses_an_array_among_numbers_in_either_order():
     for samples in ([1, np.array(5)], [np.array(5), 1]):
         with pytest.raises(TypeError, match=r"sample 1 is .*, sample 0 is"):
