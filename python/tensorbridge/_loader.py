@@ -618,7 +618,8 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
         # (nothing in the batch says its dtype, which numpy would make float64 for []:
         # the pad value's, so a batch of empty token lists is int64 like any other)
         arrays = [np.empty((0,), fill_dtype) for _ in arrays]
-    shaped = [i for i in range(len(arrays)) if i not in empty_lists] or [0]
+    empty = set(empty_lists)
+    shaped = [i for i in range(len(arrays)) if i not in empty] or [0]
     ref = shaped[0]
     inner = arrays[ref].shape[1:]
     for i in shaped:
