@@ -199,16 +199,34 @@ def test_collate_keeps_string_columns_as_ray_gave_them(tbray, column):
             _objects({"a": 1}, {"b": 2}),
             r"column 'c' holds Python objects \(dict\).*convert them to numbers or strings",
         ),
+        (  # (NumPy stacks them as strings: no string column the user had)
+            _objects("a", 1),
+            r"column 'c' holds Python objects \(int, str\).*convert them to numbers or strings",
+        ),
         (
             np.array(["2024-01-01", "2024-01-02"], dtype="datetime64[D]"),
             r"column 'c' is datetime64\[D\], which torch has no dtype for.*int64",
         ),
     ],
-    ids=["ragged", "dicts", "datetime"],
+    ids=["ragged", "dicts", "strings-and-ints", "datetime"],
 )
 def test_collate_refuses_what_no_tensor_holds_naming_the_column_and_the_fix(tbray, column, match):
     with pytest.raises(TypeError, match=match):
         tbray.Collate(device="cpu")({"ok": np.arange(len(column)), "c": column})
+
+
+def test_collate_packs_bfloat16_and_float8_columns_as_torch_dtypes(tbray, rng):
+    """ml_dtypes columns (NumPy kind 'V', as raw bytes are) are torch dtypes: packed,
+    their bits kept, as PackedBatch.pack and to_tensor take them."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for dtype in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn):
+        column = rng.standard_normal((4, 3)).astype(dtype)
+        rows = _objects(*column)  # (a list column: one array per row, stacked)
+        got = tbray.Collate(device="cpu")({"x": column, "rows": rows})
+        expected = tb.to_tensor(column)
+        for key in ("x", "rows"):
+            assert got[key].dtype == expected.dtype, key
+            assert torch.equal(got[key].view(torch.uint8), expected.view(torch.uint8)), key
 
 
 @pytest.mark.parametrize(

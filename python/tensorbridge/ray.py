@@ -22,7 +22,7 @@ except ImportError as exc:  # (ray missing, or one older than the collate classe
         f'pip install "tensorbridge[ray]" ({exc})'
     ) from exc
 
-from . import _backend
+from . import _backend, _dtypes
 from ._batch import DTypeSpec, check_names, dtype_rule
 from ._convert import Device
 from ._packed import PackedBatch
@@ -226,7 +226,7 @@ def _column(name: str, column: Any) -> Any:
     kind = column.dtype.kind
     if kind in "US":
         return None
-    if kind in "MmV":
+    if kind in "MmV" and not _dtypes.is_ml_dtype(column.dtype):  # (bfloat16 is 'V' too)
         raise TypeError(
             f"{_FN}: column {name!r} is {column.dtype}, which torch has no dtype for: convert "
             f"it before batching (e.g. to int64 in ds.map_batches), or drop it "
@@ -256,7 +256,8 @@ def _column(name: str, column: Any) -> Any:
             f"in ds.map_batches), or drop the column (ds.drop_columns([{name!r}]))."
         )
     stacked = np.stack(parts).reshape(*column.shape, *first)  # (Ray's default path stacks too)
-    if stacked.dtype.kind in "OMmV":
+    # (strings among numbers stack as strings: objects too, not a column of strings)
+    if stacked.dtype.kind in "OMmVUS" and not _dtypes.is_ml_dtype(stacked.dtype):
         kinds = sorted({type(v).__name__ for v in values})
         raise TypeError(
             f"{_FN}: column {name!r} holds Python objects ({', '.join(kinds)}), which no tensor "
