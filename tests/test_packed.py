@@ -280,6 +280,26 @@ def fake_pinning(monkeypatch):
     return pinned
 
 
+def test_array_functions_given_a_packed_batch_name_the_batch_calls(rng):
+    """to_numpy, to_tensor and images_to_tensor refuse a PackedBatch (a whole batch)
+    naming the calls that take one, and those calls work; a dtype's name where ``.to()``
+    takes a device says to pass it as ``dtype=``."""
+    images = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    packed = tb.PackedBatch.pack({"image": images, "label": np.arange(2)})
+    with pytest.raises(TypeError, match=r"got PackedBatch: to_numpy_batch\(packed\) gives"):
+        tb.to_numpy(packed)
+    assert np.array_equal(tb.to_numpy_batch(packed)["image"], images)
+    with pytest.raises(TypeError, match=r"got PackedBatch: packed\.to\(device\) or to_device"):
+        tb.to_tensor(packed)
+    assert torch.equal(packed.to("cpu")["image"], tb.from_numpy(images))
+    with pytest.raises(TypeError, match=r"images_to_tensor\(packed\.unpack\(\)\['image'\]"):
+        tb.images_to_tensor(packed)
+    assert tb.images_to_tensor(packed.unpack()["image"]).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"device='float16' is not a device but a dtype's name"):
+        packed.to("float16")
+    assert packed.to(dtype="float16")["image"].dtype == torch.uint8  # (floating leaves only)
+
+
 def test_batches_are_pinned_wherever_page_locked_memory_can_be_had(rng, fake_pinning):
     """collate, PackedBatch.pack and .pin_memory() ask for page-locked memory in the main
     process wherever it can be had: the pure-Python path on a GPU machine as well, where

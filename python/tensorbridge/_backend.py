@@ -342,6 +342,12 @@ def resolve_device(device: Any, fn: str) -> torch.device:
                 f"{reason} Pass device='cpu', or run on a machine with an NVIDIA GPU and "
                 "a CUDA build of torch."
             ) from None
+        if isinstance(device, str) and isinstance(getattr(torch, device, None), torch.dtype):
+            # (t.to(torch.float16) takes a dtype first; a string there is a device)
+            raise ValueError(
+                f"{fn}: device={device!r} is not a device but a dtype's name: pass "
+                f"dtype={device!r}."
+            ) from None
         raise ValueError(
             f"{fn}: device={device!r} is not a device torch knows ({exc}): pass e.g. 'cpu' "
             "or 'cuda'."

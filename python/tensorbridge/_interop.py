@@ -283,8 +283,20 @@ def _describe(obj: Any) -> str:
 
 
 def no_protocol_error(obj: Any, fn: str) -> TypeError:
+    from ._packed import PackedBatch  # (imported late: it builds on this module)
+
     kind = type(obj).__name__
-    if fn == "images_to_tensor":  # (pixels: an array of them, in the dtype they have)
+    if isinstance(obj, PackedBatch):  # (a whole batch: neither an array nor a protocol)
+        if fn == "images_to_tensor":
+            hint = "pass its images, e.g. images_to_tensor(packed.unpack()['image'], ...)"
+        elif fn == "to_numpy":
+            hint = "to_numpy_batch(packed) gives its arrays, in the batch's structure"
+        else:
+            hint = (
+                "packed.to(device) or to_device(packed, device) gives its tensors, in the "
+                "batch's structure (packed.unpack() on the host, no copy)"
+            )
+    elif fn == "images_to_tensor":  # (pixels: an array of them, in the dtype they have)
         hint = "make an array of the pixels first, e.g. numpy.asarray(x)"
     elif isinstance(obj, (list, tuple)) and _numbers_only(obj):
         # data, not a batch: to_device would hand the numbers back untouched
