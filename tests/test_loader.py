@@ -1160,6 +1160,32 @@ def test_collate_refuses_ints_beyond_int64_instead_of_losing_digits(samples):
     assert torch.equal(tb.collate([2**63 - 1, -(2**63)]), torch.tensor([2**63 - 1, -(2**63)]))
 
 
+def test_collate_refuses_tensors_numpy_has_no_dtype_for_naming_a_fix_it_has(monkeypatch):
+    """complex32 and quantized tensors stack through NumPy, which lacks their dtypes: the
+    refusal names a conversion in the dataset, not to_numpy's ``dtype=`` (collate has
+    none), and the conversion named stacks; bfloat16 without ml_dtypes names ml_dtypes."""
+    z = torch.randn(2, 3, dtype=torch.complex64)
+    samples = [{"z": t.to(torch.complex32)} for t in z]
+    with pytest.raises(
+        TypeError,
+        match=r'^collate: batch\["z"\]: a sample\'s tensor is torch\.complex32, which collate '
+        r"cannot stack .*x\.to\(torch\.complex64\)\), or keep the field as a list",
+    ):
+        tb.collate(samples)
+    fixed = tb.collate([{"z": s["z"].to(torch.complex64)} for s in samples])
+    assert torch.equal(fixed["z"], torch.stack([s["z"].to(torch.complex64) for s in samples]))
+    q = [torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)] * 2
+    with pytest.raises(TypeError, match=r"torch\.qint8.*\(x\.dequantize\(\)\)\.$"):
+        tb.collate(q)
+    assert torch.equal(tb.collate([x.dequantize() for x in q]), torch.ones(2, 3))
+    real = tb._dtypes.numpy_dtype_or_none
+    monkeypatch.setattr(  # (as without ml_dtypes installed)
+        tb._dtypes, "numpy_dtype_or_none", lambda d: None if d == torch.bfloat16 else real(d)
+    )
+    with pytest.raises(TypeError, match=r"torch\.bfloat16.*pip install ml_dtypes"):
+        tb.collate([torch.ones(2, dtype=torch.bfloat16)] * 2)
+
+
 def test_collate_refuses_uint64_scalars_that_a_signed_int_makes_float64():
     """NumPy makes float64 of a uint64 with a signed int: beyond 2**63 the low digits go.
     Refused, as the same values are as arrays or Python ints; within int64, or uint64

@@ -516,6 +516,19 @@ def _host_array(x: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
             "drop (the batch is a copy): pass it with .detach() from the dataset, or stack "
             "that field with torch.stack."
         )
+    if x.layout == torch.strided and _dtypes.numpy_dtype_or_none(x.dtype) is None:
+        # (to_numpy's own refusal names its dtype= argument, which collate has not)
+        if x.is_quantized:
+            fix = "convert it in the dataset (x.dequantize())"
+        elif x.dtype == torch.complex32:
+            fix = "convert it in the dataset (x.to(torch.complex64))"
+        else:  # (bfloat16 and float8 without ml_dtypes)
+            fix = "pip install ml_dtypes (NumPy's dtypes for it), or convert it (x.float())"
+        raise TypeError(
+            f"collate: {path_text(path)}: a sample's tensor is {x.dtype}, which collate "
+            f"cannot stack (it stacks through NumPy, which has no such dtype): "
+            f"{fix}{_list_fix(path)}."
+        )
     try:
         a = to_numpy(x)
     except (TypeError, ValueError) as exc:
