@@ -9,6 +9,7 @@ import functools
 import inspect
 import pickle
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -449,6 +450,21 @@ PAD_MISFITS = [
         r"does not fit the field's dtype float16",
     ),
     (
+        "overflowing complex64",
+        [{"t": np.ones(2, np.complex64)}, {"t": np.ones(1, np.complex64)}],
+        {"pad": {"t": 1e39}},
+        ValueError,
+        r"pad value 1e\+39 does not fit the field's dtype complex64",
+    ),
+    (
+        "an int beyond float's range",
+        [{"t": np.ones(2)}, {"t": np.ones(1)}],
+        {"pad": {"t": 2**1024}},
+        ValueError,
+        r"pad value 179769313486231590772930519078902473361797697894230657273\.\.\. does not fit "
+        r"the field's dtype float64",
+    ),
+    (
         "pad a scalar field",
         [{"t": 1}, {"t": 2}],
         {"pad": {"t": 0}},
@@ -836,6 +852,19 @@ def test_wide_pixels_into_narrow_floats_round_once_as_the_idiom(pixels, scale, o
     assert torch.isfinite(got).all()
 
 
+def test_images_to_tensor_takes_any_real_number_as_scale_mean_and_std():
+    """A Fraction, a NumPy number or an int is a number like a float (scale=Fraction(1,
+    255) made an object array of the coefficients)."""
+    x = np.random.default_rng(13).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    want = tb.images_to_tensor(x, scale=1 / 255, mean=0.5, std=0.25)
+    for scale, mean, std in [
+        (Fraction(1, 255), Fraction(1, 2), Fraction(1, 4)),
+        (np.float32(1 / 255), np.float16(0.5), [np.float64(0.25)] * 3),
+    ]:
+        got = tb.images_to_tensor(x, scale=scale, mean=mean, std=std)
+        assert torch.allclose(got, want, atol=1e-6)
+
+
 _X = np.zeros((2, 4, 4, 3), np.uint8)
 
 # (id, call, exception, what the message must say)
@@ -1001,6 +1030,19 @@ IMAGE_REFUSALS = [
         r"is on the 0-1 scale already",
     ),
     ("std 0", lambda: tb.images_to_tensor(_X, std=0), ValueError, r"std must be above 0"),
+    (
+        "scale beyond float",
+        lambda: tb.images_to_tensor(_X, scale=10**400),
+        ValueError,
+        r"scale must be a finite number above 0, got 10000000000000000000000000000000000000000"
+        r"0000000000000000\.\.\.: pass",
+    ),
+    (
+        "mean beyond float in a list",
+        lambda: tb.images_to_tensor(_X, mean=[0.5, -(10**400), 0.5]),
+        ValueError,
+        r"mean must be finite numbers, got mean=\[0\.5, -10000",
+    ),
     (
         "nested lists",
         lambda: tb.images_to_tensor([[[[1, 2, 3]]]]),

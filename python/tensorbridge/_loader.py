@@ -652,8 +652,8 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
         )
     if not _fits(fill, dtype):
         raise ValueError(
-            f"collate: {where}: the pad value {fill!r} does not fit the field's dtype {dtype}: "
-            f"pass a value that does, e.g. pad={{{key}: 0}}."
+            f"collate: {where}: the pad value {_short(fill)} does not fit the field's dtype "
+            f"{dtype}: pass a value that does, e.g. pad={{{key}: 0}}."
         )
     for i in empty_lists:
         arrays[i] = np.empty((0, *inner), dtype)
@@ -670,10 +670,9 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
 
 
 def _fits(value: Any, dtype: np.dtype) -> bool:
-    """Whether the pad value is held exactly by ``dtype`` (floats: not overflowing to inf)."""
-    if dtype.kind == "c":
-        return True
-    if isinstance(value, (complex, np.complexfloating)):
+    """Whether the pad value is held exactly by ``dtype`` (floats and complex numbers: not
+    overflowing to inf; an int beyond float's range fits none)."""
+    if dtype.kind != "c" and isinstance(value, (complex, np.complexfloating)):
         return False
     if dtype.kind == "b":
         return bool(value == 0 or value == 1)
@@ -682,9 +681,14 @@ def _fits(value: Any, dtype: np.dtype) -> bool:
             return False
         info = np.iinfo(dtype)
         return bool(info.min <= int(value) <= info.max)
-    with np.errstate(over="ignore"):
-        held = np.asarray(value, dtype=np.float64).astype(dtype).astype(np.float64)
-    return bool(np.isfinite(held) or not np.isfinite(value))
+    try:
+        number = complex(value)
+    except OverflowError:  # (an int of 2**1024 or more)
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        held = np.asarray(number if dtype.kind == "c" else number.real).astype(dtype)
+    given_finite = math.isfinite(number.real) and math.isfinite(number.imag)
+    return bool(np.isfinite(held) or not given_finite)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -981,11 +985,12 @@ def images_to_tensor(
             f"images_to_tensor: scale must be a number (an int or a float), got "
             f"{_kind(scale)} {scale!r}: pass e.g. scale=1/255."
         )
-    elif not (math.isfinite(scale) and scale > 0):
+    elif not (math.isfinite(_float(scale)) and scale > 0):
         raise ValueError(
-            f"images_to_tensor: scale must be a finite number above 0, got {scale!r}: pass "
-            "what maps the pixels to 0-1, e.g. scale=1/255."
+            f"images_to_tensor: scale must be a finite number above 0, got {_short(scale)}: "
+            "pass what maps the pixels to 0-1, e.g. scale=1/255."
         )
+    scale = _float(scale)  # (a Fraction or a NumPy number: a float for the coefficients)
     channels_first = _backend.bool_arg(channels_first, "images_to_tensor: channels_first")
     non_blocking = _backend.bool_arg(non_blocking, "images_to_tensor: non_blocking")
     m = _per_channel(mean, 0.0, "mean", channels)
@@ -1067,7 +1072,7 @@ def _per_channel(value: Any, default: float, name: str, channels: int) -> np.nda
     if value is None:
         arr = np.array([default])
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        arr = np.array([float(value)])
+        arr = np.array([_float(value)])
     elif isinstance(value, (np.ndarray, torch.Tensor)):
         if not _real_dtype(value):
             raise TypeError(
@@ -1090,7 +1095,7 @@ def _per_channel(value: Any, default: float, name: str, channels: int) -> np.nda
                     f"images_to_tensor: {name} must be {accepted}, but it holds "
                     f"{_kind(item)} {item!r}: pass numbers, e.g. {name}=[0.5] * {channels}."
                 )
-        arr = np.array([float(v) for v in value], dtype=np.float64)
+        arr = np.array([_float(v) for v in value], dtype=np.float64)
     else:
         fix = f"list({name})" if isinstance(value, Iterator) else f"{name}=[0.5] * {channels}"
         raise TypeError(
@@ -1103,10 +1108,25 @@ def _per_channel(value: Any, default: float, name: str, channels: int) -> np.nda
         )
     if not np.isfinite(arr).all():
         raise ValueError(
-            f"images_to_tensor: {name} must be finite numbers, got {name}={value!r}: pass the "
-            f"per-channel {name} of the data, e.g. {name}=[0.5] * {channels}."
+            f"images_to_tensor: {name} must be finite numbers, got {name}={_short(value)}: pass "
+            f"the per-channel {name} of the data, e.g. {name}=[0.5] * {channels}."
         )
     return np.broadcast_to(arr, (channels,)).copy()
+
+
+def _float(value: Any) -> float:
+    """A real number as a float: inf where it is beyond float's range (10**400), which
+    the finiteness checks then refuse, not an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _short(value: Any) -> str:
+    """repr(value), at most 60 characters (an int of 400 digits)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _is_real(item: Any) -> bool:
