@@ -1246,6 +1246,17 @@ def test_collate_refuses_uint64_scalars_that_a_signed_int_makes_float64():
     assert padded["t"].tolist() == [[1e19, -1.0], [2.0, 0.0]]
 
 
+def test_collate_stacks_numpy_scalars_with_0d_arrays_in_either_order():
+    """A NumPy scalar and a 0-d array stack alike, whichever comes first, as
+    default_collate stacks them; a 1-d array among NumPy scalars is still refused."""
+    for samples in ([np.array(1.0), np.float64(2.0)], [np.float64(2.0), np.array(1.0)]):
+        got = tb.collate(samples)
+        want = torch.utils.data.default_collate(samples)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(TypeError, match=r"sample 1 is numpy\.ndarray, sample 0 is numpy\.int64"):
+        tb.collate([np.int64(2), np.array([1])])
+
+
 def test_collate_refuses_an_array_among_numbers_in_either_order():
     for samples in ([1, np.array(5)], [np.array(5), 1]):
         with pytest.raises(TypeError, match=r"sample 1 is .*, sample 0 is"):

@@ -287,6 +287,12 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
         )
     if isinstance(first, _NUMBERS):
         if len(set(map(type, samples))) > 1:  # (an array among numbers: refused either way round)
+            if (
+                isinstance(first, np.generic)
+                and all(_numpy_0d(s) for s in samples)
+                and any(isinstance(s, np.ndarray) for s in samples)
+            ):
+                return _stack(samples, path)  # (as a 0-d array first stacks them: either order)
             _check_kind(samples, _NUMBERS, path)
         try:
             stacked = torch.as_tensor(np.asarray(samples))
@@ -378,6 +384,11 @@ def _refuse_keys(samples: Sequence[Any], path: Path) -> NoReturn:
         "every sample must have the same keys: return the same keys from the "
         "dataset for every sample (None or an empty array for a missing value)."
     )
+
+
+def _numpy_0d(x: Any) -> bool:
+    """A NumPy scalar or a 0-d array: the two stack alike."""
+    return isinstance(x, np.generic) or (isinstance(x, np.ndarray) and x.ndim == 0)
 
 
 def _beyond_int64(x: Any) -> bool:
