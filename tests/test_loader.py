@@ -1246,6 +1246,22 @@ def test_collate_refuses_uint64_scalars_that_a_signed_int_makes_float64():
     assert padded["t"].tolist() == [[1e19, -1.0], [2.0, 0.0]]
 
 
+def test_pad_puts_a_str_enum_keys_lengths_under_its_value():
+    """A (str, Enum) key is its value as a string: its lengths go under "tokens_lengths"
+    (f"{key}" of the member is "Field.TOKENS"), and the refusal of a sample that has that
+    key already names it."""
+    import enum
+
+    class Field(str, enum.Enum):
+        TOKENS = "tokens"
+
+    got = tb.collate([{Field.TOKENS: [1, 2]}, {Field.TOKENS: [3]}], pad={Field.TOKENS: 0})
+    assert list(got) == [Field.TOKENS, "tokens_lengths"]
+    assert got["tokens_lengths"].tolist() == [2, 1]
+    with pytest.raises(ValueError, match=r'adds the lengths as "tokens_lengths", but the samples'):
+        tb.collate([{Field.TOKENS: [1], "tokens_lengths": 1}], pad={Field.TOKENS: 0})
+
+
 def test_collate_stacks_numpy_scalars_with_0d_arrays_in_either_order():
     """A NumPy scalar and a 0-d array stack alike, whichever comes first, as
     default_collate stacks them; a 1-d array among NumPy scalars is still refused."""

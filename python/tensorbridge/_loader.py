@@ -213,7 +213,7 @@ def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]
                     f"padded positions and must be a number, got {_kind(value)}: pass e.g. "
                     f"pad={{{key_text(key)}: 0}}."
                 )
-            lengths = f"{key}_lengths"
+            lengths = lengths_key(key)
             if lengths in first:
                 raise ValueError(
                     f"collate: pad={{{key_text(key)}: ...}} adds the lengths as "
@@ -357,7 +357,7 @@ def _collate_dict(
         if rule == "list":
             fields[k] = values
         elif rule == "pad":
-            fields[k], fields[f"{k}_lengths"] = _pad(values, (*path, ("[", k)), fill)
+            fields[k], fields[lengths_key(k)] = _pad(values, (*path, ("[", k)), fill)
         else:
             fields[k] = _collate(values, (*path, ("[", k)), depth + 1)
     try:
@@ -384,6 +384,12 @@ def _refuse_keys(samples: Sequence[Any], path: Path) -> NoReturn:
         "every sample must have the same keys: return the same keys from the "
         "dataset for every sample (None or an empty array for a missing value)."
     )
+
+
+def lengths_key(key: str) -> str:
+    """Where pad= puts a field's lengths: ``"tokens"`` -> ``"tokens_lengths"`` (a str
+    Enum member's value, not its name: ``f"{key}"`` of one is ``"Field.TOKENS"``)."""
+    return f"{str.__str__(key)}_lengths"
 
 
 def _numpy_0d(x: Any) -> bool:
@@ -492,7 +498,7 @@ def _ragged_fix(path: Path, paddable: bool, ndim: int = 1) -> str:
         return f"pad or crop them to one size in the dataset{_list_fix(path)}"
     pad = (
         f"pass pad={{{key_text(key)}: 0}} to pad them to the longest (their lengths come as "
-        f"{key_text(key + '_lengths')})"
+        f"{key_text(lengths_key(key))})"
     )
     if ndim >= 3:  # (images, say: ragged along their height by accident, not by design)
         return (
