@@ -574,8 +574,12 @@ def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
     """bench-gpu and bench-tune import everywhere and say why they cannot run."""
     if HAS_CUDA:
         pytest.skip("a CUDA device is available")
+    reason = _backend.cuda_status()[2]
     assert gpu.main(["--repeats", "3"]) == 2
-    assert "bench-gpu: no CUDA device is available to torch" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"bench-gpu: needs a GPU, and torch has none here: {reason}\n"
+    assert tune.main(["--repeats", "3"]) == 2
+    want = f"bench-tune: needs a GPU and tensorbridge's compiled CUDA engine: {reason}\n"
+    assert capsys.readouterr().err == want
     assert tune.main([]) == 2
     assert "needs a GPU" in capsys.readouterr().err
 

@@ -669,8 +669,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     that fails is reported and the run goes on with the next (exit status 1).
     """
     p = Parser(prog="python -m tensorbridge bench-gpu", description=__doc__)
-    p.add_argument("--sizes", type=parse_size, nargs="+", default=DEFAULT_SIZES)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        default=DEFAULT_SIZES,
+        help="transfer sizes (default: 4K 64K 1M 4M 16M 64M 256M 1G)",
+    )
+    p.add_argument("--repeats", type=int, default=15, help="samples per method (default 15)")
     p.add_argument(
         "--sections",
         nargs="+",
@@ -684,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write DIR/<date>-gpu-<name>.txt and .json, rewritten after each section",
     )
     p.add_argument("--plot", metavar="FILE.png", help="draw GB/s against size (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     problem = output_problem(args.save, args.plot)
     if problem:
@@ -694,7 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot and not _plot.available():
         p.error(_plot.MISSING)
     if not torch.cuda.is_available():
-        print("bench-gpu: no CUDA device is available to torch", file=sys.stderr)
+        reason = _backend.cuda_status()[2] or "torch.cuda.is_available() is False."
+        print(f"bench-gpu: needs a GPU, and torch has none here: {reason}", file=sys.stderr)
         return 2
     if args.repeats < 2:
         p.error("--repeats must be at least 2")

@@ -222,13 +222,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m tensorbridge bench-tune",
         description="Sweeps the GPU engine's knobs and prints median GB/s for each setting.",
     )
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, nargs="+", default=None)
-    p.add_argument("--chunks-mib", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--repeats", type=int, default=7, help="samples per setting (default 7)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="copy thread counts to sweep (default: a quarter, half and all of the cores)",
+    )
+    p.add_argument(
+        "--chunks-mib",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="pipeline chunk sizes in MiB (default: 1 2 4 8 16)",
+    )
     # (the copy threads a transfer uses are at most buffers // 2: the grid reaches them)
-    p.add_argument("--buffers", type=int, nargs="+", default=[4, 8, 16, 32])
-    p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 256])
-    p.add_argument("--skip-small", action="store_true")
+    p.add_argument(
+        "--buffers",
+        type=int,
+        nargs="+",
+        default=[4, 8, 16, 32],
+        help="staging blocks in flight per transfer, 2 to 64 (default: 4 8 16 32)",
+    )
+    p.add_argument(
+        "--sizes-mib",
+        type=int,
+        nargs="+",
+        default=[16, 256],
+        help="transfer sizes of the pipeline sweep in MiB (default: 16 256)",
+    )
+    p.add_argument(
+        "--skip-small",
+        action="store_true",
+        help="skip the small copies' part (torch's copy against the engine, which sets "
+        "the routing's small_* sizes)",
+    )
     p.add_argument("--save", metavar="DIR", help="also write DIR/<date>-tune-<gpu>.json")
     args = p.parse_args(argv)
     if args.repeats < 2:
@@ -247,7 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         p.error(problem)  # before the sweep, not after minutes of measuring
     if not (torch.cuda.is_available() and _backend.ENGINE.cuda_engine):
-        print("needs a GPU and the compiled CUDA engine", file=sys.stderr)
+        reason = _backend.cuda_status()[2] or "torch.cuda.is_available() is False."
+        print(
+            f"bench-tune: needs a GPU and tensorbridge's compiled CUDA engine: {reason}",
+            file=sys.stderr,
+        )
         return 2
     cores = os.cpu_count() or 1
     most = min(cores, _backend.MAX_THREADS)
