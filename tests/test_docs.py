@@ -35,6 +35,16 @@ def test_docstring_examples_run(name):
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
 
 
+def test_the_package_namespace_is_its_api_and_its_modules():
+    """dir(tensorbridge) shows what ``__all__`` names, the package's own modules and
+    dunders: no name a module-level import left behind (``TYPE_CHECKING``, ``typing``)."""
+    tb = importlib.import_module("tensorbridge")
+    extra = {n for n in dir(tb) if not n.startswith("__")} - set(tb.__all__)
+    others = {n for n in extra if not isinstance(getattr(tb, n), type(tb))}
+    assert not others, others
+    assert all(hasattr(tb, n) for n in tb.__all__)
+
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.M | re.S)
 

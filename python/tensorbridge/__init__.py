@@ -57,3 +57,6 @@ if not TYPE_CHECKING:  # (type checkers would read any attribute as this functio
                 "import tensorbridge.ray (it needs Ray)."
             )
         raise AttributeError(f"module 'tensorbridge' has no attribute {name!r}")
+
+
+del TYPE_CHECKING  # (not part of the package's namespace)
