@@ -205,6 +205,23 @@ def test_to_tensor_out(backend, gen, device):
     assert torch.equal(out64, torch.from_numpy(a).double())
 
 
+def test_to_tensor_out_beside_the_source_in_one_buffer(backend, gen):
+    """An out interleaved with the source in one buffer but sharing no byte (even slots
+    into odd ones) is written as the idiom writes it; one that shares bytes is refused
+    before anything is written."""
+    for src_of in (lambda buf: buf[::2], lambda buf: torch.from_numpy(buf)[::2]):
+        buf = fresh(np.dtype(np.float32), gen).reshape(-1)[:8].copy()
+        want = buf.copy()
+        want[1::2] = want[::2]
+        out = torch.from_numpy(buf)[1::2]
+        assert tb.to_tensor(src_of(buf), out=out) is out
+        assert np.array_equal(buf, want)
+        before = buf.copy()
+        with pytest.raises(ValueError, match="out shares memory with the source"):
+            tb.to_tensor(src_of(buf)[:3], out=torch.from_numpy(buf)[2:5])
+        assert np.array_equal(buf, before)
+
+
 def test_to_tensor_accepts_tensors(backend, gen):
     x = random_tensor((3, 4), torch.float32, gen)
     assert tb.to_tensor(x) is x

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 
 from . import _backend, _cuda, _dtypes, _interop
-from ._copy import byte_span, check_no_overlap, check_out_not_self_overlapping, copy_into
+from ._copy import (
+    byte_span,
+    check_no_overlap,
+    check_out_not_self_overlapping,
+    copy_into,
+    shares_memory,
+)
 from ._dtypes import DTypeLike
 from ._handle import Transfer
 
@@ -740,6 +746,13 @@ def _check_out_tensor(
 
 
 def _tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two CPU tensors share a byte: their spans first, then (where the spans
+    meet: interleaved views of one buffer, say) their elements, as NumPy decides it."""
     a0, a1 = byte_span(a)
     b0, b1 = byte_span(b)
-    return a0 < b1 and b0 < a1 and a0 != a1 and b0 != b1
+    if not (a0 < b1 and b0 < a1 and a0 != a1 and b0 != b1):
+        return False
+    try:
+        return shares_memory(a.detach().numpy(), b.detach().numpy())
+    except (RuntimeError, TypeError):  # (no NumPy view: a conj bit, complex32...)
+        return True
