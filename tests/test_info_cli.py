@@ -175,6 +175,24 @@ def test_cli_info_check_fails_where_torch_has_a_gpu_the_engine_cannot_use(monkey
     )
 
 
+@pytest.mark.parametrize("command", ["info", "bench", "bench-gpu", "bench-tune"])
+def test_cli_help_with_stdout_closed_exits_cleanly(command):
+    """``python -m tensorbridge bench --help >&-`` (no stdout at all: sys.stdout is None):
+    the help goes to stderr, as argparse's own printing does, and nothing fails."""
+    proc = subprocess.run(
+        ["bash", "-c", f'"$0" -m tensorbridge {command} --help >&-', sys.executable],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if command != "info":  # (info prints with print(), which writes nowhere)
+        assert proc.stderr.startswith(f"usage: python -m tensorbridge {command}")
+
+
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["--help"]])
 def test_cli_piped_into_a_reader_that_leaves_says_nothing(args):
     """``python -m tensorbridge info | head -1``: the reader closes the pipe before the

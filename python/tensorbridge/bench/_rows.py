@@ -86,7 +86,9 @@ class Parser(argparse.ArgumentParser):
     /dev/full``) is an error, which argparse's own printing drops (exit 0, no text)."""
 
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
-        (file or sys.stdout).write(self.format_help())
+        out = file or sys.stdout or sys.stderr  # (stdout closed, `--help >&-`: argparse's)
+        if out is not None:
+            out.write(self.format_help())
 
 
 def slug(text: str) -> str:
