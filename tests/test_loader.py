@@ -1233,9 +1233,19 @@ def test_collate_refuses_uint64_scalars_that_a_signed_int_makes_float64():
     Refused, as the same values are as arrays or Python ints; within int64, or uint64
     scalars alone, they stack exactly."""
     big = np.uint64(2**63 + 1)
-    for samples in ([big, np.int64(-1)], [np.int8(-1), np.uint64(2**64 - 1)]):
-        with pytest.raises(TypeError, match=r"fit no tensor dtype \(a uint64 beyond int64"):
+    for samples, made in (
+        ([big, np.int64(-1)], "float64"),
+        ([np.int8(-1), np.uint64(2**64 - 1)], "float64"),
+        ([np.uint64(2**64 - 1), 0.5], "float64"),
+        ([big, 1j], "complex128"),
+        ([2**64 - 1, 1j], "complex128"),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"fit no tensor dtype \(an int beyond int64 made them torch\.{made}"
+        ):
             tb.collate(samples)
+    with pytest.raises(TypeError, match=r"sample 0 holds an int beyond int64.*complex128"):
+        tb.collate([{"t": [big, 1j]}, {"t": [1j]}], pad={"t": 0})
     with pytest.raises(TypeError, match=r'^collate: batch\["t"\]: sample 0 holds an int beyond'):
         tb.collate([{"t": [2**63 + 1, -1]}, {"t": [5]}], pad={"t": 0})
     with pytest.raises(TypeError, match=r"sample 1 holds an int beyond int64"):

@@ -302,9 +302,9 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
         if stacked.dtype in (torch.float64, torch.uint64) and any(map(_beyond_int64, samples)):
             # Python ints beyond int64 became uint64 or float64 (losing digits)
             raise _no_dtype(path, f"an int beyond int64 made them {stacked.dtype}")
-        if stacked.dtype == torch.float64 and _lost_ints(stacked, samples):
-            # (NumPy's uint64 with a signed int: float64, and the low digits gone)
-            raise _no_dtype(path, "a uint64 beyond int64 with a signed int made them float64")
+        if stacked.dtype in (torch.float64, torch.complex128) and lost_ints(stacked, samples):
+            # (NumPy's uint64 with a signed int, a float or a complex: the low digits gone)
+            raise _no_dtype(path, f"an int beyond int64 made them {stacked.dtype}")
         if ARENA.get() is not None:  # (into the packed buffer)
             return _empty(tuple(stacked.shape), stacked.dtype).copy_(stacked)
         return stacked
@@ -401,10 +401,10 @@ def _beyond_int64(x: Any) -> bool:
     return type(x) is int and not -(2**63) <= x < 2**63
 
 
-def _lost_ints(stacked: torch.Tensor | np.ndarray, values: Any) -> bool:
-    """Whether float64 ``stacked`` came from integers beyond int64 among ``values``
-    (nested lists too), whose low digits float64 does not hold. Looked for only where a
-    magnitude of 2**63 or more says there may be one."""
+def lost_ints(stacked: torch.Tensor | np.ndarray, values: Any) -> bool:
+    """Whether float64 (or complex128) ``stacked`` came from integers beyond int64 among
+    ``values`` (nested lists too), whose low digits float64 does not hold. Looked for
+    only where a magnitude of 2**63 or more says there may be one."""
     if isinstance(stacked, torch.Tensor):
         if not stacked.numel() or float(stacked.abs().max()) < 2.0**63:
             return False
@@ -615,11 +615,11 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
                 ) from None
             if not len(v):
                 empty_lists.append(i)
-            elif a.dtype == np.float64 and _lost_ints(a, v):
+            elif a.dtype in (np.float64, np.complex128) and lost_ints(a, v):
                 raise TypeError(
                     f"collate: {where}: sample {i} holds an int beyond int64, which made its "
-                    "numbers float64 (losing digits): convert them in the dataset (a float, "
-                    "or an int within int64)."
+                    f"numbers {a.dtype} (losing digits): convert them in the dataset (a "
+                    "float, or an int within int64)."
                 )
         else:
             raise TypeError(
