@@ -149,7 +149,8 @@ def test_collate_refuses_a_bad_dtype_when_made_and_a_name_no_column_has_per_batc
 
 def _objects(*values: Any) -> np.ndarray:
     column = np.empty(len(values), dtype=object)
-    column[:] = list(values)
+    for i, v in enumerate(values):  # (one by one: NumPy would read tensors as arrays)
+        column[i] = v
     return column
 
 
@@ -203,12 +204,20 @@ def test_collate_keeps_string_columns_as_ray_gave_them(tbray, column):
             _objects("a", 1),
             r"column 'c' holds Python objects \(int, str\).*convert them to numbers or strings",
         ),
+        (  # (lists of numbers and strings: NumPy's strings too, not lists of strings)
+            _objects([1, "a"], [2, "b"]),
+            r"column 'c' holds Python objects \(list\).*convert them to numbers or strings",
+        ),
+        (  # (float64 of a uint64 beyond int64 and a signed int: digits lost)
+            _objects(np.uint64(2**63 + 1), -1),
+            r"column 'c' holds an int beyond int64, which made it float64 \(losing digits\)",
+        ),
         (
             np.array(["2024-01-01", "2024-01-02"], dtype="datetime64[D]"),
             r"column 'c' is datetime64\[D\], which torch has no dtype for.*int64",
         ),
     ],
-    ids=["ragged", "dicts", "strings-and-ints", "datetime"],
+    ids=["ragged", "dicts", "strings-and-ints", "lists-of-both", "uint64-and-int", "datetime"],
 )
 def test_collate_refuses_what_no_tensor_holds_naming_the_column_and_the_fix(tbray, column, match):
     with pytest.raises(TypeError, match=match):
@@ -222,9 +231,10 @@ def test_collate_packs_bfloat16_and_float8_columns_as_torch_dtypes(tbray, rng):
     for dtype in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn):
         column = rng.standard_normal((4, 3)).astype(dtype)
         rows = _objects(*column)  # (a list column: one array per row, stacked)
-        got = tbray.Collate(device="cpu")({"x": column, "rows": rows})
+        tensors = _objects(*tb.to_tensor(column))  # (rows that are torch's bfloat16 tensors)
+        got = tbray.Collate(device="cpu")({"x": column, "rows": rows, "tensors": tensors})
         expected = tb.to_tensor(column)
-        for key in ("x", "rows"):
+        for key in ("x", "rows", "tensors"):
             assert got[key].dtype == expected.dtype, key
             assert torch.equal(got[key].view(torch.uint8), expected.view(torch.uint8)), key
 

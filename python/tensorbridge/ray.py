@@ -24,7 +24,8 @@ except ImportError as exc:  # (ray missing, or one older than the collate classe
 
 from . import _backend, _dtypes
 from ._batch import DTypeSpec, check_names, dtype_rule
-from ._convert import Device
+from ._convert import Device, to_numpy
+from ._loader import lost_ints
 from ._packed import PackedBatch
 
 __all__ = ["Collate"]
@@ -244,8 +245,8 @@ def _column(name: str, column: Any) -> Any:
             "hold a missing value: fill it before batching (e.g. in ds.map_batches), or drop "
             f"the column (ds.drop_columns([{name!r}]))."
         )
-    parts = [np.asarray(v) for v in values]
-    if any(p.size for p in parts) and all(_strings(p) for p in parts):
+    parts = [to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in values]
+    if any(p.size for p in parts) and all(map(_strings, values)):
         return None  # (lists of strings, of any lengths: kept as Ray gave them)
     first = parts[0].shape
     if any(p.shape != first for p in parts):
@@ -256,6 +257,12 @@ def _column(name: str, column: Any) -> Any:
             f"in ds.map_batches), or drop the column (ds.drop_columns([{name!r}]))."
         )
     stacked = np.stack(parts).reshape(*column.shape, *first)  # (Ray's default path stacks too)
+    if stacked.dtype in (np.float64, np.complex128) and lost_ints(stacked, list(values)):
+        raise TypeError(
+            f"{_FN}: column {name!r} holds an int beyond int64, which made it {stacked.dtype} "
+            "(losing digits): convert it before batching (a float, or an int within int64), "
+            f"or drop it (ds.drop_columns([{name!r}]))."
+        )
     # (strings among numbers stack as strings: objects too, not a column of strings)
     if stacked.dtype.kind in "OMmVUS" and not _dtypes.is_ml_dtype(stacked.dtype):
         kinds = sorted({type(v).__name__ for v in values})
@@ -267,10 +274,16 @@ def _column(name: str, column: Any) -> Any:
     return stacked
 
 
-def _strings(part: np.ndarray) -> bool:
-    """Whether a row of an object column holds strings only (or nothing)."""
-    if part.dtype.kind in "US" or not part.size:
+def _strings(row: Any) -> bool:
+    """Whether a row of an object column holds strings only (or nothing): a string, a
+    list of them (at any depth), or an array of them (not numbers that NumPy made
+    strings of, beside a string)."""
+    if row is None or isinstance(row, (str, bytes)):
         return True
-    return part.dtype.kind == "O" and all(
-        v is None or isinstance(v, (str, bytes)) for v in part.ravel()
-    )
+    if isinstance(row, (list, tuple)):
+        return all(map(_strings, row))
+    if isinstance(row, np.ndarray):
+        if row.dtype.kind in "US":
+            return True
+        return row.dtype.kind == "O" and all(map(_strings, row.ravel()))
+    return False
