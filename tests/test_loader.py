@@ -1273,12 +1273,14 @@ def test_pad_puts_a_str_enum_keys_lengths_under_its_value():
 
 
 def test_collate_stacks_numpy_scalars_with_0d_arrays_in_either_order():
-    """A NumPy scalar and a 0-d array stack alike, whichever comes first, as
+    """A NumPy scalar and a 0-d array (or tensor) stack alike, whichever comes first, as
     default_collate stacks them; a 1-d array among NumPy scalars is still refused."""
-    for samples in ([np.array(1.0), np.float64(2.0)], [np.float64(2.0), np.array(1.0)]):
-        got = tb.collate(samples)
-        want = torch.utils.data.default_collate(samples)
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    zero_d = (np.array(1.0), torch.tensor(1.0, dtype=torch.float64))
+    for one in zero_d:  # (default_collate stacks both orders, float64, with a warning)
+        for samples in ([one, np.float64(2.0)], [np.float64(2.0), one]):
+            got = tb.collate(samples)
+            want = torch.tensor([float(s) for s in samples], dtype=torch.float64)
+            assert got.dtype == torch.float64 and torch.equal(got, want)
     with pytest.raises(TypeError, match=r"sample 1 is numpy\.ndarray, sample 0 is numpy\.int64"):
         tb.collate([np.int64(2), np.array([1])])
 

@@ -290,7 +290,7 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
             if (
                 isinstance(first, np.generic)
                 and all(_numpy_0d(s) for s in samples)
-                and any(isinstance(s, np.ndarray) for s in samples)
+                and any(isinstance(s, (np.ndarray, torch.Tensor)) for s in samples)
             ):
                 return _stack(samples, path)  # (as a 0-d array first stacks them: either order)
             _check_kind(samples, _NUMBERS, path)
@@ -393,8 +393,8 @@ def lengths_key(key: str) -> str:
 
 
 def _numpy_0d(x: Any) -> bool:
-    """A NumPy scalar or a 0-d array: the two stack alike."""
-    return isinstance(x, np.generic) or (isinstance(x, np.ndarray) and x.ndim == 0)
+    """A NumPy scalar, a 0-d array or a 0-d tensor: they stack alike."""
+    return isinstance(x, np.generic) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 0)
 
 
 def _beyond_int64(x: Any) -> bool:
