@@ -660,15 +660,17 @@ def test_collate_pins_in_the_main_process():
 
 @pytest.mark.parametrize("non_blocking", [False, True])
 def test_a_collated_pinned_batch_crosses_without_a_second_host_copy(non_blocking):
-    """tb.collate's pinned fields of 64 KiB or more cross in one DMA each from where they
-    are (no staging block leased); the small ones are packed. The idiom's values."""
+    """tb.collate's pinned fields of 1 MiB or more cross in one DMA each from where they
+    are: no staging block is leased (the labels, one small array, go alone through
+    torch's copy). The idiom's values."""
     rng = np.random.default_rng(8)
     samples = [
-        {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "label": i % 10}
+        {"image": rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), "label": i % 10}
         for i in range(64)
     ]
     batch = tb.collate(samples)
-    assert batch["image"].is_pinned() and batch["image"].nbytes >= (64 << 10)
+    assert batch["image"].is_pinned()
+    assert batch["image"].nbytes >= _cuda.ROUTING.batch_pinned_direct
     before = tb.pinned_stats()
     moved = tb.to_device(batch, "cuda", non_blocking=non_blocking)
     torch.cuda.synchronize()

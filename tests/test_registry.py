@@ -143,6 +143,29 @@ def test_the_default_policy_registers_on_the_second_sighting_from_4_mib():
     assert drv.registered == {addr(big): big.nbytes}
 
 
+def test_covers_says_which_memory_the_cache_registered(monkeypatch):
+    """covers(address, nbytes): whether a span meets a registration (a tensor over a
+    registered array is leased by no one, but its memory is the array's); a span beside
+    it, or one whose registration was dropped, does not. A batch's page-locked tensor
+    over such memory is packed, not sent directly (its owner thinks it pageable)."""
+    cache, drv = make()
+    base = np.zeros(2 * MIN, np.uint8)
+    start = addr(base)
+    assert not cache.covers(start, base.nbytes)
+    assert [used(cache, base) for _ in range(2)] == [False, True]
+    assert cache.covers(start, 1) and cache.covers(start + base.nbytes - 1, 1)
+    assert cache.covers(start - 8, 9) and cache.covers(start + MIN, 4 * MIN)
+    assert not cache.covers(start - 8, 8) and not cache.covers(start + base.nbytes, 8)
+    view = torch.from_numpy(base)[MIN:]
+    monkeypatch.setattr(_registry, "CACHE", cache)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, device=None: True)
+    assert not tb._batch._pinned_by_its_owner(view)  # (the cache's: packed)
+    assert tb._batch._pinned_by_its_owner(torch.from_numpy(np.zeros(MIN, np.uint8)))
+    cache.clear()
+    assert not cache.covers(start, base.nbytes) and tb._batch._pinned_by_its_owner(view)
+    assert drv.errors == []
+
+
 def test_views_of_a_registered_array_use_its_registration():
     cache, drv = make()
     base = np.zeros(2 * MIN, np.uint8)

@@ -632,7 +632,7 @@ def test_large_page_locked_tensors_cross_on_their_own_not_packed(rng, monkeypatc
     NumPy arrays are packed as before; every leaf has the idiom's values."""
     if tb.info()["extension"] is False:
         pytest.skip("needs the compiled extension")
-    monkeypatch.setattr(_cuda.ROUTING, "batch_pinned_direct", 4096)
+    monkeypatch.setattr(_cuda.ROUTING, "batch_pinned_direct", 4096)  # (1 MiB by default)
     page_locked: set[int] = set()  # (storages standing for pinned memory)
 
     def pinned(n, dtype=torch.float32):
@@ -660,6 +660,12 @@ def test_large_page_locked_tensors_cross_on_their_own_not_packed(rng, monkeypatc
     sender.pinned = None  # (the default: nothing is page-locked on a CPU build)
     out = _batch.send_batch(batch, torch.device("cpu"), sender, None, False)
     assert all(t.untyped_storage().data_ptr() == poison[-1].data_ptr() for t in out.values())
+    # layouts the packing refuses are refused as before, naming the leaf, not asked
+    # their size (a sparse tensor has no nbytes) or whether they are page-locked
+    sender.pinned = lambda t: True
+    for bad in (torch.ones(4096).to_sparse(), torch.eye(64).to_sparse_csr()):
+        with pytest.raises(TypeError, match=r'^to_device: batch\["s"\] needs a dense \(strided\)'):
+            _batch.send_batch({"s": bad, "x": np.ones(3)}, torch.device("cpu"), sender, None, False)
 
 
 def test_packed_tensors_are_tensors_of_their_own_to_autograd(rng):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, o
 import numpy as np
 import torch
 
-from . import _backend, _cuda, _dtypes, _interop, _pack
+from . import _backend, _cuda, _dtypes, _interop, _pack, _registry
 from ._convert import (
     Device,
     _check_out_array,
@@ -204,11 +204,12 @@ def to_device(
     Dicts, lists, tuples, namedtuples and dataclasses come back as the same types. On a
     GPU with the compiled engine, all host arrays of the batch are packed into pinned
     staging blocks and cross in a few large copies (not one per array), then become views
-    of one device buffer. A contiguous CPU tensor of 64 KiB or more that is page-locked
+    of one device buffer. A contiguous CPU tensor of 1 MiB or more that is page-locked
     already (from :func:`collate` in the main process, or the DataLoader's pin-memory
     thread) crosses on its own in one DMA instead, with no host copy; as with
     ``Tensor.to(non_blocking=True)``, do not write into it before the current stream has
-    read it. A :class:`PackedBatch` (the batch itself, or one inside it) moves with its
+    read it. (Memory the registration cache page-locked is packed as before: its owner
+    thinks it pageable.) A :class:`PackedBatch` (the batch itself, or one inside it) moves with its
     ``.to()``: one copy of its buffer.
 
     ``dtype`` casts on the device, after the transfer. A single dtype (torch, NumPy or a
@@ -297,7 +298,14 @@ class _CudaSender:
         )
 
     def direct(self, leaf: torch.Tensor) -> bool:
-        return _cuda.ROUTING.batch_leaf_direct(leaf, torch.Tensor.is_pinned)
+        return _cuda.ROUTING.batch_leaf_direct(leaf, _pinned_by_its_owner)
+
+
+def _pinned_by_its_owner(t: torch.Tensor) -> bool:
+    """Page-locked memory its owner allocated or pinned as such (torch's pinned tensors,
+    ``tb.pin``): not memory the registration cache page-locked behind a pageable array's
+    back, which must be free to reuse once the call returns (it is packed instead)."""
+    return t.is_pinned() and not _registry.CACHE.covers(t.data_ptr(), t.numel() * t.element_size())
 
 
 class LinkSender:

@@ -138,11 +138,12 @@ class Routing:
     small_direct: bool = False
     #: A page-locked CPU tensor of a batch (``tb.collate``'s in the main process of a GPU
     #: machine, the DataLoader pin-memory thread's) of at least this many bytes, and
-    #: contiguous, crosses on its own in one DMA from its own memory instead of being
-    #: copied into the batch's staging buffer first: above about 64 KiB that host copy
-    #: (at the ~10 GB/s of a host memcpy) costs more than a DMA's launch. An estimate
-    #: from those two costs, not yet swept on a GPU.
-    batch_pinned_direct: int = 64 << 10
+    #: contiguous, crosses on its own in one DMA from its own memory (a ``to_tensor``
+    #: call) instead of being copied into the batch's staging buffer first. 1 MiB, as
+    #: ``small_h2d``: from there the project measured staging to pay for a call's fixed
+    #: costs; not swept for this route on a GPU. Memory the registration cache
+    #: page-locked is packed whatever its size. ``1 << 62`` packs every tensor.
+    batch_pinned_direct: int = 1 << 20
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Checks every knob when it is set, so a typo or a wrong value fails there and
@@ -188,7 +189,9 @@ class Routing:
         memory, not packed (``is_pinned``: the sender's test, asked last: it is a driver
         call)."""
         return (
-            leaf.nbytes >= self.batch_pinned_direct
+            leaf.layout == torch.strided  # (first: a sparse tensor has no nbytes)
+            and not leaf.is_nested
+            and leaf.numel() * leaf.element_size() >= self.batch_pinned_direct
             and leaf.is_cpu
             and leaf.is_contiguous()
             and is_pinned(leaf)
@@ -642,9 +645,11 @@ def to_device(
             swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src, index)
         ):
             # (the handle keeps the source alive until the DMA has read it)
-            pending = C.cuda_copy_async(
-                index, stream, dst.data_ptr(), C.array_span(src)[0], nbytes, False, a
-            )
+            address = C.array_span(src)[0]
+            pending = C.cuda_copy_async(index, stream, dst.data_ptr(), address, nbytes, False, a)
+            # (a tensor over an array the cache registered: leased by no one, but pageable
+            # memory to its owner all the same)
+            registered = registered or _registry.CACHE.covers(address, nbytes)
             if non_blocking and not registered:
                 _completions.add(pending)  # the caller's own pinned memory: not waited for
             else:

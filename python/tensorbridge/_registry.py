@@ -419,6 +419,16 @@ class RegistrationCache:
             **self._counts,
         }
 
+    def covers(self, address: int, nbytes: int) -> bool:
+        """Whether [address, address + nbytes) meets memory the cache registered: memory
+        whose owner does not know it is page-locked (a tensor over a reused array, say),
+        so a copy from it must not outlive the call that reads it. Without the lock (a
+        snapshot of the live registrations: the GIL keeps it whole)."""
+        end = address + nbytes
+        return any(
+            e.address < end and address < e.address + e.nbytes for e in list(self._live.values())
+        )
+
     # ------------------------------------------------------------------ transfers
 
     def lease(self, a: np.ndarray, device: int = -1) -> _Lease:
