@@ -280,6 +280,19 @@ def fake_pinning(monkeypatch):
     return pinned
 
 
+def test_a_child_forked_after_cuda_started_pins_nothing(monkeypatch):
+    """A process forked after its parent started CUDA (a fork-based multiprocessing pool
+    after collate pinned a batch) cannot use CUDA: torch marks it a bad fork, where
+    torch.cuda.is_initialized() reads False, and collate there must not ask torch for
+    page-locked memory (which would fail to start CUDA)."""
+    engine = tb._backend.Engine(tb._backend.ENGINE.C, None)
+    monkeypatch.setattr(engine, "cuda_status", lambda: (True, 1, None))
+    assert engine.pinned_memory  # (a GPU machine, before the fork)
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    engine.after_fork_in_child()
+    assert not engine.pinned_memory and not engine.cuda_engine
+
+
 def test_array_functions_given_a_packed_batch_name_the_batch_calls(rng):
     """to_numpy, to_tensor and images_to_tensor refuse a PackedBatch (a whole batch)
     naming the calls that take one, and those calls work; a dtype's name where ``.to()``

@@ -247,7 +247,10 @@ class Engine:
 
     def after_fork_in_child(self) -> None:
         """A forked child (a DataLoader worker) never touches the parent's CUDA state."""
-        if self._cuda_engine or torch.cuda.is_initialized():
+        # (torch.cuda.is_initialized() is False in such a child: torch marks it a "bad
+        # fork" first, which is what says CUDA was started before the fork)
+        bad_fork = getattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+        if self._cuda_engine or torch.cuda.is_initialized() or bad_fork():
             # CUDA was initialized before the fork: it cannot be used in this process,
             # and the pool's blocks and events belong to the parent.
             self._cuda_engine = False
