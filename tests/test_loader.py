@@ -457,6 +457,27 @@ PAD_MISFITS = [
         r"pad value 1e\+39 does not fit the field's dtype complex64",
     ),
     (
+        "a longdouble beyond float64's range",
+        [{"t": np.ones(2)}, {"t": np.ones(1)}],
+        {"pad": {"t": np.longdouble("1e400")}},
+        ValueError,
+        r"pad value np\.longdouble\('1e\+400'\) does not fit the field's dtype float64",
+    ),
+    (
+        "a longdouble fraction for integers",
+        [{"t": [1, 2]}, {"t": [1]}],
+        {"pad": {"t": np.longdouble("1e-400")}},
+        ValueError,
+        r"does not fit the field's dtype int64",
+    ),
+    (
+        "a timedelta",
+        [{"t": [1, 2]}, {"t": [1]}],
+        {"pad": {"t": np.timedelta64(3, "s")}},
+        TypeError,
+        r"the pad value fills the padded positions and must be a number, got numpy\.timedelta64",
+    ),
+    (
         "an int beyond float's range",
         [{"t": np.ones(2)}, {"t": np.ones(1)}],
         {"pad": {"t": 2**1024}},
@@ -1226,6 +1247,10 @@ def test_collate_refuses_tensors_numpy_has_no_dtype_for_naming_a_fix_it_has(monk
     )
     with pytest.raises(TypeError, match=r"torch\.bfloat16.*pip install ml_dtypes"):
         tb.collate([torch.ones(2, dtype=torch.bfloat16)] * 2)
+    bits = torch.arange(4, dtype=torch.uint8).view(torch.bits8)  # (no ml_dtypes would help)
+    with pytest.raises(TypeError, match=r"torch\.bits8.*\(x\.view\(torch\.uint8\)\)"):
+        tb.collate([bits, bits])
+    assert torch.equal(tb.collate([bits.view(torch.uint8)] * 2), torch.arange(4).repeat(2, 1))
 
 
 def test_collate_refuses_uint64_scalars_that_a_signed_int_makes_float64():

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as loader_pin_memory
 
 import tensorbridge as tb
-from tensorbridge import _packed
+from tensorbridge import _pack, _packed
 
 try:
     import ml_dtypes
@@ -176,8 +176,9 @@ def test_collate_sizes_its_buffer_without_the_fields_kept_as_lists(rng, monkeypa
     that cannot be had (a ragged sample 0 of many bytes) falls back to collating first,
     so collate's own refusal is what the user meets, as without ``packed=True``."""
     samples = [{"raw": rng.standard_normal(1 << 16), "y": i} for i in range(8)]
+    assert _packed.estimate_nbytes(samples, None, {"raw": list}) < 4096  # (not 4 MiB of raw)
     packed = tb.collate(samples, packed=True, fields={"raw": list})
-    assert packed.buffer.untyped_storage().nbytes() < 4096  # (8 labels, not 4 MiB of raw)
+    assert packed.buffer.untyped_storage().nbytes() < 4096  # (8 labels)
     assert all(r is s["raw"] for r, s in zip(packed.unpack()["raw"], samples, strict=True))
     real = _packed.new_host_buffer
 
@@ -191,10 +192,28 @@ def test_collate_sizes_its_buffer_without_the_fields_kept_as_lists(rng, monkeypa
     with pytest.raises(ValueError, match=r'^collate: batch\["x"\]: sample 1 has shape \(3,\)'):
         tb.collate(ragged, packed=True)
     fits = [{"x": np.full(4, float(i))} for i in range(2)]
-    monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda *args: 1 << 30)  # (far over)
+    monkeypatch.setattr(_packed, "new_host_buffer", real)  # (the estimate, allocated)
+    monkeypatch.setattr(tb._loader, "estimate_nbytes", lambda *args: 64 << 20)  # (far over)
     got = tb.collate(fits, packed=True)
     assert torch.equal(got.unpack()["x"], tb.collate(fits)["x"])
-    assert got.buffer.untyped_storage().nbytes() < 4096
+    assert got.buffer.untyped_storage().nbytes() < 4096  # (repacked to its own size)
+
+
+def test_collate_sizes_numbers_by_the_dtype_they_stack_as(rng):
+    """Numbers take the bytes their stacked dtype does (bool 1, np.float32 4, an int 8),
+    so samples of many number fields are not sized at 16 bytes each and repacked (a
+    second copy of the batch): the buffer is the batch's own size, first time."""
+    samples = [
+        {**{f"b{k}": bool(k % 2) for k in range(50)}, "f": np.float32(i), "n": i, "s": "x"}
+        for i in range(64)
+    ]
+    estimate = _packed.estimate_nbytes(samples)
+    alignment = 2 * _pack.ALIGN * (53 + 1)  # (room to align each of the 53 leaves, twice)
+    assert estimate - alignment == 64 * (50 * 1 + 4 + 8)  # (bools, float32, int64; "s": 0)
+    packed = tb.collate(samples, packed=True)
+    assert packed.nbytes <= estimate
+    assert packed.buffer.untyped_storage().nbytes() == estimate  # (the arena's: no repack)
+    assert packed.unpack()["f"].dtype == torch.float32 and packed.unpack()["s"] == ["x"] * 64
 
 
 def _assert_same_values(got, batch):

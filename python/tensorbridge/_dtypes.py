@@ -60,6 +60,13 @@ try:
 except ImportError:  # optional: bfloat16/float8 then need dtype=
     _ml = None
 
+
+def ml_dtypes_name(dtype: torch.dtype) -> str | None:
+    """The ml_dtypes name of a torch dtype that NumPy holds only with ml_dtypes
+    (``"bfloat16"``, ``"float8_e4m3fn"``...), installed or not; None for the others."""
+    return _ML_NAMES.get(dtype)
+
+
 _ML: dict[torch.dtype, np.dtype] = {}
 if _ml is not None:
     for _t, _n in _ML_NAMES.items():

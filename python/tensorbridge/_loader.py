@@ -207,7 +207,7 @@ def _field_rules(first: Any, pad: Any, fields: Any) -> dict[Any, tuple[str, Any]
                     f"collate: pad= names {key!r}; pad= takes string keys, since the lengths go "
                     "under the key + '_lengths': use string keys in the samples."
                 )
-            if not isinstance(value, _NUMBERS):
+            if not isinstance(value, _NUMBERS) or isinstance(value, np.timedelta64):
                 raise TypeError(
                     f"collate: pad={{{key_text(key)}: {value!r}}}: the pad value fills the "
                     f"padded positions and must be a number, got {_kind(value)}: pass e.g. "
@@ -539,8 +539,13 @@ def _host_array(x: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
             fix = "convert it in the dataset (x.dequantize())"
         elif x.dtype == torch.complex32:
             fix = "convert it in the dataset (x.to(torch.complex64))"
-        else:  # (bfloat16 and float8 without ml_dtypes)
+        elif _dtypes.ml_dtypes_name(x.dtype) is not None:  # (bfloat16, float8: no ml_dtypes)
             fix = "pip install ml_dtypes (NumPy's dtypes for it), or convert it (x.float())"
+        else:  # (bits8, uint1-7, float4 and other dtypes without arithmetic to speak of)
+            fix = (
+                "view it as a dtype NumPy has in the dataset (x.view(torch.uint8)), or stack "
+                "that field with torch.stack"
+            )
         raise TypeError(
             f"collate: {path_text(path)}: a sample's tensor is {x.dtype}, which collate "
             f"cannot stack (it stacks through NumPy, which has no such dtype): "
@@ -694,8 +699,12 @@ def _fits(value: Any, dtype: np.dtype) -> bool:
     if dtype.kind == "b":
         return bool(value == 0 or value == 1)
     if dtype.kind in "iu":
-        if isinstance(value, (float, np.floating)) and not float(value).is_integer():
-            return False
+        if isinstance(value, (float, np.floating)):
+            try:  # (exactly: a longdouble of 1e-400 is no integer, though float() is 0)
+                if value != int(value):
+                    return False
+            except (OverflowError, ValueError):  # inf, nan
+                return False
         info = np.iinfo(dtype)
         return bool(info.min <= int(value) <= info.max)
     try:
@@ -704,7 +713,12 @@ def _fits(value: Any, dtype: np.dtype) -> bool:
         return False
     with np.errstate(over="ignore", invalid="ignore"):
         held = np.asarray(number if dtype.kind == "c" else number.real).astype(dtype)
-    given_finite = math.isfinite(number.real) and math.isfinite(number.imag)
+        # (finite as given: a longdouble of 1e400 is, though complex() makes it inf)
+        given_finite = (
+            bool(np.isfinite(value))
+            if isinstance(value, np.generic)
+            else (math.isfinite(number.real) and math.isfinite(number.imag))
+        )
     return bool(np.isfinite(held) or not given_finite)
 
 

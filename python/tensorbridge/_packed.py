@@ -434,7 +434,15 @@ def _leaf_nbytes(leaf: Any) -> int:
         return leaf.nbytes
     if isinstance(leaf, torch.Tensor):
         return leaf.numel() * leaf.element_size()
-    return 16  # a number (or a value that stays a list: nothing)
+    if isinstance(leaf, np.generic):
+        return leaf.itemsize  # (np.float32 numbers stack as float32)
+    if isinstance(leaf, bool):
+        return 1
+    if isinstance(leaf, (int, float)):
+        return 8  # (int64, float64)
+    if isinstance(leaf, complex):
+        return 16
+    return 0  # a value that stays a list (a string, None): nothing in the buffer
 
 
 @contextlib.contextmanager
