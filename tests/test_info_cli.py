@@ -160,6 +160,10 @@ def test_cli_info_check_fails_where_torch_has_a_gpu_the_engine_cannot_use(monkey
 
     if tb.info()["cuda"]:
         pytest.skip("the CUDA engine is in use here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", None)  # (a ROCm build: not the engine's GPUs)
+    assert not cli._torch_has_a_gpu()
+    monkeypatch.undo()
     real = tb.info()  # (on the pure-Python path too: the core's check is not this one)
     monkeypatch.setattr(tb, "info", lambda: {**real, "extension": True})
     monkeypatch.setattr(cli, "_torch_has_a_gpu", lambda: False)
@@ -592,9 +596,12 @@ def test_gpu_benchmarks_refuse_clearly_without_cuda(capsys):
     """bench-gpu and bench-tune import everywhere and say why they cannot run."""
     if HAS_CUDA:
         pytest.skip("a CUDA device is available")
-    reason = _backend.cuda_status()[2]
     assert gpu.main(["--repeats", "3"]) == 2
-    assert capsys.readouterr().err == f"bench-gpu: needs a GPU, and torch has none here: {reason}\n"
+    err = capsys.readouterr().err
+    assert err.startswith("bench-gpu: needs a GPU, and torch has none here: ")
+    if torch.version.cuda is None:
+        assert f"torch {torch.__version__} is a CPU build: install a CUDA build" in err
+    reason = _backend.cuda_status()[2]
     assert tune.main(["--repeats", "3"]) == 2
     want = f"bench-tune: needs a GPU and tensorbridge's compiled CUDA engine: {reason}\n"
     assert capsys.readouterr().err == want

@@ -881,6 +881,8 @@ def test_images_to_tensor_takes_any_real_number_as_scale_mean_and_std():
     for scale, mean, std in [
         (Fraction(1, 255), Fraction(1, 2), Fraction(1, 4)),
         (np.float32(1 / 255), np.float16(0.5), [np.float64(0.25)] * 3),
+        (np.array(1 / 255), torch.tensor(0.5), np.array(0.25)),  # (0-d arrays and tensors)
+        (torch.tensor(1 / 255, dtype=torch.float64), 0.5, 0.25),
     ]:
         got = tb.images_to_tensor(x, scale=scale, mean=mean, std=std)
         assert torch.allclose(got, want, atol=1e-6)

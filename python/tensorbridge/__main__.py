@@ -86,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _torch_has_a_gpu() -> bool:
+    """torch can use an NVIDIA GPU (a ROCm build's GPUs are not the CUDA engine's)."""
     import torch
 
-    return bool(torch.cuda.is_available())
+    return bool(torch.cuda.is_available() and torch.version.cuda is not None)
 
 
 def _stdout_gone() -> bool:

@@ -326,9 +326,14 @@ def resolve_device(device: Any, fn: str) -> torch.device:
             not usable here (the message says why, as ``info()["cuda_reason"]`` does).
     """
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        hint = (
+            f" ({device} is a dtype: pass it as dtype={device})"
+            if isinstance(device, torch.dtype)
+            else ""
+        )
         raise TypeError(
-            f"{fn}: device must be a str, int or torch.device, got {type(device).__name__}: "
-            "pass e.g. 'cpu' or 'cuda'."
+            f"{fn}: device must be a str, int or torch.device, got {type(device).__name__}"
+            f"{hint}: pass e.g. 'cpu' or 'cuda'."
         )
     try:  # (after the type check: True == 1 would find cuda:1's entry)
         return _DEVICES[device]
@@ -345,11 +350,12 @@ def resolve_device(device: Any, fn: str) -> torch.device:
                 f"{reason} Pass device='cpu', or run on a machine with an NVIDIA GPU and "
                 "a CUDA build of torch."
             ) from None
-        if isinstance(device, str) and isinstance(getattr(torch, device, None), torch.dtype):
+        named = getattr(torch, device, None) if isinstance(device, str) else None
+        if isinstance(named, torch.dtype):
             # (t.to(torch.float16) takes a dtype first; a string there is a device)
             raise ValueError(
-                f"{fn}: device={device!r} is not a device but a dtype's name: pass "
-                f"dtype={device!r}."
+                f"{fn}: device={device!r} is not a device but a dtype's name: pass it as "
+                f"dtype={named}."
             ) from None
         raise ValueError(
             f"{fn}: device={device!r} is not a device torch knows ({exc}): pass e.g. 'cpu' "
@@ -492,18 +498,19 @@ def numa_nodes() -> list[int | None]:
 def info() -> dict[str, Any]:
     """Which path is live and why, the CUDA runtime's view, the node, and versions.
 
-    ``extension``: the compiled core is in use (``extension_path`` is its file); else
-    ``fallback_reason`` says why not, and ``extension_mode`` is
-    ``TENSORBRIDGE_EXTENSION`` (``auto``, ``on`` or ``off``). ``cuda``: GPU transfers go
-    through tensorbridge's CUDA engine (on the pure-Python path: torch can use a GPU,
-    whose transfers are then torch's own), ``devices`` how many GPUs it sees, and
-    ``cuda_reason`` why not when it cannot (a CPU build of torch, a core built without
-    the CUDA toolkit, no driver...). ``cuda_compiled``: the core was built with the CUDA
-    toolkit; ``cuda_runtime`` the CUDA runtime it was built against and ``cuda_driver``
-    the driver's CUDA version (``"13.0"``; None when unknown or absent): a driver older
-    than the runtime cannot serve it. ``device_names``: the GPUs' names. ``threads``:
-    the copy threads of large host copies. ``torch_cuda``: the CUDA version torch was
-    built for (None for a CPU build).
+    ``version``: tensorbridge's; ``torch``, ``numpy``, ``ml_dtypes`` (None when it is not
+    installed) and ``python``: theirs. ``extension``: the compiled core is in use
+    (``extension_path`` is its file); else ``fallback_reason`` says why not, and
+    ``extension_mode`` is ``TENSORBRIDGE_EXTENSION`` (``auto``, ``on`` or ``off``).
+    ``cuda``: GPU transfers go through tensorbridge's CUDA engine (on the pure-Python path:
+    torch can use a GPU, whose transfers are then torch's own), ``devices`` how many GPUs it
+    sees, and ``cuda_reason`` why not when it cannot (a CPU build of torch, a core built
+    without the CUDA toolkit, no driver...). ``cuda_compiled``: the core was built with the
+    CUDA toolkit; ``cuda_runtime`` the CUDA runtime it was built against and ``cuda_driver``
+    the driver's CUDA version (``"13.0"``; None when unknown or absent): a driver older than
+    the runtime cannot serve it. ``device_names``: the GPUs' names. ``threads``: the copy
+    threads of large host copies. ``torch_cuda``: the CUDA version torch was built for (None
+    for a CPU build).
 
     ``numa_nodes`` holds each CUDA device's NUMA node (None where unknown; empty without
     a GPU). ``ranks`` is this process's place on the node and its share of it:

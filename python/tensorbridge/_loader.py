@@ -1011,7 +1011,7 @@ def images_to_tensor(
                 "in 0-1)."
             )
         scale = 1 / 255
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+    elif not _is_real(scale):  # (a 0-d array or tensor too, as for mean and std)
         raise TypeError(
             f"images_to_tensor: scale must be a number (an int or a float), got "
             f"{_kind(scale)} {scale!r}: pass e.g. scale=1/255."
