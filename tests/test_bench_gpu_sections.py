@@ -35,6 +35,7 @@ TRANSFER_SECTIONS = {
 BATCH_SECTIONS = {
     "batches of small arrays -> device",
     "uint8 images -> normalized float NCHW on the device",
+    "collated batches -> device",
 }
 
 

@@ -461,8 +461,9 @@ def _images_from_collate(r: Runner, peak: float, mean: list[float], std: list[fl
         peak_gbs=peak,
     )
     # A dict batch, as a loader's: the collated (page-locked) image field crosses in one
-    # DMA from where it is, the labels packed; the idiom pins each field again and moves
-    # it with its own copy.
+    # DMA from where it is, the labels (one small array) on their own; the idiom pins
+    # each field again and moves it with its own copy. A section of its own: no images
+    # are normalized here, and the images' target reads its section's "64 samples" rows.
     dicts = [{"image": x, "label": i % 10} for i, x in enumerate(samples)]
 
     def idiom(i: int) -> object:
@@ -470,8 +471,8 @@ def _images_from_collate(r: Runner, peak: float, mean: list[float], std: list[fl
         return synced({k: v.pin_memory().to(DEVICE, non_blocking=True) for k, v in batch.items()})
 
     r.group(
-        "uint8 images -> normalized float NCHW on the device",
-        "64 samples (224x224x3 image, label) collated in the main process, to the device",
+        "collated batches -> device",
+        "64 samples (224x224x3 image, label) collated in the main process",
         len(samples) * samples[0].nbytes,
         [
             (
