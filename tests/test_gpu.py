@@ -562,6 +562,30 @@ def test_a_registered_source_is_free_to_reuse_when_to_tensor_returns(non_blockin
     assert torch.equal(t.cpu(), expected)
 
 
+@pytest.mark.parametrize("how", ["to_tensor", "to_device", "to_tensor requiring grad"])
+def test_a_tensor_over_a_registered_array_is_free_to_reuse_when_the_call_returns(how):
+    """A tensor over an array the cache registered is page-locked memory its owner thinks
+    pageable: a non-blocking send from it (alone, in a batch, or through torch's copy)
+    must have read it by the time the call returns, as from the array itself."""
+    a = np.arange(4 * N8, dtype=np.float32)
+    expected = torch.from_numpy(a.copy())
+    before = tb.pinned_stats()["registrations"]
+    tb.to_tensor(a, "cuda")
+    tb.to_tensor(a, "cuda")  # (the second sighting: registered)
+    assert tb.pinned_stats()["registrations"] == before + 1
+    t = torch.from_numpy(a)
+    torch.cuda._sleep(50_000_000)  # a DMA not waited for would still be queued...
+    if how == "to_tensor":
+        got = tb.to_tensor(t, "cuda", non_blocking=True)
+    elif how == "to_device":
+        got = tb.to_device({"x": t, "y": np.ones(3)}, "cuda", non_blocking=True)["x"]
+    else:
+        got = tb.to_tensor(t.requires_grad_(), "cuda", non_blocking=True)  # (torch's copy)
+    a[:] = -1  # ...and would read this
+    torch.cuda.synchronize()
+    assert torch.equal(got.detach().cpu(), expected)
+
+
 def test_registered_arrays_stay_within_half_the_pinned_budget():
     old = tb.pinned_stats()
     try:

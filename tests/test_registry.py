@@ -161,8 +161,24 @@ def test_covers_says_which_memory_the_cache_registered(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, device=None: True)
     assert not tb._batch._pinned_by_its_owner(view)  # (the cache's: packed)
     assert tb._batch._pinned_by_its_owner(torch.from_numpy(np.zeros(MIN, np.uint8)))
+    assert cache.covers_tensor(view) and cache.covers_tensor(torch.from_numpy(base)[::2])
+    assert not cache.covers_tensor(torch.from_numpy(np.zeros(8, np.uint8)))
+    # torch's own copy from such a tensor (one the engine cannot view) is not left
+    # running after the call: to_tensor asks it for a blocking copy
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(
+        torch.Tensor,
+        "copy_",
+        lambda self, src, non_blocking=False: copies.append(non_blocking) or real_copy(self, src),
+    )
+    out = torch.empty(MIN, dtype=torch.uint8)
+    tb.to_tensor(view, out=out, non_blocking=True)
+    tb.to_tensor(torch.from_numpy(np.zeros(MIN, np.uint8)), out=out, non_blocking=True)
+    assert copies == [False, True]
     cache.clear()
     assert not cache.covers(start, base.nbytes) and tb._batch._pinned_by_its_owner(view)
+    assert not cache.covers_tensor(view)
     assert drv.errors == []
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 import numpy as np
 import torch
 
-from . import _backend, _cuda, _dtypes, _interop
+from . import _backend, _cuda, _dtypes, _interop, _registry
 from ._copy import (
     byte_span,
     check_no_overlap,
@@ -664,6 +664,10 @@ def to_tensor(
             src = src.clone()  # (a view: from_numpy copied none of negative strides etc.)
     else:
         src = a
+    if non_blocking and _registry.CACHE.covers_tensor(src):
+        # (torch's copy from memory the registration cache page-locked would not wait:
+        # its owner thinks it pageable, free to reuse once this returns)
+        non_blocking = False
     if out is not None:
         if out.device.type == "cpu" and src.device.type == "cpu" and _tensors_overlap(out, src):
             raise ValueError("out shares memory with the source: pass a separate tensor.")

@@ -642,14 +642,17 @@ def to_device(
     stream = stream_handle(index)  # (cheaper than a torch.cuda.Stream object)
     with _registry.CACHE.lease(src, index) as registered:  # (a source that comes back: see to_host)
         if registered or (
-            swap == 0 and src.flags.c_contiguous and nbytes and C.is_host_pinned(src, index)
+            swap == 0
+            and src.flags.c_contiguous
+            and nbytes
+            and C.is_host_pinned(src, index)
+            # (not a tensor over an array the cache registered: pageable memory to its
+            # owner, leased by no one, so it could be unregistered under a DMA: staged)
+            and not _registry.CACHE.covers(C.array_span(src)[0], nbytes)
         ):
             # (the handle keeps the source alive until the DMA has read it)
             address = C.array_span(src)[0]
             pending = C.cuda_copy_async(index, stream, dst.data_ptr(), address, nbytes, False, a)
-            # (a tensor over an array the cache registered: leased by no one, but pageable
-            # memory to its owner all the same)
-            registered = registered or _registry.CACHE.covers(address, nbytes)
             if non_blocking and not registered:
                 _completions.add(pending)  # the caller's own pinned memory: not waited for
             else:

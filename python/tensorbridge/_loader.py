@@ -14,7 +14,7 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar, cast, overload
 import numpy as np
 import torch
 
-from . import _backend, _dtypes, _interop
+from . import _backend, _dtypes, _interop, _registry
 from ._batch import _K, _T, _V, DTypeSpec, _ArrayT, _ListT, _TupleT, dtype_rule, moved
 from ._convert import Device, _check_storage, readable, to_numpy, to_tensor
 from ._packed import ARENA, PackedBatch, arena, estimate_nbytes
@@ -1051,7 +1051,9 @@ def images_to_tensor(
             "the 0-1 scale already."
         )
     if isinstance(images, torch.Tensor):
-        x = images if device is None else images.to(device, non_blocking=non_blocking)
+        # (memory the registration cache page-locked is its owner's pageable memory: waited)
+        wait = non_blocking and _registry.CACHE.covers_tensor(images)
+        x = images if device is None else images.to(device, non_blocking=non_blocking and not wait)
     else:
         if isinstance(src, np.ndarray) and (device is None or device.type == "cpu"):
             # x, on the host a tensor over the array, is only read into a new tensor: a

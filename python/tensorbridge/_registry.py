@@ -79,8 +79,10 @@ from types import FrameType
 from typing import Protocol, TypedDict
 
 import numpy as np
+import torch
 
 from . import _backend
+from ._copy import byte_span
 
 REGISTER_ENV = "TENSORBRIDGE_REGISTER"
 DEFAULT_MIN_BYTES = 4 << 20
@@ -422,12 +424,20 @@ class RegistrationCache:
     def covers(self, address: int, nbytes: int) -> bool:
         """Whether [address, address + nbytes) meets memory the cache registered: memory
         whose owner does not know it is page-locked (a tensor over a reused array, say),
-        so a copy from it must not outlive the call that reads it. Without the lock (a
-        snapshot of the live registrations: the GIL keeps it whole)."""
+        which no lease holds, so a DMA must not read it (it may be unregistered under
+        the DMA) nor outlive the call. Without the lock (a snapshot of the live
+        registrations: the GIL keeps it whole; one in the middle of being registered or
+        dropped is missed)."""
         end = address + nbytes
-        return any(
-            e.address < end and address < e.address + e.nbytes for e in list(self._live.values())
-        )
+        live = list(self._live.values())
+        return any(e.address < end and address < e.address + e.nbytes for e in live)
+
+    def covers_tensor(self, t: torch.Tensor) -> bool:
+        """:meth:`covers` for a CPU tensor's elements (False for other tensors)."""
+        if not self._live or t.device.type != "cpu" or t.layout != torch.strided:
+            return False
+        lo, hi = byte_span(t)
+        return hi > lo and self.covers(lo, hi - lo)
 
     # ------------------------------------------------------------------ transfers
 
