@@ -212,12 +212,34 @@ def test_collate_keeps_string_columns_as_ray_gave_them(tbray, column):
             _objects(np.uint64(2**63 + 1), -1),
             r"column 'c' holds an int beyond int64, which made it float64 \(losing digits\)",
         ),
+        (  # (the same from array rows)
+            _objects(np.array([2**63 + 1], np.uint64), np.array([-1])),
+            r"column 'c' holds an int beyond int64, which made it float64 \(losing digits\)",
+        ),
+        (
+            _objects(torch.ones(2).to_sparse(), torch.ones(2).to_sparse()),
+            r"column 'c': row 0 is a torch\.sparse_coo tensor.*\.to_dense\(\)",
+        ),
+        (
+            _objects(*torch.zeros(2, 3, dtype=torch.complex32)),
+            r"column 'c': row 0 is a torch\.complex32 tensor, which NumPy has no dtype for",
+        ),
         (
             np.array(["2024-01-01", "2024-01-02"], dtype="datetime64[D]"),
             r"column 'c' is datetime64\[D\], which torch has no dtype for.*int64",
         ),
     ],
-    ids=["ragged", "dicts", "strings-and-ints", "lists-of-both", "uint64-and-int", "datetime"],
+    ids=[
+        "ragged",
+        "dicts",
+        "strings-and-ints",
+        "lists-of-both",
+        "uint64-and-int",
+        "uint64-and-int-rows",
+        "sparse-rows",
+        "complex32-rows",
+        "datetime",
+    ],
 )
 def test_collate_refuses_what_no_tensor_holds_naming_the_column_and_the_fix(tbray, column, match):
     with pytest.raises(TypeError, match=match):
@@ -237,6 +259,16 @@ def test_collate_packs_bfloat16_and_float8_columns_as_torch_dtypes(tbray, rng):
         for key in ("x", "rows", "tensors"):
             assert got[key].dtype == expected.dtype, key
             assert torch.equal(got[key].view(torch.uint8), expected.view(torch.uint8)), key
+
+
+def test_collate_refuses_a_tensor_row_that_requires_grad_as_a_tensor_column(tbray):
+    """A row that requires grad would lose its graph in the packing: refused, as a tensor
+    column that requires grad is, naming the column and the row."""
+    rows = _objects(torch.ones(2, requires_grad=True), torch.ones(2))
+    with pytest.raises(ValueError, match=r"^tb\.ray\.Collate: column 'c': row 0 is a tensor "):
+        tbray.Collate(device="cpu")({"c": rows})
+    got = tbray.Collate(device="cpu")({"c": _objects(*(r.detach() for r in rows))})
+    assert torch.equal(got["c"], torch.ones(2, 2))
 
 
 @pytest.mark.parametrize(

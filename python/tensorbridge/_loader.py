@@ -414,6 +414,10 @@ def lost_ints(stacked: torch.Tensor | np.ndarray, values: Any) -> bool:
     def lost(v: Any) -> bool:
         if isinstance(v, (list, tuple)):
             return any(map(lost, v))
+        if isinstance(v, np.ndarray):  # (rows of an object column: a uint64 array, say)
+            if v.dtype.kind == "O":
+                return any(map(lost, v.ravel()))
+            return v.dtype.kind == "u" and bool(v.size) and int(v.max()) >= 2**63
         return isinstance(v, (int, np.integer)) and not -(2**63) <= int(v) < 2**63
 
     return lost(values)

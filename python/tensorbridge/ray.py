@@ -245,7 +245,7 @@ def _column(name: str, column: Any) -> Any:
             "hold a missing value: fill it before batching (e.g. in ds.map_batches), or drop "
             f"the column (ds.drop_columns([{name!r}]))."
         )
-    parts = [to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in values]
+    parts = [_row(name, i, v) for i, v in enumerate(values)]
     if any(p.size for p in parts) and all(map(_strings, values)):
         return None  # (lists of strings, of any lengths: kept as Ray gave them)
     first = parts[0].shape
@@ -272,6 +272,32 @@ def _column(name: str, column: Any) -> Any:
             f"ds.map_batches), or drop the column (ds.drop_columns([{name!r}]))."
         )
     return stacked
+
+
+def _row(name: str, i: int, value: Any) -> np.ndarray:
+    """One row of an object column as an array; a tensor row refused as a tensor column
+    would be, in Collate's name."""
+    if not isinstance(value, torch.Tensor):
+        return np.asarray(value)
+    if value.requires_grad:
+        raise ValueError(
+            f"{_FN}: column {name!r}: row {i} is a tensor that requires grad, which packing "
+            "would drop: .detach() it before batching (e.g. in ds.map_batches)."
+        )
+    if value.layout != torch.strided or value.is_nested:
+        raise TypeError(
+            f"{_FN}: column {name!r}: row {i} is a {value.layout} tensor, which packing "
+            "cannot hold: make it dense (.to_dense()) before batching."
+        )
+    if _dtypes.numpy_dtype_or_none(value.dtype) is None:
+        raise TypeError(
+            f"{_FN}: column {name!r}: row {i} is a {value.dtype} tensor, which NumPy has no "
+            "dtype for: convert it before batching (e.g. in ds.map_batches)."
+        )
+    try:
+        return to_numpy(value)
+    except (TypeError, ValueError) as exc:  # (a meta tensor, a freed storage...)
+        raise type(exc)(f"{_FN}: column {name!r}: row {i}: {exc}") from None
 
 
 def _strings(row: Any) -> bool:
