@@ -685,8 +685,9 @@ def test_collate_pins_in_the_main_process():
 @pytest.mark.parametrize("non_blocking", [False, True])
 def test_a_collated_pinned_batch_crosses_without_a_second_host_copy(non_blocking):
     """tb.collate's pinned fields of 1 MiB or more cross in one DMA each from where they
-    are: no staging block is leased (the labels, one small array, go alone through
-    torch's copy). The idiom's values."""
+    are: no staging block is leased (the labels, one small array, go on their own too:
+    torch's copy when blocking, one DMA from their pinned memory when not). The idiom's
+    values."""
     rng = np.random.default_rng(8)
     samples = [
         {"image": rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), "label": i % 10}

@@ -329,6 +329,10 @@ def test_array_functions_given_a_packed_batch_name_the_batch_calls(rng):
     assert tb.images_to_tensor(packed.unpack()["image"]).shape == (2, 3, 4, 4)
     with pytest.raises(ValueError, match=r"device='float16' is not a device but a dtype's name"):
         packed.to("float16")
+    with pytest.raises(ValueError, match=r"device='float' is .* pass it as dtype=torch\.float32"):
+        packed.to("float")  # (torch's reading: 'float' is float32 to torch)
+    with pytest.raises(TypeError, match=r"\(torch\.float16 is a dtype: pass it as dtype="):
+        tb.to_device({"x": images}, torch.float16)
     assert packed.to(dtype="float16")["image"].dtype == torch.uint8  # (floating leaves only)
 
 

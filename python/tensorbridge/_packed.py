@@ -403,9 +403,11 @@ def estimate_nbytes(samples: Any, pad: Any = None, fields: Any = None) -> int:
     """The packed size of a collated batch, from sample 0 times the number of samples
     (collate refuses samples whose structure or shapes differ from sample 0's, so each
     takes as many bytes); a padded field (``pad=``) by its longest sample; a field kept
-    as a list (``fields=``) takes nothing. Short for an array whose dtype widens in a
-    later sample (that field spills). Samples collate will refuse are sized 0: the
-    refusal is collate's to make."""
+    as a list (``fields=``) takes nothing; a number as sample 0's stacks (bool 1 byte,
+    a NumPy scalar its itemsize, an int or float 8). Short for a field whose dtype widens
+    in a later sample (an array, or a bool then an int: that field spills, and the batch
+    is packed again, a second copy). Samples collate will refuse are sized 0: the refusal
+    is collate's to make."""
     try:
         first = samples[0]
         n = len(samples)
