@@ -209,8 +209,8 @@ def to_device(
     thread) crosses on its own in one DMA instead, with no host copy; as with
     ``Tensor.to(non_blocking=True)``, do not write into it before the current stream has
     read it. (Memory the registration cache page-locked is packed as before: its owner
-    thinks it pageable.) A :class:`PackedBatch` (the batch itself, or one inside it) moves with its
-    ``.to()``: one copy of its buffer.
+    thinks it pageable.) A :class:`PackedBatch` (the batch itself, or one inside it)
+    moves with its ``.to()``: one copy of its buffer.
 
     ``dtype`` casts on the device, after the transfer. A single dtype (torch, NumPy or a
     string such as ``"float16"``) must be a floating one and casts the floating-point
