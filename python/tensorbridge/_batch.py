@@ -305,7 +305,7 @@ def _pinned_by_its_owner(t: torch.Tensor) -> bool:
     """Page-locked memory its owner allocated or pinned as such (torch's pinned tensors,
     ``tb.pin``): not memory the registration cache page-locked behind a pageable array's
     back, which must be free to reuse once the call returns (it is packed instead)."""
-    return t.is_pinned() and not _registry.CACHE.covers(t.data_ptr(), t.numel() * t.element_size())
+    return t.is_pinned() and not _registry.CACHE.covers_tensor(t)
 
 
 class LinkSender:

@@ -286,7 +286,8 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
             },
         )
     if isinstance(first, _NUMBERS):
-        if len(set(map(type, samples))) > 1:  # (an array among numbers: refused either way round)
+        types = set(map(type, samples))
+        if len(types) > 1:  # (an array among numbers: refused either way round)
             if (
                 isinstance(first, np.generic)
                 and all(_numpy_0d(s) for s in samples)
@@ -299,11 +300,14 @@ def _collate(samples: Sequence[Any], path: Path, depth: int) -> Any:
         except (TypeError, ValueError) as exc:  # None or a string among the numbers
             _check_kind(samples, _NUMBERS, path)
             raise _no_dtype(path, str(exc)) from exc
-        if stacked.dtype in (torch.float64, torch.uint64) and any(map(_beyond_int64, samples)):
-            # Python ints beyond int64 became uint64 or float64 (losing digits)
-            raise _no_dtype(path, f"an int beyond int64 made them {stacked.dtype}")
-        if stacked.dtype in (torch.float64, torch.complex128) and lost_ints(stacked, samples):
-            # (NumPy's uint64 with a signed int, a float or a complex: the low digits gone)
+        # Ints beyond int64: Python ones that became uint64 (refused though it holds them:
+        # torch would make them int64 elsewhere), and any that became float64 or complex128
+        # beside a signed int, a float or a complex number (their low digits gone).
+        if (stacked.dtype == torch.uint64 and any(map(_beyond_int64, samples))) or (
+            stacked.dtype in (torch.float64, torch.complex128)
+            and not all(issubclass(t, (float, complex, np.inexact)) for t in types)
+            and lost_ints(stacked, samples)
+        ):
             raise _no_dtype(path, f"an int beyond int64 made them {stacked.dtype}")
         if ARENA.get() is not None:  # (into the packed buffer)
             return _empty(tuple(stacked.shape), stacked.dtype).copy_(stacked)

@@ -24,7 +24,7 @@ except ImportError as exc:  # (ray missing, or one older than the collate classe
 
 from . import _backend, _dtypes
 from ._batch import DTypeSpec, check_names, dtype_rule
-from ._convert import Device, to_numpy
+from ._convert import Device, _check_tensor, to_numpy
 from ._loader import lost_ints
 from ._packed import PackedBatch
 
@@ -284,11 +284,7 @@ def _row(name: str, i: int, value: Any) -> np.ndarray:
             f"{_FN}: column {name!r}: row {i} is a tensor that requires grad, which packing "
             "would drop: .detach() it before batching (e.g. in ds.map_batches)."
         )
-    if value.layout != torch.strided or value.is_nested:
-        raise TypeError(
-            f"{_FN}: column {name!r}: row {i} is a {value.layout} tensor, which packing "
-            "cannot hold: make it dense (.to_dense()) before batching."
-        )
+    _check_tensor(value, f"{_FN}: column {name!r}: row {i}")  # (sparse, nested, quantized)
     if _dtypes.numpy_dtype_or_none(value.dtype) is None:
         raise TypeError(
             f"{_FN}: column {name!r}: row {i} is a {value.dtype} tensor, which NumPy has no "

@@ -731,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if torch.version.cuda is None and torch.version.hip is None:
             reason = f"torch {torch.__version__} is a CPU build: install a CUDA build of torch."
         else:  # (the driver's view, where the core can ask it: no driver, no device...)
-            asked = _backend.ENGINE.C is not None and _backend.info()["cuda_compiled"]
+            asked = _backend.ENGINE.C is not None and _backend._cuda_probe()["compiled"]
             reason = (asked and _backend.cuda_status()[2]) or "torch.cuda.is_available() is False."
         print(f"bench-gpu: needs a GPU, and torch has none here: {reason}", file=sys.stderr)
         return 2
