@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,15 +30,25 @@ from conftest import HAS_CUDA, forced_fallback
 ENV = {k: v for k, v in os.environ.items() if k not in (_backend.DISABLE_ENV, _backend.MODE_ENV)}
 
 
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+def run_child(
+    args: list[str], stdout: Any = subprocess.PIPE, program: str = sys.executable, **env: str
+) -> subprocess.CompletedProcess:
+    """``program`` (this Python) with ``args``, stderr (and stdout, unless it is given a
+    file) captured as text, in this run's environment less tensorbridge's switches plus
+    ``env``."""
     return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
+        [program, *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         text=True,
         env={**ENV, **env},
         timeout=120,
         check=False,
     )
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return run_child(["-c", code], **env)
 
 
 def test_info_reports_the_live_path():
@@ -131,24 +142,10 @@ def test_extension_is_built_and_used_where_a_compiler_exists():
 
 
 def test_cli_info():
-    proc = subprocess.run(
-        [sys.executable, "-m", "tensorbridge", "info", "--json"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-        check=False,
-    )
+    proc = run_child(["-m", "tensorbridge", "info", "--json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == tb.__version__
-    proc = subprocess.run(
-        [sys.executable, "-m", "tensorbridge", "info"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-        check=False,
-    )
+    proc = run_child(["-m", "tensorbridge", "info"])
     assert "fallback_reason" in proc.stdout
 
 
@@ -183,13 +180,8 @@ def test_cli_info_check_fails_where_torch_has_a_gpu_the_engine_cannot_use(monkey
 def test_cli_help_with_stdout_closed_exits_cleanly(command):
     """``python -m tensorbridge bench --help >&-`` (no stdout at all: sys.stdout is None):
     the help goes to stderr, as argparse's own printing does, and nothing fails."""
-    proc = subprocess.run(
-        ["bash", "-c", f'"$0" -m tensorbridge {command} --help >&-', sys.executable],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-        check=False,
+    proc = run_child(
+        ["-c", f'"$0" -m tensorbridge {command} --help >&-', sys.executable], program="bash"
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -224,15 +216,7 @@ def test_cli_onto_a_full_disk_says_so_in_one_line(args):
     failing status, no traceback (and no 'Exception ignored' from the flush at exit). A
     benchmark's ``--help`` too: argparse drops a help text it cannot write."""
     with open("/dev/full", "w") as full:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tensorbridge", *args],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-            timeout=120,
-            check=False,
-        )
+        proc = run_child(["-m", "tensorbridge", *args], stdout=full)
     assert proc.returncode == 1
     assert proc.stderr == "tensorbridge: write error: No space left on device\n", proc.stderr
 
@@ -249,15 +233,7 @@ def test_cli_over_the_file_size_limit_says_so_in_one_line(tmp_path, args):
         f"sys.argv = ['tensorbridge', *{args!r}]; sys.exit(cli.run())"
     )
     with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-            timeout=120,
-            check=False,
-        )
+        proc = run_child(["-c", code], stdout=out)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == "tensorbridge: write error: File too large\n", proc.stderr
 
@@ -290,14 +266,7 @@ def test_cli_raises_a_broken_pipe_that_is_not_its_output(monkeypatch):
 
 
 def test_cli_rejects_unknown_command():
-    proc = subprocess.run(
-        [sys.executable, "-m", "tensorbridge", "frobnicate"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-        check=False,
-    )
+    proc = run_child(["-m", "tensorbridge", "frobnicate"])
     assert proc.returncode == 2
     assert "usage" in proc.stderr
 
