@@ -886,6 +886,16 @@ def test_images_to_tensor_takes_any_real_number_as_scale_mean_and_std():
     ]:
         got = tb.images_to_tensor(x, scale=scale, mean=mean, std=std)
         assert torch.allclose(got, want, atol=1e-6)
+    one = tb.images_to_tensor(x, scale=1, mean=0.5, std=0.25)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no comparison kernels)
+        got = tb.images_to_tensor(x, scale=torch.tensor(1, dtype=dtype), mean=0.5, std=0.25)
+        assert torch.equal(got, one), dtype
+    for bad in (
+        torch.tensor(1.0, device="meta"),
+        torch.tensor(1, dtype=torch.uint8).view(torch.bits8),
+    ):
+        with pytest.raises(TypeError, match=r"^images_to_tensor: scale must be a number"):
+            tb.images_to_tensor(x, scale=bad)
 
 
 _X = np.zeros((2, 4, 4, 3), np.uint8)
@@ -1273,6 +1283,13 @@ def test_collate_refuses_uint64_scalars_that_a_signed_int_makes_float64():
             tb.collate(samples)
     with pytest.raises(TypeError, match=r"sample 0 holds an int beyond int64.*complex128"):
         tb.collate([{"t": [big, 1j]}, {"t": [1j]}], pad={"t": 0})
+    as_tensor = torch.tensor(2**63 + 1, dtype=torch.uint64)  # (a 0-d tensor: the same)
+    with pytest.raises(TypeError, match=r"sample 0 holds an int beyond int64.*float64"):
+        tb.collate([{"t": [as_tensor, torch.tensor(-1)]}, {"t": [5]}], pad={"t": 0})
+    grad = [torch.tensor(1.0, requires_grad=True), torch.tensor(2.0)]  # (NumPy cannot read)
+    for packed in (False, True):
+        with pytest.raises(TypeError, match=r'^collate: batch\["t"\]: sample 0 is a list holding'):
+            tb.collate([{"t": grad}, {"t": [3.0]}], pad={"t": 0}, packed=packed)
     with pytest.raises(TypeError, match=r'^collate: batch\["t"\]: sample 0 holds an int beyond'):
         tb.collate([{"t": [2**63 + 1, -1]}, {"t": [5]}], pad={"t": 0})
     with pytest.raises(TypeError, match=r"sample 1 holds an int beyond int64"):

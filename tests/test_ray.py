@@ -220,6 +220,14 @@ def test_collate_keeps_string_columns_as_ray_gave_them(tbray, column):
             _objects(torch.ones(2).to_sparse(), torch.ones(2).to_sparse()),
             r"column 'c': row 0 needs a dense \(strided\) tensor.*x\.to_dense\(\)",
         ),
+        (  # (ragged nested lists: NumPy cannot make one array of a row)
+            _objects([[1, 2], [3]], [[1, 2], [3, 4]]),
+            r"column 'c' holds (arrays of different shapes|Python objects)",
+        ),
+        (  # (rows of tensors NumPy cannot read)
+            _objects([torch.tensor(1.0, requires_grad=True)], [torch.tensor(2.0)]),
+            r"column 'c' holds Python objects \(list\)",
+        ),
         (
             _objects(*torch.zeros(2, 3, dtype=torch.complex32)),
             r"column 'c': row 0 is a torch\.complex32 tensor, which NumPy has no dtype for",
@@ -236,6 +244,8 @@ def test_collate_keeps_string_columns_as_ray_gave_them(tbray, column):
         "lists-of-both",
         "uint64-and-int",
         "uint64-and-int-rows",
+        "ragged-nested-rows",
+        "tensor-list-rows",
         "sparse-rows",
         "complex32-rows",
         "datetime",

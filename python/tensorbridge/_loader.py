@@ -422,6 +422,8 @@ def lost_ints(stacked: torch.Tensor | np.ndarray, values: Any) -> bool:
             if v.dtype.kind == "O":
                 return any(map(lost, v.ravel()))
             return v.dtype.kind == "u" and bool(v.size) and int(v.max()) >= 2**63
+        if isinstance(v, torch.Tensor):  # (read as int64, a uint64 of 2**63 or more is < 0)
+            return v.dtype == torch.uint64 and bool((v.view(torch.int64) < 0).any())
         return isinstance(v, (int, np.integer)) and not -(2**63) <= int(v) < 2**63
 
     return lost(values)
@@ -625,6 +627,12 @@ def _pad(values: list[Any], path: Path, fill: Any) -> tuple[torch.Tensor, torch.
                     f"collate: {where}: sample {i} is a {type(v).__name__} of lists of "
                     "different lengths; pad= pads the first dimension only: make the inner "
                     "lengths equal in the dataset."
+                ) from None
+            except (TypeError, RuntimeError):  # (tensors NumPy cannot read: grad, bfloat16)
+                raise TypeError(
+                    f"collate: {where}: sample {i} is a {type(v).__name__} holding values "
+                    "NumPy cannot read as numbers (tensors that require grad, say): make it "
+                    "one array or tensor in the dataset."
                 ) from None
             if not len(v):
                 empty_lists.append(i)
@@ -1022,9 +1030,9 @@ def images_to_tensor(
     elif not _is_real(scale):  # (a 0-d array or tensor too, as for mean and std)
         raise TypeError(
             f"images_to_tensor: scale must be a number (an int or a float), got "
-            f"{_kind(scale)} {scale!r}: pass e.g. scale=1/255."
+            f"{_kind(scale)} {_short(scale)}: pass e.g. scale=1/255."
         )
-    elif not (math.isfinite(_float(scale)) and scale > 0):
+    elif not (math.isfinite(_float(scale)) and _float(scale) > 0):
         raise ValueError(
             f"images_to_tensor: scale must be a finite number above 0, got {_short(scale)}: "
             "pass what maps the pixels to 0-1, e.g. scale=1/255."
@@ -1165,8 +1173,12 @@ def _float(value: Any) -> float:
 
 
 def _short(value: Any) -> str:
-    """repr(value), at most 60 characters (an int of 400 digits)."""
-    text = repr(value)
+    """repr(value), at most 60 characters (an int of 400 digits); a tensor torch cannot
+    print (bits8) by its dtype."""
+    try:
+        text = repr(value)
+    except Exception:  # (torch's repr reads the values: not every dtype has a kernel)
+        text = f"<a tensor of {getattr(value, 'dtype', '?')}>"
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
@@ -1184,4 +1196,8 @@ def _is_real(item: Any) -> bool:
 def _real_dtype(a: np.ndarray | torch.Tensor) -> bool:
     if isinstance(a, np.ndarray):
         return a.dtype.kind in "iuf"
-    return not (a.dtype.is_complex or a.dtype == torch.bool)
+    # (a tensor whose numbers can be read: not a meta one, nor bits8, float8, quantized)
+    return (
+        not (a.dtype.is_complex or a.dtype == torch.bool or a.is_quantized or a.is_meta)
+        and a.dtype.itemsize >= 2
+    ) or a.dtype in (torch.uint8, torch.int8)

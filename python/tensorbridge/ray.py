@@ -278,7 +278,16 @@ def _row(name: str, i: int, value: Any) -> np.ndarray:
     """One row of an object column as an array; a tensor row refused as a tensor column
     would be, in Collate's name."""
     if not isinstance(value, torch.Tensor):
-        return np.asarray(value)
+        try:
+            return np.asarray(value)
+        except (ValueError, TypeError, RuntimeError):
+            # (ragged nested lists, lists of tensors NumPy cannot read: objects, which the
+            # column's checks keep as strings or refuse naming the column)
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            row = np.empty(len(items), object)
+            for j, item in enumerate(items):  # (one by one: NumPy would read tensors)
+                row[j] = item
+            return row
     if value.requires_grad:
         raise ValueError(
             f"{_FN}: column {name!r}: row {i} is a tensor that requires grad, which packing "
